@@ -1,0 +1,1 @@
+"""How to run fairgate: the ``fairgate`` command line and deployment files."""

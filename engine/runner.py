@@ -1,0 +1,171 @@
+"""The model runner: owns the model and the paged KV cache, turns scheduled runs into one forward.
+
+The cache is a single tensor::
+
+    kv_cache[2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]
+             ^ 0 = keys, 1 = values
+
+Token ``p`` of a sequence lives in block ``block_table[p // block_size]`` at offset
+``p % block_size``; its flat slot is ``block_id * block_size + offset``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.config import ModelConfig
+from engine.model import AttentionBatch, LlamaModel, SequenceSlice, rope_inv_freq
+from engine.sampler import sample
+from engine.sequence import ScheduledRun
+
+__all__ = ["ModelRunner", "kv_bytes_per_token"]
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * element_size
+
+
+class ModelRunner:
+    """Runs the model over the paged cache. Not thread-safe: one engine thread owns it."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        state_dict: dict[str, torch.Tensor],
+        *,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        with torch.device("meta"):
+            model = LlamaModel(config)
+        model = model.to_empty(device=self.device)
+        model.load_hf_state_dict(state_dict)
+        self.model = model.to(dtype=dtype).eval()
+        self.model.inv_freq = rope_inv_freq(config).to(self.device)  # angles stay fp32, as in HF
+        self.kv_cache = torch.zeros(
+            2,
+            config.num_layers,
+            num_blocks,
+            block_size,
+            config.num_kv_heads,
+            config.head_dim,
+            dtype=dtype,
+            device=self.device,
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_position_embeddings
+
+    def step(self, runs: list[ScheduledRun]) -> list[int]:
+        """Run the batch and sample: one token per run whose ``samples_next_token`` is true."""
+        logits = self.execute(runs)
+        sampling = [run.seq for run in runs if run.samples_next_token]
+        return sample(
+            logits,
+            [seq.params for seq in sampling],
+            [seq.seed for seq in sampling],
+            [len(seq.output_token_ids) for seq in sampling],
+        )
+
+    @property
+    def weights_bytes(self) -> int:
+        """Bytes of weights one decode step reads: every parameter except the embedding table,
+        whose rows are gathered (counted once more when it doubles as the output projection)."""
+        total = 0
+        for name, param in self.model.named_parameters():
+            if name != "embed_tokens.weight":
+                total += param.numel() * param.element_size()
+        if self.model.lm_head is None:
+            weight = self.model.embed_tokens.weight
+            total += weight.numel() * weight.element_size()
+        return total
+
+    @torch.inference_mode()
+    def execute(self, runs: list[ScheduledRun]) -> torch.Tensor:
+        """Compute the runs' KV into the cache; returns fp32 logits [num_sampling_runs,
+        vocab_size] for the runs whose ``samples_next_token`` is true, in order."""
+        batch, input_ids, positions, logits_indices = self._prepare(runs)
+        hidden = self.model(input_ids, positions, self.kv_cache, batch)
+        return self.model.compute_logits(hidden[logits_indices])
+
+    def _prepare(
+        self, runs: list[ScheduledRun]
+    ) -> tuple[AttentionBatch, torch.Tensor, torch.Tensor, torch.Tensor]:
+        block_size = self.block_size
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        prefills: list[SequenceSlice] = []
+        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_context_lens: list[int] = []
+        logits_indices: list[int] = []
+        for run in runs:
+            seq, start, count = run.seq, run.start, run.num_tokens
+            end = start + count
+            needed_blocks = -(-end // block_size)
+            if len(seq.block_table) < needed_blocks:
+                raise RuntimeError(
+                    f"request {seq.request_id}: {len(seq.block_table)} blocks reserved, "
+                    f"{needed_blocks} needed for {end} tokens"
+                )
+            table = seq.block_table[:needed_blocks]
+            token_start = len(token_ids)
+            token_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+            if count == 1:
+                decode_rows.append(token_start)
+                decode_tables.append(table)
+                decode_context_lens.append(end)
+            else:
+                prefills.append(
+                    SequenceSlice(
+                        token_start=token_start,
+                        num_query_tokens=count,
+                        context_len=end,
+                        block_table=torch.tensor(table, dtype=torch.int64, device=self.device),
+                    )
+                )
+            if run.samples_next_token:
+                logits_indices.append(token_start + count - 1)
+
+        device = self.device
+        batch = AttentionBatch(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            prefills=prefills,
+            decode_token_indices=None,
+            decode_block_tables=None,
+            decode_context_lens=None,
+            decode_mask=None,
+        )
+        if decode_rows:
+            max_blocks = max(len(t) for t in decode_tables)
+            padded = [t + [0] * (max_blocks - len(t)) for t in decode_tables]
+            context_lens = torch.tensor(decode_context_lens, dtype=torch.int64, device=device)
+            batch.decode_token_indices = torch.tensor(decode_rows, dtype=torch.int64, device=device)
+            batch.decode_block_tables = torch.tensor(padded, dtype=torch.int64, device=device)
+            batch.decode_context_lens = context_lens
+            key_positions = torch.arange(max_blocks * block_size, device=device)
+            batch.decode_mask = (key_positions.unsqueeze(0) < context_lens.unsqueeze(1))[
+                :, None, None, :
+            ]
+        return (
+            batch,
+            torch.tensor(token_ids, dtype=torch.int64, device=device),
+            torch.tensor(positions, dtype=torch.int64, device=device),
+            torch.tensor(logits_indices, dtype=torch.int64, device=device),
+        )

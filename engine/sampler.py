@@ -1,0 +1,55 @@
+"""Token sampling: greedy, temperature, top-k, top-p, with a per-request seed.
+
+Randomness for a request's n-th output token comes from a generator seeded with (seed, n), so the
+draw does not depend on which other requests share the batch, on which worker the token is sampled
+(prefill or decode), or on whether the request was preempted and recomputed in between.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.sequence import SamplingParams
+
+__all__ = ["sample"]
+
+_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, position) over the seed space
+
+
+def _position_seed(seed: int, output_position: int) -> int:
+    return (seed * _MIX + output_position + 1) % (2**63 - 1)
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask logits [vocab] outside the top-k and the top-p nucleus with -inf."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, sorted_ids = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already cover top_p; the first always stays.
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, sorted_ids, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(
+    logits: torch.Tensor,  # [num_seqs, vocab_size] fp32
+    params: list[SamplingParams],
+    seeds: list[int],
+    output_positions: list[int],
+) -> list[int]:
+    """Pick one token per row; row i follows ``params[i]`` with ``seeds[i]`` at output position
+    ``output_positions[i]`` (how many tokens the request has generated before this one)."""
+    token_ids = torch.argmax(logits, dim=-1).tolist()
+    generator = torch.Generator(device=logits.device)
+    for row, p in enumerate(params):
+        if p.is_greedy:
+            continue
+        row_logits = _filter_top_k_top_p(logits[row] / p.temperature, p.top_k, p.top_p)
+        probs = torch.softmax(row_logits, dim=-1)
+        generator.manual_seed(_position_seed(seeds[row], output_positions[row]))
+        token_ids[row] = int(torch.multinomial(probs, 1, generator=generator).item())
+    return token_ids

@@ -1,0 +1,1 @@
+"""The prefill worker process (lands with the disaggregation issue)."""
