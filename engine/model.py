@@ -140,21 +140,26 @@ class DecoderLayer(nn.Module):
         query = q[start : start + num_query].transpose(0, 1)  # [heads, num_query, hd]
         if run.context_len == num_query:
             # Nothing cached before this run: its own keys are all it sees.
-            keys = k[start : start + num_query].transpose(0, 1)
-            values = v[start : start + num_query].transpose(0, 1)
-            return F.scaled_dot_product_attention(
-                query, keys, values, is_causal=True, enable_gqa=True
-            ).transpose(0, 1)
-        # A chunk after a cached prefix: read the whole context back from the paged cache.
-        blocks = run.block_table
-        keys = kv_cache[0, blocks].flatten(0, 1)[: run.context_len].transpose(0, 1)
-        values = kv_cache[1, blocks].flatten(0, 1)[: run.context_len].transpose(0, 1)
-        # Bottom-right aligned causal mask: query i sits at position context_len - num_query + i.
-        query_pos = torch.arange(run.context_len - num_query, run.context_len).unsqueeze(1)
-        mask = torch.arange(run.context_len).unsqueeze(0) <= query_pos  # [num_query, context]
-        return F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=mask, enable_gqa=True
-        ).transpose(0, 1)
+            keys = k[start : start + num_query]
+            values = v[start : start + num_query]
+            mask = None
+        else:
+            # A chunk after a cached prefix: read the whole context back from the paged cache.
+            keys = kv_cache[0, run.block_table].flatten(0, 1)[: run.context_len]
+            values = kv_cache[1, run.block_table].flatten(0, 1)[: run.context_len]
+            # Bottom-right aligned causal mask: query i sits at context_len - num_query + i.
+            query_pos = torch.arange(run.context_len - num_query, run.context_len).unsqueeze(1)
+            mask = torch.arange(run.context_len).unsqueeze(0) <= query_pos  # [num_query, context]
+        # Repeat the kv heads for their query groups: SDPA's enable_gqa takes the slow math path
+        # on CPU, the flash kernel needs equal head counts.
+        group = self.num_heads // self.num_kv_heads
+        keys = keys.transpose(0, 1).repeat_interleave(group, dim=0)  # [heads, context, hd]
+        values = values.transpose(0, 1).repeat_interleave(group, dim=0)
+        # A leading batch dimension of 1: the CPU flash kernel takes only 4-d inputs.
+        out = F.scaled_dot_product_attention(
+            query[None], keys[None], values[None], attn_mask=mask, is_causal=mask is None
+        )
+        return out[0].transpose(0, 1)
 
     def _attend_decode(
         self, q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, block_size: int
