@@ -4,19 +4,21 @@ Measured on this machine in this process, so ratios hold even when the machine i
 - prefill: one 512-token prompt (time to first token);
 - decode at batch 1 and 16: tokens per second after the prompt, greedy, EOS ignored;
 - memory read bandwidth: a pre-filled buffer summed, best of several passes.
-transformers runs in its ordinary configuration: fp32, ``generate()`` with its default cache, greedy,
-the same thread count. Decode rates on both sides come from the difference of two generation lengths,
-so the prompt's cost cancels out.
+transformers runs in its ordinary configuration: fp32, ``generate()`` with its default cache,
+greedy, the same thread count. Decode rates on both sides come from the difference of two
+generation lengths, so the prompt's cost cancels out.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,9 +100,34 @@ def _decode_rate(
     return len(prompts) * (long - short) / (t_long - t_short)
 
 
+@dataclass(frozen=True, slots=True)
+class _BenchPrompts:
+    prefill: list[list[int]]
+    batch_1: list[list[int]]
+    batch_16: list[list[int]]
+
+
+def _measure(
+    side: str,
+    generate: Callable[[list[list[int]], int], None],
+    prompts: _BenchPrompts,
+    short: int,
+    long: int,
+    repeats: int,
+) -> dict[str, float]:
+    """Prefill and decode rates of one side (``ours`` or ``hf``)."""
+    prefill_s = _best_time(lambda: generate(prompts.prefill, 1), repeats)
+    figures = {f"{side}_prefill_tok_s": PREFILL_TOKENS / prefill_s}
+    for name, batch in (("b1", prompts.batch_1), ("b16", prompts.batch_16)):
+        figures[f"{side}_decode_tok_s_{name}"] = _decode_rate(generate, batch, short, long, repeats)
+    _log(f"{side}: " + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()))
+    return figures
+
+
 def _load_hf(model_path: Path) -> Any:
     import transformers
 
+    model: Any
     if model_path.suffix == ".gguf":
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(model_path.parent), gguf_file=model_path.name, dtype=torch.float32
@@ -126,37 +153,20 @@ def run_engine_bench(
     _log(f"bench engine: {spec.model_id}, {threads} threads, device {device}")
 
     # No prefix cache: every repeat must compute its prompt again.
-    loaded = load_engine(
-        spec, device=device, engine_config=EngineConfig(enable_prefix_cache=False)
-    )
-    vocab_size = loaded.engine.runner.config.vocab_size
+    loaded = load_engine(spec, device=device, engine_config=EngineConfig(enable_prefix_cache=False))
+    vocab_size = loaded.runner.config.vocab_size
     prefill_prompt = _random_prompts(1, PREFILL_TOKENS, vocab_size, seed=1)
     prompts_b16 = _random_prompts(16, DECODE_PROMPT_TOKENS, vocab_size, seed=2)
-    prompts_b1 = prompts_b16[:1]
 
     result: dict[str, Any] = {"model": spec.model_id, "threads": threads, "quick": quick}
-    ours = lambda prompts, n: _ours_generate(loaded, prompts, n)  # noqa: E731
-    result["ours_prefill_tok_s"] = PREFILL_TOKENS / _best_time(
-        lambda: ours(prefill_prompt, 1), repeats
-    )
-    _log(f"ours prefill: {result['ours_prefill_tok_s']:.0f} tok/s")
-    result["ours_decode_tok_s_b1"] = _decode_rate(ours, prompts_b1, short, long, repeats)
-    _log(f"ours decode b1: {result['ours_decode_tok_s_b1']:.1f} tok/s")
-    result["ours_decode_tok_s_b16"] = _decode_rate(ours, prompts_b16, short, long, repeats)
-    _log(f"ours decode b16: {result['ours_decode_tok_s_b16']:.1f} tok/s")
-    result["weights_bytes"] = loaded.engine.runner.weights_bytes
-    del loaded
-
-    hf_model = _load_hf(spec.path)
-    hf = lambda prompts, n: _hf_generate(hf_model, prompts, n)  # noqa: E731
-    result["hf_prefill_tok_s"] = PREFILL_TOKENS / _best_time(lambda: hf(prefill_prompt, 1), repeats)
-    _log(f"hf prefill: {result['hf_prefill_tok_s']:.0f} tok/s")
-    result["hf_decode_tok_s_b1"] = _decode_rate(hf, prompts_b1, short, long, repeats)
-    _log(f"hf decode b1: {result['hf_decode_tok_s_b1']:.1f} tok/s")
-    result["hf_decode_tok_s_b16"] = _decode_rate(hf, prompts_b16, short, long, repeats)
-    _log(f"hf decode b16: {result['hf_decode_tok_s_b16']:.1f} tok/s")
-    del hf_model
-
+    prompts = _BenchPrompts(prefill_prompt, prompts_b16[:1], prompts_b16)
+    result["weights_bytes"] = loaded.runner.weights_bytes
+    ours = functools.partial(_ours_generate, loaded)
+    result |= _measure("ours", ours, prompts, short, long, repeats)
+    del loaded, ours  # free the model before loading the next one
+    hf = functools.partial(_hf_generate, _load_hf(spec.path))
+    result |= _measure("hf", hf, prompts, short, long, repeats)
+    del hf
     result["mem_read_gbps"] = measure_mem_read_gbps()
     result["roofline_fraction_b1"] = (
         result["weights_bytes"] * result["ours_decode_tok_s_b1"] / result["mem_read_gbps"] / 1e9

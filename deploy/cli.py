@@ -1,7 +1,7 @@
 """The ``fairgate`` command line.
 
-Subcommands import what they need when they run, so ``fairgate --help`` and the torch-free ones start
-fast.
+Subcommands import what they need when they run, so ``fairgate --help`` and the torch-free ones
+start fast.
 """
 
 from __future__ import annotations

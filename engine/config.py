@@ -11,8 +11,10 @@ Errors::
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -118,8 +120,23 @@ def load_config(path: str | Path) -> ModelConfig:
 # --- GGUF ----------------------------------------------------------------------------------------
 
 
-def open_gguf(path: str | Path) -> GGUFReader:
-    """A memory-mapped reader for ``path``, with gguf's errors translated to ours."""
+def open_gguf(path: str | os.PathLike[str]) -> GGUFReader:
+    """A memory-mapped reader for ``path``, with gguf's errors translated to ours.
+
+    Readers are cached per file version: ``GGUFReader`` parses every metadata array element by
+    element (seconds for a 49k-token vocabulary), and the tokenizer, the config and the weights of
+    one model all read the same file.
+    """
+    resolved = Path(path).resolve()
+    try:
+        stat = resolved.stat()
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: not a readable GGUF file: {exc}") from exc
+    return _open_gguf_version(str(resolved), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_gguf_version(path: str, mtime_ns: int, size: int) -> GGUFReader:
     try:
         return GGUFReader(path)
     except (OSError, ValueError, KeyError, IndexError) as exc:  # IndexError: a truncated file

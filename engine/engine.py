@@ -1,11 +1,12 @@
 """The engine loop: continuous batching over the paged cache, one ``step()`` at a time.
 
-A step is "schedule, run, postprocess": every running request whose tokens are all computed decodes
-one token; waiting requests are admitted (prefix-cache hits first, then fresh blocks) and their prompts
-are computed in chunks of at most ``prefill_chunk_size`` tokens within ``max_num_batched_tokens``; a
-step mixes decodes and prefill chunks freely. When a decode needs a block and none is free, the
-latest-arrived running request is preempted by recompute: its blocks go back (full ones stay in the
-prefix cache, so its re-prefill is mostly hits) and it waits at the head of the queue.
+A step is "schedule, run, postprocess": every running request whose tokens are all computed
+decodes one token; waiting requests are admitted (prefix-cache hits first, then fresh blocks) and
+their prompts are computed in chunks of at most ``prefill_chunk_size`` tokens within
+``max_num_batched_tokens``; a step mixes decodes and prefill chunks freely. When a decode needs a
+block and none is free, the latest-arrived running request is preempted by recompute: its blocks
+go back (full ones stay in the prefix cache, so its re-prefill is mostly hits) and it waits at the
+head of the queue.
 
 The loop itself is torch-free: a ``Runner`` computes the scheduled runs and samples. The model
 runner (``engine.runner``) does it with the model; the null runner (``engine.null_engine``) with a

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 @dataclass(slots=True)
 class LoadedEngine:
     engine: LLMEngine
+    runner: ModelRunner
     tokenizer: Tokenizer
     model_id: str
 
@@ -78,7 +79,7 @@ def load_engine(
         num_blocks,
         block_size,
     )
-    return LoadedEngine(engine, tokenizer, spec.model_id)
+    return LoadedEngine(engine, runner, tokenizer, spec.model_id)
 
 
 def _default_path() -> str:

@@ -1,10 +1,10 @@
 """The Llama-family decoder (Llama 2/3, SmolLM, Qwen2 q/k/v bias) over a paged KV cache.
 
-Tokens arrive flattened: a step carries ``num_tokens`` tokens from several sequences, each sequence
-contributing a contiguous run (a whole prompt, a prompt chunk, or one decode token). ``AttentionBatch``
-says where each run is, where its keys and values go in the paged cache and which cached blocks it
-attends to. The weights use HF ``LlamaForCausalLM`` names on load; q/k/v and gate/up are fused into one
-matrix each so a layer runs four matrix products.
+Tokens arrive flattened: a step carries ``num_tokens`` tokens from several sequences, each
+sequence contributing a contiguous run (a whole prompt, a prompt chunk, or one decode token).
+``AttentionBatch`` says where each run is, where its keys and values go in the paged cache and
+which cached blocks it attends to. The weights use HF ``LlamaForCausalLM`` names on load; q/k/v
+and gate/up are fused into one matrix each so a layer runs four matrix products.
 """
 
 from __future__ import annotations
@@ -126,7 +126,8 @@ class DecoderLayer(nn.Module):
         hidden = hidden + self.o_proj(out.view(num_tokens, -1))
         x = F.rms_norm(hidden, (hidden.shape[-1],), self.post_attention_norm, self.eps)
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return hidden + self.down_proj(F.silu(gate) * up)
+        mlp_out: torch.Tensor = self.down_proj(F.silu(gate) * up)
+        return hidden + mlp_out
 
     def _attend_prefill(
         self,
@@ -186,6 +187,8 @@ class DecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     """Embedding, decoder layers, final norm and the output projection."""
+
+    inv_freq: torch.Tensor  # [head_dim // 2] fp32 RoPE frequencies (a buffer)
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -248,6 +251,8 @@ class LlamaModel(nn.Module):
             layer.o_proj.weight.copy_(state_dict[attn + "o_proj.weight"])
             mlp = p + "mlp."
             layer.gate_up_proj.weight.copy_(
-                torch.cat([state_dict[mlp + "gate_proj.weight"], state_dict[mlp + "up_proj.weight"]])
+                torch.cat(
+                    [state_dict[mlp + "gate_proj.weight"], state_dict[mlp + "up_proj.weight"]]
+                )
             )
             layer.down_proj.weight.copy_(state_dict[mlp + "down_proj.weight"])

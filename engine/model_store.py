@@ -153,7 +153,9 @@ def resolve_model(name: str, *, pull: bool = True) -> ModelSpec:
         path = default_model_path()
         if not path.is_file():
             if not pull:
-                raise ModelNotFoundError("the default model is not pulled: run `fairgate model pull`")
+                raise ModelNotFoundError(
+                    "the default model is not pulled: run `fairgate model pull`"
+                )
             path = pull_default_model()
         return ModelSpec("path", DEFAULT_MODEL.model_id, path)
     if name == "tiny":
@@ -167,4 +169,3 @@ def resolve_model(name: str, *, pull: bool = True) -> ModelSpec:
         f"model {name!r} is neither 'default', 'tiny', a .gguf file nor an HF directory with "
         "config.json"
     )
-

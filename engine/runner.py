@@ -126,7 +126,9 @@ class ModelRunner:
             token_start = len(token_ids)
             token_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
-            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+            slots.extend(
+                table[p // block_size] * block_size + p % block_size for p in range(start, end)
+            )
             if count == 1:
                 decode_rows.append(token_start)
                 decode_tables.append(table)

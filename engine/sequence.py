@@ -24,8 +24,8 @@ FinishReason = Literal["stop", "length", "abort"]
 class SamplingParams:
     """How to pick tokens. ``temperature == 0`` is greedy.
 
-    Sampling is a pure function of (seed, output position), so a request resumed on another worker or
-    after preemption draws the same tokens it would have drawn in place.
+    Sampling is a pure function of (seed, output position), so a request resumed on another worker
+    or after preemption draws the same tokens it would have drawn in place.
     """
 
     max_tokens: int = 256

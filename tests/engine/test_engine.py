@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from engine.engine import EngineConfig, LLMEngine
-from engine.tiny import tiny_config, tiny_state_dict
 from engine.runner import ModelRunner
 from engine.sequence import SamplingParams
+from engine.tiny import tiny_config, tiny_state_dict
 
 VOCAB_SIZE = 512
 BLOCK_SIZE = 4
@@ -82,7 +82,7 @@ def test_requests_join_and_leave_between_steps(weights: dict[str, torch.Tensor])
 
 def test_prefix_cache_hits_and_same_output(weights: dict[str, torch.Tensor]) -> None:
     shared = _prompts(1, seed=4, min_len=33, max_len=33)[0]
-    first, second = shared + [1, 2, 3], shared + [4, 5]
+    first, second = [*shared, 1, 2, 3], [*shared, 4, 5]
     engine = _engine(weights)
     expected = _engine(weights, config=EngineConfig(enable_prefix_cache=False)).generate(
         [second], GREEDY

