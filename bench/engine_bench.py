@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from engine.engine import EngineConfig
-from engine.loader import LoadedEngine, load_engine
+from engine.loader import LoadedEngine, Precision, load_engine
 from engine.sequence import SamplingParams
 
 __all__ = ["measure_mem_read_gbps", "run_engine_bench"]
@@ -140,7 +140,12 @@ def _load_hf(model_path: Path) -> Any:
 
 
 def run_engine_bench(
-    *, model: str = "default", device: str = "cpu", quick: bool = False, output: str | None = None
+    *,
+    model: str = "default",
+    device: str = "cpu",
+    precision: Precision = "auto",
+    quick: bool = False,
+    output: str | None = None,
 ) -> int:
     from engine.model_store import resolve_model
 
@@ -159,6 +164,8 @@ def run_engine_bench(
     prompts_b16 = _random_prompts(16, DECODE_PROMPT_TOKENS, vocab_size, seed=2)
 
     result: dict[str, Any] = {"model": spec.model_id, "threads": threads, "quick": quick}
+    runner = loaded.runner
+    result["precision"] = f"{runner.dtype}, batched {runner.batched_dtype or runner.dtype}"
     prompts = _BenchPrompts(prefill_prompt, prompts_b16[:1], prompts_b16)
     result["weights_bytes"] = loaded.runner.weights_bytes
     ours = functools.partial(_ours_generate, loaded)

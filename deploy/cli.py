@@ -23,6 +23,13 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: %(default)s)"
     )
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: fp32 on CPU with bf16 copies for batched products where the CPU has AMX, "
+        "bf16 on CUDA (default: %(default)s)",
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -83,7 +90,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     from engine.loader import load_engine
     from engine.sequence import SamplingParams
 
-    loaded = load_engine(args.model, device=args.device)
+    loaded = load_engine(args.model, device=args.device, precision=args.precision)
     messages = []
     if args.system is not None:
         messages.append({"role": "system", "content": args.system})
@@ -105,7 +112,11 @@ def _run_bench(args: argparse.Namespace) -> int:
     from bench.engine_bench import run_engine_bench
 
     return run_engine_bench(
-        model=args.model, device=args.device, quick=args.quick, output=args.output
+        model=args.model,
+        device=args.device,
+        precision=args.precision,
+        quick=args.quick,
+        output=args.output,
     )
 
 

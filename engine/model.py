@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,7 @@ class AttentionBatch:
     decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int64 (padded with 0)
     decode_context_lens: torch.Tensor | None  # [num_decodes] int64
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] bool
+    decode_max_context_len: int = 0
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -70,9 +72,53 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _gather_blocks(
+    kv_cache: torch.Tensor, block_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of ``block_ids`` (one layer), each [len(block_ids) * block_size, kvh, hd].
+
+    ``index_select`` on flattened contiguous views, keys and values apart: advanced indexing of
+    the 5-d cache takes a generic kernel several times slower, and ``index_select`` on the
+    non-contiguous pair would first copy the whole layer."""
+    num_blocks, _, num_kv_heads, head_dim = kv_cache.shape[1:]
+    keys = kv_cache[0].view(num_blocks, -1).index_select(0, block_ids)
+    values = kv_cache[1].view(num_blocks, -1).index_select(0, block_ids)
+    return keys.view(-1, num_kv_heads, head_dim), values.view(-1, num_kv_heads, head_dim)
+
+
+class Linear(nn.Module):
+    """``y = x @ weight.T + bias`` with the kernel chosen by the number of rows.
+
+    One row (batch-1 decode) is memory-bound: ``mv`` on the weight in the model's dtype streams it
+    at close to memory speed. Several rows (prefill, batched decode) are compute-bound: when a
+    ``batched_weight`` copy in a lower precision is attached (bf16 on CPUs with AMX), the product
+    runs on it, with activations cast in and the result cast back.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.batched_weight: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, *, keep_batched_dtype: bool = False) -> torch.Tensor:
+        """x [num_tokens, in_features]. The result is in x's dtype, or, with
+        ``keep_batched_dtype``, in the batched dtype when the batched weight was used (for a
+        consumer that casts to it anyway)."""
+        if x.shape[0] == 1 and x.device.type == "cpu":
+            y = torch.mv(self.weight, x[0])
+            if self.bias is not None:
+                y = y + self.bias
+            return y.unsqueeze(0)
+        if self.batched_weight is not None:
+            batched = self.batched_weight
+            bias = None if self.bias is None else self.bias.to(batched.dtype)
+            y = F.linear(x.to(batched.dtype), batched, bias)
+            return y if keep_batched_dtype else y.to(self.weight.dtype)
+        return F.linear(x, self.weight, self.bias)
+
+    def attach_batched_weight(self, dtype: torch.dtype) -> None:
+        self.batched_weight = self.weight.detach().to(dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -85,12 +131,13 @@ class DecoderLayer(nn.Module):
         q_size = config.num_heads * config.head_dim
         kv_size = config.num_kv_heads * config.head_dim
         self.split_sizes = (q_size, kv_size, kv_size)
+        self.batched_dtype: torch.dtype | None = None  # see LlamaModel.attach_batched_weights
         self.input_norm = nn.Parameter(torch.ones(config.hidden_size))
-        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, config.attention_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+        self.qkv_proj = Linear(config.hidden_size, q_size + 2 * kv_size, config.attention_bias)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=False)
         self.post_attention_norm = nn.Parameter(torch.ones(config.hidden_size))
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(
         self,
@@ -101,31 +148,36 @@ class DecoderLayer(nn.Module):
         batch: AttentionBatch,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
+        num_heads, num_kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         x = F.rms_norm(hidden, (hidden.shape[-1],), self.input_norm, self.eps)
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        qkv = self.qkv_proj(x)
+        q_size, kv_size, _ = self.split_sizes
+        # RoPE on q and k at once: rotate_half(x) * sin == roll(x, half) * [-sin | sin].
+        qk = qkv[:, : q_size + kv_size].view(num_tokens, num_heads + num_kv_heads, head_dim)
+        qk = qk * cos + qk.roll(head_dim // 2, dims=-1) * sin
+        q, k = qk[:, :num_heads], qk[:, num_heads:]
+        v = qkv[:, q_size + kv_size :].view(num_tokens, num_kv_heads, head_dim)
 
-        block_size = kv_cache.shape[2]
-        k_cache = kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # [slots, kvh, hd]
-        v_cache = kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
+        k_cache = kv_cache[0].view(-1, num_kv_heads, head_dim)  # [slots, kvh, hd]
+        v_cache = kv_cache[1].view(-1, num_kv_heads, head_dim)
         k_cache.index_copy_(0, batch.slot_mapping, k)
         v_cache.index_copy_(0, batch.slot_mapping, v)
 
-        out = torch.empty_like(q)
-        for run in batch.prefills:
-            out[run.token_start : run.token_start + run.num_query_tokens] = self._attend_prefill(
-                q, k, v, kv_cache, run
-            )
-        if batch.decode_token_indices is not None:
-            out[batch.decode_token_indices] = self._attend_decode(q, kv_cache, batch, block_size)
+        if not batch.prefills and batch.decode_token_indices is not None:
+            out = self._attend_decode(q, kv_cache, batch)  # every row decodes, in order
+        else:
+            out = torch.empty_like(q)
+            for run in batch.prefills:
+                start, end = run.token_start, run.token_start + run.num_query_tokens
+                out[start:end] = self._attend_prefill(q, k, v, kv_cache, run)
+            if batch.decode_token_indices is not None:
+                rows = batch.decode_token_indices
+                out[rows] = self._attend_decode(q[rows], kv_cache, batch)
 
         hidden = hidden + self.o_proj(out.view(num_tokens, -1))
         x = F.rms_norm(hidden, (hidden.shape[-1],), self.post_attention_norm, self.eps)
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        # The MLP's inner activations may stay in the batched dtype: down_proj casts to it anyway.
+        gate, up = self.gate_up_proj(x, keep_batched_dtype=True).chunk(2, dim=-1)
         mlp_out: torch.Tensor = self.down_proj(F.silu(gate) * up)
         return hidden + mlp_out
 
@@ -146,41 +198,45 @@ class DecoderLayer(nn.Module):
             mask = None
         else:
             # A chunk after a cached prefix: read the whole context back from the paged cache.
-            keys = kv_cache[0, run.block_table].flatten(0, 1)[: run.context_len]
-            values = kv_cache[1, run.block_table].flatten(0, 1)[: run.context_len]
+            keys, values = _gather_blocks(kv_cache, run.block_table)
+            keys, values = keys[: run.context_len], values[: run.context_len]
             # Bottom-right aligned causal mask: query i sits at context_len - num_query + i.
             query_pos = torch.arange(run.context_len - num_query, run.context_len).unsqueeze(1)
             mask = torch.arange(run.context_len).unsqueeze(0) <= query_pos  # [num_query, context]
-        # Repeat the kv heads for their query groups: SDPA's enable_gqa takes the slow math path
-        # on CPU, the flash kernel needs equal head counts.
-        group = self.num_heads // self.num_kv_heads
-        keys = keys.transpose(0, 1).repeat_interleave(group, dim=0)  # [heads, context, hd]
-        values = values.transpose(0, 1).repeat_interleave(group, dim=0)
-        # A leading batch dimension of 1: the CPU flash kernel takes only 4-d inputs.
+        # Many query rows: compute-bound, so it runs in the batched dtype when there is one.
+        dtype = self.batched_dtype or query.dtype
+        # 4-d inputs (a batch of 1): the CPU flash kernel takes no others, and with them it
+        # handles grouped kv heads itself.
         out = F.scaled_dot_product_attention(
-            query[None], keys[None], values[None], attn_mask=mask, is_causal=mask is None
+            query[None].to(dtype),
+            keys.transpose(0, 1)[None].to(dtype),
+            values.transpose(0, 1)[None].to(dtype),
+            attn_mask=mask,
+            is_causal=mask is None,
+            enable_gqa=True,
         )
-        return out[0].transpose(0, 1)
+        return out[0].transpose(0, 1).to(query.dtype)
 
     def _attend_decode(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, block_size: int
+        self,
+        query: torch.Tensor,  # [num_decodes, heads, hd]
+        kv_cache: torch.Tensor,
+        batch: AttentionBatch,
     ) -> torch.Tensor:
-        assert batch.decode_block_tables is not None and batch.decode_mask is not None
-        num_decodes = batch.decode_block_tables.shape[0]
-        query = q[batch.decode_token_indices].unsqueeze(2)  # [num_decodes, heads, 1, hd]
-        # [num_decodes, max_blocks, block_size, kvh, hd] -> [num_decodes, kvh, max_context, hd]
-        keys = kv_cache[0, batch.decode_block_tables].view(
-            num_decodes, -1, self.num_kv_heads, self.head_dim
-        )
-        values = kv_cache[1, batch.decode_block_tables].view(
-            num_decodes, -1, self.num_kv_heads, self.head_dim
-        )
+        assert batch.decode_block_tables is not None
+        num_decodes = query.shape[0]
+        keys, values = _gather_blocks(kv_cache, batch.decode_block_tables.flatten())
+        # [num_decodes * max_context, kvh, hd] -> [num_decodes, kvh, max_context, hd]
+        keys = keys.view(num_decodes, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        values = values.view(num_decodes, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        mask = batch.decode_mask
+        if num_decodes == 1:
+            # One sequence: cut to its context instead of masking (the unmasked kernel is faster).
+            keys = keys[:, :, : batch.decode_max_context_len]
+            values = values[:, :, : batch.decode_max_context_len]
+            mask = None
         out = F.scaled_dot_product_attention(
-            query,
-            keys.transpose(1, 2),
-            values.transpose(1, 2),
-            attn_mask=batch.decode_mask,
-            enable_gqa=True,
+            query.unsqueeze(2), keys, values, attn_mask=mask, enable_gqa=True
         )
         return out.squeeze(2)  # [num_decodes, heads, hd]
 
@@ -196,11 +252,8 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = nn.Parameter(torch.ones(config.hidden_size))
-        self.lm_head: nn.Parameter | None = (
-            None
-            if config.tie_word_embeddings
-            else nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
-        )
+        # With tied embeddings ``load_hf_state_dict`` points its weight at the embedding table.
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
     def forward(
@@ -214,17 +267,27 @@ class LlamaModel(nn.Module):
         hidden = self.embed_tokens(input_ids)
         # Same arithmetic as HF: angles in fp32, then cast to the activation dtype.
         angles = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)
-        angles = torch.cat((angles, angles), dim=-1)
-        cos = angles.cos().to(hidden.dtype).unsqueeze(1)  # [num_tokens, 1, head_dim]
-        sin = angles.sin().to(hidden.dtype).unsqueeze(1)
+        cos = torch.cat((angles.cos(), angles.cos()), dim=-1).to(hidden.dtype).unsqueeze(1)
+        sin = angles.sin()
+        # [-sin | sin]: the sign of rotate_half folded in (see DecoderLayer.forward).
+        sin = torch.cat((-sin, sin), dim=-1).to(hidden.dtype).unsqueeze(1)  # [num_tokens, 1, hd]
         for index, layer in enumerate(self.layers):
             hidden = layer(hidden, cos, sin, kv_cache[:, index], batch)
         return F.rms_norm(hidden, (hidden.shape[-1],), self.norm, self.config.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [n, vocab_size] in fp32 for the given final hidden states [n, hidden_size]."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head
-        return F.linear(hidden, weight).float()
+        logits: torch.Tensor = self.lm_head(hidden)
+        return logits.float()
+
+    def attach_batched_weights(self, dtype: torch.dtype) -> None:
+        """Keep ``dtype`` copies of every projection for multi-row products (see ``Linear``), and
+        run prefill attention in ``dtype``."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.attach_batched_weight(dtype)
+            elif isinstance(module, DecoderLayer):
+                module.batched_dtype = dtype
 
     @torch.no_grad()
     def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -233,8 +296,10 @@ class LlamaModel(nn.Module):
         prefix = "model.layers."
         self.embed_tokens.weight.copy_(state_dict["model.embed_tokens.weight"])
         self.norm.copy_(state_dict["model.norm.weight"])
-        if self.lm_head is not None:
-            self.lm_head.copy_(state_dict["lm_head.weight"])
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = cast(nn.Parameter, self.embed_tokens.weight)
+        else:
+            self.lm_head.weight.copy_(state_dict["lm_head.weight"])
         for index, layer in enumerate(self.layers):
             assert isinstance(layer, DecoderLayer)
             p = f"{prefix}{index}."

@@ -38,7 +38,11 @@ class ModelRunner:
         block_size: int,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        batched_dtype: torch.dtype | None = None,
     ) -> None:
+        """``dtype`` is the weights', activations' and KV cache's; ``batched_dtype``, when given,
+        adds copies of the projections in that dtype for products of several rows (see
+        ``engine.model.Linear``)."""
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
@@ -49,6 +53,9 @@ class ModelRunner:
         model = model.to_empty(device=self.device)
         model.load_hf_state_dict(state_dict)
         self.model = model.to(dtype=dtype).eval()
+        self.batched_dtype = batched_dtype if batched_dtype != dtype else None
+        if self.batched_dtype is not None:
+            self.model.attach_batched_weights(self.batched_dtype)
         self.model.inv_freq = rope_inv_freq(config).to(self.device)  # angles stay fp32, as in HF
         self.kv_cache = torch.zeros(
             2,
@@ -82,15 +89,13 @@ class ModelRunner:
 
     @property
     def weights_bytes(self) -> int:
-        """Bytes of weights one decode step reads: every parameter except the embedding table,
-        whose rows are gathered (counted once more when it doubles as the output projection)."""
-        total = 0
-        for name, param in self.model.named_parameters():
-            if name != "embed_tokens.weight":
-                total += param.numel() * param.element_size()
-        if self.model.lm_head is None:
-            weight = self.model.embed_tokens.weight
-            total += weight.numel() * weight.element_size()
+        """Bytes of weights one batch-1 decode step reads: every parameter in the model's dtype
+        except the embedding table, whose rows are gathered (and which is read whole again when
+        it doubles as the output projection). Batched copies are not read at batch 1."""
+        embedding = self.model.embed_tokens.weight
+        total = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if not self.config.tie_word_embeddings:
+            total -= embedding.numel() * embedding.element_size()
         return total
 
     @torch.inference_mode()
@@ -161,6 +166,7 @@ class ModelRunner:
             batch.decode_token_indices = torch.tensor(decode_rows, dtype=torch.int64, device=device)
             batch.decode_block_tables = torch.tensor(padded, dtype=torch.int64, device=device)
             batch.decode_context_lens = context_lens
+            batch.decode_max_context_len = max(decode_context_lens)
             key_positions = torch.arange(max_blocks * block_size, device=device)
             batch.decode_mask = (key_positions.unsqueeze(0) < context_lens.unsqueeze(1))[
                 :, None, None, :

@@ -208,3 +208,28 @@ def test_chunked_prefill_equals_unchunked(pair: tuple[torch.nn.Module, ModelRunn
         a = runner.kv_cache[:, :, seq_a.block_table].flatten(2, 3)[:, :, :41]
         b = runner.kv_cache[:, :, seq_b.block_table].flatten(2, 3)[:, :, :41]
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_bf16_batched_products_stay_close(pair: tuple[torch.nn.Module, ModelRunner]) -> None:
+    """The CPU default on AMX machines: fp32 model, bf16 copies for multi-row products."""
+    hf, fp32_runner = pair
+    runner = ModelRunner(
+        fp32_runner.config,
+        hf.state_dict(),
+        num_blocks=NUM_BLOCKS,
+        block_size=BLOCK_SIZE,
+        batched_dtype=torch.bfloat16,
+    )
+    assert runner.weights_bytes == fp32_runner.weights_bytes  # batch 1 still reads fp32
+    batched_weight = runner.model.layers[0].qkv_proj.batched_weight
+    assert batched_weight is not None and batched_weight.dtype == torch.bfloat16
+    blocks = _Blocks()
+    seqs = [_new_seq(str(n), n, seed=n) for n in (9, 30)]
+    logits = _step(runner, blocks, [ScheduledRun(s, s.num_tokens) for s in seqs])
+    for _ in range(4):
+        for row, seq in enumerate(seqs):
+            reference = _hf_last_logits(hf, seq.token_ids)
+            # bf16 keeps 8 bits of mantissa: logits of magnitude ~1 move by a few 1e-2.
+            torch.testing.assert_close(logits[row], reference, atol=0.1, rtol=0.02)
+            seq.output_token_ids.append(int(reference.argmax()))
+        logits = _step(runner, blocks, [ScheduledRun(s, 1) for s in seqs])
