@@ -1,6 +1,7 @@
 """``fairgate bench engine``: our engine against transformers on the same weights, in one run.
 
-Measured on this machine in this process, so ratios hold even when the machine is shared:
+Both sides are measured in this process, alternating round by round and keeping each side's best
+time, so that the ratios hold on a shared, noisy machine:
 - prefill: one 512-token prompt (time to first token);
 - decode at batch 1 and 16: tokens per second after the prompt, greedy, EOS ignored;
 - memory read bandwidth: a pre-filled buffer summed, best of several passes.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import random
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -36,16 +36,6 @@ DECODE_PROMPT_TOKENS = 64
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _best_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: first calls pay for allocations and kernel selection
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times) if repeats < 3 else statistics.median(times)
 
 
 def measure_mem_read_gbps(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -88,16 +78,7 @@ def _hf_generate(model: Any, prompts: list[list[int]], new_tokens: int) -> None:
     assert out.shape[1] == input_ids.shape[1] + new_tokens
 
 
-def _decode_rate(
-    generate: Callable[[list[list[int]], int], None],
-    prompts: list[list[int]],
-    short: int,
-    long: int,
-    repeats: int,
-) -> float:
-    t_short = _best_time(lambda: generate(prompts, short), repeats)
-    t_long = _best_time(lambda: generate(prompts, long), repeats)
-    return len(prompts) * (long - short) / (t_long - t_short)
+Generate = Callable[[list[list[int]], int], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,20 +88,37 @@ class _BenchPrompts:
     batch_16: list[list[int]]
 
 
-def _measure(
-    side: str,
-    generate: Callable[[list[list[int]], int], None],
-    prompts: _BenchPrompts,
-    short: int,
-    long: int,
-    repeats: int,
+def _interleaved_best(
+    sides: dict[str, Generate], prompts: list[list[int]], new_tokens: int, repeats: int
 ) -> dict[str, float]:
-    """Prefill and decode rates of one side (``ours`` or ``hf``)."""
-    prefill_s = _best_time(lambda: generate(prompts.prefill, 1), repeats)
-    figures = {f"{side}_prefill_tok_s": PREFILL_TOKENS / prefill_s}
-    for name, batch in (("b1", prompts.batch_1), ("b16", prompts.batch_16)):
-        figures[f"{side}_decode_tok_s_{name}"] = _decode_rate(generate, batch, short, long, repeats)
-    _log(f"{side}: " + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()))
+    """Best wall time of each side. The sides alternate inside every round, so a slow spell of
+    the shared machine falls on both rather than on whichever ran during it."""
+    for generate in sides.values():
+        generate(prompts, new_tokens)  # warm-up: allocations and kernel selection
+    best = dict.fromkeys(sides, float("inf"))
+    for _ in range(repeats):
+        for name, generate in sides.items():
+            seconds = _timed(lambda: generate(prompts, new_tokens))  # noqa: B023
+            best[name] = min(best[name], seconds)
+    return best
+
+
+def _measure(
+    sides: dict[str, Generate], prompts: _BenchPrompts, short: int, long: int, repeats: int
+) -> dict[str, float]:
+    """Prefill and decode rates of every side, keyed ``{side}_prefill_tok_s`` and so on."""
+    figures: dict[str, float] = {}
+    prefill_s = _interleaved_best(sides, prompts.prefill, 1, repeats)
+    for name in sides:
+        figures[f"{name}_prefill_tok_s"] = PREFILL_TOKENS / prefill_s[name]
+    for label, batch in (("b1", prompts.batch_1), ("b16", prompts.batch_16)):
+        # The difference of two lengths: the prompt's cost cancels out.
+        short_s = _interleaved_best(sides, batch, short, repeats)
+        long_s = _interleaved_best(sides, batch, long, repeats)
+        for name in sides:
+            rate = len(batch) * (long - short) / (long_s[name] - short_s[name])
+            figures[f"{name}_decode_tok_s_{label}"] = rate
+    _log(", ".join(f"{k} {v:.1f}" for k, v in figures.items()))
     return figures
 
 
@@ -152,28 +150,36 @@ def run_engine_bench(
     spec = resolve_model(model)
     if spec.path is None:
         raise ValueError("bench engine needs a model with weights on disk (not 'tiny')")
-    repeats = 2 if quick else 5
+    repeats = 2 if quick else 4
     short, long = (4, 20) if quick else (8, 72)
     threads = torch.get_num_threads()
     _log(f"bench engine: {spec.model_id}, {threads} threads, device {device}")
 
     # No prefix cache: every repeat must compute its prompt again.
-    loaded = load_engine(spec, device=device, engine_config=EngineConfig(enable_prefix_cache=False))
-    vocab_size = loaded.runner.config.vocab_size
-    prefill_prompt = _random_prompts(1, PREFILL_TOKENS, vocab_size, seed=1)
-    prompts_b16 = _random_prompts(16, DECODE_PROMPT_TOKENS, vocab_size, seed=2)
-
-    result: dict[str, Any] = {"model": spec.model_id, "threads": threads, "quick": quick}
+    loaded = load_engine(
+        spec,
+        device=device,
+        precision=precision,
+        engine_config=EngineConfig(enable_prefix_cache=False),
+    )
     runner = loaded.runner
-    result["precision"] = f"{runner.dtype}, batched {runner.batched_dtype or runner.dtype}"
-    prompts = _BenchPrompts(prefill_prompt, prompts_b16[:1], prompts_b16)
-    result["weights_bytes"] = loaded.runner.weights_bytes
-    ours = functools.partial(_ours_generate, loaded)
-    result |= _measure("ours", ours, prompts, short, long, repeats)
-    del loaded, ours  # free the model before loading the next one
-    hf = functools.partial(_hf_generate, _load_hf(spec.path))
-    result |= _measure("hf", hf, prompts, short, long, repeats)
-    del hf
+    vocab_size = runner.config.vocab_size
+    prompts_b16 = _random_prompts(16, DECODE_PROMPT_TOKENS, vocab_size, seed=2)
+    prompts = _BenchPrompts(
+        _random_prompts(1, PREFILL_TOKENS, vocab_size, seed=1), prompts_b16[:1], prompts_b16
+    )
+    result: dict[str, Any] = {
+        "model": spec.model_id,
+        "threads": threads,
+        "quick": quick,
+        "precision": f"{runner.dtype}, batched {runner.batched_dtype or runner.dtype}",
+        "weights_bytes": runner.weights_bytes,
+    }
+    sides: dict[str, Generate] = {
+        "ours": functools.partial(_ours_generate, loaded),
+        "hf": functools.partial(_hf_generate, _load_hf(spec.path)),
+    }
+    result |= _measure(sides, prompts, short, long, repeats)
     result["mem_read_gbps"] = measure_mem_read_gbps()
     result["roofline_fraction_b1"] = (
         result["weights_bytes"] * result["ours_decode_tok_s_b1"] / result["mem_read_gbps"] / 1e9

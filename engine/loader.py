@@ -77,7 +77,7 @@ def load_engine(
         tokenizer = Tokenizer.load(spec.path)
         config, state_dict = load_weights(spec.path, dtype=dtype)
     if num_blocks is None:
-        block_bytes = kv_bytes_per_token(config, dtype) * block_size
+        block_bytes = kv_bytes_per_token(config, batched_dtype or dtype) * block_size
         num_blocks = max(1, int(kv_cache_gib * 2**30) // block_bytes)
     runner = ModelRunner(
         config,

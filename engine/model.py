@@ -131,7 +131,6 @@ class DecoderLayer(nn.Module):
         q_size = config.num_heads * config.head_dim
         kv_size = config.num_kv_heads * config.head_dim
         self.split_sizes = (q_size, kv_size, kv_size)
-        self.batched_dtype: torch.dtype | None = None  # see LlamaModel.attach_batched_weights
         self.input_norm = nn.Parameter(torch.ones(config.hidden_size))
         self.qkv_proj = Linear(config.hidden_size, q_size + 2 * kv_size, config.attention_bias)
         self.o_proj = Linear(q_size, config.hidden_size, bias=False)
@@ -160,8 +159,8 @@ class DecoderLayer(nn.Module):
 
         k_cache = kv_cache[0].view(-1, num_kv_heads, head_dim)  # [slots, kvh, hd]
         v_cache = kv_cache[1].view(-1, num_kv_heads, head_dim)
-        k_cache.index_copy_(0, batch.slot_mapping, k)
-        v_cache.index_copy_(0, batch.slot_mapping, v)
+        k_cache.index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))
 
         if not batch.prefills and batch.decode_token_indices is not None:
             out = self._attend_decode(q, kv_cache, batch)  # every row decodes, in order
@@ -203,8 +202,8 @@ class DecoderLayer(nn.Module):
             # Bottom-right aligned causal mask: query i sits at context_len - num_query + i.
             query_pos = torch.arange(run.context_len - num_query, run.context_len).unsqueeze(1)
             mask = torch.arange(run.context_len).unsqueeze(0) <= query_pos  # [num_query, context]
-        # Many query rows: compute-bound, so it runs in the batched dtype when there is one.
-        dtype = self.batched_dtype or query.dtype
+        # Attention runs in the cache's dtype (bf16 on AMX CPUs: the flash kernel is ~2.5x faster).
+        dtype = kv_cache.dtype
         # 4-d inputs (a batch of 1): the CPU flash kernel takes no others, and with them it
         # handles grouped kv heads itself.
         out = F.scaled_dot_product_attention(
@@ -236,9 +235,9 @@ class DecoderLayer(nn.Module):
             values = values[:, :, : batch.decode_max_context_len]
             mask = None
         out = F.scaled_dot_product_attention(
-            query.unsqueeze(2), keys, values, attn_mask=mask, enable_gqa=True
+            query.unsqueeze(2).to(keys.dtype), keys, values, attn_mask=mask, enable_gqa=True
         )
-        return out.squeeze(2)  # [num_decodes, heads, hd]
+        return out.squeeze(2).to(query.dtype)  # [num_decodes, heads, hd]
 
 
 class LlamaModel(nn.Module):
@@ -281,13 +280,10 @@ class LlamaModel(nn.Module):
         return logits.float()
 
     def attach_batched_weights(self, dtype: torch.dtype) -> None:
-        """Keep ``dtype`` copies of every projection for multi-row products (see ``Linear``), and
-        run prefill attention in ``dtype``."""
+        """Keep ``dtype`` copies of every projection for multi-row products (see ``Linear``)."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.attach_batched_weight(dtype)
-            elif isinstance(module, DecoderLayer):
-                module.batched_dtype = dtype
 
     @torch.no_grad()
     def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:

@@ -40,9 +40,9 @@ class ModelRunner:
         dtype: torch.dtype = torch.float32,
         batched_dtype: torch.dtype | None = None,
     ) -> None:
-        """``dtype`` is the weights', activations' and KV cache's; ``batched_dtype``, when given,
-        adds copies of the projections in that dtype for products of several rows (see
-        ``engine.model.Linear``)."""
+        """``dtype`` is the weights' and activations'; ``batched_dtype``, when given, adds copies of
+        the projections in that dtype for products of several rows (see ``engine.model.Linear``)
+        and is the dtype of the KV cache and of attention."""
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
@@ -54,6 +54,8 @@ class ModelRunner:
         model.load_hf_state_dict(state_dict)
         self.model = model.to(dtype=dtype).eval()
         self.batched_dtype = batched_dtype if batched_dtype != dtype else None
+        # Keys and values are read by attention only, which runs in the batched dtype too.
+        self.kv_dtype = self.batched_dtype or dtype
         if self.batched_dtype is not None:
             self.model.attach_batched_weights(self.batched_dtype)
         self.model.inv_freq = rope_inv_freq(config).to(self.device)  # angles stay fp32, as in HF
@@ -64,7 +66,7 @@ class ModelRunner:
             block_size,
             config.num_kv_heads,
             config.head_dim,
-            dtype=dtype,
+            dtype=self.kv_dtype,
             device=self.device,
         )
 
