@@ -18,7 +18,8 @@ setup() {
     if [ ! -x "$venv/bin/python" ]; then
         "$python" -m venv "$venv"
     fi
-    local pip=("$venv/bin/python" -m pip --quiet --disable-pip-version-check)
+    # -qq: errors only (some machines configure index locations that do not exist).
+    local pip=("$venv/bin/python" -m pip -qq --disable-pip-version-check)
     if ! "$venv/bin/python" -c 'import torch' 2>/dev/null; then
         if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
             "${pip[@]}" install torch

@@ -143,6 +143,11 @@ class LLMEngine:
     def step(self) -> list[StepOutput]:
         runs = self._schedule()
         if not runs:
+            if self.waiting and not self.running:
+                # add_request admits only what fits an empty cache, so this is a bug, not load.
+                raise RuntimeError(
+                    f"engine stalled: {len(self.waiting)} requests cannot be admitted"
+                )
             return []
         token_ids = self.runner.step(runs)
         return self._postprocess(runs, token_ids)
