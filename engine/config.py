@@ -36,6 +36,7 @@ __all__ = [
     "gguf_metadata",
     "load_config",
     "open_gguf",
+    "read_json_object",
 ]
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
@@ -98,6 +99,17 @@ class ModelConfig:
     name: str = ""
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path`` (config.json, tokenizer_config.json, ...)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: not readable JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object")
+    return value
+
+
 def load_config(path: str | Path) -> ModelConfig:
     """The config of a ``.gguf`` file or of an HF directory holding ``config.json``."""
     path = Path(path)
@@ -106,12 +118,7 @@ def load_config(path: str | Path) -> ModelConfig:
             return config_from_gguf(open_gguf(path))
     if path.is_dir():
         config_path = path / "config.json"
-        try:
-            config_json = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"{config_path}: cannot read the model config: {exc}") from exc
-        if not isinstance(config_json, dict):
-            raise ModelLoadError(f"{config_path}: expected a JSON object")
+        config_json = read_json_object(config_path)
         with errors_about(config_path):
             return config_from_hf(config_json, name=path.name)
     raise ModelLoadError(f"{path}: neither a .gguf file nor an HF model directory")

@@ -32,7 +32,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
-from engine.config import ModelLoadError, open_gguf
+from engine.config import ModelLoadError, open_gguf, read_json_object
 
 __all__ = ["IncrementalDetokenizer", "Tokenizer", "TokenizerError"]
 
@@ -495,12 +495,9 @@ def _read_json_object(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise TokenizerError(f"{path}: not readable JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise TokenizerError(f"{path}: expected a JSON object")
-    return value
+        return read_json_object(path)
+    except ModelLoadError as exc:
+        raise TokenizerError(str(exc)) from exc
 
 
 def _default_template(value: Any) -> str | None:
