@@ -127,12 +127,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from engine.config import ModelLoadError
+
     handlers = {"model": _run_model, "generate": _run_generate, "bench": _run_bench}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
         return 130
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, ModelLoadError) as exc:
         print(f"fairgate: error: {exc}", file=sys.stderr)
         return 2
 

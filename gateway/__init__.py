@@ -1,1 +1,1 @@
-"""The gateway process: OpenAI routes, tenants, quotas, fair scheduling (lands with later issues)."""
+"""The gateway process: OpenAI routes, tenants, quotas, fair scheduling (later issues)."""
