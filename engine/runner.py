@@ -17,6 +17,7 @@ from engine.config import ModelConfig
 from engine.model import AttentionBatch, LlamaModel, SequenceSlice, rope_inv_freq
 from engine.sampler import sample
 from engine.sequence import ScheduledRun
+from engine.single_decode import SingleDecoder
 
 __all__ = ["ModelRunner", "kv_bytes_per_token"]
 
@@ -69,6 +70,10 @@ class ModelRunner:
             dtype=self.kv_dtype,
             device=self.device,
         )
+        # Batch-1 decode on CPU skips the general path's overhead (see engine.single_decode).
+        self.single_decoder = (
+            SingleDecoder(self.model, self.kv_cache) if self.device.type == "cpu" else None
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -104,9 +109,32 @@ class ModelRunner:
     def execute(self, runs: list[ScheduledRun]) -> torch.Tensor:
         """Compute the runs' KV into the cache; returns fp32 logits [num_sampling_runs,
         vocab_size] for the runs whose ``samples_next_token`` is true, in order."""
+        if len(runs) == 1 and runs[0].num_tokens == 1 and self.single_decoder is not None:
+            return self._execute_single_decode(runs[0])
         batch, input_ids, positions, logits_indices = self._prepare(runs)
         hidden = self.model(input_ids, positions, self.kv_cache, batch)
         return self.model.compute_logits(hidden[logits_indices])
+
+    def _execute_single_decode(self, run: ScheduledRun) -> torch.Tensor:
+        assert self.single_decoder is not None
+        seq, position = run.seq, run.start
+        table = self._block_table(run)
+        block_ids = torch.tensor(table, dtype=torch.int64, device=self.device)
+        hidden = self.single_decoder(seq.token_ids[position], position, block_ids, position + 1)
+        if not run.samples_next_token:  # the last token of a prompt chunk that is not the end
+            return hidden.new_empty((0, self.config.vocab_size), dtype=torch.float32)
+        return self.model.compute_logits(hidden)
+
+    def _block_table(self, run: ScheduledRun) -> list[int]:
+        """The blocks holding tokens [0, run end) of the run's sequence."""
+        seq, end = run.seq, run.start + run.num_tokens
+        needed_blocks = -(-end // self.block_size)
+        if len(seq.block_table) < needed_blocks:
+            raise RuntimeError(
+                f"request {seq.request_id}: {len(seq.block_table)} blocks reserved, "
+                f"{needed_blocks} needed for {end} tokens"
+            )
+        return seq.block_table[:needed_blocks]
 
     def _prepare(
         self, runs: list[ScheduledRun]
@@ -123,13 +151,7 @@ class ModelRunner:
         for run in runs:
             seq, start, count = run.seq, run.start, run.num_tokens
             end = start + count
-            needed_blocks = -(-end // block_size)
-            if len(seq.block_table) < needed_blocks:
-                raise RuntimeError(
-                    f"request {seq.request_id}: {len(seq.block_table)} blocks reserved, "
-                    f"{needed_blocks} needed for {end} tokens"
-                )
-            table = seq.block_table[:needed_blocks]
+            table = self._block_table(run)
             token_start = len(token_ids)
             token_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
