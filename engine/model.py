@@ -86,13 +86,18 @@ def _gather_blocks(
     return keys.view(-1, num_kv_heads, head_dim), values.view(-1, num_kv_heads, head_dim)
 
 
+_PACKED_BATCH_ROWS = 16  # the batch size oneDNN's packed layout is tuned for
+
+
 class Linear(nn.Module):
     """``y = x @ weight.T + bias`` with the kernel chosen by the number of rows.
 
     One row (batch-1 decode) is memory-bound: ``mv`` on the weight in the model's dtype streams it
     at close to memory speed. Several rows (prefill, batched decode) are compute-bound: when a
     ``batched_weight`` copy in a lower precision is attached (bf16 on CPUs with AMX), the product
-    runs on it, with activations cast in and the result cast back.
+    runs on it, with activations cast in and the result cast back. On CPU that copy is packed in
+    oneDNN's blocked layout for a 16-row batch: batched decode's products run ~25% faster than
+    on a plain bf16 matrix, long prompts ~15% slower (still several times faster than fp32).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
@@ -100,6 +105,8 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.batched_weight: torch.Tensor | None = None
+        self.batched_dtype: torch.dtype | None = None
+        self.is_batched_weight_packed = False
 
     def forward(self, x: torch.Tensor, *, keep_batched_dtype: bool = False) -> torch.Tensor:
         """x [num_tokens, in_features]. The result is in x's dtype, or, with
@@ -110,15 +117,29 @@ class Linear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias
             return y.unsqueeze(0)
-        if self.batched_weight is not None:
-            batched = self.batched_weight
-            bias = None if self.bias is None else self.bias.to(batched.dtype)
-            y = F.linear(x.to(batched.dtype), batched, bias)
+        if self.batched_weight is not None and self.batched_dtype is not None:
+            dtype = self.batched_dtype
+            bias = None if self.bias is None else self.bias.to(dtype)
+            if self.is_batched_weight_packed:
+                y = torch.ops.mkldnn._linear_pointwise(
+                    x.to(dtype), self.batched_weight, bias, "none", [], ""
+                )
+            else:
+                y = F.linear(x.to(dtype), self.batched_weight, bias)
             return y if keep_batched_dtype else y.to(self.weight.dtype)
         return F.linear(x, self.weight, self.bias)
 
     def attach_batched_weight(self, dtype: torch.dtype) -> None:
-        self.batched_weight = self.weight.detach().to(dtype)
+        weight = self.weight.detach().to(dtype)
+        self.batched_dtype = dtype
+        self.is_batched_weight_packed = (
+            weight.device.type == "cpu"
+            and dtype == torch.bfloat16
+            and torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+        )
+        if self.is_batched_weight_packed:
+            weight = torch.ops.mkldnn._reorder_linear_weight(weight, _PACKED_BATCH_ROWS)
+        self.batched_weight = weight
 
 
 class DecoderLayer(nn.Module):
