@@ -59,6 +59,8 @@ class ModelRunner:
         self.kv_dtype = self.batched_dtype or dtype
         if self.batched_dtype is not None:
             self.model.attach_batched_weights(self.batched_dtype)
+        if self.device.type == "cpu":
+            self.model.store_weights_column_major()
         self.model.inv_freq = rope_inv_freq(config).to(self.device)  # angles stay fp32, as in HF
         self.kv_cache = torch.zeros(
             2,
