@@ -44,7 +44,6 @@ class AttentionBatch:
     prefills: list[SequenceSlice]
     decode_token_indices: torch.Tensor | None  # [num_decodes] int64 rows of the flattened batch
     decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int64 (padded with 0)
-    decode_context_lens: torch.Tensor | None  # [num_decodes] int64
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] bool
     decode_max_context_len: int = 0
 

@@ -182,21 +182,20 @@ class ModelRunner:
             prefills=prefills,
             decode_token_indices=None,
             decode_block_tables=None,
-            decode_context_lens=None,
             decode_mask=None,
         )
         if decode_rows:
             max_blocks = max(len(t) for t in decode_tables)
             padded = [t + [0] * (max_blocks - len(t)) for t in decode_tables]
-            context_lens = torch.tensor(decode_context_lens, dtype=torch.int64, device=device)
             batch.decode_token_indices = torch.tensor(decode_rows, dtype=torch.int64, device=device)
             batch.decode_block_tables = torch.tensor(padded, dtype=torch.int64, device=device)
-            batch.decode_context_lens = context_lens
             batch.decode_max_context_len = max(decode_context_lens)
-            key_positions = torch.arange(max_blocks * block_size, device=device)
-            batch.decode_mask = (key_positions.unsqueeze(0) < context_lens.unsqueeze(1))[
-                :, None, None, :
-            ]
+            if len(decode_rows) > 1:  # a lone decode is cut to its context instead of masked
+                context_lens = torch.tensor(decode_context_lens, dtype=torch.int64, device=device)
+                key_positions = torch.arange(max_blocks * block_size, device=device)
+                batch.decode_mask = (key_positions.unsqueeze(0) < context_lens.unsqueeze(1))[
+                    :, None, None, :
+                ]
         return (
             batch,
             torch.tensor(token_ids, dtype=torch.int64, device=device),

@@ -44,10 +44,12 @@ def sample(
     """Pick one token per row; row i follows ``params[i]`` with ``seeds[i]`` at output position
     ``output_positions[i]`` (how many tokens the request has generated before this one)."""
     token_ids = torch.argmax(logits, dim=-1).tolist()
-    generator = torch.Generator(device=logits.device)
+    generator: torch.Generator | None = None
     for row, p in enumerate(params):
         if p.is_greedy:
             continue
+        if generator is None:  # all-greedy steps (the common case) never build one
+            generator = torch.Generator(device=logits.device)
         row_logits = _filter_top_k_top_p(logits[row] / p.temperature, p.top_k, p.top_p)
         probs = torch.softmax(row_logits, dim=-1)
         generator.manual_seed(_position_seed(seeds[row], output_positions[row]))
