@@ -7,7 +7,7 @@ the runner; it never touches tensors. Every block is in exactly one of three sta
     cached-unreferenced  ref_count == 0, holds a hash  in the LRU (oldest first), reusable by a hit
     referenced           ref_count >= 1, hash or not   owned by one or more sequences
 
-    allocate:    free -> referenced, else evict LRU-oldest cached-unreferenced -> referenced
+    allocate:    free (lowest id first) -> referenced, else evict LRU-oldest cached-unreferenced
     match_prefix: cached (either state) -> referenced (one more reference)
     register:    referenced without hash -> referenced with hash
     free:        referenced -> (last reference) cached-unreferenced if hashed, else free
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import heapq
 import struct
 from collections.abc import Sequence
 
@@ -133,7 +134,9 @@ class BlockManager:
         self.max_num_evicted_hashes = max_num_evicted_hashes
         self._ref_counts = [0] * num_blocks
         self._block_hash: list[bytes | None] = [None] * num_blocks
-        self._free_block_ids: collections.deque[int] = collections.deque(range(num_blocks))
+        # A min-heap: the lowest free ids go first, so a request's blocks tend to be consecutive
+        # and move between workers as a few large slices instead of many small ones.
+        self._free_block_ids: list[int] = list(range(num_blocks))
         # Cached-unreferenced blocks, least recently used first (values unused).
         self._lru_block_ids: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._hash_to_block_id: dict[bytes, int] = {}
@@ -223,7 +226,7 @@ class BlockManager:
         if self.num_free_blocks != self.num_total_blocks:
             return False
         while self._lru_block_ids:
-            self._free_block_ids.append(self._evict_oldest())
+            heapq.heappush(self._free_block_ids, self._evict_oldest())
         return True
 
     # ---- allocation --------------------------------------------------------------------------
@@ -242,7 +245,9 @@ class BlockManager:
         block_ids: list[int] = []
         for _ in range(num_blocks):
             block_id = (
-                self._free_block_ids.popleft() if self._free_block_ids else self._evict_oldest()
+                heapq.heappop(self._free_block_ids)
+                if self._free_block_ids
+                else self._evict_oldest()
             )
             self._ref_counts[block_id] = 1
             block_ids.append(block_id)
@@ -285,7 +290,7 @@ class BlockManager:
             if self._ref_counts[block_id] > 0:
                 continue
             if self._block_hash[block_id] is None:
-                self._free_block_ids.append(block_id)
+                heapq.heappush(self._free_block_ids, block_id)
             else:
                 self._lru_block_ids[block_id] = None  # most recently used end
 

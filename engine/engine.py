@@ -8,6 +8,13 @@ block and none is free, the latest-arrived running request is preempted by recom
 go back (full ones stay in the prefix cache, so its re-prefill is mostly hits) and it waits at the
 head of the queue.
 
+Disaggregated serving splits a request between two engines. On the prefill worker it is added
+with ``prefill_only``: after its first token it is *handed off* (``StepOutput.is_handed_off``),
+keeping its blocks until ``release_handed_off`` once the KV has been shipped. On the decode worker
+``reserve`` sets blocks aside for KV that will arrive from elsewhere, and ``add_prefilled`` turns
+the reservation into a running request that continues from the first token (``cancel_reservation``
+gives the blocks back when the KV never comes).
+
 The loop itself is torch-free: a ``Runner`` computes the scheduled runs and samples. The model
 runner (``engine.runner``) does it with the model; the null runner (``engine.null_engine``) with a
 clock and a hash.
@@ -84,8 +91,11 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
-        self.sequences: dict[str, Sequence] = {}
+        self.sequences: dict[str, Sequence] = {}  # every request id in use, handed off included
+        self.handed_off: dict[str, Sequence] = {}
+        self.reservations: dict[str, list[int]] = {}  # request id -> blocks for arriving KV
         self.num_preemptions = 0
+        self.num_scheduled_runs = 0  # of the last step: 0 means it could do nothing
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -97,9 +107,11 @@ class LLMEngine:
         *,
         salt: bytes = b"",
         arrival_s: float = 0.0,
+        prefill_only: bool = False,
     ) -> Sequence:
-        if request_id in self.sequences:
-            raise ValueError(f"request id {request_id!r} is already in the engine")
+        """Queue a request. ``prefill_only``: stop after the first token and hand off (see the
+        module docstring). Raises ``ValueError`` for a request this engine can never serve."""
+        self._check_new_id(request_id)
         if not prompt_token_ids:
             raise ValueError("the prompt has no tokens")
         if len(prompt_token_ids) >= self.max_model_len:
@@ -110,23 +122,106 @@ class LLMEngine:
         vocab_size = self.runner.vocab_size
         if any(not 0 <= t < vocab_size for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
-        max_total_tokens = min(len(prompt_token_ids) + params.max_tokens, self.max_model_len)
+        # A prefill-only request holds its prompt's blocks and no more.
+        max_total_tokens = (
+            len(prompt_token_ids)
+            if prefill_only
+            else min(len(prompt_token_ids) + params.max_tokens, self.max_model_len)
+        )
         if -(-max_total_tokens // self.block_size) > self.blocks.num_total_blocks:
             raise ValueError(
                 f"a request of up to {max_total_tokens} tokens can never fit in this engine's "
                 f"{self.blocks.num_total_blocks} KV blocks of {self.block_size} tokens"
             )
         seq = Sequence(request_id, list(prompt_token_ids), params, salt=salt, arrival_s=arrival_s)
+        seq.is_prefill_only = prefill_only
         self.sequences[request_id] = seq
         self.waiting.append(seq)
         return seq
 
+    def _check_new_id(self, request_id: str) -> None:
+        if request_id in self.sequences or request_id in self.reservations:
+            raise ValueError(f"request id {request_id!r} is already in the engine")
+
+    def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
+        """Blocks for ``num_tokens`` tokens of KV computed elsewhere, or None (nothing changed)
+        when the blocks or a batch slot are not free now. The slot counts against
+        ``max_num_seqs`` like a running request."""
+        self._check_new_id(request_id)
+        if not 0 < num_tokens <= self.max_model_len:
+            raise ValueError(f"cannot reserve for {num_tokens} tokens")
+        if len(self.running) + len(self.reservations) >= self.config.max_num_seqs:
+            return None
+        block_ids = self.blocks.allocate(-(-num_tokens // self.block_size))
+        if block_ids is None:
+            return None
+        self.reservations[request_id] = block_ids
+        return block_ids
+
+    def cancel_reservation(self, request_id: str) -> bool:
+        """Give a reservation's blocks back; False when there is none (any more)."""
+        block_ids = self.reservations.pop(request_id, None)
+        if block_ids is None:
+            return False
+        self.blocks.free(block_ids)
+        return True
+
+    def add_prefilled(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        first_token_id: int,
+        params: SamplingParams,
+        *,
+        salt: bytes = b"",
+        arrival_s: float = 0.0,
+        num_cached_tokens: int = 0,
+    ) -> Sequence:
+        """Start decoding a request whose prompt KV now fills its reserved blocks and whose first
+        token was sampled elsewhere (with ``params.seed``, which decoding continues with)."""
+        block_ids = self.reservations.get(request_id)
+        if block_ids is None:
+            raise ValueError(f"request {request_id!r} has no reservation")
+        num_tokens = len(prompt_token_ids) + 1
+        if not prompt_token_ids or -(-num_tokens // self.block_size) > len(block_ids):
+            raise ValueError(
+                f"{len(block_ids)} reserved blocks do not hold {num_tokens} tokens of "
+                f"request {request_id!r}"
+            )
+        if not 0 <= first_token_id < self.runner.vocab_size:
+            raise ValueError(f"first token id {first_token_id} is not in the vocabulary")
+        del self.reservations[request_id]
+        seq = Sequence(request_id, list(prompt_token_ids), params, salt=salt, arrival_s=arrival_s)
+        seq.output_token_ids.append(first_token_id)
+        seq.block_table = block_ids
+        seq.num_computed_tokens = len(prompt_token_ids)
+        seq.num_cached_tokens = num_cached_tokens
+        seq.status = SequenceStatus.RUNNING
+        self.sequences[request_id] = seq
+        self.running.append(seq)
+        return seq
+
+    def release_handed_off(self, request_id: str) -> bool:
+        """Free a handed-off request's blocks (its KV has been shipped, or never will be)."""
+        seq = self.handed_off.pop(request_id, None)
+        if seq is None:
+            return False
+        del self.sequences[request_id]
+        self._release(seq)
+        seq.status = SequenceStatus.FINISHED
+        return True
+
     def abort(self, request_id: str) -> bool:
-        """Drop a request and free its blocks; False when it is not (or no longer) here."""
+        """Drop a request (or reservation) and free its blocks; False when it is not (or no
+        longer) here."""
+        if self.cancel_reservation(request_id):
+            return True
         seq = self.sequences.pop(request_id, None)
         if seq is None:
             return False
-        if seq in self.running:
+        if seq.status is SequenceStatus.HANDED_OFF:
+            del self.handed_off[request_id]
+        elif seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
@@ -141,9 +236,12 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
+        """One step; ``num_scheduled_runs == 0`` afterwards means nothing could run until a
+        reservation or a handed-off request gives its blocks back."""
         runs = self._schedule()
+        self.num_scheduled_runs = len(runs)
         if not runs:
-            if self.waiting and not self.running:
+            if self.waiting and not (self.running or self.reservations or self.handed_off):
                 # add_request admits only what fits an empty cache, so this is a bug, not load.
                 raise RuntimeError(
                     f"engine stalled: {len(self.waiting)} requests cannot be admitted"
@@ -258,6 +356,8 @@ class LLMEngine:
             reason = self._finish_reason(seq, token_id)
             if reason is not None:
                 self._finish(seq, reason)
+            elif seq.is_prefill_only:
+                self._hand_off(seq)
             outputs.append(
                 StepOutput(
                     request_id=seq.request_id,
@@ -266,9 +366,15 @@ class LLMEngine:
                     num_prompt_tokens=seq.num_prompt_tokens,
                     num_cached_tokens=seq.num_cached_tokens,
                     num_output_tokens=len(seq.output_token_ids),
+                    is_handed_off=seq.status is SequenceStatus.HANDED_OFF,
                 )
             )
         return outputs
+
+    def _hand_off(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        seq.status = SequenceStatus.HANDED_OFF
+        self.handed_off[seq.request_id] = seq
 
     def _register_full_blocks(self, seq: Sequence) -> None:
         """Put each newly filled block in the prefix cache, extending the sequence's hash chain."""

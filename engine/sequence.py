@@ -54,6 +54,7 @@ class SamplingParams:
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    HANDED_OFF = "handed_off"  # prefill done, first token sampled; blocks held for the transfer
     FINISHED = "finished"
 
 
@@ -73,6 +74,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
+    is_prefill_only: bool = False  # hand off after the first token instead of decoding
     seed: int = field(default_factory=lambda: secrets.randbits(63))
 
     def __post_init__(self) -> None:
@@ -106,6 +108,7 @@ class StepOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     num_output_tokens: int
+    is_handed_off: bool = False  # a prefill-only request stopped here, its KV held for transfer
 
 
 @dataclass(slots=True)
