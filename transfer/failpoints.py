@@ -1,0 +1,52 @@
+"""Failpoints: named places in the data plane where a test can make a real worker misbehave.
+
+``FAIRGATE_FAILPOINTS="kv.send.mid_transfer=pause,kv.recv.mid_transfer=error"`` (read when a
+failpoint is first reached). ``pause`` announces the hit as a ``failpoint`` event on stdout and
+blocks the thread for good, so a test can kill the process at a known point of a transfer;
+``error`` raises ``TransferError``. Unset, a failpoint costs one dictionary lookup. Used by the
+fault tests; never set in production.
+
+Failpoints: ``kv.send.mid_transfer`` (after the first message of a transfer is sent),
+``kv.recv.mid_transfer`` (after the first message is received).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+
+from engine.process_events import emit_event
+from transfer.errors import TransferError
+
+__all__ = ["failpoint"]
+
+logger = logging.getLogger(__name__)
+
+ENVIRONMENT_VARIABLE = "FAIRGATE_FAILPOINTS"
+_ACTIONS = ("pause", "error")
+
+
+@functools.cache
+def _configured() -> dict[str, str]:
+    actions: dict[str, str] = {}
+    for item in os.environ.get(ENVIRONMENT_VARIABLE, "").split(","):
+        if not item.strip():
+            continue
+        name, _, action = item.strip().partition("=")
+        if action not in _ACTIONS:
+            raise ValueError(f"{ENVIRONMENT_VARIABLE}: {item!r} is not NAME=pause or NAME=error")
+        actions[name] = action
+    return actions
+
+
+def failpoint(name: str) -> None:
+    action = _configured().get(name)
+    if action is None:
+        return
+    logger.warning("failpoint %s: %s", name, action)
+    emit_event("failpoint", name=name, action=action)
+    if action == "error":
+        raise TransferError(f"failpoint {name}")
+    threading.Event().wait()  # pause: until the process is killed

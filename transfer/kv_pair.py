@@ -1,0 +1,301 @@
+"""One KV pair: a 2-rank process group between a prefill worker (rank 0, sends) and a decode
+worker (rank 1, receives), plus the small values they exchange through the decode worker's
+``TCPStore``.
+
+There is no global world. The decode worker hosts a ``TCPStore`` on its ``kv_port``; each pair
+lives under its own ``PrefixStore`` namespace ``fairgate/pair/<pair_id>/`` (a fresh id every time a
+prefill worker pairs, so a restarted worker never meets its predecessor's keys) and builds a
+``ProcessGroupGloo`` (KV in host memory) or ``ProcessGroupNCCL`` (KV on CUDA) over it directly.
+
+Per transfer ``seq`` on a pair, the keys under the namespace are::
+
+    h/<seq>   TransferHeader   sender → receiver   (or CLOSED: the pair is finished)
+    r/<seq>   TransferReply    receiver → sender   ready (receives posted) or refused
+    a/<seq>   TransferAck      receiver → sender   landed, or why not
+
+Transfers on a pair are strictly ordered: the receiver reads header ``seq + 1`` only after
+``seq`` has landed or failed. Either side ends a pair by writing CLOSED into the next header slot
+with ``compare_set``, which atomically loses to a header that got there first; the other side
+sees it at its next transfer and pairs anew. After any error on the process group the pair is
+ended: a gloo or NCCL timeout leaves its communicator unusable.
+
+Every wait here has a timeout; errors become ``TransferError`` / ``TransferTimeout``.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from transfer.errors import TransferError, TransferTimeout
+from transfer.failpoints import failpoint
+from transfer.kv_layout import KvMessage, TransferPlan
+
+__all__ = [
+    "CLOSED",
+    "HELLO_COUNTER",
+    "PairStore",
+    "PrefixStore",
+    "Store",
+    "TCPStore",
+    "connect_store",
+    "create_process_group",
+    "hello_key",
+    "recv_blocks",
+    "send_blocks",
+    "shutdown_process_group",
+    "translate_dist_error",
+]
+
+# torch.distributed's stubs neither export the store classes nor admit the bytes values the stores
+# take: the data plane handles stores as Any.
+TCPStore: Any = dist.TCPStore  # type: ignore[attr-defined]
+PrefixStore: Any = dist.PrefixStore  # type: ignore[attr-defined]
+Store = Any
+
+CLOSED = b"\x00fairgate:closed"
+HELLO_COUNTER = "fairgate/hello/next"  # pair requests take numbered slots from this counter
+MESSAGE_WINDOW = 8  # messages in flight per transfer (and staging buffers per side)
+
+
+def translate_dist_error(exc: BaseException, what: str) -> TransferError:
+    """Our error for a failure of ``torch.distributed`` (store or process group) during ``what``."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return TransferTimeout(f"{what}: timed out ({text})")
+    return TransferError(f"{what}: {text}")
+
+
+def _timedelta(seconds: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=seconds)
+
+
+def hello_key(slot: int) -> str:
+    """Where pair request number ``slot`` goes; the answer goes to that key + ``/reply``."""
+    return f"fairgate/hello/{slot}"
+
+
+def connect_store(host: str, port: int, timeout_s: float) -> Store:
+    """A client connection to a decode worker's store. One per thread that blocks in ``wait``:
+    a ``TCPStore`` client runs one operation at a time."""
+    try:
+        return TCPStore(host, port, None, False, _timedelta(timeout_s), wait_for_workers=False)
+    except dist.DistError as exc:
+        raise translate_dist_error(exc, f"connecting to the KV store at {host}:{port}") from exc
+
+
+class PairStore:
+    """The keys of one pair in the decode worker's store (see the module docstring)."""
+
+    def __init__(self, store: Store, pair_id: str) -> None:
+        self.pair_id = pair_id
+        self.root = PrefixStore(f"fairgate/pair/{pair_id}/", store)
+        self.process_group_store = PrefixStore("pg/", self.root)
+
+    def post_header(self, seq: int, header: bytes) -> bool:
+        """Publish a header; False when the pair was closed first (nothing was published)."""
+        try:
+            current = self.root.compare_set(f"h/{seq}", b"", header)
+        except dist.DistError as exc:
+            raise translate_dist_error(exc, "posting a transfer header") from exc
+        return bytes(current) == header
+
+    def close(self, seq: int) -> bytes | None:
+        """End the pair at header slot ``seq``. Returns the header that got there first, if one
+        did (the caller still owes it an answer), else None."""
+        try:
+            current = bytes(self.root.compare_set(f"h/{seq}", b"", CLOSED))
+        except dist.DistError:
+            return None  # the store is gone: so is the pair
+        return None if current == CLOSED else current
+
+    def wait_header(self, seq: int, timeout_s: float) -> bytes:
+        """The header (or CLOSED) in slot ``seq``; ``TransferTimeout`` when none came in time."""
+        return self._take(f"h/{seq}", timeout_s, "waiting for a transfer header")
+
+    def put_reply(self, seq: int, reply: bytes) -> None:
+        self._set(f"r/{seq}", reply, "answering a transfer header")
+
+    def wait_reply(self, seq: int, timeout_s: float) -> bytes:
+        return self._take(f"r/{seq}", timeout_s, "waiting for the receiver to get ready")
+
+    def put_ack(self, seq: int, ack: bytes) -> None:
+        self._set(f"a/{seq}", ack, "acknowledging a transfer")
+
+    def wait_ack(self, seq: int, timeout_s: float) -> bytes:
+        return self._take(f"a/{seq}", timeout_s, "waiting for the receiver to land the blocks")
+
+    def _set(self, key: str, value: bytes, what: str) -> None:
+        try:
+            self.root.set(key, value)
+        except dist.DistError as exc:
+            raise translate_dist_error(exc, what) from exc
+
+    def _take(self, key: str, timeout_s: float, what: str) -> bytes:
+        try:
+            self.root.wait([key], _timedelta(timeout_s))
+            value = bytes(self.root.get(key))
+            self.root.delete_key(key)
+        except dist.DistError as exc:
+            raise translate_dist_error(exc, what) from exc
+        return value
+
+
+def create_process_group(
+    store: Store, *, rank: int, backend: str, host: str, timeout_s: float
+) -> Any:
+    """A 2-rank process group over ``store``; blocks until the peer joins or ``timeout_s``.
+
+    ``host`` is the address this end's gloo connections bind to and advertise. NCCL needs the
+    calling thread's current CUDA device set to the KV's device."""
+    timeout = _timedelta(timeout_s)
+    try:
+        if backend == "gloo":
+            options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+            options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+            options._timeout = timeout
+            return dist.ProcessGroupGloo(store, rank, 2, options)
+        if backend == "nccl":
+            nccl = getattr(dist, "ProcessGroupNCCL", None)
+            if nccl is None:
+                raise TransferError("this build of torch has no NCCL; KV on CUDA cannot move")
+            nccl_options = nccl.Options()
+            nccl_options._timeout = timeout
+            return nccl(store, rank, 2, nccl_options)
+    except dist.DistError as exc:
+        raise translate_dist_error(exc, f"creating the {backend} process group") from exc
+    except RuntimeError as exc:
+        raise translate_dist_error(exc, f"creating the {backend} process group") from exc
+    raise TransferError(f"unknown KV backend {backend!r}")
+
+
+def shutdown_process_group(process_group: Any) -> None:
+    """Release a pair's communicator; a broken one may refuse, which changes nothing for us."""
+    try:
+        if hasattr(process_group, "abort"):
+            process_group.abort()
+        else:
+            process_group.shutdown()
+    except RuntimeError:
+        pass
+
+
+def _wait(work: Any, timeout_s: float, what: str) -> None:
+    try:
+        work.wait(_timedelta(timeout_s))
+    except RuntimeError as exc:
+        raise translate_dist_error(exc, what) from exc
+
+
+class _Staging:
+    """Staging buffers, one per window slot, made on first use: [count, block_size, kvh, hd]."""
+
+    def __init__(self, kv_cache: torch.Tensor, num_blocks: int) -> None:
+        self._shape = (num_blocks, *kv_cache.shape[3:])
+        self._like = kv_cache
+        self._buffers: dict[int, torch.Tensor] = {}
+
+    def get(self, slot: int) -> torch.Tensor:
+        buffer = self._buffers.get(slot)
+        if buffer is None:
+            buffer = self._like.new_empty(self._shape)
+            self._buffers[slot] = buffer
+        return buffer
+
+
+def _direct_view(
+    kv_cache: torch.Tensor, block_ids: Sequence[int], message: KvMessage
+) -> torch.Tensor:
+    first = block_ids[message.start]
+    return kv_cache[message.kv, message.layer, first : first + message.count]
+
+
+def send_blocks(
+    process_group: Any,
+    kv_cache: torch.Tensor,
+    src_block_ids: Sequence[int],
+    plan: TransferPlan,
+    *,
+    timeout_s: float,
+) -> int:
+    """Send the plan's messages to rank 1, ``MESSAGE_WINDOW`` in flight; returns bytes sent."""
+    num_layers = kv_cache.shape[1]
+    staging = _Staging(kv_cache, len(plan.rest))
+    rest_ids = torch.tensor(
+        [src_block_ids[i] for i in plan.rest], dtype=torch.int64, device=kv_cache.device
+    )
+    in_flight: collections.deque[Any] = collections.deque()
+    num_bytes = 0
+    for message in plan.messages(num_layers):
+        if len(in_flight) == MESSAGE_WINDOW:
+            _wait(in_flight.popleft(), timeout_s, "sending KV blocks")
+        if message.is_rest:
+            tensor = staging.get(message.index % MESSAGE_WINDOW)
+            torch.index_select(kv_cache[message.kv, message.layer], 0, rest_ids, out=tensor)
+        else:
+            tensor = _direct_view(kv_cache, src_block_ids, message)
+        num_bytes += tensor.numel() * tensor.element_size()
+        try:
+            in_flight.append(process_group.send([tensor], 1, message.index + 1))
+        except RuntimeError as exc:
+            raise translate_dist_error(exc, "sending KV blocks") from exc
+        if message.index == 0:
+            failpoint("kv.send.mid_transfer")
+    while in_flight:
+        _wait(in_flight.popleft(), timeout_s, "sending KV blocks")
+    return num_bytes
+
+
+def recv_blocks(
+    process_group: Any,
+    kv_cache: torch.Tensor,
+    dst_block_ids: Sequence[int],
+    plan: TransferPlan,
+    *,
+    timeout_s: float,
+    on_posted: Callable[[], None],
+) -> int:
+    """Receive the plan's messages from rank 0 into the cache. ``on_posted`` runs once the first
+    receives are posted (it tells the sender to go). Returns bytes received."""
+    num_layers = kv_cache.shape[1]
+    messages = list(plan.messages(num_layers))
+    staging = _Staging(kv_cache, len(plan.rest))
+    rest_ids = torch.tensor(
+        [dst_block_ids[i] for i in plan.rest], dtype=torch.int64, device=kv_cache.device
+    )
+    pending: dict[int, tuple[Any, torch.Tensor]] = {}
+
+    def post(message: KvMessage) -> None:
+        if message.is_rest:
+            tensor = staging.get(message.index % MESSAGE_WINDOW)
+        else:
+            tensor = _direct_view(kv_cache, dst_block_ids, message)
+        try:
+            work = process_group.recv([tensor], 0, message.index + 1)
+        except RuntimeError as exc:
+            raise translate_dist_error(exc, "receiving KV blocks") from exc
+        pending[message.index] = (work, tensor)
+
+    for message in messages[:MESSAGE_WINDOW]:
+        post(message)
+    on_posted()
+    num_bytes = 0
+    for message in messages:
+        work, tensor = pending.pop(message.index)
+        _wait(work, timeout_s, "receiving KV blocks")
+        num_bytes += tensor.numel() * tensor.element_size()
+        if message.is_rest:
+            kv_cache[message.kv, message.layer].index_copy_(0, rest_ids, tensor)
+        if message.index == 0:
+            failpoint("kv.recv.mid_transfer")
+        following = message.index + MESSAGE_WINDOW
+        if following < len(messages):
+            post(messages[following])
+    if kv_cache.device.type == "cuda":
+        torch.cuda.current_stream(kv_cache.device).synchronize()  # landed means visible
+    return num_bytes
