@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -63,6 +64,50 @@ def _build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=None, help="sampling seed")
     generate.add_argument("--system", default=None, help="an optional system message")
 
+    generate.add_argument(
+        "--disaggregated",
+        action="store_true",
+        help="start one prefill and one decode worker process (KV over gloo on CPU), run the "
+        "request through them, print the completion and stop them",
+    )
+
+    prefill_worker = commands.add_parser(
+        "prefill-worker",
+        help="serve prefills: first token at once, KV shipped to a decode worker",
+        description="A prefill worker: POST /v1/prefill computes a prompt (chunked, reusing the "
+        "tenant-scoped prefix cache), answers with the first token and ships the KV to the "
+        "decode worker that reserved blocks for it. Also /healthz, /readyz, /v1/info, /v1/load, "
+        "/v1/abort.",
+    )
+    _add_worker_arguments(prefill_worker, default_port=8101)
+    decode_worker = commands.add_parser(
+        "decode-worker",
+        help="serve decodes: reserve KV blocks, receive KV, stream tokens",
+        description="A decode worker: POST /v1/decode reserves KV blocks (or answers 503 "
+        "no_room), receives the prompt's KV from a prefill worker on --kv-port and streams the "
+        "tokens. With --colocated it also serves whole requests on POST /v1/generate. Also "
+        "/healthz, /readyz, /v1/info, /v1/load, /v1/abort.",
+    )
+    _add_worker_arguments(decode_worker, default_port=8201)
+    decode_worker.add_argument(
+        "--kv-port",
+        type=int,
+        default=8202,
+        help="port of the KV store prefill workers pair through; 0 picks one (default: "
+        "%(default)s)",
+    )
+    decode_worker.add_argument(
+        "--kv-wait-timeout",
+        type=float,
+        default=120.0,
+        help="seconds a reservation waits for its KV (default: %(default)s)",
+    )
+    decode_worker.add_argument(
+        "--colocated",
+        action="store_true",
+        help="also prefill: serve whole requests on /v1/generate (no transfer)",
+    )
+
     bench = commands.add_parser("bench", help="benchmarks; each prints one JSON line last")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="NAME")
     bench_engine = bench_commands.add_parser(
@@ -73,7 +118,83 @@ def _build_parser() -> argparse.ArgumentParser:
     bench_engine.add_argument(
         "--output", default=None, help="also write the JSON result to this file"
     )
+    bench_transfer = bench_commands.add_parser(
+        "transfer",
+        help="KV transfer throughput against a plain send/recv, and TTFT disaggregated vs "
+        "colocated, same run",
+    )
+    bench_transfer.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    bench_transfer.add_argument(
+        "--output", default=None, help="also write the JSON result to this file"
+    )
     return parser
+
+
+def _add_worker_arguments(parser: argparse.ArgumentParser, *, default_port: int) -> None:
+    _add_model_argument(parser)
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="HTTP bind address (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=default_port,
+        help="HTTP port; 0 picks one (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--kv-host",
+        default="127.0.0.1",
+        help="the address peers reach this worker's KV data plane at (default: %(default)s)",
+    )
+    parser.add_argument("--worker-id", default="", help="default: ROLE-HOSTNAME-PORT")
+    parser.add_argument(
+        "--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--num-blocks",
+        type=int,
+        default=None,
+        help="KV blocks (default: as many as --kv-cache-gib holds)",
+    )
+    parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="default: %(default)s")
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=64,
+        help="requests in a batch at once (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="tokens per step (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--prefill-chunk-size",
+        type=int,
+        default=512,
+        help="prompt tokens per chunk (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
+    parser.add_argument(
+        "--kv-timeout",
+        type=float,
+        default=30.0,
+        help="seconds any one wait of the KV data plane may take (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a caller waits for a request's next result (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="shut down when standard input closes (for workers started by another process)",
+    )
 
 
 def _run_model(args: argparse.Namespace) -> int:
@@ -87,28 +208,131 @@ def _run_model(args: argparse.Namespace) -> int:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from engine.loader import load_engine
-    from engine.sequence import SamplingParams
+    from engine.model_store import resolve_model, tokenizer_path
+    from engine.tokenizer import Tokenizer
+    from transfer.messages import SamplingSpec
 
-    loaded = load_engine(args.model, device=args.device, precision=args.precision)
     messages = []
     if args.system is not None:
         messages.append({"role": "system", "content": args.system})
     messages.append({"role": "user", "content": args.prompt})
-    prompt_ids = loaded.tokenizer.encode_chat(messages, add_generation_prompt=True)
-    params = SamplingParams(
+    sampling = SamplingSpec(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
     )
-    [output_ids] = loaded.engine.generate([prompt_ids], params)
-    print(loaded.tokenizer.decode(output_ids, skip_special_tokens=True).strip())
+    sampling.to_params()  # bad values fail here, before any model loads
+    if args.disaggregated:
+        tokenizer = Tokenizer.load(tokenizer_path(resolve_model(args.model)))
+        prompt_ids = tokenizer.encode_chat(messages, add_generation_prompt=True)
+        output_ids = _generate_disaggregated(args, prompt_ids, sampling)
+    else:
+        from engine.loader import load_engine
+
+        loaded = load_engine(args.model, device=args.device, precision=args.precision)
+        tokenizer = loaded.tokenizer
+        prompt_ids = tokenizer.encode_chat(messages, add_generation_prompt=True)
+        [output_ids] = loaded.engine.generate([prompt_ids], sampling.to_params())
+    print(tokenizer.decode(output_ids, skip_special_tokens=True).strip())
     return 0
 
 
+def _generate_disaggregated(
+    args: argparse.Namespace, prompt_ids: list[int], sampling: Any
+) -> list[int]:
+    import asyncio
+    import uuid
+
+    from deploy.launcher import WorkerSpec, start_workers
+    from transfer.client import DecodeClient, PrefillClient, run_disaggregated
+
+    worker_args = ["--device", args.device, "--precision", args.precision]
+    workers = start_workers(
+        [
+            WorkerSpec("prefill", args.model, worker_args),
+            WorkerSpec("decode", args.model, worker_args),
+        ]
+    )
+
+    async def drive() -> list[int]:
+        async with (
+            PrefillClient(workers[0].http_url) as prefill,
+            DecodeClient(workers[1].http_url) as decode,
+        ):
+            output_ids: list[int] = []
+            frames = run_disaggregated(prefill, decode, uuid.uuid4().hex, prompt_ids, sampling)
+            async for frame in frames:
+                output_ids.extend(frame.token_ids)
+            return output_ids
+
+    try:
+        return asyncio.run(drive())
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from engine.serving import WorkerConfig, run_worker
+    from transfer.messages import WorkerRole
+
+    if args.exit_with_parent:
+        _exit_when_stdin_closes()
+    role: WorkerRole = "prefill"
+    if args.command == "decode-worker":
+        role = "colocated" if args.colocated else "decode"
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    config = WorkerConfig(
+        role=role,
+        worker_id=args.worker_id,
+        model=args.model,
+        device=args.device,
+        precision=args.precision,
+        host=args.host,
+        port=args.port,
+        kv_host=args.kv_host,
+        kv_port=getattr(args, "kv_port", 0),
+        block_size=args.block_size,
+        num_blocks=args.num_blocks,
+        kv_cache_gib=args.kv_cache_gib,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        prefill_chunk_size=args.prefill_chunk_size,
+        num_threads=args.threads,
+        kv_timeout_s=args.kv_timeout,
+        kv_wait_timeout_s=getattr(args, "kv_wait_timeout", 120.0),
+        request_timeout_s=args.request_timeout,
+    )
+    if role == "prefill":
+        from prefill_worker.service import PrefillService
+
+        return run_worker(PrefillService(config))
+    from decode_worker.service import ColocatedService, DecodeService
+
+    return run_worker(ColocatedService(config) if role == "colocated" else DecodeService(config))
+
+
+def _exit_when_stdin_closes() -> None:
+    """A thread that turns the end of standard input into SIGTERM (a graceful shutdown)."""
+    import os
+    import signal
+    import threading
+
+    def watch() -> None:
+        while sys.stdin.buffer.read(65536):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _run_bench(args: argparse.Namespace) -> int:
+    if args.bench_command == "transfer":
+        from bench.transfer_bench import run_transfer_bench
+
+        return run_transfer_bench(quick=args.quick, output=args.output)
     from bench.engine_bench import run_engine_bench
 
     return run_engine_bench(
@@ -127,14 +351,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from deploy.launcher import LaunchError
     from engine.config import ModelLoadError
+    from transfer.errors import FairgateError
 
-    handlers = {"model": _run_model, "generate": _run_generate, "bench": _run_bench}
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "model": _run_model,
+        "generate": _run_generate,
+        "bench": _run_bench,
+        "prefill-worker": _run_worker,
+        "decode-worker": _run_worker,
+    }
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
         return 130
-    except (FileNotFoundError, ValueError, ModelLoadError) as exc:
+    except (FileNotFoundError, ValueError, ModelLoadError, FairgateError, LaunchError) as exc:
         print(f"fairgate: error: {exc}", file=sys.stderr)
         return 2
 

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 
 from engine.engine import EngineConfig, LLMEngine
-from engine.model_store import ModelSpec, resolve_model
+from engine.model_store import ModelSpec, resolve_model, tokenizer_path
 from engine.runner import ModelRunner, kv_bytes_per_token
 from engine.tiny import tiny_config, tiny_state_dict
 from engine.tokenizer import Tokenizer
@@ -67,14 +67,12 @@ def load_engine(
     spec = model if isinstance(model, ModelSpec) else resolve_model(model)
     torch_device = torch.device(device)
     dtype, batched_dtype = resolve_precision(precision, torch_device)
+    tokenizer = Tokenizer.load(tokenizer_path(spec))
     if spec.kind == "tiny":
-        # The tiny model borrows the default model's tokenizer so it speaks real text.
-        tokenizer = Tokenizer.load(_default_path())
         config = tiny_config(tokenizer.vocab_size)
         state_dict = tiny_state_dict(config)
     else:
         assert spec.path is not None
-        tokenizer = Tokenizer.load(spec.path)
         config, state_dict = load_weights(spec.path, dtype=dtype)
     if num_blocks is None:
         block_bytes = kv_bytes_per_token(config, batched_dtype or dtype) * block_size
@@ -101,9 +99,3 @@ def load_engine(
         block_size,
     )
     return LoadedEngine(engine, runner, tokenizer, spec.model_id)
-
-
-def _default_path() -> str:
-    spec = resolve_model("default")
-    assert spec.path is not None
-    return str(spec.path)

@@ -29,6 +29,7 @@ __all__ = [
     "cache_dir",
     "pull_default_model",
     "resolve_model",
+    "tokenizer_path",
 ]
 
 
@@ -169,3 +170,12 @@ def resolve_model(name: str, *, pull: bool = True) -> ModelSpec:
         f"model {name!r} is neither 'default', 'tiny', a .gguf file nor an HF directory with "
         "config.json"
     )
+
+
+def tokenizer_path(spec: ModelSpec) -> Path:
+    """Where the model's tokenizer lives: its own file or directory; the tiny model borrows the
+    default model's, so it speaks real text."""
+    if spec.kind == "tiny":
+        spec = resolve_model("default")
+    assert spec.path is not None
+    return spec.path

@@ -1,0 +1,154 @@
+"""Start worker processes on this machine and wait until they are ready.
+
+A worker announces itself on stdout (``engine.process_events``), so waiting is reading a pipe with
+a deadline, not polling. Each worker is started with ``--exit-with-parent``: it holds the read end
+of a pipe whose write end only we hold, and shuts down when that pipe closes, so workers never
+outlive whoever started them (a killed test run, an interrupted ``fairgate generate``).
+Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["LaunchError", "WorkerProcess", "WorkerSpec", "start_workers"]
+
+Role = Literal["prefill", "decode", "colocated"]
+
+
+class LaunchError(RuntimeError):
+    """A worker did not come up."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    role: Role
+    model: str = "default"
+    args: Sequence[str] = ()  # more `fairgate *-worker` flags
+    env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
+
+    def command(self) -> list[str]:
+        command = [sys.executable, "-m", "deploy.cli"]
+        if self.role == "prefill":
+            command.append("prefill-worker")
+        else:
+            command.append("decode-worker")
+            if self.role == "colocated":
+                command.append("--colocated")
+            command += ["--kv-port", "0"]
+        return [*command, "--model", self.model, "--port", "0", "--exit-with-parent", *self.args]
+
+
+class WorkerProcess:
+    """A started worker: its process, its ``ready`` event, and the events after it."""
+
+    def __init__(self, spec: WorkerSpec, process: subprocess.Popen[bytes]) -> None:
+        self.spec = spec
+        self.process = process
+        self.ready: dict[str, Any] = {}
+        self._buffer = b""
+        assert process.stdout is not None
+        self._stdout = process.stdout
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._stdout, selectors.EVENT_READ)
+
+    @property
+    def http_url(self) -> str:
+        return str(self.ready["http_url"])
+
+    @property
+    def worker_id(self) -> str:
+        return str(self.ready["worker_id"])
+
+    @property
+    def kv_port(self) -> int:
+        return int(self.ready["kv_port"])
+
+    def wait_event(self, name: str, timeout_s: float) -> dict[str, Any]:
+        """The next event called ``name`` (earlier ones are skipped); ``LaunchError`` if the
+        process exits or ``timeout_s`` passes first."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            line = self._read_line(deadline)
+            if line is None:
+                code = self.process.poll()
+                raise LaunchError(
+                    f"{self.spec.role} worker: no {name!r} event "
+                    + (f"(exited with {code})" if code is not None else f"within {timeout_s:g} s")
+                )
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # not ours (a library printed to stdout)
+            if event.get("event") == "failed" and name == "ready":
+                raise LaunchError(f"{self.spec.role} worker failed to start: {event['reason']}")
+            if event.get("event") == name:
+                return dict(event)
+
+    def _read_line(self, deadline: float) -> bytes | None:
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._selector.select(remaining):
+                return None
+            chunk = os.read(self._stdout.fileno(), 65536)
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+    def stop(self, timeout_s: float = 15.0) -> int:
+        """SIGTERM (graceful), then SIGKILL after ``timeout_s``; the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._close()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up of any kind, like a crash."""
+        self.process.kill()
+        self.process.wait()
+        self._close()
+
+    def _close(self) -> None:
+        self._selector.close()
+        self._stdout.close()
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+
+
+def start_workers(specs: Sequence[WorkerSpec], *, timeout_s: float = 300.0) -> list[WorkerProcess]:
+    """Start every worker at once (they load their models side by side), then wait for each to
+    be ready. On any failure the ones started are stopped and ``LaunchError`` is raised."""
+    workers: list[WorkerProcess] = []
+    try:
+        for spec in specs:
+            process = subprocess.Popen(
+                spec.command(),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env={**os.environ, **spec.env},
+            )
+            workers.append(WorkerProcess(spec, process))
+        deadline = time.monotonic() + timeout_s
+        for worker in workers:
+            worker.ready = worker.wait_event("ready", max(0.0, deadline - time.monotonic()))
+    except BaseException:
+        for worker in workers:
+            worker.stop()
+        raise
+    return workers

@@ -1,0 +1,193 @@
+"""One thread that owns an ``LLMEngine``; everyone else talks to it with commands.
+
+A worker's HTTP handlers (asyncio) and its KV threads never touch the engine. They ``submit`` a
+command, a function of the engine that the engine thread runs between two steps, and get a
+``Future`` of its result (``call`` awaits it from asyncio, with a timeout). A command may
+``watch`` a request: its sink then gets every ``StepOutput`` of that request, on the engine thread,
+until the request finishes or is handed off; sinks must only hand the output on (to an asyncio
+loop, a queue, the KV sender), never block.
+
+The loop: run the queued commands; step while there is work; when a step could schedule nothing
+(blocks held by reservations or transfers) or there is no work, block until the next command,
+since only a command can change that. If a step raises, the engine is dead: every sink and every
+later command gets ``EngineFailed``. Torch-free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from engine.engine import LLMEngine
+from engine.sequence import StepOutput
+from transfer.errors import EngineFailed, FairgateError, RequestTimeout
+
+__all__ = ["EngineLoad", "EngineThread", "OutputSink"]
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+OutputSink = Callable[[StepOutput | FairgateError], None]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """A snapshot of the engine's occupancy, taken by the engine thread after every step."""
+
+    num_waiting: int = 0
+    num_running: int = 0
+    num_reserved: int = 0
+    num_handed_off: int = 0
+    num_queued_tokens: int = 0  # prompt tokens waiting or admitted but not yet computed
+    num_running_tokens: int = 0  # tokens held in the cache by running requests
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+    num_preemptions: int = 0
+
+
+def _measure(engine: LLMEngine) -> EngineLoad:
+    queued = sum(seq.num_tokens - seq.num_computed_tokens for seq in engine.waiting)
+    queued += sum(
+        seq.num_tokens - seq.num_computed_tokens - 1
+        for seq in engine.running
+        if seq.num_tokens - seq.num_computed_tokens > 1
+    )
+    return EngineLoad(
+        num_waiting=len(engine.waiting),
+        num_running=len(engine.running),
+        num_reserved=len(engine.reservations),
+        num_handed_off=len(engine.handed_off),
+        num_queued_tokens=queued,
+        num_running_tokens=sum(seq.num_tokens for seq in engine.running),
+        num_free_blocks=engine.blocks.num_free_blocks,
+        num_total_blocks=engine.blocks.num_total_blocks,
+        num_preemptions=engine.num_preemptions,
+    )
+
+
+_STOP = object()
+
+
+class EngineThread:
+    """See the module docstring. ``submit``, ``call``, ``load`` and ``stop`` are thread-safe;
+    ``watch`` and ``unwatch`` are for commands (they run on the engine thread)."""
+
+    def __init__(self, engine: LLMEngine, *, name: str = "engine") -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._sinks: dict[str, OutputSink] = {}
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._lock = threading.Lock()
+        self._error: EngineFailed | None = None
+        self._load = _measure(engine)
+
+    @property
+    def load(self) -> EngineLoad:
+        return self._load
+
+    @property
+    def error(self) -> EngineFailed | None:
+        """Why the engine died, or None while it runs."""
+        return self._error
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self._error is None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Finish the current step and end the thread; pending commands get ``EngineFailed``."""
+        self._commands.put(_STOP)
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def submit(self, command: Callable[[LLMEngine], _T]) -> Future[_T]:
+        future: Future[_T] = Future()
+        with self._lock:
+            if self._error is not None:
+                future.set_exception(self._error)
+                return future
+            self._commands.put((command, future))
+        return future
+
+    async def call(self, command: Callable[[LLMEngine], _T], *, timeout_s: float = 60.0) -> _T:
+        """Run ``command`` on the engine thread and await its result."""
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(self.submit(command)), timeout_s)
+        except TimeoutError as exc:
+            raise RequestTimeout(f"the engine did not answer within {timeout_s:g} s") from exc
+
+    def watch(self, request_id: str, sink: OutputSink) -> None:
+        self._sinks[request_id] = sink
+
+    def unwatch(self, request_id: str) -> OutputSink | None:
+        """Stop watching; returns the sink that was removed, if any."""
+        return self._sinks.pop(request_id, None)
+
+    # ---- the thread -------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        engine = self.engine
+        is_idle = True
+        while True:
+            try:
+                item = self._commands.get() if is_idle else self._commands.get_nowait()
+            except queue.Empty:
+                item = None
+            while item is not None:
+                if item is _STOP:
+                    self._die(EngineFailed("the engine stopped"))
+                    return
+                command, future = item
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(command(engine))
+                    except Exception as exc:  # the command's own error, handed to its caller
+                        future.set_exception(exc)
+                try:
+                    item = self._commands.get_nowait()
+                except queue.Empty:
+                    item = None
+            if engine.has_unfinished():
+                try:
+                    outputs = engine.step()
+                except Exception as exc:
+                    logger.exception("engine step failed; the engine is dead")
+                    self._die(EngineFailed(f"engine step failed: {exc!r}"))
+                    return
+                self._dispatch(outputs)
+                is_idle = engine.num_scheduled_runs == 0
+            else:
+                is_idle = True
+            self._load = _measure(engine)
+
+    def _dispatch(self, outputs: list[StepOutput]) -> None:
+        for output in outputs:
+            sink = self._sinks.get(output.request_id)
+            if sink is None:
+                continue
+            if output.finish_reason is not None or output.is_handed_off:
+                del self._sinks[output.request_id]
+            sink(output)
+
+    def _die(self, error: EngineFailed) -> None:
+        with self._lock:
+            self._error = error
+        sinks, self._sinks = self._sinks, {}
+        for sink in sinks.values():
+            sink(error)
+        while True:  # commands that raced in before _error was set
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP and item[1].set_running_or_notify_cancel():
+                item[1].set_exception(error)

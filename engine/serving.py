@@ -1,0 +1,293 @@
+"""What both worker processes share around their engine: configuration, start-up (the model
+loads in the background while ``/healthz`` already answers), the health, readiness, info and load
+routes, and serving with uvicorn.
+
+A role (``prefill_worker.service``, ``decode_worker.service``) subclasses ``WorkerService`` and
+adds its routes; ``run_worker`` binds the port, serves until SIGTERM/SIGINT, and announces
+``ready`` on stdout (``engine.process_events``) once the model is loaded. A model that fails to
+load ends the process with status 1 and the reason on stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from engine.engine import EngineConfig
+from engine.engine_thread import EngineThread
+from engine.loader import LoadedEngine, Precision, load_engine
+from engine.process_events import emit_event
+from transfer.errors import EngineFailed, FairgateError, WorkerNotReady
+from transfer.http import error_response, message_response, read_message
+from transfer.messages import AbortRequest, AbortResult, WorkerInfo, WorkerLoad, WorkerRole
+
+__all__ = ["WorkerConfig", "WorkerService", "run_worker"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """Everything a worker process is started with (the CLI flags of ``fairgate *-worker``)."""
+
+    role: WorkerRole
+    worker_id: str = ""  # default: ROLE-HOSTNAME-PORT
+    model: str = "default"
+    device: str = "cpu"
+    precision: Precision = "auto"
+    host: str = "127.0.0.1"  # HTTP bind address
+    port: int = 0  # 0: any free port (announced in the ready event)
+    kv_host: str = "127.0.0.1"  # address peers reach the KV data plane at (store and gloo)
+    kv_port: int = 0  # decode: the KV store's port; 0: any free port
+    block_size: int = 16
+    num_blocks: int | None = None  # default: as many as kv_cache_gib holds
+    kv_cache_gib: float = 1.0
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    prefill_chunk_size: int = 512
+    num_threads: int | None = None  # torch intra-op threads (default: torch's choice)
+    kv_timeout_s: float = 30.0  # any single wait of the KV data plane
+    kv_wait_timeout_s: float = 120.0  # decode: how long a reservation waits for its KV
+    request_timeout_s: float = 600.0  # how long a caller waits for the next result of a request
+
+
+class WorkerService:
+    """A worker's state: the loaded model, its engine thread, identity. Subclasses add their role's
+    work in ``on_loaded`` / ``on_stop`` and their routes in ``routes``."""
+
+    role: ClassVar[WorkerRole]
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.instance_id = uuid.uuid4().hex
+        self.worker_id = config.worker_id
+        self.http_url = ""
+        self.loaded: LoadedEngine | None = None
+        self.engine_thread: EngineThread | None = None
+        self.load_error: str | None = None
+        self._load_task: asyncio.Task[None] | None = None
+        self._on_fatal: Any = None
+
+    # ---- life cycle -------------------------------------------------------------------------
+
+    def bind(self, http_port: int, on_fatal: Any = None) -> None:
+        """Learn the HTTP port (and so the default worker id); ``on_fatal()`` stops the server."""
+        host = self.config.host
+        advertised = self.config.kv_host if host in ("0.0.0.0", "::", "") else host
+        self.http_url = f"http://{advertised}:{http_port}"
+        if not self.worker_id:
+            self.worker_id = f"{self.role}-{socket.gethostname()}-{http_port}"
+        self._on_fatal = on_fatal
+
+    async def start(self) -> None:
+        self._load_task = asyncio.create_task(self._load_and_announce())
+
+    async def stop(self) -> None:
+        if self._load_task is not None and not self._load_task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._load_task  # loading cannot be interrupted; let it finish
+        self.on_stop()
+        if self.engine_thread is not None:
+            self.engine_thread.stop()
+
+    async def _load_and_announce(self) -> None:
+        try:
+            await asyncio.to_thread(self._load)
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            logger.error("%s could not start: %s", self.role, self.load_error)
+            emit_event("failed", role=self.role, reason=self.load_error)
+            if self._on_fatal is not None:
+                self._on_fatal()
+            return
+        emit_event("ready", **self.ready_fields())
+        logger.info("%s %s ready at %s", self.role, self.worker_id, self.http_url)
+
+    def _load(self) -> None:
+        config = self.config
+        if config.num_threads is not None:
+            import torch
+
+            torch.set_num_threads(config.num_threads)
+        loaded = load_engine(
+            config.model,
+            device=config.device,
+            precision=config.precision,
+            block_size=config.block_size,
+            num_blocks=config.num_blocks,
+            kv_cache_gib=config.kv_cache_gib,
+            engine_config=EngineConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                prefill_chunk_size=config.prefill_chunk_size,
+            ),
+        )
+        thread = EngineThread(loaded.engine, name=f"{self.role}-engine")
+        thread.start()
+        self.loaded = loaded
+        try:
+            self.on_loaded(loaded, thread)
+        except BaseException:
+            thread.stop()
+            raise
+        self.engine_thread = thread  # from here on the worker is ready
+
+    def on_loaded(self, loaded: LoadedEngine, thread: EngineThread) -> None:
+        """Role set-up once the model is loaded (runs in the loading thread, before the worker
+        counts as ready)."""
+
+    def on_stop(self) -> None:
+        """Role tear-down, before the engine thread stops."""
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def ready_thread(self) -> EngineThread:
+        """The engine thread, or the error that says why there is none to use."""
+        thread = self.engine_thread
+        if thread is None:
+            raise WorkerNotReady(
+                f"{self.role} worker is not ready: {self.load_error or 'the model is loading'}"
+            )
+        if thread.error is not None:
+            raise EngineFailed(f"{self.role} worker's engine died: {thread.error.message}")
+        return thread
+
+    def ready_fields(self) -> dict[str, Any]:
+        return {
+            "role": self.role,
+            "worker_id": self.worker_id,
+            "instance_id": self.instance_id,
+            "http_url": self.http_url,
+            "pid": os.getpid(),
+        }
+
+    def info(self) -> WorkerInfo:
+        self.ready_thread()
+        loaded = self.loaded
+        assert loaded is not None
+        return WorkerInfo(
+            worker_id=self.worker_id,
+            instance_id=self.instance_id,
+            role=self.role,
+            model_id=loaded.model_id,
+            block_size=loaded.engine.block_size,
+            num_total_blocks=loaded.engine.blocks.num_total_blocks,
+            max_model_len=loaded.engine.max_model_len,
+            vocab_size=loaded.tokenizer.vocab_size,
+        )
+
+    def load_report(self) -> WorkerLoad:
+        thread = self.engine_thread
+        if thread is None or not thread.is_alive:
+            return WorkerLoad(worker_id=self.worker_id, role=self.role, ready=False)
+        load = thread.load
+        return WorkerLoad(
+            worker_id=self.worker_id,
+            role=self.role,
+            ready=True,
+            num_waiting=load.num_waiting,
+            num_running=load.num_running,
+            num_reserved=load.num_reserved,
+            num_queued_tokens=load.num_queued_tokens,
+            num_running_tokens=load.num_running_tokens,
+            num_free_blocks=load.num_free_blocks,
+            num_total_blocks=load.num_total_blocks,
+            num_pending_transfers=load.num_handed_off,
+            num_preemptions=load.num_preemptions,
+        )
+
+    async def abort(self, request_id: str) -> bool:
+        raise NotImplementedError
+
+    def routes(self) -> list[BaseRoute]:
+        return []
+
+
+# ---- HTTP ---------------------------------------------------------------------------------------
+
+
+def _common_routes(service: WorkerService) -> list[BaseRoute]:
+    async def healthz(request: Request) -> Response:
+        thread = service.engine_thread
+        if thread is not None and thread.error is not None:
+            return JSONResponse({"status": "failed", "reason": thread.error.message}, 500)
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        try:
+            service.ready_thread()
+        except FairgateError as exc:
+            return JSONResponse({"status": "not_ready", "reason": exc.message}, 503)
+        return JSONResponse({"status": "ready"})
+
+    async def info(request: Request) -> Response:
+        return message_response(service.info())
+
+    async def load(request: Request) -> Response:
+        return message_response(service.load_report())
+
+    async def abort(request: Request) -> Response:
+        body = await read_message(request, AbortRequest)
+        return message_response(AbortResult(aborted=await service.abort(body.request_id)))
+
+    return [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/v1/info", info),
+        Route("/v1/load", load),
+        Route("/v1/abort", abort, methods=["POST"]),
+    ]
+
+
+def create_app(service: WorkerService) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    async def on_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, FairgateError)
+        return error_response(exc)
+
+    return Starlette(
+        routes=[*_common_routes(service), *service.routes()],
+        lifespan=lifespan,
+        exception_handlers={FairgateError: on_error},
+    )
+
+
+def run_worker(service: WorkerService) -> int:
+    """Serve ``service`` until SIGTERM/SIGINT; the exit status (1 when the model failed)."""
+    sock = socket.create_server((service.config.host, service.config.port))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(service),
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+        )
+    )
+
+    def stop_server() -> None:
+        server.should_exit = True
+
+    service.bind(sock.getsockname()[1], on_fatal=stop_server)
+    asyncio.run(server.serve(sockets=[sock]))
+    return 1 if service.load_error else 0

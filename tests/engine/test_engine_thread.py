@@ -1,0 +1,95 @@
+"""The engine thread: commands between steps, outputs to sinks, idling without spinning, and a
+dead engine failing everyone who waits on it (null engine: no model, real loop)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from engine.engine import LLMEngine
+from engine.engine_thread import EngineThread
+from engine.null_engine import NullEngineConfig, create_null_engine
+from engine.sequence import SamplingParams, StepOutput
+from transfer.errors import EngineFailed, FairgateError, RequestTimeout
+
+FAST = NullEngineConfig(prefill_tok_s=1e9, decode_step_s=0.0, num_blocks=64, block_size=4)
+
+
+def _collect(thread: EngineThread, request_id: str, prompt: list[int], max_tokens: int) -> list:
+    """Add a request through a command and wait for all of its outputs."""
+    outputs: list[StepOutput | FairgateError] = []
+    done = threading.Event()
+
+    def sink(output: StepOutput | FairgateError) -> None:
+        outputs.append(output)
+        if isinstance(output, FairgateError) or output.finish_reason is not None:
+            done.set()
+
+    def add(engine: LLMEngine) -> None:
+        engine.add_request(request_id, prompt, SamplingParams(max_tokens=max_tokens))
+        thread.watch(request_id, sink)
+
+    thread.submit(add).result(timeout=10)
+    assert done.wait(10)
+    return outputs
+
+
+def test_commands_outputs_and_load() -> None:
+    thread = EngineThread(create_null_engine(FAST))
+    thread.start()
+    try:
+        outputs = _collect(thread, "a", [5, 6, 7], max_tokens=4)
+        assert [o.num_output_tokens for o in outputs] == [1, 2, 3, 4]
+        assert outputs[-1].finish_reason == "length"
+        # A command's own error goes to its caller; the engine lives on.
+        with pytest.raises(ValueError, match="no tokens"):
+            thread.submit(lambda engine: engine.add_request("b", [], SamplingParams())).result(10)
+        assert thread.is_alive
+        load = thread.submit(lambda engine: engine.blocks.num_free_blocks).result(10)
+        assert load == FAST.num_blocks == thread.load.num_free_blocks
+    finally:
+        thread.stop()
+    assert not thread.is_alive
+
+
+def test_an_idle_engine_blocks_instead_of_stepping() -> None:
+    engine = create_null_engine(FAST)
+    thread = EngineThread(engine)
+    thread.start()
+    try:
+        _collect(thread, "a", [1, 2], max_tokens=2)
+        steps = engine.runner.num_steps  # type: ignore[attr-defined]
+        # Blocks held by a reservation leave a waiting request unschedulable: no busy loop.
+        thread.submit(lambda e: e.reserve("held", FAST.num_blocks * FAST.block_size)).result(10)
+        stuck = SamplingParams(max_tokens=4)
+        thread.submit(lambda e: e.add_request("stuck", [1, 2, 3], stuck)).result(10)
+        threading.Event().wait(0.3)
+        assert engine.runner.num_steps == steps  # type: ignore[attr-defined]
+        assert thread.load.num_waiting == 1 and thread.load.num_reserved == 1
+        thread.submit(lambda e: e.cancel_reservation("held")).result(10)
+        thread.submit(lambda e: e.abort("stuck")).result(10)
+    finally:
+        thread.stop()
+
+
+async def test_call_times_out_and_a_dead_engine_fails_everyone() -> None:
+    engine = create_null_engine(FAST)
+    thread = EngineThread(engine)
+    thread.start()
+    gate = threading.Event()
+    blocked = thread.submit(lambda e: gate.wait(10))
+    with pytest.raises(RequestTimeout):
+        await thread.call(lambda e: None, timeout_s=0.05)
+    gate.set()
+    blocked.result(10)
+
+    def explode(runs: object) -> list[int]:
+        raise RuntimeError("device lost")
+
+    engine.runner.step = explode  # type: ignore[method-assign]
+    outputs = _collect(thread, "victim", [1, 2, 3], max_tokens=3)
+    assert isinstance(outputs[-1], EngineFailed) and "device lost" in outputs[-1].message
+    assert thread.error is not None and not thread.is_alive
+    with pytest.raises(EngineFailed):
+        thread.submit(lambda e: None).result(10)

@@ -1,0 +1,166 @@
+"""Requests through real prefill and decode worker processes (tiny model, gloo over loopback):
+the output equals a colocated worker's and the engine's alone, and every block comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+
+import pytest
+
+from deploy.launcher import WorkerProcess, WorkerSpec
+from engine.loader import load_engine
+from engine.sequence import SamplingParams
+from tests.workers.conftest import (
+    TINY_ARGS,
+    Launch,
+    colocated,
+    disaggregated,
+    wait_for_idle,
+    worker_load,
+)
+from transfer.client import DecodeClient, PrefillClient, run_disaggregated
+from transfer.errors import NoRoomError
+from transfer.messages import DecodeRequest, Reserved, SamplingSpec
+
+NUM_REQUESTS = 16
+
+
+@pytest.fixture(scope="module")
+def workers(launch: Launch) -> dict[str, list[WorkerProcess]]:
+    started = launch(
+        [WorkerSpec("prefill", "tiny", TINY_ARGS)] * 2
+        + [WorkerSpec("decode", "tiny", TINY_ARGS)] * 2
+        + [WorkerSpec("colocated", "tiny", TINY_ARGS)]
+    )
+    return {"prefill": started[:2], "decode": started[2:4], "colocated": started[4:]}
+
+
+def _prompts(seed: int, count: int = NUM_REQUESTS) -> list[list[int]]:
+    rng = random.Random(seed)
+    # Lengths across block boundaries, from one block to many (block size 16).
+    return [[rng.randrange(100, 40000) for _ in range(rng.randint(1, 200))] for _ in range(count)]
+
+
+async def _all_disaggregated(
+    workers: dict[str, list[WorkerProcess]], prompts: list[list[int]], sampling: SamplingSpec
+) -> list[list[int]]:
+    prefill, decode = workers["prefill"], workers["decode"]
+    return list(
+        await asyncio.gather(
+            *(
+                # every (prefill, decode) pair gets four requests
+                disaggregated(
+                    prefill[index % 2].http_url,
+                    decode[(index // 2) % 2].http_url,
+                    f"disagg-{index}",
+                    prompt,
+                    sampling,
+                )
+                for index, prompt in enumerate(prompts)
+            )
+        )
+    )
+
+
+async def _all_colocated(
+    workers: dict[str, list[WorkerProcess]], prompts: list[list[int]], sampling: SamplingSpec
+) -> list[list[int]]:
+    url = workers["colocated"][0].http_url
+    return list(
+        await asyncio.gather(
+            *(colocated(url, f"colo-{i}", prompt, sampling) for i, prompt in enumerate(prompts))
+        )
+    )
+
+
+async def _assert_no_blocks_held(workers: dict[str, list[WorkerProcess]]) -> None:
+    for worker in [*workers["prefill"], *workers["decode"], *workers["colocated"]]:
+        load = await worker_load(worker)
+        assert load.num_free_blocks == load.num_total_blocks, load
+        assert (load.num_running, load.num_waiting, load.num_reserved) == (0, 0, 0), load
+        assert load.num_pending_transfers == 0, load
+
+
+async def _wait_until_no_blocks_held(workers: dict[str, list[WorkerProcess]]) -> None:
+    """Aborts after a closed stream are asynchronous on the worker: give them a moment."""
+    for worker in [*workers["prefill"], *workers["decode"], *workers["colocated"]]:
+        await wait_for_idle(worker, timeout_s=10)
+
+
+async def test_greedy_equals_colocated_and_engine_alone(
+    workers: dict[str, list[WorkerProcess]],
+) -> None:
+    prompts = _prompts(seed=1)
+    sampling = SamplingSpec(max_tokens=24, temperature=0, ignore_eos=True)
+    outputs = await _all_disaggregated(workers, prompts, sampling)
+    assert all(len(output) == 24 for output in outputs)
+    assert outputs == await _all_colocated(workers, prompts, sampling)
+    engine = load_engine("tiny", precision="float32", num_blocks=512).engine
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    assert outputs == [engine.generate([prompt], params)[0] for prompt in prompts]
+    await _assert_no_blocks_held(workers)
+
+
+async def test_seeded_sampling_equals_colocated(workers: dict[str, list[WorkerProcess]]) -> None:
+    prompts = _prompts(seed=2, count=6)
+    sampling = SamplingSpec(max_tokens=12, temperature=0.9, top_p=0.95, seed=77, ignore_eos=True)
+    outputs = await _all_disaggregated(workers, prompts, sampling)
+    assert outputs == await _all_colocated(workers, prompts, sampling)
+    await _assert_no_blocks_held(workers)
+
+
+async def test_eos_and_one_token_requests_end_without_leaks(
+    workers: dict[str, list[WorkerProcess]],
+) -> None:
+    prompts = _prompts(seed=3, count=4)
+    one_token = SamplingSpec(max_tokens=1, temperature=0)
+    outputs = await _all_disaggregated(workers, prompts, one_token)
+    assert [len(output) for output in outputs] == [1] * 4
+    # The greedy second token as a stop token: the decode worker ends at once.
+    greedy = SamplingSpec(max_tokens=5, temperature=0, ignore_eos=True)
+    [two] = await _all_disaggregated(workers, prompts[:1], greedy)
+    stopping = SamplingSpec(max_tokens=5, temperature=0, stop_token_ids=[two[1]])
+    [stopped] = await _all_disaggregated(workers, prompts[:1], stopping)
+    assert stopped == two[:2] or (two[0] == two[1] and stopped == two[:1])
+    await _assert_no_blocks_held(workers)
+
+
+async def test_prefix_cache_hits_are_reported_and_shipped(
+    workers: dict[str, list[WorkerProcess]],
+) -> None:
+    rng = random.Random(4)
+    shared = [rng.randrange(100, 40000) for _ in range(128)]  # 8 full blocks
+    sampling = SamplingSpec(max_tokens=8, temperature=0, ignore_eos=True)
+    prefill, decode = workers["prefill"][0].http_url, workers["decode"][0].http_url
+    first = await disaggregated(prefill, decode, "prefix-1", [*shared, 11, 12], sampling)
+    async with PrefillClient(prefill) as prefill_client, DecodeClient(decode) as decode_client:
+        frames = [
+            frame
+            async for frame in run_disaggregated(
+                prefill_client, decode_client, "prefix-2", [*shared, 11, 12], sampling
+            )
+        ]
+    assert frames[0].num_cached_tokens == 128
+    assert [t for frame in frames for t in frame.token_ids] == first
+    await _assert_no_blocks_held(workers)
+
+
+async def test_reservations_beyond_the_cache_are_refused_as_no_room(
+    workers: dict[str, list[WorkerProcess]],
+) -> None:
+    """Reserved blocks are real: four 1900-token reservations hold 480 of 512 blocks, and a fifth
+    is refused at once with 503 no_room; closing the streams gives every block back."""
+    decode_url = workers["decode"][0].http_url
+    long_prompt = list(range(100, 2000))
+    async with contextlib.AsyncExitStack() as streams, DecodeClient(decode_url) as client:
+        for index in range(4):
+            stream = await streams.enter_async_context(
+                client.decode(DecodeRequest(f"hold-{index}", long_prompt))
+            )
+            assert isinstance(await stream.next(), Reserved)
+        with pytest.raises(NoRoomError, match="no room for 1901 tokens"):
+            async with client.decode(DecodeRequest("one-too-many", long_prompt)):
+                pass
+    await _wait_until_no_blocks_held(workers)

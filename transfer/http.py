@@ -1,0 +1,94 @@
+"""The control plane's HTTP conventions, server side: msgpack bodies in and out, errors as
+``ErrorBody`` with their status, frame streams, and noticing a caller that went away. Torch-free;
+the workers use it now, the gateway's internal routes may later."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from transfer.errors import FairgateError, InvalidWorkerRequest
+from transfer.messages import (
+    MSGPACK_CONTENT_TYPE,
+    STREAM_CONTENT_TYPE,
+    ErrorFrame,
+    Frame,
+    decode_message,
+    encode_frame,
+    encode_message,
+)
+
+__all__ = [
+    "error_response",
+    "frame_stream_response",
+    "message_response",
+    "read_message",
+    "until_disconnected",
+]
+
+_T = TypeVar("_T")
+
+MAX_BODY_BYTES = 64 << 20
+
+
+async def read_message(request: Request, message_type: type[_T]) -> _T:
+    """The request's msgpack body as ``message_type``; ``InvalidWorkerRequest`` if it is not."""
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise InvalidWorkerRequest(f"body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
+    try:
+        return decode_message(body, message_type)
+    except msgspec.MsgspecError as exc:
+        raise InvalidWorkerRequest(f"not a valid {message_type.__name__}: {exc}") from exc
+
+
+def message_response(message: msgspec.Struct, status_code: int = 200) -> Response:
+    return Response(encode_message(message), status_code, media_type=MSGPACK_CONTENT_TYPE)
+
+
+def error_response(error: FairgateError) -> Response:
+    return message_response(error.to_body(), error.status)
+
+
+def frame_stream_response(frames: AsyncIterator[Frame]) -> StreamingResponse:
+    """Stream frames; an error raised after the stream began becomes its last frame."""
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for frame in frames:
+                yield encode_frame(frame)
+        except FairgateError as exc:
+            yield encode_frame(ErrorFrame(exc.to_body()))
+
+    return StreamingResponse(body(), media_type=STREAM_CONTENT_TYPE)
+
+
+async def until_disconnected(
+    request: Request, work: Awaitable[_T], on_disconnect: Callable[[], Any]
+) -> _T:
+    """Await ``work``; if the caller disconnects first, cancel it, call ``on_disconnect`` and
+    raise ``asyncio.CancelledError``. The body must have been read already."""
+    work_task = asyncio.ensure_future(work)
+
+    async def wait_for_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watch_task = asyncio.ensure_future(wait_for_disconnect())
+    try:
+        done, _ = await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        work_task.cancel()
+        raise
+    finally:
+        watch_task.cancel()
+    if work_task in done:
+        return work_task.result()
+    work_task.cancel()
+    on_disconnect()
+    raise asyncio.CancelledError("the caller disconnected")
