@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, ReaderTensor
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 from safetensors import SafetensorError, safe_open
 
@@ -29,6 +29,7 @@ from engine.config import (
     load_config,
     open_gguf,
 )
+from engine.gguf_reader import GGUFTensor
 
 __all__ = [
     "expected_tensor_shapes",
@@ -118,9 +119,9 @@ def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return weight.reshape(num_heads, head_dim // 2, 2, *rest).transpose(1, 2).reshape(weight.shape)
 
 
-def _hf_names(tensors: list[ReaderTensor]) -> dict[str, ReaderTensor]:
+def _hf_names(tensors: list[GGUFTensor]) -> dict[str, GGUFTensor]:
     """Map every tensor to its HF name, failing before any dequantization on unknown ones."""
-    named: dict[str, ReaderTensor] = {}
+    named: dict[str, GGUFTensor] = {}
     unknown: list[str] = []
     for tensor in tensors:
         if tensor.name == GGUF_ROPE_FREQS_TENSOR:
@@ -141,7 +142,7 @@ def _hf_names(tensors: list[ReaderTensor]) -> dict[str, ReaderTensor]:
     return named
 
 
-def _dequantize(tensor: ReaderTensor) -> torch.Tensor:
+def _dequantize(tensor: GGUFTensor) -> torch.Tensor:
     """One GGUF tensor as fp32 in torch order (GGUF lists dimensions innermost first)."""
     qtype = GGMLQuantizationType(tensor.tensor_type)
     try:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QType
 
+from engine.gguf_reader import GGUFFile
 from engine.weights import _dequantize
 
 QK_K = 256  # weights per K-quant super-block
@@ -91,7 +92,7 @@ def test_k_quant_tensors_dequantize_like_llama_cpp(
     writer.write_tensors_to_file()
     writer.close()
 
-    [tensor] = gguf.GGUFReader(path).tensors
+    [tensor] = GGUFFile(path).tensors
     ours = _dequantize(tensor)
 
     assert ours.shape == (rows, cols) and ours.dtype == torch.float32
