@@ -1,1 +1,2 @@
-"""The decode worker process (lands with the disaggregation issue)."""
+"""The decode worker process: ``service.DecodeService``, and ``service.ColocatedService`` for the
+colocated mode (started by ``fairgate decode-worker [--colocated]``)."""

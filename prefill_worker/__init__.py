@@ -1,1 +1,1 @@
-"""The prefill worker process (lands with the disaggregation issue)."""
+"""The prefill worker process: ``service.PrefillService``, run by ``fairgate prefill-worker``."""
