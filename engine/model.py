@@ -9,6 +9,7 @@ and gate/up are fused into one matrix each so a layer runs four matrix products.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import cast
@@ -135,10 +136,20 @@ class Linear(nn.Module):
             weight.device.type == "cpu"
             and dtype == torch.bfloat16
             and torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+            and _cpu_packs_bf16()
         )
         if self.is_batched_weight_packed:
             weight = torch.ops.mkldnn._reorder_linear_weight(weight, _PACKED_BATCH_ROWS)
         self.batched_weight = weight
+
+
+@functools.cache
+def _cpu_packs_bf16() -> bool:
+    """Whether oneDNN can pack bf16 weights on this CPU (it needs AVX-512 BW/VL/DQ or
+    AVX-NE-CONVERT; elsewhere the batched copy stays a plain bf16 matrix)."""
+    capability: dict[str, object] = torch._C._cpu._get_cpu_capability()
+    avx512 = all(capability.get(f"avx512_{name}", False) for name in ("bw", "vl", "dq"))
+    return avx512 or bool(capability.get("avx_ne_convert", False))
 
 
 class DecoderLayer(nn.Module):
