@@ -88,7 +88,7 @@ def _receiver_main(
     conn.send(receiver.port)
     store = connect_store("127.0.0.1", receiver.port, TIMEOUT_S)
     raw_group = create_process_group(
-        PrefixStore("bench/raw/pg/", store),
+        PrefixStore("bench/raw/pg", store),
         rank=1,
         backend=backend_for(cache.device),
         host="127.0.0.1",
@@ -138,7 +138,7 @@ def _transfer_figures(sizes: list[int], rounds: int) -> dict[str, Any]:
         )
         store = connect_store("127.0.0.1", port, TIMEOUT_S)
         raw_group = create_process_group(
-            PrefixStore("bench/raw/pg/", store),
+            PrefixStore("bench/raw/pg", store),
             rank=0,
             backend=backend_for(cache.device),
             host="127.0.0.1",

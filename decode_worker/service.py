@@ -85,6 +85,7 @@ class _Stream:
     state: _State = "waiting"
     is_cancelled: bool = False  # the caller left while the KV was landing
     is_finished: bool = False
+    expiry: asyncio.TimerHandle | None = None  # gives the reservation up if no KV comes
 
     def deliver(self, event: _Event) -> None:
         """Thread-safe: hand an event to the stream's coroutine."""
@@ -178,8 +179,27 @@ class DecodeService(WorkerService):
         stream.block_ids = block_ids
         with self._lock:
             self._streams[stream.request_id] = stream
+        # The expiry does not depend on anyone reading the stream: a response that never starts
+        # (its caller gone at once) must not hold blocks for good.
+        stream.expiry = stream.loop.call_later(self.config.kv_wait_timeout_s, self._expire, stream)
         reserved = Reserved(self.worker_id, self.config.kv_host, self.receiver.port, block_ids)
         return self._frames(stream, first=reserved)
+
+    def _expire(self, stream: _Stream) -> None:
+        """On the event loop, ``kv_wait_timeout_s`` after the reservation: give up on KV that
+        has not started landing."""
+        with self._lock:
+            if stream.state != "waiting":
+                return
+            stream.state = "done"
+            self._streams.pop(stream.request_id, None)
+        self._thread.submit(lambda engine: engine.cancel_reservation(stream.request_id))
+        stream.deliver(
+            RequestTimeout(
+                f"the KV of {stream.request_id} did not arrive within "
+                f"{self.config.kv_wait_timeout_s:g} s"
+            )
+        )
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Frame]:
         """Colocated: prefill and decode here."""
@@ -228,29 +248,23 @@ class DecodeService(WorkerService):
             self._close(stream)
 
     async def _next_event(self, stream: _Stream) -> _Event:
+        """The next event; a stream still waiting for its KV hears of its expiry from
+        ``_expire``, so its own timeout only guards against a stalled engine."""
+        timeout_s = self.config.request_timeout_s
         if stream.state == "waiting":
-            try:
-                return await asyncio.wait_for(stream.events.get(), self.config.kv_wait_timeout_s)
-            except TimeoutError:
-                with self._lock:
-                    expired = stream.state == "waiting"
-                    if expired:
-                        stream.state = "done"
-                if expired:
-                    raise RequestTimeout(
-                        f"the KV of {stream.request_id} did not arrive within "
-                        f"{self.config.kv_wait_timeout_s:g} s"
-                    ) from None
+            timeout_s += self.config.kv_wait_timeout_s
         try:
-            return await asyncio.wait_for(stream.events.get(), self.config.request_timeout_s)
+            return await asyncio.wait_for(stream.events.get(), timeout_s)
         except TimeoutError:
             raise RequestTimeout(
-                f"{stream.request_id} made no progress in {self.config.request_timeout_s:g} s"
+                f"{stream.request_id} made no progress in {timeout_s:g} s"
             ) from None
 
     def _close(self, stream: _Stream) -> None:
         """The stream ended (finished, failed, or its caller left): free what is left."""
         request_id = stream.request_id
+        if stream.expiry is not None:
+            stream.expiry.cancel()
         with self._lock:
             if stream.state == "landing":
                 stream.is_cancelled = True  # landed/failed release the blocks

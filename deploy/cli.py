@@ -191,6 +191,12 @@ def _add_worker_arguments(parser: argparse.ArgumentParser, *, default_port: int)
         help="seconds a caller waits for a request's next result (default: %(default)s)",
     )
     parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="logs go to stderr (default: %(default)s)",
+    )
+    parser.add_argument(
         "--exit-with-parent",
         action="store_true",
         help="shut down when standard input closes (for workers started by another process)",
@@ -248,7 +254,8 @@ def _generate_disaggregated(
     from deploy.launcher import WorkerSpec, start_workers
     from transfer.client import DecodeClient, PrefillClient, run_disaggregated
 
-    worker_args = ["--device", args.device, "--precision", args.precision]
+    log_level = "info" if args.verbose else "warning"
+    worker_args = ["--device", args.device, "--precision", args.precision, "--log-level", log_level]
     workers = start_workers(
         [
             WorkerSpec("prefill", args.model, worker_args),
@@ -283,7 +290,7 @@ def _run_worker(args: argparse.Namespace) -> int:
     role: WorkerRole = "prefill"
     if args.command == "decode-worker":
         role = "colocated" if args.colocated else "decode"
-    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else args.log_level.upper())
     config = WorkerConfig(
         role=role,
         worker_id=args.worker_id,

@@ -3,7 +3,8 @@
 #
 #   deploy/dev.sh setup   create/reuse .venv, install torch (CPU build pinned when there is no GPU),
 #                         fairgate with its test and bench extras, and pull the default model
-#   deploy/dev.sh run     setup, then the main job (today: a generation with the default model)
+#   deploy/dev.sh run     setup, then the main job (today: a generation with the default model,
+#                         driven through a freshly started prefill and decode worker)
 #   deploy/dev.sh test    setup, then the whole test suite (extra arguments go to pytest)
 set -euo pipefail
 
@@ -43,7 +44,7 @@ case "${1:-}" in
         ;;
     run)
         setup
-        "$venv/bin/fairgate" generate "What is the capital of France?" --temperature 0
+        "$venv/bin/fairgate" generate "What is the capital of France?" --temperature 0 --disaggregated
         ;;
     test)
         shift

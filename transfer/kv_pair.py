@@ -13,6 +13,8 @@ Per transfer ``seq`` on a pair, the keys under the namespace are::
     r/<seq>   TransferReply    receiver → sender   ready (receives posted) or refused
     a/<seq>   TransferAck      receiver → sender   landed, or why not
 
+(the receiver deletes them once the sender has read them: when header ``seq + 1`` arrives).
+
 Transfers on a pair are strictly ordered: the receiver reads header ``seq + 1`` only after
 ``seq`` has landed or failed. Either side ends a pair by writing CLOSED into the next header slot
 with ``compare_set``, which atomically loses to a header that got there first; the other side
@@ -60,7 +62,7 @@ Store = Any
 
 CLOSED = b"\x00fairgate:closed"
 HELLO_COUNTER = "fairgate/hello/next"  # pair requests take numbered slots from this counter
-MESSAGE_WINDOW = 8  # messages in flight per transfer (and staging buffers per side)
+STAGING_SLOTS = 8  # staging buffers per side for the staged (rest) messages of a transfer
 
 
 def translate_dist_error(exc: BaseException, what: str) -> TransferError:
@@ -90,12 +92,16 @@ def connect_store(host: str, port: int, timeout_s: float) -> Store:
 
 
 class PairStore:
-    """The keys of one pair in the decode worker's store (see the module docstring)."""
+    """The keys of one pair in the decode worker's store (see the module docstring).
+
+    Every read blocks until its key is set, up to the connection's timeout (``connect_store``),
+    and costs one round trip. The receiver clears a transfer's keys when the next header comes
+    (``forget``), off the sender's critical path."""
 
     def __init__(self, store: Store, pair_id: str) -> None:
         self.pair_id = pair_id
-        self.root = PrefixStore(f"fairgate/pair/{pair_id}/", store)
-        self.process_group_store = PrefixStore("pg/", self.root)
+        self.root = PrefixStore(f"fairgate/pair/{pair_id}", store)
+        self.process_group_store = PrefixStore("pg", self.root)
 
     def post_header(self, seq: int, header: bytes) -> bool:
         """Publish a header; False when the pair was closed first (nothing was published)."""
@@ -116,19 +122,33 @@ class PairStore:
 
     def wait_header(self, seq: int, timeout_s: float) -> bytes:
         """The header (or CLOSED) in slot ``seq``; ``TransferTimeout`` when none came in time."""
-        return self._take(f"h/{seq}", timeout_s, "waiting for a transfer header")
+        key = f"h/{seq}"
+        try:
+            self.root.wait([key], _timedelta(timeout_s))
+        except dist.DistError as exc:
+            raise translate_dist_error(exc, "waiting for a transfer header") from exc
+        return self._get(key, "reading a transfer header")
+
+    def forget(self, seq: int) -> None:
+        """Clear transfer ``seq``'s header and the previous transfer's reply and ack (read by
+        the sender before it posted this header)."""
+        try:
+            for key in (f"h/{seq}", f"r/{seq - 1}", f"a/{seq - 1}"):
+                self.root.delete_key(key)
+        except dist.DistError as exc:
+            raise translate_dist_error(exc, "clearing transfer keys") from exc
 
     def put_reply(self, seq: int, reply: bytes) -> None:
         self._set(f"r/{seq}", reply, "answering a transfer header")
 
-    def wait_reply(self, seq: int, timeout_s: float) -> bytes:
-        return self._take(f"r/{seq}", timeout_s, "waiting for the receiver to get ready")
+    def read_reply(self, seq: int) -> bytes:
+        return self._get(f"r/{seq}", "waiting for the receiver to get ready")
 
     def put_ack(self, seq: int, ack: bytes) -> None:
         self._set(f"a/{seq}", ack, "acknowledging a transfer")
 
-    def wait_ack(self, seq: int, timeout_s: float) -> bytes:
-        return self._take(f"a/{seq}", timeout_s, "waiting for the receiver to land the blocks")
+    def read_ack(self, seq: int) -> bytes:
+        return self._get(f"a/{seq}", "waiting for the receiver to land the blocks")
 
     def _set(self, key: str, value: bytes, what: str) -> None:
         try:
@@ -136,14 +156,11 @@ class PairStore:
         except dist.DistError as exc:
             raise translate_dist_error(exc, what) from exc
 
-    def _take(self, key: str, timeout_s: float, what: str) -> bytes:
+    def _get(self, key: str, what: str) -> bytes:
         try:
-            self.root.wait([key], _timedelta(timeout_s))
-            value = bytes(self.root.get(key))
-            self.root.delete_key(key)
+            return bytes(self.root.get(key))
         except dist.DistError as exc:
             raise translate_dist_error(exc, what) from exc
-        return value
 
 
 def create_process_group(
@@ -193,7 +210,7 @@ def _wait(work: Any, timeout_s: float, what: str) -> None:
 
 
 class _Staging:
-    """Staging buffers, one per window slot, made on first use: [count, block_size, kvh, hd]."""
+    """``STAGING_SLOTS`` buffers, made on first use: [count, block_size, kvh, hd]."""
 
     def __init__(self, kv_cache: torch.Tensor, num_blocks: int) -> None:
         self._shape = (num_blocks, *kv_cache.shape[3:])
@@ -223,31 +240,36 @@ def send_blocks(
     *,
     timeout_s: float,
 ) -> int:
-    """Send the plan's messages to rank 1, ``MESSAGE_WINDOW`` in flight; returns bytes sent."""
+    """Send the plan's messages to rank 1; returns bytes sent. Direct messages are all in flight
+    at once (they need no memory); staged ones take turns in ``STAGING_SLOTS`` buffers."""
     num_layers = kv_cache.shape[1]
     staging = _Staging(kv_cache, len(plan.rest))
     rest_ids = torch.tensor(
         [src_block_ids[i] for i in plan.rest], dtype=torch.int64, device=kv_cache.device
     )
-    in_flight: collections.deque[Any] = collections.deque()
+    direct_works: list[Any] = []
+    staged_works: collections.deque[Any] = collections.deque()
+    num_staged = 0
     num_bytes = 0
     for message in plan.messages(num_layers):
-        if len(in_flight) == MESSAGE_WINDOW:
-            _wait(in_flight.popleft(), timeout_s, "sending KV blocks")
         if message.is_rest:
-            tensor = staging.get(message.index % MESSAGE_WINDOW)
+            if len(staged_works) == STAGING_SLOTS:
+                _wait(staged_works.popleft(), timeout_s, "sending KV blocks")
+            tensor = staging.get(num_staged % STAGING_SLOTS)
             torch.index_select(kv_cache[message.kv, message.layer], 0, rest_ids, out=tensor)
+            num_staged += 1
         else:
             tensor = _direct_view(kv_cache, src_block_ids, message)
         num_bytes += tensor.numel() * tensor.element_size()
         try:
-            in_flight.append(process_group.send([tensor], 1, message.index + 1))
+            work = process_group.send([tensor], 1, message.index + 1)
         except RuntimeError as exc:
             raise translate_dist_error(exc, "sending KV blocks") from exc
+        (staged_works if message.is_rest else direct_works).append(work)
         if message.index == 0:
             failpoint("kv.send.mid_transfer")
-    while in_flight:
-        _wait(in_flight.popleft(), timeout_s, "sending KV blocks")
+    for work in [*direct_works, *staged_works]:
+        _wait(work, timeout_s, "sending KV blocks")
     return num_bytes
 
 
@@ -260,42 +282,45 @@ def recv_blocks(
     timeout_s: float,
     on_posted: Callable[[], None],
 ) -> int:
-    """Receive the plan's messages from rank 0 into the cache. ``on_posted`` runs once the first
-    receives are posted (it tells the sender to go). Returns bytes received."""
+    """Receive the plan's messages from rank 0 into the cache; returns bytes received. Every
+    direct receive is posted before ``on_posted`` runs (it tells the sender to go), and the first
+    ``STAGING_SLOTS`` staged ones; each later staged receive once a buffer is scattered."""
     num_layers = kv_cache.shape[1]
     messages = list(plan.messages(num_layers))
+    staged_messages = [message for message in messages if message.is_rest]
     staging = _Staging(kv_cache, len(plan.rest))
     rest_ids = torch.tensor(
         [dst_block_ids[i] for i in plan.rest], dtype=torch.int64, device=kv_cache.device
     )
     pending: dict[int, tuple[Any, torch.Tensor]] = {}
 
-    def post(message: KvMessage) -> None:
-        if message.is_rest:
-            tensor = staging.get(message.index % MESSAGE_WINDOW)
-        else:
-            tensor = _direct_view(kv_cache, dst_block_ids, message)
+    def post(message: KvMessage, tensor: torch.Tensor) -> None:
         try:
             work = process_group.recv([tensor], 0, message.index + 1)
         except RuntimeError as exc:
             raise translate_dist_error(exc, "receiving KV blocks") from exc
         pending[message.index] = (work, tensor)
 
-    for message in messages[:MESSAGE_WINDOW]:
-        post(message)
+    for message in messages:
+        if not message.is_rest:
+            post(message, _direct_view(kv_cache, dst_block_ids, message))
+    for slot, message in enumerate(staged_messages[:STAGING_SLOTS]):
+        post(message, staging.get(slot))
     on_posted()
     num_bytes = 0
+    num_staged = 0
     for message in messages:
         work, tensor = pending.pop(message.index)
         _wait(work, timeout_s, "receiving KV blocks")
         num_bytes += tensor.numel() * tensor.element_size()
         if message.is_rest:
             kv_cache[message.kv, message.layer].index_copy_(0, rest_ids, tensor)
+            following = num_staged + STAGING_SLOTS
+            if following < len(staged_messages):
+                post(staged_messages[following], tensor)  # the buffer just scattered
+            num_staged += 1
         if message.index == 0:
             failpoint("kv.recv.mid_transfer")
-        following = message.index + MESSAGE_WINDOW
-        if following < len(messages):
-            post(messages[following])
     if kv_cache.device.type == "cuda":
         torch.cuda.current_stream(kv_cache.device).synchronize()  # landed means visible
     return num_bytes

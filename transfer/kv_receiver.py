@@ -306,12 +306,12 @@ class KvReceiver:
             plan = receiver_plan(header)
             self._check_header(header, seq)
         except (msgspec.MsgspecError, ValueError) as exc:
-            store.put_reply(seq, encode_message(TransferReply(ready=False, reason=str(exc))))
+            self._refuse(store, seq, str(exc))
             return True
         try:
             self.destination.claim(header)
         except TransferError as exc:
-            store.put_reply(seq, encode_message(TransferReply(ready=False, reason=exc.message)))
+            self._refuse(store, seq, exc.message)
             return True
         started = time.perf_counter()
         try:
@@ -321,7 +321,7 @@ class KvReceiver:
                 header.dst_block_ids,
                 plan,
                 timeout_s=self.config.timeout_s,
-                on_posted=lambda: store.put_reply(seq, encode_message(TransferReply(ready=True))),
+                on_posted=lambda: self._ready(store, seq),
             )
         except TransferError as exc:
             logger.warning(
@@ -343,6 +343,16 @@ class KvReceiver:
         self.destination.landed(header)
         store.put_ack(seq, encode_message(TransferAck(ok=True)))
         return True
+
+    @staticmethod
+    def _refuse(store: PairStore, seq: int, reason: str) -> None:
+        store.put_reply(seq, encode_message(TransferReply(ready=False, reason=reason)))
+        store.forget(seq)
+
+    @staticmethod
+    def _ready(store: PairStore, seq: int) -> None:
+        store.put_reply(seq, encode_message(TransferReply(ready=True)))
+        store.forget(seq)  # while the blocks travel
 
     def _check_header(self, header: TransferHeader, seq: int) -> None:
         layout = self.layout

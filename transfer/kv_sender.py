@@ -264,9 +264,7 @@ class KvSender:
                 continue
             try:
                 pair.next_seq = seq + 1
-                reply = decode_message(
-                    pair.store.wait_reply(seq, self.config.timeout_s), TransferReply
-                )
+                reply = decode_message(pair.store.read_reply(seq), TransferReply)
                 if reply.ready:
                     num_bytes = send_blocks(
                         pair.process_group,
@@ -275,9 +273,7 @@ class KvSender:
                         plan,
                         timeout_s=self.config.timeout_s,
                     )
-                    ack = decode_message(
-                        pair.store.wait_ack(seq, self.config.timeout_s), TransferAck
-                    )
+                    ack = decode_message(pair.store.read_ack(seq), TransferAck)
             except TransferError:
                 self._end_pair(link)
                 raise

@@ -28,7 +28,7 @@ def test_generate_disaggregated_prints_the_colocated_completion(model: str) -> N
     command += ("--temperature", "0", "--max-tokens", "12")
     colocated = _fairgate(*command)
     assert colocated.returncode == 0, colocated.stderr
-    disaggregated = _fairgate(*command, "--disaggregated")
+    disaggregated = _fairgate("-v", *command, "--disaggregated")
     assert disaggregated.returncode == 0, disaggregated.stderr
     assert disaggregated.stdout == colocated.stdout
     assert colocated.stdout.strip()

@@ -32,8 +32,8 @@ def random_cache(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch
 def block_digest(cache: torch.Tensor, block_ids: list[int]) -> tuple[int, str]:
     """(size, SHA-256) of the bytes of ``block_ids`` across all layers, keys and values, in
     order. A digest, not the bytes: a destination's callbacks must not block on a full pipe."""
-    index = torch.tensor(block_ids, dtype=torch.int64)
-    data = cache[:, :, index].contiguous().view(torch.uint8).numpy().tobytes()
+    index = torch.tensor(block_ids, dtype=torch.int64, device=cache.device)
+    data = cache[:, :, index].contiguous().view(torch.uint8).cpu().numpy().tobytes()
     return len(data), hashlib.sha256(data).hexdigest()
 
 
@@ -77,13 +77,14 @@ def run_receiver(
     port: int,
     failpoints: str,
     timeout_s: float,
+    device: str = "cpu",
 ) -> None:
     from transfer.kv_layout import layout_of
     from transfer.kv_receiver import KvReceiver, ReceiverConfig
 
     logging.basicConfig(level=logging.INFO)
     _arm_failpoints(conn, failpoints)
-    cache = torch.zeros(shape, dtype=getattr(torch, dtype_name))
+    cache = torch.zeros(shape, dtype=getattr(torch, dtype_name), device=device)
     receiver = KvReceiver(
         cache,
         layout_of(cache, model_id),

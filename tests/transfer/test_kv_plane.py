@@ -59,11 +59,12 @@ def start_receiver(
     model_id: str = "m",
     port: int = 0,
     failpoints: str = "",
+    device: str = "cpu",
 ) -> tuple[Peer, int]:
     ours, theirs = CONTEXT.Pipe()
     process = CONTEXT.Process(
         target=run_receiver,
-        args=(theirs, shape, dtype, model_id, port, failpoints, TIMEOUT_S),
+        args=(theirs, shape, dtype, model_id, port, failpoints, TIMEOUT_S, device),
         daemon=True,
     )
     process.start()
@@ -236,5 +237,25 @@ def test_sender_killed_mid_transfer_fails_the_landing_and_a_new_sender_pairs(
         assert result.error is None, result.error
         receiver.expect("claimed")
         assert receiver.expect("landed")[2] == block_digest(cache, list(range(30)))
+    finally:
+        sender.kv.stop()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL pairs need two CUDA devices")
+def test_nccl_blocks_land_bitwise_equal_between_gpus(peers: list[Peer]) -> None:
+    """KV on CUDA travels over NCCL (one process, one GPU each: NCCL refuses two ranks on one
+    device)."""
+    shape = (2, 30, 64, 16, 3, 64)
+    receiver, port = start_receiver(shape, "bfloat16", device="cuda:1")
+    peers.append(receiver)
+    cache = random_cache(shape, torch.bfloat16, seed=7).to("cuda:0")
+    sender = Sender(cache, min_direct=3)
+    try:
+        src, dst = [*range(10, 30), 3, 50, 41], [*range(0, 20), 40, 33, 21]
+        result = sender.send("nccl", port, src, dst)
+        assert result.error is None, result.error
+        receiver.expect("claimed")
+        assert receiver.expect("landed")[2] == block_digest(cache, src)
     finally:
         sender.kv.stop()

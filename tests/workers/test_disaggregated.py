@@ -21,7 +21,7 @@ from tests.workers.conftest import (
     worker_load,
 )
 from transfer.client import DecodeClient, PrefillClient, run_disaggregated
-from transfer.errors import NoRoomError
+from transfer.errors import NoRoomError, RequestAborted
 from transfer.messages import DecodeRequest, Reserved, SamplingSpec
 
 NUM_REQUESTS = 16
@@ -154,13 +154,30 @@ async def test_reservations_beyond_the_cache_are_refused_as_no_room(
     is refused at once with 503 no_room; closing the streams gives every block back."""
     decode_url = workers["decode"][0].http_url
     long_prompt = list(range(100, 2000))
-    async with contextlib.AsyncExitStack() as streams, DecodeClient(decode_url) as client:
+    async with contextlib.AsyncExitStack() as stack, DecodeClient(decode_url) as client:
+        streams = []  # held: a dropped stream closes its connection, which aborts the request
         for index in range(4):
-            stream = await streams.enter_async_context(
+            stream = await stack.enter_async_context(
                 client.decode(DecodeRequest(f"hold-{index}", long_prompt))
             )
             assert isinstance(await stream.next(), Reserved)
+            streams.append(stream)
         with pytest.raises(NoRoomError, match="no room for 1901 tokens"):
             async with client.decode(DecodeRequest("one-too-many", long_prompt)):
                 pass
+    await _wait_until_no_blocks_held(workers)
+
+
+async def test_abort_ends_a_waiting_stream_and_frees_its_reservation(
+    workers: dict[str, list[WorkerProcess]],
+) -> None:
+    decode_url = workers["decode"][1].http_url
+    async with DecodeClient(decode_url) as client:
+        async with client.decode(DecodeRequest("to-abort", list(range(100, 400)))) as stream:
+            assert isinstance(await stream.next(), Reserved)
+            assert await client.abort("to-abort")
+            with pytest.raises(RequestAborted, match="to-abort was aborted"):
+                await stream.next()
+        assert not await client.abort("to-abort")  # gone
+        assert not await client.abort("never-seen")
     await _wait_until_no_blocks_held(workers)
