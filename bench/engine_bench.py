@@ -14,9 +14,7 @@ generation lengths, so the prompt's cost cancels out.
 from __future__ import annotations
 
 import functools
-import json
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from typing import Any
 
 import torch
 
+from bench.report import log, print_result
 from engine.engine import EngineConfig
 from engine.loader import LoadedEngine, Precision, load_engine
 from engine.sequence import SamplingParams
@@ -33,10 +32,6 @@ __all__ = ["measure_mem_read_gbps", "run_engine_bench"]
 
 PREFILL_TOKENS = 512
 DECODE_PROMPT_TOKENS = 64
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def measure_mem_read_gbps(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -125,7 +120,7 @@ def _measure(
         if label == "b1":
             bandwidths.append(measure_mem_read_gbps())
     figures["mem_read_gbps"] = max(bandwidths)
-    _log(", ".join(f"{k} {v:.1f}" for k, v in figures.items()))
+    log(", ".join(f"{k} {v:.1f}" for k, v in figures.items()))
     return figures
 
 
@@ -160,7 +155,7 @@ def run_engine_bench(
     repeats = 2 if quick else 4
     short, long = (4, 20) if quick else (8, 72)
     threads = torch.get_num_threads()
-    _log(f"bench engine: {spec.model_id}, {threads} threads, device {device}")
+    log(f"bench engine: {spec.model_id}, {threads} threads, device {device}")
 
     # No prefix cache: every repeat must compute its prompt again.
     loaded = load_engine(
@@ -192,9 +187,5 @@ def run_engine_bench(
     )
     for name in ("prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_b16"):
         result[f"ratio_{name}"] = result[f"ours_{name}"] / result[f"hf_{name}"]
-    line = json.dumps(result, sort_keys=True)
-    if output is not None:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(line + "\n")
-    print(line)
+    print_result(result, output)
     return 0

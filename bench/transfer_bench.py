@@ -21,20 +21,18 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import json
 import multiprocessing
 import queue
 import random
 import statistics
-import sys
 import time
 import uuid
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.report import log, print_result
 from engine.config import ModelConfig, load_config
 from engine.loader import resolve_precision
 from engine.model_store import resolve_model
@@ -52,12 +50,19 @@ TTFT_PROMPT_TOKENS = 1024
 TIMEOUT_S = 120.0
 
 
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def _cache_shape(config: ModelConfig, num_blocks: int) -> tuple[int, ...]:
     return (2, config.num_layers, num_blocks, BLOCK_SIZE, config.num_kv_heads, config.head_dim)
+
+
+def _raw_group(store: Any, *, rank: int, device: torch.device) -> Any:
+    """The baseline's own 2-rank group (rank 0 sends), beside the pair the sender makes."""
+    return create_process_group(
+        PrefixStore("bench/raw/pg", store),
+        rank=rank,
+        backend=backend_for(device),
+        host="127.0.0.1",
+        timeout_s=TIMEOUT_S,
+    )
 
 
 # ---- the receiving process ----------------------------------------------------------------------
@@ -73,7 +78,7 @@ class _Sink:
         pass
 
     def failed(self, header: TransferHeader, error: TransferError) -> None:
-        _log(f"bench transfer: the receiver failed {header.request_id}: {error}")
+        log(f"bench transfer: the receiver failed {header.request_id}: {error}")
 
 
 def _receiver_main(
@@ -87,13 +92,7 @@ def _receiver_main(
     receiver.start()
     conn.send(receiver.port)
     store = connect_store("127.0.0.1", receiver.port, TIMEOUT_S)
-    raw_group = create_process_group(
-        PrefixStore("bench/raw/pg", store),
-        rank=1,
-        backend=backend_for(cache.device),
-        host="127.0.0.1",
-        timeout_s=TIMEOUT_S,
-    )
+    raw_group = _raw_group(store, rank=1, device=cache.device)
     raw = torch.zeros(raw_bytes, dtype=torch.uint8)
     timeout = datetime.timedelta(seconds=TIMEOUT_S)
     while True:
@@ -121,7 +120,7 @@ def _transfer_figures(sizes: list[int], rounds: int) -> dict[str, Any]:
     cache = torch.randn(shape, dtype=torch.float32).to(kv_dtype)
     max_bytes = cache.numel() * cache.element_size()
     dtype_name = str(kv_dtype).removeprefix("torch.")
-    _log(f"bench transfer: KV {shape} {dtype_name}, sizes {sizes}, {rounds} rounds")
+    log(f"bench transfer: KV {shape} {dtype_name}, sizes {sizes}, {rounds} rounds")
 
     context = multiprocessing.get_context("spawn")
     ours_end, theirs_end = context.Pipe()
@@ -137,13 +136,7 @@ def _transfer_figures(sizes: list[int], rounds: int) -> dict[str, Any]:
             cache, layout_of(cache, spec.model_id), "bench", SenderConfig(timeout_s=TIMEOUT_S)
         )
         store = connect_store("127.0.0.1", port, TIMEOUT_S)
-        raw_group = create_process_group(
-            PrefixStore("bench/raw/pg", store),
-            rank=0,
-            backend=backend_for(cache.device),
-            host="127.0.0.1",
-            timeout_s=TIMEOUT_S,
-        )
+        raw_group = _raw_group(store, rank=0, device=cache.device)
         raw = torch.ones(max_bytes, dtype=torch.uint8)
         figures: dict[str, Any] = {}
         for num_tokens in sizes:
@@ -216,7 +209,7 @@ def _one_size(
         "transfer_gbps_scattered": gbps["scattered"],
         "ratio_scattered": gbps["scattered"] / gbps["raw"],
     }
-    _log(f"  {num_tokens} tokens: " + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()))
+    log(f"  {num_tokens} tokens: " + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()))
     return figures
 
 
@@ -239,7 +232,7 @@ async def _ttft_figures(rounds: int) -> dict[str, float]:
     from deploy.launcher import WorkerSpec, start_workers
     from transfer.client import DecodeClient, PrefillClient, run_disaggregated
 
-    _log("bench transfer: starting a prefill, a decode and a colocated worker (default model)")
+    log("bench transfer: starting a prefill, a decode and a colocated worker (default model)")
     workers = start_workers([WorkerSpec("prefill"), WorkerSpec("decode"), WorkerSpec("colocated")])
     rng = random.Random(0)
     sampling = SamplingSpec(max_tokens=2, temperature=0, ignore_eos=True)
@@ -276,7 +269,7 @@ async def _ttft_figures(rounds: int) -> dict[str, float]:
             worker.stop()
     disagg_ms = statistics.median(seconds["disagg"]) * 1e3
     colocated_ms = statistics.median(seconds["colocated"]) * 1e3
-    _log(
+    log(
         f"  TTFT ({TTFT_PROMPT_TOKENS} tokens): disagg {disagg_ms:.0f} ms, "
         f"colocated {colocated_ms:.0f} ms"
     )
@@ -293,9 +286,5 @@ def run_transfer_bench(*, quick: bool = False, output: str | None = None) -> int
     result: dict[str, Any] = {"quick": quick}
     result["transfer"] = _transfer_figures(sizes, rounds=2 if quick else 5)
     result |= asyncio.run(_ttft_figures(rounds=1 if quick else 3))
-    line = json.dumps(result, sort_keys=True)
-    if output is not None:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(line + "\n")
-    print(line)
+    print_result(result, output)
     return 0

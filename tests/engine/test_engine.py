@@ -8,17 +8,8 @@ import pytest
 import torch
 
 from engine.engine import EngineConfig, LLMEngine
-from engine.runner import ModelRunner
 from engine.sequence import SamplingParams
-from engine.tiny import tiny_config, tiny_state_dict
-
-VOCAB_SIZE = 512
-BLOCK_SIZE = 4
-
-
-@pytest.fixture(scope="module")
-def weights() -> dict[str, torch.Tensor]:
-    return tiny_state_dict(tiny_config(VOCAB_SIZE), seed=0)
+from tests.engine.tiny_engines import VOCAB_SIZE, tiny_runner
 
 
 def _engine(
@@ -28,9 +19,7 @@ def _engine(
     config: EngineConfig | None = None,
     eos_token_ids: tuple[int, ...] = (),
 ) -> LLMEngine:
-    runner = ModelRunner(
-        tiny_config(VOCAB_SIZE), weights, num_blocks=num_blocks, block_size=BLOCK_SIZE
-    )
+    runner = tiny_runner(weights, num_blocks=num_blocks)
     return LLMEngine(runner, config, eos_token_ids=eos_token_ids)
 
 

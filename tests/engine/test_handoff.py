@@ -12,23 +12,13 @@ import torch
 from engine.engine import EngineConfig, LLMEngine
 from engine.runner import ModelRunner
 from engine.sequence import SamplingParams, SequenceStatus, StepOutput
-from engine.tiny import tiny_config, tiny_state_dict
-
-VOCAB_SIZE = 512
-BLOCK_SIZE = 4
-
-
-@pytest.fixture(scope="module")
-def weights() -> dict[str, torch.Tensor]:
-    return tiny_state_dict(tiny_config(VOCAB_SIZE), seed=0)
+from tests.engine.tiny_engines import BLOCK_SIZE, VOCAB_SIZE, tiny_runner
 
 
 def _engine(
     weights: dict[str, torch.Tensor], *, num_blocks: int = 128, max_num_seqs: int = 64
 ) -> tuple[LLMEngine, ModelRunner]:
-    runner = ModelRunner(
-        tiny_config(VOCAB_SIZE), weights, num_blocks=num_blocks, block_size=BLOCK_SIZE
-    )
+    runner = tiny_runner(weights, num_blocks=num_blocks)
     return LLMEngine(runner, EngineConfig(max_num_seqs=max_num_seqs)), runner
 
 
