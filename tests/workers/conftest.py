@@ -45,6 +45,32 @@ async def disaggregated(
         return output
 
 
+async def over_all_pairs(
+    prefill: Sequence[WorkerProcess],
+    decode: Sequence[WorkerProcess],
+    prompts: list[list[int]],
+    sampling: SamplingSpec,
+    *,
+    name: str,
+) -> list[list[int]]:
+    """Every prompt at once, spread over every (prefill, decode) pair in turn."""
+    pairs = [(p, d) for d in decode for p in prefill]
+    return list(
+        await asyncio.gather(
+            *(
+                disaggregated(
+                    pairs[index % len(pairs)][0].http_url,
+                    pairs[index % len(pairs)][1].http_url,
+                    f"{name}-{index}",
+                    prompt,
+                    sampling,
+                )
+                for index, prompt in enumerate(prompts)
+            )
+        )
+    )
+
+
 async def colocated(
     url: str, request_id: str, prompt: list[int], sampling: SamplingSpec
 ) -> list[int]:

@@ -4,14 +4,12 @@ engine serving each request alone."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from deploy.launcher import WorkerSpec
 from engine.loader import load_engine
 from engine.sequence import SamplingParams
-from tests.workers.conftest import Launch, disaggregated, wait_for_idle
+from tests.workers.conftest import Launch, over_all_pairs, wait_for_idle
 from transfer.messages import SamplingSpec
 
 pytestmark = pytest.mark.slow
@@ -52,22 +50,11 @@ async def test_sixteen_requests_over_two_by_two_workers_equal_the_engine(
         for q in QUESTIONS
     ]
     sampling = SamplingSpec(max_tokens=MAX_TOKENS, temperature=0)
-    outputs = await asyncio.gather(
-        *(
-            disaggregated(
-                prefill[index % 2].http_url,
-                decode[(index // 2) % 2].http_url,
-                f"smollm2-{index}",
-                prompt,
-                sampling,
-            )
-            for index, prompt in enumerate(prompts)
-        )
-    )
+    outputs = await over_all_pairs(prefill, decode, prompts, sampling, name="smollm2")
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
     colocated = loaded.engine.generate(prompts, params)
     alone = [loaded.engine.generate([prompt], params)[0] for prompt in prompts]
-    assert list(outputs) == colocated == alone
+    assert outputs == colocated == alone
     answer = loaded.tokenizer.decode(outputs[0], skip_special_tokens=True)
     assert "Paris" in answer
     for worker in workers:

@@ -17,6 +17,7 @@ from tests.workers.conftest import (
     Launch,
     colocated,
     disaggregated,
+    over_all_pairs,
     wait_for_idle,
     worker_load,
 )
@@ -46,21 +47,8 @@ def _prompts(seed: int, count: int = NUM_REQUESTS) -> list[list[int]]:
 async def _all_disaggregated(
     workers: dict[str, list[WorkerProcess]], prompts: list[list[int]], sampling: SamplingSpec
 ) -> list[list[int]]:
-    prefill, decode = workers["prefill"], workers["decode"]
-    return list(
-        await asyncio.gather(
-            *(
-                # every (prefill, decode) pair gets four requests
-                disaggregated(
-                    prefill[index % 2].http_url,
-                    decode[(index // 2) % 2].http_url,
-                    f"disagg-{index}",
-                    prompt,
-                    sampling,
-                )
-                for index, prompt in enumerate(prompts)
-            )
-        )
+    return await over_all_pairs(
+        workers["prefill"], workers["decode"], prompts, sampling, name="disagg"
     )
 
 
