@@ -63,6 +63,7 @@ Store = Any
 CLOSED = b"\x00fairgate:closed"
 HELLO_COUNTER = "fairgate/hello/next"  # pair requests take numbered slots from this counter
 STAGING_SLOTS = 8  # staging buffers per side for the staged (rest) messages of a transfer
+RECV_WINDOW = 256  # receives posted ahead of the one being waited for
 
 
 def translate_dist_error(exc: BaseException, what: str) -> TransferError:
@@ -240,8 +241,9 @@ def send_blocks(
     *,
     timeout_s: float,
 ) -> int:
-    """Send the plan's messages to rank 1; returns bytes sent. Direct messages are all in flight
-    at once (they need no memory); staged ones take turns in ``STAGING_SLOTS`` buffers."""
+    """Send the plan's messages to rank 1, in order; returns bytes sent. Direct messages are all
+    in flight at once (they need no memory); staged ones take turns in ``STAGING_SLOTS``
+    buffers, each gathered again only after its previous send completed."""
     num_layers = kv_cache.shape[1]
     staging = _Staging(kv_cache, len(plan.rest))
     rest_ids = torch.tensor(
@@ -282,45 +284,52 @@ def recv_blocks(
     timeout_s: float,
     on_posted: Callable[[], None],
 ) -> int:
-    """Receive the plan's messages from rank 0 into the cache; returns bytes received. Every
-    direct receive is posted before ``on_posted`` runs (it tells the sender to go), and the first
-    ``STAGING_SLOTS`` staged ones; each later staged receive once a buffer is scattered."""
-    num_layers = kv_cache.shape[1]
-    messages = list(plan.messages(num_layers))
-    staged_messages = [message for message in messages if message.is_rest]
+    """Receive the plan's messages from rank 0 into the cache; returns bytes received.
+
+    Receives are posted in message order (NCCL matches sends and receives by order, not by tag),
+    up to ``RECV_WINDOW`` ahead of the one being waited for and stopping at a staged message
+    whose buffer is still in use; ``on_posted`` runs once the first are posted (it tells the
+    sender to go). A staging buffer is scattered before the receive that reuses it is posted;
+    on CUDA the process group orders that receive after the scatter on the stream."""
+    messages = list(plan.messages(kv_cache.shape[1]))
     staging = _Staging(kv_cache, len(plan.rest))
     rest_ids = torch.tensor(
         [dst_block_ids[i] for i in plan.rest], dtype=torch.int64, device=kv_cache.device
     )
-    pending: dict[int, tuple[Any, torch.Tensor]] = {}
+    pending: collections.deque[tuple[Any, torch.Tensor]] = collections.deque()
+    num_posted = num_staged_posted = num_staged_done = 0
 
-    def post(message: KvMessage, tensor: torch.Tensor) -> None:
-        try:
-            work = process_group.recv([tensor], 0, message.index + 1)
-        except RuntimeError as exc:
-            raise translate_dist_error(exc, "receiving KV blocks") from exc
-        pending[message.index] = (work, tensor)
+    def post_more(num_done: int) -> None:
+        nonlocal num_posted, num_staged_posted
+        while num_posted < len(messages) and num_posted < num_done + RECV_WINDOW:
+            message = messages[num_posted]
+            if message.is_rest:
+                if num_staged_posted - num_staged_done == STAGING_SLOTS:
+                    return
+                tensor = staging.get(num_staged_posted % STAGING_SLOTS)
+                num_staged_posted += 1
+            else:
+                tensor = _direct_view(kv_cache, dst_block_ids, message)
+            try:
+                work = process_group.recv([tensor], 0, message.index + 1)
+            except RuntimeError as exc:
+                raise translate_dist_error(exc, "receiving KV blocks") from exc
+            pending.append((work, tensor))
+            num_posted += 1
 
-    for message in messages:
-        if not message.is_rest:
-            post(message, _direct_view(kv_cache, dst_block_ids, message))
-    for slot, message in enumerate(staged_messages[:STAGING_SLOTS]):
-        post(message, staging.get(slot))
+    post_more(0)
     on_posted()
     num_bytes = 0
-    num_staged = 0
-    for message in messages:
-        work, tensor = pending.pop(message.index)
+    for num_done, message in enumerate(messages, start=1):
+        work, tensor = pending.popleft()
         _wait(work, timeout_s, "receiving KV blocks")
         num_bytes += tensor.numel() * tensor.element_size()
         if message.is_rest:
             kv_cache[message.kv, message.layer].index_copy_(0, rest_ids, tensor)
-            following = num_staged + STAGING_SLOTS
-            if following < len(staged_messages):
-                post(staged_messages[following], tensor)  # the buffer just scattered
-            num_staged += 1
+            num_staged_done += 1
         if message.index == 0:
             failpoint("kv.recv.mid_transfer")
+        post_more(num_done)
     if kv_cache.device.type == "cuda":
         torch.cuda.current_stream(kv_cache.device).synchronize()  # landed means visible
     return num_bytes
