@@ -26,6 +26,7 @@ import torch
 from bench.report import log, print_result
 from engine.engine import EngineConfig
 from engine.loader import LoadedEngine, Precision, load_engine
+from engine.runner import ModelRunner
 from engine.sequence import SamplingParams
 
 __all__ = ["measure_mem_read_gbps", "run_engine_bench"]
@@ -165,6 +166,7 @@ def run_engine_bench(
         engine_config=EngineConfig(enable_prefix_cache=False),
     )
     runner = loaded.runner
+    assert isinstance(runner, ModelRunner)
     vocab_size = runner.config.vocab_size
     prompts_b16 = _random_prompts(16, DECODE_PROMPT_TOKENS, vocab_size, seed=2)
     prompts = _BenchPrompts(

@@ -96,7 +96,7 @@ class DecodeService(WorkerService):
     role: ClassVar[WorkerRole] = "decode"
 
     def on_loaded(self, loaded: LoadedEngine, thread: EngineThread) -> None:
-        kv_cache = loaded.runner.kv_cache
+        kv_cache = loaded.kv_cache
         self._thread = thread
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}

@@ -8,8 +8,9 @@ from typing import Literal
 
 import torch
 
-from engine.engine import EngineConfig, LLMEngine
+from engine.engine import EngineConfig, LLMEngine, Runner
 from engine.model_store import ModelSpec, resolve_model, tokenizer_path
+from engine.null_engine import NullEngineConfig, create_null_engine
 from engine.runner import ModelRunner, kv_bytes_per_token
 from engine.tiny import tiny_config, tiny_state_dict
 from engine.tokenizer import Tokenizer
@@ -23,9 +24,13 @@ logger = logging.getLogger(__name__)
 @dataclass(slots=True)
 class LoadedEngine:
     engine: LLMEngine
-    runner: ModelRunner
+    runner: Runner
     tokenizer: Tokenizer
     model_id: str
+    # [2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]: what the KV data plane
+    # moves. The null engine's is a real tensor with one layer and one 1-wide head, so its
+    # transfers run the whole data plane on a few bytes per block.
+    kv_cache: torch.Tensor
 
 
 Precision = Literal["auto", "float32", "bfloat16", "float16"]
@@ -68,6 +73,8 @@ def load_engine(
     torch_device = torch.device(device)
     dtype, batched_dtype = resolve_precision(precision, torch_device)
     tokenizer = Tokenizer.load(tokenizer_path(spec))
+    if spec.kind == "null":
+        return _load_null_engine(spec, tokenizer, block_size, num_blocks, engine_config)
     if spec.kind == "tiny":
         config = tiny_config(tokenizer.vocab_size)
         state_dict = tiny_state_dict(config)
@@ -98,4 +105,22 @@ def load_engine(
         num_blocks,
         block_size,
     )
-    return LoadedEngine(engine, runner, tokenizer, spec.model_id)
+    return LoadedEngine(engine, runner, tokenizer, spec.model_id, runner.kv_cache)
+
+
+def _load_null_engine(
+    spec: ModelSpec,
+    tokenizer: Tokenizer,
+    block_size: int,
+    num_blocks: int | None,
+    engine_config: EngineConfig | None,
+) -> LoadedEngine:
+    config = NullEngineConfig(
+        vocab_size=tokenizer.vocab_size,
+        block_size=block_size,
+        num_blocks=num_blocks or NullEngineConfig().num_blocks,
+    )
+    engine = create_null_engine(config, engine_config, eos_token_ids=tokenizer.stop_token_ids)
+    kv_cache = torch.zeros(2, 1, config.num_blocks, block_size, 1, 1)
+    logger.info("loaded the null engine: %d KV blocks of %d tokens", config.num_blocks, block_size)
+    return LoadedEngine(engine, engine.runner, tokenizer, spec.model_id, kv_cache)

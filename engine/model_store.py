@@ -59,9 +59,10 @@ class ModelNotFoundError(FileNotFoundError):
 
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
-    """A resolved ``--model``: a file or directory on disk, or the built-in tiny random model."""
+    """A resolved ``--model``: a file or directory on disk, the built-in tiny random model, or
+    the ``null`` engine (no model: deterministic tokens at a set speed, for load tests)."""
 
-    kind: Literal["path", "tiny"]
+    kind: Literal["path", "tiny", "null"]
     model_id: str
     path: Path | None = None
 
@@ -149,7 +150,8 @@ def pull_default_model(*, progress: bool = True, force: bool = False) -> Path:
 
 
 def resolve_model(name: str, *, pull: bool = True) -> ModelSpec:
-    """``default`` (pulled on first use), ``tiny``, or a path to a GGUF file or HF directory."""
+    """``default`` (pulled on first use), ``tiny``, ``null``, or a path to a GGUF file or HF
+    directory."""
     if name == "default":
         path = default_model_path()
         if not path.is_file():
@@ -161,21 +163,23 @@ def resolve_model(name: str, *, pull: bool = True) -> ModelSpec:
         return ModelSpec("path", DEFAULT_MODEL.model_id, path)
     if name == "tiny":
         return ModelSpec("tiny", "tiny-random-llama")
+    if name == "null":
+        return ModelSpec("null", "null")
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return ModelSpec("path", path.stem, path)
     if path.is_dir() and (path / "config.json").is_file():
         return ModelSpec("path", path.name, path)
     raise ModelNotFoundError(
-        f"model {name!r} is neither 'default', 'tiny', a .gguf file nor an HF directory with "
-        "config.json"
+        f"model {name!r} is neither 'default', 'tiny', 'null', a .gguf file nor an HF directory "
+        "with config.json"
     )
 
 
 def tokenizer_path(spec: ModelSpec) -> Path:
-    """Where the model's tokenizer lives: its own file or directory; the tiny model borrows the
-    default model's, so it speaks real text."""
-    if spec.kind == "tiny":
+    """Where the model's tokenizer lives: its own file or directory; the tiny model and the null
+    engine borrow the default model's, so they speak real text."""
+    if spec.kind in ("tiny", "null"):
         spec = resolve_model("default")
     assert spec.path is not None
     return spec.path

@@ -51,7 +51,7 @@ class PrefillService(WorkerService):
     role = "prefill"
 
     def on_loaded(self, loaded: LoadedEngine, thread: EngineThread) -> None:
-        kv_cache = loaded.runner.kv_cache
+        kv_cache = loaded.kv_cache
         self._thread = thread
         self._transferring: set[str] = set()  # engine thread only
         self.sender = KvSender(
