@@ -1,0 +1,478 @@
+"""``SQLiteStore``: tenants, API keys and the usage ledger in one SQLite file (``TenantStore``).
+
+Threading: SQLite allows one writer at a time, and the stdlib ``sqlite3`` module blocks. So the
+store owns ONE connection, opened, used and closed by ONE dedicated thread (a single-worker
+``ThreadPoolExecutor``); every coroutine hands its work to that thread with
+``loop.run_in_executor`` and awaits it. The event loop never waits on disk or on a lock, and the
+writes are serialized by the thread's queue instead of contending for SQLite's write lock (no
+``SQLITE_BUSY`` between our own calls). Each unit of work that writes is one transaction.
+
+Schema: ``MIGRATIONS[i]`` moves the schema from version ``i`` to ``i + 1``; the version lives in
+``PRAGMA user_version``. ``open`` applies the missing ones, each in its own transaction, and
+refuses (``SchemaTooNew``) a file written by a newer fairgate. Migrations are only appended.
+
+Keys: the secret is shown once (``CreatedKey``) and stored only as its SHA-256. Torch-free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+from gateway.errors import Conflict, NotFound
+from gateway.tenants import (
+    ApiKey,
+    BudgetPeriod,
+    CreatedKey,
+    KeySpec,
+    Quotas,
+    Tenant,
+    TenantPatch,
+    TenantSpec,
+    Usage,
+    UsageDelta,
+    period_of,
+)
+from transfer.errors import FairgateError
+
+__all__ = ["BUSY_TIMEOUT_MS", "MIGRATIONS", "SQLiteStore", "SchemaTooNew"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT_MS = 5_000  # another process (e.g. a backup) holding the lock: wait this long
+SECRET_PREFIX = "fg-"
+DISPLAY_PREFIX_LEN = len(SECRET_PREFIX) + 8  # "fg-" + 8 characters, shown in listings
+PERIOD_KINDS: tuple[BudgetPeriod, ...] = ("day", "month")
+
+MIGRATIONS: list[str] = [
+    # 0 -> 1: tenants, their keys, their usage per day and per month.
+    """
+    CREATE TABLE tenants (
+        tenant_id       TEXT PRIMARY KEY,
+        name            TEXT NOT NULL UNIQUE,
+        weight          REAL NOT NULL,
+        default_class   TEXT NOT NULL,
+        allowed_classes TEXT NOT NULL,  -- JSON list of class names
+        quotas          TEXT NOT NULL,  -- JSON of gateway.tenants.Quotas
+        over_quota      TEXT NOT NULL CHECK (over_quota IN ('reject', 'demote')),
+        created_at      REAL NOT NULL
+    );
+    CREATE TABLE api_keys (
+        key_id     TEXT PRIMARY KEY,
+        tenant_id  TEXT NOT NULL REFERENCES tenants (tenant_id) ON DELETE CASCADE,
+        key_hash   TEXT NOT NULL UNIQUE,  -- SHA-256 hex of the secret; the secret is not kept
+        prefix     TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        revoked_at REAL
+    );
+    CREATE INDEX api_keys_prefix ON api_keys (prefix);
+    CREATE INDEX api_keys_tenant ON api_keys (tenant_id);
+    CREATE TABLE usage (
+        tenant_id         TEXT NOT NULL REFERENCES tenants (tenant_id) ON DELETE CASCADE,
+        period_kind       TEXT NOT NULL CHECK (period_kind IN ('day', 'month')),
+        period            TEXT NOT NULL,  -- YYYY-MM-DD or YYYY-MM (UTC)
+        requests          INTEGER NOT NULL DEFAULT 0,
+        prompt_tokens     INTEGER NOT NULL DEFAULT 0,
+        cached_tokens     INTEGER NOT NULL DEFAULT 0,
+        completion_tokens INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (tenant_id, period_kind, period)
+    );
+    """,
+]
+
+_TENANT_COLUMNS = (
+    "tenant_id, name, weight, default_class, allowed_classes, quotas, over_quota, created_at"
+)
+_KEY_COLUMNS = "key_id, tenant_id, prefix, name, created_at, revoked_at"  # ApiKey's fields
+_USAGE_COLUMNS = "period, requests, prompt_tokens, cached_tokens, completion_tokens"
+
+
+class SchemaTooNew(FairgateError):
+    """The database was written by a newer fairgate (its schema version is unknown here)."""
+
+    code = "store_schema_too_new"
+
+
+class SQLiteStore:
+    """``TenantStore`` on one SQLite file. Build it with ``await SQLiteStore.open(path)``; every
+    method is safe to call from any task on the loop that opened it; ``close`` ends it."""
+
+    def __init__(self, executor: ThreadPoolExecutor, connection: sqlite3.Connection) -> None:
+        self._executor = executor
+        self._connection = connection  # touched only on the executor's thread
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str]) -> SQLiteStore:
+        """Opens (creating it and its directory if needed) and migrates the database at ``path``."""
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fairgate-store")
+        loop = asyncio.get_running_loop()
+        try:
+            connection = await loop.run_in_executor(executor, _connect, Path(path))
+        except BaseException:
+            executor.shutdown(wait=True)
+            raise
+        return cls(executor, connection)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._connection.close)
+        self._executor.shutdown(wait=True)
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:
+            raise RuntimeError("the tenant store is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, work, self._connection)
+
+    # Tenants
+
+    async def create_tenant(self, spec: TenantSpec) -> Tenant:
+        tenant = Tenant(
+            tenant_id="tn_" + secrets.token_hex(8),
+            name=spec.name,
+            weight=spec.weight,
+            default_class=spec.default_class,
+            allowed_classes=list(spec.allowed_classes),
+            quotas=spec.quotas,
+            over_quota=spec.over_quota,
+            created_at=time.time(),
+        )
+
+        def work(db: sqlite3.Connection) -> Tenant:
+            with _transaction(db):
+                _check_name_free(db, tenant.name, tenant.tenant_id)
+                db.execute(
+                    f"INSERT INTO tenants ({_TENANT_COLUMNS}) VALUES"
+                    " (:tenant_id, :name, :weight, :default_class, :allowed_classes, :quotas,"
+                    " :over_quota, :created_at)",
+                    _tenant_values(tenant),
+                )
+            return tenant
+
+        return await self._run(work)
+
+    async def get_tenant(self, tenant_id: str) -> Tenant:
+        """The tenant with this id or, failing that, this name."""
+        return await self._run(lambda db: _find_tenant(db, tenant_id))
+
+    async def list_tenants(self) -> list[Tenant]:
+        def work(db: sqlite3.Connection) -> list[Tenant]:
+            rows = db.execute(f"SELECT {_TENANT_COLUMNS} FROM tenants ORDER BY created_at, rowid")
+            return [_tenant(row) for row in rows]
+
+        return await self._run(work)
+
+    async def update_tenant(self, tenant_id: str, patch: TenantPatch) -> Tenant:
+        """Applies ``patch`` to the tenant with this id or name; unset fields stay."""
+
+        def work(db: sqlite3.Connection) -> Tenant:
+            with _transaction(db):
+                current = _find_tenant(db, tenant_id)
+                changes = {
+                    field: value
+                    for field in patch.__struct_fields__
+                    if (value := getattr(patch, field)) is not msgspec.UNSET
+                }
+                updated = msgspec.structs.replace(current, **changes)
+                if updated.name != current.name:
+                    _check_name_free(db, updated.name, current.tenant_id)
+                db.execute(
+                    "UPDATE tenants SET name = :name, weight = :weight,"
+                    " default_class = :default_class, allowed_classes = :allowed_classes,"
+                    " quotas = :quotas, over_quota = :over_quota WHERE tenant_id = :tenant_id",
+                    _tenant_values(updated),
+                )
+            return updated
+
+        return await self._run(work)
+
+    async def delete_tenant(self, tenant_id: str) -> None:
+        """Deletes the tenant with this id or name, its keys and its usage (by cascade)."""
+
+        def work(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                tenant = _find_tenant(db, tenant_id)
+                db.execute("DELETE FROM tenants WHERE tenant_id = ?", (tenant.tenant_id,))
+
+        await self._run(work)
+
+    # Keys
+
+    async def create_key(self, tenant_id: str, spec: KeySpec) -> CreatedKey:
+        """A new key for the tenant with this id or name; the secret is returned only here."""
+        secret = SECRET_PREFIX + secrets.token_urlsafe(32)  # 256 random bits
+        key_hash = _hash(secret)
+
+        def work(db: sqlite3.Connection) -> CreatedKey:
+            with _transaction(db):
+                tenant = _find_tenant(db, tenant_id)
+                key = ApiKey(
+                    key_id="key_" + secrets.token_hex(8),
+                    tenant_id=tenant.tenant_id,
+                    prefix=secret[:DISPLAY_PREFIX_LEN],
+                    name=spec.name,
+                    created_at=time.time(),
+                )
+                db.execute(
+                    f"INSERT INTO api_keys (key_hash, {_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (key_hash, *msgspec.structs.astuple(key)),
+                )
+            return CreatedKey(key=key, secret=secret)
+
+        return await self._run(work)
+
+    async def list_keys(
+        self, *, tenant_id: str | None = None, prefix: str | None = None
+    ) -> list[ApiKey]:
+        """Keys, oldest first: of one tenant (by id or name), whose display prefix starts with
+        ``prefix``, or both."""
+
+        def work(db: sqlite3.Connection) -> list[ApiKey]:
+            clauses: list[str] = []
+            params: list[Any] = []
+            if tenant_id is not None:
+                clauses.append("tenant_id = ?")
+                params.append(_find_tenant(db, tenant_id).tenant_id)
+            if prefix is not None:
+                # substr, not LIKE: '_' and '%' occur in url-safe secrets' prefixes.
+                clauses.append("substr(prefix, 1, ?) = ?")
+                params += [len(prefix), prefix]
+            where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+            rows = db.execute(
+                f"SELECT {_KEY_COLUMNS} FROM api_keys {where} ORDER BY created_at, rowid", params
+            )
+            return [_api_key(row) for row in rows]
+
+        return await self._run(work)
+
+    async def revoke_key(self, key_id: str) -> ApiKey:
+        """Revokes the key; revoking it again keeps the first ``revoked_at``."""
+
+        def work(db: sqlite3.Connection) -> ApiKey:
+            with _transaction(db):
+                db.execute(
+                    "UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) WHERE key_id = ?",
+                    (time.time(), key_id),
+                )
+                row = db.execute(
+                    f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,)
+                ).fetchone()
+            if row is None:
+                raise NotFound(f"API key {key_id!r} not found")
+            return _api_key(row)
+
+        return await self._run(work)
+
+    async def find_key(self, secret: str) -> tuple[ApiKey, Tenant] | None:
+        """The key whose secret this is (revoked keys included) and its tenant, or None."""
+        digest = _hash(secret)
+
+        def work(db: sqlite3.Connection) -> tuple[ApiKey, Tenant] | None:
+            row = db.execute(
+                f"SELECT {_KEY_COLUMNS}, key_hash FROM api_keys WHERE key_hash = ?", (digest,)
+            ).fetchone()
+            # The index lookup is not constant-time; confirm the match in constant time.
+            if row is None or not hmac.compare_digest(row[-1], digest):
+                return None
+            key = _api_key(row[:-1])
+            return key, _find_tenant(db, key.tenant_id)
+
+        return await self._run(work)
+
+    # Usage
+
+    async def record_usage(self, deltas: list[UsageDelta]) -> None:
+        """Adds each delta to its tenant's day and month rows, all in one transaction. Deltas of
+        a tenant deleted meanwhile are skipped: its ledger went with it, so they have nowhere to
+        go (and failing the whole batch would lose the other tenants' usage)."""
+
+        def work(db: sqlite3.Connection) -> None:
+            # Sum first: a batch holds many requests of few (tenant, period) rows.
+            totals: dict[tuple[str, BudgetPeriod, str], list[int]] = {}
+            for delta in deltas:
+                for kind in PERIOD_KINDS:
+                    row = totals.setdefault(
+                        (delta.tenant_id, kind, period_of(delta.at, kind)), [0] * 4
+                    )
+                    row[0] += delta.requests
+                    row[1] += delta.prompt_tokens
+                    row[2] += delta.cached_tokens
+                    row[3] += delta.completion_tokens
+            with _transaction(db):
+                tenant_ids = {tenant_id for tenant_id, _, _ in totals}
+                marks = ", ".join("?" * len(tenant_ids))
+                known = {
+                    row[0]
+                    for row in db.execute(
+                        f"SELECT tenant_id FROM tenants WHERE tenant_id IN ({marks})",
+                        list(tenant_ids),
+                    )
+                }
+                db.executemany(
+                    f"INSERT INTO usage (tenant_id, period_kind, {_USAGE_COLUMNS})"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (tenant_id, period_kind, period) DO UPDATE SET"
+                    " requests = requests + excluded.requests,"
+                    " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+                    " cached_tokens = cached_tokens + excluded.cached_tokens,"
+                    " completion_tokens = completion_tokens + excluded.completion_tokens",
+                    [(*key, *sums) for key, sums in totals.items() if key[0] in known],
+                )
+
+        if deltas:
+            await self._run(work)
+
+    async def usage(
+        self, tenant_id: str, kind: BudgetPeriod, *, period: str | None = None
+    ) -> list[Usage]:
+        """The tenant's (by id or name) usage per ``kind``, newest first; with ``period``, exactly
+        that period's row (zeros when nothing was recorded)."""
+
+        def work(db: sqlite3.Connection) -> list[Usage]:
+            found = _find_tenant(db, tenant_id).tenant_id
+            query = f"SELECT {_USAGE_COLUMNS} FROM usage WHERE tenant_id = ? AND period_kind = ?"
+            params: list[Any] = [found, kind]
+            if period is not None:
+                query += " AND period = ?"
+                params.append(period)
+            rows = db.execute(query + " ORDER BY period DESC", params).fetchall()
+            if period is not None and not rows:
+                rows = [(period, 0, 0, 0, 0)]
+            return [Usage(found, *row) for row in rows]
+
+        return await self._run(work)
+
+    async def total_tokens(self, tenant_id: str, kind: BudgetPeriod, period: str) -> int:
+        """Prompt + completion tokens of the tenant (by id) in that one period; 0 if none."""
+
+        def work(db: sqlite3.Connection) -> int:
+            row = db.execute(
+                "SELECT prompt_tokens + completion_tokens FROM usage"
+                " WHERE tenant_id = ? AND period_kind = ? AND period = ?",
+                (tenant_id, kind, period),
+            ).fetchone()
+            return 0 if row is None else int(row[0])
+
+        return await self._run(work)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """Runs on the store's thread: opens, configures and migrates the database."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # isolation_level=None: no implicit transactions; ``_transaction`` says where they are.
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.execute("PRAGMA foreign_keys = ON")
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        _migrate(db, path)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _migrate(db: sqlite3.Connection, path: Path) -> None:
+    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if version > len(MIGRATIONS):
+        raise SchemaTooNew(
+            f"{path} has schema version {version}, but this fairgate knows versions up to "
+            f"{len(MIGRATIONS)}: upgrade fairgate, or point it at another database"
+        )
+    for index in range(version, len(MIGRATIONS)):
+        # executescript commits any open transaction first, so the script opens its own; the
+        # version is bumped inside it, so a failed migration leaves the old version behind.
+        try:
+            db.executescript(
+                f"BEGIN IMMEDIATE; {MIGRATIONS[index]}; PRAGMA user_version = {index + 1}; COMMIT;"
+            )
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        logger.info("migrated %s to schema version %d", path, index + 1)
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    # IMMEDIATE takes the write lock up front, so a read-then-write cannot be raced.
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _hash(secret: str) -> str:
+    # A fast hash is right here: secrets are 256 random bits, so there is nothing to brute-force
+    # and no salt or slow KDF (bcrypt, argon2) to add; SHA-256 also makes the lookup indexable.
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _find_tenant(db: sqlite3.Connection, ref: str) -> Tenant:
+    # An id match wins over a name match (a name may look like another tenant's id).
+    row = db.execute(
+        f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE tenant_id = ? OR name = ?"
+        " ORDER BY tenant_id = ? DESC LIMIT 1",
+        (ref, ref, ref),
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"tenant {ref!r} not found")
+    return _tenant(row)
+
+
+def _check_name_free(db: sqlite3.Connection, name: str, tenant_id: str) -> None:
+    row = db.execute(
+        "SELECT 1 FROM tenants WHERE name = ? AND tenant_id != ?", (name, tenant_id)
+    ).fetchone()
+    if row is not None:
+        raise Conflict(f"a tenant named {name!r} already exists")
+
+
+def _tenant_values(tenant: Tenant) -> dict[str, Any]:
+    """The tenant as named SQL parameters, its lists and structs as JSON."""
+    values = msgspec.structs.asdict(tenant)
+    values["allowed_classes"] = msgspec.json.encode(tenant.allowed_classes).decode()
+    values["quotas"] = msgspec.json.encode(tenant.quotas).decode()
+    return values
+
+
+def _tenant(row: tuple[Any, ...]) -> Tenant:
+    tenant_id, name, weight, default_class, allowed, quotas, over_quota, created_at = row
+    return Tenant(
+        tenant_id=tenant_id,
+        name=name,
+        weight=weight,
+        default_class=default_class,
+        allowed_classes=msgspec.json.decode(allowed, type=list[str]),
+        quotas=msgspec.json.decode(quotas, type=Quotas),
+        over_quota=over_quota,
+        created_at=created_at,
+    )
+
+
+def _api_key(row: tuple[Any, ...]) -> ApiKey:
+    key_id, tenant_id, prefix, name, created_at, revoked_at = row
+    return ApiKey(key_id, tenant_id, prefix, name, created_at, revoked_at)

@@ -1,0 +1,700 @@
+"""``gateway.openai_api``: request bodies → ``GenerationRequest`` (and every refusal with its
+``param``), and answers that the official ``openai`` SDK reads back with the values we put in."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx2
+import msgspec
+import openai
+import pytest
+from openai.types import Completion as SdkCompletion
+from openai.types import Model as SdkModel
+from openai.types.chat import ChatCompletion as SdkChatCompletion
+from openai.types.chat import ChatCompletionChunk as SdkChatCompletionChunk
+
+from gateway.errors import ClientError, UnsupportedParameter
+from gateway.openai_api import (
+    SSE_DONE,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChunk,
+    CompletionRequest,
+    GenerationRequest,
+    InvalidJson,
+    Model,
+    ModelList,
+    new_completion_id,
+    parse_chat_request,
+    parse_completion_request,
+    sse_event,
+)
+
+USER_HI = [{"role": "user", "content": "hi"}]
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    return json.dumps(body).encode()
+
+
+def chat(**fields: Any) -> GenerationRequest:
+    return parse_chat_request(_encode({"model": "m", "messages": USER_HI, **fields}))
+
+
+def completion(**fields: Any) -> GenerationRequest:
+    return parse_completion_request(_encode({"model": "m", "prompt": "hi", **fields}))
+
+
+def chat_error(**fields: Any) -> ClientError:
+    with pytest.raises(ClientError) as caught:
+        chat(**fields)
+    assert caught.value.status == 400
+    return caught.value
+
+
+def completion_error(**fields: Any) -> ClientError:
+    with pytest.raises(ClientError) as caught:
+        completion(**fields)
+    assert caught.value.status == 400
+    return caught.value
+
+
+# ---- requests: what is used ---------------------------------------------------------------
+
+
+def test_minimal_chat_request_gets_openai_defaults() -> None:
+    assert chat() == GenerationRequest(
+        kind="chat",
+        model="m",
+        messages=[{"role": "user", "content": "hi"}],
+        prompt=None,
+        prompt_token_ids=None,
+        max_tokens=None,
+        temperature=1.0,
+        top_p=1.0,
+        seed=None,
+        stop=(),
+        stream=False,
+        include_usage=False,
+        user=None,
+        slo_class=None,
+    )
+
+
+def test_every_supported_chat_parameter_is_parsed() -> None:
+    request = chat(
+        max_tokens=12,
+        temperature=0.25,
+        top_p=0.5,
+        seed=-7,
+        stop=["\n\n", "END"],
+        stream=True,
+        stream_options={"include_usage": True},
+        user="alice",
+        n=1,
+        fairgate_class="batch",
+    )
+    assert request == GenerationRequest(
+        kind="chat",
+        model="m",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=12,
+        temperature=0.25,
+        top_p=0.5,
+        seed=-7,
+        stop=("\n\n", "END"),
+        stream=True,
+        include_usage=True,
+        user="alice",
+        slo_class="batch",
+    )
+
+
+def test_every_supported_completion_parameter_is_parsed() -> None:
+    request = completion(
+        prompt="Once upon",
+        max_tokens=3,
+        temperature=2,
+        top_p=1,
+        seed=5,
+        stop="\n",
+        stream=True,
+        stream_options={"include_usage": False},
+        user="bob",
+        n=1,
+        fairgate_class="interactive",
+    )
+    assert request == GenerationRequest(
+        kind="completion",
+        model="m",
+        prompt="Once upon",
+        max_tokens=3,
+        temperature=2.0,
+        top_p=1.0,
+        seed=5,
+        stop=("\n",),
+        stream=True,
+        include_usage=False,
+        user="bob",
+        slo_class="interactive",
+    )
+
+
+def test_null_means_not_given() -> None:
+    nulls = dict.fromkeys(
+        ["max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "n"]
+    )
+    assert chat(**nulls, max_completion_tokens=None, user=None) == chat()
+    assert completion(**nulls) == completion()
+
+
+def test_stream_without_options_has_no_usage_chunk() -> None:
+    request = chat(stream=True)
+    assert (request.stream, request.include_usage) == (True, False)
+
+
+def test_messages_roles_and_text_parts() -> None:
+    messages = [
+        {"role": "system", "content": "Be brief.", "name": "sys"},
+        {"role": "developer", "content": [{"type": "text", "text": "No lists."}]},
+        {
+            "role": "user",
+            "name": "alice",
+            "content": [{"type": "text", "text": "Line one"}, {"type": "text", "text": "two"}],
+        },
+        {"role": "assistant", "content": "Ok.", "tool_calls": [], "refusal": None},
+        {"role": "user", "content": ""},
+    ]
+    assert chat(messages=messages).messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "system", "content": "No lists."},
+        {"role": "user", "content": "Line one\ntwo"},
+        {"role": "assistant", "content": "Ok."},
+        {"role": "user", "content": ""},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "text", "token_ids"),
+    [
+        ("hello", "hello", None),
+        (["hello"], "hello", None),
+        ([1, 2, 3], None, [1, 2, 3]),
+        ([[4, 0]], None, [4, 0]),
+    ],
+)
+def test_prompt_forms(prompt: Any, text: str | None, token_ids: list[int] | None) -> None:
+    request = completion(prompt=prompt)
+    assert (request.kind, request.messages) == ("completion", None)
+    assert (request.prompt, request.prompt_token_ids) == (text, token_ids)
+
+
+@pytest.mark.parametrize(
+    ("fields", "max_tokens"),
+    [
+        ({}, None),
+        ({"max_tokens": 5}, 5),
+        ({"max_completion_tokens": 7}, 7),
+        ({"max_tokens": 9, "max_completion_tokens": 9}, 9),
+    ],
+)
+def test_chat_max_tokens_from_either_field(fields: dict[str, int], max_tokens: int | None) -> None:
+    assert chat(**fields).max_tokens == max_tokens
+
+
+def test_disagreeing_max_tokens_fields_are_refused() -> None:
+    error = chat_error(max_tokens=5, max_completion_tokens=6)
+    assert type(error) is ClientError
+    assert error.param == "max_completion_tokens"
+    assert "disagree" in error.message
+
+
+def test_completions_do_not_take_max_completion_tokens() -> None:
+    error = completion_error(max_completion_tokens=5)
+    assert error.param == "max_completion_tokens"
+    assert "unknown field" in error.message
+
+
+# ---- requests: refusals -------------------------------------------------------------------
+
+IMAGE_PART = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+TOOL_CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "error_type"),
+    [
+        ({"foo": 1}, "foo", ClientError),
+        ({"n": 2}, "n", UnsupportedParameter),
+        ({"n": 0}, "n", ClientError),
+        ({"max_tokens": "10"}, "max_tokens", ClientError),
+        ({"max_tokens": 0}, "max_tokens", ClientError),
+        ({"max_tokens": True}, "max_tokens", ClientError),
+        ({"max_completion_tokens": -1}, "max_completion_tokens", ClientError),
+        ({"temperature": 2.01}, "temperature", ClientError),
+        ({"temperature": -0.1}, "temperature", ClientError),
+        ({"temperature": "hot"}, "temperature", ClientError),
+        ({"top_p": 0}, "top_p", ClientError),
+        ({"top_p": 1.5}, "top_p", ClientError),
+        ({"seed": "x"}, "seed", ClientError),
+        ({"seed": 1.5}, "seed", ClientError),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop", ClientError),
+        ({"stop": [""]}, "stop", ClientError),
+        ({"stop": ""}, "stop", ClientError),
+        ({"stop": 5}, "stop", ClientError),
+        ({"stream": "yes"}, "stream", ClientError),
+        ({"stream_options": {"include_usage": True}}, "stream_options", ClientError),
+        (
+            {"stream": False, "stream_options": {"include_usage": True}},
+            "stream_options",
+            ClientError,
+        ),
+        ({"stream": True, "stream_options": {"usage": True}}, "stream_options", ClientError),
+        ({"user": 5}, "user", ClientError),
+        ({"fairgate_class": 1}, "fairgate_class", ClientError),
+        ({"model": None}, "model", ClientError),
+        ({"messages": []}, "messages", ClientError),
+        ({"messages": "hi"}, "messages", ClientError),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages", ClientError),
+        ({"messages": [{"role": "user", "content": "x", "mood": 1}]}, "messages", ClientError),
+        ({"messages": [{"content": "x"}]}, "messages", ClientError),
+        ({"messages": [{"role": "user"}]}, "messages", ClientError),
+        ({"messages": [{"role": "user", "content": []}]}, "messages", ClientError),
+        ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages", ClientError),
+        (
+            {"messages": [{"role": "user", "content": [IMAGE_PART]}]},
+            "messages",
+            UnsupportedParameter,
+        ),
+        (
+            {"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]},
+            "messages",
+            UnsupportedParameter,
+        ),
+        (
+            {"messages": [{"role": "function", "content": "42", "name": "f"}]},
+            "messages",
+            UnsupportedParameter,
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}]},
+            "messages",
+            UnsupportedParameter,
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": "x", "refusal": "no"}]},
+            "messages",
+            UnsupportedParameter,
+        ),
+    ],
+)
+def test_chat_refusals_name_their_param(
+    fields: dict[str, Any], param: str, error_type: type[ClientError]
+) -> None:
+    error = chat_error(**fields)
+    assert type(error) is error_type
+    assert error.param == param
+    assert error.code == (
+        "unsupported_parameter" if error_type is UnsupportedParameter else "invalid_request"
+    )
+
+
+def test_unknown_field_message_names_it() -> None:
+    error = chat_error(foo=1)
+    assert error.message == "invalid request: Object contains unknown field `foo`"
+
+
+def test_image_part_message_says_why() -> None:
+    error = chat_error(messages=[{"role": "user", "content": [IMAGE_PART]}])
+    assert "'image_url'" in error.message and "only text" in error.message
+
+
+@pytest.mark.parametrize(
+    ("prompt", "error_type"),
+    [
+        (["one", "two"], UnsupportedParameter),
+        ([[1, 2], [3]], UnsupportedParameter),
+        (["one", [3]], UnsupportedParameter),
+        ([], ClientError),
+        ([[]], ClientError),
+        ([1, "a"], ClientError),
+        ([-1, 2], ClientError),
+        ([True], ClientError),
+        ([1.5], ClientError),
+        (None, ClientError),
+        (7, ClientError),
+    ],
+)
+def test_prompt_refusals(prompt: Any, error_type: type[ClientError]) -> None:
+    error = completion_error(prompt=prompt)
+    assert type(error) is error_type
+    assert error.param == "prompt"
+
+
+@pytest.mark.parametrize(
+    ("parse", "body", "param"),
+    [
+        (parse_chat_request, {"messages": USER_HI}, "model"),
+        (parse_chat_request, {"model": "m"}, "messages"),
+        (parse_completion_request, {"prompt": "hi"}, "model"),
+        (parse_completion_request, {"model": "m"}, "prompt"),
+        (parse_completion_request, {"model": "m", "prompt": "hi", "messages": USER_HI}, "messages"),
+        (parse_chat_request, {"model": "m", "messages": USER_HI, "prompt": "hi"}, "prompt"),
+        (parse_chat_request, {"model": "m", "messages": USER_HI, "echo": False}, "echo"),
+    ],
+)
+def test_missing_or_foreign_fields(parse: Any, body: dict[str, Any], param: str) -> None:
+    with pytest.raises(ClientError) as caught:
+        parse(_encode(body))
+    assert caught.value.param == param
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"", b'{"model": "m",'])
+@pytest.mark.parametrize("parse", [parse_chat_request, parse_completion_request])
+def test_invalid_json(parse: Any, body: bytes) -> None:
+    with pytest.raises(InvalidJson) as caught:
+        parse(body)
+    assert isinstance(caught.value, ClientError)
+    assert (caught.value.status, caught.value.code) == (400, "invalid_json")
+    assert caught.value.param is None
+    assert caught.value.message.startswith("the body is not valid JSON: ")
+
+
+@pytest.mark.parametrize("body", [b"[1, 2]", b'"hello"', b"null", b"3"])
+def test_body_must_be_an_object(body: bytes) -> None:
+    with pytest.raises(ClientError) as caught:
+        parse_chat_request(body)
+    assert type(caught.value) is ClientError
+    assert caught.value.param is None
+    assert caught.value.message.startswith("the body must be a JSON object")
+
+
+# ---- requests: parameters we accept only at their neutral value ---------------------------
+
+CHAT_NEUTRAL = [
+    ("frequency_penalty", 0, 0.5),
+    ("presence_penalty", 0.0, -1),
+    ("logit_bias", {}, {"50256": -100}),
+    ("logprobs", False, True),
+    ("top_logprobs", 0, 3),
+    ("tools", [], [{"type": "function", "function": {"name": "f"}}]),
+    ("functions", [], [{"name": "f"}]),
+    ("tool_choice", "none", "auto"),
+    ("function_call", "none", {"name": "f"}),
+    ("response_format", {"type": "text"}, {"type": "json_object"}),
+    ("modalities", ["text"], ["text", "audio"]),
+    ("audio", None, {"voice": "alloy", "format": "wav"}),
+    ("prediction", None, {"type": "content", "content": "x"}),
+    ("moderation", None, {"input": {"model": "omni-moderation-latest"}}),
+    ("web_search_options", None, {}),
+    ("reasoning_effort", "none", "high"),
+    ("verbosity", "medium", "low"),
+    ("service_tier", "auto", "flex"),
+    ("service_tier", "default", "priority"),
+    ("store", False, True),
+]
+COMPLETION_NEUTRAL = [
+    ("frequency_penalty", 0, 1),
+    ("presence_penalty", 0, 0.1),
+    ("logit_bias", {}, {"1": 5}),
+    ("logprobs", None, 0),
+    ("best_of", 1, 2),
+    ("echo", False, True),
+    ("suffix", "", "the end"),
+]
+
+
+@pytest.mark.parametrize(("name", "neutral", "other"), CHAT_NEUTRAL)
+def test_chat_neutral_only_parameters(name: str, neutral: Any, other: Any) -> None:
+    assert chat(**{name: neutral}) == chat()
+    assert chat(**{name: None}) == chat()
+    error = chat_error(**{name: other})
+    assert type(error) is UnsupportedParameter
+    assert (error.status, error.param) == (400, name)
+
+
+@pytest.mark.parametrize(("name", "neutral", "other"), COMPLETION_NEUTRAL)
+def test_completion_neutral_only_parameters(name: str, neutral: Any, other: Any) -> None:
+    assert completion(**{name: neutral}) == completion()
+    error = completion_error(**{name: other})
+    assert type(error) is UnsupportedParameter
+    assert (error.status, error.param) == (400, name)
+
+
+def test_neutral_error_message_says_what_is_allowed() -> None:
+    assert chat_error(tool_choice="auto").message == (
+        'tool_choice is not supported here; it may only be null or "none"'
+    )
+
+
+def test_accepted_parameters_without_effect() -> None:
+    ignored = chat(
+        metadata={"team": "search"},
+        parallel_tool_calls=True,
+        prompt_cache_key="k1",
+        prompt_cache_options={"mode": "implicit"},
+        prompt_cache_retention="24h",
+        safety_identifier="hash",
+        messages=[
+            {
+                "role": "user",
+                "name": "alice",
+                "content": [{"type": "text", "text": "hi", "prompt_cache_breakpoint": {}}],
+            }
+        ],
+    )
+    assert ignored == chat()
+    streamed = chat(
+        stream=True, stream_options={"include_usage": True, "include_obfuscation": False}
+    )
+    assert (streamed.stream, streamed.include_usage) == (True, True)
+
+
+def test_request_structs_make_an_openapi_schema() -> None:
+    schemas, components = msgspec.json.schema_components(
+        [ChatCompletionRequest, CompletionRequest], ref_template="#/components/schemas/{name}"
+    )
+    chat_schema = components["ChatCompletionRequest"]
+    assert schemas[0] == {"$ref": "#/components/schemas/ChatCompletionRequest"}
+    assert set(chat_schema["required"]) == {"model", "messages"}
+    assert chat_schema["properties"]["temperature"]["anyOf"][0] == {
+        "type": "number",
+        "minimum": 0,
+        "maximum": 2,
+    }
+    assert set(components["CompletionRequest"]["required"]) == {"model", "prompt"}
+
+
+# ---- responses, read back by the openai SDK -----------------------------------------------
+
+
+def _event_json(event: bytes) -> bytes:
+    assert event.startswith(b"data: ") and event.endswith(b"\n\n")
+    return event[len(b"data: ") : -2]
+
+
+def test_chat_completion_reads_back() -> None:
+    body = ChatCompletion.of("chatcmpl-1", 1700000000, "m", "Hello!", "length", 11, 4, 8)
+    raw = msgspec.json.encode(body)
+    sdk = SdkChatCompletion.model_validate_json(raw)
+    assert (sdk.id, sdk.object, sdk.created, sdk.model) == (
+        "chatcmpl-1",
+        "chat.completion",
+        1700000000,
+        "m",
+    )
+    [choice] = sdk.choices
+    assert (choice.index, choice.finish_reason, choice.logprobs) == (0, "length", None)
+    assert (choice.message.role, choice.message.content) == ("assistant", "Hello!")
+    assert sdk.usage is not None
+    assert (sdk.usage.prompt_tokens, sdk.usage.completion_tokens, sdk.usage.total_tokens) == (
+        11,
+        4,
+        15,
+    )
+    assert sdk.usage.prompt_tokens_details is not None
+    assert sdk.usage.prompt_tokens_details.cached_tokens == 8
+    assert sdk.system_fingerprint is None
+    assert json.loads(raw)["choices"][0]["message"] == {"role": "assistant", "content": "Hello!"}
+
+
+def test_completion_reads_back() -> None:
+    body = Completion.of("cmpl-1", 1700000001, "m", " there", "stop", 3, 2)
+    sdk = SdkCompletion.model_validate_json(msgspec.json.encode(body))
+    assert (sdk.id, sdk.object, sdk.created, sdk.model) == (
+        "cmpl-1",
+        "text_completion",
+        1700000001,
+        "m",
+    )
+    [choice] = sdk.choices
+    assert (choice.index, choice.text, choice.finish_reason, choice.logprobs) == (
+        0,
+        " there",
+        "stop",
+        None,
+    )
+    assert sdk.usage is not None
+    assert (sdk.usage.prompt_tokens, sdk.usage.completion_tokens, sdk.usage.total_tokens) == (
+        3,
+        2,
+        5,
+    )
+    assert sdk.usage.prompt_tokens_details is not None
+    assert sdk.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_chat_chunks_read_back() -> None:
+    args = ("chatcmpl-2", 1700000002, "m")
+    events = [
+        ChatCompletionChunk.role(*args),
+        ChatCompletionChunk.text(*args, "Hel"),
+        ChatCompletionChunk.text(*args, "lo"),
+        ChatCompletionChunk.finish(*args, "stop"),
+        ChatCompletionChunk.usage_only(*args, 10, 2, 4),
+    ]
+    raws = [json.loads(_event_json(e)) for e in events]
+    assert [r["choices"][0]["delta"] for r in raws[:4]] == [
+        {"role": "assistant", "content": ""},
+        {"content": "Hel"},
+        {"content": "lo"},
+        {},
+    ]
+    assert [r["usage"] for r in raws[:4]] == [None] * 4
+    chunks = [SdkChatCompletionChunk.model_validate_json(_event_json(e)) for e in events]
+    for chunk in chunks:
+        assert (chunk.id, chunk.object, chunk.created, chunk.model) == (
+            "chatcmpl-2",
+            "chat.completion.chunk",
+            1700000002,
+            "m",
+        )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].delta.content for c in chunks[:4]] == ["", "Hel", "lo", None]
+    assert [c.choices[0].finish_reason for c in chunks[:4]] == [None, None, None, "stop"]
+    assert all(c.choices[0].index == 0 and c.usage is None for c in chunks[:4])
+    last = chunks[-1]
+    assert last.choices == []
+    assert last.usage is not None
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens, last.usage.total_tokens) == (
+        10,
+        2,
+        12,
+    )
+    assert last.usage.prompt_tokens_details is not None
+    assert last.usage.prompt_tokens_details.cached_tokens == 4
+
+
+def test_completion_chunks_read_back() -> None:
+    args = ("cmpl-3", 1700000003, "m")
+    text = json.loads(_event_json(CompletionChunk.text(*args, "Once")))
+    assert text["object"] == "text_completion"
+    assert text["choices"] == [
+        {"index": 0, "text": "Once", "finish_reason": None, "logprobs": None}
+    ]
+    assert text["usage"] is None
+    # The SDK's Completion type wants a finish reason; its stream reader does not check it, so
+    # the text chunks are read through the SDK's stream below.
+    finish = SdkCompletion.model_validate_json(_event_json(CompletionChunk.finish(*args, "length")))
+    assert (finish.choices[0].text, finish.choices[0].finish_reason) == ("", "length")
+    usage = SdkCompletion.model_validate_json(_event_json(CompletionChunk.usage_only(*args, 5, 1)))
+    assert usage.choices == []
+    assert usage.usage is not None
+    assert (usage.usage.prompt_tokens, usage.usage.total_tokens) == (5, 6)
+
+
+@contextmanager
+def _sdk_serving(body: bytes, content_type: str) -> Iterator[openai.OpenAI]:
+    """An SDK client whose every request is answered with ``body``."""
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, content=body, headers={"content-type": content_type})
+
+    http_client = httpx2.Client(transport=httpx2.MockTransport(answer))
+    with openai.OpenAI(
+        base_url="http://fairgate.test/v1",
+        api_key="fg-test",
+        max_retries=0,
+        http_client=http_client,
+    ) as client:
+        yield client
+
+
+def test_sdk_reads_a_chat_stream() -> None:
+    args = ("chatcmpl-4", 1700000004, "m")
+    stream = b"".join(
+        [
+            ChatCompletionChunk.role(*args),
+            ChatCompletionChunk.text(*args, "Hi"),
+            ChatCompletionChunk.text(*args, " there"),
+            ChatCompletionChunk.finish(*args, "length"),
+            ChatCompletionChunk.usage_only(*args, 7, 2, 0),
+            SSE_DONE,
+        ]
+    )
+    with _sdk_serving(stream, "text/event-stream") as client:
+        chunks = list(
+            client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+        )
+    assert len(chunks) == 5
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hi there"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices] == [
+        None,
+        None,
+        None,
+        "length",
+    ]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 2
+
+
+def test_sdk_reads_a_completion_stream() -> None:
+    args = ("cmpl-5", 1700000005, "m")
+    stream = b"".join(
+        [
+            CompletionChunk.text(*args, "Once"),
+            CompletionChunk.text(*args, " upon"),
+            CompletionChunk.finish(*args, "stop"),
+            SSE_DONE,
+        ]
+    )
+    with _sdk_serving(stream, "text/event-stream") as client:
+        chunks = list(client.completions.create(model="m", prompt="x", stream=True))
+    assert [c.object for c in chunks] == ["text_completion"] * 3
+    assert [c.choices[0].text for c in chunks] == ["Once", " upon", ""]
+    assert [c.choices[0].finish_reason for c in chunks] == [None, None, "stop"]
+
+
+def test_sdk_reads_whole_answers_and_the_model_list() -> None:
+    chat_body = msgspec.json.encode(ChatCompletion.of("chatcmpl-6", 1, "m", "yes", "stop", 2, 1))
+    with _sdk_serving(chat_body, "application/json") as client:
+        answer = client.chat.completions.create(model="m", messages=[])
+    assert answer.choices[0].message.content == "yes"
+    models_body = msgspec.json.encode(ModelList.of(["llama", "null"], created=1700000006))
+    with _sdk_serving(models_body, "application/json") as client:
+        models = client.models.list().data
+    assert [(m.id, m.object, m.created, m.owned_by) for m in models] == [
+        ("llama", "model", 1700000006, "fairgate"),
+        ("null", "model", 1700000006, "fairgate"),
+    ]
+
+
+def test_model_list_body() -> None:
+    body = json.loads(msgspec.json.encode(ModelList.of(["null"], created=5, owned_by="acme")))
+    assert body == {
+        "object": "list",
+        "data": [{"id": "null", "object": "model", "created": 5, "owned_by": "acme"}],
+    }
+    sdk = SdkModel.model_validate(body["data"][0])
+    assert (sdk.id, sdk.created, sdk.owned_by) == ("null", 5, "acme")
+
+
+def test_model_list_created_defaults_to_now() -> None:
+    import time
+
+    before = int(time.time())
+    [model] = ModelList.of(["null"]).data
+    assert before <= model.created <= int(time.time())
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+
+def test_sse_event_framing() -> None:
+    event = sse_event(Model(id="m", created=1, owned_by="o"))
+    assert event == b'data: {"id":"m","object":"model","created":1,"owned_by":"o"}\n\n'
+    assert SSE_DONE == b"data: [DONE]\n\n"
+
+
+def test_completion_ids() -> None:
+    chat_id, completion_id = new_completion_id("chat"), new_completion_id("completion")
+    assert chat_id.startswith("chatcmpl-") and len(chat_id) == len("chatcmpl-") + 32
+    assert completion_id.startswith("cmpl-") and len(completion_id) == len("cmpl-") + 32
+    assert new_completion_id("chat") != chat_id
