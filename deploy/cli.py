@@ -108,6 +108,83 @@ def _build_parser() -> argparse.ArgumentParser:
         help="also prefill: serve whole requests on /v1/generate (no transfer)",
     )
 
+    gateway = commands.add_parser(
+        "gateway",
+        help="serve the OpenAI-compatible and admin APIs in front of running workers",
+        description="The gateway: authenticates tenants, enforces quotas, queues requests and "
+        "places them on the workers given by --prefill/--decode (or --colocated). Settings come "
+        "from --config (TOML), then FAIRGATE_<SECTION>_<FIELD> variables, then these flags. The "
+        "admin token comes from the config or FAIRGATE_GATEWAY_ADMIN_TOKEN, never a flag.",
+    )
+    gateway.add_argument("--config", default=None, help="a TOML configuration file")
+    gateway.add_argument("--host", default=None, help="bind address (default: 127.0.0.1)")
+    gateway.add_argument("--port", type=int, default=None, help="0 picks one (default: 8000)")
+    gateway.add_argument(
+        "--prefill",
+        action="append",
+        default=None,
+        metavar="URL",
+        help="a prefill worker (repeatable)",
+    )
+    gateway.add_argument(
+        "--decode",
+        action="append",
+        default=None,
+        metavar="URL",
+        help="a decode worker (repeatable)",
+    )
+    gateway.add_argument(
+        "--colocated",
+        action="append",
+        default=None,
+        metavar="URL",
+        help="a colocated worker (decode-worker --colocated; repeatable)",
+    )
+    gateway.add_argument("--store", default=None, help="SQLite file (default: fairgate.db)")
+    gateway.add_argument(
+        "--model", default=None, help=f"the workers' model, for the tokenizer: {MODEL_HELP}"
+    )
+    gateway.add_argument("--policy", default=None, help="scheduler policy (default: fcfs)")
+    gateway.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="logs go to stderr (default: %(default)s)",
+    )
+    gateway.add_argument(
+        "--exit-with-parent", action="store_true", help="shut down when standard input closes"
+    )
+
+    up = commands.add_parser(
+        "up",
+        help="start the whole stack here: workers and gateway, with a demo tenant",
+        description="Start prefill and decode workers and the gateway as child processes, wait "
+        "until all are ready, create a demo tenant and key on first start, print the URL, the "
+        "admin token, the demo key and a curl to try, and write them to "
+        "STATE_DIR/credentials.json. Ctrl-C or SIGTERM stops every child.",
+    )
+    up.add_argument(
+        "--engine",
+        default="default",
+        help=f"the workers' model: {MODEL_HELP}, or null (default: %(default)s)",
+    )
+    up.add_argument("--prefill-workers", type=int, default=1, help="default: %(default)s")
+    up.add_argument("--decode-workers", type=int, default=1, help="default: %(default)s")
+    up.add_argument("--port", type=int, default=8000, help="gateway port (default: %(default)s)")
+    up.add_argument(
+        "--host", default="127.0.0.1", help="gateway bind address (default: %(default)s)"
+    )
+    up.add_argument(
+        "--state-dir",
+        default=None,
+        help="store and credentials (default: $FAIRGATE_HOME/stack, ~/.cache/fairgate/stack)",
+    )
+    up.add_argument("--policy", default=None, help="scheduler policy (default: fcfs)")
+
+    from deploy.admin_cli import add_admin_parser
+
+    add_admin_parser(commands)
+
     bench = commands.add_parser("bench", help="benchmarks; each prints one JSON line last")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="NAME")
     bench_engine = bench_commands.add_parser(
@@ -125,6 +202,15 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     bench_transfer.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     bench_transfer.add_argument(
+        "--output", default=None, help="also write the JSON result to this file"
+    )
+    bench_gateway = bench_commands.add_parser(
+        "gateway",
+        help="sustained requests per second through the gateway (null engine), and the latency "
+        "it adds over calling the workers directly, same run",
+    )
+    bench_gateway.add_argument("--quick", action="store_true", help="shorter windows")
+    bench_gateway.add_argument(
         "--output", default=None, help="also write the JSON result to this file"
     )
     return parser
@@ -328,14 +414,66 @@ def _exit_when_stdin_closes() -> None:
     import threading
 
     def watch() -> None:
-        while sys.stdin.buffer.read(65536):
+        # os.read, not sys.stdin: a buffered read would hold a lock the interpreter's shutdown
+        # needs when the process ends for another reason.
+        while os.read(0, 65536):
             pass
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def _run_gateway(args: argparse.Namespace) -> int:
+    from gateway.app import run_gateway
+    from gateway.config import load_config
+
+    if args.exit_with_parent:
+        _exit_when_stdin_closes()
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else args.log_level.upper())
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per worker call otherwise
+    config = load_config(
+        args.config,
+        overrides={
+            "gateway": {
+                "host": args.host,
+                "port": args.port,
+                "prefill_workers": args.prefill,
+                "decode_workers": args.decode,
+                "colocated_workers": args.colocated,
+            },
+            "store": {"path": args.store},
+            "model": {"name": args.model},
+            "scheduler": {"policy": args.policy},
+        },
+    )
+    return run_gateway(config)
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from deploy.stack import StackConfig, default_state_dir, run_up
+
+    gateway_args = [] if args.policy is None else ["--policy", args.policy]
+    return run_up(
+        StackConfig(
+            engine=args.engine,
+            num_prefill_workers=args.prefill_workers,
+            num_decode_workers=args.decode_workers,
+            port=args.port,
+            host=args.host,
+            state_dir=Path(args.state_dir) if args.state_dir else default_state_dir(),
+            worker_args=["--log-level", "warning"],
+            gateway_args=gateway_args,
+        )
+    )
+
+
 def _run_bench(args: argparse.Namespace) -> int:
+    if args.bench_command == "gateway":
+        from bench.gateway_bench import run_gateway_bench
+
+        return run_gateway_bench(quick=args.quick, output=args.output)
     if args.bench_command == "transfer":
         from bench.transfer_bench import run_transfer_bench
 
@@ -349,6 +487,12 @@ def _run_bench(args: argparse.Namespace) -> int:
         quick=args.quick,
         output=args.output,
     )
+
+
+def _run_admin(args: argparse.Namespace) -> int:
+    from deploy.admin_cli import run_admin
+
+    return run_admin(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -368,6 +512,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "bench": _run_bench,
         "prefill-worker": _run_worker,
         "decode-worker": _run_worker,
+        "gateway": _run_gateway,
+        "up": _run_up,
+        "admin": _run_admin,
     }
     try:
         return handlers[args.command](args)

@@ -1,4 +1,4 @@
-"""Start worker processes on this machine and wait until they are ready.
+"""Start worker (and gateway) processes on this machine and wait until they are ready.
 
 A worker announces itself on stdout (``engine.process_events``), so waiting is reading a pipe with
 a deadline, not polling. Each worker is started with ``--exit-with-parent``: it holds the read end
@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 __all__ = ["LaunchError", "WorkerProcess", "WorkerSpec", "start_workers"]
 
-Role = Literal["prefill", "decode", "colocated"]
+Role = Literal["prefill", "decode", "colocated", "gateway"]
 
 
 class LaunchError(RuntimeError):
@@ -38,6 +38,17 @@ class WorkerSpec:
 
     def command(self) -> list[str]:
         command = [sys.executable, "-m", "deploy.cli"]
+        if self.role == "gateway":
+            return [
+                *command,
+                "gateway",
+                "--model",
+                self.model,
+                "--port",
+                "0",
+                "--exit-with-parent",
+                *self.args,
+            ]
         if self.role == "prefill":
             command.append("prefill-worker")
         else:

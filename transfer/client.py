@@ -9,7 +9,7 @@ not answer, or whose stream breaks off before the request finished, is ``WorkerU
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Self, TypeVar
 
 import httpx
@@ -176,7 +176,7 @@ async def run_disaggregated(
     sampling: SamplingSpec,
     *,
     cache_salt: bytes = b"",
-) -> AsyncIterator[TokenFrame]:
+) -> AsyncGenerator[TokenFrame]:
     """One request through a prefill and a decode worker: reserve on the decode worker, prefill
     with its blocks as the target, yield the first token as soon as the prefill answers, then the
     decode worker's frames. Leaving early (or any error) closes the decode stream, which frees

@@ -1,0 +1,261 @@
+"""``fairgate admin …``: the admin API from the command line, as tables or ``--json``.
+
+Where the gateway is and its admin token come from ``--url`` / ``FAIRGATE_URL`` and
+``FAIRGATE_ADMIN_TOKEN``, or else from the ``credentials.json`` that ``fairgate up`` wrote in
+``--state-dir``. The token is never taken as a flag (it would show in ``ps``). Torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+__all__ = ["AdminCliError", "add_admin_parser", "format_table", "run_admin"]
+
+QUOTA_FLAGS = {
+    "rpm": "requests_per_minute",
+    "tpm": "tokens_per_minute",
+    "concurrency": "max_concurrent_requests",
+    "budget": "token_budget",
+}
+
+
+class AdminCliError(RuntimeError):
+    """The gateway refused, or could not be reached."""
+
+
+def add_admin_parser(commands: Any) -> None:
+    admin = commands.add_parser(
+        "admin",
+        help="administer tenants, keys and quotas; read usage and worker state",
+        description="Talks to the gateway's admin API. Gateway and token: --url / FAIRGATE_URL "
+        "and FAIRGATE_ADMIN_TOKEN, else the credentials.json of `fairgate up` in --state-dir.",
+    )
+    admin.add_argument("--url", default=None, help="the gateway (default: FAIRGATE_URL)")
+    admin.add_argument(
+        "--state-dir",
+        default=None,
+        help="where `fairgate up` wrote credentials.json (default: its default)",
+    )
+    admin.add_argument("--json", action="store_true", help="print the API's JSON")
+    nouns = admin.add_subparsers(dest="admin_noun", required=True, metavar="NOUN")
+
+    tenants = nouns.add_parser("tenants", help="list, create, show, update, delete tenants")
+    actions = tenants.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("list", help="every tenant")
+    create = actions.add_parser("create", help="a new tenant")
+    create.add_argument("name")
+    _add_tenant_flags(create)
+    show = actions.add_parser("show", help="one tenant, by id or name")
+    show.add_argument("tenant")
+    update = actions.add_parser("update", help="change a tenant (quotas are merged)")
+    update.add_argument("tenant")
+    update.add_argument("--name", dest="new_name", default=None, help="rename")
+    _add_tenant_flags(update)
+    delete = actions.add_parser("delete", help="a tenant with its keys and usage")
+    delete.add_argument("tenant")
+
+    keys = nouns.add_parser("keys", help="create, list, revoke API keys")
+    actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    key_create = actions.add_parser("create", help="a key for a tenant; the secret shows once")
+    key_create.add_argument("tenant")
+    key_create.add_argument("--name", default="", help="a label for the key")
+    key_list = actions.add_parser("list", help="keys, optionally of one tenant or prefix")
+    key_list.add_argument("--tenant", default=None)
+    key_list.add_argument("--prefix", default=None, help="e.g. fg-Ab3d")
+    revoke = actions.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+
+    usage = nouns.add_parser("usage", help="a tenant's usage per day or month")
+    usage.add_argument("tenant")
+    usage.add_argument("--period", choices=["day", "month"], default="month")
+    usage.add_argument("--at", default=None, help="one period: YYYY-MM-DD or YYYY-MM")
+
+    nouns.add_parser("workers", help="state and load of every worker")
+
+
+def _add_tenant_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weight", type=float, default=None, help="fair-share weight")
+    parser.add_argument("--default-class", default=None, help="SLO class when none is asked")
+    parser.add_argument("--allowed-classes", default=None, help="comma-separated SLO classes")
+    parser.add_argument("--rpm", type=int, default=None, help="requests per minute")
+    parser.add_argument("--tpm", type=int, default=None, help="tokens per minute")
+    parser.add_argument("--concurrency", type=int, default=None, help="concurrent requests")
+    parser.add_argument("--budget", type=int, default=None, help="tokens per budget period")
+    parser.add_argument("--budget-period", choices=["day", "month"], default=None)
+    parser.add_argument(
+        "--unlimited",
+        action="append",
+        default=[],
+        choices=sorted(QUOTA_FLAGS),
+        help="remove a limit (repeatable)",
+    )
+    parser.add_argument(
+        "--over-quota",
+        choices=["reject", "demote"],
+        default=None,
+        help="429, or serve at the lowest class and weight",
+    )
+
+
+def run_admin(args: argparse.Namespace) -> int:
+    try:
+        url, token = _connection(args)
+        with httpx.Client(
+            base_url=url, timeout=30.0, headers={"authorization": f"Bearer {token}"}
+        ) as client:
+            result, columns = _call(client, args)
+    except AdminCliError as exc:
+        print(f"fairgate admin: error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif columns:
+        rows = result["data"] if isinstance(result, dict) and "data" in result else [result]
+        print(format_table(rows, columns))
+    return 0
+
+
+def _connection(args: argparse.Namespace) -> tuple[str, str]:
+    url = args.url or os.environ.get("FAIRGATE_URL")
+    token = os.environ.get("FAIRGATE_ADMIN_TOKEN")
+    if url is None or token is None:
+        from deploy.stack import CREDENTIALS_FILE, default_state_dir
+
+        path = Path(args.state_dir or default_state_dir()) / CREDENTIALS_FILE
+        try:
+            credentials = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise AdminCliError(
+                f"no gateway given (--url / FAIRGATE_URL, FAIRGATE_ADMIN_TOKEN) and no readable "
+                f"{path}: {exc}"
+            ) from exc
+        url = url or credentials["base_url"]
+        token = token or credentials["admin_token"]
+    assert url is not None and token is not None
+    return url, token
+
+
+def _request(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
+    try:
+        response = client.request(method, path, **kwargs)
+    except httpx.HTTPError as exc:
+        raise AdminCliError(f"{client.base_url}: {exc}") from exc
+    if response.status_code == 204:
+        return {}
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"error": {"message": response.text, "code": None}}
+    if not response.is_success:
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        raise AdminCliError(
+            f"{error.get('message', response.text)} (HTTP {response.status_code}, "
+            f"{error.get('code')})"
+        )
+    return body
+
+
+TENANT_COLUMNS = ["tenant_id", "name", "weight", "default_class", "over_quota", "quotas"]
+KEY_COLUMNS = ["key_id", "tenant_id", "prefix", "name", "created_at", "revoked_at"]
+USAGE_COLUMNS = ["period", "requests", "prompt_tokens", "cached_tokens", "completion_tokens"]
+WORKER_COLUMNS = ["url", "role", "state", "worker_id", "model_id", "inflight_requests", "load"]
+
+
+def _call(client: httpx.Client, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    noun, action = args.admin_noun, getattr(args, "action", None)
+    if noun == "workers":
+        return _request(client, "GET", "/admin/v1/workers"), WORKER_COLUMNS
+    if noun == "usage":
+        params = {"period": args.period, **({"at": args.at} if args.at else {})}
+        path = f"/admin/v1/tenants/{args.tenant}/usage"
+        return _request(client, "GET", path, params=params), USAGE_COLUMNS
+    if noun == "keys":
+        if action == "create":
+            created = _request(
+                client, "POST", f"/admin/v1/tenants/{args.tenant}/keys", json={"name": args.name}
+            )
+            return created, [] if args.json else _print_created_key(created)
+        if action == "revoke":
+            return _request(client, "POST", f"/admin/v1/keys/{args.key_id}/revoke"), KEY_COLUMNS
+        params = {k: v for k, v in (("tenant", args.tenant), ("prefix", args.prefix)) if v}
+        return _request(client, "GET", "/admin/v1/keys", params=params), KEY_COLUMNS
+    # tenants
+    if action == "list":
+        return _request(client, "GET", "/admin/v1/tenants"), TENANT_COLUMNS
+    if action == "show":
+        return _request(client, "GET", f"/admin/v1/tenants/{args.tenant}"), TENANT_COLUMNS
+    if action == "delete":
+        _request(client, "DELETE", f"/admin/v1/tenants/{args.tenant}")
+        if not args.json:
+            print(f"deleted tenant {args.tenant}")
+        return {"deleted": args.tenant}, []
+    if action == "create":
+        body = {"name": args.name, **_tenant_fields(args, current_quotas={})}
+        return _request(client, "POST", "/admin/v1/tenants", json=body), TENANT_COLUMNS
+    current = _request(client, "GET", f"/admin/v1/tenants/{args.tenant}")
+    patch = _tenant_fields(args, current_quotas=current["quotas"])
+    if args.new_name is not None:
+        patch["name"] = args.new_name
+    path = f"/admin/v1/tenants/{current['tenant_id']}"
+    return _request(client, "PATCH", path, json=patch), TENANT_COLUMNS
+
+
+def _tenant_fields(args: argparse.Namespace, *, current_quotas: dict[str, Any]) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    if args.weight is not None:
+        fields["weight"] = args.weight
+    if args.default_class is not None:
+        fields["default_class"] = args.default_class
+    if args.allowed_classes is not None:
+        fields["allowed_classes"] = [c.strip() for c in args.allowed_classes.split(",") if c]
+    if args.over_quota is not None:
+        fields["over_quota"] = args.over_quota
+    quotas = dict(current_quotas)
+    for flag, field in QUOTA_FLAGS.items():
+        if getattr(args, flag) is not None:
+            quotas[field] = getattr(args, flag)
+        if flag in args.unlimited:
+            quotas[field] = None
+    if args.budget_period is not None:
+        quotas["budget_period"] = args.budget_period
+    if quotas != current_quotas:
+        fields["quotas"] = quotas
+    return fields
+
+
+def _print_created_key(created: dict[str, Any]) -> list[str]:
+    key = created["key"]
+    print(f"key {key['key_id']} for tenant {key['tenant_id']}")
+    print(f"secret (shown once, store it now): {created['secret']}")
+    return []
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """Rows as aligned text columns; nested values compactly (``None`` fields of a dict left
+    out), missing values as ``-``."""
+    cells = [[_cell(row.get(column)) for column in columns] for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        shown = {k: v for k, v in value.items() if v is not None and not isinstance(v, dict)}
+        return ",".join(f"{k}={v}" for k, v in shown.items()) or "-"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)

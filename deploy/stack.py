@@ -1,0 +1,221 @@
+"""``fairgate up``: the whole stack on this machine — prefill and decode workers, then the gateway
+in front of them — as child processes that stop with it.
+
+State lives in one directory (``--state-dir``): the SQLite store (``fairgate.db``) and
+``credentials.json`` (``base_url``, ``admin_token``, ``demo_key``; mode 0600). The first start
+generates the admin token and creates a ``demo`` tenant with one key; later starts reuse the token
+and keep tenants, keys and usage. Torch-free (the workers load torch in their own processes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from deploy.launcher import LaunchError, WorkerProcess, WorkerSpec, start_workers
+
+__all__ = ["Stack", "StackConfig", "default_state_dir", "start_stack"]
+
+CREDENTIALS_FILE = "credentials.json"
+DEMO_TENANT = "demo"
+
+
+def default_state_dir() -> Path:
+    from engine.model_store import cache_dir
+
+    return cache_dir() / "stack"
+
+
+@dataclass(frozen=True, slots=True)
+class StackConfig:
+    engine: str = "default"  # default | tiny | null | PATH
+    num_prefill_workers: int = 1
+    num_decode_workers: int = 1
+    port: int = 8000
+    host: str = "127.0.0.1"
+    state_dir: Path = Path()
+    worker_args: Sequence[str] = ()  # more `fairgate *-worker` flags for every worker
+    gateway_args: Sequence[str] = ()  # more `fairgate gateway` flags
+    env: dict[str, str] | None = None  # added to every child's environment
+    ready_timeout_s: float = 600.0
+
+
+@dataclass(slots=True)
+class Stack:
+    """A started stack: its processes and how to reach it."""
+
+    workers: list[WorkerProcess]
+    gateway: WorkerProcess
+    base_url: str
+    admin_token: str
+    demo_key: str
+    state_dir: Path
+
+    @property
+    def processes(self) -> list[WorkerProcess]:
+        return [self.gateway, *self.workers]
+
+    def stop(self) -> None:
+        """Gateway first (it stops taking requests), then the workers."""
+        for process in self.processes:
+            process.stop()
+
+    def wait(self, stop: threading.Event) -> int | None:
+        """Until ``stop`` is set (None) or a child exits on its own (its exit status)."""
+        while not stop.wait(0.5):
+            for process in self.processes:
+                code = process.process.poll()
+                if code is not None:
+                    return code
+        return None
+
+
+def start_stack(config: StackConfig) -> Stack:
+    state_dir = config.state_dir.expanduser().resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    credentials = _read_credentials(state_dir)
+    admin_token = credentials.get("admin_token") or "fga-" + secrets.token_urlsafe(32)
+    env = {**(config.env or {}), "FAIRGATE_GATEWAY_ADMIN_TOKEN": admin_token}
+    specs = [
+        *(
+            WorkerSpec("prefill", config.engine, config.worker_args, env)
+            for _ in range(config.num_prefill_workers)
+        ),
+        *(
+            WorkerSpec("decode", config.engine, config.worker_args, env)
+            for _ in range(config.num_decode_workers)
+        ),
+    ]
+    workers = start_workers(specs, timeout_s=config.ready_timeout_s)
+    try:
+        gateway_args = [
+            "--host",
+            config.host,
+            "--port",
+            str(config.port),
+            "--store",
+            str(state_dir / "fairgate.db"),
+            *(
+                arg
+                for w in workers
+                if w.spec.role == "prefill"
+                for arg in ("--prefill", w.http_url)
+            ),
+            *(arg for w in workers if w.spec.role == "decode" for arg in ("--decode", w.http_url)),
+            *config.gateway_args,
+        ]
+        gateway_spec = WorkerSpec("gateway", config.engine, gateway_args, env)
+        [gateway] = start_workers([gateway_spec], timeout_s=config.ready_timeout_s)
+    except BaseException:
+        for worker in workers:
+            worker.stop()
+        raise
+    stack = Stack(workers, gateway, gateway.http_url, admin_token, "", state_dir)
+    try:
+        stack.demo_key = credentials.get("demo_key") or _create_demo_tenant(stack)
+        _write_credentials(stack)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+def _create_demo_tenant(stack: Stack) -> str:
+    headers = {"authorization": f"Bearer {stack.admin_token}"}
+    with httpx.Client(base_url=stack.base_url, headers=headers, timeout=30.0) as client:
+        response = client.get(f"/admin/v1/tenants/{DEMO_TENANT}")
+        if response.status_code == 404:
+            response = client.post("/admin/v1/tenants", json={"name": DEMO_TENANT})
+        if not response.is_success:
+            raise LaunchError(f"could not create the demo tenant: {response.text}")
+        response = client.post(f"/admin/v1/tenants/{DEMO_TENANT}/keys", json={"name": "demo"})
+        if not response.is_success:
+            raise LaunchError(f"could not create the demo key: {response.text}")
+        return str(response.json()["secret"])
+
+
+def _read_credentials(state_dir: Path) -> dict[str, Any]:
+    path = state_dir / CREDENTIALS_FILE
+    if not path.is_file() or not (state_dir / "fairgate.db").is_file():
+        return {}  # no store: whatever the file says names tenants that no longer exist
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
+
+
+def _write_credentials(stack: Stack) -> None:
+    path = stack.state_dir / CREDENTIALS_FILE
+    data = {
+        "base_url": stack.base_url,
+        "admin_token": stack.admin_token,
+        "demo_key": stack.demo_key,
+    }
+    fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def run_up(config: StackConfig) -> int:
+    """``fairgate up``: start, print how to use it, serve until Ctrl-C / SIGTERM. During start-up
+    Ctrl-C interrupts (what was started is stopped) and the children die with us anyway
+    (``--exit-with-parent``)."""
+    stack = start_stack(config)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    code: int | None = None
+    try:
+        _print_welcome(stack)
+        code = stack.wait(stop)
+        if code is not None:
+            print(f"fairgate: a child process exited with status {code}; stopping", flush=True)
+    finally:
+        stack.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0 if code is None else 1
+
+
+def _print_welcome(stack: Stack) -> None:
+    roles = ", ".join(f"{w.spec.role} {w.http_url}" for w in stack.workers)
+    print(
+        f"fairgate is up at {stack.base_url}\n"
+        f"  workers:     {roles}\n"
+        f"  admin token: {stack.admin_token}\n"
+        f"  demo key:    {stack.demo_key}\n"
+        f"  credentials: {stack.state_dir / CREDENTIALS_FILE}\n"
+        "\n"
+        "Try it:\n"
+        f"  curl {stack.base_url}/v1/chat/completions \\\n"
+        f"    -H 'Authorization: Bearer {stack.demo_key}' -H 'Content-Type: application/json' \\\n"
+        f'    -d \'{{"model": "{_model_id(stack)}", '
+        '"messages": [{"role": "user", "content": "Hello!"}]}\'\n'
+        "\n"
+        "Ctrl-C stops everything.",
+        flush=True,
+    )
+
+
+def _model_id(stack: Stack) -> str:
+    try:
+        response = httpx.get(
+            stack.base_url + "/v1/models",
+            headers={"authorization": f"Bearer {stack.demo_key}"},
+            timeout=10.0,
+        )
+        return str(response.json()["data"][0]["id"])
+    except (httpx.HTTPError, KeyError, IndexError, ValueError):
+        return "MODEL"

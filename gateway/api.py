@@ -1,0 +1,480 @@
+"""The tenant-facing, OpenAI-compatible routes: ``POST /v1/chat/completions``,
+``POST /v1/completions``, ``GET /v1/models``.
+
+A request goes: key → tenant, body → ``GenerationRequest`` (``gateway.openai_api``), model and
+SLO class checked, prompt tokenized and its length checked, quotas reserved, then queued and run
+(``gateway.generation``). Everything that can be refused is refused before anything is queued, with
+OpenAI's error body. Streaming answers wait for the first token before sending headers, so an
+error up to then (no worker, no room) still gets its status; after that, an error is the last
+``data:`` event. Whatever happens, the quota reservation is settled with the real usage, the
+usage ledger gets its record and one log line says how the request ended (never its text).
+Torch-free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from engine.tokenizer import TokenizerError
+from gateway.admin import json_response
+from gateway.errors import (
+    ClassNotAllowed,
+    ClientError,
+    ContextLengthExceeded,
+    ModelNotFound,
+    NoWorkerAvailable,
+    openai_error_body,
+)
+from gateway.generation import Finished, Generation, TokenUsage
+from gateway.openai_api import (
+    SSE_DONE,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    CompletionChunk,
+    GenerationRequest,
+    ModelList,
+    new_completion_id,
+    parse_chat_request,
+    parse_completion_request,
+)
+from gateway.openapi import Endpoint
+from gateway.quotas import Admission
+from gateway.scheduler import QueuedRequest
+from gateway.tenants import Tenant, UsageDelta
+from transfer.errors import FairgateError
+from transfer.messages import SamplingSpec
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+__all__ = ["SLO_CLASS_HEADER", "openai_endpoints"]
+
+logger = logging.getLogger("fairgate.requests")
+
+SLO_CLASS_HEADER = "x-fairgate-class"
+TOKENIZE_OFF_LOOP_CHARS = 8192  # longer prompts are tokenized in a thread
+DEMOTED_WEIGHT_FACTOR = 0.01
+
+_T = TypeVar("_T")
+
+
+@dataclass(slots=True)
+class _Run:
+    """One accepted request, from admission to its last record."""
+
+    request: GenerationRequest
+    tenant: Tenant
+    slo_class: str
+    admission: Admission
+    generation: Generation
+    completion_id: str
+    created: int
+    is_finished: bool = False
+
+
+def openai_endpoints(gateway: Gateway) -> list[Endpoint]:
+    async def chat_completions(request: Request) -> Response:
+        return await _serve(gateway, request, parse_chat_request)
+
+    async def completions(request: Request) -> Response:
+        return await _serve(gateway, request, parse_completion_request)
+
+    async def models(request: Request) -> Response:
+        await gateway.auth.tenant(request)
+        return json_response(ModelList.of(_served_models(gateway)))
+
+    return [
+        Endpoint(
+            "POST",
+            "/v1/chat/completions",
+            chat_completions,
+            "Create a chat completion",
+            "openai",
+            request_body=_body_type("chat"),
+            response=ChatCompletion,
+            streams=ChatCompletionChunk,
+            errors=(400, 401, 403, 404, 429, 503),
+        ),
+        Endpoint(
+            "POST",
+            "/v1/completions",
+            completions,
+            "Create a completion",
+            "openai",
+            request_body=_body_type("completion"),
+            response=Completion,
+            streams=CompletionChunk,
+            errors=(400, 401, 403, 404, 429, 503),
+        ),
+        Endpoint(
+            "GET",
+            "/v1/models",
+            models,
+            "List the served models",
+            "openai",
+            response=ModelList,
+            errors=(401, 403),
+        ),
+    ]
+
+
+def _body_type(kind: str) -> Any:
+    from gateway import openai_api
+
+    return openai_api.ChatCompletionRequest if kind == "chat" else openai_api.CompletionRequest
+
+
+def _served_models(gateway: Gateway) -> list[str]:
+    model_id = gateway.registry.model_id
+    return [] if model_id is None else [model_id]
+
+
+# ---- one request ---------------------------------------------------------------------------
+
+
+async def _serve(gateway: Gateway, request: Request, parse: Any) -> Response:
+    received = time.monotonic()
+    _, tenant = await gateway.auth.tenant(request)
+    body = await _read_body(request, gateway.config.gateway.max_body_bytes)
+    generation_request: GenerationRequest = parse(body)
+    run = await _admit(gateway, request, tenant, generation_request, received)
+    events = run.generation.events()
+    try:
+        if generation_request.stream:
+            # Wait for the first event before answering, so queueing errors keep their status.
+            first = await _until_disconnected(request, anext(events))
+            return _DisconnectAwareStream(
+                _sse(gateway, run, first, events),
+                media_type="text/event-stream",
+                headers={"cache-control": "no-cache", "x-request-id": run.completion_id},
+                on_close=partial(_close, gateway, run, events),
+            )
+        answer = await _until_disconnected(request, _collect(events))
+    except BaseException as exc:
+        await events.aclose()
+        _finish(gateway, run, exc)
+        raise
+    _finish(gateway, run, None)
+    return _complete_response(run, answer)
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_bytes:
+        raise ClientError(f"the body exceeds {max_bytes} bytes")
+    body = await request.body()
+    if len(body) > max_bytes:
+        raise ClientError(f"the body exceeds {max_bytes} bytes")
+    return body
+
+
+async def _admit(
+    gateway: Gateway,
+    request: Request,
+    tenant: Tenant,
+    body: GenerationRequest,
+    received: float,
+) -> _Run:
+    if not gateway.registry.can_serve():
+        raise NoWorkerAvailable(f"no worker is ready: {gateway.registry.summary()}")
+    if body.model not in _served_models(gateway):
+        raise ModelNotFound(
+            f"model {body.model!r} is not served here; GET /v1/models lists the served models",
+            param="model",
+        )
+    slo_class = _slo_class(gateway, request, tenant, body)
+    prompt_token_ids = await _tokenize(gateway, body)
+    max_model_len = gateway.registry.max_model_len
+    prompt_param = "messages" if body.kind == "chat" else "prompt"
+    if len(prompt_token_ids) >= max_model_len:
+        raise ContextLengthExceeded(
+            f"the prompt has {len(prompt_token_ids)} tokens; this model's context length is "
+            f"{max_model_len}",
+            param=prompt_param,
+        )
+    max_tokens = body.max_tokens or max_model_len - len(prompt_token_ids)
+    if len(prompt_token_ids) + max_tokens > max_model_len:
+        raise ContextLengthExceeded(
+            f"this model's context length is {max_model_len} tokens; the prompt has "
+            f"{len(prompt_token_ids)} and max_tokens asks for {max_tokens} more",
+            param="max_tokens",
+        )
+    admission = await gateway.quotas.admit(
+        tenant, estimated_tokens=len(prompt_token_ids) + max_tokens
+    )
+    completion_id = new_completion_id(body.kind)
+    if admission.demoted:
+        slo_class = gateway.config.lowest_class.name
+    queued = QueuedRequest(
+        request_id=completion_id,
+        tenant_id=tenant.tenant_id,
+        slo_class=slo_class,
+        weight=tenant.weight * (DEMOTED_WEIGHT_FACTOR if admission.demoted else 1.0),
+        arrival=received,
+        num_prompt_tokens=len(prompt_token_ids),
+        max_tokens=max_tokens,
+        prompt_token_ids=prompt_token_ids,
+        demoted=admission.demoted,
+    )
+    sampling = SamplingSpec(
+        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed
+    )
+    generation = Generation(
+        queued,
+        prompt_token_ids,
+        sampling,
+        body.stop,
+        tokenizer=gateway.tokenizer,
+        dispatcher=gateway.dispatcher,
+        registry=gateway.registry,
+        cache_salt=_cache_salt(tenant),
+        received=received,
+    )
+    return _Run(body, tenant, slo_class, admission, generation, completion_id, int(time.time()))
+
+
+def _slo_class(gateway: Gateway, request: Request, tenant: Tenant, body: GenerationRequest) -> str:
+    name = request.headers.get(SLO_CLASS_HEADER) or body.slo_class or tenant.default_class
+    if gateway.config.slo_class(name) is None:
+        known = [c.name for c in gateway.config.slo_classes]
+        raise ClientError(f"unknown SLO class {name!r}; known: {known}", param="fairgate_class")
+    if name not in tenant.allowed_classes:
+        raise ClassNotAllowed(
+            f"this tenant may not use SLO class {name!r} (allowed: {tenant.allowed_classes})",
+            param="fairgate_class",
+        )
+    return name
+
+
+async def _tokenize(gateway: Gateway, body: GenerationRequest) -> list[int]:
+    tokenizer = gateway.tokenizer
+    if body.prompt_token_ids is not None:
+        vocab_size = tokenizer.vocab_size
+        if any(not 0 <= t < vocab_size for t in body.prompt_token_ids):
+            raise ClientError(f"prompt token ids must be in [0, {vocab_size})", param="prompt")
+        return list(body.prompt_token_ids)
+    try:
+        if body.messages is not None:
+            size = sum(len(m["content"]) for m in body.messages)
+            work = partial(tokenizer.encode_chat, body.messages)
+        else:
+            assert body.prompt is not None
+            size = len(body.prompt)
+            work = partial(tokenizer.encode, body.prompt, add_special_tokens=True)
+        token_ids = await asyncio.to_thread(work) if size > TOKENIZE_OFF_LOOP_CHARS else work()
+    except TokenizerError as exc:
+        raise ClientError(str(exc), param="messages" if body.messages else "prompt") from exc
+    if not token_ids:
+        raise ClientError("the prompt is empty", param="prompt")
+    return token_ids
+
+
+def _cache_salt(tenant: Tenant) -> bytes:
+    """Scopes the workers' prefix cache to the tenant (chosen here, never by a client)."""
+    return hashlib.sha256(b"fairgate-prefix-cache\0" + tenant.tenant_id.encode()).digest()[:16]
+
+
+async def _until_disconnected(request: Request, work: Awaitable[_T]) -> _T:
+    """``work``, cancelled (with ``asyncio.CancelledError`` raised here) if the client leaves."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    raise asyncio.CancelledError("the client disconnected")
+
+
+async def _collect(events: AsyncGenerator[str | Finished]) -> tuple[str, Finished]:
+    parts: list[str] = []
+    async for event in events:
+        if isinstance(event, Finished):
+            return "".join(parts), event
+        parts.append(event)
+    raise NoWorkerAvailable("the request ended without a result")
+
+
+# ---- answers --------------------------------------------------------------------------------
+
+
+def _complete_response(run: _Run, answer: tuple[str, Finished]) -> Response:
+    text, finished = answer
+    usage = finished.usage
+    if run.request.kind == "chat":
+        body: Any = ChatCompletion.of(
+            run.completion_id,
+            run.created,
+            run.request.model,
+            text,
+            finished.finish_reason,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.cached_tokens,
+        )
+    else:
+        body = Completion.of(
+            run.completion_id,
+            run.created,
+            run.request.model,
+            text,
+            finished.finish_reason,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.cached_tokens,
+        )
+    response = json_response(body)
+    response.headers["server-timing"] = _server_timing(run)
+    response.headers["x-request-id"] = run.completion_id
+    return response
+
+
+def _server_timing(run: _Run) -> str:
+    timing = run.generation.timing
+    end = timing.finished or time.monotonic()
+    total_ms = (end - timing.received) * 1e3
+    queue_ms = ((timing.placed or end) - timing.received) * 1e3
+    worker_ms = timing.worker_s * 1e3
+    return f"queue;dur={queue_ms:.3f}, worker;dur={worker_ms:.3f}, total;dur={total_ms:.3f}"
+
+
+async def _sse(
+    gateway: Gateway, run: _Run, first: str | Finished, events: AsyncGenerator[str | Finished]
+) -> AsyncGenerator[bytes]:
+    chunk = ChatCompletionChunk if run.request.kind == "chat" else CompletionChunk
+    args = (run.completion_id, run.created, run.request.model)
+    error: BaseException | None = None
+    try:
+        if run.request.kind == "chat":
+            yield ChatCompletionChunk.role(*args)
+        event: str | Finished = first
+        while True:
+            if isinstance(event, Finished):
+                yield chunk.finish(*args, event.finish_reason)
+                if run.request.include_usage:
+                    usage = event.usage
+                    yield chunk.usage_only(
+                        *args, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
+                    )
+                break
+            yield chunk.text(*args, event)
+            event = await anext(events)
+        yield SSE_DONE
+    except FairgateError as exc:
+        error = exc
+        yield b"data: " + msgspec.json.encode(openai_error_body(exc)) + b"\n\n"
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        _finish(gateway, run, error)
+        await events.aclose()
+
+
+async def _close(gateway: Gateway, run: _Run, events: AsyncGenerator[str | Finished]) -> None:
+    """After a streamed answer, however it ended (even before its body began)."""
+    await events.aclose()
+    _finish(gateway, run, asyncio.CancelledError("the client disconnected"))
+
+
+def _finish(gateway: Gateway, run: _Run, error: BaseException | None) -> None:
+    """Settle the quota, record usage and log the request's one line. Only the first call
+    counts."""
+    if run.is_finished:
+        return
+    run.is_finished = True
+    usage: TokenUsage = run.generation.usage
+    gateway.quotas.settle(run.admission, actual_tokens=usage.total_tokens)
+    gateway.usage.add(
+        UsageDelta(
+            tenant_id=run.tenant.tenant_id,
+            at=time.time(),
+            prompt_tokens=usage.prompt_tokens,
+            cached_tokens=usage.cached_tokens,
+            completion_tokens=usage.completion_tokens,
+        )
+    )
+    timing = run.generation.timing
+    ttft_ms = None if timing.first_token is None else (timing.first_token - timing.received) * 1e3
+    if error is None:
+        outcome = "ok"
+    elif isinstance(error, FairgateError):
+        outcome = error.code
+    elif isinstance(error, asyncio.CancelledError | anyio.get_cancelled_exc_class()):
+        outcome = "client_disconnected"
+    else:
+        outcome = type(error).__name__
+    logger.info(
+        "request %s tenant=%s class=%s outcome=%s prompt_tokens=%d cached_tokens=%d "
+        "completion_tokens=%d ttft_ms=%s latency_ms=%.1f",
+        run.completion_id,
+        run.tenant.name,
+        run.slo_class,
+        outcome,
+        usage.prompt_tokens,
+        usage.cached_tokens,
+        usage.completion_tokens,
+        "-" if ttft_ms is None else f"{ttft_ms:.1f}",
+        (time.monotonic() - timing.received) * 1e3,
+    )
+
+
+class _DisconnectAwareStream(StreamingResponse):
+    """A streaming response that stops (cancelling its body, which aborts the request on the
+    workers) as soon as the client disconnects, even while no token is being written; then, in
+    every case, closes its body and calls ``on_close``."""
+
+    def __init__(
+        self,
+        content: AsyncGenerator[bytes],
+        *,
+        media_type: str,
+        headers: dict[str, str],
+        on_close: Callable[[], Awaitable[None]],
+    ) -> None:
+        super().__init__(content, media_type=media_type, headers=headers)
+        self._content = content
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as task_group:
+
+                async def stream_then_stop() -> None:
+                    await self.stream_response(send)
+                    task_group.cancel_scope.cancel()
+
+                async def listen_then_stop() -> None:
+                    await self.listen_for_disconnect(receive)
+                    task_group.cancel_scope.cancel()
+
+                task_group.start_soon(stream_then_stop)
+                await listen_then_stop()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._content.aclose()
+                await self._on_close()

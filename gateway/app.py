@@ -1,0 +1,224 @@
+"""The gateway process: its parts, wired together, and the Starlette app that serves them.
+
+    Gateway
+    ├── store       TenantStore (SQLite)      tenants, keys, usage ledger
+    ├── auth        Authenticator             bearer key → tenant (cached), admin token
+    ├── quotas      QuotaManager              reserve at admission, settle at finish
+    ├── registry    WorkerRegistry            workers polled for state and load
+    ├── policy      SchedulingPolicy          the queue and placement decisions
+    ├── dispatcher  Dispatcher                carries decisions out, requests wait there
+    ├── usage       UsageRecorder             finished requests' usage, batched to the store
+    └── tokenizer   Tokenizer                 chat template, encode, incremental decode
+
+Routes: ``gateway.api`` (OpenAI-compatible, tenant keys), ``gateway.admin`` (admin token),
+``/healthz``, ``/readyz``, ``/openapi.json``. One lifespan starts and stops everything.
+Torch-free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from engine.model_store import resolve_model, tokenizer_path
+from engine.process_events import emit_event
+from engine.tokenizer import Tokenizer
+from gateway.admin import admin_endpoints, json_response
+from gateway.api import openai_endpoints
+from gateway.auth import Authenticator
+from gateway.config import Config
+from gateway.dispatch import Dispatcher
+from gateway.errors import ClientError, NoWorkerAvailable, openai_error_body, retry_after_header
+from gateway.openapi import Endpoint, openapi_document, routes_of
+from gateway.quotas import QuotaManager
+from gateway.scheduler import FcfsPolicy, SchedulingPolicy
+from gateway.store import SQLiteStore
+from gateway.tenants import TenantStore
+from gateway.usage import UsageRecorder
+from gateway.workers import WorkerRegistry
+from transfer.errors import FairgateError
+
+__all__ = ["Gateway", "create_app", "make_policy", "run_gateway"]
+
+logger = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+def make_policy(name: str) -> SchedulingPolicy:
+    if name == "fcfs":
+        return FcfsPolicy()
+    raise ValueError(f"unknown scheduler policy {name!r}; available: fcfs")
+
+
+@dataclass(frozen=True, slots=True)
+class _Started:
+    """The parts that exist only once the gateway started (they need the loop or the disk)."""
+
+    store: SQLiteStore
+    auth: Authenticator
+    quotas: QuotaManager
+    usage: UsageRecorder
+    tokenizer: Tokenizer
+
+
+class Gateway:
+    """Everything one gateway process holds. ``start`` / ``stop`` run in the app's lifespan."""
+
+    def __init__(self, config: Config) -> None:
+        if not config.gateway.admin_token:
+            raise ValueError(
+                "no admin token: set gateway.admin_token in the config file or "
+                "FAIRGATE_GATEWAY_ADMIN_TOKEN"
+            )
+        self.config = config
+        self.policy = make_policy(config.scheduler.policy)
+        self.registry = WorkerRegistry(
+            config.gateway.prefill_workers,
+            config.gateway.decode_workers,
+            config.gateway.colocated_workers,
+            poll_interval_s=config.gateway.poll_interval_s,
+            on_change=self._on_workers_changed,
+        )
+        self.dispatcher = Dispatcher(
+            self.policy,
+            self.registry,
+            max_prefill_inflight_tokens=config.scheduler.max_prefill_inflight_tokens,
+            queue_timeout_s=config.scheduler.queue_timeout_s,
+        )
+        self._parts: _Started | None = None
+
+    @property
+    def started(self) -> _Started:
+        assert self._parts is not None, "the gateway is not started"
+        return self._parts
+
+    @property
+    def store(self) -> TenantStore:
+        return self.started.store
+
+    @property
+    def auth(self) -> Authenticator:
+        return self.started.auth
+
+    @property
+    def quotas(self) -> QuotaManager:
+        return self.started.quotas
+
+    @property
+    def usage(self) -> UsageRecorder:
+        return self.started.usage
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.started.tokenizer
+
+    async def start(self) -> None:
+        spec = resolve_model(self.config.model.name, pull=False)
+        tokenizer = await asyncio.to_thread(Tokenizer.load, tokenizer_path(spec))
+        store = await SQLiteStore.open(self.config.store.path)
+        usage = UsageRecorder(store)
+        self._parts = _Started(
+            store=store,
+            auth=Authenticator(store, self.config.gateway.admin_token),
+            quotas=QuotaManager(store.total_tokens),
+            usage=usage,
+            tokenizer=tokenizer,
+        )
+        await usage.start()
+        await self.registry.start()
+
+    async def stop(self) -> None:
+        self.dispatcher.fail_all(NoWorkerAvailable("the gateway is shutting down"))
+        await self.registry.stop()
+        if self._parts is not None:
+            await self.usage.stop()
+            await self._parts.store.close()
+
+    def _on_workers_changed(self) -> None:
+        with contextlib.suppress(RuntimeError):  # no running loop yet (first poll in start)
+            self.dispatcher.wake()
+
+    def endpoints(self) -> list[Endpoint]:
+        return [*openai_endpoints(self), *admin_endpoints(self)]
+
+
+def create_app(gateway: Gateway, *, on_started: Callable[[], None] | None = None) -> Starlette:
+    endpoints = gateway.endpoints()
+    document = openapi_document(endpoints, version=VERSION)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gateway.start()
+        if on_started is not None:
+            on_started()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        if gateway.registry.can_serve():
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "not_ready", "workers": gateway.registry.summary()}, 503)
+
+    async def openapi(request: Request) -> Response:
+        return json_response(document)
+
+    async def on_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, FairgateError)
+        if not isinstance(exc, ClientError):
+            logger.warning("request failed: %s (%s)", exc.message, exc.code)
+        response = json_response(openai_error_body(exc), exc.status)
+        response.headers.update(retry_after_header(exc))
+        return response
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/openapi.json", openapi),
+            *routes_of(endpoints),
+        ],
+        lifespan=lifespan,
+        exception_handlers={FairgateError: on_error},
+    )
+
+
+def run_gateway(config: Config) -> int:
+    """Serve until SIGTERM/SIGINT; announces ``ready`` (with its URL) on stdout once started."""
+    gateway = Gateway(config)
+    sock = socket.create_server((config.gateway.host, config.gateway.port))
+    host, port = sock.getsockname()[:2]
+    http_url = f"http://{host}:{port}"
+
+    def announce() -> None:
+        emit_event("ready", role="gateway", http_url=http_url, pid=os.getpid())
+
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(gateway, on_started=announce),
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+            loop="uvloop",
+            http="httptools",
+        )
+    )
+    asyncio.run(server.serve(sockets=[sock]))
+    return 0

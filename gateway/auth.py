@@ -1,0 +1,85 @@
+"""Who is calling: a tenant's API key, or the operator's admin token.
+
+Keys arrive as ``Authorization: Bearer fg-…``. The store keeps only their SHA-256 and confirms a
+match in constant time (``gateway.store``); here a small cache, keyed by that digest, saves a
+store round trip per request. Admin changes to a tenant or key drop its cache entries at once
+(``forget_tenant`` / ``forget_key``), so a revoked key stops working on its next request. The
+admin token is compared with ``hmac.compare_digest``. Secrets are never logged. Torch-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable
+
+from starlette.requests import Request
+
+from gateway.errors import InvalidApiKey, KeyRevoked, PermissionDenied
+from gateway.tenants import ApiKey, Tenant, TenantStore
+
+__all__ = ["Authenticator", "bearer_token"]
+
+MAX_CACHED_KEYS = 10_000
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+class Authenticator:
+    def __init__(self, store: TenantStore, admin_token: str) -> None:
+        if len(admin_token) < 16:
+            raise ValueError("the admin token must be at least 16 characters")
+        self.store = store
+        self._admin_token = admin_token.encode()
+        self._cache: dict[bytes, tuple[ApiKey, Tenant]] = {}
+
+    async def tenant(self, request: Request) -> tuple[ApiKey, Tenant]:
+        """The calling tenant; ``InvalidApiKey`` (401) or ``KeyRevoked`` (403)."""
+        secret = bearer_token(request)
+        if secret is None:
+            raise InvalidApiKey("missing API key: send it as 'Authorization: Bearer fg-…'")
+        found = await self._lookup(secret)
+        if found is None:
+            raise InvalidApiKey("invalid API key")
+        key, tenant = found
+        if key.revoked_at is not None:
+            raise KeyRevoked(f"API key {key.prefix}… was revoked")
+        return key, tenant
+
+    async def require_admin(self, request: Request) -> None:
+        """Returns for the admin token; 401 for no or an unknown token, 403 for a tenant key."""
+        secret = bearer_token(request)
+        if secret is None:
+            raise InvalidApiKey("missing admin token: send it as 'Authorization: Bearer …'")
+        if hmac.compare_digest(secret.encode(), self._admin_token):
+            return
+        if await self._lookup(secret) is not None:
+            raise PermissionDenied("the admin API needs the admin token, not a tenant key")
+        raise InvalidApiKey("invalid admin token")
+
+    def forget_tenant(self, tenant_id: str) -> None:
+        self._forget(lambda key, tenant: tenant.tenant_id == tenant_id)
+
+    def forget_key(self, key_id: str) -> None:
+        self._forget(lambda key, tenant: key.key_id == key_id)
+
+    async def _lookup(self, secret: str) -> tuple[ApiKey, Tenant] | None:
+        digest = hashlib.sha256(secret.encode()).digest()
+        cached = self._cache.get(digest)
+        if cached is not None:
+            return cached
+        found = await self.store.find_key(secret)
+        if found is not None:
+            if len(self._cache) >= MAX_CACHED_KEYS:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[digest] = found
+        return found
+
+    def _forget(self, matches: Callable[[ApiKey, Tenant], bool]) -> None:
+        self._cache = {d: e for d, e in self._cache.items() if not matches(*e)}

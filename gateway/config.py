@@ -1,0 +1,146 @@
+"""The gateway's configuration: one TOML file decoded into typed structs, every field with a
+default, each overridable by a ``FAIRGATE_<SECTION>_<FIELD>`` environment variable (lists are
+comma-separated) and then by command-line flags. ``fairgate up`` needs no file at all.
+
+    [gateway]     host, port, admin_token, worker URLs, poll interval
+    [store]       path of the SQLite file
+    [model]       which tokenizer (the workers' model)
+    [scheduler]   policy, queue timeout, prefill admission cap
+    [[slo_classes]]  name, rank, TTFT / TPOT targets, sheddable
+
+Torch-free.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "GatewaySection",
+    "ModelSection",
+    "SchedulerSection",
+    "SloClass",
+    "StoreSection",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration file or variable that does not decode, named with the field at fault."""
+
+
+class GatewaySection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    admin_token: str = ""  # required to start; `fairgate up` generates one
+    prefill_workers: list[str] = []
+    decode_workers: list[str] = []
+    colocated_workers: list[str] = []
+    poll_interval_s: float = 0.5
+    max_body_bytes: int = 8 << 20
+    ready_timeout_s: float = 600.0
+
+
+class StoreSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    path: str = "fairgate.db"
+
+
+class ModelSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The model the workers serve, for the gateway's tokenizer: default, tiny, null or a path."""
+
+    name: str = "default"
+
+
+class SchedulerSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    policy: str = "fcfs"
+    queue_timeout_s: float = 120.0
+    max_prefill_inflight_tokens: int = 8192
+
+
+class SloClass(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A service class (``scheduling.md`` §5): higher ``rank`` is served first."""
+
+    name: str
+    rank: int
+    ttft_target_s: float
+    tpot_target_s: float | None = None
+    sheddable: bool = False
+
+
+DEFAULT_SLO_CLASSES = [
+    SloClass("interactive", rank=3, ttft_target_s=2.0, tpot_target_s=0.25),
+    SloClass("standard", rank=2, ttft_target_s=10.0),
+    SloClass("batch", rank=1, ttft_target_s=3600.0, sheddable=True),
+]
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    gateway: GatewaySection = GatewaySection()
+    store: StoreSection = StoreSection()
+    model: ModelSection = ModelSection()
+    scheduler: SchedulerSection = SchedulerSection()
+    slo_classes: list[SloClass] = msgspec.field(default_factory=lambda: list(DEFAULT_SLO_CLASSES))
+
+    def slo_class(self, name: str) -> SloClass | None:
+        return next((c for c in self.slo_classes if c.name == name), None)
+
+    @property
+    def lowest_class(self) -> SloClass:
+        return min(self.slo_classes, key=lambda c: c.rank)
+
+
+_SECTIONS = ("gateway", "store", "model", "scheduler")
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] = os.environ,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """File, then environment, then ``overrides`` ({section: {field: value}}, e.g. CLI flags)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    for section in _SECTIONS:
+        fields = msgspec.structs.fields(_section_type(section))
+        for field in fields:
+            value = environ.get(f"FAIRGATE_{section}_{field.name}".upper())
+            if value is not None:
+                raw.setdefault(section, {})[field.name] = _from_env(value, field.type)
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    try:
+        config = msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"configuration: {exc}") from exc
+    if not config.slo_classes:
+        raise ConfigError("configuration: at least one SLO class is needed")
+    return config
+
+
+def _section_type(section: str) -> type[msgspec.Struct]:
+    types: dict[str, type[msgspec.Struct]] = {
+        "gateway": GatewaySection,
+        "store": StoreSection,
+        "model": ModelSection,
+        "scheduler": SchedulerSection,
+    }
+    return types[section]
+
+
+def _from_env(value: str, annotation: Any) -> Any:
+    if annotation == list[str]:
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value  # msgspec.convert(strict=False) turns "8000" into 8000

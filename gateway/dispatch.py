@@ -1,0 +1,174 @@
+"""Carries out the scheduling policy's decisions: requests wait here for their workers.
+
+``submit`` puts a request in the policy's queue and waits until the policy places it (or the
+queue timeout passes, or the caller goes away). Whenever something changes that could let a
+waiting request go (an arrival, a finished prefill or decode, a load report), ``wake`` schedules
+one pass of the policy on the loop; passes coalesce, so a burst of events costs one pass.
+
+The dispatcher also keeps the gateway's live accounting on the ``WorkerHandle``s: a placement adds
+the prompt's tokens to its prefill worker's ``inflight_tokens`` until ``prefill_done``, and a KV
+reservation to its decode worker until ``decode_done`` (or the next load report).
+
+Torch-free; everything runs on one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.errors import NoWorkerAvailable
+from gateway.scheduler import Placement, QueuedRequest, SchedulingPolicy, WorkerView
+from gateway.workers import WorkerHandle, WorkerRegistry
+from transfer.messages import WorkerRole
+
+__all__ = ["Dispatcher", "WorkerPair"]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPair:
+    """Where a request runs: a prefill and a decode worker, or one colocated worker (``prefill``
+    None)."""
+
+    prefill: WorkerHandle | None
+    decode: WorkerHandle
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        policy: SchedulingPolicy,
+        registry: WorkerRegistry,
+        *,
+        max_prefill_inflight_tokens: int = 8192,
+        queue_timeout_s: float = 120.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.policy = policy
+        self.registry = registry
+        self.max_prefill_inflight_tokens = max_prefill_inflight_tokens
+        self.queue_timeout_s = queue_timeout_s
+        self.clock = clock
+        self._waiting: dict[str, asyncio.Future[WorkerPair]] = {}
+        self._pass_scheduled = False
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    async def submit(self, request: QueuedRequest, *, requeue: bool = False) -> WorkerPair:
+        """Wait for workers. ``requeue``: the request was placed before and could not start; it
+        goes back ahead of later arrivals. ``NoWorkerAvailable`` when no worker can serve at all,
+        or none had room within the queue timeout."""
+        if not self.registry.can_serve():
+            raise NoWorkerAvailable(f"no worker is ready to serve: {self.registry.summary()}")
+        future: asyncio.Future[WorkerPair] = asyncio.get_running_loop().create_future()
+        self._waiting[request.request_id] = future
+        if requeue:
+            self.policy.requeue(request, self.clock())
+        else:
+            self.policy.enqueue(request, self.clock())
+        self.wake()
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.queue_timeout_s)
+        except TimeoutError:
+            if _placed(future):
+                return future.result()  # placed in the very tick the timeout fired
+            raise NoWorkerAvailable(
+                f"no worker had room for this request within {self.queue_timeout_s:g} s"
+            ) from None
+        except asyncio.CancelledError:
+            if _placed(future):  # placed, but its caller is gone: give the room back
+                pair = future.result()
+                self.prefill_done(pair, request)
+                self.decode_done(pair, request, 0)
+            raise
+        finally:
+            if self._waiting.pop(request.request_id, None) is not None:
+                self.policy.remove(request.request_id)
+            if not future.done():
+                future.cancel()
+
+    def prefill_done(self, pair: WorkerPair, request: QueuedRequest) -> None:
+        """The prefill stage ended (first token, or failure): its tokens leave the prefill
+        worker's account."""
+        if pair.prefill is not None:
+            pair.prefill.inflight_tokens -= request.num_prompt_tokens
+            pair.prefill.inflight_requests -= 1
+        self.wake()
+
+    def decode_done(self, pair: WorkerPair, request: QueuedRequest, num_output_tokens: int) -> None:
+        """The request ended on its decode worker, whatever the outcome."""
+        pair.decode.inflight_requests -= 1
+        pair.decode.inflight_tokens -= request.num_prompt_tokens
+        pair.decode.is_full = False  # it freed blocks
+        self.policy.on_finish(request, num_output_tokens, self.clock())
+        self.wake()
+
+    def wake(self) -> None:
+        if not self._pass_scheduled:
+            self._pass_scheduled = True
+            asyncio.get_running_loop().call_soon(self._schedule_pass)
+
+    def fail_all(self, error: NoWorkerAvailable) -> None:
+        """Every waiting request ends with ``error`` (the gateway is stopping)."""
+        for request_id, future in list(self._waiting.items()):
+            self.policy.remove(request_id)
+            if not future.done():
+                future.set_exception(error)
+
+    # ---- one pass ---------------------------------------------------------------------------
+
+    def _schedule_pass(self) -> None:
+        self._pass_scheduled = False
+        if not self._waiting:
+            return
+        prefill_handles = {h.worker_id: h for h in self.registry.ready("prefill")}
+        decode_role: WorkerRole = "decode" if prefill_handles else "colocated"
+        decode_handles = {h.worker_id: h for h in self.registry.ready(decode_role)}
+        if not decode_handles:
+            return
+        prefill_views = [
+            WorkerView(
+                h.worker_id,
+                inflight_tokens=h.inflight_tokens,
+                max_inflight_tokens=self.max_prefill_inflight_tokens,
+            )
+            for h in prefill_handles.values()
+        ]
+        decode_views = [
+            WorkerView(h.worker_id, free_kv_tokens=h.free_kv_tokens())
+            for h in decode_handles.values()
+        ]
+        for placement in self.policy.schedule(prefill_views, decode_views, self.clock()):
+            self._carry_out(placement, prefill_handles, decode_handles)
+
+    def _carry_out(
+        self,
+        placement: Placement,
+        prefill_handles: dict[str, WorkerHandle],
+        decode_handles: dict[str, WorkerHandle],
+    ) -> None:
+        request = placement.request
+        future = self._waiting.pop(request.request_id, None)
+        if future is None or future.done():
+            return  # its caller gave up in this same tick
+        prefill = (
+            None
+            if placement.prefill_worker_id is None
+            else prefill_handles[placement.prefill_worker_id]
+        )
+        decode = decode_handles[placement.decode_worker_id]
+        if prefill is not None:
+            prefill.inflight_tokens += request.num_prompt_tokens
+            prefill.inflight_requests += 1
+        decode.inflight_requests += 1
+        decode.inflight_tokens += request.num_prompt_tokens
+        decode.tokens_reserved_since_report += request.num_prompt_tokens + 1
+        future.set_result(WorkerPair(prefill, decode))
+
+
+def _placed(future: asyncio.Future[WorkerPair]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None

@@ -1,0 +1,287 @@
+"""The workers the gateway places requests on: who they are, whether they answer, how loaded they
+are.
+
+``WorkerRegistry`` polls every configured worker's ``/v1/load`` (and ``/v1/info`` whenever a
+worker comes up or restarts) on one background task, and keeps the gateway's own live count of
+what it sent each worker since (a load report is up to one poll interval old; the gateway's
+dispatches are not). A call that finds a worker unreachable marks it ``dead`` at once; the next
+successful poll brings it back. Every worker must serve the same model and protocol version as
+the first one seen; one that does not stays ``incompatible`` (with the reason), never used.
+
+States::
+
+    unknown ──poll ok──▶ ready ◀──poll ok── dead / not_ready
+                           │ poll fails, or a call finds it unreachable
+                           ▼
+                          dead
+
+Torch-free; one event loop, no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import httpx
+import msgspec
+
+from transfer.client import DecodeClient, PrefillClient, WorkerClient
+from transfer.errors import FairgateError
+from transfer.messages import PROTOCOL_VERSION, WorkerInfo, WorkerLoad, WorkerRole
+
+__all__ = ["WorkerHandle", "WorkerRegistry", "WorkerState", "WorkerStatus"]
+
+logger = logging.getLogger(__name__)
+
+WorkerState = Literal["unknown", "ready", "not_ready", "dead", "incompatible"]
+
+POLL_TIMEOUT = httpx.Timeout(2.0)
+
+
+class WorkerStatus(msgspec.Struct, frozen=True):
+    """A worker as the admin API shows it."""
+
+    url: str
+    state: WorkerState
+    role: WorkerRole | None
+    worker_id: str | None
+    model_id: str | None
+    inflight_requests: int
+    inflight_tokens: int
+    load: WorkerLoad | None
+    last_error: str | None
+    last_seen_s_ago: float | None
+
+
+@dataclass(slots=True, eq=False)
+class WorkerHandle:
+    """One worker as the gateway knows it. ``inflight_*`` are the gateway's own accounting:
+    requests placed here whose stage on this worker has not ended (prefill: until the first
+    token; decode: until the last)."""
+
+    url: str
+    client: WorkerClient
+    state: WorkerState = "unknown"
+    info: WorkerInfo | None = None
+    load: WorkerLoad | None = None
+    last_error: str | None = None
+    last_seen: float | None = None  # monotonic time of the last answer
+    inflight_requests: int = 0
+    inflight_tokens: int = 0
+    # decode: KV tokens reserved through the gateway since the last load report (the report does
+    # not count them yet), and whether the worker said "no room" since then.
+    tokens_reserved_since_report: int = 0
+    is_full: bool = False
+    poll_failures: int = field(default=0)
+
+    @property
+    def role(self) -> WorkerRole | None:
+        return None if self.info is None else self.info.role
+
+    @property
+    def worker_id(self) -> str:
+        return self.info.worker_id if self.info is not None else self.url
+
+    @property
+    def is_ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def prefill_client(self) -> PrefillClient:
+        assert isinstance(self.client, PrefillClient)
+        return self.client
+
+    @property
+    def decode_client(self) -> DecodeClient:
+        assert isinstance(self.client, DecodeClient)
+        return self.client
+
+    def free_kv_tokens(self) -> int:
+        """Decode: KV token slots free now, as best the gateway can tell."""
+        if self.is_full or self.load is None or self.info is None:
+            return 0
+        free = self.load.num_free_blocks * self.info.block_size
+        return free - self.tokens_reserved_since_report
+
+    def status(self, now: float) -> WorkerStatus:
+        return WorkerStatus(
+            url=self.url,
+            state=self.state,
+            role=self.role,
+            worker_id=None if self.info is None else self.info.worker_id,
+            model_id=None if self.info is None else self.info.model_id,
+            inflight_requests=self.inflight_requests,
+            inflight_tokens=self.inflight_tokens,
+            load=self.load,
+            last_error=self.last_error,
+            last_seen_s_ago=None if self.last_seen is None else round(now - self.last_seen, 3),
+        )
+
+
+class WorkerRegistry:
+    """Every configured worker, polled. ``on_change`` is called (on the loop) whenever a worker's
+    state or load changes, so the dispatcher can place waiting requests."""
+
+    def __init__(
+        self,
+        prefill_urls: Sequence[str],
+        decode_urls: Sequence[str],
+        colocated_urls: Sequence[str] = (),
+        *,
+        poll_interval_s: float = 0.5,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.poll_interval_s = poll_interval_s
+        self.on_change = on_change
+        # One pooled client for every worker call: connections are reused across requests.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=10.0, read=600.0, write=60.0, pool=60.0), limits=limits
+        )
+        self.handles: list[WorkerHandle] = [
+            *(WorkerHandle(url, PrefillClient(url, client=self._http)) for url in prefill_urls),
+            *(WorkerHandle(url, DecodeClient(url, client=self._http)) for url in decode_urls),
+            *(WorkerHandle(url, DecodeClient(url, client=self._http)) for url in colocated_urls),
+        ]
+        self._expected_roles: dict[str, WorkerRole] = {
+            **dict.fromkeys(prefill_urls, "prefill"),
+            **dict.fromkeys(decode_urls, "decode"),
+            **dict.fromkeys(colocated_urls, "colocated"),
+        }
+        self.reference: WorkerInfo | None = None  # the first worker seen fixes model and shapes
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.poll_once()
+        self._task = asyncio.create_task(self._poll_forever(), name="worker-registry")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._http.aclose()
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Until at least one worker of every needed role is ready; ``TimeoutError`` if not."""
+        deadline = time.monotonic() + timeout_s
+        while not self.can_serve():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no ready workers within {timeout_s:g} s: {self.summary()}")
+            await asyncio.sleep(self.poll_interval_s)
+
+    # ---- queries ----------------------------------------------------------------------------
+
+    def ready(self, role: WorkerRole) -> list[WorkerHandle]:
+        return [h for h in self.handles if h.is_ready and h.role == role]
+
+    def can_serve(self) -> bool:
+        """A prefill and a decode worker are ready, or a colocated one."""
+        return bool(self.ready("colocated")) or (
+            bool(self.ready("prefill")) and bool(self.ready("decode"))
+        )
+
+    @property
+    def model_id(self) -> str | None:
+        return None if self.reference is None else self.reference.model_id
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest sequence every ready worker takes (0 when none is ready)."""
+        lengths = [h.info.max_model_len for h in self.handles if h.is_ready and h.info]
+        return min(lengths, default=0)
+
+    def statuses(self) -> list[WorkerStatus]:
+        now = time.monotonic()
+        return [h.status(now) for h in self.handles]
+
+    def summary(self) -> str:
+        return (
+            ", ".join(
+                f"{h.url} {h.state}" + (f" ({h.last_error})" if h.last_error else "")
+                for h in self.handles
+            )
+            or "no workers configured"
+        )
+
+    # ---- events from callers ----------------------------------------------------------------
+
+    def mark_dead(self, handle: WorkerHandle, error: FairgateError) -> None:
+        """A call found the worker unreachable: stop placing on it until a poll succeeds."""
+        if handle.state != "dead":
+            logger.warning("worker %s marked dead: %s", handle.url, error.message)
+        handle.state = "dead"
+        handle.last_error = error.message
+        self.on_change()
+
+    def mark_full(self, handle: WorkerHandle) -> None:
+        """A decode worker answered "no room": no more reservations there until it reports."""
+        handle.is_full = True
+
+    # ---- polling ----------------------------------------------------------------------------
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            await self.poll_once()
+
+    async def poll_once(self) -> None:
+        await asyncio.gather(*(self._poll(h) for h in self.handles))
+        self.on_change()
+
+    async def _poll(self, handle: WorkerHandle) -> None:
+        try:
+            response = await self._http.get(handle.url + "/v1/load", timeout=POLL_TIMEOUT)
+            response.raise_for_status()
+            load = msgspec.msgpack.decode(response.content, type=WorkerLoad)
+            if handle.state in ("unknown", "dead", "not_ready", "incompatible") and load.ready:
+                # (Re)started: learn who it is before placing anything there.
+                info = await handle.client.info()
+                problem = self._incompatibility(handle, info)
+                handle.info = info
+                if problem is not None:
+                    handle.state, handle.last_error = "incompatible", problem
+                    handle.load = load
+                    return
+        except (httpx.HTTPError, msgspec.MsgspecError, FairgateError) as exc:
+            handle.poll_failures += 1
+            if handle.state != "dead":
+                logger.warning("worker %s does not answer: %r", handle.url, exc)
+            handle.state = "dead" if handle.state != "unknown" else "unknown"
+            handle.last_error = f"poll failed: {exc!r}"
+            return
+        handle.poll_failures = 0
+        handle.last_seen = time.monotonic()
+        handle.load = load
+        handle.tokens_reserved_since_report = 0
+        handle.is_full = False
+        if load.ready:
+            if handle.state != "ready":
+                logger.info("worker %s (%s) is ready", handle.url, handle.role)
+            handle.state, handle.last_error = "ready", None
+        else:
+            handle.state = "not_ready"
+
+    def _incompatibility(self, handle: WorkerHandle, info: WorkerInfo) -> str | None:
+        expected = self._expected_roles[handle.url]
+        if info.role != expected:
+            return f"configured as a {expected} worker but it is a {info.role} worker"
+        if info.protocol_version != PROTOCOL_VERSION:
+            return (
+                f"protocol version {info.protocol_version}, the gateway speaks {PROTOCOL_VERSION}"
+            )
+        if self.reference is None:
+            self.reference = info
+            return None
+        if info.model_id != self.reference.model_id:
+            return f"serves {info.model_id!r}, the other workers {self.reference.model_id!r}"
+        return None
