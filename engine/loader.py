@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -115,12 +116,30 @@ def _load_null_engine(
     num_blocks: int | None,
     engine_config: EngineConfig | None,
 ) -> LoadedEngine:
+    defaults = NullEngineConfig()
     config = NullEngineConfig(
         vocab_size=tokenizer.vocab_size,
         block_size=block_size,
-        num_blocks=num_blocks or NullEngineConfig().num_blocks,
+        num_blocks=num_blocks or defaults.num_blocks,
+        # Load tests of the gateway make the pretend engine faster than anything they measure.
+        prefill_tok_s=_env_float(NULL_PREFILL_TOK_S_ENV, defaults.prefill_tok_s),
+        decode_step_s=_env_float(NULL_DECODE_STEP_S_ENV, defaults.decode_step_s),
     )
     engine = create_null_engine(config, engine_config, eos_token_ids=tokenizer.stop_token_ids)
     kv_cache = torch.zeros(2, 1, config.num_blocks, block_size, 1, 1)
     logger.info("loaded the null engine: %d KV blocks of %d tokens", config.num_blocks, block_size)
     return LoadedEngine(engine, engine.runner, tokenizer, spec.model_id, kv_cache)
+
+
+NULL_PREFILL_TOK_S_ENV = "FAIRGATE_NULL_PREFILL_TOK_S"
+NULL_DECODE_STEP_S_ENV = "FAIRGATE_NULL_DECODE_STEP_S"
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a number") from None

@@ -1,0 +1,196 @@
+"""``fairgate bench gateway``: how many requests the gateway sustains, and what it adds to each.
+
+The whole stack runs on this machine (`fairgate up`'s code: one prefill and one decode worker
+with the null engine, made fast enough that it is never the limit, and the gateway), and so does
+this load generator. Requests are non-streaming completions of a 64-token prompt (random token
+ids, so no prefix-cache hits) with 16 output tokens.
+
+- ``rps_max``: closed loop, ``CONCURRENCY`` requests always in flight, completed requests per
+  second over the measured window.
+- overhead: open loop at half of ``rps_max`` (Poisson arrivals), in alternating blocks, the same
+  requests sent (a) through the gateway and (b) straight to the workers the way the gateway
+  drives them (``transfer.client.run_disaggregated``) from this process. ``overhead_p50_ms`` /
+  ``overhead_p99_ms`` are the differences of the latency percentiles (b subtracted from a): what
+  the gateway adds — HTTP and JSON, auth, quotas, tokenization, queueing, detokenization.
+  ``server_timing_overhead_p50_ms`` is the gateway's own view (total minus time in worker calls,
+  from its ``Server-Timing`` header).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.report import log, print_result
+from deploy.stack import Stack, StackConfig, start_stack
+from transfer.client import DecodeClient, PrefillClient, run_disaggregated
+from transfer.messages import SamplingSpec
+
+__all__ = ["run_gateway_bench"]
+
+PROMPT_TOKENS = 64
+OUTPUT_TOKENS = 16
+CONCURRENCY = 48
+NULL_ENGINE_ENV = {
+    "FAIRGATE_NULL_PREFILL_TOK_S": "5e6",
+    "FAIRGATE_NULL_DECODE_STEP_S": "0.0005",
+}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+class _Load:
+    """Both ways to send one request, timed."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+        self.http = httpx.AsyncClient(
+            base_url=stack.base_url,
+            timeout=60.0,
+            limits=limits,
+            headers={"authorization": f"Bearer {stack.demo_key}"},
+        )
+        [prefill] = [w for w in stack.workers if w.spec.role == "prefill"]
+        [decode] = [w for w in stack.workers if w.spec.role == "decode"]
+        self.prefill = PrefillClient(prefill.http_url, client=self.http)
+        self.decode = DecodeClient(decode.http_url, client=self.http)
+        self.rng = random.Random(0)
+        self.server_overheads_ms: list[float] = []
+
+    def _prompt(self) -> list[int]:
+        return [self.rng.randrange(1000, 40000) for _ in range(PROMPT_TOKENS)]
+
+    async def via_gateway(self) -> float:
+        body = {"model": "null", "prompt": self._prompt(), "max_tokens": OUTPUT_TOKENS}
+        start = time.perf_counter()
+        response = await self.http.post("/v1/completions", json=body)
+        elapsed = time.perf_counter() - start
+        if response.status_code != 200:
+            raise RuntimeError(f"gateway answered {response.status_code}: {response.text}")
+        timing = dict(
+            part.strip().split(";dur=") for part in response.headers["server-timing"].split(",")
+        )
+        self.server_overheads_ms.append(float(timing["total"]) - float(timing["worker"]))
+        return elapsed
+
+    async def direct(self) -> float:
+        sampling = SamplingSpec(max_tokens=OUTPUT_TOKENS)
+        start = time.perf_counter()
+        num_tokens = 0
+        async for frame in run_disaggregated(
+            self.prefill, self.decode, uuid.uuid4().hex, self._prompt(), sampling
+        ):
+            num_tokens += len(frame.token_ids)
+        elapsed = time.perf_counter() - start
+        if num_tokens != OUTPUT_TOKENS:
+            raise RuntimeError(f"direct request produced {num_tokens} tokens")
+        return elapsed
+
+
+async def _closed_loop(send: Callable[[], Awaitable[float]], duration_s: float) -> float:
+    """Completed requests per second with ``CONCURRENCY`` always in flight."""
+    deadline = time.perf_counter() + duration_s
+    completed = 0
+
+    async def client() -> None:
+        nonlocal completed
+        while time.perf_counter() < deadline:
+            await send()
+            completed += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(CONCURRENCY)))
+    return completed / (time.perf_counter() - start)
+
+
+async def _open_loop(
+    send: Callable[[], Coroutine[Any, Any, float]], rate: float, count: int, rng: random.Random
+) -> list[float]:
+    """Latencies of ``count`` requests sent at Poisson arrivals of ``rate`` per second."""
+    tasks: list[asyncio.Task[float]] = []
+    next_at = time.perf_counter()
+    for _ in range(count):
+        next_at += rng.expovariate(rate)
+        delay = next_at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(send()))
+    return list(await asyncio.gather(*tasks))
+
+
+async def _measure(stack: Stack, quick: bool) -> dict[str, Any]:
+    load = _Load(stack)
+    try:
+        await _closed_loop(load.via_gateway, 1.0 if quick else 3.0)  # warm-up
+        rps_max = await _closed_loop(load.via_gateway, 3.0 if quick else 10.0)
+        log(f"rps_max {rps_max:.0f}")
+        rate = rps_max / 2
+        block = max(50, int(rate * (2 if quick else 5)))
+        rng = random.Random(1)
+        gateway_s: list[float] = []
+        direct_s: list[float] = []
+        load.server_overheads_ms.clear()
+        for round_index in range(2 if quick else 4):
+            gateway_s += await _open_loop(load.via_gateway, rate, block, rng)
+            direct_s += await _open_loop(load.direct, rate, block, rng)
+            log(
+                f"round {round_index}: gateway p50 {_percentile(gateway_s, 0.5) * 1e3:.2f} ms, "
+                f"direct p50 {_percentile(direct_s, 0.5) * 1e3:.2f} ms"
+            )
+    finally:
+        await load.http.aclose()
+    ms = 1e3
+    return {
+        "rps_max": round(rps_max, 1),
+        "rate_rps": round(rate, 1),
+        "num_requests": len(gateway_s),
+        "overhead_p50_ms": round(
+            (_percentile(gateway_s, 0.5) - _percentile(direct_s, 0.5)) * ms, 3
+        ),
+        "overhead_p99_ms": round(
+            (_percentile(gateway_s, 0.99) - _percentile(direct_s, 0.99)) * ms, 3
+        ),
+        "gateway_p50_ms": round(_percentile(gateway_s, 0.5) * ms, 3),
+        "gateway_p99_ms": round(_percentile(gateway_s, 0.99) * ms, 3),
+        "direct_p50_ms": round(_percentile(direct_s, 0.5) * ms, 3),
+        "direct_p99_ms": round(_percentile(direct_s, 0.99) * ms, 3),
+        "server_timing_overhead_p50_ms": round(statistics.median(load.server_overheads_ms), 3),
+    }
+
+
+def run_gateway_bench(*, quick: bool = False, output: str | None = None) -> int:
+    with tempfile.TemporaryDirectory(prefix="fairgate-bench-") as state_dir:
+        stack = start_stack(
+            StackConfig(
+                engine="null",
+                port=0,
+                state_dir=Path(state_dir),
+                env=NULL_ENGINE_ENV,
+                worker_args=["--log-level", "warning", "--max-num-seqs", "256"],
+                gateway_args=["--log-level", "warning"],
+            )
+        )
+        try:
+            result: dict[str, Any] = {
+                "quick": quick,
+                "prompt_tokens": PROMPT_TOKENS,
+                "output_tokens": OUTPUT_TOKENS,
+            }
+            result |= asyncio.run(_measure(stack, quick))
+        finally:
+            stack.stop()
+    print_result(result, output)
+    return 0
