@@ -31,7 +31,7 @@ from engine.engine_thread import EngineThread
 from engine.loader import LoadedEngine, Precision, load_engine
 from engine.process_events import emit_event
 from transfer.errors import EngineFailed, FairgateError, WorkerNotReady
-from transfer.http import error_response, message_response, read_message
+from transfer.http import error_response, message_response, read_message, serve_on
 from transfer.messages import AbortRequest, AbortResult, WorkerInfo, WorkerLoad, WorkerRole
 
 __all__ = ["WorkerConfig", "WorkerService", "run_worker"]
@@ -282,6 +282,7 @@ def run_worker(service: WorkerService) -> int:
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=5,
+            http="httptools",
         )
     )
 
@@ -289,5 +290,5 @@ def run_worker(service: WorkerService) -> int:
         server.should_exit = True
 
     service.bind(sock.getsockname()[1], on_fatal=stop_server)
-    asyncio.run(server.serve(sockets=[sock]))
+    serve_on(server, sock)
     return 1 if service.load_error else 0

@@ -169,6 +169,7 @@ async def _serve(gateway: Gateway, request: Request, parse: Any) -> Response:
         await events.aclose()
         _finish(gateway, run, exc)
         raise
+    await events.aclose()  # runs the generation's clean-up now: worker accounting, timings
     _finish(gateway, run, None)
     return _complete_response(run, answer)
 

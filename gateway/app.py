@@ -48,6 +48,7 @@ from gateway.tenants import TenantStore
 from gateway.usage import UsageRecorder
 from gateway.workers import WorkerRegistry
 from transfer.errors import FairgateError
+from transfer.http import serve_on
 
 __all__ = ["Gateway", "create_app", "make_policy", "run_gateway"]
 
@@ -216,9 +217,8 @@ def run_gateway(config: Config) -> int:
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=5,
-            loop="uvloop",
             http="httptools",
         )
     )
-    asyncio.run(server.serve(sockets=[sock]))
+    serve_on(server, sock)
     return 0

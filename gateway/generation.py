@@ -103,9 +103,10 @@ class Generation:
                 self.timing.placed = time.monotonic()
             sent_any = False
             try:
-                async for event in self._run_on(pair):
-                    sent_any = True
-                    yield event
+                async with contextlib.aclosing(self._run_on(pair)) as events:
+                    async for event in events:
+                        sent_any = True
+                        yield event
                 return
             except NoRoomError:
                 self.registry.mark_full(pair.decode)

@@ -28,10 +28,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-import httpx
 import msgspec
 
-from transfer.client import DecodeClient, PrefillClient, WorkerClient
+from transfer.client import Connections, DecodeClient, PrefillClient, WorkerClient
 from transfer.errors import FairgateError
 from transfer.messages import PROTOCOL_VERSION, WorkerInfo, WorkerLoad, WorkerRole
 
@@ -41,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 WorkerState = Literal["unknown", "ready", "not_ready", "dead", "incompatible"]
 
-POLL_TIMEOUT = httpx.Timeout(2.0)
+POLL_TIMEOUT_S = 2.0
 
 
 class WorkerStatus(msgspec.Struct, frozen=True):
@@ -139,15 +138,12 @@ class WorkerRegistry:
     ) -> None:
         self.poll_interval_s = poll_interval_s
         self.on_change = on_change
-        # One pooled client for every worker call: connections are reused across requests.
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=10.0, read=600.0, write=60.0, pool=60.0), limits=limits
-        )
+        # One pool for every worker call: connections are reused across requests.
+        self._connections = pool = Connections()
         self.handles: list[WorkerHandle] = [
-            *(WorkerHandle(url, PrefillClient(url, client=self._http)) for url in prefill_urls),
-            *(WorkerHandle(url, DecodeClient(url, client=self._http)) for url in decode_urls),
-            *(WorkerHandle(url, DecodeClient(url, client=self._http)) for url in colocated_urls),
+            *(WorkerHandle(url, PrefillClient(url, connections=pool)) for url in prefill_urls),
+            *(WorkerHandle(url, DecodeClient(url, connections=pool)) for url in decode_urls),
+            *(WorkerHandle(url, DecodeClient(url, connections=pool)) for url in colocated_urls),
         ]
         self._expected_roles: dict[str, WorkerRole] = {
             **dict.fromkeys(prefill_urls, "prefill"),
@@ -169,7 +165,7 @@ class WorkerRegistry:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await self._http.aclose()
+        await self._connections.aclose()
 
     async def wait_ready(self, timeout_s: float) -> None:
         """Until at least one worker of every needed role is ready; ``TimeoutError`` if not."""
@@ -240,9 +236,7 @@ class WorkerRegistry:
 
     async def _poll(self, handle: WorkerHandle) -> None:
         try:
-            response = await self._http.get(handle.url + "/v1/load", timeout=POLL_TIMEOUT)
-            response.raise_for_status()
-            load = msgspec.msgpack.decode(response.content, type=WorkerLoad)
+            load = await handle.client.load(timeout_s=POLL_TIMEOUT_S)
             if handle.state in ("unknown", "dead", "not_ready", "incompatible") and load.ready:
                 # (Re)started: learn who it is before placing anything there.
                 info = await handle.client.info()
@@ -252,7 +246,7 @@ class WorkerRegistry:
                     handle.state, handle.last_error = "incompatible", problem
                     handle.load = load
                     return
-        except (httpx.HTTPError, msgspec.MsgspecError, FairgateError) as exc:
+        except FairgateError as exc:
             handle.poll_failures += 1
             if handle.state != "dead":
                 logger.warning("worker %s does not answer: %r", handle.url, exc)

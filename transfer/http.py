@@ -5,10 +5,13 @@ the workers use it now, the gateway's internal routes may later."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
+import uvicorn
+import uvloop
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -28,6 +31,7 @@ __all__ = [
     "frame_stream_response",
     "message_response",
     "read_message",
+    "serve_on",
     "until_disconnected",
 ]
 
@@ -92,3 +96,10 @@ async def until_disconnected(
     work_task.cancel()
     on_disconnect()
     raise asyncio.CancelledError("the caller disconnected")
+
+
+def serve_on(server: uvicorn.Server, sock: socket.socket) -> None:
+    """Serve until the server exits, on a uvloop event loop (``server.serve`` alone would keep
+    whatever loop ``asyncio.run`` makes: uvicorn picks its loop only in ``uvicorn.run``)."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(server.serve(sockets=[sock]))
