@@ -3,8 +3,9 @@
 #
 #   deploy/dev.sh setup   create/reuse .venv, install torch (CPU build pinned when there is no GPU),
 #                         fairgate with its test and bench extras, and pull the default model
-#   deploy/dev.sh run     setup, then the main job (today: a generation with the default model,
-#                         driven through a freshly started prefill and decode worker)
+#   deploy/dev.sh run     setup, then the whole stack with the default model: `fairgate up` (a
+#                         prefill and a decode worker, the gateway, SQLite; extra arguments go to
+#                         it), until Ctrl-C
 #   deploy/dev.sh test    setup, then the whole test suite (extra arguments go to pytest)
 set -euo pipefail
 
@@ -43,8 +44,9 @@ case "${1:-}" in
         setup
         ;;
     run)
+        shift
         setup
-        "$venv/bin/fairgate" generate "What is the capital of France?" --temperature 0 --disaggregated
+        exec "$venv/bin/fairgate" up "$@"
         ;;
     test)
         shift
