@@ -14,7 +14,6 @@ Torch-free.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
@@ -57,6 +56,7 @@ from gateway.quotas import Admission
 from gateway.scheduler import QueuedRequest
 from gateway.tenants import Tenant, UsageDelta
 from transfer.errors import FairgateError
+from transfer.http import until_disconnected
 from transfer.messages import SamplingSpec
 
 if TYPE_CHECKING:
@@ -157,14 +157,14 @@ async def _serve(gateway: Gateway, request: Request, parse: Any) -> Response:
     try:
         if generation_request.stream:
             # Wait for the first event before answering, so queueing errors keep their status.
-            first = await _until_disconnected(request, anext(events))
+            first = await until_disconnected(request, anext(events))
             return _DisconnectAwareStream(
                 _sse(gateway, run, first, events),
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache", "x-request-id": run.completion_id},
                 on_close=partial(_close, gateway, run, events),
             )
-        answer = await _until_disconnected(request, _collect(events))
+        answer = await until_disconnected(request, _collect(events))
     except BaseException as exc:
         await events.aclose()
         _finish(gateway, run, exc)
@@ -288,27 +288,6 @@ async def _tokenize(gateway: Gateway, body: GenerationRequest) -> list[int]:
 def _cache_salt(tenant: Tenant) -> bytes:
     """Scopes the workers' prefix cache to the tenant (chosen here, never by a client)."""
     return hashlib.sha256(b"fairgate-prefix-cache\0" + tenant.tenant_id.encode()).digest()[:16]
-
-
-async def _until_disconnected(request: Request, work: Awaitable[_T]) -> _T:
-    """``work``, cancelled (with ``asyncio.CancelledError`` raised here) if the client leaves."""
-    task = asyncio.ensure_future(work)
-
-    async def watch() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
-    raise asyncio.CancelledError("the client disconnected")
 
 
 async def _collect(events: AsyncGenerator[str | Finished]) -> tuple[str, Finished]:

@@ -5,6 +5,7 @@ the workers use it now, the gateway's internal routes may later."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -73,10 +74,11 @@ def frame_stream_response(frames: AsyncIterator[Frame]) -> StreamingResponse:
 
 
 async def until_disconnected(
-    request: Request, work: Awaitable[_T], on_disconnect: Callable[[], Any]
+    request: Request, work: Awaitable[_T], on_disconnect: Callable[[], Any] | None = None
 ) -> _T:
-    """Await ``work``; if the caller disconnects first, cancel it, call ``on_disconnect`` and
-    raise ``asyncio.CancelledError``. The body must have been read already."""
+    """Await ``work``; if the caller disconnects first, cancel it and wait for its clean-up, call
+    ``on_disconnect`` and raise ``asyncio.CancelledError``. The body must have been read
+    already."""
     work_task = asyncio.ensure_future(work)
 
     async def wait_for_disconnect() -> None:
@@ -94,7 +96,10 @@ async def until_disconnected(
     if work_task in done:
         return work_task.result()
     work_task.cancel()
-    on_disconnect()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await work_task
+    if on_disconnect is not None:
+        on_disconnect()
     raise asyncio.CancelledError("the caller disconnected")
 
 
