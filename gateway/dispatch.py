@@ -72,7 +72,10 @@ class Dispatcher:
             self.policy.enqueue(request, self.clock())
         self.wake()
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.queue_timeout_s)
+            # Not wait_for: on 3.11 it returns the result of a future that completed in the tick
+            # its task was cancelled, and the cancellation is lost.
+            async with asyncio.timeout(self.queue_timeout_s):
+                return await future
         except TimeoutError:
             if _placed(future):
                 return future.result()  # placed in the very tick the timeout fired
@@ -154,7 +157,10 @@ class Dispatcher:
         request = placement.request
         future = self._waiting.pop(request.request_id, None)
         if future is None or future.done():
-            return  # its caller gave up in this same tick
+            # Its caller gave up in this same tick: nothing was reserved on the workers, but the
+            # policy dispatched it and must hear that it ended.
+            self.policy.on_finish(request, 0, self.clock())
+            return
         prefill = (
             None
             if placement.prefill_worker_id is None

@@ -1,0 +1,299 @@
+"""``Dispatcher`` with the FCFS policy and a real ``WorkerRegistry`` whose workers are never
+polled: the tests set each handle's state, info and load as a poll would, then watch requests
+wait, get placed, and move the gateway's accounting on the handles."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gateway.dispatch import Dispatcher, WorkerPair
+from gateway.errors import NoWorkerAvailable
+from gateway.scheduler import FcfsPolicy, QueuedRequest
+from gateway.workers import WorkerHandle, WorkerRegistry
+from transfer.messages import WorkerInfo, WorkerLoad, WorkerRole
+
+BLOCK_SIZE = 16
+PREFILL_URL = "http://127.0.0.1:9/prefill"  # never polled: start() is not called
+DECODE_URL = "http://127.0.0.1:9/decode"
+
+
+class RecordingFcfs(FcfsPolicy):
+    """FCFS that also records which requests it was told had finished."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.finished: list[str] = []
+
+    def on_finish(self, request: QueuedRequest, num_output_tokens: int, now: float) -> None:
+        self.finished.append(request.request_id)
+
+
+def make_ready(handle: WorkerHandle, role: WorkerRole, *, num_free_blocks: int = 1000) -> None:
+    """What a successful poll of a ready worker leaves on its handle."""
+    worker_id = f"{role}-worker"
+    handle.info = WorkerInfo(
+        worker_id=worker_id,
+        instance_id="instance-1",
+        role=role,
+        model_id="test-model",
+        block_size=BLOCK_SIZE,
+        num_total_blocks=1000,
+        max_model_len=4096,
+        vocab_size=49152,
+    )
+    handle.load = WorkerLoad(
+        worker_id=worker_id,
+        role=role,
+        ready=True,
+        num_free_blocks=num_free_blocks,
+        num_total_blocks=1000,
+    )
+    handle.state = "ready"
+
+
+def request(request_id: str, num_prompt_tokens: int = 100) -> QueuedRequest:
+    return QueuedRequest(
+        request_id=request_id,
+        tenant_id="tenant",
+        slo_class="standard",
+        weight=1.0,
+        arrival=0.0,
+        num_prompt_tokens=num_prompt_tokens,
+        max_tokens=16,
+    )
+
+
+async def settle() -> None:
+    """Let the loop run the scheduling passes and wake-ups that are due."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def registry() -> AsyncIterator[WorkerRegistry]:
+    workers = WorkerRegistry([PREFILL_URL], [DECODE_URL])
+    try:
+        yield workers
+    finally:
+        await workers.stop()
+
+
+@pytest.fixture
+def prefill(registry: WorkerRegistry) -> WorkerHandle:
+    handle = registry.handles[0]
+    make_ready(handle, "prefill")
+    return handle
+
+
+@pytest.fixture
+def decode(registry: WorkerRegistry) -> WorkerHandle:
+    handle = registry.handles[1]
+    make_ready(handle, "decode")
+    return handle
+
+
+@pytest.fixture
+def policy() -> RecordingFcfs:
+    return RecordingFcfs()
+
+
+@pytest.fixture
+def dispatcher(
+    policy: RecordingFcfs, registry: WorkerRegistry, prefill: WorkerHandle, decode: WorkerHandle
+) -> Dispatcher:
+    # Room for one 100-token prompt in flight on the prefill worker, not two.
+    return Dispatcher(policy, registry, max_prefill_inflight_tokens=150, queue_timeout_s=5.0)
+
+
+async def test_a_submit_with_room_is_placed_at_once_and_the_accounting_moves(
+    dispatcher: Dispatcher, policy: RecordingFcfs, prefill: WorkerHandle, decode: WorkerHandle
+) -> None:
+    free_before = decode.free_kv_tokens()
+    assert free_before == 1000 * BLOCK_SIZE
+    a = request("a", 100)
+    pair = await asyncio.wait_for(dispatcher.submit(a), 1.0)
+    assert pair == WorkerPair(prefill, decode)
+    assert (prefill.inflight_tokens, prefill.inflight_requests) == (100, 1)
+    assert (decode.inflight_tokens, decode.inflight_requests) == (100, 1)
+    assert decode.tokens_reserved_since_report == 101  # the prompt's KV and the first token's
+    assert decode.free_kv_tokens() == free_before - 101
+    assert (policy.queued(), dispatcher.num_waiting) == (0, 0)
+
+    dispatcher.prefill_done(pair, a)
+    assert (prefill.inflight_tokens, prefill.inflight_requests) == (0, 0)
+    assert (decode.inflight_tokens, decode.inflight_requests) == (100, 1)  # still decoding
+
+    decode.is_full = True  # the worker said "no room" meanwhile
+    dispatcher.decode_done(pair, a, num_output_tokens=7)
+    assert (decode.inflight_tokens, decode.inflight_requests) == (0, 0)
+    assert not decode.is_full  # the finished request freed blocks
+    assert policy.finished == ["a"]
+    # The KV reservation is dropped by the next load report, not by decode_done (the report
+    # taken before the request finished may or may not count its blocks).
+    assert decode.tokens_reserved_since_report == 101
+
+
+async def test_a_colocated_worker_prefills_itself(policy: RecordingFcfs) -> None:
+    registry = WorkerRegistry([], [], ["http://127.0.0.1:9/colocated"])
+    try:
+        (colocated,) = registry.handles
+        make_ready(colocated, "colocated")
+        dispatcher = Dispatcher(policy, registry, queue_timeout_s=5.0)
+        a = request("a", 40)
+        pair = await asyncio.wait_for(dispatcher.submit(a), 1.0)
+        assert pair == WorkerPair(None, colocated)
+        assert (colocated.inflight_tokens, colocated.inflight_requests) == (40, 1)
+        dispatcher.prefill_done(pair, a)  # no prefill worker: nothing to give back
+        assert (colocated.inflight_tokens, colocated.inflight_requests) == (40, 1)
+        dispatcher.decode_done(pair, a, num_output_tokens=1)
+        assert (colocated.inflight_tokens, colocated.inflight_requests) == (0, 0)
+    finally:
+        await registry.stop()
+
+
+async def test_a_full_prefill_cap_makes_the_next_submit_wait_until_prefill_done(
+    dispatcher: Dispatcher, policy: RecordingFcfs, prefill: WorkerHandle, decode: WorkerHandle
+) -> None:
+    a = request("a", 100)
+    pair_a = await asyncio.wait_for(dispatcher.submit(a), 1.0)
+    b = request("b", 100)
+    waiting_b = asyncio.create_task(dispatcher.submit(b))
+    await settle()
+    assert not waiting_b.done()  # 100 + 100 would pass the cap of 150
+    assert (policy.queued(), dispatcher.num_waiting) == (1, 1)
+    assert prefill.inflight_tokens == 100
+
+    dispatcher.prefill_done(pair_a, a)
+    pair_b = await asyncio.wait_for(waiting_b, 1.0)
+    assert pair_b == WorkerPair(prefill, decode)
+    assert (prefill.inflight_tokens, prefill.inflight_requests) == (100, 1)
+    assert (decode.inflight_tokens, decode.inflight_requests) == (200, 2)
+    assert (policy.queued(), dispatcher.num_waiting) == (0, 0)
+
+
+async def test_a_request_that_finds_no_room_in_time_gets_no_worker_available(
+    policy: RecordingFcfs, registry: WorkerRegistry, prefill: WorkerHandle
+) -> None:
+    decode = registry.handles[1]
+    make_ready(decode, "decode", num_free_blocks=2)  # 32 KV slots: a 100-token prompt never fits
+    dispatcher = Dispatcher(policy, registry, queue_timeout_s=0.05)
+    with pytest.raises(NoWorkerAvailable, match=r"within 0\.05 s") as raised:
+        await asyncio.wait_for(dispatcher.submit(request("a", 100)), 2.0)
+    assert raised.value.status == 503
+    assert (policy.queued(), dispatcher.num_waiting) == (0, 0)
+    assert (prefill.inflight_tokens, decode.inflight_requests) == (0, 0)
+
+
+async def test_submit_without_a_ready_worker_fails_at_once(
+    policy: RecordingFcfs, registry: WorkerRegistry
+) -> None:
+    dispatcher = Dispatcher(policy, registry, queue_timeout_s=60.0)
+    with pytest.raises(NoWorkerAvailable, match="no worker is ready"):
+        await asyncio.wait_for(dispatcher.submit(request("a")), 1.0)
+    # A ready prefill worker alone cannot serve either: it needs a decode worker.
+    make_ready(registry.handles[0], "prefill")
+    with pytest.raises(NoWorkerAvailable, match="no worker is ready"):
+        await asyncio.wait_for(dispatcher.submit(request("b")), 1.0)
+    assert (policy.queued(), dispatcher.num_waiting) == (0, 0)
+
+
+async def test_cancelling_a_waiting_submit_takes_it_out_of_the_queue(
+    dispatcher: Dispatcher, policy: RecordingFcfs, prefill: WorkerHandle, decode: WorkerHandle
+) -> None:
+    a = request("a", 100)
+    pair_a = await asyncio.wait_for(dispatcher.submit(a), 1.0)
+    waiting_b = asyncio.create_task(dispatcher.submit(request("b", 100)))
+    await settle()
+    assert (policy.queued(), dispatcher.num_waiting) == (1, 1)
+
+    waiting_b.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting_b
+    assert (policy.queued(), dispatcher.num_waiting) == (0, 0)
+
+    # Room comes back: nothing is placed for the request that left.
+    dispatcher.prefill_done(pair_a, a)
+    await settle()
+    assert (prefill.inflight_tokens, prefill.inflight_requests) == (0, 0)
+    assert (decode.inflight_tokens, decode.inflight_requests) == (100, 1)  # a's decode only
+
+
+async def test_a_submit_cancelled_in_the_tick_of_its_placement_reserves_nothing(
+    dispatcher: Dispatcher, policy: RecordingFcfs, prefill: WorkerHandle, decode: WorkerHandle
+) -> None:
+    a = request("a", 100)
+    pair_a = await asyncio.wait_for(dispatcher.submit(a), 1.0)
+    waiting_b = asyncio.create_task(dispatcher.submit(request("b", 100)))
+    await settle()
+    # a's prefill ends, which schedules a pass that would place b; b's caller goes away in the
+    # same tick, before the pass runs: the policy still picks b, the dispatcher reserves nothing
+    # for it and hands it back.
+    dispatcher.prefill_done(pair_a, a)
+    waiting_b.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting_b
+    assert policy.finished == ["b"]
+    assert (prefill.inflight_tokens, prefill.inflight_requests) == (0, 0)
+    assert (decode.inflight_tokens, decode.inflight_requests) == (100, 1)  # a's decode only
+    assert (policy.queued(), dispatcher.num_waiting) == (0, 0)
+
+
+async def test_a_cancel_that_arrives_after_placement_is_not_swallowed(
+    dispatcher: Dispatcher, policy: RecordingFcfs, prefill: WorkerHandle, decode: WorkerHandle
+) -> None:
+    a = request("a", 100)
+    pair_a = await asyncio.wait_for(dispatcher.submit(a), 1.0)
+    waiting_b = asyncio.create_task(dispatcher.submit(request("b", 100)))
+    await settle()
+    dispatcher.prefill_done(pair_a, a)
+    await asyncio.sleep(0)  # the pass runs: b is placed, its submit has not resumed yet
+    assert prefill.inflight_tokens == 100 and not waiting_b.done()
+    waiting_b.cancel()  # b's caller goes away now
+    # A cancelled caller must see CancelledError (and its room must come back), not a pair it
+    # will never use.
+    with pytest.raises(asyncio.CancelledError):
+        await waiting_b
+    assert (prefill.inflight_tokens, prefill.inflight_requests) == (0, 0)
+    assert (decode.inflight_tokens, decode.inflight_requests) == (100, 1)
+
+
+async def test_a_requeued_request_goes_ahead_of_earlier_waiters(
+    dispatcher: Dispatcher, policy: RecordingFcfs, prefill: WorkerHandle
+) -> None:
+    a = request("a", 100)
+    pair_a = await asyncio.wait_for(dispatcher.submit(a), 1.0)
+    waiting_b = asyncio.create_task(dispatcher.submit(request("b", 100)))
+    await settle()
+    c = request("c", 100)
+    waiting_c = asyncio.create_task(dispatcher.submit(c, requeue=True))
+    await settle()
+    assert policy.queued() == 2
+
+    dispatcher.prefill_done(pair_a, a)  # room for one of them
+    pair_c = await asyncio.wait_for(waiting_c, 1.0)
+    await settle()
+    assert not waiting_b.done()  # c went ahead of b, which had waited longer
+
+    dispatcher.prefill_done(pair_c, c)
+    pair_b = await asyncio.wait_for(waiting_b, 1.0)
+    assert pair_b.prefill is prefill
+    assert (policy.queued(), dispatcher.num_waiting) == (0, 0)
+
+
+async def test_fail_all_fails_every_waiter(
+    dispatcher: Dispatcher, policy: RecordingFcfs, prefill: WorkerHandle
+) -> None:
+    await asyncio.wait_for(dispatcher.submit(request("a", 100)), 1.0)
+    waiters = [asyncio.create_task(dispatcher.submit(request(name, 100))) for name in "bc"]
+    await settle()
+    assert (policy.queued(), dispatcher.num_waiting) == (2, 2)
+
+    stopping = NoWorkerAvailable("the gateway is stopping")
+    dispatcher.fail_all(stopping)
+    results = await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), 1.0)
+    assert results == [stopping, stopping]
+    assert (policy.queued(), dispatcher.num_waiting) == (0, 0)
+    assert prefill.inflight_requests == 1  # only a was ever placed
