@@ -33,6 +33,7 @@ import msgspec
 
 from bench.report import log, print_result
 from deploy.stack import Stack, StackConfig, start_stack
+from gateway.config import GatewaySection
 from transfer.client import Connections, DecodeClient, PrefillClient, run_disaggregated
 from transfer.messages import SamplingSpec
 
@@ -41,6 +42,7 @@ __all__ = ["run_gateway_bench"]
 PROMPT_TOKENS = 64
 OUTPUT_TOKENS = 16
 CONCURRENCY = 48
+UNSTREAMED_FLUSH_S = GatewaySection().unstreamed_flush_s
 NULL_ENGINE_ENV = {
     "FAIRGATE_NULL_PREFILL_TOK_S": "5e6",
     "FAIRGATE_NULL_DECODE_STEP_S": "0.0005",
@@ -130,7 +132,12 @@ class _Load:
         start = time.perf_counter()
         num_tokens = 0
         async for frame in run_disaggregated(
-            self.prefill, self.decode, uuid.uuid4().hex, self._prompt(), sampling
+            self.prefill,
+            self.decode,
+            uuid.uuid4().hex,
+            self._prompt(),
+            sampling,
+            flush_interval_s=UNSTREAMED_FLUSH_S,  # as the gateway asks for these requests
         ):
             num_tokens += len(frame.token_ids)
         elapsed = time.perf_counter() - start

@@ -245,6 +245,7 @@ async def _admit(
         registry=gateway.registry,
         cache_salt=_cache_salt(tenant),
         received=received,
+        flush_interval_s=0.0 if body.stream else gateway.config.gateway.unstreamed_flush_s,
     )
     return _Run(body, tenant, slo_class, admission, generation, completion_id, int(time.time()))
 

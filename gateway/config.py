@@ -17,7 +17,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -47,6 +47,9 @@ class GatewaySection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     poll_interval_s: float = 0.5
     max_body_bytes: int = 8 << 20
     ready_timeout_s: float = 600.0
+    # A non-streaming request's tokens come from the decode worker at most this often (stop
+    # strings are seen at most this late); 0: every step's tokens at once.
+    unstreamed_flush_s: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.05
 
 
 class StoreSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -82,6 +82,7 @@ class Generation:
         registry: WorkerRegistry,
         cache_salt: bytes,
         received: float,
+        flush_interval_s: float = 0.0,
     ) -> None:
         self.queued = queued
         self.prompt_token_ids = prompt_token_ids
@@ -90,6 +91,7 @@ class Generation:
         self.dispatcher = dispatcher
         self.registry = registry
         self.cache_salt = cache_salt
+        self.flush_interval_s = flush_interval_s
         self.usage = TokenUsage(prompt_tokens=len(prompt_token_ids))
         self.timing = Timing(received=received)
         self.pair: WorkerPair | None = None
@@ -157,7 +159,11 @@ class Generation:
         request_id = self.queued.request_id
         if pair.prefill is None:
             request = GenerateRequest(
-                request_id, self.prompt_token_ids, self.sampling, self.cache_salt
+                request_id,
+                self.prompt_token_ids,
+                self.sampling,
+                self.cache_salt,
+                self.flush_interval_s,
             )
             async with pair.decode.decode_client.generate(request) as stream:
                 async for frame in stream:
@@ -171,6 +177,7 @@ class Generation:
             self.prompt_token_ids,
             self.sampling,
             cache_salt=self.cache_salt,
+            flush_interval_s=self.flush_interval_s,
         )
         async with contextlib.aclosing(frames):
             async for frame in frames:

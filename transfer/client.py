@@ -240,13 +240,14 @@ async def run_disaggregated(
     sampling: SamplingSpec,
     *,
     cache_salt: bytes = b"",
+    flush_interval_s: float = 0.0,
 ) -> AsyncGenerator[TokenFrame]:
     """One request through a prefill and a decode worker: reserve on the decode worker, prefill
     with its blocks as the target, yield the first token as soon as the prefill answers, then the
     decode worker's frames. Leaving early (or any error) closes the decode stream, which frees
     the reservation."""
     async with decode.decode(
-        DecodeRequest(request_id, prompt_token_ids, sampling, cache_salt)
+        DecodeRequest(request_id, prompt_token_ids, sampling, cache_salt, flush_interval_s)
     ) as stream:
         reserved = await stream.next()
         if not isinstance(reserved, Reserved):

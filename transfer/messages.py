@@ -145,6 +145,9 @@ class DecodeRequest(msgspec.Struct, frozen=True):
     prompt_token_ids: list[int]
     sampling: SamplingSpec = SamplingSpec()
     cache_salt: bytes = b""
+    # The worker may hold tokens back this long to send them in one frame (a caller that does
+    # not stream them on: fewer frames, less CPU on both ends). 0 sends each step's at once.
+    flush_interval_s: float = 0.0
 
 
 class GenerateRequest(msgspec.Struct, frozen=True):
@@ -155,6 +158,7 @@ class GenerateRequest(msgspec.Struct, frozen=True):
     prompt_token_ids: list[int]
     sampling: SamplingSpec = SamplingSpec()
     cache_salt: bytes = b""
+    flush_interval_s: float = 0.0  # as in ``DecodeRequest``
 
 
 class Reserved(msgspec.Struct, frozen=True, tag="reserved"):

@@ -164,3 +164,11 @@ def test_slo_class_lookup_and_the_lowest_class(tmp_path: Path) -> None:
     gold = config.slo_class("gold")
     assert gold is not None and gold.rank == 10
     assert config.lowest_class.name == "bulk"
+
+
+def test_the_unstreamed_flush_interval_is_bounded() -> None:
+    assert load_config(environ={}).gateway.unstreamed_flush_s == 0.05
+    config = load_config(environ={"FAIRGATE_GATEWAY_UNSTREAMED_FLUSH_S": "0"})
+    assert config.gateway.unstreamed_flush_s == 0.0
+    with pytest.raises(ConfigError, match="unstreamed_flush_s"):
+        load_config(environ={"FAIRGATE_GATEWAY_UNSTREAMED_FLUSH_S": "2"})

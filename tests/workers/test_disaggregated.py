@@ -22,8 +22,8 @@ from tests.workers.conftest import (
     worker_load,
 )
 from transfer.client import DecodeClient, PrefillClient, run_disaggregated
-from transfer.errors import NoRoomError, RequestAborted
-from transfer.messages import DecodeRequest, Reserved, SamplingSpec
+from transfer.errors import InvalidWorkerRequest, NoRoomError, RequestAborted
+from transfer.messages import DecodeRequest, GenerateRequest, Reserved, SamplingSpec, TokenFrame
 
 NUM_REQUESTS = 16
 
@@ -169,3 +169,44 @@ async def test_abort_ends_a_waiting_stream_and_frees_its_reservation(
         assert not await client.abort("to-abort")  # gone
         assert not await client.abort("never-seen")
     await _wait_until_no_blocks_held(workers)
+
+
+async def test_a_flush_interval_sends_the_same_tokens_in_fewer_frames(
+    workers: dict[str, list[WorkerProcess]],
+) -> None:
+    """What a non-streaming caller asks for: the decode worker holds tokens back for up to the
+    interval and sends them together; the tokens are those of a frame per step."""
+    [prompt] = _prompts(seed=5, count=1)
+    sampling = SamplingSpec(max_tokens=24, temperature=0, ignore_eos=True)
+    prefill, decode = workers["prefill"][0].http_url, workers["decode"][0].http_url
+    per_step = await disaggregated(prefill, decode, "flush-0", prompt, sampling)
+    async with PrefillClient(prefill) as prefill_client, DecodeClient(decode) as decode_client:
+        frames = [
+            frame
+            async for frame in run_disaggregated(
+                prefill_client, decode_client, "flush-1", prompt, sampling, flush_interval_s=1.0
+            )
+        ]
+        # The prefill's first token, then the other 23 in one frame unless a step took a second.
+        assert 2 <= len(frames) <= 3
+        assert [t for frame in frames for t in frame.token_ids] == per_step
+        assert frames[-1].finish_reason == "length" and frames[-1].num_output_tokens == 24
+        with pytest.raises(InvalidWorkerRequest, match="flush_interval_s must be in"):
+            async with decode_client.decode(
+                DecodeRequest("flush-bad", prompt, sampling, flush_interval_s=5.0)
+            ):
+                pass
+    async with (
+        DecodeClient(workers["colocated"][0].http_url) as client,
+        client.generate(
+            GenerateRequest("flush-colo", prompt, sampling, flush_interval_s=1.0)
+        ) as stream,
+    ):
+        colocated_frames = [frame async for frame in stream]
+    assert all(isinstance(frame, TokenFrame) for frame in colocated_frames)
+    assert 1 <= len(colocated_frames) <= 2
+    tokens = [
+        t for frame in colocated_frames if isinstance(frame, TokenFrame) for t in frame.token_ids
+    ]
+    assert tokens == per_step
+    await _assert_no_blocks_held(workers)
