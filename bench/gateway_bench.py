@@ -108,6 +108,16 @@ class _Load:
             connection.close()
         await self.connections.aclose()
 
+    async def _connection(self) -> _Connection:
+        """An idle keep-alive connection the server has not closed (uvicorn closes those idle
+        for 5 s: the alternating blocks leave them idle longer), else a new one."""
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.reader.at_eof():
+                return connection
+            connection.close()
+        return await _Connection.open(*self._address)
+
     def _prompt(self) -> list[int]:
         return [self.rng.randrange(1000, 40000) for _ in range(PROMPT_TOKENS)]
 
@@ -115,7 +125,7 @@ class _Load:
         body = msgspec.json.encode(
             {"model": "null", "prompt": self._prompt(), "max_tokens": OUTPUT_TOKENS}
         )
-        connection = self._idle.pop() if self._idle else await _Connection.open(*self._address)
+        connection = await self._connection()
         start = time.perf_counter()
         status, head, answer = await connection.post("/v1/completions", body, self._auth)
         elapsed = time.perf_counter() - start

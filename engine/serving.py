@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -31,7 +30,13 @@ from engine.engine_thread import EngineThread
 from engine.loader import LoadedEngine, Precision, load_engine
 from engine.process_events import emit_event
 from transfer.errors import EngineFailed, FairgateError, WorkerNotReady
-from transfer.http import error_response, message_response, read_message, serve_on
+from transfer.http import (
+    error_response,
+    http_server,
+    message_response,
+    read_message,
+    serve_on,
+)
 from transfer.messages import AbortRequest, AbortResult, WorkerInfo, WorkerLoad, WorkerRole
 
 __all__ = ["WorkerConfig", "WorkerService", "run_worker"]
@@ -275,16 +280,7 @@ def create_app(service: WorkerService) -> Starlette:
 def run_worker(service: WorkerService) -> int:
     """Serve ``service`` until SIGTERM/SIGINT; the exit status (1 when the model failed)."""
     sock = socket.create_server((service.config.host, service.config.port))
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(service),
-            log_level="warning",
-            access_log=False,
-            lifespan="on",
-            timeout_graceful_shutdown=5,
-            http="httptools",
-        )
-    )
+    server = http_server(create_app(service))
 
     def stop_server() -> None:
         server.should_exit = True

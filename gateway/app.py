@@ -25,7 +25,6 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -48,7 +47,7 @@ from gateway.tenants import TenantStore
 from gateway.usage import UsageRecorder
 from gateway.workers import WorkerRegistry
 from transfer.errors import FairgateError
-from transfer.http import serve_on
+from transfer.http import http_server, serve_on
 
 __all__ = ["Gateway", "create_app", "make_policy", "run_gateway"]
 
@@ -210,15 +209,6 @@ def run_gateway(config: Config) -> int:
     def announce() -> None:
         emit_event("ready", role="gateway", http_url=http_url, pid=os.getpid())
 
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(gateway, on_started=announce),
-            log_level="warning",
-            access_log=False,
-            lifespan="on",
-            timeout_graceful_shutdown=5,
-            http="httptools",
-        )
-    )
+    server = http_server(create_app(gateway, on_started=announce))
     serve_on(server, sock)
     return 0

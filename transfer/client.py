@@ -55,6 +55,9 @@ _T = TypeVar("_T")
 
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 600.0  # the longest a worker may stay silent mid-answer (a long prefill)
+# Idle connections are dropped here before the workers drop them (``SERVER_KEEP_ALIVE_S`` in
+# ``transfer.http``), so a request never goes out on a connection its server is closing.
+CLIENT_KEEP_ALIVE_S = 30.0
 _HEADERS = {"content-type": MSGPACK_CONTENT_TYPE}
 _TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, asyncio.TimeoutError)
 
@@ -70,7 +73,9 @@ class Connections:
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
+                connector=aiohttp.TCPConnector(
+                    limit=0, enable_cleanup_closed=True, keepalive_timeout=CLIENT_KEEP_ALIVE_S
+                ),
                 timeout=aiohttp.ClientTimeout(
                     total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S
                 ),

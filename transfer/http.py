@@ -15,7 +15,7 @@ import uvicorn
 import uvloop
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from transfer.errors import FairgateError, InvalidWorkerRequest
 from transfer.messages import (
@@ -32,6 +32,7 @@ __all__ = [
     "FrameStreamResponse",
     "error_response",
     "frame_stream_response",
+    "http_server",
     "message_response",
     "read_message",
     "serve_on",
@@ -153,6 +154,29 @@ async def until_disconnected(
     if on_disconnect is not None:
         on_disconnect()
     raise asyncio.CancelledError("the caller disconnected")
+
+
+# An idle keep-alive connection is closed by its client before its server does: a server that
+# closes first races the client's next request on it, which then fails. Our clients (the
+# gateway's worker pool) keep idle connections ``CLIENT_KEEP_ALIVE_S`` (``transfer.client``);
+# proxies in front of the gateway commonly keep them 60 s.
+SERVER_KEEP_ALIVE_S = 75
+
+
+def http_server(app: ASGIApp) -> uvicorn.Server:
+    """A uvicorn server for a worker or the gateway (httptools, no access log: the services log
+    requests themselves, without their content)."""
+    return uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+            timeout_keep_alive=SERVER_KEEP_ALIVE_S,
+            http="httptools",
+        )
+    )
 
 
 def serve_on(server: uvicorn.Server, sock: socket.socket) -> None:
