@@ -221,6 +221,7 @@ async def _admit(
     completion_id = new_completion_id(body.kind)
     if admission.demoted:
         slo_class = gateway.config.lowest_class.name
+    cache_salt = _cache_salt(tenant)
     queued = QueuedRequest(
         request_id=completion_id,
         tenant_id=tenant.tenant_id,
@@ -231,6 +232,7 @@ async def _admit(
         max_tokens=max_tokens,
         prompt_token_ids=prompt_token_ids,
         demoted=admission.demoted,
+        cache_salt=cache_salt,
     )
     sampling = SamplingSpec(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed
@@ -243,7 +245,7 @@ async def _admit(
         tokenizer=gateway.tokenizer,
         dispatcher=gateway.dispatcher,
         registry=gateway.registry,
-        cache_salt=_cache_salt(tenant),
+        cache_salt=cache_salt,
         received=received,
         flush_interval_s=0.0 if body.stream else gateway.config.gateway.unstreamed_flush_s,
     )

@@ -19,8 +19,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.errors import NoWorkerAvailable
-from gateway.scheduler import Placement, QueuedRequest, SchedulingPolicy, WorkerView
+from gateway.errors import NoWorkerAvailable, RequestShed
+from gateway.scheduler import (
+    Placement,
+    QueuedRequest,
+    Rejection,
+    SchedulingPolicy,
+    Shed,
+    WorkerView,
+)
 from gateway.workers import WorkerHandle, WorkerRegistry
 from transfer.messages import WorkerRole
 
@@ -65,11 +72,14 @@ class Dispatcher:
         if not self.registry.can_serve():
             raise NoWorkerAvailable(f"no worker is ready to serve: {self.registry.summary()}")
         future: asyncio.Future[WorkerPair] = asyncio.get_running_loop().create_future()
-        self._waiting[request.request_id] = future
         if requeue:
             self.policy.requeue(request, self.clock())
         else:
-            self.policy.enqueue(request, self.clock())
+            try:
+                self.policy.enqueue(request, self.clock())
+            except Shed as exc:
+                raise RequestShed(exc.reason) from None
+        self._waiting[request.request_id] = future
         self.wake()
         try:
             # Not wait_for: on 3.11 it returns the result of a future that completed in the tick
@@ -94,13 +104,21 @@ class Dispatcher:
             if not future.done():
                 future.cancel()
 
-    def prefill_done(self, pair: WorkerPair, request: QueuedRequest) -> None:
-        """The prefill stage ended (first token, or failure): its tokens leave the prefill
-        worker's account."""
+    def prefill_done(
+        self, pair: WorkerPair, request: QueuedRequest, num_cached_tokens: int | None = None
+    ) -> None:
+        """The prefill stage ended (its first token, with ``num_cached_tokens`` found cached; or
+        a failure, None): its tokens leave the prefill worker's account."""
         if pair.prefill is not None:
             pair.prefill.inflight_tokens -= request.num_prompt_tokens
             pair.prefill.inflight_requests -= 1
+        if num_cached_tokens is not None:
+            self.policy.on_first_token(request, num_cached_tokens, self.clock())
         self.wake()
+
+    def tokens_generated(self, request: QueuedRequest, num_tokens: int) -> None:
+        """``num_tokens`` more output tokens came from the request's decode worker."""
+        self.policy.on_tokens(request, num_tokens, self.clock())
 
     def decode_done(self, pair: WorkerPair, request: QueuedRequest, num_output_tokens: int) -> None:
         """The request ended on its decode worker, whatever the outcome."""
@@ -145,8 +163,16 @@ class Dispatcher:
             WorkerView(h.worker_id, free_kv_tokens=h.free_kv_tokens())
             for h in decode_handles.values()
         ]
-        for placement in self.policy.schedule(prefill_views, decode_views, self.clock()):
-            self._carry_out(placement, prefill_handles, decode_handles)
+        for decision in self.policy.schedule(prefill_views, decode_views, self.clock()):
+            if isinstance(decision, Rejection):
+                self._reject(decision)
+            else:
+                self._carry_out(decision, prefill_handles, decode_handles)
+
+    def _reject(self, rejection: Rejection) -> None:
+        future = self._waiting.pop(rejection.request.request_id, None)
+        if future is not None and not future.done():
+            future.set_exception(RequestShed(rejection.reason))
 
     def _carry_out(
         self,

@@ -144,6 +144,15 @@ class NoWorkerAvailable(ClientError):
     type = "server_error"
 
 
+class RequestShed(ClientError):
+    """A sheddable request (``batch`` by default) that cannot meet its TTFT deadline, rejected
+    early rather than queued forever (``scheduling.md`` §5)."""
+
+    status = 503
+    code = "request_shed"
+    type = "server_error"
+
+
 def openai_error_body(error: FairgateError) -> OpenAIErrorBody:
     if isinstance(error, ClientError):
         return OpenAIErrorBody(OpenAIError(error.message, error.type, error.param, error.code))

@@ -130,8 +130,9 @@ class Generation:
                 async for frame in frames:
                     if prefill_pending:
                         prefill_pending = False
-                        self.dispatcher.prefill_done(pair, self.queued)
+                        self.dispatcher.prefill_done(pair, self.queued, frame.num_cached_tokens)
                         self.timing.first_token = time.monotonic()
+                    self.dispatcher.tokens_generated(self.queued, len(frame.token_ids))
                     self.usage.cached_tokens = frame.num_cached_tokens
                     self.usage.completion_tokens = frame.num_output_tokens
                     text = self.text.push(frame.token_ids)

@@ -11,6 +11,16 @@ long prompt is never stuck), and the decode worker with the most free KV token s
 hold the prompt. Work is held in the gateway's queue, not pushed into the workers', so a policy
 decides the order in which requests reach the engines.
 
+The life of a request in a policy (``scheduling.md``)::
+
+    enqueue ──schedule──▶ placed ──on_first_token──▶ decoding ──on_tokens…──▶ on_finish
+       │  └─ Shed (sheddable, cannot meet its deadline)      (on_finish also ends a request
+       └─ remove (caller gone / timed out); requeue (placed, could not start)   at any stage)
+
+Charges (``scheduling.md`` §1) happen as the work does: prompt tokens at placement (corrected
+at ``on_first_token`` with the tokens the worker actually found cached), ``w_out`` per generated
+token in ``on_tokens``; ``on_finish`` reconciles to the final count.
+
 What is safe to call when: every method runs on the gateway's event loop, one at a time.
 """
 
@@ -22,10 +32,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 __all__ = [
+    "Decision",
     "FcfsPolicy",
     "Placement",
     "QueuedRequest",
+    "Rejection",
     "SchedulingPolicy",
+    "Shed",
+    "TenantState",
     "WorkerView",
     "place",
 ]
@@ -34,7 +48,10 @@ __all__ = [
 @dataclass(slots=True, eq=False)
 class QueuedRequest:
     """A request waiting for workers. ``demoted``: over quota under the ``demote`` policy,
-    served only with spare capacity."""
+    served only with spare capacity (the lowest class, a small weight). ``cache_salt``: the
+    tenant's prefix-cache scope, the root of its block hash chains (``engine.block_manager``).
+    ``num_output_tokens``: tokens already generated (non-zero for a request handed back by a
+    ``recompute`` preemption, whose prompt then includes them)."""
 
     request_id: str
     tenant_id: str
@@ -45,28 +62,66 @@ class QueuedRequest:
     max_tokens: int
     prompt_token_ids: list[int] = field(default_factory=list)
     demoted: bool = False
+    cache_salt: bytes = b""
+    num_output_tokens: int = 0
 
 
 @dataclass(slots=True)
 class WorkerView:
-    """What a policy sees of a worker. ``inflight_tokens``: prefill tokens placed there and not
-    yet answered; ``free_kv_tokens``: decode KV slots free. Policies copy and update these while
-    placing several requests in one ``schedule``."""
+    """What a policy sees of a worker. ``inflight_tokens``: prompt tokens placed there and not
+    yet computed (its load, ``scheduling.md`` §4); ``free_kv_tokens``: decode KV slots free;
+    ``prefill_tok_s``: its measured prefill throughput, None until measured. Policies copy and
+    update these while placing several requests in one ``schedule``."""
 
     worker_id: str
     inflight_tokens: int = 0
     max_inflight_tokens: int = 0
     free_kv_tokens: int = 0
+    prefill_tok_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Placement:
     """Decision: run ``request`` on these workers (``prefill_worker_id`` is None when the decode
-    worker is colocated and prefills itself)."""
+    worker is colocated and prefills itself). ``num_cached_tokens``: the prefix the policy
+    expects the prefill worker to hold (0 when it keeps no index)."""
 
     request: QueuedRequest
     prefill_worker_id: str | None
     decode_worker_id: str
+    num_cached_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Decision: end ``request`` now with ``reason`` (a sheddable request that can no longer
+    make its TTFT deadline). The caller answers 503."""
+
+    request: QueuedRequest
+    reason: str
+
+
+class Shed(Exception):
+    """Raised by ``enqueue`` for a sheddable request that cannot meet its deadline."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+Decision = Placement | Rejection
+
+
+@dataclass(frozen=True, slots=True)
+class TenantState:
+    """A tenant as a policy sees it, for metrics and the simulator. ``counter``: its VTC counter
+    or accumulated normalized service (per class where the policy keeps one per class, the
+    sum here); ``deficit``: its DLPM deficit (0 for policies without one)."""
+
+    tenant_id: str
+    num_queued: int
+    counter: float
+    deficit: float = 0.0
 
 
 class SchedulingPolicy(Protocol):
@@ -74,11 +129,13 @@ class SchedulingPolicy(Protocol):
 
     name: str
 
-    def enqueue(self, request: QueuedRequest, now: float) -> None: ...
+    def enqueue(self, request: QueuedRequest, now: float) -> None:
+        """A new arrival; ``Shed`` when it is sheddable and cannot make its deadline."""
 
     def requeue(self, request: QueuedRequest, now: float) -> None:
         """Put back a request that was placed but could not start (e.g. the decode worker had no
-        room after all): it keeps its place ahead of later arrivals."""
+        room after all) or was preempted: it keeps its original arrival and its place ahead of
+        later arrivals, and what it was charged stays charged."""
 
     def remove(self, request_id: str) -> QueuedRequest | None:
         """Take a request out of the queue (its client went away, or it timed out)."""
@@ -88,16 +145,29 @@ class SchedulingPolicy(Protocol):
         prefill: Sequence[WorkerView],
         decode: Sequence[WorkerView],
         now: float,
-    ) -> list[Placement]:
+    ) -> list[Decision]:
         """Decisions for now. ``prefill`` empty means colocated decode workers prefill."""
 
+    def on_first_token(self, request: QueuedRequest, num_cached_tokens: int, now: float) -> None:
+        """The prefill ended: the worker found ``num_cached_tokens`` of the prompt cached."""
+
+    def on_tokens(self, request: QueuedRequest, num_tokens: int, now: float) -> None:
+        """``num_tokens`` more output tokens were generated."""
+
     def on_finish(self, request: QueuedRequest, num_output_tokens: int, now: float) -> None:
-        """The request ended (for accounting)."""
+        """The request ended, whatever the outcome, with ``num_output_tokens`` generated in
+        all (those not yet reported by ``on_tokens`` are charged now)."""
+
+    def on_evicted(self, worker_id: str, block_hashes: Sequence[bytes]) -> None:
+        """The worker evicted these prefix-cache blocks (its index is corrected)."""
 
     def update_tenant(self, tenant_id: str, weight: float) -> None:
         """The tenant's weight changed (admin API)."""
 
     def queued(self) -> int: ...
+
+    def tenants(self) -> list[TenantState]:
+        """Every tenant the policy knows."""
 
 
 def place(
@@ -158,8 +228,8 @@ class FcfsPolicy:
         prefill: Sequence[WorkerView],
         decode: Sequence[WorkerView],
         now: float,
-    ) -> list[Placement]:
-        placements: list[Placement] = []
+    ) -> list[Decision]:
+        placements: list[Decision] = []
         for queue in (self._queue, self._demoted):
             while queue:
                 placement = place(queue[0], prefill, decode)
@@ -169,7 +239,16 @@ class FcfsPolicy:
                 placements.append(placement)
         return placements
 
+    def on_first_token(self, request: QueuedRequest, num_cached_tokens: int, now: float) -> None:
+        pass
+
+    def on_tokens(self, request: QueuedRequest, num_tokens: int, now: float) -> None:
+        pass
+
     def on_finish(self, request: QueuedRequest, num_output_tokens: int, now: float) -> None:
+        pass
+
+    def on_evicted(self, worker_id: str, block_hashes: Sequence[bytes]) -> None:
         pass
 
     def update_tenant(self, tenant_id: str, weight: float) -> None:
@@ -177,3 +256,10 @@ class FcfsPolicy:
 
     def queued(self) -> int:
         return len(self._queue) + len(self._demoted)
+
+    def tenants(self) -> list[TenantState]:
+        counts: dict[str, int] = {}
+        for queue in (self._queue, self._demoted):
+            for request in queue:
+                counts[request.tenant_id] = counts.get(request.tenant_id, 0) + 1
+        return [TenantState(tenant_id, count, 0.0) for tenant_id, count in counts.items()]

@@ -5,13 +5,20 @@ wait, get placed, and move the gateway's accounting on the handles."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
 from gateway.dispatch import Dispatcher, WorkerPair
-from gateway.errors import NoWorkerAvailable
-from gateway.scheduler import FcfsPolicy, QueuedRequest
+from gateway.errors import NoWorkerAvailable, RequestShed
+from gateway.scheduler import (
+    Decision,
+    FcfsPolicy,
+    QueuedRequest,
+    Rejection,
+    Shed,
+    WorkerView,
+)
 from gateway.workers import WorkerHandle, WorkerRegistry
 from transfer.messages import WorkerInfo, WorkerLoad, WorkerRole
 
@@ -297,3 +304,59 @@ async def test_fail_all_fails_every_waiter(
     assert results == [stopping, stopping]
     assert (policy.queued(), dispatcher.num_waiting) == (0, 0)
     assert prefill.inflight_requests == 1  # only a was ever placed
+
+
+class SheddingFcfs(RecordingFcfs):
+    """Sheds a request named "shed-now" at admission and rejects one named "shed-later" at its
+    first scheduling pass; records the policy's progress events."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, str, int]] = []
+
+    def enqueue(self, request: QueuedRequest, now: float) -> None:
+        if request.request_id == "shed-now":
+            raise Shed("cannot make its deadline")
+        super().enqueue(request, now)
+
+    def schedule(
+        self, prefill: Sequence[WorkerView], decode: Sequence[WorkerView], now: float
+    ) -> list[Decision]:
+        decisions: list[Decision] = []
+        for queued in list(self._queue):
+            if queued.request_id == "shed-later":
+                self._queue.remove(queued)
+                decisions.append(Rejection(queued, "its deadline passed"))
+        return decisions + super().schedule(prefill, decode, now)
+
+    def on_first_token(self, request: QueuedRequest, num_cached_tokens: int, now: float) -> None:
+        self.events.append(("first_token", request.request_id, num_cached_tokens))
+
+    def on_tokens(self, request: QueuedRequest, num_tokens: int, now: float) -> None:
+        self.events.append(("tokens", request.request_id, num_tokens))
+
+
+async def test_sheds_and_rejections_end_their_requests_and_progress_reaches_the_policy(
+    registry: WorkerRegistry, prefill: WorkerHandle, decode: WorkerHandle
+) -> None:
+    policy = SheddingFcfs()
+    dispatcher = Dispatcher(policy, registry, max_prefill_inflight_tokens=1000)
+    with pytest.raises(RequestShed, match="cannot make its deadline"):
+        await dispatcher.submit(request("shed-now"))
+    with pytest.raises(RequestShed, match="its deadline passed"):
+        await asyncio.wait_for(dispatcher.submit(request("shed-later")), 1.0)
+    assert (policy.queued(), dispatcher.num_waiting) == (0, 0)
+
+    a = request("a")
+    pair = await asyncio.wait_for(dispatcher.submit(a), 1.0)
+    dispatcher.prefill_done(pair, a, num_cached_tokens=32)
+    dispatcher.tokens_generated(a, 3)
+    dispatcher.decode_done(pair, a, num_output_tokens=3)
+    assert policy.events == [("first_token", "a", 32), ("tokens", "a", 3)]
+    assert policy.finished == ["a"]
+
+    b = request("b")
+    pair = await asyncio.wait_for(dispatcher.submit(b), 1.0)
+    dispatcher.prefill_done(pair, b)  # failed before its first token: no first_token event
+    dispatcher.decode_done(pair, b, num_output_tokens=0)
+    assert policy.events[2:] == []
