@@ -96,6 +96,7 @@ class LLMEngine:
         self.reservations: dict[str, list[int]] = {}  # request id -> blocks for arriving KV
         self.num_preemptions = 0
         self.num_scheduled_runs = 0  # of the last step: 0 means it could do nothing
+        self.num_step_prompt_tokens = 0  # of the last step: prompt tokens it computed
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -240,6 +241,9 @@ class LLMEngine:
         reservation or a handed-off request gives its blocks back."""
         runs = self._schedule()
         self.num_scheduled_runs = len(runs)
+        self.num_step_prompt_tokens = sum(
+            run.num_tokens for run in runs if run.seq.num_tokens - run.seq.num_computed_tokens > 1
+        )
         if not runs:
             if self.waiting and not (self.running or self.reservations or self.handed_off):
                 # add_request admits only what fits an empty cache, so this is a bug, not load.

@@ -16,9 +16,12 @@ later command gets ``EngineFailed``. Torch-free.
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -28,7 +31,7 @@ from engine.engine import LLMEngine
 from engine.sequence import StepOutput
 from transfer.errors import EngineFailed, FairgateError, RequestTimeout
 
-__all__ = ["EngineLoad", "EngineThread", "OutputSink"]
+__all__ = ["EngineLoad", "EngineThread", "EvictionLog", "OutputSink"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +52,37 @@ class EngineLoad:
     num_free_blocks: int = 0
     num_total_blocks: int = 0
     num_preemptions: int = 0
+    prefill_tok_s: float = 0.0  # measured prompt throughput; 0 until a prompt was computed
 
 
-def _measure(engine: LLMEngine) -> EngineLoad:
+class EvictionLog:
+    """Prefix-cache blocks the engine evicted, numbered, so each reader (the gateway, which
+    corrects its prefix index) asks for what came after the last number it saw. Bounded: a
+    reader that falls further behind than ``max_entries`` is told it missed some."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._lock = threading.Lock()
+        self._hashes: collections.deque[bytes] = collections.deque(maxlen=max_entries)
+        self._next_seq = 0  # the number the next eviction gets
+
+    def extend(self, block_hashes: list[bytes]) -> None:
+        with self._lock:
+            self._hashes.extend(block_hashes)
+            self._next_seq += len(block_hashes)
+
+    def since(self, seq: int) -> tuple[list[bytes], int, bool]:
+        """(hashes numbered ``seq`` and after, the next number, whether some were dropped). A
+        ``seq`` from before a restart (beyond the next number) reads as everything missed."""
+        with self._lock:
+            first_kept = self._next_seq - len(self._hashes)
+            if seq > self._next_seq:
+                return list(self._hashes), self._next_seq, True
+            start = max(seq, first_kept)
+            hashes = list(itertools.islice(self._hashes, start - first_kept, None))
+            return hashes, self._next_seq, seq < first_kept
+
+
+def _measure(engine: LLMEngine, prefill_tok_s: float) -> EngineLoad:
     queued = sum(seq.num_tokens - seq.num_computed_tokens for seq in engine.waiting)
     queued += sum(
         seq.num_tokens - seq.num_computed_tokens - 1
@@ -68,10 +99,12 @@ def _measure(engine: LLMEngine) -> EngineLoad:
         num_free_blocks=engine.blocks.num_free_blocks,
         num_total_blocks=engine.blocks.num_total_blocks,
         num_preemptions=engine.num_preemptions,
+        prefill_tok_s=prefill_tok_s,
     )
 
 
 _STOP = object()
+PREFILL_SPEED_SMOOTHING = 0.2  # weight of the newest step in the moving average
 
 
 class EngineThread:
@@ -85,7 +118,9 @@ class EngineThread:
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._lock = threading.Lock()
         self._error: EngineFailed | None = None
-        self._load = _measure(engine)
+        self._prefill_tok_s = 0.0
+        self._load = _measure(engine, 0.0)
+        self.evictions = EvictionLog(4 * engine.blocks.num_total_blocks)
 
     @property
     def load(self) -> EngineLoad:
@@ -157,17 +192,33 @@ class EngineThread:
                 except queue.Empty:
                     item = None
             if engine.has_unfinished():
+                started = time.perf_counter()
                 try:
                     outputs = engine.step()
                 except Exception as exc:
                     logger.exception("engine step failed; the engine is dead")
                     self._die(EngineFailed(f"engine step failed: {exc!r}"))
                     return
+                self._note_prefill_speed(engine.num_step_prompt_tokens, started)
                 self._dispatch(outputs)
                 is_idle = engine.num_scheduled_runs == 0
             else:
                 is_idle = True
-            self._load = _measure(engine)
+            evicted = engine.blocks.drain_evicted_hashes()
+            if evicted:
+                self.evictions.extend(evicted)
+            self._load = _measure(engine, self._prefill_tok_s)
+
+    def _note_prefill_speed(self, num_prompt_tokens: int, started: float) -> None:
+        """A moving average of prompt tokens per second over the steps that computed some (a
+        mixed step's decode share counts as prefill time: a slight underestimate)."""
+        if num_prompt_tokens == 0:
+            return
+        tok_s = num_prompt_tokens / max(time.perf_counter() - started, 1e-6)
+        if self._prefill_tok_s == 0.0:
+            self._prefill_tok_s = tok_s
+        else:
+            self._prefill_tok_s += PREFILL_SPEED_SMOOTHING * (tok_s - self._prefill_tok_s)
 
     def _dispatch(self, outputs: list[StepOutput]) -> None:
         for output in outputs:

@@ -29,7 +29,7 @@ from engine.engine import EngineConfig
 from engine.engine_thread import EngineThread
 from engine.loader import LoadedEngine, Precision, load_engine
 from engine.process_events import emit_event
-from transfer.errors import EngineFailed, FairgateError, WorkerNotReady
+from transfer.errors import EngineFailed, FairgateError, InvalidWorkerRequest, WorkerNotReady
 from transfer.http import (
     error_response,
     http_server,
@@ -194,11 +194,16 @@ class WorkerService:
             vocab_size=loaded.tokenizer.vocab_size,
         )
 
-    def load_report(self) -> WorkerLoad:
+    def load_report(self, evictions_since: int | None = None) -> WorkerLoad:
+        """The load; with ``evictions_since``, the prefix-cache evictions from that number on."""
         thread = self.engine_thread
         if thread is None or not thread.is_alive:
             return WorkerLoad(worker_id=self.worker_id, role=self.role, ready=False)
         load = thread.load
+        evicted: list[bytes] = []
+        eviction_seq, missed = 0, False
+        if evictions_since is not None:
+            evicted, eviction_seq, missed = thread.evictions.since(evictions_since)
         return WorkerLoad(
             worker_id=self.worker_id,
             role=self.role,
@@ -212,6 +217,10 @@ class WorkerService:
             num_total_blocks=load.num_total_blocks,
             num_pending_transfers=load.num_handed_off,
             num_preemptions=load.num_preemptions,
+            prefill_tok_s=load.prefill_tok_s,
+            evicted_block_hashes=evicted,
+            eviction_seq=eviction_seq,
+            evictions_missed=missed,
         )
 
     async def abort(self, request_id: str) -> bool:
@@ -242,7 +251,12 @@ def _common_routes(service: WorkerService) -> list[BaseRoute]:
         return message_response(service.info())
 
     async def load(request: Request) -> Response:
-        return message_response(service.load_report())
+        since = request.query_params.get("evictions_since")
+        if since is None:
+            return message_response(service.load_report())
+        if not since.isdigit():
+            raise InvalidWorkerRequest("evictions_since must be a non-negative integer")
+        return message_response(service.load_report(int(since)))
 
     async def abort(request: Request) -> Response:
         body = await read_message(request, AbortRequest)

@@ -156,11 +156,17 @@ class Dispatcher:
                 h.worker_id,
                 inflight_tokens=h.inflight_tokens,
                 max_inflight_tokens=self.max_prefill_inflight_tokens,
+                prefill_tok_s=h.prefill_tok_s(),
             )
             for h in prefill_handles.values()
         ]
         decode_views = [
-            WorkerView(h.worker_id, free_kv_tokens=h.free_kv_tokens())
+            WorkerView(
+                h.worker_id,
+                inflight_tokens=h.inflight_tokens,
+                free_kv_tokens=h.free_kv_tokens(),
+                prefill_tok_s=h.prefill_tok_s(),
+            )
             for h in decode_handles.values()
         ]
         for decision in self.policy.schedule(prefill_views, decode_views, self.clock()):

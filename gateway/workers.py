@@ -78,6 +78,8 @@ class WorkerHandle:
     tokens_reserved_since_report: int = 0
     is_full: bool = False
     poll_failures: int = field(default=0)
+    # The number of the next prefix-cache eviction to ask for; None until the first report.
+    eviction_seq: int | None = None
 
     @property
     def role(self) -> WorkerRole | None:
@@ -100,6 +102,12 @@ class WorkerHandle:
     def decode_client(self) -> DecodeClient:
         assert isinstance(self.client, DecodeClient)
         return self.client
+
+    def prefill_tok_s(self) -> float | None:
+        """The prompt throughput the worker measured, None until it has."""
+        if self.load is None or self.load.prefill_tok_s <= 0.0:
+            return None
+        return self.load.prefill_tok_s
 
     def free_kv_tokens(self) -> int:
         """Decode: KV token slots free now, as best the gateway can tell."""
@@ -135,9 +143,13 @@ class WorkerRegistry:
         *,
         poll_interval_s: float = 0.5,
         on_change: Callable[[], None] = lambda: None,
+        on_evicted: Callable[[str, list[bytes]], None] = lambda worker_id, hashes: None,
     ) -> None:
+        """``on_evicted(worker_id, block_hashes)``: a worker dropped these prefix-cache blocks
+        since its last report (the policy corrects its prefix index)."""
         self.poll_interval_s = poll_interval_s
         self.on_change = on_change
+        self.on_evicted = on_evicted
         # One pool for every worker call: connections are reused across requests.
         self._connections = pool = Connections()
         self.handles: list[WorkerHandle] = [
@@ -236,7 +248,9 @@ class WorkerRegistry:
 
     async def _poll(self, handle: WorkerHandle) -> None:
         try:
-            load = await handle.client.load(timeout_s=POLL_TIMEOUT_S)
+            load = await handle.client.load(
+                timeout_s=POLL_TIMEOUT_S, evictions_since=handle.eviction_seq or 0
+            )
             if handle.state in ("unknown", "dead", "not_ready", "incompatible") and load.ready:
                 # (Re)started: learn who it is before placing anything there.
                 info = await handle.client.info()
@@ -258,12 +272,27 @@ class WorkerRegistry:
         handle.load = load
         handle.tokens_reserved_since_report = 0
         handle.is_full = False
+        self._note_evictions(handle, load)
         if load.ready:
             if handle.state != "ready":
                 logger.info("worker %s (%s) is ready", handle.url, handle.role)
             handle.state, handle.last_error = "ready", None
         else:
             handle.state = "not_ready"
+
+    def _note_evictions(self, handle: WorkerHandle, load: WorkerLoad) -> None:
+        """Hand the report's evictions on. The first report only fixes where to read from: the
+        index knows nothing of this worker's earlier cache. A report that missed some (the
+        worker restarted, or polls fell far behind) leaves the index staler until LRU catches
+        up: it only costs locality, never correctness."""
+        if not load.ready:
+            return
+        first = handle.eviction_seq is None
+        handle.eviction_seq = load.eviction_seq
+        if load.evictions_missed and not first:
+            logger.info("worker %s: some prefix-cache evictions were missed", handle.url)
+        if load.evicted_block_hashes and not first and handle.info is not None:
+            self.on_evicted(handle.info.worker_id, load.evicted_block_hashes)
 
     def _incompatibility(self, handle: WorkerHandle, info: WorkerInfo) -> str | None:
         expected = self._expected_roles[handle.url]

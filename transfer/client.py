@@ -118,8 +118,15 @@ class WorkerClient:
     async def info(self) -> WorkerInfo:
         return await self._call("GET", "/v1/info", None, WorkerInfo)
 
-    async def load(self, *, timeout_s: float | None = None) -> WorkerLoad:
-        return await self._call("GET", "/v1/load", None, WorkerLoad, timeout_s=timeout_s)
+    async def load(
+        self, *, timeout_s: float | None = None, evictions_since: int | None = None
+    ) -> WorkerLoad:
+        """The worker's load; with ``evictions_since``, its prefix-cache evictions from that
+        number on (``WorkerLoad.eviction_seq`` is the number to ask from next time)."""
+        path = (
+            "/v1/load" if evictions_since is None else f"/v1/load?evictions_since={evictions_since}"
+        )
+        return await self._call("GET", path, None, WorkerLoad, timeout_s=timeout_s)
 
     async def abort(self, request_id: str) -> bool:
         result = await self._call("POST", "/v1/abort", AbortRequest(request_id), AbortResult)

@@ -7,8 +7,9 @@ import threading
 
 import pytest
 
+from engine.block_manager import block_hashes
 from engine.engine import LLMEngine
-from engine.engine_thread import EngineThread
+from engine.engine_thread import EngineThread, EvictionLog
 from engine.null_engine import NullEngineConfig, create_null_engine
 from engine.sequence import SamplingParams, StepOutput
 from transfer.errors import EngineFailed, FairgateError, RequestTimeout
@@ -93,3 +94,40 @@ async def test_call_times_out_and_a_dead_engine_fails_everyone() -> None:
     assert thread.error is not None and not thread.is_alive
     with pytest.raises(EngineFailed):
         thread.submit(lambda e: None).result(10)
+
+
+def test_the_eviction_log_reads_from_a_number_and_says_what_it_missed() -> None:
+    log = EvictionLog(max_entries=3)
+    assert log.since(0) == ([], 0, False)
+    log.extend([b"a", b"b"])
+    assert log.since(0) == ([b"a", b"b"], 2, False)
+    assert log.since(1) == ([b"b"], 2, False)
+    assert log.since(2) == ([], 2, False)
+    log.extend([b"c", b"d"])  # "a" falls out
+    assert log.since(0) == ([b"b", b"c", b"d"], 4, True)
+    assert log.since(1) == ([b"b", b"c", b"d"], 4, False)
+    assert log.since(3) == ([b"d"], 4, False)
+    # A number from a previous life of the worker (it restarted): everything, and "missed".
+    assert log.since(10) == ([b"b", b"c", b"d"], 4, True)
+
+
+def test_the_load_reports_prefill_speed_and_the_log_gets_the_evictions() -> None:
+    """A 64-block cache of 4-token blocks: prompts of 40 blocks each push the previous one's
+    cached blocks out, and the hashes the block manager evicted come out of the log."""
+    engine = create_null_engine(
+        NullEngineConfig(prefill_tok_s=1e6, decode_step_s=0.0, num_blocks=64, block_size=4)
+    )
+    thread = EngineThread(engine)
+    thread.start()
+    try:
+        first_prompt = list(range(1000, 1160))
+        _collect(thread, "a", first_prompt, max_tokens=1)
+        assert thread.load.prefill_tok_s > 0
+        first_hashes = set(block_hashes(first_prompt, 4, b""))
+        _collect(thread, "b", list(range(2000, 2160)), max_tokens=1)
+        thread.submit(lambda engine: None).result(10)  # a loop turn after b's last step
+        evicted, next_seq, missed = thread.evictions.since(0)
+        assert evicted and set(evicted) <= first_hashes and not missed
+        assert next_seq == len(evicted)
+    finally:
+        thread.stop()
