@@ -40,8 +40,9 @@ from gateway.config import Config
 from gateway.dispatch import Dispatcher
 from gateway.errors import ClientError, NoWorkerAvailable, openai_error_body, retry_after_header
 from gateway.openapi import Endpoint, openapi_document, routes_of
+from gateway.policies import PolicySettings, make_policy
 from gateway.quotas import QuotaManager
-from gateway.scheduler import FcfsPolicy, SchedulingPolicy
+from gateway.scheduler import SchedulingPolicy
 from gateway.store import SQLiteStore
 from gateway.tenants import TenantStore
 from gateway.usage import UsageRecorder
@@ -49,17 +50,34 @@ from gateway.workers import WorkerRegistry
 from transfer.errors import FairgateError
 from transfer.http import http_server, serve_on
 
-__all__ = ["Gateway", "create_app", "make_policy", "run_gateway"]
+__all__ = ["Gateway", "create_app", "policy_from_config", "run_gateway"]
 
 logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 
 
-def make_policy(name: str) -> SchedulingPolicy:
-    if name == "fcfs":
-        return FcfsPolicy()
-    raise ValueError(f"unknown scheduler policy {name!r}; available: fcfs")
+def policy_from_config(config: Config) -> SchedulingPolicy:
+    """The ``[scheduler]`` section's policy, with its settings and the SLO classes."""
+    section = config.scheduler
+    settings = PolicySettings(
+        slo_classes=list(config.slo_classes),
+        w_in=section.w_in,
+        w_out=section.w_out,
+        quantum_tokens=section.quantum_tokens,
+        worker_quantum_tokens=section.worker_quantum_tokens,
+        block_size=section.block_size,
+        prefix_index_blocks=section.prefix_index_blocks,
+        hot_spot_ratio=section.hot_spot_ratio,
+        hot_spot_margin_tokens=section.hot_spot_margin_tokens,
+        default_prefill_tok_s=section.default_prefill_tok_s,
+        max_borrow_tokens=section.max_borrow_tokens,
+        forget_idle_after_s=section.forget_idle_after_s,
+    )
+    name = section.policy
+    if name == "auto":
+        name = "d2lpm" if len(config.gateway.prefill_workers) > 1 else "dlpm"
+    return make_policy(name, settings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,13 +101,14 @@ class Gateway:
                 "FAIRGATE_GATEWAY_ADMIN_TOKEN"
             )
         self.config = config
-        self.policy = make_policy(config.scheduler.policy)
+        self.policy = policy_from_config(config)
         self.registry = WorkerRegistry(
             config.gateway.prefill_workers,
             config.gateway.decode_workers,
             config.gateway.colocated_workers,
             poll_interval_s=config.gateway.poll_interval_s,
             on_change=self._on_workers_changed,
+            on_evicted=lambda worker_id, hashes: self.policy.on_evicted(worker_id, hashes),
         )
         self.dispatcher = Dispatcher(
             self.policy,

@@ -63,9 +63,26 @@ class ModelSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class SchedulerSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    policy: str = "fcfs"
+    """``policy``: one of ``gateway.policies.POLICY_NAMES``, or ``auto``: ``d2lpm`` with several
+    prefill workers, else ``dlpm``. The rest configure the fair policies (``scheduling.md``):
+    service costs, DLPM's and D²LPM's quanta, the prefix index, the hot-spot guard, how far a
+    tenant may run ahead while the request whose turn it is cannot be placed, and when an idle
+    tenant's state is dropped."""
+
+    policy: str = "auto"
     queue_timeout_s: float = 120.0
     max_prefill_inflight_tokens: int = 8192
+    w_in: Annotated[float, msgspec.Meta(gt=0.0)] = 1.0
+    w_out: Annotated[float, msgspec.Meta(gt=0.0)] = 2.0
+    quantum_tokens: Annotated[float, msgspec.Meta(gt=0.0)] = 4096.0
+    worker_quantum_tokens: Annotated[float, msgspec.Meta(gt=0.0)] = 8192.0
+    block_size: Annotated[int, msgspec.Meta(ge=1)] = 16  # the workers' KV block size
+    prefix_index_blocks: Annotated[int, msgspec.Meta(ge=1)] = 1 << 16
+    hot_spot_ratio: Annotated[float, msgspec.Meta(ge=1.0)] = 1.5
+    hot_spot_margin_tokens: Annotated[int, msgspec.Meta(ge=0)] = 2048
+    default_prefill_tok_s: Annotated[float, msgspec.Meta(gt=0.0)] = 5000.0
+    max_borrow_tokens: Annotated[float, msgspec.Meta(ge=0.0)] = 4096.0
+    forget_idle_after_s: Annotated[float, msgspec.Meta(ge=0.0)] = 600.0
 
 
 class SloClass(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.app import policy_from_config
 from gateway.config import ConfigError, SloClass, load_config
 
 CONFIG_TOML = """
@@ -55,7 +56,7 @@ def test_defaults_without_a_file_or_variables() -> None:
     assert config.gateway.prefill_workers == config.gateway.decode_workers == []
     assert config.store.path == "fairgate.db"
     assert config.model.name == "default"
-    assert (config.scheduler.policy, config.scheduler.queue_timeout_s) == ("fcfs", 120.0)
+    assert (config.scheduler.policy, config.scheduler.queue_timeout_s) == ("auto", 120.0)
     assert config.scheduler.max_prefill_inflight_tokens == 8192
     assert [c.name for c in config.slo_classes] == ["interactive", "standard", "batch"]
 
@@ -172,3 +173,17 @@ def test_the_unstreamed_flush_interval_is_bounded() -> None:
     assert config.gateway.unstreamed_flush_s == 0.0
     with pytest.raises(ConfigError, match="unstreamed_flush_s"):
         load_config(environ={"FAIRGATE_GATEWAY_UNSTREAMED_FLUSH_S": "2"})
+
+
+def test_the_policy_is_built_from_the_scheduler_section() -> None:
+    one = load_config(environ={"FAIRGATE_GATEWAY_PREFILL_WORKERS": "http://p0:1"})
+    assert policy_from_config(one).name == "dlpm"
+    two = load_config(environ={"FAIRGATE_GATEWAY_PREFILL_WORKERS": "http://p0:1,http://p1:1"})
+    assert policy_from_config(two).name == "d2lpm"
+    for name in ("fcfs", "vtc", "dlpm", "d2lpm", "rr_lpm"):
+        config = load_config(environ={"FAIRGATE_SCHEDULER_POLICY": name})
+        assert policy_from_config(config).name == name
+    with pytest.raises(ValueError, match="unknown scheduling policy 'wfq'"):
+        policy_from_config(load_config(environ={"FAIRGATE_SCHEDULER_POLICY": "wfq"}))
+    with pytest.raises(ConfigError, match="quantum_tokens"):
+        load_config(environ={"FAIRGATE_SCHEDULER_QUANTUM_TOKENS": "0"})

@@ -1,0 +1,1092 @@
+"""The scheduling policies behind ``gateway.scheduler.SchedulingPolicy`` (``scheduling.md``), and
+``make_policy``, which builds one by its config name. Pure: the gateway's dispatcher and the
+simulator (``bench.sim``) run the same classes.
+
+    fcfs     first come, first served (``gateway.scheduler.FcfsPolicy``)
+    vtc      Virtual Token Counter, with the lift rule (§2)
+    dlpm     Deficit Longest Prefix Match over the prefill pool as one (§3)
+    d2lpm    DLPM per worker plus a (tenant, worker) deficit for placement (§4)
+    rr_lpm   round-robin over tenants + longest prefix match: locality only, the baseline
+
+What they share lives in ``_FairPolicy``: one lane per SLO class (§5) holding a FIFO queue per
+tenant and that class's fairness state; admission (``Shed``) and rejection of sheddable requests
+that can no longer make their deadline; at-risk requests of lower classes first; the charges of
+§1 as the work happens; and forgetting idle tenants. A policy adds only its order (``_serve``),
+its placement (``_dispatch``) and what it does with a charge. One schedule pass::
+
+    reject hopeless sheddable heads ─▶ at-risk heads of lower classes, earliest deadline first
+        ─▶ each class, highest rank first: the policy's own order, placing until nothing fits
+
+Work conservation, bounded. When the request a policy prefers cannot be placed now (its prompt
+does not fit the room left), others of its class are tried, but a tenant may get ahead of the
+blocked one's fair turn by at most ``max_borrow_tokens`` of service; beyond that, and for lower
+classes, the room is left for the blocked request. Unbounded passing lets a tenant with small
+requests take every gap as it opens, so one with large requests never fits again and the
+fairness bound is lost (measured with the test backend: VTC fell to FCFS's service gap). The
+workers do not idle for it: a request fits an idle prefill worker, and the wait ends as work in
+flight completes; with nothing in flight, nothing is held back. Placement only gets harder
+within a pass, so a prompt that failed to fit lets every prompt at least as long be skipped
+without trying. A tenant's own queue stays FIFO under VTC and rr_lpm.
+
+Weights: a charge is divided by the tenant's weight: the one ``update_tenant`` last set, else the
+request's own (a demoted request keeps its own reduced weight).
+
+The module is longer than the house's 300 lines because the four policies share one skeleton
+that is clearer in one place than spread over a package; the prefix index is its own module.
+
+Torch-free.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import operator
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar, cast
+
+from gateway.config import DEFAULT_SLO_CLASSES, SloClass
+from gateway.prefix_index import PrefixIndex, PrefixMatcher
+from gateway.scheduler import (
+    Decision,
+    FcfsPolicy,
+    Placement,
+    QueuedRequest,
+    Rejection,
+    SchedulingPolicy,
+    Shed,
+    TenantState,
+    WorkerView,
+    place,
+)
+
+__all__ = [
+    "POLICY_NAMES",
+    "D2lpmPolicy",
+    "DlpmPolicy",
+    "PolicySettings",
+    "RrLpmPolicy",
+    "VtcPolicy",
+    "make_policy",
+]
+
+POLICY_NAMES = ("fcfs", "vtc", "dlpm", "d2lpm", "rr_lpm")
+
+_MIN_WEIGHT = 1e-6  # a weight of 0 would make every charge infinite
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySettings:
+    """Everything a policy is configured with (``[scheduler]`` and ``[[slo_classes]]``)."""
+
+    slo_classes: Sequence[SloClass] = field(default_factory=lambda: list(DEFAULT_SLO_CLASSES))
+    w_in: float = 1.0  # cost of a computed prompt token (§1)
+    w_out: float = 2.0  # cost of a generated token
+    quantum_tokens: float = 4096.0  # DLPM's Q_u (§3)
+    worker_quantum_tokens: float = 8192.0  # D²LPM's Q_w (§4)
+    block_size: int = 16  # the workers' KV block size: the prefix index's granularity
+    prefix_index_blocks: int = 1 << 16  # per prefill worker, LRU-bounded
+    hot_spot_ratio: float = 1.5  # route by load alone above this ratio to the least loaded…
+    hot_spot_margin_tokens: int = 2048  # …and this many tokens more
+    default_prefill_tok_s: float = 5000.0  # until a worker's throughput is measured
+    forget_idle_after_s: float = 600.0  # drop the state of a tenant idle this long (if safe)
+    # Service a tenant may take ahead of its fair turn while the request whose turn it is cannot
+    # be placed yet (module docstring); inf: fully work-conserving within a class.
+    max_borrow_tokens: float = 4096.0
+
+    def __post_init__(self) -> None:
+        if not self.slo_classes:
+            raise ValueError("at least one SLO class is needed")
+        for name in ("quantum_tokens", "worker_quantum_tokens", "default_prefill_tok_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.block_size < 1 or self.prefix_index_blocks < 1:
+            raise ValueError("block_size and prefix_index_blocks must be at least 1")
+        if not self.max_borrow_tokens >= 0:
+            raise ValueError(f"max_borrow_tokens must be >= 0, got {self.max_borrow_tokens}")
+
+
+# ---- state shared by every fair policy ---------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class _Entry:
+    """A queued request with what the policy derived from it. ``is_charged``: requeued, its
+    prompt was charged when it was first placed (charges stay charged)."""
+
+    request: QueuedRequest
+    lane: _Lane
+    deadline: float  # arrival + the class's TTFT target
+    is_charged: bool = False
+    is_queued: bool = True
+    matcher: PrefixMatcher | None = None
+    best_key: tuple[int, int, int] | None = None  # what ``lpm_order`` was computed from
+    lpm_order: tuple[int, float] = (0, 0.0)  # (-longest match over the workers, arrival)
+
+
+@dataclass(slots=True, eq=False)
+class _Flight:
+    """A placed request until ``on_finish``. ``num_output_tokens`` counts the output charged so
+    far, starting from those generated before a recompute preemption (charged back then)."""
+
+    entry: _Entry
+    worker_id: str | None  # the locality worker: prefill worker, or colocated decode worker
+    num_expected_cached: int
+    num_output_tokens: int
+
+
+class _Lane:
+    """One SLO class: a FIFO queue per backlogged tenant (an ``OrderedDict``: removal anywhere
+    and a requeue at the front are O(1)), and its queued prompt tokens for wait estimates.
+    Subclasses add the policy's fairness state for the class."""
+
+    __slots__ = ("num_queued_tokens", "queues", "slo")
+
+    def __init__(self, slo: SloClass) -> None:
+        self.slo = slo
+        self.queues: dict[str, OrderedDict[str, _Entry]] = {}
+        self.num_queued_tokens = 0
+
+    def head(self, tenant_id: str) -> _Entry:
+        return next(iter(self.queues[tenant_id].values()))
+
+    def heads(self) -> Iterator[_Entry]:
+        for queue in self.queues.values():
+            yield next(iter(queue.values()))
+
+
+@dataclass(frozen=True, slots=True)
+class _Throughput:
+    """The workers as of the last ``schedule``, for the deadline estimates of §5: the pool's
+    prefill speed, the fastest worker's, and how long until the least busy worker has computed
+    what it already holds."""
+
+    pool_tok_s: float
+    fastest_tok_s: float
+    wait_s: float
+
+    @classmethod
+    def of(cls, workers: Sequence[WorkerView], default_tok_s: float) -> _Throughput:
+        if not workers:
+            return cls(default_tok_s, default_tok_s, 0.0)
+        rates = [w.prefill_tok_s or default_tok_s for w in workers]
+        wait_s = min(w.inflight_tokens / rate for w, rate in zip(workers, rates, strict=True))
+        return cls(sum(rates), max(rates), wait_s)
+
+
+class _Pass:
+    """One ``schedule`` call: the views (updated by ``place`` as requests are placed), the
+    decisions so far, and the shortest prompt that failed to place. Views only fill up within a
+    pass and room is monotone in prompt length, so nothing that long or longer fits any more.
+    ``has_room`` is remembered until the next decision or failure."""
+
+    __slots__ = (
+        "_has_room",
+        "_min_failed_tokens",
+        "decisions",
+        "decode",
+        "locality",
+        "now",
+        "prefill",
+    )
+
+    def __init__(self, prefill: Sequence[WorkerView], decode: Sequence[WorkerView], now: float):
+        self.prefill = prefill
+        self.decode = decode
+        self.locality = prefill or decode  # whose caches a prompt can hit
+        self.now = now
+        self.decisions: list[Decision] = []
+        self._min_failed_tokens = math.inf
+        self._has_room: bool | None = None
+
+    def add(self, decision: Decision) -> None:
+        self.decisions.append(decision)
+        self._has_room = None
+
+    def fits(self, entry: _Entry) -> bool:
+        return entry.request.num_prompt_tokens < self._min_failed_tokens
+
+    def failed(self, entry: _Entry) -> None:
+        self._min_failed_tokens = min(self._min_failed_tokens, entry.request.num_prompt_tokens)
+        self._has_room = None
+
+    def has_room(self) -> bool:
+        """Whether the shortest possible prompt could still be placed."""
+        if self._has_room is None:
+            self._has_room = (
+                self._min_failed_tokens > 1
+                and any(w.free_kv_tokens >= 2 for w in self.decode)
+                and (
+                    not self.prefill
+                    or any(w.inflight_tokens < max(w.max_inflight_tokens, 1) for w in self.prefill)
+                )
+            )
+        return self._has_room
+
+
+def _has_room(worker: WorkerView, request: QueuedRequest, is_colocated: bool) -> bool:
+    """``place``'s room rule for one worker: KV for the prompt on a colocated worker; on a
+    prefill worker room under its cap, where an idle worker always has room."""
+    if is_colocated:
+        return worker.free_kv_tokens >= request.num_prompt_tokens + 1
+    return (
+        worker.inflight_tokens == 0
+        or worker.inflight_tokens + request.num_prompt_tokens <= worker.max_inflight_tokens
+    )
+
+
+def _load_key(worker: WorkerView) -> tuple[int, int]:
+    """Load: prompt tokens not yet computed (§4); colocated decode workers, whose views carry
+    none, by most free KV, as ``place`` does."""
+    return (worker.inflight_tokens, -worker.free_kv_tokens)
+
+
+LaneT = TypeVar("LaneT", bound=_Lane)
+_LPM_ORDER = operator.attrgetter("lpm_order")
+
+
+class _FairPolicy(Generic[LaneT]):
+    """Queues, SLO classes, charges and tenant bookkeeping common to the fair policies.
+
+    Hooks for a policy: ``_new_lane``, ``_joined`` / ``_left`` (a tenant's queue in a class
+    became non-empty / empty; ``_joined`` runs before the tenant is in ``lane.queues``),
+    ``_serve`` (its order within a class), ``_dispatch`` (place one request, no fairness gate),
+    ``_charge_prompt`` / ``_charge_output`` / ``_correct_prompt``, ``_can_forget`` / ``_forget``,
+    ``_counter`` / ``_deficit`` for ``tenants``.
+
+    Forgetting: a tenant with nothing queued or in flight for ``forget_idle_after_s`` loses its
+    state (and leaves ``tenants``) when ``_can_forget`` says that changes nothing it would get
+    on return: under VTC, its counter is at most what the lift rule would give it back; DLPM
+    deficits restart at 0 on return anyway. Weights set by ``update_tenant`` are kept: they are
+    configuration, one number per tenant the admin named.
+    """
+
+    name: str
+
+    def __init__(self, settings: PolicySettings) -> None:
+        self.settings = settings
+        ranked = sorted(settings.slo_classes, key=lambda c: -c.rank)
+        self._lanes: dict[str, LaneT] = {}
+        for slo in ranked:
+            self._lanes.setdefault(slo.name, self._new_lane(slo))  # highest rank first
+        self._lowest = self._lanes[ranked[-1].name]
+        self._entries: dict[str, _Entry] = {}
+        self._flights: dict[str, _Flight] = {}
+        self._num_queued: dict[str, int] = {}  # per tenant, over all classes
+        self._num_inflight: dict[str, int] = {}
+        self._weights: dict[str, float] = {}  # set by update_tenant
+        self._service: dict[str, float] = {}  # normalized service charged, for tenants()
+        self._idle_since: dict[str, float] = {}
+        self._next_sweep_s = -math.inf
+        self._now = -math.inf
+        self._throughput = _Throughput.of([], settings.default_prefill_tok_s)
+
+    # ---- the interface ---------------------------------------------------------------------
+
+    def enqueue(self, request: QueuedRequest, now: float) -> None:
+        if request.request_id in self._entries:
+            raise ValueError(f"request {request.request_id!r} is already queued")
+        self._now = max(self._now, now)
+        lane = self._lane_of(request)
+        deadline = request.arrival + lane.slo.ttft_target_s
+        if lane.slo.sheddable:
+            ahead = sum(
+                other.num_queued_tokens
+                for other in self._lanes.values()
+                if other.slo.rank >= lane.slo.rank
+            )
+            throughput = self._throughput
+            wait_s = throughput.wait_s + ahead / throughput.pool_tok_s
+            if now + wait_s + self._prefill_s(request) > deadline:
+                raise Shed(
+                    f"class {lane.slo.name!r} cannot meet its {lane.slo.ttft_target_s:g} s "
+                    f"time-to-first-token target: about {wait_s:.1f} s of work is queued ahead"
+                )
+        self._put(_Entry(request, lane, deadline), at_front=False)
+
+    def requeue(self, request: QueuedRequest, now: float) -> None:
+        if request.request_id in self._entries:
+            return
+        self._now = max(self._now, now)
+        flight = self._flights.pop(request.request_id, None)
+        if flight is not None:  # requeued without on_finish (a preemption): it left the worker
+            self._num_inflight[request.tenant_id] -= 1
+        lane = self._lane_of(request)
+        entry = _Entry(request, lane, request.arrival + lane.slo.ttft_target_s, is_charged=True)
+        self._put(entry, at_front=True)
+
+    def remove(self, request_id: str) -> QueuedRequest | None:
+        entry = self._entries.get(request_id)
+        if entry is None:
+            return None
+        self._take(entry)
+        return entry.request
+
+    def schedule(
+        self,
+        prefill: Sequence[WorkerView],
+        decode: Sequence[WorkerView],
+        now: float,
+    ) -> list[Decision]:
+        self._now = max(self._now, now)
+        run = _Pass(prefill, decode, now)
+        self._throughput = _Throughput.of(run.locality, self.settings.default_prefill_tok_s)
+        if self._entries:
+            self._reject_hopeless(run)
+            if run.has_room():
+                self._serve_at_risk(run)
+            for lane in self._lanes.values():
+                if not run.has_room():
+                    break
+                if lane.queues:
+                    self._serve(lane, run)
+                    if lane.queues and self._flights:
+                        break  # a waiting request keeps the room from lower classes
+        self._forget_idle(now)
+        return run.decisions
+
+    def on_first_token(self, request: QueuedRequest, num_cached_tokens: int, now: float) -> None:
+        flight = self._flights.get(request.request_id)
+        if flight is not None and not flight.entry.is_charged:
+            self._correct_prompt(flight, num_cached_tokens)
+
+    def on_tokens(self, request: QueuedRequest, num_tokens: int, now: float) -> None:
+        flight = self._flights.get(request.request_id)
+        if flight is not None and num_tokens > 0:
+            flight.num_output_tokens += num_tokens
+            self._charge_output(flight, num_tokens)
+
+    def on_finish(self, request: QueuedRequest, num_output_tokens: int, now: float) -> None:
+        self._now = max(self._now, now)
+        flight = self._flights.pop(request.request_id, None)
+        if flight is None:
+            return
+        unreported = num_output_tokens - flight.num_output_tokens
+        if unreported > 0:  # never refund: what was reported was generated
+            flight.num_output_tokens = num_output_tokens
+            self._charge_output(flight, unreported)
+        tenant_id = request.tenant_id
+        self._num_inflight[tenant_id] -= 1
+        self._mark_if_idle(tenant_id)
+
+    def on_evicted(self, worker_id: str, block_hashes: Sequence[bytes]) -> None:
+        pass
+
+    def update_tenant(self, tenant_id: str, weight: float) -> None:
+        self._weights[tenant_id] = weight
+
+    def queued(self) -> int:
+        return len(self._entries)
+
+    def tenants(self) -> list[TenantState]:
+        known = self._service.keys() | self._num_queued.keys() | self._num_inflight.keys()
+        return [
+            TenantState(
+                tenant_id,
+                self._num_queued.get(tenant_id, 0),
+                self._counter(tenant_id),
+                self._deficit(tenant_id),
+            )
+            for tenant_id in sorted(known)
+        ]
+
+    # ---- hooks -----------------------------------------------------------------------------
+
+    def _new_lane(self, slo: SloClass) -> LaneT:
+        raise NotImplementedError
+
+    def _joined(self, lane: LaneT, tenant_id: str) -> None:
+        pass
+
+    def _left(self, lane: LaneT, tenant_id: str) -> None:
+        pass
+
+    def _serve(self, lane: LaneT, run: _Pass) -> None:
+        raise NotImplementedError
+
+    def _dispatch(self, entry: _Entry, run: _Pass) -> bool:
+        raise NotImplementedError
+
+    def _charge_prompt(self, entry: _Entry, worker_id: str | None, num_cached: int) -> None:
+        pass
+
+    def _charge_output(self, flight: _Flight, num_tokens: int) -> None:
+        pass
+
+    def _correct_prompt(self, flight: _Flight, num_cached_tokens: int) -> None:
+        pass
+
+    def _can_forget(self, tenant_id: str) -> bool:
+        return True
+
+    def _forget(self, tenant_id: str) -> None:
+        pass
+
+    def _counter(self, tenant_id: str) -> float:
+        return self._service.get(tenant_id, 0.0)
+
+    def _deficit(self, tenant_id: str) -> float:
+        return 0.0
+
+    # ---- queues ----------------------------------------------------------------------------
+
+    def _lane_of(self, request: QueuedRequest) -> LaneT:
+        """Demoted requests and (already validated elsewhere) unknown classes: the lowest."""
+        if request.demoted:
+            return self._lowest
+        return self._lanes.get(request.slo_class, self._lowest)
+
+    def _put(self, entry: _Entry, *, at_front: bool) -> None:
+        lane = cast(LaneT, entry.lane)  # made by _lane_of
+        request = entry.request
+        tenant_id = request.tenant_id
+        queue = lane.queues.get(tenant_id)
+        if queue is None:
+            self._joined(lane, tenant_id)
+            queue = lane.queues[tenant_id] = OrderedDict()
+        queue[request.request_id] = entry
+        if at_front:
+            queue.move_to_end(request.request_id, last=False)
+        lane.num_queued_tokens += request.num_prompt_tokens
+        self._entries[request.request_id] = entry
+        self._num_queued[tenant_id] = self._num_queued.get(tenant_id, 0) + 1
+        self._idle_since.pop(tenant_id, None)
+
+    def _take(self, entry: _Entry) -> None:
+        """Out of the queue: placed, rejected or removed."""
+        lane = cast(LaneT, entry.lane)
+        request = entry.request
+        tenant_id = request.tenant_id
+        queue = lane.queues[tenant_id]
+        del queue[request.request_id]
+        if not queue:
+            del lane.queues[tenant_id]
+            self._left(lane, tenant_id)
+        lane.num_queued_tokens -= request.num_prompt_tokens
+        del self._entries[request.request_id]
+        entry.is_queued = False
+        self._num_queued[tenant_id] -= 1
+        if self._num_queued[tenant_id] == 0:
+            del self._num_queued[tenant_id]
+            self._mark_if_idle(tenant_id)
+
+    def _placed(
+        self, entry: _Entry, placement: Placement, worker_id: str | None, num_cached: int
+    ) -> None:
+        """Bookkeeping of a placement; ``_dispatch`` calls it after ``place`` succeeded."""
+        request = entry.request
+        self._flights[request.request_id] = _Flight(
+            entry, worker_id, num_cached, request.num_output_tokens
+        )
+        self._num_inflight[request.tenant_id] = self._num_inflight.get(request.tenant_id, 0) + 1
+        self._take(entry)
+        if not entry.is_charged:
+            self._charge_prompt(entry, worker_id, num_cached)
+
+    def _weight(self, request: QueuedRequest) -> float:
+        weight = request.weight
+        if not request.demoted:
+            weight = self._weights.get(request.tenant_id, weight)
+        return max(weight, _MIN_WEIGHT)
+
+    def _add_service(self, tenant_id: str, cost: float) -> None:
+        self._service[tenant_id] = self._service.get(tenant_id, 0.0) + cost
+
+    # ---- SLO classes (§5) ------------------------------------------------------------------
+
+    def _prefill_s(self, request: QueuedRequest) -> float:
+        return request.num_prompt_tokens / self._throughput.fastest_tok_s
+
+    def _is_hopeless(self, entry: _Entry, now: float) -> bool:
+        """A sheddable request that misses its deadline even if its prefill started now on the
+        fastest worker. (Admission sheds on an estimate; a queued request is dropped only once
+        it is sure to miss.)"""
+        return entry.lane.slo.sheddable and now + self._prefill_s(entry.request) > entry.deadline
+
+    def _reject(self, entry: _Entry, run: _Pass) -> None:
+        self._take(entry)
+        run.add(
+            Rejection(
+                entry.request,
+                f"class {entry.lane.slo.name!r} can no longer meet its "
+                f"{entry.lane.slo.ttft_target_s:g} s time-to-first-token target",
+            )
+        )
+
+    def _reject_hopeless(self, run: _Pass) -> None:
+        """Heads only: within a tenant's queue of one class, deadlines follow arrivals; a later
+        hopeless request is rejected when it reaches the head or is picked."""
+        for lane in self._lanes.values():
+            if not lane.slo.sheddable:
+                continue
+            for tenant_id in list(lane.queues):
+                while tenant_id in lane.queues and self._is_hopeless(lane.head(tenant_id), run.now):
+                    self._reject(lane.head(tenant_id), run)
+
+    def _serve_at_risk(self, run: _Pass) -> None:
+        """Heads of classes below the highest busy one that will miss their deadline behind the
+        work queued in higher classes, but can still make it if served now (serving a request
+        that is late anyway would only make others late too), earliest deadline first."""
+        at_risk: list[_Entry] = []
+        num_tokens_ahead = 0
+        throughput = self._throughput
+        for lane in self._lanes.values():
+            if not lane.queues:
+                continue
+            if num_tokens_ahead:
+                behind_s = throughput.wait_s + num_tokens_ahead / throughput.pool_tok_s
+                for head in lane.heads():
+                    start = run.now + self._prefill_s(head.request)
+                    if start + behind_s > head.deadline >= start + throughput.wait_s:
+                        at_risk.append(head)
+            num_tokens_ahead += lane.num_queued_tokens
+        at_risk.sort(key=lambda e: (e.deadline, e.request.arrival))
+        for entry in at_risk:
+            if not run.has_room():
+                return
+            if run.fits(entry):
+                self._dispatch(entry, run)
+
+    # ---- bounded state ---------------------------------------------------------------------
+
+    def _mark_if_idle(self, tenant_id: str) -> None:
+        if tenant_id not in self._num_queued and not self._num_inflight.get(tenant_id):
+            self._num_inflight.pop(tenant_id, None)
+            self._idle_since[tenant_id] = self._now
+
+    def _forget_idle(self, now: float) -> None:
+        """Every half ``forget_idle_after_s`` of the caller's clock, a sweep over idle tenants."""
+        if now < self._next_sweep_s:
+            return
+        after_s = self.settings.forget_idle_after_s
+        self._next_sweep_s = now + after_s / 2
+        for tenant_id, since in list(self._idle_since.items()):
+            if now - since >= after_s and self._can_forget(tenant_id):
+                del self._idle_since[tenant_id]
+                self._service.pop(tenant_id, None)
+                self._forget(tenant_id)
+
+
+# ---- VTC (§2) ---------------------------------------------------------------------------------
+
+
+class _VtcLane(_Lane):
+    """VTC state of one class. ``last_left``: the tenant that most recently left the backlog;
+    its counter (kept in ``last_left_counter`` once it is forgotten) is the lift when every
+    queue is empty."""
+
+    __slots__ = ("counters", "last_left", "last_left_counter")
+
+    def __init__(self, slo: SloClass) -> None:
+        super().__init__(slo)
+        self.counters: dict[str, float] = {}
+        self.last_left: str | None = None
+        self.last_left_counter = 0.0
+
+    def floor(self) -> float:
+        """What a tenant joining now is lifted to (at least): the least counter among the
+        backlogged tenants, or the last leaver's when none is. It never decreases, which is
+        what makes forgetting a tenant whose counter is at most this safe."""
+        if self.queues:
+            return min(self.counters[t] for t in self.queues)
+        if self.last_left is None:
+            return 0.0
+        return self.counters.get(self.last_left, self.last_left_counter)
+
+
+class VtcPolicy(_FairPolicy[_VtcLane]):
+    """Virtual Token Counter (§2): the head of the backlogged tenant with the least counter,
+    ties to the earlier head. Placement by load (``place``); no prefix index, so
+    ``Placement.num_cached_tokens`` is 0. A tenant whose head does not fit waits for this pass
+    (FIFO within a tenant) while the others go on."""
+
+    name = "vtc"
+
+    def _new_lane(self, slo: SloClass) -> _VtcLane:
+        return _VtcLane(slo)
+
+    def _joined(self, lane: _VtcLane, tenant_id: str) -> None:
+        # The lift: c[u] = max(c[u], min c[v] over other backlogged v), else the last leaver's.
+        lane.counters[tenant_id] = max(lane.counters.get(tenant_id, 0.0), lane.floor())
+
+    def _left(self, lane: _VtcLane, tenant_id: str) -> None:
+        lane.last_left = tenant_id
+
+    def _serve(self, lane: _VtcLane, run: _Pass) -> None:
+        heap = [(lane.counters[t], lane.head(t).request.arrival, t) for t in lane.queues]
+        heapq.heapify(heap)
+        blocked_counter = math.inf  # the least counter whose head could not be placed
+        while heap and run.has_room():
+            counter, _, tenant_id = heapq.heappop(heap)
+            if counter - blocked_counter > self.settings.max_borrow_tokens and self._flights:
+                return  # every tenant left is even further ahead: room is kept for the blocked
+            entry = lane.head(tenant_id)
+            if self._is_hopeless(entry, run.now):
+                self._reject(entry, run)
+            elif not (run.fits(entry) and self._dispatch(entry, run)):
+                blocked_counter = min(blocked_counter, counter)
+                continue  # this tenant waits for this pass
+            if tenant_id in lane.queues:
+                head = lane.head(tenant_id)
+                heapq.heappush(heap, (lane.counters[tenant_id], head.request.arrival, tenant_id))
+
+    def _dispatch(self, entry: _Entry, run: _Pass) -> bool:
+        placement = place(entry.request, run.prefill, run.decode)
+        if placement is None:
+            run.failed(entry)
+            return False
+        run.add(placement)
+        self._placed(entry, placement, placement.prefill_worker_id, 0)
+        return True
+
+    def _charge(self, entry: _Entry, cost: float) -> None:
+        request = entry.request
+        cost /= self._weight(request)
+        counters = cast(_VtcLane, entry.lane).counters
+        counters[request.tenant_id] = counters.get(request.tenant_id, 0.0) + cost
+        self._add_service(request.tenant_id, cost)
+
+    def _charge_prompt(self, entry: _Entry, worker_id: str | None, num_cached: int) -> None:
+        self._charge(entry, self.settings.w_in * entry.request.num_prompt_tokens)
+
+    def _charge_output(self, flight: _Flight, num_tokens: int) -> None:
+        self._charge(flight.entry, self.settings.w_out * num_tokens)
+
+    def _can_forget(self, tenant_id: str) -> bool:
+        return all(
+            lane.counters.get(tenant_id, -math.inf) <= lane.floor() for lane in self._lanes.values()
+        )
+
+    def _forget(self, tenant_id: str) -> None:
+        for lane in self._lanes.values():
+            counter = lane.counters.pop(tenant_id, None)
+            if counter is not None and lane.last_left == tenant_id:
+                lane.last_left_counter = counter
+
+    def _counter(self, tenant_id: str) -> float:
+        return sum(lane.counters.get(tenant_id, 0.0) for lane in self._lanes.values())
+
+
+# ---- prefix locality: rr_lpm, dlpm, d2lpm -----------------------------------------------------
+
+
+class _IndexedPolicy(_FairPolicy[LaneT]):
+    """A policy that places by prefix locality: it keeps the prefix index (``gateway.
+    prefix_index``), sends a request to a worker with room holding its longest match (least
+    loaded among ties; ``_pick_worker``) and records the prompt there. With no prefill workers
+    (colocated decode workers) the index is by decode worker. Service (``tenants``) counts
+    uncached prompt tokens (§1 for DLPM), corrected by what the worker found cached."""
+
+    def __init__(self, settings: PolicySettings) -> None:
+        super().__init__(settings)
+        self._index = PrefixIndex(settings.prefix_index_blocks)
+        # What a request's longest match depends on, so that it is recomputed only when one
+        # changed (``_refresh_order``): the set of workers, reported evictions, and chains
+        # inserted under the request's salt (other salts' chains can never match it). LRU
+        # pruning is left out: it happens on nearly every insert once the index is full, and
+        # it removes the least recently used blocks; the order may use a match from before
+        # it, but placement and charges always use the exact one (``_dispatch_to``).
+        self._worker_ids: tuple[str, ...] = ()
+        self._workers_epoch = 0
+        self._insert_clock = 0
+        self._salt_inserted_at: dict[bytes, int] = {}
+
+    def on_evicted(self, worker_id: str, block_hashes: Sequence[bytes]) -> None:
+        self._index.evict(worker_id, block_hashes)
+
+    def _cached_tokens(self, entry: _Entry, worker_id: str) -> int:
+        if entry.matcher is None:
+            request = entry.request
+            entry.matcher = PrefixMatcher(
+                request.prompt_token_ids,
+                request.num_prompt_tokens,
+                self.settings.block_size,
+                request.cache_salt,
+            )
+        return entry.matcher.num_cached_tokens(self._index, worker_id)
+
+    def _refresh_order(self, entry: _Entry, run: _Pass) -> None:
+        """``entry.lpm_order`` for ``run.locality`` (``_note_workers`` must have seen it)."""
+        key = (
+            self._index.num_evictions_total,
+            self._workers_epoch,
+            self._salt_inserted_at.get(entry.request.cache_salt, 0),
+        )
+        if entry.best_key != key:
+            entry.best_key = key
+            longest = max(
+                (self._cached_tokens(entry, w.worker_id) for w in run.locality), default=0
+            )
+            entry.lpm_order = (-longest, entry.request.arrival)
+
+    def _note_workers(self, run: _Pass) -> None:
+        worker_ids = tuple(w.worker_id for w in run.locality)
+        if worker_ids != self._worker_ids:
+            self._worker_ids = worker_ids
+            self._workers_epoch += 1
+
+    def _forget_idle(self, now: float) -> None:
+        if now >= self._next_sweep_s:
+            # Dropping every salt's mark is always safe (matches are recomputed once), and
+            # keeps the marks bounded.
+            self._salt_inserted_at.clear()
+        super()._forget_idle(now)
+
+    def _candidates(self, entry: _Entry, run: _Pass) -> list[WorkerView]:
+        is_colocated = not run.prefill
+        return [w for w in run.locality if _has_room(w, entry.request, is_colocated)]
+
+    def _pick_worker(self, entry: _Entry, run: _Pass) -> WorkerView | None:
+        candidates = self._candidates(entry, run)
+        if not candidates:
+            return None
+        return max(
+            candidates,
+            key=lambda w: (
+                self._cached_tokens(entry, w.worker_id),
+                -w.inflight_tokens,
+                w.free_kv_tokens,
+            ),
+        )
+
+    def _dispatch(self, entry: _Entry, run: _Pass) -> bool:
+        worker = self._pick_worker(entry, run)
+        if worker is None:
+            run.failed(entry)
+            return False
+        return self._dispatch_to(entry, worker, run)
+
+    def _dispatch_to(self, entry: _Entry, worker: WorkerView, run: _Pass) -> bool:
+        request = entry.request
+        num_cached = self._cached_tokens(entry, worker.worker_id)
+        if run.prefill:
+            placement = place(request, [worker], run.decode)
+        else:
+            placement = place(request, [], [worker])
+        if placement is None:  # no decode worker has KV room for it
+            run.failed(entry)
+            return False
+        placement = Placement(
+            request, placement.prefill_worker_id, placement.decode_worker_id, num_cached
+        )
+        run.add(placement)
+        assert entry.matcher is not None  # made by _cached_tokens
+        self._index.insert(worker.worker_id, entry.matcher.hashes)
+        self._insert_clock += 1
+        self._salt_inserted_at[request.cache_salt] = self._insert_clock
+        entry.matcher = None  # the chain is no longer needed: free it
+        self._placed(entry, placement, worker.worker_id, num_cached)
+        return True
+
+    def _charge_prompt(self, entry: _Entry, worker_id: str | None, num_cached: int) -> None:
+        request = entry.request
+        cost = self.settings.w_in * (request.num_prompt_tokens - num_cached)
+        self._add_service(request.tenant_id, cost / self._weight(request))
+
+    def _charge_output(self, flight: _Flight, num_tokens: int) -> None:
+        request = flight.entry.request
+        cost = self.settings.w_out * num_tokens
+        self._add_service(request.tenant_id, cost / self._weight(request))
+
+    def _correct_prompt(self, flight: _Flight, num_cached_tokens: int) -> None:
+        request = flight.entry.request
+        cost = self.settings.w_in * (flight.num_expected_cached - num_cached_tokens)
+        self._add_service(request.tenant_id, cost / self._weight(request))
+        flight.num_expected_cached = num_cached_tokens
+
+
+class _RrLane(_Lane):
+    """Round-robin order of the class's backlogged tenants; the next one is first."""
+
+    __slots__ = ("order",)
+
+    def __init__(self, slo: SloClass) -> None:
+        super().__init__(slo)
+        self.order: deque[str] = deque()
+
+
+class RrLpmPolicy(_IndexedPolicy[_RrLane]):
+    """Round-robin over backlogged tenants, one request each turn (FIFO within a tenant),
+    placed by longest prefix match: locality only, no accounting of how much each request
+    costs. The unfair baseline the papers compare against."""
+
+    name = "rr_lpm"
+
+    def _new_lane(self, slo: SloClass) -> _RrLane:
+        return _RrLane(slo)
+
+    def _joined(self, lane: _RrLane, tenant_id: str) -> None:
+        lane.order.append(tenant_id)
+
+    def _left(self, lane: _RrLane, tenant_id: str) -> None:
+        lane.order.remove(tenant_id)
+
+    def _serve(self, lane: _RrLane, run: _Pass) -> None:
+        num_misses = 0  # turns in a row that placed nothing: a whole round of them ends the pass
+        while lane.order and num_misses < len(lane.order) and run.has_room():
+            tenant_id = lane.order[0]
+            lane.order.rotate(-1)
+            entry = lane.head(tenant_id)
+            if self._is_hopeless(entry, run.now):
+                self._reject(entry, run)
+                num_misses = 0
+            elif run.fits(entry) and self._dispatch(entry, run):
+                num_misses = 0
+            else:
+                num_misses += 1
+
+
+# ---- DLPM (§3) and D²LPM (§4) -----------------------------------------------------------------
+
+
+class _Deficits:
+    """DLPM deficits of the backlogged tenants of one class (at one worker, for D²LPM). A
+    tenant (re)joins at 0 and is dropped when it leaves, so charges while it is not backlogged
+    are moot (they would be reset on return). ``num_positive`` keeps "does any queued tenant
+    have credit" O(1)."""
+
+    __slots__ = ("num_positive", "values")
+
+    def __init__(self, tenant_ids: Sequence[str]) -> None:
+        self.values: dict[str, float] = dict.fromkeys(tenant_ids, 0.0)
+        self.num_positive = 0
+
+    def has_credit(self) -> bool:
+        return self.num_positive > 0
+
+    def join(self, tenant_id: str) -> None:
+        self._set(tenant_id, 0.0)
+
+    def leave(self, tenant_id: str) -> None:
+        if self.values.pop(tenant_id, 0.0) > 0:
+            self.num_positive -= 1
+
+    def charge(self, tenant_id: str, cost: float) -> None:
+        value = self.values.get(tenant_id)
+        if value is not None:
+            self._set(tenant_id, value - cost)
+
+    def rounds_to_credit(self, quantum: float) -> int:
+        """Refill rounds until the first tenant has credit."""
+        value = max(self.values.values(), default=1.0)
+        return 0 if value > 0 else math.floor(-value / quantum) + 1
+
+    def refill(self, quantum: float, num_rounds: int) -> None:
+        """``num_rounds`` refills at once, each as in §3: every tenant with ``q <= 0`` gets
+        ``q += Q`` (so a tenant stops gaining in the round it gets credit)."""
+        for tenant_id, value in self.values.items():
+            if value <= 0:
+                rounds = min(num_rounds, math.floor(-value / quantum) + 1)
+                self._set(tenant_id, value + rounds * quantum)
+
+    def _set(self, tenant_id: str, value: float) -> None:
+        if self.values.get(tenant_id, 0.0) > 0:
+            self.num_positive -= 1
+        self.values[tenant_id] = value
+        if value > 0:
+            self.num_positive += 1
+
+
+class _LpmLane(_Lane):
+    """DLPM state of one class: deficits per gate (the pool for DLPM, a worker for D²LPM)."""
+
+    __slots__ = ("gates",)
+
+    def __init__(self, slo: SloClass) -> None:
+        super().__init__(slo)
+        self.gates: dict[str, _Deficits] = {}
+
+    def gate(self, key: str) -> _Deficits:
+        deficits = self.gates.get(key)
+        if deficits is None:
+            deficits = self.gates[key] = _Deficits(list(self.queues))
+        return deficits
+
+
+class DlpmPolicy(_IndexedPolicy[_LpmLane]):
+    """Deficit Longest Prefix Match (§3) over the prefill pool as one: the queued requests of a
+    class in order of their longest match (then arrival), each let through while its tenant's
+    deficit is positive; the deficits are refilled only when no queued tenant has credit.
+
+    Work conservation: when a sweep placed nothing because the tenants with credit have nothing
+    that fits, one more sweep lets the others borrow (``_sweep``) rather than idle the workers.
+    The order is computed once per pass, as in the paper's step. Deficit refills of several
+    rounds at once (``_Deficits.refill``) stand for the paper's repeated single refills."""
+
+    name = "dlpm"
+
+    def _new_lane(self, slo: SloClass) -> _LpmLane:
+        return _LpmLane(slo)
+
+    def _gate_key(self, worker_id: str) -> str:
+        return ""
+
+    def _joined(self, lane: _LpmLane, tenant_id: str) -> None:
+        for deficits in lane.gates.values():
+            deficits.join(tenant_id)
+
+    def _left(self, lane: _LpmLane, tenant_id: str) -> None:
+        for deficits in lane.gates.values():
+            deficits.leave(tenant_id)
+
+    def _serve(self, lane: _LpmLane, run: _Pass) -> None:
+        self._note_workers(run)
+        entries = [entry for queue in lane.queues.values() for entry in queue.values()]
+        for entry in entries:
+            self._refresh_order(entry, run)
+        entries.sort(key=_LPM_ORDER)
+        is_forced = False
+        for _ in range(len(lane.queues) + 2):
+            num_placed, num_starved = self._sweep(lane, entries, run, is_forced=is_forced)
+            if not num_starved or not run.has_room() or is_forced:
+                return
+            is_forced = not num_placed
+
+    def _sweep(
+        self, lane: _LpmLane, entries: list[_Entry], run: _Pass, *, is_forced: bool
+    ) -> tuple[int, int]:
+        """One pass over ``entries`` (LPM order); how many were placed, and how many were held
+        back for lack of credit. ``is_forced``: the tenants with credit could not use the room,
+        so those without may borrow: go into debt (not a free refill: that would hand them a
+        quantum each time and let them run away), down to ``-max_borrow_tokens``. Beyond that
+        they wait for room for the others, which comes back as requests in flight end; with
+        nothing in flight it never would, so then there is no limit."""
+        quantum = self.settings.quantum_tokens
+        num_placed = num_starved = 0
+        for entry in entries:
+            if not entry.is_queued or not run.fits(entry):
+                continue
+            if self._is_hopeless(entry, run.now):
+                self._reject(entry, run)
+                continue
+            worker = self._pick_worker(entry, run)
+            if worker is None:
+                run.failed(entry)
+                continue
+            tenant_id = entry.request.tenant_id
+            deficits = lane.gate(self._gate_key(worker.worker_id))
+            if deficits.values[tenant_id] <= 0 and not deficits.has_credit():
+                deficits.refill(quantum, deficits.rounds_to_credit(quantum))
+            deficit = deficits.values[tenant_id]
+            may_borrow = deficit > -self.settings.max_borrow_tokens or not self._flights
+            if deficit <= 0 and not (is_forced and may_borrow):
+                num_starved += 1
+                continue
+            if self._dispatch_to(entry, worker, run):
+                num_placed += 1
+                if not run.has_room():
+                    break
+        return num_placed, num_starved
+
+    def _gate_charge(self, entry: _Entry, worker_id: str | None, cost: float) -> None:
+        lane = cast(_LpmLane, entry.lane)
+        key = self._gate_key(worker_id or "")
+        if key in lane.gates:
+            lane.gates[key].charge(entry.request.tenant_id, cost / self._weight(entry.request))
+
+    def _charge_prompt(self, entry: _Entry, worker_id: str | None, num_cached: int) -> None:
+        super()._charge_prompt(entry, worker_id, num_cached)
+        uncached = entry.request.num_prompt_tokens - num_cached
+        self._gate_charge(entry, worker_id, self.settings.w_in * uncached)
+
+    def _charge_output(self, flight: _Flight, num_tokens: int) -> None:
+        super()._charge_output(flight, num_tokens)
+        self._gate_charge(flight.entry, flight.worker_id, self.settings.w_out * num_tokens)
+
+    def _correct_prompt(self, flight: _Flight, num_cached_tokens: int) -> None:
+        missed = flight.num_expected_cached - num_cached_tokens
+        super()._correct_prompt(flight, num_cached_tokens)
+        self._gate_charge(flight.entry, flight.worker_id, self.settings.w_in * missed)
+
+    def _deficit(self, tenant_id: str) -> float:
+        return sum(
+            deficits.values.get(tenant_id, 0.0)
+            for lane in self._lanes.values()
+            for deficits in lane.gates.values()
+        )
+
+
+class D2lpmPolicy(DlpmPolicy):
+    """D²LPM (§4): DLPM at each worker (deficits per class and worker), and a router deficit
+    per (tenant, worker) ``q[u][w]`` with quantum ``Q_w`` that bounds how long a tenant sticks
+    to the worker holding its prefixes.
+
+    The gateway holds the queue, so a request is bound to a worker when it is dispatched, and
+    each worker's DLPM sees the whole class queue. Choices of ours, for work conservation: the
+    router considers only workers with room for the request (its refill, too, runs until one of
+    those has credit); the hot-spot guard compares with the least loaded of them. The router
+    deficit is per tenant, not per class (it is about locality, not order), and output tokens
+    are charged to it as they arrive rather than all at the finish (the same total)."""
+
+    name = "d2lpm"
+
+    def __init__(self, settings: PolicySettings) -> None:
+        super().__init__(settings)
+        self._route: dict[str, dict[str, float]] = {}  # tenant -> worker -> q[u][w]
+
+    def _gate_key(self, worker_id: str) -> str:
+        return worker_id
+
+    def _pick_worker(self, entry: _Entry, run: _Pass) -> WorkerView | None:
+        candidates = self._candidates(entry, run)
+        if not candidates:
+            return None
+        route = self._route.setdefault(entry.request.tenant_id, {})
+        quantum = self.settings.worker_quantum_tokens
+        best = max(route.get(w.worker_id, 0.0) for w in candidates)
+        if best <= 0:  # while no worker has q[u][w] > 0: every q[u][w] += Q_w
+            refill = (math.floor(-best / quantum) + 1) * quantum
+            for worker_id in {w.worker_id for w in run.locality} | route.keys():
+                route[worker_id] = route.get(worker_id, 0.0) + refill
+        with_credit = [w for w in candidates if route[w.worker_id] > 0]  # A
+        cached = {w.worker_id: self._cached_tokens(entry, w.worker_id) for w in candidates}
+        longest = max(cached.values())
+        local = [w for w in with_credit if cached[w.worker_id] == longest]  # C = G ∩ A
+        chosen = min(local or with_credit, key=_load_key)
+        least = min(candidates, key=_load_key)
+        excess = chosen.inflight_tokens - least.inflight_tokens
+        if (
+            chosen.inflight_tokens > self.settings.hot_spot_ratio * least.inflight_tokens
+            and excess > self.settings.hot_spot_margin_tokens
+        ):
+            return least  # a hot spot: by load alone
+        return chosen
+
+    def _route_charge(self, entry: _Entry, worker_id: str | None, cost: float) -> None:
+        route = self._route.get(entry.request.tenant_id)
+        if route is not None and worker_id is not None:
+            route[worker_id] = route.get(worker_id, 0.0) - cost / self._weight(entry.request)
+
+    def _charge_prompt(self, entry: _Entry, worker_id: str | None, num_cached: int) -> None:
+        super()._charge_prompt(entry, worker_id, num_cached)
+        self._route_charge(entry, worker_id, self.settings.w_in * entry.request.num_prompt_tokens)
+
+    def _charge_output(self, flight: _Flight, num_tokens: int) -> None:
+        super()._charge_output(flight, num_tokens)
+        self._route_charge(flight.entry, flight.worker_id, self.settings.w_out * num_tokens)
+
+    def _forget(self, tenant_id: str) -> None:
+        self._route.pop(tenant_id, None)
+
+
+# ---- by name ----------------------------------------------------------------------------------
+
+_FAIR_POLICIES: dict[str, Callable[[PolicySettings], SchedulingPolicy]] = {
+    "vtc": VtcPolicy,
+    "dlpm": DlpmPolicy,
+    "d2lpm": D2lpmPolicy,
+    "rr_lpm": RrLpmPolicy,
+}
+
+
+def make_policy(name: str, settings: PolicySettings | None = None) -> SchedulingPolicy:
+    """The policy called ``name`` (one of ``POLICY_NAMES``)."""
+    settings = settings or PolicySettings()
+    if name == "fcfs":
+        return FcfsPolicy()
+    factory = _FAIR_POLICIES.get(name)
+    if factory is None:
+        raise ValueError(f"unknown scheduling policy {name!r}; known: {', '.join(POLICY_NAMES)}")
+    return factory(settings)

@@ -1,0 +1,80 @@
+"""The gateway's prefix index: tenant-scoped hash chains, LRU bound, eviction reports, the cap."""
+
+from __future__ import annotations
+
+from engine.block_manager import block_hashes
+from gateway.prefix_index import PrefixIndex, PrefixMatcher
+
+BLOCK = 4
+
+
+def _matcher(token_ids: list[int], salt: bytes = b"tenant-a") -> PrefixMatcher:
+    return PrefixMatcher(token_ids, len(token_ids), BLOCK, salt)
+
+
+def test_a_prompt_matches_the_full_blocks_it_shares_with_what_the_worker_was_sent() -> None:
+    index = PrefixIndex(max_blocks_per_worker=100)
+    sent = list(range(20))  # 5 blocks
+    index.insert("w0", _matcher(sent).hashes)
+    shared_then_new = [*range(10), 99, 98, 97, 96, 95, 94]  # shares blocks 0-1 and half of 2
+    assert _matcher(shared_then_new).num_cached_tokens(index, "w0") == 8
+    assert _matcher(shared_then_new).num_cached_tokens(index, "w1") == 0  # other worker
+
+
+def test_the_match_leaves_at_least_one_token_to_compute_as_the_engine_does() -> None:
+    index = PrefixIndex(max_blocks_per_worker=100)
+    prompt = list(range(16))  # exactly 4 blocks
+    index.insert("w0", _matcher(prompt).hashes)
+    # Everything is cached, but the engine recomputes the last block to get logits.
+    assert _matcher(prompt).num_cached_tokens(index, "w0") == 12
+    assert _matcher([*prompt, 7]).num_cached_tokens(index, "w0") == 16
+
+
+def test_tenant_b_never_matches_tenant_a_blocks() -> None:
+    index = PrefixIndex(max_blocks_per_worker=100)
+    prompt = list(range(40))
+    index.insert("w0", _matcher(prompt, salt=b"tenant-a").hashes)
+    assert _matcher(prompt, salt=b"tenant-a").num_cached_tokens(index, "w0") == 36
+    assert _matcher(prompt, salt=b"tenant-b").num_cached_tokens(index, "w0") == 0
+
+
+def test_reported_evictions_correct_the_index_and_a_cached_match() -> None:
+    index = PrefixIndex(max_blocks_per_worker=100)
+    prompt = list(range(40))
+    hashes = block_hashes(prompt, BLOCK, b"tenant-a")
+    index.insert("w0", hashes)
+    matcher = _matcher(prompt)
+    assert matcher.num_cached_tokens(index, "w0") == 36
+    index.evict("w0", hashes[3:4])  # a hole at block 3: blocks 4.. no longer count
+    assert matcher.num_cached_tokens(index, "w0") == 12
+    assert index.num_blocks("w0") == 9
+
+
+def test_the_lru_bound_prunes_chain_tails_first() -> None:
+    index = PrefixIndex(max_blocks_per_worker=6)
+    first = list(range(16))  # 4 blocks
+    second = [*range(8), 50, 51, 52, 53, 54, 55, 56, 57]  # shares 2 blocks, 2 of its own
+    index.insert("w0", _matcher(first).hashes)
+    index.insert("w0", _matcher(second).hashes)
+    assert index.num_blocks("w0") == 6
+    index.insert("w0", _matcher([*range(8), 70, 71, 72, 73, 74]).hashes)  # 1 new block
+    # The oldest block was the tail of the first prompt; its shared prefix was touched since.
+    assert index.num_blocks("w0") == 6
+    assert _matcher([*first, 1]).num_cached_tokens(index, "w0") == 12
+    assert _matcher([*second, 1]).num_cached_tokens(index, "w0") == 16
+
+
+def test_a_cached_match_grows_with_inserts_without_a_rescan() -> None:
+    index = PrefixIndex(max_blocks_per_worker=100)
+    prompt = list(range(41))
+    matcher = _matcher(prompt)
+    index.insert("w0", matcher.hashes[:3])
+    assert matcher.num_cached_tokens(index, "w0") == 12
+    index.insert("w0", matcher.hashes)
+    assert matcher.num_cached_tokens(index, "w0") == 40
+
+
+def test_a_prompt_shorter_than_a_block_never_matches() -> None:
+    index = PrefixIndex(max_blocks_per_worker=100)
+    assert _matcher([1, 2, 3]).num_cached_tokens(index, "w0") == 0
+    assert _matcher([]).num_cached_tokens(index, "w0") == 0
