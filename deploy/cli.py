@@ -33,6 +33,12 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+POLICY_HELP = (
+    "scheduling policy: fcfs, vtc, dlpm, d2lpm, rr_lpm, or auto (the default: d2lpm with several "
+    "prefill workers, else dlpm)"
+)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fairgate",
@@ -144,7 +150,7 @@ def _build_parser() -> argparse.ArgumentParser:
     gateway.add_argument(
         "--model", default=None, help=f"the workers' model, for the tokenizer: {MODEL_HELP}"
     )
-    gateway.add_argument("--policy", default=None, help="scheduler policy (default: fcfs)")
+    gateway.add_argument("--policy", default=None, help=POLICY_HELP)
     gateway.add_argument(
         "--log-level",
         default="info",
@@ -179,7 +185,7 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="store and credentials (default: $FAIRGATE_HOME/stack, ~/.cache/fairgate/stack)",
     )
-    up.add_argument("--policy", default=None, help="scheduler policy (default: fcfs)")
+    up.add_argument("--policy", default=None, help=POLICY_HELP)
 
     from deploy.admin_cli import add_admin_parser
 
@@ -213,7 +219,76 @@ def _build_parser() -> argparse.ArgumentParser:
     bench_gateway.add_argument(
         "--output", default=None, help="also write the JSON result to this file"
     )
+    _add_bench_sched_parser(bench_commands)
     return parser
+
+
+def _add_bench_sched_parser(bench_commands: Any) -> None:
+    sched = bench_commands.add_parser(
+        "sched",
+        help="scheduling policies side by side on one simulated trace (real policy classes, "
+        "step times fitted to the engine)",
+        description="Run every policy in --policies on the same seeded arrival trace of "
+        "--scenario in a discrete-event simulation of the prefill and decode pools, and print "
+        "fairness, latency and throughput per policy as one JSON line. With --fit, measure the "
+        "engine instead and write the latency model's coefficients.",
+    )
+    sched.add_argument(
+        "--scenario",
+        default="overload",
+        help="overload, overload_multi, weighted, on_off, prefix_heavy, prefix_heavy_long or "
+        "slo_mix (default: %(default)s)",
+    )
+    sched.add_argument(
+        "--policies",
+        default="fcfs,vtc,dlpm,d2lpm,rr_lpm",
+        help="comma-separated (default: %(default)s)",
+    )
+    sched.add_argument(
+        "--workers", type=int, default=2, help="prefill workers (default: %(default)s)"
+    )
+    sched.add_argument(
+        "--decode-workers", type=int, default=2, help="decode workers (default: %(default)s)"
+    )
+    sched.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    sched.add_argument(
+        "--duration-s",
+        type=float,
+        default=None,
+        help="simulated seconds of arrivals (default: the scenario's)",
+    )
+    sched.add_argument(
+        "--overload",
+        type=float,
+        default=2.0,
+        help="offered load as a multiple of the simulated cluster's capacity "
+        "(default: %(default)s)",
+    )
+    sched.add_argument(
+        "--speedup",
+        type=float,
+        default=1.0,
+        help="simulate a backend this many times faster than the fitted one; rates follow "
+        "(default: %(default)s)",
+    )
+    sched.add_argument(
+        "--latency-model",
+        default=None,
+        help="coefficients file (default: bench/latency_model.json)",
+    )
+    sched.add_argument("--output", default=None, help="also write the JSON result to this file")
+    sched.add_argument("--plot", default=None, help="write service over time to this PNG")
+    sched.add_argument(
+        "--fit",
+        action="store_true",
+        help="measure the engine step by step and write the coefficients to --latency-model",
+    )
+    sched.add_argument(
+        "--engine",
+        default="default",
+        help="with --fit: the model to measure (default: %(default)s)",
+    )
+    sched.add_argument("--quick", action="store_true", help="with --fit: fewer measurements")
 
 
 def _add_worker_arguments(parser: argparse.ArgumentParser, *, default_port: int) -> None:
@@ -470,6 +545,8 @@ def _run_up(args: argparse.Namespace) -> int:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    if args.bench_command == "sched":
+        return _run_bench_sched(args)
     if args.bench_command == "gateway":
         from bench.gateway_bench import run_gateway_bench
 
@@ -486,6 +563,30 @@ def _run_bench(args: argparse.Namespace) -> int:
         precision=args.precision,
         quick=args.quick,
         output=args.output,
+    )
+
+
+def _run_bench_sched(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from bench.latency_model import DEFAULT_MODEL_PATH
+    from bench.sched_bench import run_fit, run_sched_bench
+
+    model_path = Path(args.latency_model) if args.latency_model else DEFAULT_MODEL_PATH
+    if args.fit:
+        return run_fit(engine=args.engine, quick=args.quick, model_path=model_path)
+    return run_sched_bench(
+        scenario=args.scenario,
+        policies=[name.strip() for name in args.policies.split(",") if name.strip()],
+        num_prefill_workers=args.workers,
+        num_decode_workers=args.decode_workers,
+        seed=args.seed,
+        duration_s=args.duration_s,
+        overload=args.overload,
+        speedup=args.speedup,
+        model_path=model_path,
+        output=args.output,
+        plot=args.plot,
     )
 
 

@@ -1,0 +1,304 @@
+"""``fairgate bench sched``: every named scheduling policy on the same simulated trace.
+
+Each policy is the real class from ``gateway.policies.make_policy``, driven by ``bench.sim`` on a
+trace from ``bench.scenarios`` with step times from ``bench.latency_model``. The last stdout line is
+one JSON object ``{"scenario", "policies": {NAME: metrics}}``; a policy that ``make_policy`` does
+not know gets ``{"error": …}`` instead of metrics. ``--plot`` draws each tenant's service over
+time, one panel per policy. ``--fit`` measures the engine and writes the latency model instead.
+
+Metrics (service in the units of ``scheduling.md`` §1 for every policy: computed (uncached) prompt
+tokens × w_in + output tokens × w_out, divided by the tenant's weight where normalized):
+- ``max_service_diff``: the largest |ΔW_f − ΔW_g| of normalized service over any interval in which
+  both f and g had a request queued throughout (on the sample grid: 500 intervals per run);
+- ``bound``: the policy's guarantee on it: 2U for fcfs (VTC's, to compare with), vtc and rr_lpm,
+  2(U + Q_u) for dlpm, 2·|W|·(U + Q_u) for d2lpm, with U = w_in·L_input + w_out·M, L_input the
+  longest prompt of the trace and M the decode pool's KV tokens (all decode workers: what the
+  running batches hold at once); divided by the smallest weight;
+- ``jain``: Jain's index of normalized service among the tenants backlogged throughout a window
+  of 5% of the run, averaged over the windows;
+- ``throughput_tok_s``: prompt + output tokens of the requests completed within the trace's
+  duration, per second of it;
+- ``p99_ttft_s``: per tenant, over completed requests;
+- ``slo_attainment``: per class, the fraction of requests that completed within the class's TTFT
+  and TPOT targets (``gateway.config.DEFAULT_SLO_CLASSES``); rejected and unserved ones miss;
+- ``cache_hit_rate``: cached prompt tokens / prompt tokens of the requests prefilled;
+- ``service_share``: per tenant, its share of all service (not normalized).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.latency_model import DEFAULT_MODEL_PATH, LatencyModel, fit
+from bench.report import log, print_result
+from bench.scenarios import SCENARIOS, build_trace
+from bench.sim import ClusterSpec, SimResult, Simulator, Trace
+from gateway.config import DEFAULT_SLO_CLASSES, SloClass
+from gateway.policies import POLICY_NAMES, PolicySettings, make_policy
+
+__all__ = ["policy_metrics", "run_fit", "run_policy", "run_sched_bench"]
+
+
+def run_policy(
+    name: str, trace: Trace, cluster: ClusterSpec, model: LatencyModel
+) -> tuple[SimResult, PolicySettings]:
+    """Simulate policy ``name`` on ``trace``; ``ValueError`` when there is no such policy."""
+    full_step_s = model.prefill_step_s(
+        cluster.prefill_step_tokens, cluster.prefill_step_tokens * cluster.prefill_chunk_tokens
+    )
+    settings = PolicySettings(
+        block_size=cluster.block_size,
+        prefix_index_blocks=cluster.prefix_cache_blocks,  # the index is sized to the cache
+        default_prefill_tok_s=cluster.prefill_step_tokens / full_step_s,
+    )
+    policy = make_policy(name, settings)
+    simulator = Simulator(policy, trace, cluster, model, w_in=settings.w_in, w_out=settings.w_out)
+    return simulator.run(), settings
+
+
+def policy_metrics(
+    result: SimResult, settings: PolicySettings, slo_classes: Sequence[SloClass] | None = None
+) -> dict[str, Any]:
+    trace = result.trace
+    weights = {t.tenant_id: t.weight for t in trace.tenants}
+    normalized = {
+        tenant_id: [s / weights[tenant_id] for s in series]
+        for tenant_id, series in result.service.items()
+    }
+    records = result.records
+    completed = [r for r in records if r.outcome == "completed"]
+    in_window = [r for r in completed if r.finish_s is not None and r.finish_s <= trace.duration_s]
+    prefilled = [r for r in records if r.first_token_s is not None]
+    total_service = sum(series[-1] for series in result.service.values())
+    return {
+        "max_service_diff": round(_max_service_diff(normalized, result.backlogged), 1),
+        "bound": round(_bound(result, settings) / min(weights.values()), 1),
+        "jain": round(_jain(normalized, result.backlogged), 4),
+        "throughput_tok_s": round(
+            sum(r.num_prompt_tokens + r.num_output_tokens for r in in_window) / trace.duration_s,
+            1,
+        ),
+        "p99_ttft_s": {
+            tenant_id: _p99([_ttft(r) for r in completed if r.tenant_id == tenant_id])
+            for tenant_id in weights
+        },
+        "slo_attainment": _slo_attainment(records, slo_classes or DEFAULT_SLO_CLASSES),
+        "cache_hit_rate": round(
+            sum(r.num_cached_tokens for r in prefilled)
+            / max(1, sum(r.num_prompt_tokens for r in prefilled)),
+            4,
+        ),
+        "service_share": {
+            tenant_id: round(series[-1] / total_service, 4) if total_service else 0.0
+            for tenant_id, series in result.service.items()
+        },
+        "completed": len(completed),
+        "rejected": sum(r.outcome == "rejected" for r in records),
+        "unserved": sum(r.outcome == "unserved" for r in records),
+        "requeues": sum(r.num_requeues for r in records),
+        "evicted_blocks": result.num_evicted_blocks,
+    }
+
+
+def _ttft(record: Any) -> float:
+    return float(record.first_token_s - record.arrival)
+
+
+def _p99(values: list[float]) -> float | None:
+    """Nearest-rank 99th percentile; None without values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)], 3)
+
+
+def _max_service_diff(service: dict[str, list[float]], backlogged: dict[str, list[bool]]) -> float:
+    """max over pairs and over runs of intervals where both were backlogged of (max D − min D),
+    D = W_f − W_g sampled at the runs' interval ends: the largest |ΔW_f − ΔW_g| over a
+    sub-interval."""
+    worst = 0.0
+    for f, g in itertools.combinations(service, 2):
+        low = high = None
+        for i in range(1, len(service[f])):
+            if not (backlogged[f][i] and backlogged[g][i]):
+                low = high = None
+                continue
+            if low is None or high is None:
+                low = high = service[f][i - 1] - service[g][i - 1]
+            diff = service[f][i] - service[g][i]
+            low, high = min(low, diff), max(high, diff)
+            worst = max(worst, high - low)
+    return worst
+
+
+def _bound(result: SimResult, settings: PolicySettings) -> float:
+    cluster = result.cluster
+    longest_prompt = max((r.num_prompt_tokens for r in result.records), default=0)
+    batch_tokens = cluster.num_decode_workers * cluster.decode_kv_tokens
+    u = settings.w_in * longest_prompt + settings.w_out * batch_tokens
+    if result.policy == "dlpm":
+        return 2 * (u + settings.quantum_tokens)
+    if result.policy == "d2lpm":
+        return 2 * cluster.num_prefill_workers * (u + settings.quantum_tokens)
+    return 2 * u
+
+
+def _jain(
+    service: dict[str, list[float]], backlogged: dict[str, list[bool]], window: int = 25
+) -> float:
+    """Jain's index of normalized service per window of ``window`` sample intervals (5% of the
+    run), over the tenants backlogged throughout the window, averaged over the windows with two
+    or more such tenants; 1.0 when there is none. Per window, not over the whole run: a tenant
+    backlogged only part of the time (on/off) is compared while it competes."""
+    num_samples = len(next(iter(service.values()), []))
+    indices: list[float] = []
+    for start in range(1, num_samples - window + 1, window):
+        end = start + window - 1  # intervals start..end, i.e. samples start-1 .. end
+        gains = [
+            series[end] - series[start - 1]
+            for tenant_id, series in service.items()
+            if all(backlogged[tenant_id][start : end + 1])
+        ]
+        if len(gains) >= 2 and any(gains):
+            indices.append(sum(gains) ** 2 / (len(gains) * sum(g * g for g in gains)))
+    return sum(indices) / len(indices) if indices else 1.0
+
+
+def _slo_attainment(records: Sequence[Any], slo_classes: Sequence[SloClass]) -> dict[str, float]:
+    targets = {c.name: c for c in slo_classes}
+    met: dict[str, list[bool]] = {}
+    for record in records:
+        slo = targets.get(record.slo_class)
+        if slo is None:
+            continue
+        ok = record.outcome == "completed" and _ttft(record) <= slo.ttft_target_s
+        if ok and slo.tpot_target_s is not None and record.num_output_tokens > 1:
+            tpot = (record.finish_s - record.first_token_s) / (record.num_output_tokens - 1)
+            ok = tpot <= slo.tpot_target_s
+        met.setdefault(record.slo_class, []).append(ok)
+    return {name: round(sum(oks) / len(oks), 4) for name, oks in met.items()}
+
+
+# ---- the command ------------------------------------------------------------------------------
+
+
+def run_sched_bench(
+    *,
+    scenario: str,
+    policies: Sequence[str] = POLICY_NAMES,
+    num_prefill_workers: int = 2,
+    num_decode_workers: int = 2,
+    seed: int = 0,
+    duration_s: float | None = None,
+    overload: float = 2.0,
+    speedup: float = 1.0,
+    model_path: Path = DEFAULT_MODEL_PATH,
+    output: str | None = None,
+    plot: str | None = None,
+) -> int:
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
+    model = LatencyModel.load(model_path)
+    if speedup != 1.0:
+        model = model.scaled(speedup)
+    cluster = ClusterSpec(
+        num_prefill_workers=num_prefill_workers, num_decode_workers=num_decode_workers
+    )
+    trace = build_trace(
+        SCENARIOS[scenario], model, cluster, seed=seed, duration_s=duration_s, overload=overload
+    )
+    log(
+        f"bench sched: {scenario}, {len(trace.requests)} requests over {trace.duration_s:g} s, "
+        f"{num_prefill_workers} prefill + {num_decode_workers} decode workers, seed {seed}"
+    )
+    figures: dict[str, dict[str, Any]] = {}
+    results: list[SimResult] = []
+    for name in policies:
+        start = time.perf_counter()
+        try:
+            result, settings = run_policy(name, trace, cluster, model)
+        except ValueError as exc:
+            log(f"{name}: not available: {exc}")
+            figures[name] = {"error": f"not available: {exc}"}
+            continue
+        wall_s = time.perf_counter() - start
+        metrics = policy_metrics(result, settings)
+        figures[name] = metrics
+        results.append(result)
+        log(
+            f"{name}: max_service_diff {metrics['max_service_diff']:g} (bound "
+            f"{metrics['bound']:g}), jain {metrics['jain']:g}, throughput "
+            f"{metrics['throughput_tok_s']:g} tok/s, cache hits {metrics['cache_hit_rate']:g}, "
+            f"{len(result.records) / wall_s:.0f} requests/s of wall time"
+        )
+    if plot is not None and results:
+        plot_service(results, Path(plot))
+        log(f"plot: {plot}")
+    print_result(
+        {
+            "scenario": scenario,
+            "seed": seed,
+            "duration_s": trace.duration_s,
+            "num_requests": len(trace.requests),
+            "latency_model": model.provenance,
+            "policies": figures,
+        },
+        output,
+    )
+    return 0
+
+
+def plot_service(results: Sequence[SimResult], path: Path) -> None:
+    """Each tenant's normalized service over time, one panel per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        len(results), 1, figsize=(8, 2.6 * len(results)), sharex=True, squeeze=False
+    )
+    for ax, result in zip(axes[:, 0], results, strict=True):
+        weights = {t.tenant_id: t.weight for t in result.trace.tenants}
+        for tenant_id, series in result.service.items():
+            ax.plot(
+                result.sample_times,
+                [s / weights[tenant_id] for s in series],
+                label=tenant_id
+                if weights[tenant_id] == 1
+                else f"{tenant_id} (w={weights[tenant_id]:g})",
+            )
+        ax.axvline(result.trace.duration_s, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(f"{result.policy}", fontsize=10)
+        ax.set_ylabel("service / weight")
+        ax.legend(fontsize=7, loc="upper left")
+    axes[-1, 0].set_xlabel("simulated time (s); dotted: arrivals stop")
+    fig.suptitle(f"{results[0].trace.scenario}: service over time")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_fit(
+    *, engine: str = "default", quick: bool = False, model_path: Path = DEFAULT_MODEL_PATH
+) -> int:
+    """Measure the engine and write the latency model to ``model_path``."""
+    model = fit(engine, quick=quick)
+    model.save(model_path)
+    log(f"latency model written to {model_path}")
+    print_result(
+        {
+            "latency_model": str(model_path),
+            "prefill": [model.prefill_base_s, model.prefill_token_s, model.prefill_attention_s],
+            "decode": [model.decode_base_s, model.decode_seq_s, model.decode_context_s],
+            "provenance": model.provenance,
+        },
+        None,
+    )
+    return 0

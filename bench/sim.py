@@ -1,0 +1,586 @@
+"""A deterministic discrete-event simulator of the serving cluster, driving a real scheduling
+policy (``gateway.policies.make_policy``) the way ``gateway.dispatch.Dispatcher`` does.
+
+    arrival ─▶ policy.enqueue ──(Shed: rejected)
+                  │ schedule pass: Placement / Rejection
+                  ▼
+    prefill worker (K): chunked prefill, prefix cache ─▶ on_first_token, on_tokens(1)
+                  ▼  (KV moves at no cost)
+    decode worker (D): continuous batching ─▶ on_tokens(1) per step ─▶ on_finish
+
+What is real and what is modelled:
+- Real: the policy object, its decisions, and the calls it hears, in the dispatcher's order
+  (a decode worker without room answers like the real one: the dispatcher's ``on_finish(0)`` then
+  ``requeue``, and the worker counts as full until one of its requests ends). Prompts are real
+  token ids and prefix caching is keyed by ``engine.block_manager.block_hashes`` over the
+  request's ``cache_salt``, so tenant-scoped hash chains hit exactly when they would.
+- Modelled: step times (``bench.latency_model``). A prefill worker runs the engine's step shape:
+  FIFO admission, chunks of at most ``prefill_chunk_tokens`` per request within
+  ``prefill_step_tokens`` per step; its prefix cache is an LRU over block hashes bounded to
+  ``prefix_cache_blocks``, and what it evicts is reported with ``on_evicted``. A decode worker
+  holds ``prompt + max_tokens`` KV tokens per request from placement to finish (so it never
+  preempts) and decodes every request it holds in one step. Requests generate exactly
+  ``max_tokens`` tokens.
+- Schedule passes run after every event that frees capacity (a prefill that ends, a decode that
+  ends, a requeue) and after an arrival when some worker has room for the smallest prompt of the
+  trace; the gateway also runs one after every arrival, but one that cannot place anything
+  changes nothing but when a policy's ``Rejection`` comes out.
+- At ``duration_s`` the gateway stops taking work: requests still queued are removed from the
+  policy (outcome ``unserved``), those placed run to completion.
+
+Service (``scheduling.md`` §1) is recorded per tenant as it happens, in the same units for every
+policy: ``w_in`` per computed (uncached) prompt token when its chunk ends, ``w_out`` per output
+token. Same seed and trace give the same result, byte for byte.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+from bench.latency_model import LatencyModel
+from engine.block_manager import block_hashes
+from gateway.scheduler import (
+    Placement,
+    QueuedRequest,
+    Rejection,
+    SchedulingPolicy,
+    Shed,
+    WorkerView,
+)
+
+__all__ = [
+    "ClusterSpec",
+    "Outcome",
+    "RequestRecord",
+    "SimResult",
+    "SimulationError",
+    "Simulator",
+    "TenantSpec",
+    "Trace",
+    "TraceRequest",
+    "cache_salt",
+]
+
+Outcome = Literal["completed", "rejected", "unserved"]
+
+_PREFILL_STEP = 0
+_DECODE_STEP = 1
+
+
+class SimulationError(RuntimeError):
+    """The policy broke the interface (placed a request it does not hold, named an unknown
+    worker), or the trace cannot run on the cluster."""
+
+
+def cache_salt(tenant_id: str) -> bytes:
+    """The prefix-cache scope of a tenant, as the gateway derives one per tenant."""
+    return f"tenant:{tenant_id}".encode()
+
+
+@dataclass(frozen=True, slots=True)
+class TenantSpec:
+    tenant_id: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRequest:
+    request_id: str
+    tenant_id: str
+    slo_class: str
+    arrival: float
+    prompt_token_ids: list[int]
+    max_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Trace:
+    """What arrives: requests sorted by arrival, all before ``duration_s``."""
+
+    scenario: str
+    tenants: list[TenantSpec]
+    requests: list[TraceRequest]
+    duration_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    """The simulated workers. Defaults follow the workers' and the gateway's (``--block-size``,
+    ``--prefill-chunk-size``, ``--max-num-batched-tokens``, ``max_prefill_inflight_tokens``)."""
+
+    num_prefill_workers: int = 2
+    num_decode_workers: int = 2
+    block_size: int = 16
+    prefill_chunk_tokens: int = 512
+    prefill_step_tokens: int = 2048
+    prefill_max_seqs: int = 64
+    prefix_cache_blocks: int = 2048  # per prefill worker: 32k tokens
+    max_inflight_tokens: int = 8192  # the gateway's default per prefill worker
+    decode_kv_tokens: int = 16384  # per decode worker
+    decode_max_seqs: int = 64
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What happened to one request; times in simulated seconds."""
+
+    request_id: str
+    tenant_id: str
+    slo_class: str
+    arrival: float
+    num_prompt_tokens: int
+    max_tokens: int
+    outcome: Outcome | None = None
+    first_token_s: float | None = None
+    finish_s: float | None = None
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+    num_requeues: int = 0
+
+
+@dataclass(slots=True)
+class SimResult:
+    """A run: per request records; per tenant cumulative service (not normalized by weight) at
+    ``sample_times``, and whether the tenant had a request queued throughout each interval
+    ending at a sample; what was left on the workers at the end (all zero: nothing leaks)."""
+
+    policy: str
+    trace: Trace
+    cluster: ClusterSpec
+    records: list[RequestRecord]
+    sample_times: list[float]
+    service: dict[str, list[float]]
+    backlogged: dict[str, list[bool]]
+    end_s: float
+    num_evicted_blocks: int
+    leftover_kv_tokens: int
+    leftover_inflight_tokens: int
+    leftover_queued: int
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    request: QueuedRequest
+    record: RequestRecord
+    hashes: list[bytes] = field(default_factory=list)
+    num_computed: int = 0
+    num_registered_blocks: int = 0
+    prefill: _PrefillWorker | None = None
+    decode: _DecodeWorker | None = None
+
+
+class _PrefillWorker:
+    """Chunked prefill over FIFO admission, with an LRU prefix cache of block hashes."""
+
+    def __init__(self, index: int, cluster: ClusterSpec) -> None:
+        self.index = index
+        self.worker_id = f"prefill-{index}"
+        self.cluster = cluster
+        self.cache: OrderedDict[bytes, None] = OrderedDict()
+        self.waiting: deque[_Job] = deque()
+        self.running: list[_Job] = []
+        self.step_runs: list[tuple[_Job, int]] = []
+        self.step_s = 0.0  # of the step in flight
+        self.inflight_tokens = 0  # the gateway's account: whole prompts until their prefill ends
+        self.num_computed_tokens = 0
+        self.busy_s = 0.0
+
+    @property
+    def is_busy(self) -> bool:
+        return bool(self.step_runs)
+
+    def prefill_tok_s(self) -> float | None:
+        return self.num_computed_tokens / self.busy_s if self.busy_s > 0 else None
+
+    def plan_step(self) -> list[tuple[_Job, int]]:
+        """The runs of the next step (the engine's order: running first, then admissions)."""
+        budget = self.cluster.prefill_step_tokens
+        chunk = self.cluster.prefill_chunk_tokens
+        runs: list[tuple[_Job, int]] = []
+        for job in self.running:
+            if budget == 0:
+                break
+            count = min(job.request.num_prompt_tokens - job.num_computed, chunk, budget)
+            runs.append((job, count))
+            budget -= count
+        while self.waiting and budget > 0 and len(self.running) < self.cluster.prefill_max_seqs:
+            job = self.waiting.popleft()
+            self._admit(job)
+            self.running.append(job)
+            count = min(job.request.num_prompt_tokens - job.num_computed, chunk, budget)
+            runs.append((job, count))
+            budget -= count
+        self.step_runs = runs
+        return runs
+
+    def _admit(self, job: _Job) -> None:
+        """Take the cached prefix, as ``LLMEngine._admit`` does: a fully cached prompt
+        recomputes its last block so there are logits to sample."""
+        request = job.request
+        job.hashes = block_hashes(
+            request.prompt_token_ids, self.cluster.block_size, request.cache_salt
+        )
+        num_cached = 0
+        for block_hash in job.hashes:
+            if block_hash not in self.cache:
+                break
+            self.cache.move_to_end(block_hash)
+            num_cached += 1
+        if num_cached * self.cluster.block_size >= request.num_prompt_tokens:
+            num_cached -= 1
+        job.num_computed = num_cached * self.cluster.block_size
+        job.num_registered_blocks = num_cached
+        job.record.num_cached_tokens = job.num_computed
+
+    def finish_step(self) -> tuple[list[_Job], list[bytes]]:
+        """Apply the step's runs: (jobs whose prefill ended, block hashes evicted)."""
+        done: list[_Job] = []
+        for job, count in self.step_runs:
+            job.num_computed += count
+            num_full = job.num_computed // self.cluster.block_size
+            for block_hash in job.hashes[job.num_registered_blocks : num_full]:
+                self.cache[block_hash] = None
+                self.cache.move_to_end(block_hash)
+            job.num_registered_blocks = max(job.num_registered_blocks, num_full)
+            if job.num_computed == job.request.num_prompt_tokens:
+                done.append(job)
+        self.num_computed_tokens += sum(count for _, count in self.step_runs)
+        self.busy_s += self.step_s
+        self.step_runs = []
+        if done:
+            self.running = [job for job in self.running if job not in done]
+        evicted: list[bytes] = []
+        while len(self.cache) > self.cluster.prefix_cache_blocks:
+            evicted.append(self.cache.popitem(last=False)[0])
+        return done, evicted
+
+
+class _DecodeWorker:
+    """Continuous batching; KV reserved for a request's whole length at placement."""
+
+    def __init__(self, index: int, cluster: ClusterSpec) -> None:
+        self.index = index
+        self.worker_id = f"decode-{index}"
+        self.cluster = cluster
+        self.reserved_kv_tokens = 0
+        self.is_full = False  # answered "no room" since a request last ended here
+        self.waiting: deque[_Job] = deque()
+        self.running: list[_Job] = []
+        self.is_busy = False
+
+    def free_kv_tokens(self) -> int:
+        return 0 if self.is_full else self.cluster.decode_kv_tokens - self.reserved_kv_tokens
+
+    def try_reserve(self, num_tokens: int) -> bool:
+        if num_tokens > self.cluster.decode_kv_tokens - self.reserved_kv_tokens:
+            self.is_full = True
+            return False
+        self.reserved_kv_tokens += num_tokens
+        return True
+
+    def plan_step(self) -> int:
+        """Admit waiting requests into the batch; the batch's total context."""
+        while self.waiting and len(self.running) < self.cluster.decode_max_seqs:
+            self.running.append(self.waiting.popleft())
+        self.is_busy = bool(self.running)
+        return sum(j.request.num_prompt_tokens + j.record.num_output_tokens for j in self.running)
+
+
+class Simulator:
+    """One policy on one trace. ``run`` once; the policy must be fresh."""
+
+    def __init__(
+        self,
+        policy: SchedulingPolicy,
+        trace: Trace,
+        cluster: ClusterSpec,
+        model: LatencyModel,
+        *,
+        w_in: float = 1.0,
+        w_out: float = 2.0,
+        num_samples: int = 500,
+    ) -> None:
+        self.policy = policy
+        self.trace = trace
+        self.cluster = cluster
+        self.model = model
+        self.w_in = w_in
+        self.w_out = w_out
+        self.sample_interval_s = trace.duration_s / num_samples
+        self.prefill = [_PrefillWorker(i, cluster) for i in range(cluster.num_prefill_workers)]
+        self.decode = [_DecodeWorker(i, cluster) for i in range(cluster.num_decode_workers)]
+        self._prefill_by_id = {w.worker_id: w for w in self.prefill}
+        self._decode_by_id = {w.worker_id: w for w in self.decode}
+        self._weights = {t.tenant_id: t.weight for t in trace.tenants}
+        self._events: list[tuple[float, int, int, int]] = []  # (time, seq, kind, worker index)
+        self._seq = 0
+        self._queued: dict[str, _Job] = {}
+        self._num_queued = dict.fromkeys(self._weights, 0)
+        self._emptied = dict.fromkeys(self._weights, True)
+        self._service = dict.fromkeys(self._weights, 0.0)
+        self._sample_times: list[float] = []
+        self._service_samples: dict[str, list[float]] = {t: [] for t in self._weights}
+        self._backlog_samples: dict[str, list[bool]] = {t: [] for t in self._weights}
+        self._records: list[RequestRecord] = []
+        self._num_evicted = 0
+        self._min_prompt_tokens = min((len(r.prompt_token_ids) for r in trace.requests), default=1)
+        self._check_trace()
+
+    def _check_trace(self) -> None:
+        for request in self.trace.requests:
+            if request.tenant_id not in self._weights:
+                raise SimulationError(f"request {request.request_id}: unknown tenant")
+            need = len(request.prompt_token_ids) + request.max_tokens
+            if need > self.cluster.decode_kv_tokens or request.max_tokens < 1:
+                raise SimulationError(
+                    f"request {request.request_id} ({need} tokens) cannot run on a decode "
+                    f"worker of {self.cluster.decode_kv_tokens} KV tokens"
+                )
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def run(self) -> SimResult:
+        for tenant in self.trace.tenants:
+            self.policy.update_tenant(tenant.tenant_id, tenant.weight)
+        arrivals = self.trace.requests
+        next_arrival = 0
+        is_cut = False
+        now = 0.0
+        while next_arrival < len(arrivals) or self._events:
+            arrival_s = arrivals[next_arrival].arrival if next_arrival < len(arrivals) else None
+            if self._events and (arrival_s is None or self._events[0][0] < arrival_s):
+                now, _, kind, index = heapq.heappop(self._events)
+                if not is_cut and now > self.trace.duration_s:
+                    self._sample_until(self.trace.duration_s)
+                    self._cut(self.trace.duration_s)
+                    is_cut = True
+                self._sample_until(now)
+                if kind == _PREFILL_STEP:
+                    freed = self._end_prefill_step(self.prefill[index], now)
+                else:
+                    freed = self._end_decode_step(self.decode[index], now)
+                if freed:
+                    self._schedule_pass(now)
+            else:
+                assert arrival_s is not None
+                now = arrival_s
+                self._sample_until(now)
+                self._arrive(arrivals[next_arrival], now)
+                next_arrival += 1
+                if self._has_room():
+                    self._schedule_pass(now)
+        if not is_cut:
+            self._sample_until(self.trace.duration_s)
+            self._cut(max(now, self.trace.duration_s))
+        end_s = max(now, self.trace.duration_s)
+        self._sample_until(end_s)
+        return SimResult(
+            policy=self.policy.name,
+            trace=self.trace,
+            cluster=self.cluster,
+            records=self._records,
+            sample_times=self._sample_times,
+            service=self._service_samples,
+            backlogged=self._backlog_samples,
+            end_s=end_s,
+            num_evicted_blocks=self._num_evicted,
+            leftover_kv_tokens=sum(w.reserved_kv_tokens for w in self.decode),
+            leftover_inflight_tokens=sum(w.inflight_tokens for w in self.prefill),
+            leftover_queued=self.policy.queued(),
+        )
+
+    def _push(self, at: float, kind: int, index: int) -> None:
+        heapq.heappush(self._events, (at, self._seq, kind, index))
+        self._seq += 1
+
+    def _arrive(self, spec: TraceRequest, now: float) -> None:
+        request = QueuedRequest(
+            request_id=spec.request_id,
+            tenant_id=spec.tenant_id,
+            slo_class=spec.slo_class,
+            weight=self._weights[spec.tenant_id],
+            arrival=spec.arrival,
+            num_prompt_tokens=len(spec.prompt_token_ids),
+            max_tokens=spec.max_tokens,
+            prompt_token_ids=spec.prompt_token_ids,
+            cache_salt=cache_salt(spec.tenant_id),
+        )
+        record = RequestRecord(
+            spec.request_id,
+            spec.tenant_id,
+            spec.slo_class,
+            spec.arrival,
+            request.num_prompt_tokens,
+            spec.max_tokens,
+        )
+        self._records.append(record)
+        try:
+            self.policy.enqueue(request, now)
+        except Shed:
+            record.outcome, record.finish_s = "rejected", now
+            return
+        self._hold(_Job(request, record))
+
+    def _hold(self, job: _Job) -> None:
+        self._queued[job.request.request_id] = job
+        self._num_queued[job.request.tenant_id] += 1
+
+    def _release(self, request_id: str) -> _Job:
+        job = self._queued.pop(request_id, None)
+        if job is None:
+            raise SimulationError(f"the policy decided on {request_id}, which it does not hold")
+        tenant_id = job.request.tenant_id
+        self._num_queued[tenant_id] -= 1
+        if self._num_queued[tenant_id] == 0:
+            self._emptied[tenant_id] = True
+        return job
+
+    def _cut(self, now: float) -> None:
+        """The end of the run: what still waits is given up, as the gateway does on timeout."""
+        for request_id in list(self._queued):
+            job = self._release(request_id)
+            self.policy.remove(request_id)
+            job.record.outcome, job.record.finish_s = "unserved", now
+
+    # ---- scheduling -----------------------------------------------------------------------
+
+    def _has_room(self) -> bool:
+        """Could a pass place anything at all? (Skips passes that are sure to do nothing.)"""
+        smallest = self._min_prompt_tokens
+        limit = self.cluster.max_inflight_tokens
+        return any(
+            w.inflight_tokens == 0 or w.inflight_tokens + smallest <= limit for w in self.prefill
+        ) and any(w.free_kv_tokens() > smallest for w in self.decode)
+
+    def _schedule_pass(self, now: float) -> None:
+        # A requeue wakes the dispatcher again; the worker that said "no room" is then full, so
+        # this ends after at most one round per decode worker.
+        for _ in range(len(self.decode) + 1):
+            if not self._queued:
+                return
+            prefill_views = [
+                WorkerView(
+                    w.worker_id,
+                    inflight_tokens=w.inflight_tokens,
+                    max_inflight_tokens=self.cluster.max_inflight_tokens,
+                    prefill_tok_s=w.prefill_tok_s(),
+                )
+                for w in self.prefill
+            ]
+            decode_views = [
+                WorkerView(w.worker_id, free_kv_tokens=w.free_kv_tokens()) for w in self.decode
+            ]
+            num_requeued = 0
+            for decision in self.policy.schedule(prefill_views, decode_views, now):
+                job = self._release(decision.request.request_id)
+                if isinstance(decision, Rejection):
+                    job.record.outcome, job.record.finish_s = "rejected", now
+                elif not self._carry_out(decision, job, now):
+                    num_requeued += 1
+            if num_requeued == 0:
+                return
+
+    def _carry_out(self, placement: Placement, job: _Job, now: float) -> bool:
+        """Start the request on its workers; False when the decode worker had no room and the
+        request went back to the policy."""
+        prefill = self._prefill_by_id.get(placement.prefill_worker_id or "")
+        decode = self._decode_by_id.get(placement.decode_worker_id)
+        if prefill is None or decode is None:
+            raise SimulationError(
+                f"placement on unknown workers {placement.prefill_worker_id!r}, "
+                f"{placement.decode_worker_id!r}"
+            )
+        request = job.request
+        if not decode.try_reserve(request.num_prompt_tokens + request.max_tokens):
+            # The dispatcher's path for a decode worker's "no room": the request ends for the
+            # policy with nothing computed, then goes back to the queue ahead of later arrivals.
+            self.policy.on_finish(request, 0, now)
+            self.policy.requeue(request, now)
+            job.record.num_requeues += 1
+            self._hold(job)
+            return False
+        job.prefill, job.decode = prefill, decode
+        prefill.inflight_tokens += request.num_prompt_tokens
+        prefill.waiting.append(job)
+        if not prefill.is_busy:
+            self._start_prefill_step(prefill, now)
+        return True
+
+    # ---- workers --------------------------------------------------------------------------
+
+    def _start_prefill_step(self, worker: _PrefillWorker, now: float) -> None:
+        runs = worker.plan_step()
+        if not runs:
+            return
+        num_tokens = sum(count for _, count in runs)
+        attention = sum(count * (job.num_computed + count) for job, count in runs)
+        worker.step_s = self.model.prefill_step_s(num_tokens, attention)
+        self._push(now + worker.step_s, _PREFILL_STEP, worker.index)
+
+    def _end_prefill_step(self, worker: _PrefillWorker, now: float) -> bool:
+        for job, count in worker.step_runs:
+            self._service[job.request.tenant_id] += self.w_in * count
+        done, evicted = worker.finish_step()
+        if evicted:
+            self._num_evicted += len(evicted)
+            self.policy.on_evicted(worker.worker_id, evicted)
+        for job in done:
+            self._first_token(job, worker, now)
+        self._start_prefill_step(worker, now)
+        return bool(done)
+
+    def _first_token(self, job: _Job, worker: _PrefillWorker, now: float) -> None:
+        request, record = job.request, job.record
+        worker.inflight_tokens -= request.num_prompt_tokens
+        self.policy.on_first_token(request, record.num_cached_tokens, now)
+        record.first_token_s = now
+        self._generated(job, now)
+        if record.outcome is None:
+            assert job.decode is not None
+            job.decode.waiting.append(job)
+            if not job.decode.is_busy:
+                self._start_decode_step(job.decode, now)
+
+    def _generated(self, job: _Job, now: float) -> None:
+        """One more output token for ``job``; it finishes at ``max_tokens``."""
+        request, record = job.request, job.record
+        record.num_output_tokens += 1
+        self._service[request.tenant_id] += self.w_out
+        self.policy.on_tokens(request, 1, now)
+        if record.num_output_tokens == request.max_tokens:
+            assert job.decode is not None
+            job.decode.reserved_kv_tokens -= request.num_prompt_tokens + request.max_tokens
+            job.decode.is_full = False
+            self.policy.on_finish(request, record.num_output_tokens, now)
+            record.outcome, record.finish_s = "completed", now
+
+    def _start_decode_step(self, worker: _DecodeWorker, now: float) -> None:
+        num_context_tokens = worker.plan_step()
+        if worker.running:
+            seconds = self.model.decode_step_s(len(worker.running), num_context_tokens)
+            self._push(now + seconds, _DECODE_STEP, worker.index)
+
+    def _end_decode_step(self, worker: _DecodeWorker, now: float) -> bool:
+        for job in worker.running:
+            self._generated(job, now)
+        num_running = len(worker.running)
+        worker.running = [job for job in worker.running if job.record.outcome is None]
+        self._start_decode_step(worker, now)
+        return len(worker.running) < num_running
+
+    # ---- samples --------------------------------------------------------------------------
+
+    def _sample_until(self, now: float) -> None:
+        """Record the samples due at or before ``now`` (service changes only at events)."""
+        next_s = len(self._sample_times) * self.sample_interval_s
+        while next_s <= now:
+            self._sample_times.append(next_s)
+            for tenant_id, service in self._service.items():
+                self._service_samples[tenant_id].append(service)
+                queued = self._num_queued[tenant_id]
+                self._backlog_samples[tenant_id].append(queued > 0 and not self._emptied[tenant_id])
+                self._emptied[tenant_id] = queued == 0
+            next_s = len(self._sample_times) * self.sample_interval_s

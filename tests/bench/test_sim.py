@@ -1,0 +1,236 @@
+"""The scheduling simulator and ``fairgate bench sched``: fast, CPU only, real policy classes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.latency_model import LatencyModel, StepSample, fit_samples
+from bench.scenarios import SCENARIOS, build_trace, capacity_req_s
+from bench.sched_bench import policy_metrics, run_policy, run_sched_bench
+from bench.sim import ClusterSpec, Simulator, Trace
+from deploy.cli import main
+from engine.block_manager import block_hashes
+from gateway.policies import POLICY_NAMES, PolicySettings, make_policy
+from gateway.scheduler import FcfsPolicy, QueuedRequest
+
+REQUIRED_KEYS = {
+    "max_service_diff",
+    "bound",
+    "jain",
+    "throughput_tok_s",
+    "p99_ttft_s",
+    "slo_attainment",
+    "cache_hit_rate",
+    "service_share",
+}
+
+
+def _available_policies() -> list[str]:
+    names = []
+    for name in POLICY_NAMES:
+        try:
+            make_policy(name)
+        except ValueError:
+            continue
+        names.append(name)
+    return names
+
+
+@pytest.fixture(scope="module")
+def model() -> LatencyModel:
+    return LatencyModel.load()
+
+
+def _trace(model: LatencyModel, scenario: str, duration_s: float, seed: int = 0) -> Trace:
+    return build_trace(SCENARIOS[scenario], model, ClusterSpec(), seed=seed, duration_s=duration_s)
+
+
+# ---- the latency model -----------------------------------------------------------------------
+
+
+def test_fit_recovers_known_coefficients() -> None:
+    truth = LatencyModel(0.02, 1e-3, 2e-7, 0.03, 4e-3, 1e-6)
+    samples = [
+        StepSample(truth.prefill_step_s(n, a), num_prefill_tokens=n, attention_units=a)
+        for n, a in [(16, 256), (512, 262_144), (2048, 1_048_576), (512, 1_310_720), (64, 4096)]
+    ] + [
+        StepSample(truth.decode_step_s(b, c), num_seqs=b, num_context_tokens=c)
+        for b, c in [(1, 128), (16, 2048), (64, 8192), (8, 24_576), (32, 98_304)]
+    ]
+    prefill, decode, error = fit_samples(samples)
+    assert prefill == pytest.approx((0.02, 1e-3, 2e-7), rel=1e-6)
+    assert decode == pytest.approx((0.03, 4e-3, 1e-6), rel=1e-6)
+    assert max(error) < 1e-9
+
+
+def test_shipped_model_is_fitted_and_scales(model: LatencyModel, tmp_path: Path) -> None:
+    assert model.provenance["engine"]  # where the coefficients come from
+    assert 100 < 512 / model.prefill_step_s(512, 512 * 512) < 5000  # CPU order of magnitude
+    faster = model.scaled(10)
+    assert faster.decode_step_s(32, 16_384) == pytest.approx(model.decode_step_s(32, 16_384) / 10)
+    faster.save(tmp_path / "m.json")
+    assert LatencyModel.load(tmp_path / "m.json") == faster
+
+
+# ---- the simulator ---------------------------------------------------------------------------
+
+
+class RecordingPolicy(FcfsPolicy):
+    """FCFS that logs the calls it hears, to check the simulator drives it like the gateway."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, list[tuple[str, int]]] = {}
+        self.evicted: list[bytes] = []
+        self.first_token_cached: dict[str, int] = {}
+
+    def _log(self, request: QueuedRequest, call: str, count: int = 0) -> None:
+        self.calls.setdefault(request.request_id, []).append((call, count))
+
+    def enqueue(self, request: QueuedRequest, now: float) -> None:
+        self._log(request, "enqueue")
+        super().enqueue(request, now)
+
+    def requeue(self, request: QueuedRequest, now: float) -> None:
+        self._log(request, "requeue")
+        super().requeue(request, now)
+
+    def on_first_token(self, request: QueuedRequest, num_cached_tokens: int, now: float) -> None:
+        self._log(request, "first", num_cached_tokens)
+
+    def on_tokens(self, request: QueuedRequest, num_tokens: int, now: float) -> None:
+        self._log(request, "tokens", num_tokens)
+
+    def on_finish(self, request: QueuedRequest, num_output_tokens: int, now: float) -> None:
+        self._log(request, "finish", num_output_tokens)
+
+    def on_evicted(self, worker_id: str, block_hashes: Sequence[bytes]) -> None:
+        self.evicted.extend(block_hashes)
+
+
+def test_simulator_drives_the_policy_like_the_dispatcher(model: LatencyModel) -> None:
+    trace = _trace(model, "prefix_heavy", 120.0)
+    policy = RecordingPolicy()
+    result = Simulator(policy, trace, ClusterSpec(), model).run()
+    num_completed = 0
+    for record in result.records:
+        calls = [call for call, _ in policy.calls[record.request_id]]
+        assert calls[0] == "enqueue"
+        if record.outcome != "completed":
+            assert "first" not in calls
+            continue
+        num_completed += 1
+        # Any "no room" answers come first, as finish(0) + requeue pairs.
+        assert calls[1 : 1 + 2 * record.num_requeues] == ["finish", "requeue"] * record.num_requeues
+        rest = policy.calls[record.request_id][1 + 2 * record.num_requeues :]
+        assert rest[0] == ("first", record.num_cached_tokens)
+        assert rest[-1] == ("finish", record.max_tokens)
+        assert sum(n for call, n in rest if call == "tokens") == record.max_tokens
+        assert record.num_cached_tokens % 16 == 0
+        assert record.num_cached_tokens < record.num_prompt_tokens
+    assert num_completed > 20
+    # Shared documents hit the cache, and what was evicted are real hash chains of the prompts.
+    assert policy_metrics(result, PolicySettings())["cache_hit_rate"] > 0.3
+    assert policy.evicted and result.num_evicted_blocks == len(policy.evicted)
+    chains = {
+        block_hash
+        for r in trace.requests
+        for block_hash in block_hashes(r.prompt_token_ids, 16, f"tenant:{r.tenant_id}".encode())
+    }
+    assert set(policy.evicted) <= chains
+
+
+@pytest.mark.parametrize("scenario", ["overload", "prefix_heavy", "slo_mix"])
+def test_every_request_ends_and_nothing_is_left_on_the_workers(
+    model: LatencyModel, scenario: str
+) -> None:
+    trace = _trace(model, scenario, 90.0)
+    for name in _available_policies():
+        result, _ = run_policy(name, trace, ClusterSpec(), model)
+        assert len(result.records) == len(trace.requests)
+        outcomes = {r.outcome for r in result.records}
+        assert outcomes <= {"completed", "rejected", "unserved"}, name
+        assert "completed" in outcomes and "unserved" in outcomes  # overloaded, then cut
+        for record in result.records:
+            if record.outcome == "completed":
+                assert record.num_output_tokens == record.max_tokens
+                assert record.first_token_s is not None and record.finish_s is not None
+                assert record.arrival <= record.first_token_s <= record.finish_s
+        assert result.leftover_kv_tokens == 0
+        assert result.leftover_inflight_tokens == 0
+        assert result.leftover_queued == 0
+
+
+def test_same_seed_same_result_other_seed_other_trace(model: LatencyModel, tmp_path: Path) -> None:
+    outputs = []
+    for index, seed in enumerate([3, 3, 4]):
+        path = tmp_path / f"{index}.json"
+        run_sched_bench(
+            scenario="prefix_heavy", policies=_available_policies(), seed=seed, duration_s=40.0,
+            output=str(path),
+        )  # fmt: skip
+        outputs.append(path.read_text())
+    assert outputs[0] == outputs[1]
+    assert outputs[0] != outputs[2]
+
+
+def test_capacity_scaling_overloads_the_cluster(model: LatencyModel) -> None:
+    cluster = ClusterSpec()
+    capacity = capacity_req_s(
+        model, cluster, prompt_tokens=256, computed_prompt_tokens=256, output_tokens=256
+    )
+    trace = _trace(model, "overload", 300.0)
+    offered = len(trace.requests) / trace.duration_s
+    assert offered == pytest.approx(2 * capacity, rel=0.15)
+    faster = _trace(model.scaled(4), "overload", 300.0)
+    assert len(faster.requests) / len(trace.requests) == pytest.approx(4, rel=0.1)
+
+
+# ---- fairness ---------------------------------------------------------------------------------
+
+
+def _overload_metrics(model: LatencyModel, policy: str) -> dict[str, Any]:
+    trace = _trace(model, "overload", SCENARIOS["overload"].duration_s)
+    result, settings = run_policy(policy, trace, ClusterSpec(), model)
+    return policy_metrics(result, settings)
+
+
+def test_fcfs_service_gap_grows_far_beyond_the_vtc_bound(model: LatencyModel) -> None:
+    metrics = _overload_metrics(model, "fcfs")
+    assert metrics["max_service_diff"] > 2 * metrics["bound"]
+    # FCFS serves in proportion to demand: 1.5 : 3.
+    assert metrics["service_share"]["t1"] == pytest.approx(2 / 3, abs=0.05)
+
+
+def test_vtc_keeps_the_service_gap_within_its_bound(model: LatencyModel) -> None:
+    metrics = _overload_metrics(model, "vtc")
+    assert metrics["max_service_diff"] <= metrics["bound"]
+    assert metrics["service_share"]["t0"] == pytest.approx(0.5, abs=0.05)
+    assert metrics["jain"] > 0.99
+
+
+# ---- the command -----------------------------------------------------------------------------
+
+
+def test_cli_prints_one_json_line_last_and_plots(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plot = tmp_path / "service.png"
+    argv = ["bench", "sched", "--scenario", "weighted", "--duration-s", "60", "--plot", str(plot)]
+    assert main([*argv, "--policies", "fcfs,no_such_policy"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["scenario"] == "weighted"
+    assert result["policies"]["fcfs"].keys() >= REQUIRED_KEYS
+    assert set(result["policies"]["fcfs"]["service_share"]) == {"w0", "w1", "w2", "w3"}
+    assert "not available" in result["policies"]["no_such_policy"]["error"]
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_cli_rejects_an_unknown_scenario(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "sched", "--scenario", "nope"]) == 2
+    assert "unknown scenario" in capsys.readouterr().err
