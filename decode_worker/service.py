@@ -12,12 +12,22 @@ A colocated worker (role ``colocated``) also takes ``POST /v1/generate``: prompt
 out, no transfer. A caller that disconnects aborts its request; blocks a transfer is still
 landing in are given back when the landing ends, never under it.
 
+Preemption (``--preemption``). When blocks run short, or ``POST /v1/make_room`` asks for room for
+a more important request, the least important request gives its blocks up. By ``swap`` its KV
+goes to host memory and its stream just pauses until it is swapped back in. By ``recompute`` its
+stream sends the tokens it has and ends with ``Preempted``: the caller resumes it elsewhere (a
+re-prefill of prompt and output so far). ``make_room`` also preempts reservations whose KV has not
+landed: a waiting one at once; a landing one is marked, and its blocks go back, and its stream
+ends with ``Preempted``, when the landing ends (landed or failed), exactly once.
+
 A request's state, guarded by ``_lock`` (the event loop, the engine thread and KV pair threads
 all touch it)::
 
     waiting ──claim──▶ landing ──landed──▶ decoding ──finish──▶ (gone)
        │                  │  └───failed──▶ (gone, error frame)
-       └─ timeout/abort   └─ abort: cancelled, released when the landing ends
+       │                  ├─ abort: cancelled, released when the landing ends
+       │                  └─ make_room: preempted, released (Preempted frame) when it ends
+       └─ timeout/abort/make_room (gone at once)
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ from starlette.routing import BaseRoute, Route
 from engine.engine import LLMEngine
 from engine.engine_thread import EngineThread
 from engine.loader import LoadedEngine
-from engine.sequence import SamplingParams, StepOutput
+from engine.sequence import DEFAULT_PRIORITY, Priority, SamplingParams, StepOutput
 from engine.serving import WorkerService
 from transfer.errors import (
     FairgateError,
@@ -49,13 +59,16 @@ from transfer.errors import (
     TransferError,
     WrongRole,
 )
-from transfer.http import frame_stream_response, read_message
+from transfer.http import frame_stream_response, message_response, read_message
 from transfer.kv_layout import layout_of
 from transfer.kv_receiver import KvReceiver, ReceiverConfig
 from transfer.messages import (
     DecodeRequest,
     Frame,
     GenerateRequest,
+    MakeRoomRequest,
+    MakeRoomResult,
+    Preempted,
     Reserved,
     TokenFrame,
     TransferHeader,
@@ -84,10 +97,13 @@ class _Stream:
     flush_interval_s: float
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[_Event] = field(default_factory=asyncio.Queue)
+    priority: Priority = DEFAULT_PRIORITY
+    num_prior_output_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
     state: _State = "waiting"
     is_cancelled: bool = False  # the caller left while the KV was landing
-    is_finished: bool = False
+    is_preempted: bool = False  # make_room took it while the KV was landing
+    is_finished: bool = False  # its last frame (finish reason or Preempted) is out
     expiry: asyncio.TimerHandle | None = None  # gives the reservation up if no KV comes
 
     def deliver(self, event: _Event) -> None:
@@ -138,9 +154,14 @@ class DecodeService(WorkerService):
             body = await read_message(request, GenerateRequest)
             return frame_stream_response(await self.generate(body))
 
+        async def make_room(request: Request) -> Response:
+            body = await read_message(request, MakeRoomRequest)
+            return message_response(await self.make_room(body))
+
         return [
             Route("/v1/decode", decode, methods=["POST"]),
             Route("/v1/generate", generate, methods=["POST"]),
+            Route("/v1/make_room", make_room, methods=["POST"]),
         ]
 
     # ---- requests ---------------------------------------------------------------------------
@@ -159,6 +180,12 @@ class DecodeService(WorkerService):
             raise InvalidWorkerRequest(str(exc)) from exc
         if not 0.0 <= request.flush_interval_s <= MAX_FLUSH_INTERVAL_S:
             raise InvalidWorkerRequest(f"flush_interval_s must be in [0, {MAX_FLUSH_INTERVAL_S:g}]")
+        num_prior = request.num_prior_output_tokens
+        if not 0 <= num_prior < len(prompt) or num_prior >= params.max_tokens:
+            raise InvalidWorkerRequest(
+                f"num_prior_output_tokens must be in [0, {len(prompt)}) (the prompt's length) "
+                f"and below max_tokens ({params.max_tokens}), got {num_prior}"
+            )
         return _Stream(
             request.request_id,
             list(prompt),
@@ -166,6 +193,8 @@ class DecodeService(WorkerService):
             request.cache_salt,
             request.flush_interval_s,
             asyncio.get_running_loop(),
+            priority=request.priority.to_priority(),
+            num_prior_output_tokens=num_prior,
         )
 
     async def decode(self, request: DecodeRequest) -> AsyncGenerator[Frame]:
@@ -174,7 +203,9 @@ class DecodeService(WorkerService):
         num_tokens = len(stream.prompt_token_ids) + 1  # the prompt and the first token
         try:
             block_ids = await self._thread.call(
-                lambda engine: engine.reserve(request.request_id, num_tokens)
+                lambda engine: engine.reserve(
+                    request.request_id, num_tokens, priority=stream.priority
+                )
             )
         except ValueError as exc:
             raise InvalidWorkerRequest(str(exc)) from exc
@@ -184,7 +215,7 @@ class DecodeService(WorkerService):
                 f"decode worker {self.worker_id} has no room for {num_tokens} tokens: "
                 f"{load.num_free_blocks} of {load.num_total_blocks} blocks free, "
                 f"{load.num_running + load.num_reserved} of {self.config.max_num_seqs} "
-                "batch slots taken"
+                f"batch slots taken, {load.num_swapped} swapped-out requests waiting"
             )
         stream.block_ids = block_ids
         with self._lock:
@@ -202,7 +233,7 @@ class DecodeService(WorkerService):
             if stream.state != "waiting":
                 return
             stream.state = "done"
-            self._streams.pop(stream.request_id, None)
+            self._forget(stream)
         self._thread.submit(lambda engine: engine.cancel_reservation(stream.request_id))
         stream.deliver(
             RequestTimeout(
@@ -223,7 +254,12 @@ class DecodeService(WorkerService):
 
         def add(engine: LLMEngine) -> None:
             engine.add_request(
-                stream.request_id, stream.prompt_token_ids, stream.params, salt=stream.cache_salt
+                stream.request_id,
+                stream.prompt_token_ids,
+                stream.params,
+                salt=stream.cache_salt,
+                priority=stream.priority,
+                num_prior_output_tokens=stream.num_prior_output_tokens,
             )
             thread.watch(stream.request_id, stream.deliver)
 
@@ -239,7 +275,7 @@ class DecodeService(WorkerService):
     async def _frames(self, stream: _Stream, *, first: Frame | None) -> AsyncGenerator[Frame]:
         """The stream's frames. Steps that queued up while the loop was busy go out as one
         frame, and so do those of the ``flush_interval_s`` after a frame's first step: fewer
-        writes and frames on both ends."""
+        writes and frames on both ends. A hand-back goes out after the tokens before it."""
         try:
             if first is not None:
                 yield first
@@ -249,8 +285,13 @@ class DecodeService(WorkerService):
                 event = await self._next_event(stream)
                 if isinstance(event, FairgateError):
                     raise event
+                if event.is_preempted:
+                    stream.is_finished = True
+                    yield Preempted(event.num_output_tokens, event.seed)
+                    return
                 token_ids = list(event.new_token_ids)
                 error: FairgateError | None = None
+                preempted: StepOutput | None = None
                 flush_at = loop.time() + stream.flush_interval_s
                 while event.finish_reason is None:
                     if not events.empty():
@@ -266,9 +307,12 @@ class DecodeService(WorkerService):
                     if isinstance(later, FairgateError):
                         error = later  # after the tokens that came before it
                         break
+                    if later.is_preempted:
+                        preempted = later
+                        break
                     token_ids += later.new_token_ids
                     event = later
-                stream.is_finished = event.finish_reason is not None
+                stream.is_finished = event.finish_reason is not None or preempted is not None
                 yield TokenFrame(
                     token_ids=token_ids,
                     finish_reason=event.finish_reason,
@@ -276,6 +320,9 @@ class DecodeService(WorkerService):
                     num_cached_tokens=event.num_cached_tokens,
                     num_output_tokens=event.num_output_tokens,
                 )
+                if preempted is not None:
+                    yield Preempted(preempted.num_output_tokens, preempted.seed)
+                    return
                 if stream.is_finished:
                     return
                 if error is not None:
@@ -306,7 +353,7 @@ class DecodeService(WorkerService):
             if stream.state == "landing":
                 stream.is_cancelled = True  # landed/failed release the blocks
                 return
-            self._streams.pop(request_id, None)
+            self._forget(stream)
             state, stream.state = stream.state, "done"
         if stream.is_finished:
             return
@@ -318,6 +365,71 @@ class DecodeService(WorkerService):
 
         if state != "done" or stream.block_ids:
             thread.submit(abort)
+
+    def _forget(self, stream: _Stream) -> None:
+        """Under ``_lock``: drop the stream from the table, unless a newer request with the same
+        id (a resumption after a hand-back) has taken its place."""
+        if self._streams.get(stream.request_id) is stream:
+            del self._streams[stream.request_id]
+
+    # ---- preemption -------------------------------------------------------------------------
+
+    async def make_room(self, request: MakeRoomRequest) -> MakeRoomResult:
+        """Preempt less important requests until ``num_tokens`` slots are free (see
+        ``LLMEngine.make_room``); reservations are preempted by ``_preempt_reservation``."""
+        thread = self.ready_thread()
+        if request.num_tokens < 0:
+            raise InvalidWorkerRequest(f"num_tokens must be >= 0, got {request.num_tokens}")
+        priority = request.priority.to_priority()
+
+        def make_room(engine: LLMEngine) -> MakeRoomResult:
+            num_free_tokens, num_preempted = engine.make_room(
+                request.num_tokens, priority, preempt_reservation=self._preempt_reservation
+            )
+            return MakeRoomResult(num_free_tokens, num_preempted)
+
+        return await thread.call(make_room)
+
+    def _preempt_reservation(self, request_id: str) -> bool:
+        """On the engine thread: preempt a reservation whose KV has not landed. A waiting one
+        gives its blocks back now; a landing one when the landing ends (``_end_landing``). False
+        for one about to decode (landed, not yet admitted) or already gone."""
+        with self._lock:
+            stream = self._streams.get(request_id)
+            if stream is None or stream.state not in ("waiting", "landing"):
+                return False
+            if stream.state == "landing":
+                if stream.is_preempted or stream.is_cancelled:
+                    return False  # its blocks are already on their way back
+                stream.is_preempted = True
+                return True
+            stream.state = "done"
+            self._forget(stream)
+        if stream.expiry is not None:
+            stream.loop.call_soon_threadsafe(stream.expiry.cancel)
+        self._thread.engine.cancel_reservation(request_id)
+        stream.block_ids = []
+        stream.deliver(self._hand_back_event(stream, None))
+        return True
+
+    def _hand_back_event(self, stream: _Stream, header: TransferHeader | None) -> StepOutput:
+        """The ``Preempted`` of a request preempted before it decoded here: its first token
+        (and the seed the prefill worker chose) known only if its KV landed (``header``)."""
+        num_output_tokens = stream.num_prior_output_tokens
+        seed = stream.params.seed if stream.params.seed is not None else 0
+        if header is not None:
+            num_output_tokens += 1
+            seed = header.seed
+        return StepOutput(
+            request_id=stream.request_id,
+            new_token_ids=[],
+            finish_reason=None,
+            num_prompt_tokens=len(stream.prompt_token_ids) - stream.num_prior_output_tokens,
+            num_cached_tokens=0,
+            num_output_tokens=num_output_tokens,
+            is_preempted=True,
+            seed=seed,
+        )
 
     async def abort(self, request_id: str) -> bool:
         self.ready_thread()
@@ -350,7 +462,7 @@ class DecodeService(WorkerService):
             stream.state = "landing"
 
     def landed(self, header: TransferHeader) -> None:
-        stream = self._end_landing(header.request_id, "decoding")
+        stream = self._end_landing(header, "decoding", is_landed=True)
         if stream is None:
             return
         params = dataclasses.replace(stream.params, seed=header.seed)
@@ -365,6 +477,7 @@ class DecodeService(WorkerService):
                     params,
                     salt=stream.cache_salt,
                     num_cached_tokens=header.num_cached_tokens,
+                    num_prior_output_tokens=stream.num_prior_output_tokens,
                 )
             except ValueError as exc:
                 engine.cancel_reservation(stream.request_id)
@@ -375,24 +488,30 @@ class DecodeService(WorkerService):
         thread.submit(admit)
 
     def failed(self, header: TransferHeader, error: TransferError) -> None:
-        stream = self._end_landing(header.request_id, "done")
+        stream = self._end_landing(header, "done", is_landed=False)
         if stream is not None:
             stream.deliver(error)
 
-    def _end_landing(self, request_id: str, next_state: _State) -> _Stream | None:
-        """Leave ``landing``; if the caller left meanwhile, give the blocks back and return
-        None."""
+    def _end_landing(
+        self, header: TransferHeader, next_state: _State, *, is_landed: bool
+    ) -> _Stream | None:
+        """Leave ``landing``; if the caller left or ``make_room`` preempted the request
+        meanwhile, give the blocks back (the one place that does for a landing request), hand a
+        preempted one back, and return None."""
+        request_id = header.request_id
         with self._lock:
             stream = self._streams.get(request_id)
             if stream is None:
                 return None
-            if stream.is_cancelled:
-                del self._streams[request_id]
-                stream.state = "done"
-            else:
+            if not (stream.is_cancelled or stream.is_preempted):
                 stream.state = next_state
                 return stream
+            self._forget(stream)
+            stream.state = "done"
         self._thread.submit(lambda engine: engine.cancel_reservation(request_id))
+        if stream.is_preempted and not stream.is_cancelled:
+            stream.block_ids = []
+            stream.deliver(self._hand_back_event(stream, header if is_landed else None))
         return None
 
 

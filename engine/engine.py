@@ -1,12 +1,29 @@
 """The engine loop: continuous batching over the paged cache, one ``step()`` at a time.
 
-A step is "schedule, run, postprocess": every running request whose tokens are all computed
-decodes one token; waiting requests are admitted (prefix-cache hits first, then fresh blocks) and
-their prompts are computed in chunks of at most ``prefill_chunk_size`` tokens within
-``max_num_batched_tokens``; a step mixes decodes and prefill chunks freely. When a decode needs a
-block and none is free, the latest-arrived running request is preempted by recompute: its blocks
-go back (full ones stay in the prefix cache, so its re-prefill is mostly hits) and it waits at the
-head of the queue.
+A step is "schedule, run, postprocess": swapped-out requests come back in when there is room;
+every running request whose tokens are all computed decodes one token; then prompt chunks of at
+most ``prefill_chunk_size`` tokens, within ``max_num_batched_tokens``, go to the most important
+requests first (``engine.preemption.prefill_order``: a short interactive prompt does not wait
+behind a long batch prompt between chunks), admitting waiting requests (prefix-cache hits first,
+then fresh blocks) as they come up. A step mixes decodes and prefill chunks freely.
+
+Preemption. When a decode needs a block and none is free, or ``make_room`` is asked to free
+blocks for a more important request, the least important running request
+(``engine.preemption.victim_order``) gives its blocks up, by ``EngineConfig.preemption_mode``:
+
+- ``swap``: its computed blocks are copied to the runner's host pool in runs of consecutive
+  blocks, and it resumes here (swapped in before it decodes again) once there is room. A request
+  still computing its prompt, or one the host pool cannot take, is recomputed instead.
+- ``recompute``: its blocks go back (full ones stay in the prefix cache). With
+  ``hand_back_preempted`` it leaves the engine and goes back to whoever added it, as a
+  ``StepOutput`` with ``is_preempted``; that is what workers do, since their caller can re-queue
+  it on the prefill pool with ``num_prior_output_tokens``. Without it (``generate``, tools, tests:
+  nobody to hand it to) it waits here and is recomputed, its output kept.
+
+Room made by ``make_room`` is held for a short while (``room_hold_s``) for the request it was
+made for: less important requests that were already here (swapped out, or waiting) neither swap
+back in nor get admitted into it. Requests added after it are the caller's own decision and may
+take it; the first at least as important ends the hold.
 
 Disaggregated serving splits a request between two engines. On the prefill worker it is added
 with ``prefill_only``: after its first token it is *handed off* (``StepOutput.is_handed_off``),
@@ -15,30 +32,37 @@ keeping its blocks until ``release_handed_off`` once the KV has been shipped. On
 the reservation into a running request that continues from the first token (``cancel_reservation``
 gives the blocks back when the KV never comes).
 
-The loop itself is torch-free: a ``Runner`` computes the scheduled runs and samples. The model
-runner (``engine.runner``) does it with the model; the null runner (``engine.null_engine``) with a
-clock and a hash.
+A request resumed after a recompute hand-back carries its earlier output at the end of its prompt
+(``num_prior_output_tokens``); it continues exactly as if it had never been interrupted.
+
+The loop itself is torch-free: a ``Runner`` computes the scheduled runs, samples and moves
+swapped blocks. The model runner (``engine.runner``) does it with the model; the null runner
+(``engine.null_engine``) with a clock and a hash.
 
 Not thread-safe: the caller owns the engine from one thread.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
 from engine.block_manager import BlockManager, hash_block, root_hash
+from engine.preemption import PreemptionMode, prefill_order, victim_order
 from engine.sequence import (
+    DEFAULT_PRIORITY,
     FinishReason,
+    Priority,
     SamplingParams,
     ScheduledRun,
     Sequence,
     SequenceStatus,
     StepOutput,
 )
+from engine.swap import BlockRun, SwapSpace
 
 __all__ = ["EngineConfig", "LLMEngine", "Runner"]
 
@@ -53,6 +77,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # tokens computed in one step
     prefill_chunk_size: int = 512  # prompt tokens of one request in one step
     enable_prefix_cache: bool = True
+    preemption_mode: PreemptionMode = "recompute"
+    hand_back_preempted: bool = False  # recompute victims go back to their caller (workers)
+    room_hold_s: float = 5.0  # how long room made by ``make_room`` waits for its request
 
 
 class Runner(Protocol):
@@ -66,11 +93,37 @@ class Runner(Protocol):
     def vocab_size(self) -> int: ...
     @property
     def max_model_len(self) -> int: ...
+    @property
+    def num_host_blocks(self) -> int:
+        """Blocks of the host pool swapped-out KV goes to (0: none, no swapping)."""
+        ...
 
     def step(self, runs: list[ScheduledRun]) -> list[int]:
         """Compute the runs' tokens into the cache; return one sampled token per run whose
         ``samples_next_token`` is true, in order."""
         ...
+
+    def swap_out(self, runs: list[BlockRun]) -> None:
+        """Copy device blocks to host blocks, one copy per ``(device, host, count)`` run; done
+        when it returns (the device blocks may be reused at once)."""
+        ...
+
+    def swap_in(self, runs: list[BlockRun]) -> None:
+        """Copy host blocks to device blocks, one copy per ``(host, device, count)`` run; done
+        when it returns (the host blocks may be reused at once)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class _RoomHold:
+    """Blocks ``make_room`` freed for a request of ``priority``, kept from less important ones
+    that came before ``arrival_order`` until ``until`` (the engine's clock) or until a request
+    at least that important comes."""
+
+    num_blocks: int
+    priority: Priority
+    until: float
+    arrival_order: int
 
 
 class LLMEngine:
@@ -82,19 +135,38 @@ class LLMEngine:
         config: EngineConfig | None = None,
         *,
         eos_token_ids: Iterable[int] = (),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.runner = runner
         self.config = config or EngineConfig()
         self.block_size = runner.block_size
         self.max_model_len = runner.max_model_len
         self.blocks = BlockManager(runner.num_blocks, runner.block_size)
+        self.swap_space = (
+            SwapSpace(
+                runner,
+                self.blocks,
+                runner.num_host_blocks,
+                enable_prefix_cache=self.config.enable_prefix_cache,
+            )
+            if self.config.preemption_mode == "swap" and runner.num_host_blocks > 0
+            else None
+        )
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.waiting: collections.deque[Sequence] = collections.deque()
+        self._clock = clock
+        self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
+        self.swapped: list[Sequence] = []
         self.sequences: dict[str, Sequence] = {}  # every request id in use, handed off included
         self.handed_off: dict[str, Sequence] = {}
         self.reservations: dict[str, list[int]] = {}  # request id -> blocks for arriving KV
-        self.num_preemptions = 0
+        self._reservation_priority: dict[str, tuple[Priority, int]] = {}  # and arrival order
+        self._pending_outputs: list[StepOutput] = []  # hand-backs not yet returned by step()
+        self._room_hold: _RoomHold | None = None
+        self._next_arrival_order = 0
+        self.num_preemptions = 0  # by any mode
+        self.num_swapped_out = 0
+        self.num_handed_back = 0
         self.num_scheduled_runs = 0  # of the last step: 0 means it could do nothing
         self.num_step_prompt_tokens = 0  # of the last step: prompt tokens it computed
 
@@ -109,12 +181,17 @@ class LLMEngine:
         salt: bytes = b"",
         arrival_s: float = 0.0,
         prefill_only: bool = False,
+        priority: Priority = DEFAULT_PRIORITY,
+        num_prior_output_tokens: int = 0,
     ) -> Sequence:
         """Queue a request. ``prefill_only``: stop after the first token and hand off (see the
-        module docstring). Raises ``ValueError`` for a request this engine can never serve."""
+        module docstring). The last ``num_prior_output_tokens`` of the prompt are the request's
+        own output from before a preemption. Raises ``ValueError`` for a request this engine can
+        never serve."""
         self._check_new_id(request_id)
         if not prompt_token_ids:
             raise ValueError("the prompt has no tokens")
+        _check_prior_output(len(prompt_token_ids), num_prior_output_tokens, params)
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt of {len(prompt_token_ids)} tokens does not fit the model's context of "
@@ -123,40 +200,79 @@ class LLMEngine:
         vocab_size = self.runner.vocab_size
         if any(not 0 <= t < vocab_size for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+        num_original = len(prompt_token_ids) - num_prior_output_tokens
         # A prefill-only request holds its prompt's blocks and no more.
         max_total_tokens = (
             len(prompt_token_ids)
             if prefill_only
-            else min(len(prompt_token_ids) + params.max_tokens, self.max_model_len)
+            else min(num_original + params.max_tokens, self.max_model_len)
         )
         if -(-max_total_tokens // self.block_size) > self.blocks.num_total_blocks:
             raise ValueError(
                 f"a request of up to {max_total_tokens} tokens can never fit in this engine's "
                 f"{self.blocks.num_total_blocks} KV blocks of {self.block_size} tokens"
             )
-        seq = Sequence(request_id, list(prompt_token_ids), params, salt=salt, arrival_s=arrival_s)
+        seq = self._new_sequence(
+            request_id, prompt_token_ids, num_prior_output_tokens, params, salt, arrival_s
+        )
+        seq.priority = priority
         seq.is_prefill_only = prefill_only
         self.sequences[request_id] = seq
         self.waiting.append(seq)
+        return seq
+
+    def _new_sequence(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        num_prior_output_tokens: int,
+        params: SamplingParams,
+        salt: bytes,
+        arrival_s: float,
+    ) -> Sequence:
+        """A sequence whose prompt is ``token_ids`` less its last ``num_prior_output_tokens``,
+        which become its output so far."""
+        num_original = len(token_ids) - num_prior_output_tokens
+        seq = Sequence(
+            request_id,
+            list(token_ids[:num_original]),
+            params,
+            salt=salt,
+            arrival_s=arrival_s,
+            arrival_order=self._next_arrival_order,
+            output_token_ids=list(token_ids[num_original:]),
+        )
+        self._next_arrival_order += 1
         return seq
 
     def _check_new_id(self, request_id: str) -> None:
         if request_id in self.sequences or request_id in self.reservations:
             raise ValueError(f"request id {request_id!r} is already in the engine")
 
-    def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
+    def reserve(
+        self, request_id: str, num_tokens: int, *, priority: Priority = DEFAULT_PRIORITY
+    ) -> list[int] | None:
         """Blocks for ``num_tokens`` tokens of KV computed elsewhere, or None (nothing changed)
-        when the blocks or a batch slot are not free now. The slot counts against
-        ``max_num_seqs`` like a running request."""
+        when the blocks or a batch slot are not free now, or when a swapped-out request at least
+        as important is owed them. The slot counts against ``max_num_seqs`` like a running
+        request. A reservation at least as important as room ``make_room`` holds takes it
+        over."""
         self._check_new_id(request_id)
         if not 0 < num_tokens <= self.max_model_len:
             raise ValueError(f"cannot reserve for {num_tokens} tokens")
         if len(self.running) + len(self.reservations) >= self.config.max_num_seqs:
             return None
-        block_ids = self.blocks.allocate(-(-num_tokens // self.block_size))
+        if any(seq.priority.importance >= priority.importance for seq in self.swapped):
+            return None
+        num_blocks = -(-num_tokens // self.block_size)
+        if not self._may_take(num_blocks, priority, self._next_arrival_order):
+            return None
+        block_ids = self.blocks.allocate(num_blocks)
         if block_ids is None:
             return None
         self.reservations[request_id] = block_ids
+        self._reservation_priority[request_id] = (priority, self._next_arrival_order)
+        self._next_arrival_order += 1
         return block_ids
 
     def cancel_reservation(self, request_id: str) -> bool:
@@ -164,6 +280,7 @@ class LLMEngine:
         block_ids = self.reservations.pop(request_id, None)
         if block_ids is None:
             return False
+        self._reservation_priority.pop(request_id, None)
         self.blocks.free(block_ids)
         return True
 
@@ -177,9 +294,12 @@ class LLMEngine:
         salt: bytes = b"",
         arrival_s: float = 0.0,
         num_cached_tokens: int = 0,
+        num_prior_output_tokens: int = 0,
     ) -> Sequence:
         """Start decoding a request whose prompt KV now fills its reserved blocks and whose first
-        token was sampled elsewhere (with ``params.seed``, which decoding continues with)."""
+        token was sampled elsewhere (with ``params.seed``, which decoding continues with). The
+        last ``num_prior_output_tokens`` of the prompt are its output from before a preemption,
+        ``first_token_id`` the one after them. Its priority is the reservation's."""
         block_ids = self.reservations.get(request_id)
         if block_ids is None:
             raise ValueError(f"request {request_id!r} has no reservation")
@@ -191,12 +311,19 @@ class LLMEngine:
             )
         if not 0 <= first_token_id < self.runner.vocab_size:
             raise ValueError(f"first token id {first_token_id} is not in the vocabulary")
+        _check_prior_output(len(prompt_token_ids), num_prior_output_tokens, params)
         del self.reservations[request_id]
-        seq = Sequence(request_id, list(prompt_token_ids), params, salt=salt, arrival_s=arrival_s)
+        priority, arrival_order = self._reservation_priority.pop(request_id)
+        seq = self._new_sequence(
+            request_id, prompt_token_ids, num_prior_output_tokens, params, salt, arrival_s
+        )
+        seq.priority = priority
+        seq.arrival_order = arrival_order
         seq.output_token_ids.append(first_token_id)
         seq.block_table = block_ids
         seq.num_computed_tokens = len(prompt_token_ids)
         seq.num_cached_tokens = num_cached_tokens
+        seq.was_admitted = True
         seq.status = SequenceStatus.RUNNING
         self.sequences[request_id] = seq
         self.running.append(seq)
@@ -222,37 +349,197 @@ class LLMEngine:
             return False
         if seq.status is SequenceStatus.HANDED_OFF:
             del self.handed_off[request_id]
-        elif seq in self.running:
+        elif seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-        elif seq in self.waiting:
+        elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+        elif seq.status is SequenceStatus.SWAPPED:
+            self.swapped.remove(seq)
+            assert self.swap_space is not None
+            self.swap_space.free(seq)
         self._release(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = "abort"
         return True
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped or self._pending_outputs)
+
+    # ---- making room ----------------------------------------------------------------------
+
+    def make_room(
+        self,
+        num_tokens: int,
+        priority: Priority,
+        *,
+        preempt_reservation: Callable[[str], bool] | None = None,
+    ) -> tuple[int, int]:
+        """Preempt requests strictly less important than ``priority``, least important first,
+        until ``num_tokens`` tokens' worth of blocks are free or no such request is left; hold
+        the room for ``room_hold_s`` for a request of ``priority``. Returns (free token slots
+        now, requests preempted).
+
+        With ``preempt_reservation``, reservations are candidates too (by the priority they
+        were reserved with): the callback preempts the one named and says whether it could (it
+        may free the blocks later, when KV landing in them is done). Hand-backs reach the caller
+        as outputs of the next ``step``."""
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        num_blocks = -(-num_tokens // self.block_size)
+        excluded: set[str] = set()
+        num_preempted = 0
+        while self.blocks.num_free_blocks < num_blocks:
+            victim_id = self._pick_victim(
+                priority, excluded, with_reservations=preempt_reservation is not None
+            )
+            if victim_id is None:
+                break
+            seq = self.sequences.get(victim_id)
+            if seq is not None and seq.status is SequenceStatus.RUNNING:
+                self._preempt(seq)
+                num_preempted += 1
+                continue
+            excluded.add(victim_id)
+            assert preempt_reservation is not None
+            if preempt_reservation(victim_id):
+                num_preempted += 1
+        self._room_hold = _RoomHold(
+            num_blocks, priority, self._clock() + self.config.room_hold_s, self._next_arrival_order
+        )
+        return self.blocks.num_free_blocks * self.block_size, num_preempted
+
+    def seconds_until_change(self) -> float | None:
+        """When an engine that can do nothing now may do something without a new command: when
+        a room hold expires. None: only a command can change anything."""
+        if self._room_hold is None:
+            return None
+        remaining_s = self._room_hold.until - self._clock()
+        if remaining_s <= 0:
+            self._room_hold = None  # expired: one more look, then nothing until a command
+            return 0.0
+        return remaining_s
+
+    def _may_take(self, num_blocks: int, priority: Priority, arrival_order: int) -> bool:
+        """Whether a request of ``priority`` may take ``num_blocks`` free blocks without eating
+        into room held for a more important one. A request at least as important takes the
+        hold over (it is the one the room was made for, or as good); one added after the hold
+        was the caller's choice."""
+        hold = self._room_hold
+        if hold is None:
+            return True
+        if self._clock() >= hold.until or priority.importance >= hold.priority.importance:
+            self._room_hold = None
+            return True
+        if arrival_order >= hold.arrival_order:
+            return True
+        return self.blocks.num_free_blocks - num_blocks >= hold.num_blocks
+
+    def _pick_victim(
+        self, below: Priority | None, excluded: set[str], *, with_reservations: bool = False
+    ) -> str | None:
+        """The request id to preempt next: the least important running request (or
+        reservation) not in ``excluded``, strictly less important than ``below`` if given."""
+        candidates = [
+            (victim_order(seq.priority, seq.arrival_order), seq.request_id)
+            for seq in self.running
+            if seq.request_id not in excluded and not seq.is_prefill_only
+        ]
+        if with_reservations:
+            candidates += [
+                (victim_order(priority, arrival_order), request_id)
+                for request_id, (priority, arrival_order) in self._reservation_priority.items()
+                if request_id not in excluded
+            ]
+        if below is not None:
+            candidates = [c for c in candidates if c[0][:3] < victim_order(below, 0)[:3]]
+        return min(candidates)[1] if candidates else None
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Take ``seq``'s device blocks, by swap if the mode and the host pool allow."""
+        self.num_preemptions += 1
+        if self.config.preemption_mode == "swap" and self._swap_out(seq):
+            self.num_swapped_out += 1
+            logger.debug("preempted %s (swap) at %d tokens", seq.request_id, seq.num_tokens)
+            return
+        self.running.remove(seq)
+        self._release(seq)
+        if self.config.hand_back_preempted:
+            del self.sequences[seq.request_id]
+            seq.status = SequenceStatus.PREEMPTED
+            self.num_handed_back += 1
+            self._pending_outputs.append(
+                StepOutput(
+                    request_id=seq.request_id,
+                    new_token_ids=[],
+                    finish_reason=None,
+                    num_prompt_tokens=seq.num_prompt_tokens,
+                    num_cached_tokens=seq.num_cached_tokens,
+                    num_output_tokens=len(seq.output_token_ids),
+                    is_preempted=True,
+                    seed=seq.seed,
+                )
+            )
+            logger.debug("preempted %s (hand back) at %d tokens", seq.request_id, seq.num_tokens)
+            return
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)  # its early arrival order puts it first among its equals
+        logger.debug("preempted %s (recompute) at %d tokens", seq.request_id, seq.num_tokens)
+
+    # ---- swapping -------------------------------------------------------------------------
+
+    def _swap_out(self, seq: Sequence) -> bool:
+        if self.swap_space is None or not self.swap_space.swap_out(seq):
+            return False
+        self.running.remove(seq)
+        self.swapped.append(seq)
+        seq.status = SequenceStatus.SWAPPED
+        return True
+
+    def _swap_in_ready(self) -> None:
+        """Bring swapped requests back, most important first, while there is room."""
+        for seq in sorted(self.swapped, key=lambda s: prefill_order(s.priority, s.arrival_order)):
+            if len(self.running) >= self.config.max_num_seqs or not self._swap_in(seq):
+                return
+
+    def _swap_in(self, seq: Sequence) -> bool:
+        def may_take(num_blocks: int) -> bool:
+            return self._may_take(num_blocks, seq.priority, seq.arrival_order)
+
+        if self.swap_space is None or not self.swap_space.swap_in(seq, may_take):
+            return False
+        self.swapped.remove(seq)
+        self.running.append(seq)
+        seq.status = SequenceStatus.RUNNING
+        return True
 
     # ---- the step -------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
         """One step; ``num_scheduled_runs == 0`` afterwards means nothing could run until a
-        reservation or a handed-off request gives its blocks back."""
+        reservation or a handed-off request gives its blocks back (or a room hold expires)."""
         runs = self._schedule()
         self.num_scheduled_runs = len(runs)
         self.num_step_prompt_tokens = sum(
             run.num_tokens for run in runs if run.seq.num_tokens - run.seq.num_computed_tokens > 1
         )
         if not runs:
-            if self.waiting and not (self.running or self.reservations or self.handed_off):
+            is_holding = self._room_hold is not None
+            if (self.waiting or self.swapped) and not (
+                self.running or self.reservations or self.handed_off or is_holding
+            ):
                 # add_request admits only what fits an empty cache, so this is a bug, not load.
                 raise RuntimeError(
-                    f"engine stalled: {len(self.waiting)} requests cannot be admitted"
+                    f"engine stalled: {len(self.waiting)} waiting and {len(self.swapped)} "
+                    "swapped requests cannot be admitted"
                 )
-            return []
+            return self._take_pending_outputs()
         token_ids = self.runner.step(runs)
-        return self._postprocess(runs, token_ids)
+        # Hand-backs first: they come from this step's scheduling, before its tokens.
+        return self._take_pending_outputs() + self._postprocess(runs, token_ids)
+
+    def _take_pending_outputs(self) -> list[StepOutput]:
+        outputs, self._pending_outputs = self._pending_outputs, []
+        return outputs
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Run prompts to completion (a convenience for tools and tests)."""
@@ -266,36 +553,62 @@ class LLMEngine:
         return [results[request_id] for request_id in ids]
 
     def _schedule(self) -> list[ScheduledRun]:
-        budget = self.config.max_num_batched_tokens
+        self._swap_in_ready()
         runs: list[ScheduledRun] = []
-        # Requests whose every token is computed decode one more; others continue their prompt.
-        for seq in list(self.running):
-            if seq not in self.running:  # preempted below to make room for an earlier one
+        budget = self._schedule_decodes(runs, self.config.max_num_batched_tokens)
+        self._schedule_prefills(runs, budget)
+        return runs
+
+    def _schedule_decodes(self, runs: list[ScheduledRun], budget: int) -> int:
+        """Requests whose every token is computed decode one more, the most important first, so
+        that a victim for a missing block is never one already scheduled."""
+        decoding = [seq for seq in self.running if seq.num_tokens - seq.num_computed_tokens == 1]
+        decoding.sort(key=lambda seq: prefill_order(seq.priority, seq.arrival_order))
+        scheduled: set[str] = set()
+        for seq in decoding:
+            if seq.status is not SequenceStatus.RUNNING:  # preempted to make room for another
                 continue
-            remaining = seq.num_tokens - seq.num_computed_tokens
-            if remaining == 1:
-                if not self._reserve_for(seq, seq.num_tokens):
+            if not self._reserve_for(seq, seq.num_tokens, scheduled):
+                continue
+            scheduled.add(seq.request_id)
+            runs.append(ScheduledRun(seq, 1))
+            budget -= 1
+        return budget
+
+    def _schedule_prefills(self, runs: list[ScheduledRun], budget: int) -> None:
+        """Prompt chunks, the most important request first: running ones continue, waiting ones
+        are admitted when their turn comes. Once a waiting request cannot be admitted, no less
+        important one is (no overtaking for blocks); nor is one no more important than a
+        swapped-out request (its room comes first)."""
+        candidates = [seq for seq in self.running if seq.num_tokens - seq.num_computed_tokens > 1]
+        candidates += self.waiting
+        candidates.sort(key=lambda seq: prefill_order(seq.priority, seq.arrival_order))
+        most_important_swapped = max(
+            (seq.priority.importance for seq in self.swapped), default=None
+        )
+        can_admit = True
+        for seq in candidates:
+            if budget <= 0:
+                return
+            if seq.status is SequenceStatus.WAITING:
+                if not can_admit or len(self.running) >= self.config.max_num_seqs:
                     continue
-                runs.append(ScheduledRun(seq, 1))
-                budget -= 1
-        for seq in self.running:
-            remaining = seq.num_tokens - seq.num_computed_tokens
-            if remaining > 1 and budget > 0:
-                count = min(remaining, self.config.prefill_chunk_size, budget)
-                runs.append(ScheduledRun(seq, count))
-                budget -= count
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            if not self._admit(seq):
-                break
-            self.waiting.popleft()
-            self.running.append(seq)
-            seq.status = SequenceStatus.RUNNING
+                if (
+                    most_important_swapped is not None
+                    and seq.priority.importance <= most_important_swapped
+                ):
+                    can_admit = False
+                    continue
+                if not self._admit(seq):
+                    can_admit = False
+                    continue
+                self.waiting.remove(seq)
+                self.running.append(seq)
+                seq.status = SequenceStatus.RUNNING
             count = min(seq.num_tokens - seq.num_computed_tokens, self.config.prefill_chunk_size)
             count = min(count, budget)
             runs.append(ScheduledRun(seq, count))
             budget -= count
-        return runs
 
     def _admit(self, seq: Sequence) -> bool:
         """Take prefix-cache hits and reserve blocks for the rest of the known tokens."""
@@ -310,37 +623,38 @@ class LLMEngine:
                 self.blocks.free(cached[-1:])
                 cached = cached[:-1]
         num_needed = -(-len(token_ids) // self.block_size) - len(cached)
-        fresh = self.blocks.allocate(num_needed)
+        fresh = (
+            self.blocks.allocate(num_needed)
+            if self._may_take(num_needed, seq.priority, seq.arrival_order)
+            else None
+        )
         if fresh is None:
             self.blocks.free(cached)
             return False
         seq.block_table = cached + fresh
         seq.block_hashes = hashes[: len(cached)]
         seq.num_computed_tokens = len(cached) * self.block_size
-        if not seq.output_token_ids:
+        if not seq.was_admitted:
+            # Of a resumed request: over its prompt and its earlier output alike.
             seq.num_cached_tokens = seq.num_computed_tokens
+            seq.was_admitted = True
         return True
 
-    def _reserve_for(self, seq: Sequence, num_tokens: int) -> bool:
-        """Make sure ``seq`` has blocks for ``num_tokens`` tokens, preempting later arrivals."""
+    def _reserve_for(self, seq: Sequence, num_tokens: int, scheduled: set[str]) -> bool:
+        """Make sure ``seq`` has blocks for ``num_tokens`` tokens, preempting the least important
+        running requests not yet ``scheduled`` this step (``seq`` itself, if it is the least)."""
         while len(seq.block_table) * self.block_size < num_tokens:
             new = self.blocks.allocate(1)
             if new is not None:
                 seq.block_table.extend(new)
                 continue
-            victim = self.running[-1]
+            victim_id = self._pick_victim(None, scheduled)
+            assert victim_id is not None  # seq itself is a candidate
+            victim = self.sequences[victim_id]
             self._preempt(victim)
             if victim is seq:
                 return False
         return True
-
-    def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
-        self._release(seq)
-        seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
-        self.num_preemptions += 1
-        logger.debug("preempted %s (recompute) at %d tokens", seq.request_id, seq.num_tokens)
 
     def _release(self, seq: Sequence) -> None:
         self.blocks.free(seq.block_table)
@@ -371,6 +685,7 @@ class LLMEngine:
                     num_cached_tokens=seq.num_cached_tokens,
                     num_output_tokens=len(seq.output_token_ids),
                     is_handed_off=seq.status is SequenceStatus.HANDED_OFF,
+                    seed=seq.seed,
                 )
             )
         return outputs
@@ -394,6 +709,8 @@ class LLMEngine:
             seq.block_hashes.append(parent)
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
+        """Checked for each newly sampled token only: a resumed request's earlier output was
+        checked when it was sampled."""
         params = seq.params
         if token_id in params.stop_token_ids:
             return "stop"
@@ -409,3 +726,20 @@ class LLMEngine:
         self._release(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+
+def _check_prior_output(
+    num_tokens: int, num_prior_output_tokens: int, params: SamplingParams
+) -> None:
+    """The earlier output of a resumed request is part of its prompt, never all of it, and
+    leaves ``max_tokens`` at least one more token to generate."""
+    if not 0 <= num_prior_output_tokens < num_tokens:
+        raise ValueError(
+            f"num_prior_output_tokens must be in [0, {num_tokens}) for a prompt of {num_tokens} "
+            f"tokens, got {num_prior_output_tokens}"
+        )
+    if num_prior_output_tokens >= params.max_tokens:
+        raise ValueError(
+            f"num_prior_output_tokens ({num_prior_output_tokens}) must be below max_tokens "
+            f"({params.max_tokens}): the request would have finished already"
+        )

@@ -3,14 +3,15 @@
 A worker's HTTP handlers (asyncio) and its KV threads never touch the engine. They ``submit`` a
 command, a function of the engine that the engine thread runs between two steps, and get a
 ``Future`` of its result (``call`` awaits it from asyncio, with a timeout). A command may
-``watch`` a request: its sink then gets every ``StepOutput`` of that request, on the engine thread,
-until the request finishes or is handed off; sinks must only hand the output on (to an asyncio
-loop, a queue, the KV sender), never block.
+``watch`` a request: its sink then gets every ``StepOutput`` of that request, on the engine
+thread, until the request finishes, is handed off, or is preempted and handed back; sinks must
+only hand the output on (to an asyncio loop, a queue, the KV sender), never block.
 
 The loop: run the queued commands; step while there is work; when a step could schedule nothing
 (blocks held by reservations or transfers) or there is no work, block until the next command,
-since only a command can change that. If a step raises, the engine is dead: every sink and every
-later command gets ``EngineFailed``. Torch-free.
+since only a command can change that (or until room held by ``make_room`` expires, which the
+engine tells with ``seconds_until_change``). If a step raises, the engine is dead: every sink
+and every later command gets ``EngineFailed``. Torch-free.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ class EngineLoad:
     num_total_blocks: int = 0
     num_preemptions: int = 0
     prefill_tok_s: float = 0.0  # measured prompt throughput; 0 until a prompt was computed
+    num_swapped: int = 0  # requests whose KV waits in the host pool now
+    num_swapped_out: int = 0  # preemptions by swap, since the start
+    num_handed_back: int = 0  # preemptions by recompute handed back to the caller, since the start
 
 
 class EvictionLog:
@@ -100,6 +104,9 @@ def _measure(engine: LLMEngine, prefill_tok_s: float) -> EngineLoad:
         num_total_blocks=engine.blocks.num_total_blocks,
         num_preemptions=engine.num_preemptions,
         prefill_tok_s=prefill_tok_s,
+        num_swapped=len(engine.swapped),
+        num_swapped_out=engine.num_swapped_out,
+        num_handed_back=engine.num_handed_back,
     )
 
 
@@ -174,7 +181,10 @@ class EngineThread:
         is_idle = True
         while True:
             try:
-                item = self._commands.get() if is_idle else self._commands.get_nowait()
+                if is_idle:
+                    item = self._commands.get(timeout=engine.seconds_until_change())
+                else:
+                    item = self._commands.get_nowait()
             except queue.Empty:
                 item = None
             while item is not None:
@@ -225,7 +235,7 @@ class EngineThread:
             sink = self._sinks.get(output.request_id)
             if sink is None:
                 continue
-            if output.finish_reason is not None or output.is_handed_off:
+            if output.finish_reason is not None or output.is_handed_off or output.is_preempted:
                 del self._sinks[output.request_id]
             sink(output)
 

@@ -68,22 +68,27 @@ def load_engine(
     num_blocks: int | None = None,
     kv_cache_gib: float = 1.0,
     engine_config: EngineConfig | None = None,
+    swap_space_gib: float | None = 0.0,
 ) -> LoadedEngine:
-    """Load weights and tokenizer and size the KV cache (``num_blocks`` or ``kv_cache_gib``)."""
+    """Load weights and tokenizer and size the KV cache (``num_blocks`` or ``kv_cache_gib``)
+    and the host pool swapped-out KV goes to (``swap_space_gib``; None: 1 GiB or as many blocks
+    as the device cache, whichever is smaller; 0: none)."""
     spec = model if isinstance(model, ModelSpec) else resolve_model(model)
     torch_device = torch.device(device)
     dtype, batched_dtype = resolve_precision(precision, torch_device)
     tokenizer = Tokenizer.load(tokenizer_path(spec))
     if spec.kind == "null":
-        return _load_null_engine(spec, tokenizer, block_size, num_blocks, engine_config)
+        return _load_null_engine(
+            spec, tokenizer, block_size, num_blocks, engine_config, swap_space_gib
+        )
     if spec.kind == "tiny":
         config = tiny_config(tokenizer.vocab_size)
         state_dict = tiny_state_dict(config)
     else:
         assert spec.path is not None
         config, state_dict = load_weights(spec.path, dtype=dtype)
+    block_bytes = kv_bytes_per_token(config, batched_dtype or dtype) * block_size
     if num_blocks is None:
-        block_bytes = kv_bytes_per_token(config, batched_dtype or dtype) * block_size
         num_blocks = max(1, int(kv_cache_gib * 2**30) // block_bytes)
     runner = ModelRunner(
         config,
@@ -93,6 +98,7 @@ def load_engine(
         device=torch_device,
         dtype=dtype,
         batched_dtype=batched_dtype,
+        num_host_blocks=_num_host_blocks(swap_space_gib, block_bytes, num_blocks),
     )
     eos_token_ids = set(tokenizer.stop_token_ids) | set(config.eos_token_ids)
     engine = LLMEngine(runner, engine_config, eos_token_ids=eos_token_ids)
@@ -109,18 +115,31 @@ def load_engine(
     return LoadedEngine(engine, runner, tokenizer, spec.model_id, runner.kv_cache)
 
 
+def _num_host_blocks(swap_space_gib: float | None, block_bytes: int, num_blocks: int) -> int:
+    if swap_space_gib is None:
+        return min(num_blocks, 2**30 // block_bytes)
+    if swap_space_gib < 0:
+        raise ValueError(f"swap space must be >= 0 GiB, got {swap_space_gib:g}")
+    return int(swap_space_gib * 2**30) // block_bytes
+
+
 def _load_null_engine(
     spec: ModelSpec,
     tokenizer: Tokenizer,
     block_size: int,
     num_blocks: int | None,
     engine_config: EngineConfig | None,
+    swap_space_gib: float | None,
 ) -> LoadedEngine:
     defaults = NullEngineConfig()
+    num_blocks = num_blocks or defaults.num_blocks
+    # Its blocks have no size to speak of: any host pool holds as many as the device cache.
+    num_host_blocks = 0 if swap_space_gib == 0 else num_blocks
     config = NullEngineConfig(
         vocab_size=tokenizer.vocab_size,
         block_size=block_size,
-        num_blocks=num_blocks or defaults.num_blocks,
+        num_blocks=num_blocks,
+        num_host_blocks=num_host_blocks,
         # Load tests of the gateway make the pretend engine faster than anything they measure.
         prefill_tok_s=_env_float(NULL_PREFILL_TOK_S_ENV, defaults.prefill_tok_s),
         decode_step_s=_env_float(NULL_DECODE_STEP_S_ENV, defaults.decode_step_s),

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from engine.engine import EngineConfig, LLMEngine
 from engine.sequence import ScheduledRun
+from engine.swap import BlockRun
 
 __all__ = ["NullEngineConfig", "NullRunner", "create_null_engine", "null_token"]
 
@@ -31,6 +32,8 @@ class NullEngineConfig:
     num_blocks: int = 4096
     block_size: int = 16
     max_model_len: int = 8192
+    num_host_blocks: int = 0  # of the pretend host pool swapped-out KV goes to
+    swap_block_s: float = 0.0  # seconds to copy one block either way
 
 
 def null_token(seed: int, output_position: int, config: NullEngineConfig) -> int:
@@ -51,6 +54,8 @@ class NullRunner:
         self.config = config
         self._sleep = sleep
         self.num_steps = 0
+        self.num_swap_copies = 0
+        self.num_swapped_blocks = 0
 
     @property
     def block_size(self) -> int:
@@ -67,6 +72,24 @@ class NullRunner:
     @property
     def max_model_len(self) -> int:
         return self.config.max_model_len
+
+    @property
+    def num_host_blocks(self) -> int:
+        return self.config.num_host_blocks
+
+    def swap_out(self, runs: list[BlockRun]) -> None:
+        self._copy(runs)
+
+    def swap_in(self, runs: list[BlockRun]) -> None:
+        self._copy(runs)
+
+    def _copy(self, runs: list[BlockRun]) -> None:
+        """Bookkeeping only: the tokens are a function of seed and position, not of the KV."""
+        num_blocks = sum(count for _, _, count in runs)
+        self.num_swap_copies += len(runs)
+        self.num_swapped_blocks += num_blocks
+        if self.config.swap_block_s > 0:
+            self._sleep(num_blocks * self.config.swap_block_s)
 
     def step(self, runs: list[ScheduledRun]) -> list[int]:
         num_prefill_tokens = sum(run.num_tokens for run in runs if run.num_tokens > 1)

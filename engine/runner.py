@@ -7,6 +7,10 @@ The cache is a single tensor::
 
 Token ``p`` of a sequence lives in block ``block_table[p // block_size]`` at offset
 ``p % block_size``; its flat slot is ``block_id * block_size + offset``.
+
+Swapped-out KV lives in ``host_kv_cache``, the same shape with ``num_host_blocks`` blocks, in
+host memory (pinned when the cache is on CUDA, so copies run at the link's speed). A run of
+consecutive blocks moves as one slice copy across every layer, keys and values.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from engine.model import AttentionBatch, LlamaModel, SequenceSlice, rope_inv_fre
 from engine.sampler import sample
 from engine.sequence import ScheduledRun
 from engine.single_decode import SingleDecoder
+from engine.swap import BlockRun
 
 __all__ = ["ModelRunner", "kv_bytes_per_token"]
 
@@ -40,10 +45,12 @@ class ModelRunner:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         batched_dtype: torch.dtype | None = None,
+        num_host_blocks: int = 0,
     ) -> None:
         """``dtype`` is the weights' and activations'; ``batched_dtype``, when given, adds copies of
         the projections in that dtype for products of several rows (see ``engine.model.Linear``)
-        and is the dtype of the KV cache and of attention."""
+        and is the dtype of the KV cache and of attention. ``num_host_blocks``: the host pool
+        swapped-out KV goes to (0: none)."""
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
@@ -72,6 +79,12 @@ class ModelRunner:
             dtype=self.kv_dtype,
             device=self.device,
         )
+        self.host_kv_cache = torch.zeros(
+            (2, config.num_layers, num_host_blocks, *self.kv_cache.shape[3:]),
+            dtype=self.kv_dtype,
+            pin_memory=self.device.type == "cuda" and num_host_blocks > 0,
+        )
+        self.num_swap_copies = 0  # slice copies made by swap_out and swap_in, for tests
         # Batch-1 decode on CPU skips the general path's overhead (see engine.single_decode).
         self.single_decoder = (
             SingleDecoder(self.model, self.kv_cache) if self.device.type == "cpu" else None
@@ -84,6 +97,32 @@ class ModelRunner:
     @property
     def max_model_len(self) -> int:
         return self.config.max_position_embeddings
+
+    @property
+    def num_host_blocks(self) -> int:
+        return self.host_kv_cache.shape[2]
+
+    @torch.inference_mode()
+    def swap_out(self, runs: list[BlockRun]) -> None:
+        """Device blocks to host blocks: ``(device, host, count)`` runs."""
+        self._copy_runs(self.kv_cache, self.host_kv_cache, runs)
+
+    @torch.inference_mode()
+    def swap_in(self, runs: list[BlockRun]) -> None:
+        """Host blocks to device blocks: ``(host, device, count)`` runs."""
+        self._copy_runs(self.host_kv_cache, self.kv_cache, runs)
+
+    def _copy_runs(self, src: torch.Tensor, dst: torch.Tensor, runs: list[BlockRun]) -> None:
+        for src_start, dst_start, count in runs:
+            # [2, num_layers, count, block_size, num_kv_heads, head_dim]: one copy per run.
+            dst[:, :, dst_start : dst_start + count].copy_(
+                src[:, :, src_start : src_start + count], non_blocking=True
+            )
+        self.num_swap_copies += len(runs)
+        if self.device.type == "cuda":
+            # The engine frees the source blocks as soon as this returns, and the KV receiver
+            # writes into freed device blocks from its own stream: the copies must be done.
+            torch.cuda.current_stream(self.device).synchronize()
 
     def step(self, runs: list[ScheduledRun]) -> list[int]:
         """Run the batch and sample: one token per run whose ``samples_next_token`` is true."""

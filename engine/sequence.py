@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 __all__ = [
+    "DEFAULT_PRIORITY",
     "FinishReason",
+    "Priority",
     "SamplingParams",
     "ScheduledRun",
     "Sequence",
@@ -51,30 +53,63 @@ class SamplingParams:
         return self.temperature == 0
 
 
+@dataclass(frozen=True, slots=True)
+class Priority:
+    """How important a request is relative to the others in the engine, as the gateway sees it:
+    its SLO class ``rank`` (higher: more important), its tenant's fair-share ``counter`` at
+    dispatch (higher: less important) and its ``arrival`` time at the gateway (later: less
+    important). ``importance`` orders them: prefill chunks go in decreasing, preemption victims
+    are taken in increasing importance."""
+
+    rank: int = 0
+    counter: float = 0.0
+    arrival: float = 0.0
+
+    @property
+    def importance(self) -> tuple[int, float, float]:
+        """Larger is more important: rank first, then the lower counter, then the earlier
+        arrival."""
+        return (self.rank, -self.counter, -self.arrival)
+
+
+DEFAULT_PRIORITY = Priority()
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"  # preempted by swap: its KV waits in the host pool, no device blocks
     HANDED_OFF = "handed_off"  # prefill done, first token sampled; blocks held for the transfer
+    PREEMPTED = "preempted"  # preempted by recompute and handed back to its caller; gone here
     FINISHED = "finished"
 
 
 @dataclass(slots=True)
 class Sequence:
-    """One request's progress: the tokens so far and the KV blocks that hold them."""
+    """One request's progress: the tokens so far and the KV blocks that hold them.
+
+    A request resumed after a recompute preemption elsewhere starts with its earlier output in
+    ``output_token_ids`` (and only its original prompt in ``prompt_token_ids``), so that sampling
+    positions, ``max_tokens`` and the reported counts continue as if it had never stopped.
+    """
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     salt: bytes = b""
     arrival_s: float = 0.0
+    priority: Priority = DEFAULT_PRIORITY
+    arrival_order: int = 0  # the engine's own admission order: ties of ``priority`` go by it
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
+    host_block_table: list[int] = field(default_factory=list)  # while swapped out
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks, in order
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     is_prefill_only: bool = False  # hand off after the first token instead of decoding
+    was_admitted: bool = False  # blocks were taken for it once (num_cached_tokens is set)
     seed: int = field(default_factory=lambda: secrets.randbits(63))
 
     def __post_init__(self) -> None:
@@ -109,6 +144,10 @@ class StepOutput:
     num_cached_tokens: int
     num_output_tokens: int
     is_handed_off: bool = False  # a prefill-only request stopped here, its KV held for transfer
+    # Preempted by recompute and handed back: no new tokens, its blocks are free, and the caller
+    # resumes it elsewhere with its tokens so far and ``seed``.
+    is_preempted: bool = False
+    seed: int = 0  # the seed sampling uses for this request
 
 
 @dataclass(slots=True)

@@ -28,6 +28,7 @@ from starlette.routing import BaseRoute, Route
 from engine.engine import EngineConfig
 from engine.engine_thread import EngineThread
 from engine.loader import LoadedEngine, Precision, load_engine
+from engine.preemption import PreemptionMode
 from engine.process_events import emit_event
 from transfer.errors import EngineFailed, FairgateError, InvalidWorkerRequest, WorkerNotReady
 from transfer.http import (
@@ -67,6 +68,11 @@ class WorkerConfig:
     kv_timeout_s: float = 30.0  # any single wait of the KV data plane
     kv_wait_timeout_s: float = 120.0  # decode: how long a reservation waits for its KV
     request_timeout_s: float = 600.0  # how long a caller waits for the next result of a request
+    # Decode and colocated: how a preempted request gives its blocks up. ``recompute`` hands it
+    # back to the caller (a ``Preempted`` frame); ``swap`` parks its KV in a host pool of
+    # ``swap_space_gib`` (None: 1 GiB or the device cache's size, whichever is smaller).
+    preemption: PreemptionMode = "recompute"
+    swap_space_gib: float | None = None
 
 
 class WorkerService:
@@ -127,6 +133,9 @@ class WorkerService:
             import torch
 
             torch.set_num_threads(config.num_threads)
+        # A prefill worker never decodes, so never preempts; decode and colocated workers have
+        # a caller to hand a recompute victim back to (it re-prefills on the prefill pool).
+        is_swapping = self.role != "prefill" and config.preemption == "swap"
         loaded = load_engine(
             config.model,
             device=config.device,
@@ -138,7 +147,10 @@ class WorkerService:
                 max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 prefill_chunk_size=config.prefill_chunk_size,
+                preemption_mode="swap" if is_swapping else "recompute",
+                hand_back_preempted=self.role != "prefill",
             ),
+            swap_space_gib=config.swap_space_gib if is_swapping else 0.0,
         )
         thread = EngineThread(loaded.engine, name=f"{self.role}-engine")
         thread.start()
@@ -192,6 +204,7 @@ class WorkerService:
             num_total_blocks=loaded.engine.blocks.num_total_blocks,
             max_model_len=loaded.engine.max_model_len,
             vocab_size=loaded.tokenizer.vocab_size,
+            max_num_seqs=loaded.engine.config.max_num_seqs,
         )
 
     def load_report(self, evictions_since: int | None = None) -> WorkerLoad:
@@ -221,6 +234,9 @@ class WorkerService:
             evicted_block_hashes=evicted,
             eviction_seq=eviction_seq,
             evictions_missed=missed,
+            num_swapped_out=load.num_swapped_out,
+            num_handed_back=load.num_handed_back,
+            num_swapped=load.num_swapped,
         )
 
     async def abort(self, request_id: str) -> bool:

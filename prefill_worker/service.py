@@ -1,11 +1,15 @@
 """The prefill worker: computes prompts, answers with the first token at once, and ships the KV.
 
 ``POST /v1/prefill`` (``PrefillRequest`` → ``PrefillResult``): the request joins the engine as
-prefill-only (chunked prefill, prefix-cache reuse under its ``cache_salt``). When its first token
-is sampled the caller gets it straight away; the request is handed off, its blocks held, and a
-transfer to the decode worker named in ``target`` goes to the KV sender. When the transfer ends,
-landed or failed, the blocks are released. A first token that already ends the request (EOS, a
-stop token, ``max_tokens == 1``) is answered with its finish reason and nothing is shipped.
+prefill-only (chunked prefill, prefix-cache reuse under its ``cache_salt``; between chunks the
+most important ready prompt goes first, by its ``priority``). A request resumed after a
+preemption brings its earlier output at the end of its prompt (``num_prior_output_tokens``):
+all of it is computed and shipped, and its first token here is its next output token. When its
+first token is sampled the caller gets it straight away; the request is handed off, its blocks
+held, and a transfer to the decode worker named in ``target`` goes to the KV sender. When the
+transfer ends, landed or failed, the blocks are released. A first token that already ends the
+request (EOS, a stop token, ``max_tokens`` reached) is answered with its finish reason and nothing
+is shipped.
 
 Pairing with a decode worker not met before runs beside the prefill; if the decode worker
 refuses (an incompatible KV layout, named in the error) or cannot be reached, the request fails
@@ -87,6 +91,7 @@ class PrefillService(WorkerService):
             raise InvalidWorkerRequest(str(exc)) from exc
         target = request.target
         block_size = thread.engine.block_size
+        # The earlier output of a resumed request is shipped too: all of prompt_token_ids.
         num_prompt_blocks = -(-len(request.prompt_token_ids) // block_size)
         if target is not None and len(target.block_ids) < num_prompt_blocks:
             raise InvalidWorkerRequest(
@@ -130,6 +135,8 @@ class PrefillService(WorkerService):
                 params,
                 salt=request.cache_salt,
                 prefill_only=True,
+                priority=request.priority.to_priority(),
+                num_prior_output_tokens=request.num_prior_output_tokens,
             )
             thread.watch(request.request_id, sink)
 
@@ -169,7 +176,7 @@ class PrefillService(WorkerService):
             request_id=request.request_id,
             target=msgspec.structs.replace(target, block_ids=target.block_ids[:num_blocks]),
             src_block_ids=list(seq.block_table),
-            num_tokens=seq.num_prompt_tokens,
+            num_tokens=len(request.prompt_token_ids),  # earlier output of a resumption included
             first_token_id=output.new_token_ids[0],
             seed=seed,
             num_cached_tokens=seq.num_cached_tokens,

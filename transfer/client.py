@@ -31,8 +31,12 @@ from transfer.messages import (
     FrameDecoder,
     GenerateRequest,
     KvTarget,
+    MakeRoomRequest,
+    MakeRoomResult,
+    Preempted,
     PrefillRequest,
     PrefillResult,
+    Priority,
     Reserved,
     SamplingSpec,
     TokenFrame,
@@ -60,6 +64,7 @@ READ_TIMEOUT_S = 600.0  # the longest a worker may stay silent mid-answer (a lon
 CLIENT_KEEP_ALIVE_S = 30.0
 _HEADERS = {"content-type": MSGPACK_CONTENT_TYPE}
 _TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, asyncio.TimeoutError)
+_DEFAULT_PRIORITY = Priority()
 
 
 class Connections:
@@ -190,34 +195,37 @@ class WorkerClient:
 
 
 class FrameStream:
-    """The frames of one streamed request. Iterating yields ``Reserved`` and ``TokenFrame``s,
-    raises the error an ``ErrorFrame`` carries, and raises ``WorkerUnreachable`` when the stream
-    ends before a frame with a finish reason. Leaving the ``async with`` closes the connection,
+    """The frames of one streamed request. Iterating yields ``Reserved``, ``TokenFrame``s and,
+    for a request the worker preempted by recompute, a last ``Preempted``; raises the error an
+    ``ErrorFrame`` carries, and raises ``WorkerUnreachable`` when the stream ends before a frame
+    with a finish reason or ``Preempted``. Leaving the ``async with`` closes the connection,
     which aborts the request on the worker."""
 
     def __init__(self, url: str, response: aiohttp.ClientResponse) -> None:
         self.url = url
-        self.is_finished = False  # a frame with a finish reason arrived
+        self.is_finished = False  # a frame with a finish reason, or Preempted, arrived
         self._response = response
         self._frames = self._iterate()
 
-    def __aiter__(self) -> AsyncIterator[Reserved | TokenFrame]:
+    def __aiter__(self) -> AsyncIterator[Reserved | TokenFrame | Preempted]:
         return self._frames
 
-    async def next(self) -> Reserved | TokenFrame:
+    async def next(self) -> Reserved | TokenFrame | Preempted:
         try:
             return await anext(self._frames)
         except StopAsyncIteration:
             raise WorkerUnreachable(f"{self.url}: the stream ended early") from None
 
-    async def _iterate(self) -> AsyncIterator[Reserved | TokenFrame]:
+    async def _iterate(self) -> AsyncIterator[Reserved | TokenFrame | Preempted]:
         decoder = FrameDecoder()
         try:
             async for chunk in self._response.content.iter_any():
                 for frame in decoder.feed(chunk):
                     if isinstance(frame, ErrorFrame):
                         raise error_from_body(frame.error)
-                    if isinstance(frame, TokenFrame) and frame.finish_reason is not None:
+                    if isinstance(frame, Preempted) or (
+                        isinstance(frame, TokenFrame) and frame.finish_reason is not None
+                    ):
                         self.is_finished = True
                         yield frame
                         return
@@ -243,6 +251,14 @@ class DecodeClient(WorkerClient):
     ) -> contextlib.AbstractAsyncContextManager[FrameStream]:
         return self._stream("/v1/generate", request)
 
+    async def make_room(self, num_tokens: int, priority: Priority) -> MakeRoomResult:
+        """Preempt requests less important than ``priority`` until ``num_tokens`` KV token
+        slots are free or none is left (``MakeRoomRequest``); the slots free now and how many
+        requests were preempted."""
+        return await self._call(
+            "POST", "/v1/make_room", MakeRoomRequest(num_tokens, priority), MakeRoomResult
+        )
+
 
 async def run_disaggregated(
     prefill: PrefillClient,
@@ -253,13 +269,34 @@ async def run_disaggregated(
     *,
     cache_salt: bytes = b"",
     flush_interval_s: float = 0.0,
-) -> AsyncGenerator[TokenFrame]:
+    priority: Priority = _DEFAULT_PRIORITY,
+    num_prior_output_tokens: int = 0,
+) -> AsyncGenerator[TokenFrame | Preempted]:
     """One request through a prefill and a decode worker: reserve on the decode worker, prefill
     with its blocks as the target, yield the first token as soon as the prefill answers, then the
     decode worker's frames. Leaving early (or any error) closes the decode stream, which frees
-    the reservation."""
+    the reservation.
+
+    When the decode worker preempts the request by recompute, the last thing yielded is a
+    ``Preempted`` (and the generator ends): resume the request with ``prompt_token_ids`` plus
+    every token yielded so far after the prompt, ``num_prior_output_tokens =
+    Preempted.num_output_tokens`` and ``Preempted.seed`` as ``sampling.seed``. Its counts are
+    those of the tokens yielded here (the first token included, which the decode worker may not
+    have seen) and its seed is the one the prefill worker sampled with.
+
+    A resumed request (``num_prior_output_tokens`` = k > 0) yields its frames as the original
+    would have from there on: ``num_output_tokens`` counts the k earlier tokens, and
+    ``num_prompt_tokens`` is the prompt without them."""
     async with decode.decode(
-        DecodeRequest(request_id, prompt_token_ids, sampling, cache_salt, flush_interval_s)
+        DecodeRequest(
+            request_id,
+            prompt_token_ids,
+            sampling,
+            cache_salt,
+            flush_interval_s,
+            priority,
+            num_prior_output_tokens,
+        )
     ) as stream:
         reserved = await stream.next()
         if not isinstance(reserved, Reserved):
@@ -268,17 +305,30 @@ async def run_disaggregated(
             reserved.worker_id, reserved.kv_host, reserved.kv_port, reserved.block_ids
         )
         result = await prefill.prefill(
-            PrefillRequest(request_id, prompt_token_ids, sampling, cache_salt, target)
+            PrefillRequest(
+                request_id,
+                prompt_token_ids,
+                sampling,
+                cache_salt,
+                target,
+                priority,
+                num_prior_output_tokens,
+            )
         )
+        num_output_tokens = num_prior_output_tokens + 1
         yield TokenFrame(
             token_ids=[result.first_token_id],
             finish_reason=result.finish_reason,
             num_prompt_tokens=result.num_prompt_tokens,
             num_cached_tokens=result.num_cached_tokens,
-            num_output_tokens=1,
+            num_output_tokens=num_output_tokens,
         )
         if result.finish_reason is not None:
             return
         async for frame in stream:
             if isinstance(frame, TokenFrame):
+                num_output_tokens = frame.num_output_tokens
                 yield frame
+            elif isinstance(frame, Preempted):
+                yield Preempted(num_output_tokens, result.seed)
+                return

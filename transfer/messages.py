@@ -9,11 +9,22 @@ Control plane (HTTP, msgpack bodies; the caller is the gateway, or ``fairgate ge
     caller ──────────────────▶ any worker       GET /v1/load       ◀──WorkerLoad─────
     caller ──────────────────▶ any worker       GET /v1/info       ◀──WorkerInfo─────
     caller ──AbortRequest────▶ any worker       POST /v1/abort     ◀──AbortResult────
+    caller ──MakeRoomRequest▶ decode/colocated POST /v1/make_room ◀──MakeRoomResult─
 
 A frame stream is a sequence of length-prefixed msgpack ``Frame``s (``encode_frame`` /
 ``FrameDecoder``): ``Reserved`` first on ``/v1/decode``, then ``TokenFrame``s, the last one with a
-finish reason, or an ``ErrorBody``-carrying ``ErrorFrame`` as the last frame when the request fails
-after the stream began.
+finish reason; or, when the worker preempted the request by recompute, its tokens so far in
+``TokenFrame``s and then ``Preempted`` as the last frame (the caller resumes it elsewhere); or an
+``ErrorBody``-carrying ``ErrorFrame`` as the last frame when the request fails after the stream
+began.
+
+Priorities and preemption: every request carries its ``Priority`` (SLO class rank, tenant
+counter, gateway arrival). Prefill picks the most important ready prompt chunk at every step;
+decode preempts the least important request when KV blocks run short or ``make_room`` asks. A
+request resumed after a recompute preemption is sent again with its output so far appended to
+its prompt and ``num_prior_output_tokens`` saying how many of the prompt's last tokens those are,
+and with ``Preempted.seed`` as its sampling seed: it continues token for token as if it had
+never stopped.
 
 KV data plane (values in the decode worker's ``TCPStore``, beside the tensors that travel over the
 pair's process group; see ``transfer.kv_pair``)::
@@ -34,6 +45,7 @@ from typing import Literal, TypeVar
 
 import msgspec
 
+from engine.sequence import Priority as EnginePriority
 from engine.sequence import SamplingParams
 from transfer.errors import ErrorBody
 
@@ -52,8 +64,12 @@ __all__ = [
     "KvHelloReply",
     "KvLayoutInfo",
     "KvTarget",
+    "MakeRoomRequest",
+    "MakeRoomResult",
+    "Preempted",
     "PrefillRequest",
     "PrefillResult",
+    "Priority",
     "Reserved",
     "SamplingSpec",
     "TokenFrame",
@@ -100,6 +116,22 @@ class SamplingSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         )
 
 
+class Priority(msgspec.Struct, frozen=True):
+    """How important a request is (gateway → workers, on every request). ``rank``: its SLO
+    class's rank, higher is more important; ``counter``: its tenant's fair-share counter at
+    dispatch, higher is less important; ``arrival``: the gateway's arrival time of the request,
+    the same over its whole life (resumptions included), later is less important. Compared in
+    that order. Prefill runs the most important ready chunk first; decode preempts the least
+    important request first."""
+
+    rank: int = 0
+    counter: float = 0.0
+    arrival: float = 0.0
+
+    def to_priority(self) -> EnginePriority:
+        return EnginePriority(self.rank, self.counter, self.arrival)
+
+
 class KvTarget(msgspec.Struct, frozen=True):
     """Where a prefill worker ships a request's KV: the decode worker's data-plane address and the
     blocks it reserved for the request (from its ``Reserved`` frame), in sequence order."""
@@ -113,13 +145,20 @@ class KvTarget(msgspec.Struct, frozen=True):
 class PrefillRequest(msgspec.Struct, frozen=True):
     """Caller → prefill worker: compute the prompt, sample the first token, answer with it at once
     and ship the KV to ``target`` (no transfer when ``target`` is None or the first token already
-    ends the request). ``cache_salt`` scopes the prefix cache (the tenant; chosen by the server)."""
+    ends the request). ``cache_salt`` scopes the prefix cache (the tenant; chosen by the server).
+
+    ``num_prior_output_tokens``: the last k tokens of ``prompt_token_ids`` are the request's own
+    output from before a recompute preemption; sampling continues at output position k,
+    ``max_tokens`` counts them, and ``PrefillResult.num_prompt_tokens`` is the prompt without
+    them. ``target`` then holds blocks for the whole of ``prompt_token_ids`` plus one."""
 
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingSpec = SamplingSpec()
     cache_salt: bytes = b""
     target: KvTarget | None = None
+    priority: Priority = Priority()
+    num_prior_output_tokens: int = 0
 
 
 class PrefillResult(msgspec.Struct, frozen=True):
@@ -139,7 +178,9 @@ class PrefillResult(msgspec.Struct, frozen=True):
 class DecodeRequest(msgspec.Struct, frozen=True):
     """Caller → decode worker: reserve KV blocks for the prompt and stream the request's tokens
     once its KV arrives from a prefill worker. Answered by a frame stream that begins with
-    ``Reserved``, or by a 503 ``no_room`` error when there is no room."""
+    ``Reserved``, or by a 503 ``no_room`` error when there is no room (room a swapped-out request
+    at least as important waits for counts as taken).
+    ``num_prior_output_tokens`` as in ``PrefillRequest`` (the same value goes to both)."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -148,17 +189,21 @@ class DecodeRequest(msgspec.Struct, frozen=True):
     # The worker may hold tokens back this long to send them in one frame (a caller that does
     # not stream them on: fewer frames, less CPU on both ends). 0 sends each step's at once.
     flush_interval_s: float = 0.0
+    priority: Priority = Priority()
+    num_prior_output_tokens: int = 0
 
 
 class GenerateRequest(msgspec.Struct, frozen=True):
     """Caller → colocated worker: prefill and decode in one engine, no transfer; a frame stream of
-    tokens (the first token included)."""
+    tokens (the first token included). ``num_prior_output_tokens`` as in ``PrefillRequest``."""
 
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingSpec = SamplingSpec()
     cache_salt: bytes = b""
     flush_interval_s: float = 0.0  # as in ``DecodeRequest``
+    priority: Priority = Priority()
+    num_prior_output_tokens: int = 0
 
 
 class Reserved(msgspec.Struct, frozen=True, tag="reserved"):
@@ -171,7 +216,10 @@ class Reserved(msgspec.Struct, frozen=True, tag="reserved"):
 
 
 class TokenFrame(msgspec.Struct, frozen=True, tag="tokens"):
-    """New tokens of a request, with its running usage; the last one carries the finish reason."""
+    """New tokens of a request, with its running usage; the last one carries the finish reason.
+    Of a resumed request, ``num_prompt_tokens`` is the original prompt's and
+    ``num_output_tokens`` counts its earlier output too; ``num_cached_tokens`` counts the
+    resubmitted tokens (prompt and earlier output) the prefix cache served."""
 
     token_ids: list[int]
     finish_reason: FinishReasonWire | None = None
@@ -186,7 +234,45 @@ class ErrorFrame(msgspec.Struct, frozen=True, tag="error"):
     error: ErrorBody
 
 
-Frame = Reserved | TokenFrame | ErrorFrame
+class Preempted(msgspec.Struct, frozen=True, tag="preempted"):
+    """Decode or colocated worker → caller, the last frame of a request preempted by recompute:
+    its blocks are already free, and every token it sampled went out in ``TokenFrame``s before
+    this. Resume it with ``prompt + output so far``, ``num_prior_output_tokens =
+    num_output_tokens`` and ``seed`` as the sampling seed.
+
+    ``num_output_tokens`` counts every output token of the request so far, earlier ones (from
+    before a previous preemption) included. On ``/v1/decode`` a request preempted before its KV
+    landed has not seen its first token, which the prefill worker answered with: then this counts
+    the earlier ones only and ``seed`` is the request's ``sampling.seed`` (0 if it had none);
+    ``run_disaggregated`` corrects both from the ``PrefillResult``."""
+
+    num_output_tokens: int
+    seed: int
+
+
+Frame = Reserved | TokenFrame | ErrorFrame | Preempted
+
+
+class MakeRoomRequest(msgspec.Struct, frozen=True):
+    """Caller → decode or colocated worker (``POST /v1/make_room``): preempt requests strictly
+    less important than ``priority``, least important first (running ones, and reservations
+    whose KV has not landed), until ``num_tokens`` KV token slots are free or no such request is
+    left. The room is then held for a few seconds (or until a request at least as important as
+    ``priority`` arrives): less important requests already on the worker (swapped out, or queued
+    on a colocated worker) do not take it back meanwhile. Requests sent after this call are the
+    caller's own choice and are not held back."""
+
+    num_tokens: int
+    priority: Priority = Priority()
+
+
+class MakeRoomResult(msgspec.Struct, frozen=True):
+    """Decode or colocated worker → caller: KV token slots free now, and how many requests were
+    preempted (by the worker's mode; blocks a transfer is still landing in are freed when it
+    ends, so they are not in ``num_free_tokens`` yet)."""
+
+    num_free_tokens: int
+    num_preempted: int
 
 
 class AbortRequest(msgspec.Struct, frozen=True):
@@ -224,6 +310,11 @@ class WorkerLoad(msgspec.Struct, frozen=True):
     evicted_block_hashes: list[bytes] = []
     eviction_seq: int = 0
     evictions_missed: bool = False
+    # Preemptions by mode since the start (``num_preemptions`` is all of them), and requests
+    # whose KV waits in host memory now (swap mode; not in ``num_running``).
+    num_swapped_out: int = 0
+    num_handed_back: int = 0
+    num_swapped: int = 0
 
 
 class WorkerInfo(msgspec.Struct, frozen=True):
@@ -241,6 +332,7 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     kv_host: str = ""
     kv_port: int = 0
     protocol_version: int = PROTOCOL_VERSION
+    max_num_seqs: int = 0  # requests running or reserved at once (0: not said)
 
 
 class KvLayoutInfo(msgspec.Struct, frozen=True):

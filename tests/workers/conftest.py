@@ -98,7 +98,7 @@ async def wait_for_idle(worker: WorkerProcess, *, timeout_s: float) -> WorkerLoa
         load = await worker_load(worker)
         is_idle = (
             load.num_free_blocks == load.num_total_blocks
-            and load.num_running + load.num_waiting + load.num_reserved == 0
+            and load.num_running + load.num_waiting + load.num_reserved + load.num_swapped == 0
             and load.num_pending_transfers == 0
         )
         if is_idle:
