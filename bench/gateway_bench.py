@@ -35,7 +35,7 @@ from bench.report import log, print_result
 from deploy.stack import Stack, StackConfig, start_stack
 from gateway.config import GatewaySection
 from transfer.client import Connections, DecodeClient, PrefillClient, run_disaggregated
-from transfer.messages import SamplingSpec
+from transfer.messages import Preempted, SamplingSpec
 
 __all__ = ["run_gateway_bench"]
 
@@ -149,6 +149,8 @@ class _Load:
             sampling,
             flush_interval_s=UNSTREAMED_FLUSH_S,  # as the gateway asks for these requests
         ):
+            if isinstance(frame, Preempted):  # the bench's batch never fills the decode cache
+                raise RuntimeError("a direct request was preempted")
             num_tokens += len(frame.token_ids)
         elapsed = time.perf_counter() - start
         if num_tokens != OUTPUT_TOKENS:

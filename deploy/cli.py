@@ -113,6 +113,21 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also prefill: serve whole requests on /v1/generate (no transfer)",
     )
+    decode_worker.add_argument(
+        "--preemption",
+        choices=("recompute", "swap"),
+        default="recompute",
+        help="how a preempted request gives its KV blocks up: recompute hands it back to the "
+        "caller (a Preempted frame; it is re-prefilled elsewhere), swap parks its KV in host "
+        "memory and resumes it here (default: %(default)s)",
+    )
+    decode_worker.add_argument(
+        "--swap-space-gb",
+        type=float,
+        default=None,
+        help="GiB of host memory for swapped-out KV with --preemption swap (default: 1, or as "
+        "much as the device KV cache if that is smaller)",
+    )
 
     gateway = commands.add_parser(
         "gateway",
@@ -217,6 +232,21 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     bench_gateway.add_argument("--quick", action="store_true", help="shorter windows")
     bench_gateway.add_argument(
+        "--output", default=None, help="also write the JSON result to this file"
+    )
+    bench_isolation = bench_commands.add_parser(
+        "isolation",
+        help="the real stack (tiny model) under fcfs and vtc: three steady tenants' TTFT with "
+        "and without a fourth flooding at ten times their rate",
+    )
+    bench_isolation.add_argument(
+        "--policies", default="fcfs,vtc", help="comma-separated (default: %(default)s)"
+    )
+    bench_isolation.add_argument(
+        "--duration-s", type=float, default=30.0, help="length of each phase (default: %(default)s)"
+    )
+    bench_isolation.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    bench_isolation.add_argument(
         "--output", default=None, help="also write the JSON result to this file"
     )
     _add_bench_sched_parser(bench_commands)
@@ -414,6 +444,8 @@ def _generate_disaggregated(
 
     from deploy.launcher import WorkerSpec, start_workers
     from transfer.client import DecodeClient, PrefillClient, run_disaggregated
+    from transfer.errors import FairgateError
+    from transfer.messages import TokenFrame
 
     log_level = "info" if args.verbose else "warning"
     worker_args = ["--device", args.device, "--precision", args.precision, "--log-level", log_level]
@@ -432,6 +464,8 @@ def _generate_disaggregated(
             output_ids: list[int] = []
             frames = run_disaggregated(prefill, decode, uuid.uuid4().hex, prompt_ids, sampling)
             async for frame in frames:
+                if not isinstance(frame, TokenFrame):  # nothing else preempts this one request
+                    raise FairgateError("the request was preempted")
                 output_ids.extend(frame.token_ids)
             return output_ids
 
@@ -472,6 +506,8 @@ def _run_worker(args: argparse.Namespace) -> int:
         kv_timeout_s=args.kv_timeout,
         kv_wait_timeout_s=getattr(args, "kv_wait_timeout", 120.0),
         request_timeout_s=args.request_timeout,
+        preemption=getattr(args, "preemption", "recompute"),
+        swap_space_gib=getattr(args, "swap_space_gb", None),
     )
     if role == "prefill":
         from prefill_worker.service import PrefillService
@@ -551,6 +587,15 @@ def _run_bench(args: argparse.Namespace) -> int:
         from bench.gateway_bench import run_gateway_bench
 
         return run_gateway_bench(quick=args.quick, output=args.output)
+    if args.bench_command == "isolation":
+        from bench.isolation_bench import run_isolation_bench
+
+        return run_isolation_bench(
+            policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()),
+            duration_s=args.duration_s,
+            seed=args.seed,
+            output=args.output,
+        )
     if args.bench_command == "transfer":
         from bench.transfer_bench import run_transfer_bench
 

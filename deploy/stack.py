@@ -44,6 +44,7 @@ class StackConfig:
     host: str = "127.0.0.1"
     state_dir: Path = Path()
     worker_args: Sequence[str] = ()  # more `fairgate *-worker` flags for every worker
+    decode_worker_args: Sequence[str] = ()  # and for decode workers only (e.g. --preemption)
     gateway_args: Sequence[str] = ()  # more `fairgate gateway` flags
     env: dict[str, str] | None = None  # added to every child's environment
     ready_timeout_s: float = 600.0
@@ -91,7 +92,9 @@ def start_stack(config: StackConfig) -> Stack:
             for _ in range(config.num_prefill_workers)
         ),
         *(
-            WorkerSpec("decode", config.engine, config.worker_args, env)
+            WorkerSpec(
+                "decode", config.engine, [*config.worker_args, *config.decode_worker_args], env
+            )
             for _ in range(config.num_decode_workers)
         ),
     ]

@@ -248,8 +248,14 @@ async def _admit(
         cache_salt=cache_salt,
         received=received,
         flush_interval_s=0.0 if body.stream else gateway.config.gateway.unstreamed_flush_s,
+        class_rank=_class_rank(gateway, slo_class),
     )
     return _Run(body, tenant, slo_class, admission, generation, completion_id, int(time.time()))
+
+
+def _class_rank(gateway: Gateway, slo_class: str) -> int:
+    served_in = gateway.config.slo_class(slo_class)
+    return (served_in or gateway.config.lowest_class).rank
 
 
 def _slo_class(gateway: Gateway, request: Request, tenant: Tenant, body: GenerationRequest) -> str:

@@ -120,13 +120,33 @@ class Dispatcher:
         """``num_tokens`` more output tokens came from the request's decode worker."""
         self.policy.on_tokens(request, num_tokens, self.clock())
 
-    def decode_done(self, pair: WorkerPair, request: QueuedRequest, num_output_tokens: int) -> None:
-        """The request ended on its decode worker, whatever the outcome."""
-        pair.decode.inflight_requests -= 1
-        pair.decode.inflight_tokens -= request.num_prompt_tokens
-        pair.decode.is_full = False  # it freed blocks
-        self.policy.on_finish(request, num_output_tokens, self.clock())
+    def decode_done(
+        self,
+        pair: WorkerPair,
+        request: QueuedRequest,
+        num_output_tokens: int,
+        *,
+        finished: bool = True,
+    ) -> None:
+        """The request left its decode worker: it ended, whatever the outcome, or (``finished``
+        False) the worker handed it back to be queued again."""
+        decode = pair.decode
+        decode.inflight_requests -= 1
+        decode.inflight_tokens -= request.num_prompt_tokens
+        decode.is_full = False  # it freed blocks
+        decode.requests_ended_since_report += 1
+        decode.tokens_freed_since_report += request.num_prompt_tokens + max(1, num_output_tokens)
+        if finished:
+            self.policy.on_finish(request, num_output_tokens, self.clock())
         self.wake()
+
+    def tenant_counter(self, tenant_id: str) -> float:
+        """The tenant's fair-share counter in the policy (0 when it has none), for the priority
+        the workers order and preempt by."""
+        for state in self.policy.tenants():
+            if state.tenant_id == tenant_id:
+                return state.counter
+        return 0.0
 
     def wake(self) -> None:
         if not self._pass_scheduled:
@@ -166,6 +186,7 @@ class Dispatcher:
                 inflight_tokens=h.inflight_tokens,
                 free_kv_tokens=h.free_kv_tokens(),
                 prefill_tok_s=h.prefill_tok_s(),
+                free_slots=h.free_slots(),
             )
             for h in decode_handles.values()
         ]
@@ -205,6 +226,7 @@ class Dispatcher:
         decode.inflight_requests += 1
         decode.inflight_tokens += request.num_prompt_tokens
         decode.tokens_reserved_since_report += request.num_prompt_tokens + 1
+        decode.requests_placed_since_report += 1
         future.set_result(WorkerPair(prefill, decode))
 
 

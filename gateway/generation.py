@@ -5,9 +5,11 @@ of HTTP bodies.
 
     Generation.events():   str (text delta) … str, Finished
 
-Failures before any token reached the client are retried once on another placement (a decode
-worker with no room after all is the common case: it is marked full and the request goes back
-to the head of the queue). After the first token, a failure ends the request with its error.
+A decode worker with no room after all (the gateway's view of it was a report old) is marked
+full and the request goes back to the head of the queue, as often as it takes within the queue
+timeout. A worker that cannot be reached before any token reached the client is marked dead and
+the request placed again, up to ``MAX_PLACEMENTS`` times. After the first token, a failure ends
+the request with its error.
 Leaving the iteration early (a client that went away) closes the worker streams, which aborts
 the request on both workers. Torch-free.
 """
@@ -15,10 +17,13 @@ the request on both workers. Torch-free.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+
+import msgspec
 
 from engine.tokenizer import Tokenizer
 from gateway.dispatch import Dispatcher, WorkerPair
@@ -27,13 +32,22 @@ from gateway.streaming import TextStream
 from gateway.workers import WorkerRegistry
 from transfer.client import run_disaggregated
 from transfer.errors import FairgateError, NoRoomError, WorkerUnreachable
-from transfer.messages import GenerateRequest, SamplingSpec, TokenFrame
+from transfer.messages import GenerateRequest, Preempted, Priority, SamplingSpec, TokenFrame
 
 __all__ = ["Finished", "Generation", "TokenUsage"]
 
 logger = logging.getLogger(__name__)
 
-MAX_PLACEMENTS = 3  # a request is placed at most this often before its error is final
+MAX_PLACEMENTS = 3  # placements on unreachable workers before the error is final
+MAX_PREEMPTIONS = 64  # hand-backs of one request before it ends with an error
+
+
+class _Preempted(Exception):
+    """Raised out of a placement whose decode worker handed the request back."""
+
+    def __init__(self, preempted: Preempted) -> None:
+        super().__init__(f"preempted after {preempted.num_output_tokens} tokens")
+        self.preempted = preempted
 
 
 @dataclass(slots=True)
@@ -83,7 +97,10 @@ class Generation:
         cache_salt: bytes,
         received: float,
         flush_interval_s: float = 0.0,
+        class_rank: int = 0,
     ) -> None:
+        """``class_rank``: the rank of the class it is served in (the lowest when demoted), sent
+        to the workers with its priority."""
         self.queued = queued
         self.prompt_token_ids = prompt_token_ids
         self.sampling = sampling
@@ -92,13 +109,17 @@ class Generation:
         self.registry = registry
         self.cache_salt = cache_salt
         self.flush_interval_s = flush_interval_s
+        self.class_rank = class_rank
+        self.output_token_ids: list[int] = []  # every output token so far, over preemptions
+        self.num_preemptions = 0
         self.usage = TokenUsage(prompt_tokens=len(prompt_token_ids))
         self.timing = Timing(received=received)
         self.pair: WorkerPair | None = None
 
     async def events(self) -> AsyncGenerator[str | Finished]:
         requeue = False
-        for attempt in range(1, MAX_PLACEMENTS + 1):
+        num_unreachable = 0
+        for attempt in itertools.count(1):
             pair = await self.dispatcher.submit(self.queued, requeue=requeue)
             self.pair = pair
             if self.timing.placed is None:
@@ -110,31 +131,54 @@ class Generation:
                         sent_any = True
                         yield event
                 return
+            except _Preempted as exc:
+                # Handed back by the decode worker (recompute): back to the queue at its
+                # original arrival, then re-prefilled with its output so far; the client's
+                # stream just pauses.
+                self._resume_after(exc.preempted)
+                logger.info(
+                    "request %s: preempted after %d tokens, queued again",
+                    self.queued.request_id,
+                    exc.preempted.num_output_tokens,
+                )
             except NoRoomError:
+                # The gateway's view of the decode worker was stale: it is marked full until
+                # it frees something, and the request waits its turn again, within the time a
+                # request may wait for workers at all.
                 self.registry.mark_full(pair.decode)
-                if attempt == MAX_PLACEMENTS:
+                waited_s = time.monotonic() - self.timing.received
+                if waited_s > self.dispatcher.queue_timeout_s:
                     raise
             except WorkerUnreachable as exc:
                 self._mark_unreachable(pair, exc)
-                if sent_any or attempt == MAX_PLACEMENTS:
+                num_unreachable += 1
+                if sent_any or num_unreachable == MAX_PLACEMENTS:
                     raise
             requeue = True
             logger.info("request %s: placing again (attempt %d)", self.queued.request_id, attempt)
 
     async def _run_on(self, pair: WorkerPair) -> AsyncGenerator[str | Finished]:
-        """The request on one pair; the dispatcher's accounting is settled whatever happens."""
+        """The request on one pair; the dispatcher's accounting is settled whatever happens.
+        Raises ``_Preempted`` when the decode worker hands the request back."""
         prefill_pending = True
+        preempted = False
         started = time.monotonic()
         try:
             async with contextlib.aclosing(self._frames(pair)) as frames:
                 async for frame in frames:
+                    if isinstance(frame, Preempted):
+                        preempted = True
+                        raise _Preempted(frame)
                     if prefill_pending:
                         prefill_pending = False
                         self.dispatcher.prefill_done(pair, self.queued, frame.num_cached_tokens)
-                        self.timing.first_token = time.monotonic()
+                        if self.timing.first_token is None:
+                            self.timing.first_token = time.monotonic()
                     self.dispatcher.tokens_generated(self.queued, len(frame.token_ids))
-                    self.usage.cached_tokens = frame.num_cached_tokens
+                    if self.num_preemptions == 0:  # a resumption's prompt is not the client's
+                        self.usage.cached_tokens = frame.num_cached_tokens
                     self.usage.completion_tokens = frame.num_output_tokens
+                    self.output_token_ids += frame.token_ids
                     text = self.text.push(frame.token_ids)
                     if text:
                         yield text
@@ -153,32 +197,67 @@ class Generation:
             self.timing.worker_s += time.monotonic() - started
             if prefill_pending:
                 self.dispatcher.prefill_done(pair, self.queued)
-            self.dispatcher.decode_done(pair, self.queued, self.usage.completion_tokens)
+            self.dispatcher.decode_done(
+                pair, self.queued, self.usage.completion_tokens, finished=not preempted
+            )
             self.timing.finished = time.monotonic()
 
-    async def _frames(self, pair: WorkerPair) -> AsyncGenerator[TokenFrame]:
+    def _resume_after(self, preempted: Preempted) -> None:
+        """Make the request what its resumption sends: the prompt with the output so far, the
+        seed sampling used, and the queue entry to match (same arrival, so it keeps its place)."""
+        if preempted.num_output_tokens != len(self.output_token_ids):
+            raise WorkerUnreachable(
+                f"the decode worker preempted {self.queued.request_id} after "
+                f"{preempted.num_output_tokens} tokens; the gateway got "
+                f"{len(self.output_token_ids)}"
+            )
+        self.num_preemptions += 1
+        if self.num_preemptions > MAX_PREEMPTIONS:
+            raise WorkerUnreachable(
+                f"{self.queued.request_id} was preempted {self.num_preemptions} times; giving up"
+            )
+        self.sampling = msgspec.structs.replace(self.sampling, seed=preempted.seed)
+        resumed = [*self.prompt_token_ids, *self.output_token_ids]
+        self.queued.prompt_token_ids = resumed
+        self.queued.num_prompt_tokens = len(resumed)
+        self.queued.num_output_tokens = len(self.output_token_ids)
+
+    def _priority(self) -> Priority:
+        return Priority(
+            rank=self.class_rank,
+            counter=self.dispatcher.tenant_counter(self.queued.tenant_id),
+            arrival=self.queued.arrival,
+        )
+
+    async def _frames(self, pair: WorkerPair) -> AsyncGenerator[TokenFrame | Preempted]:
         request_id = self.queued.request_id
+        prompt = self.queued.prompt_token_ids or self.prompt_token_ids
+        num_prior = len(self.output_token_ids)
         if pair.prefill is None:
             request = GenerateRequest(
                 request_id,
-                self.prompt_token_ids,
+                prompt,
                 self.sampling,
                 self.cache_salt,
                 self.flush_interval_s,
+                self._priority(),
+                num_prior,
             )
             async with pair.decode.decode_client.generate(request) as stream:
                 async for frame in stream:
-                    if isinstance(frame, TokenFrame):
+                    if isinstance(frame, TokenFrame | Preempted):
                         yield frame
             return
         frames = run_disaggregated(
             pair.prefill.prefill_client,
             pair.decode.decode_client,
             request_id,
-            self.prompt_token_ids,
+            prompt,
             self.sampling,
             cache_salt=self.cache_salt,
             flush_interval_s=self.flush_interval_s,
+            priority=self._priority(),
+            num_prior_output_tokens=num_prior,
         )
         async with contextlib.aclosing(frames):
             async for frame in frames:

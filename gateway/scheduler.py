@@ -78,6 +78,7 @@ class WorkerView:
     max_inflight_tokens: int = 0
     free_kv_tokens: int = 0
     prefill_tok_s: float | None = None
+    free_slots: int | None = None  # decode: batch slots left (None: no limit known)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +193,10 @@ def place(
         prefill_worker = min(prefill_candidates, key=lambda w: w.inflight_tokens)
         prefill_worker.inflight_tokens += request.num_prompt_tokens
     decode_worker.free_kv_tokens -= needed_kv
+    if decode_worker.free_slots is not None:
+        decode_worker.free_slots -= 1
+        if decode_worker.free_slots <= 0:
+            decode_worker.free_kv_tokens = 0  # every policy's "does it fit" sees it full
     return Placement(
         request,
         None if prefill_worker is None else prefill_worker.worker_id,

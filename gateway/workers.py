@@ -73,9 +73,13 @@ class WorkerHandle:
     last_seen: float | None = None  # monotonic time of the last answer
     inflight_requests: int = 0
     inflight_tokens: int = 0
-    # decode: KV tokens reserved through the gateway since the last load report (the report does
-    # not count them yet), and whether the worker said "no room" since then.
+    # decode: what changed through the gateway since the last load report (the report does not
+    # count it yet): KV tokens reserved and freed, requests placed and ended; and whether the
+    # worker said "no room" since then.
     tokens_reserved_since_report: int = 0
+    tokens_freed_since_report: int = 0
+    requests_placed_since_report: int = 0
+    requests_ended_since_report: int = 0
     is_full: bool = False
     poll_failures: int = field(default=0)
     # The number of the next prefix-cache eviction to ask for; None until the first report.
@@ -109,12 +113,23 @@ class WorkerHandle:
             return None
         return self.load.prefill_tok_s
 
+    def free_slots(self) -> int | None:
+        """Decode: batch slots left, None when the worker does not say how many it has."""
+        if self.load is None or self.info is None or not self.info.max_num_seqs:
+            return None
+        taken = self.load.num_running + self.load.num_reserved
+        taken += self.requests_placed_since_report - self.requests_ended_since_report
+        return min(self.info.max_num_seqs, max(0, self.info.max_num_seqs - taken))
+
     def free_kv_tokens(self) -> int:
-        """Decode: KV token slots free now, as best the gateway can tell."""
-        if self.is_full or self.load is None or self.info is None:
+        """Decode: KV token slots free now, as best the gateway can tell; 0 when its batch
+        slots are all taken (``max_num_seqs``: a reservation needs one as much as it needs
+        blocks)."""
+        if self.is_full or self.load is None or self.info is None or self.free_slots() == 0:
             return 0
         free = self.load.num_free_blocks * self.info.block_size
-        return free - self.tokens_reserved_since_report
+        free += self.tokens_freed_since_report - self.tokens_reserved_since_report
+        return min(free, self.info.num_total_blocks * self.info.block_size)
 
     def status(self, now: float) -> WorkerStatus:
         return WorkerStatus(
@@ -270,7 +285,8 @@ class WorkerRegistry:
         handle.poll_failures = 0
         handle.last_seen = time.monotonic()
         handle.load = load
-        handle.tokens_reserved_since_report = 0
+        handle.tokens_reserved_since_report = handle.tokens_freed_since_report = 0
+        handle.requests_placed_since_report = handle.requests_ended_since_report = 0
         handle.is_full = False
         self._note_evictions(handle, load)
         if load.ready:

@@ -17,15 +17,13 @@ AdminCli = Callable[..., Any]
 
 
 def start_test_stack(state_dir: Path, **overrides: Any) -> Stack:
-    config = StackConfig(
-        engine="null",
-        port=0,
-        state_dir=state_dir,
-        worker_args=["--log-level", "warning"],
-        ready_timeout_s=120.0,
-        **overrides,
-    )
-    return start_stack(config)
+    settings: dict[str, Any] = {
+        "engine": "null",
+        "port": 0,
+        "worker_args": ["--log-level", "warning"],
+        "ready_timeout_s": 120.0,
+    }
+    return start_stack(StackConfig(state_dir=state_dir, **(settings | overrides)))
 
 
 @pytest.fixture(scope="module")

@@ -49,6 +49,17 @@ def test_place_needs_kv_room_for_the_prompt() -> None:
     assert place(_request("a", 100), [_prefill("p")], [_decode("d", 101)]) is not None
 
 
+def test_place_counts_a_decode_worker_s_batch_slots() -> None:
+    """A reservation takes a batch slot as much as it takes blocks: two slots left take two
+    requests, however much KV is free."""
+    decode = [WorkerView("d", free_kv_tokens=10**6, free_slots=2)]
+    prefill = [_prefill("p", cap=10**6)]
+    assert place(_request("a"), prefill, decode) is not None
+    assert place(_request("b"), prefill, decode) is not None
+    assert (decode[0].free_slots, decode[0].free_kv_tokens) == (0, 0)
+    assert place(_request("c"), prefill, decode) is None
+
+
 def test_colocated_placement_has_no_prefill_worker() -> None:
     placement = place(_request("a"), [], [_decode("c", 1000)])
     assert placement is not None
