@@ -14,6 +14,12 @@ the document: the hit rate (about 0.9) that the locality-aware policies reach he
 trace overloads even them.
 Arrivals are Poisson. ``overload`` (default 2.0) keeps every tenant of every scenario backlogged
 under a fair policy: the smallest stream share of any scenario is above its fair share at 2×.
+
+A stream with a ``load`` is not scaled with the others: it offers that fraction of what the
+cluster completes of *its own* requests per second (``stream_capacity_req_s``), whatever
+``overload`` is. That is how a scenario says "well below capacity" (the interactive tenants of
+``slo_mix``, the well-behaved tenants of ``prefix_heavy``) while the others (the batch flood, the
+misbehaving tenant) are scaled to ``overload`` times capacity as above.
 """
 
 from __future__ import annotations
@@ -25,7 +31,15 @@ from dataclasses import dataclass
 from bench.latency_model import LatencyModel
 from bench.sim import ClusterSpec, TenantSpec, Trace, TraceRequest
 
-__all__ = ["SCENARIOS", "Scenario", "Stream", "build_trace", "capacity_req_s"]
+__all__ = [
+    "SCENARIOS",
+    "Scenario",
+    "Stream",
+    "build_trace",
+    "capacity_of",
+    "capacity_req_s",
+    "stream_capacity_req_s",
+]
 
 _TOKEN_LOW, _TOKEN_HIGH = 1000, 49152  # ordinary ids of the default model's vocabulary
 _PREFIX_MISS_RATE = 0.1  # for the capacity estimate: see the module docstring
@@ -46,6 +60,7 @@ class Stream:
     num_documents: int = 0
     document_tokens: int = 0
     on_off_s: float | None = None  # on for this long, then off as long, from t = 0
+    load: float | None = None  # a fixed fraction of capacity (module docstring), not scaled
 
     @property
     def duty(self) -> float:
@@ -71,22 +86,39 @@ def _uniform(name: str, rates: list[float], weights: list[float] | None = None) 
     ]
 
 
+# The DLPM paper's setting: well-behaved clients send at a sustainable rate, a misbehaving one
+# floods. Each well-behaved tenant offers 10% of the estimated capacity for its requests, which
+# stays under its fair quarter of what the cluster really completes (the estimate assumes a 90%
+# hit rate; measured with 8 workers: 70-80%, so at 15% each they were backlogged under d2lpm);
+# the misbehaving one sends 8 times as many requests as each (prefix_heavy: 80% of the estimate,
+# above what is left) or as many requests with documents twice as long (prefix_heavy_long, where
+# it is scaled to ``overload``: its larger requests are the flood).
+_WELL_BEHAVED_LOAD = 0.1
+_MISBEHAVING_RATE_FACTOR = 8
+
+
 def _prefix_heavy(long_tenant: bool) -> list[Stream]:
     """Four document-QA tenants: six documents each of 2048 tokens (48k tokens in all, more
     than one prefill worker's cache); questions of 64 tokens, answers of 32. Tenant ``qa0``
-    misbehaves: eight times the rate (the others then ask for less than their fair share), or
-    (``long_tenant``) documents twice as long."""
+    misbehaves (see above)."""
     streams = []
     for i in range(4):
         misbehaves = i == 0
+        if not misbehaves:
+            load: float | None = _WELL_BEHAVED_LOAD
+        elif long_tenant:
+            load = None  # scaled to overload
+        else:
+            load = _MISBEHAVING_RATE_FACTOR * _WELL_BEHAVED_LOAD
         streams.append(
             Stream(
                 f"qa{i}",
-                rate=8.0 if misbehaves and not long_tenant else 1.0,
+                rate=1.0,
                 prompt_tokens=64,
                 output_tokens=32,
                 num_documents=6,
                 document_tokens=4096 if misbehaves and long_tenant else 2048,
+                load=load,
             )
         )
     return streams
@@ -125,25 +157,27 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "prefix_heavy",
             "document QA: 4 tenants with 6 shared 2048-token documents each, 64-token "
-            "questions, 32-token answers; qa0 sends 8x the requests",
+            "questions, 32-token answers; qa1-qa3 at a sustainable 15% of capacity each, qa0 "
+            "floods with 8x their requests",
             _prefix_heavy(long_tenant=False),
             duration_s=300.0,
         ),
         Scenario(
             "prefix_heavy_long",
-            "as prefix_heavy, all at the same rate, but qa0's documents are 4096 tokens",
+            "as prefix_heavy, but qa0 sends longer prefixes (4096-token documents) at the "
+            "overload rate instead of more requests",
             _prefix_heavy(long_tenant=True),
             duration_s=300.0,
         ),
         Scenario(
             "slo_mix",
-            "3 interactive tenants (96-token prompts, 64-token answers) under a flood of "
-            "batch-class 1536-token prompts (128-token answers)",
+            "3 interactive tenants (96-token prompts, 64-token answers) at 10% of capacity "
+            "each under a flood of batch-class 1536-token prompts (128-token answers)",
             [
-                Stream("chat0", 0.5, 96, 64, slo_class="interactive"),
-                Stream("chat1", 0.5, 96, 64, slo_class="interactive"),
-                Stream("chat2", 0.5, 96, 64, slo_class="interactive"),
-                Stream("bulk", 3.0, 1536, 128, slo_class="batch"),
+                Stream("chat0", 1.0, 96, 64, slo_class="interactive", load=0.1),
+                Stream("chat1", 1.0, 96, 64, slo_class="interactive", load=0.1),
+                Stream("chat2", 1.0, 96, 64, slo_class="interactive", load=0.1),
+                Stream("bulk", 1.0, 1536, 128, slo_class="batch"),
             ],
             duration_s=300.0,
         ),
@@ -184,17 +218,15 @@ def capacity_req_s(
     return min(prefill_req_s, decode_req_s)
 
 
-def rate_scale(
-    scenario: Scenario, model: LatencyModel, cluster: ClusterSpec, overload: float
-) -> float:
-    """The factor that turns the scenario's nominal rates into overload × capacity."""
-    demand = [s.rate * s.duty for s in scenario.streams]
+def capacity_of(streams: list[Stream], model: LatencyModel, cluster: ClusterSpec) -> float:
+    """Requests/s the cluster completes of the streams' demand-weighted average request."""
+    demand = [s.rate * s.duty for s in streams]
     total = sum(demand)
 
     def mean(value: Callable[[Stream], float]) -> float:
-        return sum(d * value(s) for d, s in zip(demand, scenario.streams, strict=True)) / total
+        return sum(d * value(s) for d, s in zip(demand, streams, strict=True)) / total
 
-    capacity = capacity_req_s(
+    return capacity_req_s(
         model,
         cluster,
         prompt_tokens=mean(lambda s: s.document_tokens + s.prompt_tokens),
@@ -203,7 +235,29 @@ def rate_scale(
         ),
         output_tokens=mean(lambda s: s.output_tokens),
     )
-    return overload * capacity / total
+
+
+def stream_capacity_req_s(stream: Stream, model: LatencyModel, cluster: ClusterSpec) -> float:
+    """What the cluster completes per second of this stream's requests alone."""
+    return capacity_of([stream], model, cluster)
+
+
+def rate_scale(
+    scenario: Scenario, model: LatencyModel, cluster: ClusterSpec, overload: float
+) -> float:
+    """The factor that turns the nominal rates of the streams without a ``load`` into
+    overload × capacity (1.0 when every stream has one)."""
+    scaled = [s for s in scenario.streams if s.load is None]
+    if not scaled:
+        return 1.0
+    return overload * capacity_of(scaled, model, cluster) / sum(s.rate * s.duty for s in scaled)
+
+
+def stream_rate(stream: Stream, scale: float, model: LatencyModel, cluster: ClusterSpec) -> float:
+    """Requests/s of ``stream`` while on: its ``load`` of its capacity, else nominal × scale."""
+    if stream.load is not None:
+        return stream.load * stream_capacity_req_s(stream, model, cluster) / stream.duty
+    return stream.rate * scale
 
 
 def build_trace(
@@ -222,7 +276,8 @@ def build_trace(
     scale = rate_scale(scenario, model, cluster, overload)
     requests: list[TraceRequest] = []
     for stream in scenario.streams:
-        requests.extend(_stream_requests(stream, stream.rate * scale, duration, seed))
+        rate = stream_rate(stream, scale, model, cluster)
+        requests.extend(_stream_requests(stream, rate, duration, seed))
     requests.sort(key=lambda r: (r.arrival, r.request_id))
     tenants = [TenantSpec(s.tenant_id, s.weight) for s in scenario.streams]
     return Trace(scenario.name, tenants, requests, duration)

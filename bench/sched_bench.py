@@ -21,6 +21,13 @@ tokens × w_in + output tokens × w_out, divided by the tenant's weight where no
 - ``p99_ttft_s``: per tenant, over completed requests;
 - ``slo_attainment``: per class, the fraction of requests that completed within the class's TTFT
   and TPOT targets (``gateway.config.DEFAULT_SLO_CLASSES``); rejected and unserved ones miss;
+  ``ttft_attainment`` and ``tpot_attainment`` the same for each target alone (TPOT: mean time
+  per output token after the first, from the simulated decode steps);
+- ``class_load``: per class, the requests/s completed within the duration as a fraction of what
+  the cluster completes of that class's requests alone (``bench.scenarios.stream_capacity_req_s``
+  of its streams' average request); ``batch_use_of_leftover``: ``class_load["batch"] / (1 −
+  class_load["interactive"])``, how much of the capacity the interactive class leaves the batch
+  class uses (scenarios with both classes);
 - ``cache_hit_rate``: cached prompt tokens / prompt tokens of the requests prefilled;
 - ``service_share``: per tenant, its share of all service (not normalized).
 """
@@ -36,7 +43,7 @@ from typing import Any
 
 from bench.latency_model import DEFAULT_MODEL_PATH, LatencyModel, fit
 from bench.report import log, print_result
-from bench.scenarios import SCENARIOS, build_trace
+from bench.scenarios import SCENARIOS, Scenario, build_trace, capacity_of
 from bench.sim import ClusterSpec, SimResult, Simulator, Trace
 from gateway.config import DEFAULT_SLO_CLASSES, SloClass
 from gateway.policies import POLICY_NAMES, PolicySettings, make_policy
@@ -62,7 +69,10 @@ def run_policy(
 
 
 def policy_metrics(
-    result: SimResult, settings: PolicySettings, slo_classes: Sequence[SloClass] | None = None
+    result: SimResult,
+    settings: PolicySettings,
+    slo_classes: Sequence[SloClass] | None = None,
+    class_capacity_req_s: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     trace = result.trace
     weights = {t.tenant_id: t.weight for t in trace.tenants}
@@ -75,7 +85,8 @@ def policy_metrics(
     in_window = [r for r in completed if r.finish_s is not None and r.finish_s <= trace.duration_s]
     prefilled = [r for r in records if r.first_token_s is not None]
     total_service = sum(series[-1] for series in result.service.values())
-    return {
+    slo_classes = slo_classes or DEFAULT_SLO_CLASSES
+    metrics = {
         "max_service_diff": round(_max_service_diff(normalized, result.backlogged), 1),
         "bound": round(_bound(result, settings) / min(weights.values()), 1),
         "jain": round(_jain(normalized, result.backlogged), 4),
@@ -87,7 +98,9 @@ def policy_metrics(
             tenant_id: _p99([_ttft(r) for r in completed if r.tenant_id == tenant_id])
             for tenant_id in weights
         },
-        "slo_attainment": _slo_attainment(records, slo_classes or DEFAULT_SLO_CLASSES),
+        "slo_attainment": _slo_attainment(records, slo_classes),
+        "ttft_attainment": _slo_attainment(records, slo_classes, check_tpot=False),
+        "tpot_attainment": _slo_attainment(records, slo_classes, check_ttft=False),
         "cache_hit_rate": round(
             sum(r.num_cached_tokens for r in prefilled)
             / max(1, sum(r.num_prompt_tokens for r in prefilled)),
@@ -102,6 +115,32 @@ def policy_metrics(
         "unserved": sum(r.outcome == "unserved" for r in records),
         "requeues": sum(r.num_requeues for r in records),
         "evicted_blocks": result.num_evicted_blocks,
+    }
+    if class_capacity_req_s:
+        load = {
+            name: round(
+                sum(r.slo_class == name for r in in_window) / trace.duration_s / capacity, 4
+            )
+            for name, capacity in class_capacity_req_s.items()
+        }
+        metrics["class_load"] = load
+        if "batch" in load and "interactive" in load:
+            leftover = 1.0 - load["interactive"]
+            metrics["batch_use_of_leftover"] = (
+                round(load["batch"] / leftover, 4) if leftover > 0 else None
+            )
+    return metrics
+
+
+def class_capacity_req_s(
+    scenario: Scenario, model: LatencyModel, cluster: ClusterSpec
+) -> dict[str, float]:
+    """Per SLO class of the scenario: requests/s the cluster completes of its streams' average
+    request (the streams' nominal rates weight the average)."""
+    classes = sorted({s.slo_class for s in scenario.streams})
+    return {
+        name: capacity_of([s for s in scenario.streams if s.slo_class == name], model, cluster)
+        for name in classes
     }
 
 
@@ -169,15 +208,23 @@ def _jain(
     return sum(indices) / len(indices) if indices else 1.0
 
 
-def _slo_attainment(records: Sequence[Any], slo_classes: Sequence[SloClass]) -> dict[str, float]:
+def _slo_attainment(
+    records: Sequence[Any],
+    slo_classes: Sequence[SloClass],
+    *,
+    check_ttft: bool = True,
+    check_tpot: bool = True,
+) -> dict[str, float]:
     targets = {c.name: c for c in slo_classes}
     met: dict[str, list[bool]] = {}
     for record in records:
         slo = targets.get(record.slo_class)
         if slo is None:
             continue
-        ok = record.outcome == "completed" and _ttft(record) <= slo.ttft_target_s
-        if ok and slo.tpot_target_s is not None and record.num_output_tokens > 1:
+        ok = record.outcome == "completed"
+        if ok and check_ttft:
+            ok = _ttft(record) <= slo.ttft_target_s
+        if ok and check_tpot and slo.tpot_target_s is not None and record.num_output_tokens > 1:
             tpot = (record.finish_s - record.first_token_s) / (record.num_output_tokens - 1)
             ok = tpot <= slo.tpot_target_s
         met.setdefault(record.slo_class, []).append(ok)
@@ -216,6 +263,7 @@ def run_sched_bench(
         f"bench sched: {scenario}, {len(trace.requests)} requests over {trace.duration_s:g} s, "
         f"{num_prefill_workers} prefill + {num_decode_workers} decode workers, seed {seed}"
     )
+    class_capacity = class_capacity_req_s(SCENARIOS[scenario], model, cluster)
     figures: dict[str, dict[str, Any]] = {}
     results: list[SimResult] = []
     for name in policies:
@@ -227,7 +275,7 @@ def run_sched_bench(
             figures[name] = {"error": f"not available: {exc}"}
             continue
         wall_s = time.perf_counter() - start
-        metrics = policy_metrics(result, settings)
+        metrics = policy_metrics(result, settings, class_capacity_req_s=class_capacity)
         figures[name] = metrics
         results.append(result)
         log(

@@ -15,9 +15,14 @@ What is real and what is modelled:
   token ids and prefix caching is keyed by ``engine.block_manager.block_hashes`` over the
   request's ``cache_salt``, so tenant-scoped hash chains hit exactly when they would.
 - Modelled: step times (``bench.latency_model``). A prefill worker runs the engine's step shape:
-  FIFO admission, chunks of at most ``prefill_chunk_tokens`` per request within
-  ``prefill_step_tokens`` per step; its prefix cache is an LRU over block hashes bounded to
-  ``prefix_cache_blocks``, and what it evicts is reported with ``on_evicted``. A decode worker
+  chunks of at most ``prefill_chunk_tokens`` per request within ``prefill_step_tokens`` per
+  step, and between steps the highest-priority ready chunks first (``scheduling.md`` §6:
+  highest class rank, then lowest tenant counter, then earliest arrival; the counter is the
+  tenant's service so far divided by its weight), admitting waiting requests in that order
+  too, so a short interactive prompt does not wait behind a long batch prompt
+  (``ClusterSpec.chunk_priority``; off: the engine's old FIFO admission, running first). Its
+  prefix cache is an LRU over block hashes bounded to ``prefix_cache_blocks``, and what it
+  evicts is reported with ``on_evicted``. A decode worker
   holds ``prompt + max_tokens`` KV tokens per request from placement to finish (so it never
   preempts) and decodes every request it holds in one step. Requests generate exactly
   ``max_tokens`` tokens.
@@ -37,11 +42,13 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from bench.latency_model import LatencyModel
 from engine.block_manager import block_hashes
+from gateway.config import DEFAULT_SLO_CLASSES, SloClass
 from gateway.scheduler import (
     Placement,
     QueuedRequest,
@@ -121,6 +128,7 @@ class ClusterSpec:
     max_inflight_tokens: int = 8192  # the gateway's default per prefill worker
     decode_kv_tokens: int = 16384  # per decode worker
     decode_max_seqs: int = 64
+    chunk_priority: bool = True  # §6 chunk order on the prefill workers (the engine's)
 
 
 @dataclass(slots=True)
@@ -168,12 +176,15 @@ class _Job:
     hashes: list[bytes] = field(default_factory=list)
     num_computed: int = 0
     num_registered_blocks: int = 0
+    is_admitted: bool = False  # by its prefill worker: it holds its cached prefix
     prefill: _PrefillWorker | None = None
     decode: _DecodeWorker | None = None
 
 
 class _PrefillWorker:
-    """Chunked prefill over FIFO admission, with an LRU prefix cache of block hashes."""
+    """Chunked prefill, with an LRU prefix cache of block hashes. ``plan_step`` takes the
+    jobs in priority order (a sort key per job, given by the simulator) or, without one,
+    running first then FIFO admission."""
 
     def __init__(self, index: int, cluster: ClusterSpec) -> None:
         self.index = index
@@ -195,8 +206,13 @@ class _PrefillWorker:
     def prefill_tok_s(self) -> float | None:
         return self.num_computed_tokens / self.busy_s if self.busy_s > 0 else None
 
-    def plan_step(self) -> list[tuple[_Job, int]]:
-        """The runs of the next step (the engine's order: running first, then admissions)."""
+    def plan_step(
+        self, priority: Callable[[_Job], tuple[float, float, float]] | None = None
+    ) -> list[tuple[_Job, int]]:
+        """The runs of the next step: with ``priority`` (smaller first), the best ready
+        chunks among running and waiting jobs; else running first, then FIFO admissions."""
+        if priority is not None:
+            return self._plan_by_priority(priority)
         budget = self.cluster.prefill_step_tokens
         chunk = self.cluster.prefill_chunk_tokens
         runs: list[tuple[_Job, int]] = []
@@ -216,10 +232,34 @@ class _PrefillWorker:
         self.step_runs = runs
         return runs
 
+    def _plan_by_priority(
+        self, priority: Callable[[_Job], tuple[float, float, float]]
+    ) -> list[tuple[_Job, int]]:
+        budget = self.cluster.prefill_step_tokens
+        chunk = self.cluster.prefill_chunk_tokens
+        num_free_seqs = self.cluster.prefill_max_seqs - len(self.running)
+        runs: list[tuple[_Job, int]] = []
+        for job in sorted([*self.running, *self.waiting], key=priority):
+            if budget == 0:
+                break
+            if not job.is_admitted:  # waiting: admit it if a sequence slot is free
+                if num_free_seqs == 0:
+                    continue
+                num_free_seqs -= 1
+                self.waiting.remove(job)
+                self._admit(job)
+                self.running.append(job)
+            count = min(job.request.num_prompt_tokens - job.num_computed, chunk, budget)
+            runs.append((job, count))
+            budget -= count
+        self.step_runs = runs
+        return runs
+
     def _admit(self, job: _Job) -> None:
         """Take the cached prefix, as ``LLMEngine._admit`` does: a fully cached prompt
         recomputes its last block so there are logits to sample."""
         request = job.request
+        job.is_admitted = True
         job.hashes = block_hashes(
             request.prompt_token_ids, self.cluster.block_size, request.cache_salt
         )
@@ -302,6 +342,7 @@ class Simulator:
         w_in: float = 1.0,
         w_out: float = 2.0,
         num_samples: int = 500,
+        slo_classes: Sequence[SloClass] = DEFAULT_SLO_CLASSES,
     ) -> None:
         self.policy = policy
         self.trace = trace
@@ -315,6 +356,7 @@ class Simulator:
         self._prefill_by_id = {w.worker_id: w for w in self.prefill}
         self._decode_by_id = {w.worker_id: w for w in self.decode}
         self._weights = {t.tenant_id: t.weight for t in trace.tenants}
+        self._class_ranks = {c.name: c.rank for c in slo_classes}
         self._events: list[tuple[float, int, int, int]] = []  # (time, seq, kind, worker index)
         self._seq = 0
         self._queued: dict[str, _Job] = {}
@@ -511,8 +553,15 @@ class Simulator:
 
     # ---- workers --------------------------------------------------------------------------
 
+    def _chunk_priority(self, job: _Job) -> tuple[float, float, float]:
+        """§6: highest class rank, then lowest tenant counter, then earliest arrival."""
+        request = job.request
+        counter = self._service[request.tenant_id] / self._weights[request.tenant_id]
+        return (-self._class_ranks.get(request.slo_class, 0), counter, request.arrival)
+
     def _start_prefill_step(self, worker: _PrefillWorker, now: float) -> None:
-        runs = worker.plan_step()
+        priority = self._chunk_priority if self.cluster.chunk_priority else None
+        runs = worker.plan_step(priority)
         if not runs:
             return
         num_tokens = sum(count for _, count in runs)

@@ -39,16 +39,18 @@ Torch-free.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import operator
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar, cast
 
+from engine.block_manager import block_hashes
 from gateway.config import DEFAULT_SLO_CLASSES, SloClass
-from gateway.prefix_index import PrefixIndex, PrefixMatcher
+from gateway.prefix_index import PrefixIndex, PrefixPath
 from gateway.scheduler import (
     Decision,
     FcfsPolicy,
@@ -121,9 +123,13 @@ class _Entry:
     deadline: float  # arrival + the class's TTFT target
     is_charged: bool = False
     is_queued: bool = True
-    matcher: PrefixMatcher | None = None
-    best_key: tuple[int, int, int] | None = None  # what ``lpm_order`` was computed from
+    hashes: list[bytes] | None = None  # the prompt's block hash chain (indexed policies)
+    path: PrefixPath | None = None  # the chain followed in the prefix index while queued
     lpm_order: tuple[int, float] = (0, 0.0)  # (-longest match over the workers, arrival)
+    kind: tuple[str, int] = field(init=False)  # (tenant, prompt tokens): see ``DlpmPolicy``
+
+    def __post_init__(self) -> None:
+        self.kind = (self.request.tenant_id, self.request.num_prompt_tokens)
 
 
 @dataclass(slots=True, eq=False)
@@ -403,6 +409,12 @@ class _FairPolicy(Generic[LaneT]):
     def _left(self, lane: LaneT, tenant_id: str) -> None:
         pass
 
+    def _queued_entry(self, entry: _Entry) -> None:
+        """``entry`` joined its lane's queues (``_put``)."""
+
+    def _dequeued_entry(self, entry: _Entry) -> None:
+        """``entry`` left the queues (``_take``)."""
+
     def _serve(self, lane: LaneT, run: _Pass) -> None:
         raise NotImplementedError
 
@@ -451,6 +463,7 @@ class _FairPolicy(Generic[LaneT]):
             queue.move_to_end(request.request_id, last=False)
         lane.num_queued_tokens += request.num_prompt_tokens
         self._entries[request.request_id] = entry
+        self._queued_entry(entry)
         self._num_queued[tenant_id] = self._num_queued.get(tenant_id, 0) + 1
         self._idle_since.pop(tenant_id, None)
 
@@ -467,6 +480,7 @@ class _FairPolicy(Generic[LaneT]):
         lane.num_queued_tokens -= request.num_prompt_tokens
         del self._entries[request.request_id]
         entry.is_queued = False
+        self._dequeued_entry(entry)
         self._num_queued[tenant_id] -= 1
         if self._num_queued[tenant_id] == 0:
             del self._num_queued[tenant_id]
@@ -682,57 +696,67 @@ class _IndexedPolicy(_FairPolicy[LaneT]):
     def __init__(self, settings: PolicySettings) -> None:
         super().__init__(settings)
         self._index = PrefixIndex(settings.prefix_index_blocks)
-        # What a request's longest match depends on, so that it is recomputed only when one
-        # changed (``_refresh_order``): the set of workers, reported evictions, and chains
-        # inserted under the request's salt (other salts' chains can never match it). LRU
-        # pruning is left out: it happens on nearly every insert once the index is full, and
-        # it removes the least recently used blocks; the order may use a match from before
-        # it, but placement and charges always use the exact one (``_dispatch_to``).
-        self._worker_ids: tuple[str, ...] = ()
-        self._workers_epoch = 0
-        self._insert_clock = 0
-        self._salt_inserted_at: dict[bytes, int] = {}
+        # Every queued prompt is tracked in the index (``PrefixIndex.track``), which says whose
+        # longest match may have changed; ``lpm_order`` is kept up to date from that
+        # (``_refresh_orders``), over the index's workers while they are all in the pass's
+        # locality views (those not in the index hold nothing), else (a worker went away)
+        # over the views' workers, as a scan would.
+        self._worker_ids: frozenset[str] = frozenset()
+        self._is_index_local = True
 
     def on_evicted(self, worker_id: str, block_hashes: Sequence[bytes]) -> None:
         self._index.evict(worker_id, block_hashes)
 
+    def _queued_entry(self, entry: _Entry) -> None:
+        request = entry.request
+        block_size = self.settings.block_size
+        if entry.hashes is None:
+            entry.hashes = block_hashes(request.prompt_token_ids, block_size, request.cache_salt)
+        # An engine recomputes the last block of a fully cached prompt (``PrefixMatcher``).
+        max_blocks = max(0, (request.num_prompt_tokens - 1) // block_size)
+        entry.path = self._index.track(entry.hashes, max_blocks, entry)
+        entry.lpm_order = (-self._longest(entry), request.arrival)
+        self._lpm_queued(entry)
+
+    def _dequeued_entry(self, entry: _Entry) -> None:
+        if entry.path is not None:
+            self._index.untrack(entry.path)
+            entry.path = None
+
+    def _lpm_queued(self, entry: _Entry) -> None:
+        """Hook: ``entry`` was queued with its ``lpm_order``."""
+
+    def _lpm_reordered(self, entry: _Entry) -> None:
+        """Hook: the ``lpm_order`` of the queued ``entry`` changed."""
+
     def _cached_tokens(self, entry: _Entry, worker_id: str) -> int:
-        if entry.matcher is None:
-            request = entry.request
-            entry.matcher = PrefixMatcher(
-                request.prompt_token_ids,
-                request.num_prompt_tokens,
-                self.settings.block_size,
-                request.cache_salt,
-            )
-        return entry.matcher.num_cached_tokens(self._index, worker_id)
+        assert entry.path is not None  # queued
+        return entry.path.num_blocks_at(worker_id) * self.settings.block_size
 
-    def _refresh_order(self, entry: _Entry, run: _Pass) -> None:
-        """``entry.lpm_order`` for ``run.locality`` (``_note_workers`` must have seen it)."""
-        key = (
-            self._index.num_evictions_total,
-            self._workers_epoch,
-            self._salt_inserted_at.get(entry.request.cache_salt, 0),
-        )
-        if entry.best_key != key:
-            entry.best_key = key
-            longest = max(
-                (self._cached_tokens(entry, w.worker_id) for w in run.locality), default=0
-            )
-            entry.lpm_order = (-longest, entry.request.arrival)
+    def _longest(self, entry: _Entry) -> int:
+        assert entry.path is not None
+        if self._is_index_local:
+            return entry.path.longest() * self.settings.block_size
+        return max((self._cached_tokens(entry, w) for w in self._worker_ids), default=0)
 
-    def _note_workers(self, run: _Pass) -> None:
-        worker_ids = tuple(w.worker_id for w in run.locality)
+    def _refresh_orders(self, run: _Pass) -> None:
+        """Bring ``lpm_order`` up to date for ``run.locality``: the entries whose longest match
+        an index change may have altered, or every entry when the workers changed."""
+        worker_ids = frozenset(w.worker_id for w in run.locality)
         if worker_ids != self._worker_ids:
             self._worker_ids = worker_ids
-            self._workers_epoch += 1
-
-    def _forget_idle(self, now: float) -> None:
-        if now >= self._next_sweep_s:
-            # Dropping every salt's mark is always safe (matches are recomputed once), and
-            # keeps the marks bounded.
-            self._salt_inserted_at.clear()
-        super()._forget_idle(now)
+            self._is_index_local = self._index.worker_ids() <= worker_ids
+            self._index.take_changed()
+            entries: Iterable[_Entry] = list(self._entries.values())
+        else:
+            entries = (cast(_Entry, path.owner) for path in self._index.take_changed())
+        for entry in entries:
+            if not entry.is_queued:
+                continue
+            order = (-self._longest(entry), entry.request.arrival)
+            if order != entry.lpm_order:
+                entry.lpm_order = order
+                self._lpm_reordered(entry)
 
     def _candidates(self, entry: _Entry, run: _Pass) -> list[WorkerView]:
         is_colocated = not run.prefill
@@ -742,6 +766,9 @@ class _IndexedPolicy(_FairPolicy[LaneT]):
         candidates = self._candidates(entry, run)
         if not candidates:
             return None
+        return self._most_cached(entry, candidates)
+
+    def _most_cached(self, entry: _Entry, candidates: list[WorkerView]) -> WorkerView:
         return max(
             candidates,
             key=lambda w: (
@@ -772,12 +799,10 @@ class _IndexedPolicy(_FairPolicy[LaneT]):
             request, placement.prefill_worker_id, placement.decode_worker_id, num_cached
         )
         run.add(placement)
-        assert entry.matcher is not None  # made by _cached_tokens
-        self._index.insert(worker.worker_id, entry.matcher.hashes)
-        self._insert_clock += 1
-        self._salt_inserted_at[request.cache_salt] = self._insert_clock
-        entry.matcher = None  # the chain is no longer needed: free it
+        assert entry.hashes is not None  # made when it was queued
+        self._index.insert(worker.worker_id, entry.hashes)
         self._placed(entry, placement, worker.worker_id, num_cached)
+        entry.hashes = None  # the chain is no longer needed: free it
         return True
 
     def _charge_prompt(self, entry: _Entry, worker_id: str | None, num_cached: int) -> None:
@@ -824,6 +849,7 @@ class RrLpmPolicy(_IndexedPolicy[_RrLane]):
         lane.order.remove(tenant_id)
 
     def _serve(self, lane: _RrLane, run: _Pass) -> None:
+        self._index.take_changed()  # no LPM order to keep: round-robin picks the tenant
         num_misses = 0  # turns in a row that placed nothing: a whole round of them ends the pass
         while lane.order and num_misses < len(lane.order) and run.has_room():
             tenant_id = lane.order[0]
@@ -890,13 +916,27 @@ class _Deficits:
 
 
 class _LpmLane(_Lane):
-    """DLPM state of one class: deficits per gate (the pool for DLPM, a worker for D²LPM)."""
+    """DLPM state of one class: deficits per gate (the pool for DLPM, a worker for D²LPM), and
+    the class's queued entries in LPM order (``ordered``, kept across passes: arrivals are
+    inserted in place, and it is re-sorted only when some entry's order changed; entries that
+    left stay until then and are skipped)."""
 
-    __slots__ = ("gates",)
+    __slots__ = ("gates", "is_unsorted", "num_gone", "ordered")
 
     def __init__(self, slo: SloClass) -> None:
         super().__init__(slo)
         self.gates: dict[str, _Deficits] = {}
+        self.ordered: list[_Entry] = []
+        self.is_unsorted = False
+        self.num_gone = 0
+
+    def in_order(self) -> list[_Entry]:
+        if self.is_unsorted or self.num_gone > len(self.ordered) // 2:
+            self.ordered = [entry for entry in self.ordered if entry.is_queued]
+            self.ordered.sort(key=_LPM_ORDER)
+            self.is_unsorted = False
+            self.num_gone = 0
+        return self.ordered
 
     def gate(self, key: str) -> _Deficits:
         deficits = self.gates.get(key)
@@ -931,12 +971,20 @@ class DlpmPolicy(_IndexedPolicy[_LpmLane]):
         for deficits in lane.gates.values():
             deficits.leave(tenant_id)
 
+    def _lpm_queued(self, entry: _Entry) -> None:
+        lane = cast(_LpmLane, entry.lane)
+        bisect.insort_right(lane.ordered, entry, key=_LPM_ORDER)
+
+    def _lpm_reordered(self, entry: _Entry) -> None:
+        cast(_LpmLane, entry.lane).is_unsorted = True
+
+    def _dequeued_entry(self, entry: _Entry) -> None:
+        super()._dequeued_entry(entry)
+        cast(_LpmLane, entry.lane).num_gone += 1
+
     def _serve(self, lane: _LpmLane, run: _Pass) -> None:
-        self._note_workers(run)
-        entries = [entry for queue in lane.queues.values() for entry in queue.values()]
-        for entry in entries:
-            self._refresh_order(entry, run)
-        entries.sort(key=_LPM_ORDER)
+        self._refresh_orders(run)
+        entries = list(lane.in_order())  # a copy: placements during the pass leave it alone
         is_forced = False
         for _ in range(len(lane.queues) + 2):
             num_placed, num_starved = self._sweep(lane, entries, run, is_forced=is_forced)
@@ -955,30 +1003,93 @@ class DlpmPolicy(_IndexedPolicy[_LpmLane]):
         nothing in flight it never would, so then there is no limit."""
         quantum = self.settings.quantum_tokens
         num_placed = num_starved = 0
+        # Whether a tenant's request is held back for lack of credit depends only on the
+        # tenant, the prompt's length (which workers have room) and the state of the pass
+        # (``version``: bumped by anything that changes views, deficits or the index), and,
+        # when it depends on which worker gets it, on the workers' matches, which are the same
+        # for requests with the same frontier (``PrefixPath.frontier``). Verdicts are remembered
+        # by (tenant, length) and by (tenant, length, frontier) for the version they were
+        # reached in: the long queue of a tenant without credit costs a look-up per request.
+        version = 0
+        held_back: dict[tuple[str, int], int] = {}  # kind -> version of the verdict
+        chose_held_back: dict[tuple[tuple[str, int], object], int] = {}  # (kind, frontier)
+        is_sheddable = lane.slo.sheddable
         for entry in entries:
-            if not entry.is_queued or not run.fits(entry):
+            if not entry.is_queued:
                 continue
-            if self._is_hopeless(entry, run.now):
-                self._reject(entry, run)
+            if is_sheddable and self._is_hopeless(entry, run.now):
+                if run.fits(entry):
+                    self._reject(entry, run)
+                    version += 1
                 continue
-            worker = self._pick_worker(entry, run)
-            if worker is None:
+            kind = entry.kind
+            if held_back.get(kind) == version:  # (an earlier request was counted already)
+                continue
+            assert entry.path is not None  # queued
+            choice = (kind, entry.path.frontier())
+            if chose_held_back.get(choice) == version:
+                continue
+            if not run.fits(entry):
+                continue
+            candidates = self._candidates(entry, run)
+            if not candidates:
                 run.failed(entry)
                 continue
-            tenant_id = entry.request.tenant_id
-            deficits = lane.gate(self._gate_key(worker.worker_id))
+            tenant_id = kind[0]
+            reachable, is_changed = self._reachable(entry, candidates, run)
+            version += is_changed
+            if all(
+                self._is_held_back(lane, tenant_id, worker, is_forced=is_forced)
+                for worker in reachable
+            ):
+                held_back[kind] = version
+                num_starved += 1
+                continue
+            worker = self._choose_worker(entry, candidates, run)
+            key = self._gate_key(worker.worker_id)
+            version += key not in lane.gates  # a new gate: deficits start at 0
+            deficits = lane.gate(key)
             if deficits.values[tenant_id] <= 0 and not deficits.has_credit():
                 deficits.refill(quantum, deficits.rounds_to_credit(quantum))
+                version += 1
             deficit = deficits.values[tenant_id]
             may_borrow = deficit > -self.settings.max_borrow_tokens or not self._flights
             if deficit <= 0 and not (is_forced and may_borrow):
+                chose_held_back[choice] = version
                 num_starved += 1
                 continue
+            version += 1  # a placement, or a failure to place
             if self._dispatch_to(entry, worker, run):
                 num_placed += 1
                 if not run.has_room():
                     break
         return num_placed, num_starved
+
+    def _is_held_back(
+        self, lane: _LpmLane, tenant_id: str, worker: WorkerView, *, is_forced: bool
+    ) -> bool:
+        """Whether the sweep would hold the tenant's request back if it chose ``worker``: no
+        credit at its gate, no refill due (another tenant there has credit), no borrowing."""
+        deficits = lane.gates.get(self._gate_key(worker.worker_id))
+        if deficits is None:  # a new gate starts everyone at 0: a refill would follow
+            return False
+        deficit = deficits.values[tenant_id]
+        if deficit > 0 or not deficits.has_credit():
+            return False
+        may_borrow = deficit > -self.settings.max_borrow_tokens or not self._flights
+        return not (is_forced and may_borrow)
+
+    def _reachable(
+        self, entry: _Entry, candidates: list[WorkerView], run: _Pass
+    ) -> tuple[list[WorkerView], bool]:
+        """The workers ``_choose_worker`` may return for ``entry`` whatever its prefix matches
+        (DLPM: the gate is the pool, one is enough), and whether the state changed finding
+        them. ``candidates`` is not empty."""
+        return candidates[:1], False
+
+    def _choose_worker(self, entry: _Entry, candidates: list[WorkerView], run: _Pass) -> WorkerView:
+        """``_pick_worker`` past ``_reachable``: the one with the longest match."""
+        return self._most_cached(entry, candidates)
 
     def _gate_charge(self, entry: _Entry, worker_id: str | None, cost: float) -> None:
         lane = cast(_LpmLane, entry.lane)
@@ -1033,13 +1144,36 @@ class D2lpmPolicy(DlpmPolicy):
         candidates = self._candidates(entry, run)
         if not candidates:
             return None
+        self._refill_route(entry, candidates, run)
+        return self._choose_worker(entry, candidates, run)
+
+    def _refill_route(self, entry: _Entry, candidates: list[WorkerView], run: _Pass) -> bool:
+        """While no candidate has q[u][w] > 0: every q[u][w] += Q_w. Whether it refilled."""
         route = self._route.setdefault(entry.request.tenant_id, {})
         quantum = self.settings.worker_quantum_tokens
         best = max(route.get(w.worker_id, 0.0) for w in candidates)
-        if best <= 0:  # while no worker has q[u][w] > 0: every q[u][w] += Q_w
-            refill = (math.floor(-best / quantum) + 1) * quantum
-            for worker_id in {w.worker_id for w in run.locality} | route.keys():
-                route[worker_id] = route.get(worker_id, 0.0) + refill
+        if best > 0:
+            return False
+        refill = (math.floor(-best / quantum) + 1) * quantum
+        for worker_id in {w.worker_id for w in run.locality} | route.keys():
+            route[worker_id] = route.get(worker_id, 0.0) + refill
+        return True
+
+    def _reachable(
+        self, entry: _Entry, candidates: list[WorkerView], run: _Pass
+    ) -> tuple[list[WorkerView], bool]:
+        # The choice is among the candidates with router credit, or the least loaded.
+        is_refilled = self._refill_route(entry, candidates, run)
+        route = self._route[entry.request.tenant_id]
+        reachable = [w for w in candidates if route[w.worker_id] > 0]
+        least = min(candidates, key=_load_key)
+        if least not in reachable:
+            reachable.append(least)
+        return reachable, is_refilled
+
+    def _choose_worker(self, entry: _Entry, candidates: list[WorkerView], run: _Pass) -> WorkerView:
+        """After ``_refill_route``: C = G ∩ A, else A, by load; the hot-spot guard."""
+        route = self._route[entry.request.tenant_id]
         with_credit = [w for w in candidates if route[w.worker_id] > 0]  # A
         cached = {w.worker_id: self._cached_tokens(entry, w.worker_id) for w in candidates}
         longest = max(cached.values())

@@ -234,3 +234,60 @@ def test_cli_prints_one_json_line_last_and_plots(
 def test_cli_rejects_an_unknown_scenario(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "sched", "--scenario", "nope"]) == 2
     assert "unknown scenario" in capsys.readouterr().err
+
+
+# ---- §6 chunk priority on the prefill workers, and slo_mix ------------------------------------
+
+
+@pytest.mark.parametrize("chunk_priority", [True, False])
+def test_a_short_interactive_prompt_runs_between_the_chunks_of_a_long_batch_prompt(
+    model: LatencyModel, chunk_priority: bool
+) -> None:
+    from bench.sim import TenantSpec, TraceRequest
+
+    trace = Trace(
+        "chunks",
+        [TenantSpec("bulk"), TenantSpec("chat")],
+        [
+            TraceRequest("long", "bulk", "batch", 0.0, list(range(1000, 5096)), 2),
+            TraceRequest("short", "chat", "interactive", 0.01, list(range(2000, 2064)), 2),
+        ],
+        duration_s=60.0,
+    )
+    cluster = ClusterSpec(
+        num_prefill_workers=1, num_decode_workers=1, prefill_step_tokens=512,
+        chunk_priority=chunk_priority,
+    )  # fmt: skip
+    result = Simulator(FcfsPolicy(), trace, cluster, model).run()
+    first = {r.request_id: r.first_token_s for r in result.records}
+    assert first["long"] is not None and first["short"] is not None
+    one_step_s = model.prefill_step_s(512, 512 * 512)
+    if chunk_priority:  # in the step after the long prompt's first chunk (of 8)
+        assert first["short"] < 2.2 * one_step_s < 5 * one_step_s < first["long"]
+    else:  # FIFO: the running long prompt's chunks fill every step until it is done
+        assert first["short"] > first["long"]
+
+
+def test_slo_mix_offers_interactive_well_below_capacity_and_reports_the_batch_use(
+    model: LatencyModel,
+) -> None:
+    from bench.sched_bench import class_capacity_req_s
+
+    cluster = ClusterSpec()
+    scenario = SCENARIOS["slo_mix"]
+    trace = build_trace(scenario, model, cluster, seed=0, duration_s=120.0)
+    capacity = class_capacity_req_s(scenario, model, cluster)
+    offered = {
+        name: sum(r.slo_class == name for r in trace.requests) / trace.duration_s / capacity[name]
+        for name in capacity
+    }
+    assert offered["interactive"] == pytest.approx(0.3, rel=0.25)  # 3 tenants at 10% each
+    assert offered["batch"] == pytest.approx(2.0, rel=0.15)  # the flood: overload x capacity
+    result, settings = run_policy("vtc", trace, cluster, model)
+    metrics = policy_metrics(result, settings, class_capacity_req_s=capacity)
+    load = metrics["class_load"]
+    assert 0 < load["interactive"] < 0.5 and load["batch"] > 0
+    assert metrics["batch_use_of_leftover"] == pytest.approx(
+        load["batch"] / (1 - load["interactive"]), abs=1e-3
+    )
+    assert metrics["ttft_attainment"].keys() == metrics["tpot_attainment"].keys() == load.keys()

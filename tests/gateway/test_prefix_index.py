@@ -78,3 +78,41 @@ def test_a_prompt_shorter_than_a_block_never_matches() -> None:
     index = PrefixIndex(max_blocks_per_worker=100)
     assert _matcher([1, 2, 3]).num_cached_tokens(index, "w0") == 0
     assert _matcher([]).num_cached_tokens(index, "w0") == 0
+
+
+def test_tracked_paths_match_like_a_scan_through_inserts_pruning_and_evictions() -> None:
+    import random
+
+    rng = random.Random(0)
+    index = PrefixIndex(max_blocks_per_worker=40)
+    documents = [[rng.randrange(1000) for _ in range(32)] for _ in range(4)]
+
+    def prompt() -> list[int]:
+        document = documents[rng.randrange(len(documents))]
+        return [*document[: rng.randrange(4, 33)], *(rng.randrange(1000) for _ in range(6))]
+
+    workers = ["w0", "w1", "w2"]
+    tracked = []
+    for _ in range(30):
+        hashes = block_hashes(prompt(), BLOCK, b"tenant-a")
+        tracked.append((hashes, index.track(hashes, len(hashes) - 1, owner=len(tracked))))
+    longest = {id(path): path.longest() for _, path in tracked}
+    for step in range(400):
+        worker = rng.choice(workers)
+        if rng.random() < 0.8:
+            index.insert(worker, block_hashes(prompt(), BLOCK, b"tenant-a"))
+        else:
+            hashes, _ = rng.choice(tracked)
+            index.evict(worker, [rng.choice(hashes)])
+        if step % 50 == 0:  # paths come and go
+            hashes, path = tracked.pop(rng.randrange(len(tracked)))
+            index.untrack(path)
+        changed = {id(path) for path in index.take_changed()}
+        for hashes, path in tracked:
+            stop = len(hashes) - 1
+            scans = [index.match(w, hashes, 0, stop) for w in workers]
+            assert [path.num_blocks_at(w) for w in workers] == scans
+            assert path.longest() == max(scans)
+            # Whose longest match changed was reported.
+            assert longest.get(id(path), -1) == path.longest() or id(path) in changed
+            longest[id(path)] = path.longest()
