@@ -1,0 +1,243 @@
+"""``fairgate bench isolation``: does a flooding tenant hurt the others, on the real stack?
+
+For each policy (``fcfs`` and ``vtc`` by default) a fresh stack runs (``fairgate up``'s code: the
+tiny model, one prefill and one decode worker, the gateway, SQLite) and four tenants are
+created. A closed-loop probe on the first policy's stack measures how many requests per second it
+completes (``capacity_rps``); every policy then gets the same rates. Then two phases of the
+same length, each from the same seeded arrival trace:
+
+- *steady*: three tenants each send ``STEADY_SHARE`` of that capacity (Poisson arrivals);
+- *flood*: the same three, plus a fourth sending ten times one steady tenant's rate, which
+  overloads the stack.
+
+Requests are streamed completions (``PROMPT_TOKENS`` random token ids, ``OUTPUT_TOKENS`` tokens),
+so TTFT is the time to the first content chunk as the client sees it. The report gives each
+tenant's p50/p99 TTFT per phase and policy and, for the steady tenants, the ratio of their p99
+with and without the flood (``scheduling.md``'s isolation claim: under a fair policy it stays
+small; under FCFS the flood's queue is everyone's queue).
+
+The last stdout line is the JSON result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.report import log, print_result
+from deploy.stack import Stack, StackConfig, start_stack
+
+__all__ = ["run_isolation_bench"]
+
+PROMPT_TOKENS = 128
+OUTPUT_TOKENS = 16
+STEADY_TENANTS = ("steady-a", "steady-b", "steady-c")
+FLOOD_TENANT = "flood"
+STEADY_SHARE = 0.15  # of the measured capacity, per steady tenant: 45% for the three
+FLOOD_FACTOR = 10.0  # the flooding tenant's rate, in steady tenants' rates: 150% of capacity
+PROBE_CONCURRENCY = 64
+
+
+def _has_text(data: str) -> bool:
+    """Whether an SSE chunk of a completion carries text."""
+    chunk = json.loads(data)
+    return any(choice.get("text") for choice in chunk.get("choices", []))
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+class _Tenants:
+    """The four tenants' keys on one stack, and a request that measures its TTFT."""
+
+    def __init__(self, stack: Stack, client: httpx.AsyncClient, rng: random.Random) -> None:
+        self.stack = stack
+        self.client = client
+        self.rng = rng
+        self.keys: dict[str, str] = {}
+        self.model = ""
+
+    async def create(self) -> None:
+        admin = {"authorization": f"Bearer {self.stack.admin_token}"}
+        for name in (*STEADY_TENANTS, FLOOD_TENANT):
+            response = await self.client.post(
+                "/admin/v1/tenants", json={"name": name}, headers=admin
+            )
+            response.raise_for_status()
+            response = await self.client.post(
+                f"/admin/v1/tenants/{name}/keys", json={"name": "bench"}, headers=admin
+            )
+            response.raise_for_status()
+            self.keys[name] = response.json()["secret"]
+        response = await self.client.get(
+            "/v1/models", headers={"authorization": f"Bearer {self.keys[FLOOD_TENANT]}"}
+        )
+        response.raise_for_status()
+        self.model = response.json()["data"][0]["id"]
+
+    async def ttft(self, tenant: str) -> float:
+        """Seconds from sending to the first content chunk of a streamed completion."""
+        prompt = [self.rng.randrange(1000, 40000) for _ in range(PROMPT_TOKENS)]
+        body = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": OUTPUT_TOKENS,
+            "temperature": 0,
+            "stream": True,
+        }
+        headers = {"authorization": f"Bearer {self.keys[tenant]}"}
+        start = time.perf_counter()
+        first: float | None = None
+        async with self.client.stream(
+            "POST", "/v1/completions", json=body, headers=headers
+        ) as response:
+            if response.status_code != 200:
+                detail = (await response.aread())[:300]
+                raise RuntimeError(
+                    f"{tenant}: the gateway answered {response.status_code}: {detail!r}"
+                )
+            async for line in response.aiter_lines():
+                if first is None and line.startswith("data: {") and _has_text(line[6:]):
+                    first = time.perf_counter()
+        if first is None:
+            raise RuntimeError(f"{tenant}: a completion without any text")
+        return first - start
+
+
+async def _probe_capacity(tenants: _Tenants, duration_s: float) -> float:
+    """Completed requests per second with ``PROBE_CONCURRENCY`` always in flight."""
+    deadline = time.perf_counter() + duration_s
+    completed = 0
+
+    async def client(tenant: str) -> None:
+        nonlocal completed
+        while time.perf_counter() < deadline:
+            await tenants.ttft(tenant)
+            completed += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(
+        *(client(STEADY_TENANTS[i % len(STEADY_TENANTS)]) for i in range(PROBE_CONCURRENCY))
+    )
+    return completed / (time.perf_counter() - start)
+
+
+async def _phase(
+    tenants: _Tenants, rates: dict[str, float], duration_s: float, seed: int
+) -> dict[str, list[float]]:
+    """Every tenant's TTFTs over one phase of Poisson arrivals at ``rates`` (requests/s)."""
+    ttfts: dict[str, list[float]] = {tenant: [] for tenant in rates}
+
+    async def sender(tenant: str, rate: float, rng: random.Random) -> None:
+        tasks: list[asyncio.Task[float]] = []
+        next_at = time.perf_counter()
+        end = next_at + duration_s
+        while True:
+            next_at += rng.expovariate(rate)
+            if next_at >= end:
+                break
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+            tasks.append(asyncio.create_task(tenants.ttft(tenant)))
+        ttfts[tenant] = list(await asyncio.gather(*tasks))
+
+    await asyncio.gather(
+        *(sender(tenant, rate, random.Random(f"{seed}:{tenant}")) for tenant, rate in rates.items())
+    )
+    return ttfts
+
+
+def _summary(ttfts: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    return {
+        tenant: {
+            "n": len(values),
+            "p50_ttft_s": round(_percentile(values, 0.5), 3),
+            "p99_ttft_s": round(_percentile(values, 0.99), 3),
+        }
+        for tenant, values in ttfts.items()
+        if values
+    }
+
+
+async def _measure(
+    stack: Stack, duration_s: float, seed: int, capacity: float | None
+) -> dict[str, Any]:
+    """One policy's run; ``capacity`` (requests/s) is probed when None, else the first
+    policy's, so that every policy sees the same rates."""
+    async with httpx.AsyncClient(
+        base_url=stack.base_url,
+        timeout=httpx.Timeout(600.0),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+    ) as client:
+        tenants = _Tenants(stack, client, random.Random(seed))
+        await tenants.create()
+        if capacity is None:
+            capacity = await _probe_capacity(tenants, min(10.0, duration_s / 2))
+        steady_rate = STEADY_SHARE * capacity
+        log(f"capacity {capacity:.2f} req/s; steady tenants at {steady_rate:.2f} req/s each")
+        steady = dict.fromkeys(STEADY_TENANTS, steady_rate)
+        await asyncio.sleep(2.0)  # the probe's requests are done; let the queues drain
+        without = await _phase(tenants, steady, duration_s, seed)
+        await asyncio.sleep(2.0)
+        flood = {**steady, FLOOD_TENANT: FLOOD_FACTOR * steady_rate}
+        with_flood = await _phase(tenants, flood, duration_s, seed)
+    ratios = {
+        tenant: round(_percentile(with_flood[tenant], 0.99) / _percentile(without[tenant], 0.99), 2)
+        for tenant in STEADY_TENANTS
+        if with_flood[tenant] and without[tenant]
+    }
+    return {
+        "capacity_rps": round(capacity, 2),
+        "steady_rate_rps": round(steady_rate, 3),
+        "flood_rate_rps": round(FLOOD_FACTOR * steady_rate, 3),
+        "without_flood": _summary(without),
+        "with_flood": _summary(with_flood),
+        "steady_p99_ratio": ratios,
+        "max_steady_p99_ratio": max(ratios.values()) if ratios else None,
+    }
+
+
+def run_isolation_bench(
+    *,
+    policies: tuple[str, ...] = ("fcfs", "vtc"),
+    duration_s: float = 30.0,
+    seed: int = 0,
+    output: str | None = None,
+) -> int:
+    result: dict[str, Any] = {
+        "engine": "tiny",
+        "prompt_tokens": PROMPT_TOKENS,
+        "output_tokens": OUTPUT_TOKENS,
+        "duration_s": duration_s,
+        "policies": {},
+    }
+    capacity: float | None = None
+    for policy in policies:
+        with tempfile.TemporaryDirectory(prefix="fairgate-isolation-") as state_dir:
+            stack = start_stack(
+                StackConfig(
+                    engine="tiny",
+                    port=0,
+                    state_dir=Path(state_dir),
+                    worker_args=["--log-level", "warning"],
+                    gateway_args=["--log-level", "warning", "--policy", policy],
+                )
+            )
+            try:
+                log(f"policy {policy}")
+                measured = asyncio.run(_measure(stack, duration_s, seed, capacity))
+                capacity = measured["capacity_rps"]
+                result["policies"][policy] = measured
+                log(f"{policy}: {result['policies'][policy]['steady_p99_ratio']}")
+            finally:
+                stack.stop()
+    print_result(result, output)
+    return 0
