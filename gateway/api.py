@@ -419,7 +419,7 @@ def _finish(gateway: Gateway, run: _Run, error: BaseException | None) -> None:
         outcome = type(error).__name__
     logger.info(
         "request %s tenant=%s class=%s outcome=%s prompt_tokens=%d cached_tokens=%d "
-        "completion_tokens=%d ttft_ms=%s latency_ms=%.1f",
+        "completion_tokens=%d queue_ms=%s ttft_ms=%s latency_ms=%.1f preemptions=%d",
         run.completion_id,
         run.tenant.name,
         run.slo_class,
@@ -427,8 +427,10 @@ def _finish(gateway: Gateway, run: _Run, error: BaseException | None) -> None:
         usage.prompt_tokens,
         usage.cached_tokens,
         usage.completion_tokens,
+        "-" if timing.placed is None else f"{(timing.placed - timing.received) * 1e3:.1f}",
         "-" if ttft_ms is None else f"{ttft_ms:.1f}",
         (time.monotonic() - timing.received) * 1e3,
+        run.generation.num_preemptions,
     )
 
 
