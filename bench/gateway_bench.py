@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 import msgspec
 
+from bench.lean_http import ConnectionPool
 from bench.report import log, print_result
 from deploy.stack import Stack, StackConfig, start_stack
 from gateway.config import GatewaySection
@@ -54,38 +55,6 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-class _Connection:
-    """One keep-alive HTTP/1.1 connection that POSTs JSON and reads a ``Content-Length`` answer.
-    The load generator shares two cores with everything it measures, so it must cost little:
-    a general-purpose client spends more CPU per request than the gateway does."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, host: str, port: int) -> _Connection:
-        return cls(*await asyncio.open_connection(host, port))
-
-    async def post(self, path: str, body: bytes, headers: bytes) -> tuple[int, bytes, bytes]:
-        """(status, header block, body)."""
-        self.writer.write(
-            b"POST " + path.encode() + b" HTTP/1.1\r\nhost: bench\r\ncontent-type: "
-            b"application/json\r\ncontent-length: "
-            + str(len(body)).encode()
-            + b"\r\n"
-            + headers
-            + b"\r\n"
-            + body
-        )
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        status = int(head[9:12])
-        length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
-        return status, head, await self.reader.readexactly(length)
-
-    def close(self) -> None:
-        self.writer.close()
-
-
 class _Load:
     """Both ways to send one request, timed."""
 
@@ -98,25 +67,13 @@ class _Load:
         self.decode = DecodeClient(decode.http_url, connections=self.connections)
         self.rng = random.Random(0)
         self.server_overheads_ms: list[float] = []
-        self._idle: list[_Connection] = []
         self._auth = f"authorization: Bearer {stack.demo_key}\r\n".encode()
         url = httpx.URL(stack.base_url)
-        self._address = (url.host, url.port or 80)
+        self.gateway = ConnectionPool(url.host, url.port or 80)
 
     async def aclose(self) -> None:
-        for connection in self._idle:
-            connection.close()
+        self.gateway.close()
         await self.connections.aclose()
-
-    async def _connection(self) -> _Connection:
-        """An idle keep-alive connection the server has not closed (uvicorn closes those idle
-        for 5 s: the alternating blocks leave them idle longer), else a new one."""
-        while self._idle:
-            connection = self._idle.pop()
-            if not connection.reader.at_eof():
-                return connection
-            connection.close()
-        return await _Connection.open(*self._address)
 
     def _prompt(self) -> list[int]:
         return [self.rng.randrange(1000, 40000) for _ in range(PROMPT_TOKENS)]
@@ -125,11 +82,9 @@ class _Load:
         body = msgspec.json.encode(
             {"model": "null", "prompt": self._prompt(), "max_tokens": OUTPUT_TOKENS}
         )
-        connection = await self._connection()
         start = time.perf_counter()
-        status, head, answer = await connection.post("/v1/completions", body, self._auth)
+        status, head, answer = await self.gateway.post("/v1/completions", body, self._auth)
         elapsed = time.perf_counter() - start
-        self._idle.append(connection)
         if status != 200:
             raise RuntimeError(f"gateway answered {status}: {answer[:500]!r}")
         timing_line = head.lower().split(b"server-timing: ", 1)[1].split(b"\r\n", 1)[0]

@@ -31,6 +31,7 @@ from typing import Any
 
 import httpx
 
+from bench.lean_http import ConnectionPool, HttpError
 from bench.report import log, print_result
 from deploy.stack import Stack, StackConfig, start_stack
 
@@ -45,10 +46,14 @@ FLOOD_FACTOR = 10.0  # the flooding tenant's rate, in steady tenants' rates: 150
 PROBE_CONCURRENCY = 64
 
 
-def _has_text(data: str) -> bool:
-    """Whether an SSE chunk of a completion carries text."""
-    chunk = json.loads(data)
-    return any(choice.get("text") for choice in chunk.get("choices", []))
+def _has_text(chunk: bytes) -> bool:
+    """Whether an SSE chunk of a streamed completion carries text."""
+    for line in chunk.split(b"\n"):
+        if line.startswith(b"data: {"):
+            event = json.loads(line[6:])
+            if any(choice.get("text") for choice in event.get("choices", [])):
+                return True
+    return False
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -61,10 +66,12 @@ class _Tenants:
 
     def __init__(self, stack: Stack, client: httpx.AsyncClient, rng: random.Random) -> None:
         self.stack = stack
-        self.client = client
+        self.client = client  # for the admin calls; completions go through the lean pool
         self.rng = rng
         self.keys: dict[str, str] = {}
         self.model = ""
+        url = httpx.URL(stack.base_url)
+        self.pool = ConnectionPool(url.host, url.port or 80)
 
     async def create(self) -> None:
         admin = {"authorization": f"Bearer {self.stack.admin_token}"}
@@ -94,20 +101,14 @@ class _Tenants:
             "temperature": 0,
             "stream": True,
         }
-        headers = {"authorization": f"Bearer {self.keys[tenant]}"}
+        headers = f"authorization: Bearer {self.keys[tenant]}\r\n".encode()
         start = time.perf_counter()
-        first: float | None = None
-        async with self.client.stream(
-            "POST", "/v1/completions", json=body, headers=headers
-        ) as response:
-            if response.status_code != 200:
-                detail = (await response.aread())[:300]
-                raise RuntimeError(
-                    f"{tenant}: the gateway answered {response.status_code}: {detail!r}"
-                )
-            async for line in response.aiter_lines():
-                if first is None and line.startswith("data: {") and _has_text(line[6:]):
-                    first = time.perf_counter()
+        try:
+            first = await self.pool.post_stream(
+                "/v1/completions", json.dumps(body).encode(), headers, _has_text
+            )
+        except HttpError as exc:
+            raise RuntimeError(f"{tenant}: the gateway answered {exc}") from None
         if first is None:
             raise RuntimeError(f"{tenant}: a completion without any text")
         return first - start
@@ -189,6 +190,7 @@ async def _measure(
         await asyncio.sleep(2.0)
         flood = {**steady, FLOOD_TENANT: FLOOD_FACTOR * steady_rate}
         with_flood = await _phase(tenants, flood, duration_s, seed)
+        tenants.pool.close()
     ratios = {
         tenant: round(_percentile(with_flood[tenant], 0.99) / _percentile(without[tenant], 0.99), 2)
         for tenant in STEADY_TENANTS
