@@ -114,6 +114,7 @@ class Gateway:
             self.policy,
             self.registry,
             max_prefill_inflight_tokens=config.scheduler.max_prefill_inflight_tokens,
+            max_prefill_inflight_s=config.scheduler.max_prefill_inflight_s,
             queue_timeout_s=config.scheduler.queue_timeout_s,
         )
         self._parts: _Started | None = None

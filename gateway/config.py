@@ -72,6 +72,9 @@ class SchedulerSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     policy: str = "auto"
     queue_timeout_s: float = 120.0
     max_prefill_inflight_tokens: int = 8192
+    # …and at most this many seconds of work at the worker's measured prefill speed: what is
+    # sent to a worker runs in its order, not the policy's, so it is kept short.
+    max_prefill_inflight_s: Annotated[float, msgspec.Meta(gt=0.0)] = 0.025
     w_in: Annotated[float, msgspec.Meta(gt=0.0)] = 1.0
     w_out: Annotated[float, msgspec.Meta(gt=0.0)] = 2.0
     quantum_tokens: Annotated[float, msgspec.Meta(gt=0.0)] = 4096.0

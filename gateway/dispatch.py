@@ -50,12 +50,14 @@ class Dispatcher:
         registry: WorkerRegistry,
         *,
         max_prefill_inflight_tokens: int = 8192,
+        max_prefill_inflight_s: float = 0.025,
         queue_timeout_s: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.policy = policy
         self.registry = registry
         self.max_prefill_inflight_tokens = max_prefill_inflight_tokens
+        self.max_prefill_inflight_s = max_prefill_inflight_s
         self.queue_timeout_s = queue_timeout_s
         self.clock = clock
         self._waiting: dict[str, asyncio.Future[WorkerPair]] = {}
@@ -175,7 +177,7 @@ class Dispatcher:
             WorkerView(
                 h.worker_id,
                 inflight_tokens=h.inflight_tokens,
-                max_inflight_tokens=self.max_prefill_inflight_tokens,
+                max_inflight_tokens=self._prefill_cap(h),
                 prefill_tok_s=h.prefill_tok_s(),
             )
             for h in prefill_handles.values()
@@ -195,6 +197,17 @@ class Dispatcher:
                 self._reject(decision)
             else:
                 self._carry_out(decision, prefill_handles, decode_handles)
+
+    def _prefill_cap(self, handle: WorkerHandle) -> int:
+        """Prompt tokens a prefill worker may have in flight: ``max_prefill_inflight_tokens``,
+        and no more than ``max_prefill_inflight_s`` of work at its measured speed. Work sent to
+        a worker is done in the worker's order; work held here is done in the policy's, so the
+        less a worker holds, the sooner a request the policy favours gets its turn (an idle
+        worker still takes any one prompt)."""
+        tok_s = handle.prefill_tok_s()
+        if tok_s is None:
+            return self.max_prefill_inflight_tokens
+        return min(self.max_prefill_inflight_tokens, int(tok_s * self.max_prefill_inflight_s))
 
     def _reject(self, rejection: Rejection) -> None:
         future = self._waiting.pop(rejection.request.request_id, None)

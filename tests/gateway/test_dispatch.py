@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 
+import msgspec
 import pytest
 
 from gateway.dispatch import Dispatcher, WorkerPair
@@ -360,3 +361,22 @@ async def test_sheds_and_rejections_end_their_requests_and_progress_reaches_the_
     dispatcher.prefill_done(pair, b)  # failed before its first token: no first_token event
     dispatcher.decode_done(pair, b, num_output_tokens=0)
     assert policy.events[2:] == []
+
+
+async def test_a_prefill_worker_holds_at_most_its_measured_speed_times_the_time_cap(
+    registry: WorkerRegistry, prefill: WorkerHandle, decode: WorkerHandle
+) -> None:
+    """1000 tok/s × 0.15 s: 150 tokens may be in flight there, so one 100-token prompt goes and
+    the next waits for it (the token cap alone would take 100 of them)."""
+    assert prefill.load is not None
+    prefill.load = msgspec.structs.replace(prefill.load, prefill_tok_s=1000.0)
+    dispatcher = Dispatcher(
+        FcfsPolicy(), registry, max_prefill_inflight_tokens=10_000, max_prefill_inflight_s=0.15
+    )
+    a = request("a", 100)
+    pair = await asyncio.wait_for(dispatcher.submit(a), 1.0)
+    waiting_b = asyncio.create_task(dispatcher.submit(request("b", 100)))
+    await settle()
+    assert not waiting_b.done()
+    dispatcher.prefill_done(pair, a, num_cached_tokens=0)
+    await asyncio.wait_for(waiting_b, 1.0)
