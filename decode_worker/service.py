@@ -59,7 +59,7 @@ from transfer.errors import (
     TransferError,
     WrongRole,
 )
-from transfer.http import frame_stream_response, message_response, read_message
+from transfer.http import FrameStreamResponse, message_response, read_message
 from transfer.kv_layout import layout_of
 from transfer.kv_receiver import KvReceiver, ReceiverConfig
 from transfer.messages import (
@@ -148,11 +148,11 @@ class DecodeService(WorkerService):
     def routes(self) -> list[BaseRoute]:
         async def decode(request: Request) -> Response:
             body = await read_message(request, DecodeRequest)
-            return frame_stream_response(await self.decode(body))
+            return FrameStreamResponse(await self.decode(body))
 
         async def generate(request: Request) -> Response:
             body = await read_message(request, GenerateRequest)
-            return frame_stream_response(await self.generate(body))
+            return FrameStreamResponse(await self.generate(body))
 
         async def make_room(request: Request) -> Response:
             body = await read_message(request, MakeRoomRequest)

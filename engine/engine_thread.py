@@ -74,6 +74,12 @@ class EvictionLog:
             self._hashes.extend(block_hashes)
             self._next_seq += len(block_hashes)
 
+    @property
+    def next_seq(self) -> int:
+        """The number the next eviction will get."""
+        with self._lock:
+            return self._next_seq
+
     def since(self, seq: int) -> tuple[list[bytes], int, bool]:
         """(hashes numbered ``seq`` and after, the next number, whether some were dropped). A
         ``seq`` from before a restart (beyond the next number) reads as everything missed."""

@@ -208,13 +208,14 @@ class WorkerService:
         )
 
     def load_report(self, evictions_since: int | None = None) -> WorkerLoad:
-        """The load; with ``evictions_since``, the prefix-cache evictions from that number on."""
+        """The load; with ``evictions_since``, the prefix-cache evictions from that number on
+        (without, only the number the next one will get: where a new reader starts)."""
         thread = self.engine_thread
         if thread is None or not thread.is_alive:
             return WorkerLoad(worker_id=self.worker_id, role=self.role, ready=False)
         load = thread.load
         evicted: list[bytes] = []
-        eviction_seq, missed = 0, False
+        eviction_seq, missed = thread.evictions.next_seq, False
         if evictions_since is not None:
             evicted, eviction_seq, missed = thread.evictions.since(evictions_since)
         return WorkerLoad(

@@ -142,14 +142,6 @@ class Dispatcher:
             self.policy.on_finish(request, num_output_tokens, self.clock())
         self.wake()
 
-    def tenant_counter(self, tenant_id: str) -> float:
-        """The tenant's fair-share counter in the policy (0 when it has none), for the priority
-        the workers order and preempt by."""
-        for state in self.policy.tenants():
-            if state.tenant_id == tenant_id:
-                return state.counter
-        return 0.0
-
     def wake(self) -> None:
         if not self._pass_scheduled:
             self._pass_scheduled = True

@@ -225,7 +225,7 @@ class Generation:
     def _priority(self) -> Priority:
         return Priority(
             rank=self.class_rank,
-            counter=self.dispatcher.tenant_counter(self.queued.tenant_id),
+            counter=self.dispatcher.policy.counter(self.queued.tenant_id),
             arrival=self.queued.arrival,
         )
 

@@ -398,6 +398,9 @@ class _FairPolicy(Generic[LaneT]):
             for tenant_id in sorted(known)
         ]
 
+    def counter(self, tenant_id: str) -> float:
+        return self._counter(tenant_id)
+
     # ---- hooks -----------------------------------------------------------------------------
 
     def _new_lane(self, slo: SloClass) -> LaneT:

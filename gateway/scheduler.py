@@ -170,6 +170,10 @@ class SchedulingPolicy(Protocol):
     def tenants(self) -> list[TenantState]:
         """Every tenant the policy knows."""
 
+    def counter(self, tenant_id: str) -> float:
+        """The tenant's ``TenantState.counter`` alone (0 for a tenant it does not know): asked
+        on every placement, for the priority the workers order and preempt by."""
+
 
 def place(
     request: QueuedRequest, prefill: Sequence[WorkerView], decode: Sequence[WorkerView]
@@ -268,3 +272,6 @@ class FcfsPolicy:
             for request in queue:
                 counts[request.tenant_id] = counts.get(request.tenant_id, 0) + 1
         return [TenantState(tenant_id, count, 0.0) for tenant_id, count in counts.items()]
+
+    def counter(self, tenant_id: str) -> float:
+        return 0.0

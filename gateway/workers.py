@@ -263,8 +263,10 @@ class WorkerRegistry:
 
     async def _poll(self, handle: WorkerHandle) -> None:
         try:
+            # The first report only says where the eviction log stands: what the worker evicted
+            # before the gateway knew it is nothing its prefix index holds.
             load = await handle.client.load(
-                timeout_s=POLL_TIMEOUT_S, evictions_since=handle.eviction_seq or 0
+                timeout_s=POLL_TIMEOUT_S, evictions_since=handle.eviction_seq
             )
             if handle.state in ("unknown", "dead", "not_ready", "incompatible") and load.ready:
                 # (Re)started: learn who it is before placing anything there.
@@ -297,17 +299,15 @@ class WorkerRegistry:
             handle.state = "not_ready"
 
     def _note_evictions(self, handle: WorkerHandle, load: WorkerLoad) -> None:
-        """Hand the report's evictions on. The first report only fixes where to read from: the
-        index knows nothing of this worker's earlier cache. A report that missed some (the
-        worker restarted, or polls fell far behind) leaves the index staler until LRU catches
-        up: it only costs locality, never correctness."""
+        """Hand the report's evictions on and read on from where it ends. A report that missed
+        some (the worker restarted, or polls fell far behind) leaves the index staler until LRU
+        catches up: it only costs locality, never correctness."""
         if not load.ready:
             return
-        first = handle.eviction_seq is None
         handle.eviction_seq = load.eviction_seq
-        if load.evictions_missed and not first:
+        if load.evictions_missed:
             logger.info("worker %s: some prefix-cache evictions were missed", handle.url)
-        if load.evicted_block_hashes and not first and handle.info is not None:
+        if load.evicted_block_hashes and handle.info is not None:
             self.on_evicted(handle.info.worker_id, load.evicted_block_hashes)
 
     def _incompatibility(self, handle: WorkerHandle, info: WorkerInfo) -> str | None:

@@ -31,7 +31,6 @@ from transfer.messages import (
 __all__ = [
     "FrameStreamResponse",
     "error_response",
-    "frame_stream_response",
     "http_server",
     "message_response",
     "read_message",
@@ -87,8 +86,7 @@ class FrameStreamResponse(Response):
 
         async def watch() -> None:
             nonlocal caller_left
-            while (await receive())["type"] != "http.disconnect":
-                pass
+            await _until_disconnect(receive)
             caller_left = True
             task.cancel()
 
@@ -121,9 +119,10 @@ class FrameStreamResponse(Response):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def frame_stream_response(frames: AsyncGenerator[Frame]) -> FrameStreamResponse:
-    """Stream frames (see ``FrameStreamResponse``)."""
-    return FrameStreamResponse(frames)
+async def _until_disconnect(receive: Receive) -> None:
+    """Return when the caller disconnects (the request body must have been read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def until_disconnected(
@@ -133,12 +132,7 @@ async def until_disconnected(
     ``on_disconnect`` and raise ``asyncio.CancelledError``. The body must have been read
     already."""
     work_task = asyncio.ensure_future(work)
-
-    async def wait_for_disconnect() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watch_task = asyncio.ensure_future(wait_for_disconnect())
+    watch_task = asyncio.ensure_future(_until_disconnect(request.receive))
     try:
         done, _ = await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:

@@ -305,8 +305,8 @@ class WorkerLoad(msgspec.Struct, frozen=True):
     num_preemptions: int = 0
     prefill_tok_s: float = 0.0  # measured prompt throughput; 0 until measured
     # Prefix-cache evictions numbered from ``?evictions_since=N`` up to ``eviction_seq`` (the next
-    # number); ``evictions_missed``: some before them were dropped (or the worker restarted), so
-    # the caller's view of this cache is stale. Empty when the query does not ask.
+    # number, always given); ``evictions_missed``: some before them were dropped (or the worker
+    # restarted), so the caller's view of this cache is stale. Empty when the query does not ask.
     evicted_block_hashes: list[bytes] = []
     eviction_seq: int = 0
     evictions_missed: bool = False

@@ -104,6 +104,7 @@ def test_the_eviction_log_reads_from_a_number_and_says_what_it_missed() -> None:
     assert log.since(1) == ([b"b"], 2, False)
     assert log.since(2) == ([], 2, False)
     log.extend([b"c", b"d"])  # "a" falls out
+    assert log.next_seq == 4
     assert log.since(0) == ([b"b", b"c", b"d"], 4, True)
     assert log.since(1) == ([b"b", b"c", b"d"], 4, False)
     assert log.since(3) == ([b"d"], 4, False)

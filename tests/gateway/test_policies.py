@@ -74,7 +74,9 @@ def _placed(decisions: Sequence[Decision]) -> list[str]:
 
 
 def _tenant(policy: SchedulingPolicy, tenant_id: str) -> TenantState:
-    return next(t for t in policy.tenants() if t.tenant_id == tenant_id)
+    state = next(t for t in policy.tenants() if t.tenant_id == tenant_id)
+    assert policy.counter(tenant_id) == state.counter  # the lookup the dispatcher makes
+    return state
 
 
 def _one_at_a_time(policy: SchedulingPolicy, now: float = 0.0) -> list[str]:

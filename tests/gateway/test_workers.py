@@ -34,7 +34,7 @@ async def test_evictions_are_read_in_order_and_handed_on(
     [handle] = workers.handles
     asked: list[int | None] = []
     answers = [
-        WorkerLoad("p0", "prefill", True, evicted_block_hashes=[b"old"], eviction_seq=1),
+        WorkerLoad("p0", "prefill", True, eviction_seq=1),  # not asked: where the log stands
         WorkerLoad("p0", "prefill", True, evicted_block_hashes=[b"x", b"y"], eviction_seq=3),
         WorkerLoad("p0", "prefill", True, prefill_tok_s=1234.0, eviction_seq=3),
     ]
@@ -50,6 +50,6 @@ async def test_evictions_are_read_in_order_and_handed_on(
     monkeypatch.setattr(handle.client, "info", info)
     for _ in range(3):
         await workers.poll_once()
-    assert asked == [0, 1, 3]
-    assert evicted == [("p0", [b"x", b"y"])]  # "old" came before the gateway knew the worker
+    assert asked == [None, 1, 3]  # nothing from before the gateway knew the worker
+    assert evicted == [("p0", [b"x", b"y"])]
     assert handle.prefill_tok_s() == 1234.0
