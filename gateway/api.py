@@ -233,6 +233,7 @@ async def _admit(
         prompt_token_ids=prompt_token_ids,
         demoted=admission.demoted,
         cache_salt=cache_salt,
+        rank=_class_rank(gateway, slo_class),
     )
     sampling = SamplingSpec(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed
@@ -248,7 +249,6 @@ async def _admit(
         cache_salt=cache_salt,
         received=received,
         flush_interval_s=0.0 if body.stream else gateway.config.gateway.unstreamed_flush_s,
-        class_rank=_class_rank(gateway, slo_class),
     )
     return _Run(body, tenant, slo_class, admission, generation, completion_id, int(time.time()))
 

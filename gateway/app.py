@@ -116,6 +116,7 @@ class Gateway:
             max_prefill_inflight_tokens=config.scheduler.max_prefill_inflight_tokens,
             max_prefill_inflight_s=config.scheduler.max_prefill_inflight_s,
             queue_timeout_s=config.scheduler.queue_timeout_s,
+            make_room_for_higher_classes=config.scheduler.make_room_for_higher_classes,
         )
         self._parts: _Started | None = None
 

@@ -75,6 +75,8 @@ class SchedulerSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # …and at most this many seconds of work at the worker's measured prefill speed: what is
     # sent to a worker runs in its order, not the policy's, so it is kept short.
     max_prefill_inflight_s: Annotated[float, msgspec.Meta(gt=0.0)] = 0.025
+    # Ask a decode worker to preempt lower-class requests when a higher-class one fits nowhere.
+    make_room_for_higher_classes: bool = True
     w_in: Annotated[float, msgspec.Meta(gt=0.0)] = 1.0
     w_out: Annotated[float, msgspec.Meta(gt=0.0)] = 2.0
     quantum_tokens: Annotated[float, msgspec.Meta(gt=0.0)] = 4096.0

@@ -9,13 +9,22 @@ The dispatcher also keeps the gateway's live accounting on the ``WorkerHandle``s
 the prompt's tokens to its prefill worker's ``inflight_tokens`` until ``prefill_done``, and a KV
 reservation to its decode worker until ``decode_done`` (or the next load report).
 
+Room for a higher class (``scheduling.md`` §6): when the most important waiting request fits on
+no decode worker, and a decode worker runs requests of a lower SLO class, the dispatcher asks
+that worker to ``make_room`` for it: the worker preempts lower-class requests (least important
+first) and holds the room for a while for this request's priority. One such call per worker at
+a time, and at most one per request every ``ROOM_RETRY_S``. Requests of one class never preempt
+each other this way (the worker's own KV shortage does that).
+
 Torch-free; everything runs on one event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,9 +38,14 @@ from gateway.scheduler import (
     WorkerView,
 )
 from gateway.workers import WorkerHandle, WorkerRegistry
-from transfer.messages import WorkerRole
+from transfer.errors import FairgateError
+from transfer.messages import Priority, WorkerRole
 
 __all__ = ["Dispatcher", "WorkerPair"]
+
+logger = logging.getLogger(__name__)
+
+ROOM_RETRY_S = 5.0  # the workers' default room hold: ask again for a request after this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +66,7 @@ class Dispatcher:
         max_prefill_inflight_tokens: int = 8192,
         max_prefill_inflight_s: float = 0.025,
         queue_timeout_s: float = 120.0,
+        make_room_for_higher_classes: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.policy = policy
@@ -59,9 +74,17 @@ class Dispatcher:
         self.max_prefill_inflight_tokens = max_prefill_inflight_tokens
         self.max_prefill_inflight_s = max_prefill_inflight_s
         self.queue_timeout_s = queue_timeout_s
+        self.make_room_for_higher_classes = make_room_for_higher_classes
         self.clock = clock
         self._waiting: dict[str, asyncio.Future[WorkerPair]] = {}
+        self._waiting_requests: dict[str, QueuedRequest] = {}
+        self._waiting_ranks: Counter[int] = Counter()
         self._pass_scheduled = False
+        # make_room: workers asked and not yet answered; when each request may ask again
+        self._making_room: set[str] = set()
+        self._room_asked_until: dict[str, float] = {}
+        self._room_tasks: set[asyncio.Task[None]] = set()
+        self.num_make_room_calls = 0
 
     @property
     def num_waiting(self) -> int:
@@ -82,6 +105,8 @@ class Dispatcher:
             except Shed as exc:
                 raise RequestShed(exc.reason) from None
         self._waiting[request.request_id] = future
+        self._waiting_requests[request.request_id] = request
+        self._waiting_ranks[request.rank] += 1
         self.wake()
         try:
             # Not wait_for: on 3.11 it returns the result of a future that completed in the tick
@@ -101,10 +126,18 @@ class Dispatcher:
                 self.decode_done(pair, request, 0)
             raise
         finally:
+            self._forget(request)
             if self._waiting.pop(request.request_id, None) is not None:
                 self.policy.remove(request.request_id)
             if not future.done():
                 future.cancel()
+
+    def _forget(self, request: QueuedRequest) -> None:
+        if self._waiting_requests.pop(request.request_id, None) is not None:
+            self._waiting_ranks[request.rank] -= 1
+            if not self._waiting_ranks[request.rank]:
+                del self._waiting_ranks[request.rank]
+        self._room_asked_until.pop(request.request_id, None)
 
     def prefill_done(
         self, pair: WorkerPair, request: QueuedRequest, num_cached_tokens: int | None = None
@@ -135,6 +168,9 @@ class Dispatcher:
         decode = pair.decode
         decode.inflight_requests -= 1
         decode.inflight_tokens -= request.num_prompt_tokens
+        decode.ranks_inflight[request.rank] -= 1
+        if not decode.ranks_inflight[request.rank]:
+            del decode.ranks_inflight[request.rank]
         decode.is_full = False  # it freed blocks
         decode.requests_ended_since_report += 1
         decode.tokens_freed_since_report += request.num_prompt_tokens + max(1, num_output_tokens)
@@ -149,6 +185,8 @@ class Dispatcher:
 
     def fail_all(self, error: NoWorkerAvailable) -> None:
         """Every waiting request ends with ``error`` (the gateway is stopping)."""
+        for task in self._room_tasks:
+            task.cancel()
         for request_id, future in list(self._waiting.items()):
             self.policy.remove(request_id)
             if not future.done():
@@ -189,6 +227,66 @@ class Dispatcher:
                 self._reject(decision)
             else:
                 self._carry_out(decision, prefill_handles, decode_handles)
+        if self._waiting and self.make_room_for_higher_classes:
+            self._ask_for_room(list(decode_handles.values()))
+
+    def _ask_for_room(self, decode_handles: list[WorkerHandle]) -> None:
+        """If the most important waiting request fits on no decode worker, ask one that runs
+        requests of a lower class to make room for it (module docstring)."""
+        top_rank = max(self._waiting_ranks)
+        candidates = [
+            h
+            for h in decode_handles
+            if h.worker_id not in self._making_room
+            and min(h.ranks_inflight, default=top_rank) < top_rank
+        ]
+        if not candidates:
+            return
+        now = self.clock()
+        waiting = [
+            r
+            for r in self._waiting_requests.values()
+            if r.rank == top_rank and self._room_asked_until.get(r.request_id, 0.0) <= now
+        ]
+        if not waiting:
+            return
+        request = min(waiting, key=lambda r: r.arrival)
+        needed = request.num_prompt_tokens + 1
+        if any(h.free_kv_tokens() >= needed for h in decode_handles):
+            return  # it fits somewhere: it waits for the prefill side or its turn, not for room
+        # The worker with the most lower-class work to give up.
+        handle = max(
+            candidates,
+            key=lambda h: sum(n for rank, n in h.ranks_inflight.items() if rank < top_rank),
+        )
+        self._room_asked_until[request.request_id] = now + ROOM_RETRY_S
+        self._making_room.add(handle.worker_id)
+        priority = Priority(
+            rank=request.rank,
+            counter=self.policy.counter(request.tenant_id),
+            arrival=request.arrival,
+        )
+        task = asyncio.create_task(self._make_room(handle, needed, priority))
+        self._room_tasks.add(task)
+        task.add_done_callback(self._room_tasks.discard)
+
+    async def _make_room(self, handle: WorkerHandle, num_tokens: int, priority: Priority) -> None:
+        self.num_make_room_calls += 1
+        try:
+            result = await handle.decode_client.make_room(num_tokens, priority)
+            if result.num_preempted:
+                logger.info(
+                    "worker %s preempted %d requests to make room for a class-%d request",
+                    handle.url,
+                    result.num_preempted,
+                    priority.rank,
+                )
+                # Swapped-out requests free blocks the gateway cannot count: ask the worker.
+                await self.registry.refresh(handle)
+        except FairgateError as exc:
+            logger.warning("worker %s could not make room: %s", handle.url, exc.message)
+        finally:
+            self._making_room.discard(handle.worker_id)
 
     def _prefill_cap(self, handle: WorkerHandle) -> int:
         """Prompt tokens a prefill worker may have in flight: ``max_prefill_inflight_tokens``,
@@ -202,6 +300,7 @@ class Dispatcher:
         return min(self.max_prefill_inflight_tokens, int(tok_s * self.max_prefill_inflight_s))
 
     def _reject(self, rejection: Rejection) -> None:
+        self._forget(rejection.request)
         future = self._waiting.pop(rejection.request.request_id, None)
         if future is not None and not future.done():
             future.set_exception(RequestShed(rejection.reason))
@@ -213,6 +312,7 @@ class Dispatcher:
         decode_handles: dict[str, WorkerHandle],
     ) -> None:
         request = placement.request
+        self._forget(request)
         future = self._waiting.pop(request.request_id, None)
         if future is None or future.done():
             # Its caller gave up in this same tick: nothing was reserved on the workers, but the
@@ -230,6 +330,7 @@ class Dispatcher:
             prefill.inflight_requests += 1
         decode.inflight_requests += 1
         decode.inflight_tokens += request.num_prompt_tokens
+        decode.ranks_inflight[request.rank] += 1
         decode.tokens_reserved_since_report += request.num_prompt_tokens + 1
         decode.requests_placed_since_report += 1
         future.set_result(WorkerPair(prefill, decode))

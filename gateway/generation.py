@@ -97,10 +97,7 @@ class Generation:
         cache_salt: bytes,
         received: float,
         flush_interval_s: float = 0.0,
-        class_rank: int = 0,
     ) -> None:
-        """``class_rank``: the rank of the class it is served in (the lowest when demoted), sent
-        to the workers with its priority."""
         self.queued = queued
         self.prompt_token_ids = prompt_token_ids
         self.sampling = sampling
@@ -109,7 +106,6 @@ class Generation:
         self.registry = registry
         self.cache_salt = cache_salt
         self.flush_interval_s = flush_interval_s
-        self.class_rank = class_rank
         self.output_token_ids: list[int] = []  # every output token so far, over preemptions
         self.num_preemptions = 0
         self.usage = TokenUsage(prompt_tokens=len(prompt_token_ids))
@@ -224,7 +220,7 @@ class Generation:
 
     def _priority(self) -> Priority:
         return Priority(
-            rank=self.class_rank,
+            rank=self.queued.rank,
             counter=self.dispatcher.policy.counter(self.queued.tenant_id),
             arrival=self.queued.arrival,
         )

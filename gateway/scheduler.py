@@ -51,7 +51,8 @@ class QueuedRequest:
     served only with spare capacity (the lowest class, a small weight). ``cache_salt``: the
     tenant's prefix-cache scope, the root of its block hash chains (``engine.block_manager``).
     ``num_output_tokens``: tokens already generated (non-zero for a request handed back by a
-    ``recompute`` preemption, whose prompt then includes them)."""
+    ``recompute`` preemption, whose prompt then includes them). ``rank``: the rank of the SLO
+    class it is served in (the lowest when demoted), which the workers order and preempt by."""
 
     request_id: str
     tenant_id: str
@@ -64,6 +65,7 @@ class QueuedRequest:
     demoted: bool = False
     cache_salt: bytes = b""
     num_output_tokens: int = 0
+    rank: int = 0
 
 
 @dataclass(slots=True)

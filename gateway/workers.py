@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -84,6 +85,9 @@ class WorkerHandle:
     poll_failures: int = field(default=0)
     # The number of the next prefix-cache eviction to ask for; None until the first report.
     eviction_seq: int | None = None
+    # decode: requests placed here and not yet ended, by the rank of their SLO class (what a
+    # request of a higher class could ask the worker to preempt)
+    ranks_inflight: Counter[int] = field(default_factory=Counter)
 
     @property
     def role(self) -> WorkerRole | None:
@@ -244,6 +248,11 @@ class WorkerRegistry:
             logger.warning("worker %s marked dead: %s", handle.url, error.message)
         handle.state = "dead"
         handle.last_error = error.message
+        self.on_change()
+
+    async def refresh(self, handle: WorkerHandle) -> None:
+        """Poll one worker now (its load changed in a way the gateway cannot count itself)."""
+        await self._poll(handle)
         self.on_change()
 
     def mark_full(self, handle: WorkerHandle) -> None:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 import msgspec
 import pytest
 
-from gateway.dispatch import Dispatcher, WorkerPair
+from gateway.dispatch import ROOM_RETRY_S, Dispatcher, WorkerPair
 from gateway.errors import NoWorkerAvailable, RequestShed
 from gateway.scheduler import (
     Decision,
@@ -21,7 +21,7 @@ from gateway.scheduler import (
     WorkerView,
 )
 from gateway.workers import WorkerHandle, WorkerRegistry
-from transfer.messages import WorkerInfo, WorkerLoad, WorkerRole
+from transfer.messages import MakeRoomResult, Priority, WorkerInfo, WorkerLoad, WorkerRole
 
 BLOCK_SIZE = 16
 PREFILL_URL = "http://127.0.0.1:9/prefill"  # never polled: start() is not called
@@ -380,3 +380,95 @@ async def test_a_prefill_worker_holds_at_most_its_measured_speed_times_the_time_
     assert not waiting_b.done()
     dispatcher.prefill_done(pair, a, num_cached_tokens=0)
     await asyncio.wait_for(waiting_b, 1.0)
+
+
+class MakeRoomCalls:
+    """Stands in for a decode worker's ``make_room`` route: records what the gateway asks."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, Priority]] = []
+
+    async def __call__(self, num_tokens: int, priority: Priority) -> MakeRoomResult:
+        self.calls.append((num_tokens, priority))
+        return MakeRoomResult(num_free_tokens=0, num_preempted=0)
+
+
+def ranked(request_id: str, rank: int, num_prompt_tokens: int = 100) -> QueuedRequest:
+    queued = request(request_id, num_prompt_tokens)
+    queued.rank = rank
+    return queued
+
+
+async def test_a_higher_class_request_that_fits_nowhere_asks_a_lower_class_worker_for_room(
+    registry: WorkerRegistry,
+    prefill: WorkerHandle,
+    decode: WorkerHandle,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    make_ready(decode, "decode", num_free_blocks=10)  # 160 KV slots: one 100-token prompt
+    make_room = MakeRoomCalls()
+    monkeypatch.setattr(decode.client, "make_room", make_room)
+    now = [100.0]
+    dispatcher = Dispatcher(
+        FcfsPolicy(), registry, max_prefill_inflight_tokens=10_000, clock=lambda: now[0]
+    )
+    batch = ranked("batch", 1)
+    pair = await asyncio.wait_for(dispatcher.submit(batch), 1.0)
+    assert decode.ranks_inflight == {1: 1}
+
+    # Another batch request: same class, no room is asked for it.
+    same_class = asyncio.create_task(dispatcher.submit(ranked("batch-2", 1)))
+    await settle()
+    assert make_room.calls == []
+    same_class.cancel()
+    await asyncio.gather(same_class, return_exceptions=True)
+
+    interactive = ranked("interactive", 3, num_prompt_tokens=90)
+    waiting = asyncio.create_task(dispatcher.submit(interactive))
+    await settle()
+    assert make_room.calls == [(91, Priority(rank=3, counter=0.0, arrival=0.0))]
+    dispatcher.wake()  # passes within ROOM_RETRY_S do not ask again
+    await settle()
+    assert len(make_room.calls) == 1
+    now[0] += ROOM_RETRY_S
+    dispatcher.wake()
+    await settle()
+    assert len(make_room.calls) == 2
+
+    # The batch request is handed back (preempted): its room goes to the waiting request.
+    dispatcher.prefill_done(pair, batch, 0)
+    dispatcher.decode_done(pair, batch, 3, finished=False)
+    assert decode.ranks_inflight == {}
+    assert await asyncio.wait_for(waiting, 1.0) == WorkerPair(prefill, decode)
+    assert decode.ranks_inflight == {3: 1}
+
+
+async def test_no_room_is_asked_when_the_request_fits_or_the_option_is_off(
+    registry: WorkerRegistry,
+    prefill: WorkerHandle,
+    decode: WorkerHandle,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    make_room = MakeRoomCalls()
+    monkeypatch.setattr(decode.client, "make_room", make_room)
+    # Room enough on the decode worker: the interactive request waits for the prefill side.
+    dispatcher = Dispatcher(FcfsPolicy(), registry, max_prefill_inflight_tokens=150)
+    await asyncio.wait_for(dispatcher.submit(ranked("batch", 1)), 1.0)
+    waiting = asyncio.create_task(dispatcher.submit(ranked("interactive", 3)))
+    await settle()
+    assert not waiting.done() and make_room.calls == []
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+
+    make_ready(decode, "decode", num_free_blocks=10)
+    off = Dispatcher(
+        FcfsPolicy(),
+        registry,
+        max_prefill_inflight_tokens=10_000,
+        make_room_for_higher_classes=False,
+    )
+    waiting = asyncio.create_task(off.submit(ranked("interactive-2", 3, num_prompt_tokens=150)))
+    await settle()
+    assert not waiting.done() and make_room.calls == []
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
