@@ -267,13 +267,20 @@ class _PrefillWorker:
         for block_hash in job.hashes:
             if block_hash not in self.cache:
                 break
-            self.cache.move_to_end(block_hash)
             num_cached += 1
+        self._touch(job.hashes[:num_cached])
         if num_cached * self.cluster.block_size >= request.num_prompt_tokens:
             num_cached -= 1
         job.num_computed = num_cached * self.cluster.block_size
         job.num_registered_blocks = num_cached
         job.record.num_cached_tokens = job.num_computed
+
+    def _touch(self, chain: list[bytes]) -> None:
+        """Make a chain's blocks the most recent, its prefix the newest: as the engine's LRU
+        orders a released chain (``BlockManager.free``), so the tail is evicted before the
+        blocks its hash depends on and a pruned chain keeps a usable prefix."""
+        for block_hash in reversed(chain):
+            self.cache.move_to_end(block_hash)
 
     def finish_step(self) -> tuple[list[_Job], list[bytes]]:
         """Apply the step's runs: (jobs whose prefill ended, block hashes evicted)."""
@@ -290,6 +297,8 @@ class _PrefillWorker:
         self.num_computed_tokens += sum(count for _, count in self.step_runs)
         self.busy_s += self.step_s
         self.step_runs = []
+        for job in done:  # its blocks are released, tail first, as the engine frees them
+            self._touch(job.hashes[: job.num_registered_blocks])
         if done:
             self.running = [job for job in self.running if job not in done]
         evicted: list[bytes] = []

@@ -141,6 +141,7 @@ class _Flight:
     worker_id: str | None  # the locality worker: prefill worker, or colocated decode worker
     num_expected_cached: int
     num_output_tokens: int
+    num_pending_cached: int = 0  # in its worker's ``inflight_tokens`` until its prefill ends
 
 
 class _Lane:
@@ -243,12 +244,6 @@ def _has_room(worker: WorkerView, request: QueuedRequest, is_colocated: bool) ->
     )
 
 
-def _load_key(worker: WorkerView) -> tuple[int, int]:
-    """Load: prompt tokens not yet computed (§4); colocated decode workers, whose views carry
-    none, by most free KV, as ``place`` does."""
-    return (worker.inflight_tokens, -worker.free_kv_tokens)
-
-
 LaneT = TypeVar("LaneT", bound=_Lane)
 _LPM_ORDER = operator.attrgetter("lpm_order")
 
@@ -282,6 +277,10 @@ class _FairPolicy(Generic[LaneT]):
         self._flights: dict[str, _Flight] = {}
         self._num_queued: dict[str, int] = {}  # per tenant, over all classes
         self._num_inflight: dict[str, int] = {}
+        # Per locality worker: the cached prefixes (as expected at placement) of the prompts
+        # whose prefill has not ended. The views' ``inflight_tokens`` count whole prompts (the
+        # dispatcher's room rule); less these, they are the load of §4: tokens to compute.
+        self._pending_cached: dict[str, int] = {}
         self._weights: dict[str, float] = {}  # set by update_tenant
         self._service: dict[str, float] = {}  # normalized service charged, for tenants()
         self._idle_since: dict[str, float] = {}
@@ -319,6 +318,7 @@ class _FairPolicy(Generic[LaneT]):
         flight = self._flights.pop(request.request_id, None)
         if flight is not None:  # requeued without on_finish (a preemption): it left the worker
             self._num_inflight[request.tenant_id] -= 1
+            self._prefill_ended(flight)
         lane = self._lane_of(request)
         entry = _Entry(request, lane, request.arrival + lane.slo.ttft_target_s, is_charged=True)
         self._put(entry, at_front=True)
@@ -355,7 +355,10 @@ class _FairPolicy(Generic[LaneT]):
 
     def on_first_token(self, request: QueuedRequest, num_cached_tokens: int, now: float) -> None:
         flight = self._flights.get(request.request_id)
-        if flight is not None and not flight.entry.is_charged:
+        if flight is None:
+            return
+        self._prefill_ended(flight)
+        if not flight.entry.is_charged:
             self._correct_prompt(flight, num_cached_tokens)
 
     def on_tokens(self, request: QueuedRequest, num_tokens: int, now: float) -> None:
@@ -369,6 +372,7 @@ class _FairPolicy(Generic[LaneT]):
         flight = self._flights.pop(request.request_id, None)
         if flight is None:
             return
+        self._prefill_ended(flight)  # (ended without a first token: failed or no room)
         unreported = num_output_tokens - flight.num_output_tokens
         if unreported > 0:  # never refund: what was reported was generated
             flight.num_output_tokens = num_output_tokens
@@ -495,12 +499,30 @@ class _FairPolicy(Generic[LaneT]):
         """Bookkeeping of a placement; ``_dispatch`` calls it after ``place`` succeeded."""
         request = entry.request
         self._flights[request.request_id] = _Flight(
-            entry, worker_id, num_cached, request.num_output_tokens
+            entry, worker_id, num_cached, request.num_output_tokens, num_cached
         )
+        if worker_id is not None and num_cached:
+            self._pending_cached[worker_id] = self._pending_cached.get(worker_id, 0) + num_cached
         self._num_inflight[request.tenant_id] = self._num_inflight.get(request.tenant_id, 0) + 1
         self._take(entry)
         if not entry.is_charged:
             self._charge_prompt(entry, worker_id, num_cached)
+
+    def _prefill_ended(self, flight: _Flight) -> None:
+        """The flight's prompt has left its worker's ``inflight_tokens``."""
+        if flight.worker_id is not None and flight.num_pending_cached:
+            self._pending_cached[flight.worker_id] -= flight.num_pending_cached
+            flight.num_pending_cached = 0
+
+    def _load(self, worker: WorkerView) -> int:
+        """Load (§4): prompt tokens placed there and not yet computed, less the prefixes it
+        was expected to hold (a cached prefix costs the worker nothing to compute)."""
+        return max(0, worker.inflight_tokens - self._pending_cached.get(worker.worker_id, 0))
+
+    def _load_key(self, worker: WorkerView) -> tuple[int, int]:
+        """By load, then (colocated decode workers, whose views carry none) most free KV, as
+        ``place`` does."""
+        return (self._load(worker), -worker.free_kv_tokens)
 
     def _weight(self, request: QueuedRequest) -> float:
         weight = request.weight
@@ -776,7 +798,7 @@ class _IndexedPolicy(_FairPolicy[LaneT]):
             candidates,
             key=lambda w: (
                 self._cached_tokens(entry, w.worker_id),
-                -w.inflight_tokens,
+                -self._load(w),
                 w.free_kv_tokens,
             ),
         )
@@ -1049,6 +1071,9 @@ class DlpmPolicy(_IndexedPolicy[_LpmLane]):
                 num_starved += 1
                 continue
             worker = self._choose_worker(entry, candidates, run)
+            if not any(w is worker for w in candidates):  # it waits for its worker's room
+                chose_held_back[choice] = version
+                continue
             key = self._gate_key(worker.worker_id)
             version += key not in lane.gates  # a new gate: deficits start at 0
             deficits = lane.gate(key)
@@ -1128,11 +1153,17 @@ class D2lpmPolicy(DlpmPolicy):
     to the worker holding its prefixes.
 
     The gateway holds the queue, so a request is bound to a worker when it is dispatched, and
-    each worker's DLPM sees the whole class queue. Choices of ours, for work conservation: the
-    router considers only workers with room for the request (its refill, too, runs until one of
-    those has credit); the hot-spot guard compares with the least loaded of them. The router
-    deficit is per tenant, not per class (it is about locality, not order), and output tokens
-    are charged to it as they arrive rather than all at the finish (the same total)."""
+    each worker's DLPM sees the whole class queue. The router chooses among every worker, as
+    §4 writes it: when the one it chooses has no room now, the request waits for it (a cached
+    prefix is worth waiting for: it would cost its whole length elsewhere) unless the hot-spot
+    guard, which compares with the least loaded worker with room, sends it there. Load is what
+    a worker has left to compute (``_load``), not whole prompts. Choices of ours: the router
+    deficit is per tenant, not per class (it is about locality, not order); it is charged the
+    uncached prompt tokens, the D²LPM cost of §1 (§4's pseudo-code writes the whole prompt:
+    that would push a tenant off the worker holding its prefix after ``Q_w`` / prompt length
+    requests, however little they cost there), corrected at the first token as DLPM's charge
+    is; output tokens are charged as they arrive rather than all at the finish (the same
+    total); and the deficits restart at 0 when the tenant leaves the backlog (``_left``)."""
 
     name = "d2lpm"
 
@@ -1143,18 +1174,33 @@ class D2lpmPolicy(DlpmPolicy):
     def _gate_key(self, worker_id: str) -> str:
         return worker_id
 
+    def _left(self, lane: _LpmLane, tenant_id: str) -> None:
+        super()._left(lane, tenant_id)
+        if not any(tenant_id in other.queues for other in self._lanes.values()):
+            # Out of the backlog: its router deficits restart at 0 on return, as DLPM's do
+            # (§3) and as deficit round-robin resets an emptied queue's counter. Kept, they
+            # would carry the debt of a tenant that sends within its share from one visit to
+            # the next and push it off the worker holding its prefixes (the bound is about
+            # backlogged tenants only).
+            self._route.pop(tenant_id, None)
+
     def _pick_worker(self, entry: _Entry, run: _Pass) -> WorkerView | None:
+        # Only for requests that must go now (at risk of their deadline): when the router's
+        # worker is full, the least loaded with room rather than a wait.
         candidates = self._candidates(entry, run)
         if not candidates:
             return None
-        self._refill_route(entry, candidates, run)
-        return self._choose_worker(entry, candidates, run)
+        self._refill_route(entry, run)
+        worker = self._choose_worker(entry, candidates, run)
+        if not any(w is worker for w in candidates):
+            return min(candidates, key=self._load_key)
+        return worker
 
-    def _refill_route(self, entry: _Entry, candidates: list[WorkerView], run: _Pass) -> bool:
-        """While no candidate has q[u][w] > 0: every q[u][w] += Q_w. Whether it refilled."""
+    def _refill_route(self, entry: _Entry, run: _Pass) -> bool:
+        """While no worker has q[u][w] > 0: every q[u][w] += Q_w. Whether it refilled."""
         route = self._route.setdefault(entry.request.tenant_id, {})
         quantum = self.settings.worker_quantum_tokens
-        best = max(route.get(w.worker_id, 0.0) for w in candidates)
+        best = max(route.get(w.worker_id, 0.0) for w in run.locality)
         if best > 0:
             return False
         refill = (math.floor(-best / quantum) + 1) * quantum
@@ -1165,28 +1211,30 @@ class D2lpmPolicy(DlpmPolicy):
     def _reachable(
         self, entry: _Entry, candidates: list[WorkerView], run: _Pass
     ) -> tuple[list[WorkerView], bool]:
-        # The choice is among the candidates with router credit, or the least loaded.
-        is_refilled = self._refill_route(entry, candidates, run)
+        # The choice is among the workers with router credit, or the least loaded with room.
+        is_refilled = self._refill_route(entry, run)
         route = self._route[entry.request.tenant_id]
-        reachable = [w for w in candidates if route[w.worker_id] > 0]
-        least = min(candidates, key=_load_key)
+        reachable = [w for w in run.locality if route[w.worker_id] > 0]
+        least = min(candidates, key=self._load_key)
         if least not in reachable:
             reachable.append(least)
         return reachable, is_refilled
 
     def _choose_worker(self, entry: _Entry, candidates: list[WorkerView], run: _Pass) -> WorkerView:
-        """After ``_refill_route``: C = G ∩ A, else A, by load; the hot-spot guard."""
+        """After ``_refill_route``: C = G ∩ A, else A, by load, over every worker (a worker
+        without room included: the request then waits for it); the hot-spot guard, against
+        the least loaded of the ``candidates`` (those with room)."""
         route = self._route[entry.request.tenant_id]
-        with_credit = [w for w in candidates if route[w.worker_id] > 0]  # A
-        cached = {w.worker_id: self._cached_tokens(entry, w.worker_id) for w in candidates}
+        with_credit = [w for w in run.locality if route[w.worker_id] > 0]  # A
+        cached = {w.worker_id: self._cached_tokens(entry, w.worker_id) for w in run.locality}
         longest = max(cached.values())
         local = [w for w in with_credit if cached[w.worker_id] == longest]  # C = G ∩ A
-        chosen = min(local or with_credit, key=_load_key)
-        least = min(candidates, key=_load_key)
-        excess = chosen.inflight_tokens - least.inflight_tokens
+        chosen = min(local or with_credit, key=self._load_key)
+        least = min(candidates, key=self._load_key)
+        chosen_load, least_load = self._load(chosen), self._load(least)
         if (
-            chosen.inflight_tokens > self.settings.hot_spot_ratio * least.inflight_tokens
-            and excess > self.settings.hot_spot_margin_tokens
+            chosen_load > self.settings.hot_spot_ratio * least_load
+            and chosen_load - least_load > self.settings.hot_spot_margin_tokens
         ):
             return least  # a hot spot: by load alone
         return chosen
@@ -1198,7 +1246,13 @@ class D2lpmPolicy(DlpmPolicy):
 
     def _charge_prompt(self, entry: _Entry, worker_id: str | None, num_cached: int) -> None:
         super()._charge_prompt(entry, worker_id, num_cached)
-        self._route_charge(entry, worker_id, self.settings.w_in * entry.request.num_prompt_tokens)
+        uncached = entry.request.num_prompt_tokens - num_cached
+        self._route_charge(entry, worker_id, self.settings.w_in * uncached)
+
+    def _correct_prompt(self, flight: _Flight, num_cached_tokens: int) -> None:
+        missed = flight.num_expected_cached - num_cached_tokens
+        super()._correct_prompt(flight, num_cached_tokens)
+        self._route_charge(flight.entry, flight.worker_id, self.settings.w_in * missed)
 
     def _charge_output(self, flight: _Flight, num_tokens: int) -> None:
         super()._charge_output(flight, num_tokens)

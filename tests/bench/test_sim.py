@@ -12,7 +12,7 @@ import pytest
 from bench.latency_model import LatencyModel, StepSample, fit_samples
 from bench.scenarios import SCENARIOS, build_trace, capacity_req_s
 from bench.sched_bench import policy_metrics, run_policy, run_sched_bench
-from bench.sim import ClusterSpec, Simulator, Trace
+from bench.sim import ClusterSpec, Simulator, TenantSpec, Trace, TraceRequest, cache_salt
 from deploy.cli import main
 from engine.block_manager import block_hashes
 from gateway.policies import POLICY_NAMES, PolicySettings, make_policy
@@ -143,6 +143,29 @@ def test_simulator_drives_the_policy_like_the_dispatcher(model: LatencyModel) ->
         for block_hash in block_hashes(r.prompt_token_ids, 16, f"tenant:{r.tenant_id}".encode())
     }
     assert set(policy.evicted) <= chains
+
+
+def test_the_prefix_cache_evicts_a_chain_tail_first_like_the_engine(model: LatencyModel) -> None:
+    document = list(range(1000, 1064))  # 4 blocks
+    other = list(range(2000, 2032))  # 2 more: one block over the cache's 5
+    prompts = [[*document, 1], other, [*document, 2]]
+    trace = Trace(
+        "evictions",
+        [TenantSpec("a")],
+        [
+            TraceRequest(f"r{i}", "a", "standard", 30.0 * i, prompt, 2)
+            for i, prompt in enumerate(prompts)
+        ],
+        100.0,
+    )
+    cluster = ClusterSpec(num_prefill_workers=1, num_decode_workers=1, prefix_cache_blocks=5)
+    policy = RecordingPolicy()
+    result = Simulator(policy, trace, cluster, model).run()
+    # The engine frees a chain tail first, so the LRU drops the document's last block, not
+    # its first (which would leave the other three unreachable).
+    chain = block_hashes(document, 16, cache_salt("a"))
+    assert policy.evicted[0] == chain[-1] and chain[0] not in policy.evicted
+    assert [r.num_cached_tokens for r in result.records] == [0, 0, 48]
 
 
 @pytest.mark.parametrize("scenario", ["overload", "prefix_heavy", "slo_mix"])

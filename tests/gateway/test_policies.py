@@ -508,21 +508,55 @@ def _shared_prefix(tenant_id: str, n: int) -> QueuedRequest:
 
 def test_d2lpm_sticks_to_the_worker_holding_the_prefix_until_its_quantum_runs_out() -> None:
     policy = D2lpmPolicy(
-        PolicySettings(slo_classes=ONE_CLASS, worker_quantum_tokens=4096, quantum_tokens=10**9)
+        PolicySettings(slo_classes=ONE_CLASS, worker_quantum_tokens=1100, quantum_tokens=10**9)
     )
-    workers = []
-    for n in range(6):
+    for n in range(8):  # one more than is placed: the tenant stays backlogged throughout
         policy.enqueue(_shared_prefix("a", 10_000 + n), float(n))
-        # Idle workers each time: only locality and the (tenant, worker) deficit decide.
-        decisions = policy.schedule([_prefill("p0"), _prefill("p1")], [_decode()], float(n))
+    workers = []
+    for _ in range(7):
+        # Idle prefill workers, KV room for one request: only locality and the (tenant,
+        # worker) deficit decide.
+        decisions = policy.schedule([_prefill("p0"), _prefill("p1")], [_decode(free=1041)], 7.0)
         (placement,) = decisions
         assert isinstance(placement, Placement)
         workers.append((placement.prefill_worker_id, placement.num_cached_tokens))
-    # q[a][p0] = 4096 pays for 4 prompts of 1040; the 5th finds credit only at p1 (refilled
-    # with p0), where the prefix is not yet: after that p1 holds it too.
+    # q[a][p0] = 1100 pays for the uncached tokens (§1) of one whole prompt (1040) and four
+    # that hit (16 each); the 6th finds credit only at p1 (refilled with p0), where the prefix
+    # is not yet: after that p1 holds it too.
     assert workers == [
-        ("p0", 0), ("p0", 1024), ("p0", 1024), ("p0", 1024), ("p1", 0), ("p1", 1024),
+        ("p0", 0), ("p0", 1024), ("p0", 1024), ("p0", 1024), ("p0", 1024), ("p1", 0), ("p1", 1024),
     ]  # fmt: skip
+
+
+def test_d2lpm_router_deficits_restart_when_a_tenant_leaves_the_backlog() -> None:
+    policy = D2lpmPolicy(
+        PolicySettings(slo_classes=ONE_CLASS, worker_quantum_tokens=4096, quantum_tokens=10**9)
+    )
+    workers = []
+    for n in range(6):  # each request is placed before the next arrives: never backlogged
+        policy.enqueue(_shared_prefix("a", 10_000 + n), float(n))
+        (placement,) = policy.schedule([_prefill("p0"), _prefill("p1")], [_decode()], float(n))
+        assert isinstance(placement, Placement)
+        workers.append(placement.prefill_worker_id)
+    # The debt at p0 does not follow it from one visit to the next: it keeps its locality.
+    assert workers == ["p0"] * 6
+
+
+def test_d2lpm_waits_for_the_worker_holding_the_prefix_rather_than_recompute_it() -> None:
+    policy = D2lpmPolicy(PolicySettings(slo_classes=ONE_CLASS))
+    policy.enqueue(_shared_prefix("a", 0), 0.0)
+    (first,) = policy.schedule([_prefill("p0"), _prefill("p1")], [_decode()], 0.0)
+    assert isinstance(first, Placement) and first.prefill_worker_id == "p0"
+    policy.enqueue(_shared_prefix("a", 1), 1.0)
+    policy.enqueue(_shared_prefix("a", 2), 1.0)  # backlogged: the router's deficits stay
+    # p0 has no room, but it is no hot spot: 1040 tokens to compute, under the margin.
+    full = [_prefill("p0", inflight=1040, cap=1040), _prefill("p1")]
+    assert policy.schedule(full, [_decode()], 1.0) == []
+    policy.on_first_token(first.request, 0, 1.5)
+    room_for_one = [_decode(free=1041)]
+    (second,) = policy.schedule([_prefill("p0"), _prefill("p1")], room_for_one, 2.0)
+    assert isinstance(second, Placement)
+    assert (second.prefill_worker_id, second.num_cached_tokens) == ("p0", 1024)
 
 
 def test_d2lpm_routes_by_load_alone_on_a_hot_spot() -> None:
@@ -540,6 +574,21 @@ def test_d2lpm_routes_by_load_alone_on_a_hot_spot() -> None:
         assert isinstance(placement, Placement)
         placements.append(placement.prefill_worker_id)
     assert placements == ["p0", "p1"]
+
+
+def test_d2lpm_load_counts_only_the_tokens_left_to_compute() -> None:
+    policy = D2lpmPolicy(PolicySettings(slo_classes=ONE_CLASS, hot_spot_margin_tokens=2048))
+    policy.enqueue(_shared_prefix("a", 0), 0.0)
+    (first,) = policy.schedule([_prefill("p0"), _prefill("p1")], [_decode()], 0.0)
+    policy.on_first_token(first.request, 0, 0.5)
+    for n in range(1, 4):
+        policy.enqueue(_shared_prefix("a", n), 1.0)
+    placements = policy.schedule([_prefill("p0"), _prefill("p1")], [_decode()], 1.0)
+    # p0's prompts in flight pass the margin (3 × 1040 tokens) but hold 3 × 1024 cached ones:
+    # 48 tokens to compute is no hot spot.
+    assert [
+        (p.prefill_worker_id, p.num_cached_tokens) for p in placements if isinstance(p, Placement)
+    ] == [("p0", 1024)] * 3
 
 
 @pytest.mark.parametrize("name", ["dlpm", "d2lpm", "rr_lpm"])
