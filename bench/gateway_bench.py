@@ -14,13 +14,19 @@ ids, so no prefix-cache hits) with 16 output tokens.
   the gateway adds — HTTP and JSON, auth, quotas, tokenization, queueing, detokenization.
   ``server_timing_overhead_p50_ms`` is the gateway's own view (total minus time in worker calls,
   from its ``Server-Timing`` header).
+- ``--tracing``: a second stack whose three processes trace every request and export the spans
+  over OTLP/HTTP to a receiver process on this machine; both stacks are measured block by block
+  in turns, and ``tracing_overhead_p50_ms`` is what tracing adds to ``overhead_p50_ms``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -144,27 +150,52 @@ async def _open_loop(
     return list(await asyncio.gather(*tasks))
 
 
-async def _measure(stack: Stack, quick: bool) -> dict[str, Any]:
-    load = _Load(stack)
+async def _measure(stacks: dict[str, Stack], quick: bool) -> dict[str, dict[str, Any]]:
+    """Each stack's ``rps_max``, then, at half of the lowest, open-loop blocks through each
+    gateway and straight to its workers, the stacks taking turns block by block (so a noisy
+    moment of the machine falls on both alike)."""
+    loads = {name: _Load(stack) for name, stack in stacks.items()}
     try:
-        await _closed_loop(load.via_gateway, 1.0 if quick else 3.0)  # warm-up
-        rps_max = await _closed_loop(load.via_gateway, 3.0 if quick else 10.0)
-        log(f"rps_max {rps_max:.0f}")
-        rate = rps_max / 2
+        rps_max: dict[str, float] = {}
+        for name, load in loads.items():
+            await _closed_loop(load.via_gateway, 1.0 if quick else 3.0)  # warm-up
+            rps_max[name] = await _closed_loop(load.via_gateway, 3.0 if quick else 10.0)
+            log(f"{name}: rps_max {rps_max[name]:.0f}")
+        rate = min(rps_max.values()) / 2
         block = max(50, int(rate * (2 if quick else 5)))
         rng = random.Random(1)
-        gateway_s: list[float] = []
-        direct_s: list[float] = []
-        load.server_overheads_ms.clear()
+        gateway_s: dict[str, list[float]] = {name: [] for name in loads}
+        direct_s: dict[str, list[float]] = {name: [] for name in loads}
+        for load in loads.values():
+            load.server_overheads_ms.clear()
         for round_index in range(2 if quick else 4):
-            gateway_s += await _open_loop(load.via_gateway, rate, block, rng)
-            direct_s += await _open_loop(load.direct, rate, block, rng)
-            log(
-                f"round {round_index}: gateway p50 {_percentile(gateway_s, 0.5) * 1e3:.2f} ms, "
-                f"direct p50 {_percentile(direct_s, 0.5) * 1e3:.2f} ms"
-            )
+            order = list(loads) if round_index % 2 == 0 else list(reversed(loads))
+            for name in order:
+                gateway_s[name] += await _open_loop(loads[name].via_gateway, rate, block, rng)
+                direct_s[name] += await _open_loop(loads[name].direct, rate, block, rng)
+                log(
+                    f"round {round_index} {name}: gateway p50 "
+                    f"{_percentile(gateway_s[name], 0.5) * 1e3:.2f} ms, direct p50 "
+                    f"{_percentile(direct_s[name], 0.5) * 1e3:.2f} ms"
+                )
     finally:
-        await load.aclose()
+        for load in loads.values():
+            await load.aclose()
+    return {
+        name: _figures(
+            rps_max[name], rate, gateway_s[name], direct_s[name], loads[name].server_overheads_ms
+        )
+        for name in loads
+    }
+
+
+def _figures(
+    rps_max: float,
+    rate: float,
+    gateway_s: list[float],
+    direct_s: list[float],
+    server_overheads_ms: list[float],
+) -> dict[str, Any]:
     ms = 1e3
     return {
         "rps_max": round(rps_max, 1),
@@ -180,30 +211,95 @@ async def _measure(stack: Stack, quick: bool) -> dict[str, Any]:
         "gateway_p99_ms": round(_percentile(gateway_s, 0.99) * ms, 3),
         "direct_p50_ms": round(_percentile(direct_s, 0.5) * ms, 3),
         "direct_p99_ms": round(_percentile(direct_s, 0.99) * ms, 3),
-        "server_timing_overhead_p50_ms": round(statistics.median(load.server_overheads_ms), 3),
+        "server_timing_overhead_p50_ms": round(statistics.median(server_overheads_ms), 3),
     }
 
 
-def run_gateway_bench(*, quick: bool = False, output: str | None = None) -> int:
-    with tempfile.TemporaryDirectory(prefix="fairgate-bench-") as state_dir:
-        stack = start_stack(
-            StackConfig(
-                engine="null",
-                port=0,
-                state_dir=Path(state_dir),
-                env=NULL_ENGINE_ENV,
-                worker_args=["--log-level", "warning", "--max-num-seqs", "256"],
-                gateway_args=["--log-level", "warning"],
-            )
+def _start(state_dir: Path, env: dict[str, str]) -> Stack:
+    return start_stack(
+        StackConfig(
+            engine="null",
+            port=0,
+            state_dir=state_dir,
+            env=NULL_ENGINE_ENV | env,
+            worker_args=["--log-level", "warning", "--max-num-seqs", "256"],
+            gateway_args=["--log-level", "warning"],
         )
-        try:
-            result: dict[str, Any] = {
-                "quick": quick,
-                "prompt_tokens": PROMPT_TOKENS,
-                "output_tokens": OUTPUT_TOKENS,
+    )
+
+
+def run_gateway_bench(
+    *, quick: bool = False, tracing: bool = False, output: str | None = None
+) -> int:
+    """With ``tracing``, two stacks side by side, one exporting every span of every process to
+    an OTLP/HTTP receiver (its own process, ``bench.otlp_receiver``) and one not tracing; the
+    result adds ``tracing_overhead_p50_ms``, the difference of their ``overhead_p50_ms``."""
+    result: dict[str, Any] = {
+        "quick": quick,
+        "prompt_tokens": PROMPT_TOKENS,
+        "output_tokens": OUTPUT_TOKENS,
+    }
+    with contextlib.ExitStack() as cleanup:
+        state_dir = Path(
+            cleanup.enter_context(tempfile.TemporaryDirectory(prefix="fairgate-bench-"))
+        )
+        if not tracing:
+            stack = _start(state_dir, {})
+            cleanup.callback(stack.stop)
+            result |= asyncio.run(_measure({"off": stack}, quick))["off"]
+        else:
+            receiver = cleanup.enter_context(_ReceiverProcess())
+            stacks = {"off": _start(state_dir / "off", {})}
+            cleanup.callback(stacks["off"].stop)
+            stacks["on"] = _start(
+                state_dir / "on", {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}
+            )
+            cleanup.callback(stacks["on"].stop)
+            figures = asyncio.run(_measure(stacks, quick))
+            stacks["on"].stop()  # its processes export what is left as they stop
+            result |= {
+                "tracing_off": figures["off"],
+                "tracing_on": figures["on"],
+                "tracing_overhead_p50_ms": round(
+                    figures["on"]["overhead_p50_ms"] - figures["off"]["overhead_p50_ms"], 3
+                ),
+                "tracing_gateway_p50_delta_ms": round(
+                    figures["on"]["gateway_p50_ms"] - figures["off"]["gateway_p50_ms"], 3
+                ),
+                "spans_received": receiver.stop(),
             }
-            result |= asyncio.run(_measure(stack, quick))
-        finally:
-            stack.stop()
     print_result(result, output)
     return 0
+
+
+class _ReceiverProcess:
+    """``python -m bench.otlp_receiver --quiet`` in its own process (decoding spans here would
+    take the load generator's CPU); ``stop`` returns how many spans it received."""
+
+    def __enter__(self) -> _ReceiverProcess:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bench.otlp_receiver", "--quiet"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().strip()
+        if not line.startswith("OTEL_EXPORTER_OTLP_ENDPOINT="):
+            self.process.kill()
+            raise RuntimeError(f"the OTLP receiver did not start: {line!r}")
+        self.endpoint = line.partition("=")[2]
+        self._num_spans: int | None = None
+        return self
+
+    def stop(self) -> int:
+        if self._num_spans is None:
+            self.process.terminate()
+            out, _ = self.process.communicate(timeout=30)
+            counts = dict(part.split("=") for part in out.split())
+            self._num_spans = int(counts["spans"])
+        return self._num_spans
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

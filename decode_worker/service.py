@@ -36,11 +36,12 @@ import asyncio
 import dataclasses
 import logging
 import threading
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, TypeVar
 
 import msgspec
+from opentelemetry.trace import Span
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -75,6 +76,7 @@ from transfer.messages import (
     WorkerInfo,
     WorkerRole,
 )
+from transfer.telemetry import TRACEPARENT_HEADER, end_with_error, start_span
 
 __all__ = ["ColocatedService", "DecodeService"]
 
@@ -84,6 +86,7 @@ _State = Literal["waiting", "landing", "decoding", "done"]
 
 MAX_FLUSH_INTERVAL_S = 1.0
 _Event = StepOutput | FairgateError
+_T = TypeVar("_T")
 
 
 @dataclass(slots=True)
@@ -105,6 +108,7 @@ class _Stream:
     is_preempted: bool = False  # make_room took it while the KV was landing
     is_finished: bool = False  # its last frame (finish reason or Preempted) is out
     expiry: asyncio.TimerHandle | None = None  # gives the reservation up if no KV comes
+    span: Span | None = None  # its ``decode`` span, while tracing is on
 
     def deliver(self, event: _Event) -> None:
         """Thread-safe: hand an event to the stream's coroutine."""
@@ -148,11 +152,13 @@ class DecodeService(WorkerService):
     def routes(self) -> list[BaseRoute]:
         async def decode(request: Request) -> Response:
             body = await read_message(request, DecodeRequest)
-            return FrameStreamResponse(await self.decode(body))
+            span = _start_decode_span("decode", body, request.headers.get(TRACEPARENT_HEADER))
+            return FrameStreamResponse(await _ending_on_error(span, self.decode(body, span)))
 
         async def generate(request: Request) -> Response:
             body = await read_message(request, GenerateRequest)
-            return FrameStreamResponse(await self.generate(body))
+            span = _start_decode_span("generate", body, request.headers.get(TRACEPARENT_HEADER))
+            return FrameStreamResponse(await _ending_on_error(span, self.generate(body, span)))
 
         async def make_room(request: Request) -> Response:
             body = await read_message(request, MakeRoomRequest)
@@ -167,7 +173,11 @@ class DecodeService(WorkerService):
     # ---- requests ---------------------------------------------------------------------------
 
     def _new_stream(
-        self, request: DecodeRequest | GenerateRequest, *, seed: int | None = None
+        self,
+        request: DecodeRequest | GenerateRequest,
+        *,
+        seed: int | None = None,
+        span: Span | None = None,
     ) -> _Stream:
         thread = self.ready_thread()
         prompt = request.prompt_token_ids
@@ -195,11 +205,15 @@ class DecodeService(WorkerService):
             asyncio.get_running_loop(),
             priority=request.priority.to_priority(),
             num_prior_output_tokens=num_prior,
+            span=span,
         )
 
-    async def decode(self, request: DecodeRequest) -> AsyncGenerator[Frame]:
-        """Reserve now (or raise ``NoRoomError``); the frames follow as the KV lands."""
-        stream = self._new_stream(request)
+    async def decode(
+        self, request: DecodeRequest, span: Span | None = None
+    ) -> AsyncGenerator[Frame]:
+        """Reserve now (or raise ``NoRoomError``); the frames follow as the KV lands.
+        ``span``: the request's ``decode`` span (tracing on), ended with the stream."""
+        stream = self._new_stream(request, span=span)
         num_tokens = len(stream.prompt_token_ids) + 1  # the prompt and the first token
         try:
             block_ids = await self._thread.call(
@@ -242,14 +256,16 @@ class DecodeService(WorkerService):
             )
         )
 
-    async def generate(self, request: GenerateRequest) -> AsyncGenerator[Frame]:
+    async def generate(
+        self, request: GenerateRequest, span: Span | None = None
+    ) -> AsyncGenerator[Frame]:
         """Colocated: prefill and decode here."""
         if self.role != "colocated":
             raise WrongRole(
                 f"{self.worker_id} is a decode worker: prompts go to a prefill worker first "
                 "(start it with --colocated to serve whole requests)"
             )
-        stream = self._new_stream(request)
+        stream = self._new_stream(request, span=span)
         thread = self._thread
 
         def add(engine: LLMEngine) -> None:
@@ -276,6 +292,8 @@ class DecodeService(WorkerService):
         """The stream's frames. Steps that queued up while the loop was busy go out as one
         frame, and so do those of the ``flush_interval_s`` after a frame's first step: fewer
         writes and frames on both ends. A hand-back goes out after the tokens before it."""
+        last: StepOutput | None = None
+        error_out: BaseException | None = None
         try:
             if first is not None:
                 yield first
@@ -285,6 +303,7 @@ class DecodeService(WorkerService):
                 event = await self._next_event(stream)
                 if isinstance(event, FairgateError):
                     raise event
+                last = event
                 if event.is_preempted:
                     stream.is_finished = True
                     yield Preempted(event.num_output_tokens, event.seed)
@@ -311,7 +330,7 @@ class DecodeService(WorkerService):
                         preempted = later
                         break
                     token_ids += later.new_token_ids
-                    event = later
+                    event = last = later
                 stream.is_finished = event.finish_reason is not None or preempted is not None
                 yield TokenFrame(
                     token_ids=token_ids,
@@ -321,14 +340,20 @@ class DecodeService(WorkerService):
                     num_output_tokens=event.num_output_tokens,
                 )
                 if preempted is not None:
+                    last = preempted
                     yield Preempted(preempted.num_output_tokens, preempted.seed)
                     return
                 if stream.is_finished:
                     return
                 if error is not None:
                     raise error
+        except BaseException as exc:
+            error_out = exc
+            raise
         finally:
             self._close(stream)
+            if stream.span is not None:
+                _end_decode_span(stream.span, last, error_out)
 
     async def _next_event(self, stream: _Stream) -> _Event:
         """The next event; a stream still waiting for its KV hears of its expiry from
@@ -462,9 +487,12 @@ class DecodeService(WorkerService):
             stream.state = "landing"
 
     def landed(self, header: TransferHeader) -> None:
+        self.metrics.transfer_landed(is_ok=True)
         stream = self._end_landing(header, "decoding", is_landed=True)
         if stream is None:
             return
+        if stream.span is not None:
+            stream.span.add_event("kv_landed", {"fairgate.kv.tokens": header.num_tokens})
         params = dataclasses.replace(stream.params, seed=header.seed)
         thread = self._thread
 
@@ -488,6 +516,7 @@ class DecodeService(WorkerService):
         thread.submit(admit)
 
     def failed(self, header: TransferHeader, error: TransferError) -> None:
+        self.metrics.transfer_landed(is_ok=False)
         stream = self._end_landing(header, "done", is_landed=False)
         if stream is not None:
             stream.deliver(error)
@@ -520,3 +549,52 @@ class ColocatedService(DecodeService):
     prefill worker on ``/v1/decode``, like any decode worker)."""
 
     role: ClassVar[WorkerRole] = "colocated"
+
+
+# ---- traces -------------------------------------------------------------------------------------
+
+
+def _start_decode_span(
+    name: str, request: DecodeRequest | GenerateRequest, traceparent: str | None
+) -> Span | None:
+    return start_span(
+        name,
+        {
+            "fairgate.request_id": request.request_id,
+            "fairgate.prompt_tokens": len(request.prompt_token_ids),
+            "fairgate.resumed_output_tokens": request.num_prior_output_tokens,
+            "fairgate.priority.rank": request.priority.rank,
+        },
+        traceparent=traceparent,
+    )
+
+
+async def _ending_on_error(span: Span | None, opening: Awaitable[_T]) -> _T:
+    """``opening`` (the reservation or the admission); a span whose request fails there ends
+    with the error (otherwise its stream ends it)."""
+    try:
+        return await opening
+    except BaseException as exc:
+        if span is not None:
+            end_with_error(span, exc)
+        raise
+
+
+def _end_decode_span(span: Span, last: StepOutput | None, error: BaseException | None) -> None:
+    if last is not None:
+        span.set_attributes(
+            {
+                "fairgate.output_tokens": last.num_output_tokens,
+                "fairgate.swap_outs": last.num_swap_outs,
+                "fairgate.handed_back": last.is_preempted,
+            }
+        )
+        if last.finish_reason is not None:
+            span.set_attribute("gen_ai.response.finish_reasons", (last.finish_reason,))
+    if error is None:
+        span.end()
+    elif isinstance(error, GeneratorExit | asyncio.CancelledError):
+        span.set_attribute("fairgate.outcome", "caller_left")  # it aborted the request
+        span.end()
+    else:
+        end_with_error(span, error)

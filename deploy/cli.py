@@ -10,7 +10,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transfer.telemetry import LogFormat
 
 __all__ = ["main"]
 
@@ -173,6 +176,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="logs go to stderr (default: %(default)s)",
     )
     gateway.add_argument(
+        "--log-format",
+        default=None,
+        choices=["text", "json"],
+        help="json: one object per line, the request log's fields included "
+        "(default: telemetry.log_format, text)",
+    )
+    gateway.add_argument(
         "--exit-with-parent", action="store_true", help="shut down when standard input closes"
     )
 
@@ -231,6 +241,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "it adds over calling the workers directly, same run",
     )
     bench_gateway.add_argument("--quick", action="store_true", help="shorter windows")
+    bench_gateway.add_argument(
+        "--tracing",
+        action="store_true",
+        help="also a second stack that traces every request (OTLP to a local receiver), side "
+        "by side: the cost of tracing on the gateway's overhead",
+    )
     bench_gateway.add_argument(
         "--output", default=None, help="also write the JSON result to this file"
     )
@@ -388,6 +404,12 @@ def _add_worker_arguments(parser: argparse.ArgumentParser, *, default_port: int)
         help="logs go to stderr (default: %(default)s)",
     )
     parser.add_argument(
+        "--log-format",
+        default=None,
+        choices=["text", "json"],
+        help="json: one object per line (default: $FAIRGATE_TELEMETRY_LOG_FORMAT, else text)",
+    )
+    parser.add_argument(
         "--exit-with-parent",
         action="store_true",
         help="shut down when standard input closes (for workers started by another process)",
@@ -485,7 +507,12 @@ def _run_worker(args: argparse.Namespace) -> int:
     role: WorkerRole = "prefill"
     if args.command == "decode-worker":
         role = "colocated" if args.colocated else "decode"
-    logging.getLogger().setLevel(logging.DEBUG if args.verbose else args.log_level.upper())
+    from transfer.telemetry import configure_logging
+
+    configure_logging(
+        logging.DEBUG if args.verbose else args.log_level.upper(),
+        args.log_format or _env_log_format(),
+    )
     config = WorkerConfig(
         role=role,
         worker_id=args.worker_id,
@@ -540,7 +567,6 @@ def _run_gateway(args: argparse.Namespace) -> int:
 
     if args.exit_with_parent:
         _exit_when_stdin_closes()
-    logging.getLogger().setLevel(logging.DEBUG if args.verbose else args.log_level.upper())
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per worker call otherwise
     config = load_config(
         args.config,
@@ -555,9 +581,24 @@ def _run_gateway(args: argparse.Namespace) -> int:
             "store": {"path": args.store},
             "model": {"name": args.model},
             "scheduler": {"policy": args.policy},
+            "telemetry": {"log_format": args.log_format},
         },
     )
+    from transfer.telemetry import configure_logging
+
+    configure_logging(
+        logging.DEBUG if args.verbose else args.log_level.upper(), config.telemetry.log_format
+    )
     return run_gateway(config)
+
+
+def _env_log_format() -> LogFormat:
+    import os
+
+    value = os.environ.get("FAIRGATE_TELEMETRY_LOG_FORMAT", "text")
+    if value not in ("text", "json"):
+        raise ValueError(f"FAIRGATE_TELEMETRY_LOG_FORMAT must be text or json, got {value!r}")
+    return "json" if value == "json" else "text"
 
 
 def _run_up(args: argparse.Namespace) -> int:
@@ -586,7 +627,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.bench_command == "gateway":
         from bench.gateway_bench import run_gateway_bench
 
-        return run_gateway_bench(quick=args.quick, output=args.output)
+        return run_gateway_bench(quick=args.quick, tracing=args.tracing, output=args.output)
     if args.bench_command == "isolation":
         from bench.isolation_bench import run_isolation_bench
 

@@ -35,6 +35,7 @@ class WorkerSpec:
     model: str = "default"
     args: Sequence[str] = ()  # more `fairgate *-worker` flags
     env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
+    log_path: str | None = None  # its stderr (the logs) appended here; None: ours
 
     def command(self) -> list[str]:
         command = [sys.executable, "-m", "deploy.cli"]
@@ -148,12 +149,18 @@ def start_workers(specs: Sequence[WorkerSpec], *, timeout_s: float = 300.0) -> l
     workers: list[WorkerProcess] = []
     try:
         for spec in specs:
-            process = subprocess.Popen(
-                spec.command(),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                env={**os.environ, **spec.env},
-            )
+            log = None if spec.log_path is None else open(spec.log_path, "ab")  # noqa: SIM115
+            try:
+                process = subprocess.Popen(
+                    spec.command(),
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    env={**os.environ, **spec.env},
+                )
+            finally:
+                if log is not None:
+                    log.close()  # the child has its own descriptor
             workers.append(WorkerProcess(spec, process))
         deadline = time.monotonic() + timeout_s
         for worker in workers:

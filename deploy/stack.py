@@ -47,6 +47,7 @@ class StackConfig:
     decode_worker_args: Sequence[str] = ()  # and for decode workers only (e.g. --preemption)
     gateway_args: Sequence[str] = ()  # more `fairgate gateway` flags
     env: dict[str, str] | None = None  # added to every child's environment
+    log_dir: Path | None = None  # each child's logs to ROLE-N.log there; None: our stderr
     ready_timeout_s: float = 600.0
 
 
@@ -88,14 +89,20 @@ def start_stack(config: StackConfig) -> Stack:
     env = {**(config.env or {}), "FAIRGATE_GATEWAY_ADMIN_TOKEN": admin_token}
     specs = [
         *(
-            WorkerSpec("prefill", config.engine, config.worker_args, env)
-            for _ in range(config.num_prefill_workers)
+            WorkerSpec(
+                "prefill", config.engine, config.worker_args, env, _log(config, "prefill", i)
+            )
+            for i in range(config.num_prefill_workers)
         ),
         *(
             WorkerSpec(
-                "decode", config.engine, [*config.worker_args, *config.decode_worker_args], env
+                "decode",
+                config.engine,
+                [*config.worker_args, *config.decode_worker_args],
+                env,
+                _log(config, "decode", i),
             )
-            for _ in range(config.num_decode_workers)
+            for i in range(config.num_decode_workers)
         ),
     ]
     workers = start_workers(specs, timeout_s=config.ready_timeout_s)
@@ -116,7 +123,9 @@ def start_stack(config: StackConfig) -> Stack:
             *(arg for w in workers if w.spec.role == "decode" for arg in ("--decode", w.http_url)),
             *config.gateway_args,
         ]
-        gateway_spec = WorkerSpec("gateway", config.engine, gateway_args, env)
+        gateway_spec = WorkerSpec(
+            "gateway", config.engine, gateway_args, env, _log(config, "gateway", 0)
+        )
         [gateway] = start_workers([gateway_spec], timeout_s=config.ready_timeout_s)
     except BaseException:
         for worker in workers:
@@ -130,6 +139,13 @@ def start_stack(config: StackConfig) -> Stack:
         stack.stop()
         raise
     return stack
+
+
+def _log(config: StackConfig, role: str, index: int) -> str | None:
+    if config.log_dir is None:
+        return None
+    config.log_dir.mkdir(parents=True, exist_ok=True)
+    return str(config.log_dir / f"{role}-{index}.log")
 
 
 def _create_demo_tenant(stack: Stack) -> str:

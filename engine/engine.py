@@ -167,6 +167,10 @@ class LLMEngine:
         self.num_preemptions = 0  # by any mode
         self.num_swapped_out = 0
         self.num_handed_back = 0
+        # Tokens of requests admitted since the start, and how many of them the prefix cache
+        # held (its hit rate, for metrics).
+        self.num_admitted_tokens = 0
+        self.num_admitted_cached_tokens = 0
         self.num_scheduled_runs = 0  # of the last step: 0 means it could do nothing
         self.num_step_prompt_tokens = 0  # of the last step: prompt tokens it computed
 
@@ -493,6 +497,7 @@ class LLMEngine:
         self.running.remove(seq)
         self.swapped.append(seq)
         seq.status = SequenceStatus.SWAPPED
+        seq.num_swap_outs += 1
         return True
 
     def _swap_in_ready(self) -> None:
@@ -608,6 +613,7 @@ class LLMEngine:
             count = min(seq.num_tokens - seq.num_computed_tokens, self.config.prefill_chunk_size)
             count = min(count, budget)
             runs.append(ScheduledRun(seq, count))
+            seq.num_prefill_chunks += 1
             budget -= count
 
     def _admit(self, seq: Sequence) -> bool:
@@ -638,6 +644,8 @@ class LLMEngine:
             # Of a resumed request: over its prompt and its earlier output alike.
             seq.num_cached_tokens = seq.num_computed_tokens
             seq.was_admitted = True
+            self.num_admitted_tokens += seq.num_tokens
+            self.num_admitted_cached_tokens += seq.num_cached_tokens
         return True
 
     def _reserve_for(self, seq: Sequence, num_tokens: int, scheduled: set[str]) -> bool:
@@ -686,6 +694,8 @@ class LLMEngine:
                     num_output_tokens=len(seq.output_token_ids),
                     is_handed_off=seq.status is SequenceStatus.HANDED_OFF,
                     seed=seq.seed,
+                    num_prefill_chunks=seq.num_prefill_chunks,
+                    num_swap_outs=seq.num_swap_outs,
                 )
             )
         return outputs

@@ -57,6 +57,8 @@ class EngineLoad:
     num_swapped: int = 0  # requests whose KV waits in the host pool now
     num_swapped_out: int = 0  # preemptions by swap, since the start
     num_handed_back: int = 0  # preemptions by recompute handed back to the caller, since the start
+    num_admitted_tokens: int = 0  # tokens of the requests admitted since the start
+    num_admitted_cached_tokens: int = 0  # of those, found in the prefix cache
 
 
 class EvictionLog:
@@ -113,6 +115,8 @@ def _measure(engine: LLMEngine, prefill_tok_s: float) -> EngineLoad:
         num_swapped=len(engine.swapped),
         num_swapped_out=engine.num_swapped_out,
         num_handed_back=engine.num_handed_back,
+        num_admitted_tokens=engine.num_admitted_tokens,
+        num_admitted_cached_tokens=engine.num_admitted_cached_tokens,
     )
 
 

@@ -111,6 +111,8 @@ class Sequence:
     is_prefill_only: bool = False  # hand off after the first token instead of decoding
     was_admitted: bool = False  # blocks were taken for it once (num_cached_tokens is set)
     seed: int = field(default_factory=lambda: secrets.randbits(63))
+    num_prefill_chunks: int = 0  # prefill runs scheduled for it, over its life
+    num_swap_outs: int = 0
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
@@ -148,6 +150,8 @@ class StepOutput:
     # resumes it elsewhere with its tokens so far and ``seed``.
     is_preempted: bool = False
     seed: int = 0  # the seed sampling uses for this request
+    num_prefill_chunks: int = 0  # prefill runs it took (traces)
+    num_swap_outs: int = 0  # times its KV went to host memory (traces)
 
 
 @dataclass(slots=True)

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -30,6 +31,7 @@ from engine.engine_thread import EngineThread
 from engine.loader import LoadedEngine, Precision, load_engine
 from engine.preemption import PreemptionMode
 from engine.process_events import emit_event
+from engine.worker_metrics import WorkerMetrics
 from transfer.errors import EngineFailed, FairgateError, InvalidWorkerRequest, WorkerNotReady
 from transfer.http import (
     error_response,
@@ -39,6 +41,7 @@ from transfer.http import (
     serve_on,
 )
 from transfer.messages import AbortRequest, AbortResult, WorkerInfo, WorkerLoad, WorkerRole
+from transfer.telemetry import setup_tracing, shutdown_tracing
 
 __all__ = ["WorkerConfig", "WorkerService", "run_worker"]
 
@@ -91,6 +94,9 @@ class WorkerService:
         self.load_error: str | None = None
         self._load_task: asyncio.Task[None] | None = None
         self._on_fatal: Any = None
+        self.metrics = WorkerMetrics(
+            self.role, lambda: None if self.engine_thread is None else self.engine_thread.load
+        )
 
     # ---- life cycle -------------------------------------------------------------------------
 
@@ -279,12 +285,16 @@ def _common_routes(service: WorkerService) -> list[BaseRoute]:
         body = await read_message(request, AbortRequest)
         return message_response(AbortResult(aborted=await service.abort(body.request_id)))
 
+    async def metrics(request: Request) -> Response:
+        return Response(service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
     return [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/v1/info", info),
         Route("/v1/load", load),
         Route("/v1/abort", abort, methods=["POST"]),
+        Route("/metrics", metrics),
     ]
 
 
@@ -317,5 +327,9 @@ def run_worker(service: WorkerService) -> int:
         server.should_exit = True
 
     service.bind(sock.getsockname()[1], on_fatal=stop_server)
-    serve_on(server, sock)
+    setup_tracing(service.role)
+    try:
+        serve_on(server, sock)
+    finally:
+        shutdown_tracing()
     return 1 if service.load_error else 0

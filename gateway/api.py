@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import msgspec
+from opentelemetry.trace import Span
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -39,6 +40,7 @@ from gateway.errors import (
     openai_error_body,
 )
 from gateway.generation import Finished, Generation, TokenUsage
+from gateway.metrics import UNAUTHENTICATED, RequestRecord
 from gateway.openai_api import (
     SSE_DONE,
     ChatCompletion,
@@ -58,6 +60,7 @@ from gateway.tenants import Tenant, UsageDelta
 from transfer.errors import FairgateError
 from transfer.http import until_disconnected
 from transfer.messages import SamplingSpec
+from transfer.telemetry import end_with_error, start_span, trace_id_of, tracer
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -149,10 +152,15 @@ def _served_models(gateway: Gateway) -> list[str]:
 
 async def _serve(gateway: Gateway, request: Request, parse: Any) -> Response:
     received = time.monotonic()
-    _, tenant = await gateway.auth.tenant(request)
-    body = await _read_body(request, gateway.config.gateway.max_body_bytes)
-    generation_request: GenerationRequest = parse(body)
-    run = await _admit(gateway, request, tenant, generation_request, received)
+    seen = _Seen(span=_server_span(request))
+    try:
+        _, seen.tenant = await gateway.auth.tenant(request)
+        body = await _read_body(request, gateway.config.gateway.max_body_bytes)
+        generation_request: GenerationRequest = parse(body)
+        run = await _admit(gateway, request, seen, generation_request, received)
+    except BaseException as exc:
+        _refused(gateway, seen, exc)
+        raise
     events = run.generation.events()
     try:
         if generation_request.stream:
@@ -174,6 +182,60 @@ async def _serve(gateway: Gateway, request: Request, parse: Any) -> Response:
     return _complete_response(run, answer)
 
 
+@dataclass(slots=True)
+class _Seen:
+    """What is known of a request while it is being admitted: for the metrics and the span of
+    one that is refused."""
+
+    span: Span | None
+    tenant: Tenant | None = None
+    slo_class: str = ""
+
+
+def _server_span(request: Request) -> Span | None:
+    """The request's span (None while tracing is off). Named by the GenAI conventions,
+    ``{operation} {model}``, once the model is known."""
+    if tracer() is None:
+        return None
+    operation = "chat" if request.url.path.endswith("/chat/completions") else "text_completion"
+    return start_span(
+        operation,
+        {
+            "gen_ai.operation.name": operation,
+            "http.request.method": request.method,
+            "http.route": request.url.path,
+        },
+        traceparent=request.headers.get("traceparent"),
+    )
+
+
+def _refused(gateway: Gateway, seen: _Seen, error: BaseException) -> None:
+    """A request refused before it was queued: counted, its span ended."""
+    reason = _outcome(error)
+    tenant_name = UNAUTHENTICATED if seen.tenant is None else seen.tenant.name
+    gateway.metrics.rejected(tenant_name, seen.slo_class, reason)
+    if seen.span is not None:
+        if seen.tenant is not None:
+            seen.span.set_attribute("fairgate.tenant", seen.tenant.name)
+        if isinstance(error, FairgateError):
+            seen.span.set_attribute("http.response.status_code", error.status)
+        end_with_error(seen.span, error)
+
+
+def _operation_of(body: GenerationRequest) -> str:
+    return "chat" if body.kind == "chat" else "text_completion"
+
+
+def _outcome(error: BaseException | None) -> str:
+    if error is None:
+        return "ok"
+    if isinstance(error, FairgateError):
+        return error.code
+    if isinstance(error, asyncio.CancelledError | anyio.get_cancelled_exc_class()):
+        return "client_disconnected"
+    return type(error).__name__
+
+
 async def _read_body(request: Request, max_bytes: int) -> bytes:
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes:
@@ -187,10 +249,24 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
 async def _admit(
     gateway: Gateway,
     request: Request,
-    tenant: Tenant,
+    seen: _Seen,
     body: GenerationRequest,
     received: float,
 ) -> _Run:
+    tenant = seen.tenant
+    assert tenant is not None
+    span = seen.span
+    if span is not None:
+        span.update_name(f"{_operation_of(body)} {body.model}")
+        span.set_attributes(
+            {
+                "gen_ai.request.model": body.model,
+                "fairgate.tenant": tenant.name,
+                "fairgate.stream": body.stream,
+            }
+        )
+        if body.max_tokens is not None:
+            span.set_attribute("gen_ai.request.max_tokens", body.max_tokens)
     if not gateway.registry.can_serve():
         raise NoWorkerAvailable(f"no worker is ready: {gateway.registry.summary()}")
     if body.model not in _served_models(gateway):
@@ -198,7 +274,7 @@ async def _admit(
             f"model {body.model!r} is not served here; GET /v1/models lists the served models",
             param="model",
         )
-    slo_class = _slo_class(gateway, request, tenant, body)
+    slo_class = seen.slo_class = _slo_class(gateway, request, tenant, body)
     prompt_token_ids = await _tokenize(gateway, body)
     max_model_len = gateway.registry.max_model_len
     prompt_param = "messages" if body.kind == "chat" else "prompt"
@@ -220,7 +296,17 @@ async def _admit(
     )
     completion_id = new_completion_id(body.kind)
     if admission.demoted:
-        slo_class = gateway.config.lowest_class.name
+        slo_class = seen.slo_class = gateway.config.lowest_class.name
+    gateway.metrics.tenant_seen(tenant.tenant_id, tenant.name, tenant.weight)
+    if span is not None:
+        span.set_attributes(
+            {
+                "gen_ai.response.id": completion_id,
+                "gen_ai.usage.input_tokens": len(prompt_token_ids),
+                "fairgate.slo_class": slo_class,
+                "fairgate.demoted": admission.demoted,
+            }
+        )
     cache_salt = _cache_salt(tenant)
     queued = QueuedRequest(
         request_id=completion_id,
@@ -249,6 +335,8 @@ async def _admit(
         cache_salt=cache_salt,
         received=received,
         flush_interval_s=0.0 if body.stream else gateway.config.gateway.unstreamed_flush_s,
+        span=span,
+        metrics=gateway.metrics,
     )
     return _Run(body, tenant, slo_class, admission, generation, completion_id, int(time.time()))
 
@@ -407,30 +495,61 @@ def _finish(gateway: Gateway, run: _Run, error: BaseException | None) -> None:
             completion_tokens=usage.completion_tokens,
         )
     )
-    timing = run.generation.timing
-    ttft_ms = None if timing.first_token is None else (timing.first_token - timing.received) * 1e3
-    if error is None:
-        outcome = "ok"
-    elif isinstance(error, FairgateError):
-        outcome = error.code
-    elif isinstance(error, asyncio.CancelledError | anyio.get_cancelled_exc_class()):
-        outcome = "client_disconnected"
-    else:
-        outcome = type(error).__name__
+    generation = run.generation
+    timing = generation.timing
+    now = time.monotonic()
+    outcome = _outcome(error)
+    queue_s = None if timing.placed is None else timing.placed - timing.received
+    ttft_s = None if timing.first_token is None else timing.first_token - timing.received
+    gateway.metrics.finished(
+        RequestRecord(
+            tenant=run.tenant.name,
+            slo_class=run.slo_class,
+            outcome=outcome,
+            prompt_tokens=usage.prompt_tokens,
+            cached_tokens=usage.cached_tokens,
+            completion_tokens=usage.completion_tokens,
+            queue_s=queue_s,
+            ttft_s=ttft_s,
+            e2e_s=now - timing.received,
+            num_preemptions=generation.num_preemptions,
+        )
+    )
+    span = generation.span
+    if span is not None:
+        span.set_attributes(
+            {
+                "gen_ai.usage.output_tokens": usage.completion_tokens,
+                "fairgate.cached_tokens": usage.cached_tokens,
+                "fairgate.preemptions": generation.num_preemptions,
+                "fairgate.outcome": outcome,
+            }
+        )
+        if generation.finish_reason is not None:
+            span.set_attribute("gen_ai.response.finish_reasons", (generation.finish_reason,))
+        if error is None:
+            span.end()
+        else:
+            end_with_error(span, error)
+    fields = {
+        "request_id": run.completion_id,
+        "tenant": run.tenant.name,
+        "slo_class": run.slo_class,
+        "outcome": outcome,
+        "finish_reason": generation.finish_reason,
+        "prompt_tokens": usage.prompt_tokens,
+        "cached_tokens": usage.cached_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "queue_ms": None if queue_s is None else round(queue_s * 1e3, 1),
+        "ttft_ms": None if ttft_s is None else round(ttft_s * 1e3, 1),
+        "latency_ms": round((now - timing.received) * 1e3, 1),
+        "preemptions": generation.num_preemptions,
+        "trace_id": trace_id_of(span),
+    }
     logger.info(
-        "request %s tenant=%s class=%s outcome=%s prompt_tokens=%d cached_tokens=%d "
-        "completion_tokens=%d queue_ms=%s ttft_ms=%s latency_ms=%.1f preemptions=%d",
-        run.completion_id,
-        run.tenant.name,
-        run.slo_class,
-        outcome,
-        usage.prompt_tokens,
-        usage.cached_tokens,
-        usage.completion_tokens,
-        "-" if timing.placed is None else f"{(timing.placed - timing.received) * 1e3:.1f}",
-        "-" if ttft_ms is None else f"{ttft_ms:.1f}",
-        (time.monotonic() - timing.received) * 1e3,
-        run.generation.num_preemptions,
+        "request %s",
+        " ".join(f"{key}={'-' if value is None else value}" for key, value in fields.items()),
+        extra={"fields": fields},
     )
 
 

@@ -25,6 +25,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -39,6 +40,7 @@ from gateway.auth import Authenticator
 from gateway.config import Config
 from gateway.dispatch import Dispatcher
 from gateway.errors import ClientError, NoWorkerAvailable, openai_error_body, retry_after_header
+from gateway.metrics import GatewayMetrics
 from gateway.openapi import Endpoint, openapi_document, routes_of
 from gateway.policies import PolicySettings, make_policy
 from gateway.quotas import QuotaManager
@@ -49,12 +51,14 @@ from gateway.usage import UsageRecorder
 from gateway.workers import WorkerRegistry
 from transfer.errors import FairgateError
 from transfer.http import http_server, serve_on
+from transfer.telemetry import setup_tracing, shutdown_tracing
 
 __all__ = ["Gateway", "create_app", "policy_from_config", "run_gateway"]
 
 logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+METRICS_SAMPLE_S = 1.0
 
 
 def policy_from_config(config: Config) -> SchedulingPolicy:
@@ -118,6 +122,14 @@ class Gateway:
             queue_timeout_s=config.scheduler.queue_timeout_s,
             make_room_for_higher_classes=config.scheduler.make_room_for_higher_classes,
         )
+        self.metrics = GatewayMetrics(
+            config.slo_classes,
+            self.policy.tenants,
+            w_in=config.scheduler.w_in,
+            w_out=config.scheduler.w_out,
+            window_s=config.telemetry.metrics_window_s,
+        )
+        self._sampler: asyncio.Task[None] | None = None
         self._parts: _Started | None = None
 
     @property
@@ -159,8 +171,19 @@ class Gateway:
         )
         await usage.start()
         await self.registry.start()
+        self._sampler = asyncio.create_task(self._sample_forever(), name="metrics-sampler")
+
+    async def _sample_forever(self) -> None:
+        """The metrics' windows see who is backlogged about once a second."""
+        while True:
+            await asyncio.sleep(METRICS_SAMPLE_S)
+            self.metrics.sample()
 
     async def stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
         self.dispatcher.fail_all(NoWorkerAvailable("the gateway is shutting down"))
         await self.registry.stop()
         if self._parts is not None:
@@ -200,6 +223,10 @@ def create_app(gateway: Gateway, *, on_started: Callable[[], None] | None = None
     async def openapi(request: Request) -> Response:
         return json_response(document)
 
+    async def metrics(request: Request) -> Response:
+        await gateway.auth.require_admin(request)
+        return Response(gateway.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
     async def on_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, FairgateError)
         if not isinstance(exc, ClientError):
@@ -213,6 +240,7 @@ def create_app(gateway: Gateway, *, on_started: Callable[[], None] | None = None
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/openapi.json", openapi),
+            Route("/metrics", metrics),
             *routes_of(endpoints),
         ],
         lifespan=lifespan,
@@ -231,5 +259,14 @@ def run_gateway(config: Config) -> int:
         emit_event("ready", role="gateway", http_url=http_url, pid=os.getpid())
 
     server = http_server(create_app(gateway, on_started=announce))
-    serve_on(server, sock)
+    telemetry = config.telemetry
+    setup_tracing(
+        "gateway",
+        otlp_endpoint=telemetry.otlp_endpoint or None,
+        sampling_ratio=telemetry.sampling_ratio,
+    )
+    try:
+        serve_on(server, sock)
+    finally:
+        shutdown_tracing()
     return 0

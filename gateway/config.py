@@ -6,6 +6,7 @@ comma-separated) and then by command-line flags. ``fairgate up`` needs no file a
     [store]       path of the SQLite file
     [model]       which tokenizer (the workers' model)
     [scheduler]   policy, queue timeout, prefill admission cap
+    [telemetry]   OTLP endpoint, trace sampling ratio, log format, metrics window
     [[slo_classes]]  name, rank, TTFT / TPOT targets, sheddable
 
 Torch-free.
@@ -17,7 +18,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -90,6 +91,17 @@ class SchedulerSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     forget_idle_after_s: Annotated[float, msgspec.Meta(ge=0.0)] = 600.0
 
 
+class TelemetrySection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Traces and logs (``transfer.telemetry``). The standard ``OTEL_*`` environment variables
+    win over ``otlp_endpoint`` and ``sampling_ratio``. ``metrics_window_s``: the sliding window
+    of the SLO-attainment and fairness gauges."""
+
+    otlp_endpoint: str = ""  # OTLP/HTTP base URL, e.g. http://collector:4318; "" and no env: off
+    sampling_ratio: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 1.0
+    log_format: Literal["text", "json"] = "text"
+    metrics_window_s: Annotated[float, msgspec.Meta(gt=0.0)] = 60.0
+
+
 class SloClass(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A service class (``scheduling.md`` §5): higher ``rank`` is served first."""
 
@@ -112,6 +124,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     store: StoreSection = StoreSection()
     model: ModelSection = ModelSection()
     scheduler: SchedulerSection = SchedulerSection()
+    telemetry: TelemetrySection = TelemetrySection()
     slo_classes: list[SloClass] = msgspec.field(default_factory=lambda: list(DEFAULT_SLO_CLASSES))
 
     def slo_class(self, name: str) -> SloClass | None:
@@ -122,7 +135,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return min(self.slo_classes, key=lambda c: c.rank)
 
 
-_SECTIONS = ("gateway", "store", "model", "scheduler")
+_SECTIONS = ("gateway", "store", "model", "scheduler", "telemetry")
 
 
 def load_config(
@@ -161,6 +174,7 @@ def _section_type(section: str) -> type[msgspec.Struct]:
         "store": StoreSection,
         "model": ModelSection,
         "scheduler": SchedulerSection,
+        "telemetry": TelemetrySection,
     }
     return types[section]
 

@@ -26,7 +26,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.errors import NoWorkerAvailable, RequestShed
 from gateway.scheduler import (
@@ -51,10 +51,13 @@ ROOM_RETRY_S = 5.0  # the workers' default room hold: ask again for a request af
 @dataclass(frozen=True, slots=True)
 class WorkerPair:
     """Where a request runs: a prefill and a decode worker, or one colocated worker (``prefill``
-    None)."""
+    None); and, for traces, what the placement saw: the prefix the policy expects the prefill
+    worker to hold and the tenant's counter."""
 
     prefill: WorkerHandle | None
     decode: WorkerHandle
+    num_expected_cached_tokens: int = field(default=0, compare=False)
+    counter: float = field(default=0.0, compare=False)
 
 
 class Dispatcher:
@@ -333,7 +336,14 @@ class Dispatcher:
         decode.ranks_inflight[request.rank] += 1
         decode.tokens_reserved_since_report += request.num_prompt_tokens + 1
         decode.requests_placed_since_report += 1
-        future.set_result(WorkerPair(prefill, decode))
+        future.set_result(
+            WorkerPair(
+                prefill,
+                decode,
+                placement.num_cached_tokens,
+                self.policy.counter(request.tenant_id),
+            )
+        )
 
 
 def _placed(future: asyncio.Future[WorkerPair]) -> bool:

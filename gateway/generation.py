@@ -24,15 +24,18 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import msgspec
+from opentelemetry.trace import Span
 
 from engine.tokenizer import Tokenizer
 from gateway.dispatch import Dispatcher, WorkerPair
+from gateway.metrics import GatewayMetrics
 from gateway.scheduler import QueuedRequest
 from gateway.streaming import TextStream
 from gateway.workers import WorkerRegistry
 from transfer.client import run_disaggregated
 from transfer.errors import FairgateError, NoRoomError, WorkerUnreachable
 from transfer.messages import GenerateRequest, Preempted, Priority, SamplingSpec, TokenFrame
+from transfer.telemetry import end_with_error, start_child, traceparent_of
 
 __all__ = ["Finished", "Generation", "TokenUsage"]
 
@@ -97,7 +100,11 @@ class Generation:
         cache_salt: bytes,
         received: float,
         flush_interval_s: float = 0.0,
+        span: Span | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
+        """``span``: the request's server span when it is traced; the queue waits become its
+        children, and the workers' spans join it through ``traceparent``."""
         self.queued = queued
         self.prompt_token_ids = prompt_token_ids
         self.sampling = sampling
@@ -111,12 +118,16 @@ class Generation:
         self.usage = TokenUsage(prompt_tokens=len(prompt_token_ids))
         self.timing = Timing(received=received)
         self.pair: WorkerPair | None = None
+        self.span = span
+        self.finish_reason: str | None = None
+        self.metrics = metrics
+        self.traceparent = None if span is None else traceparent_of(span)
 
     async def events(self) -> AsyncGenerator[str | Finished]:
         requeue = False
         num_unreachable = 0
         for attempt in itertools.count(1):
-            pair = await self.dispatcher.submit(self.queued, requeue=requeue)
+            pair = await self._submit(requeue)
             self.pair = pair
             if self.timing.placed is None:
                 self.timing.placed = time.monotonic()
@@ -153,6 +164,43 @@ class Generation:
             requeue = True
             logger.info("request %s: placing again (attempt %d)", self.queued.request_id, attempt)
 
+    async def _submit(self, requeue: bool) -> WorkerPair:
+        """Wait for workers; traced as a ``queue`` span under the request's span."""
+        if self.span is None:
+            return await self.dispatcher.submit(self.queued, requeue=requeue)
+        queued = self.queued
+        span = start_child(
+            self.span,
+            "queue",
+            {
+                "fairgate.request_id": queued.request_id,
+                "fairgate.tenant_id": queued.tenant_id,
+                "fairgate.slo_class": queued.slo_class,
+                "fairgate.policy": self.dispatcher.policy.name,
+                "fairgate.requeued": requeue,
+                "fairgate.prompt_tokens": queued.num_prompt_tokens,
+            },
+        )
+        try:
+            pair = await self.dispatcher.submit(queued, requeue=requeue)
+        except BaseException as exc:
+            end_with_error(span, exc)
+            raise
+        span.set_attributes(
+            {
+                "fairgate.counter": pair.counter,
+                "fairgate.prefix_match_tokens": pair.num_expected_cached_tokens,
+                "fairgate.decode_worker": pair.decode.worker_id,
+                **(
+                    {}
+                    if pair.prefill is None
+                    else {"fairgate.prefill_worker": pair.prefill.worker_id}
+                ),
+            }
+        )
+        span.end()
+        return pair
+
     async def _run_on(self, pair: WorkerPair) -> AsyncGenerator[str | Finished]:
         """The request on one pair; the dispatcher's accounting is settled whatever happens.
         Raises ``_Preempted`` when the decode worker hands the request back."""
@@ -170,7 +218,16 @@ class Generation:
                         self.dispatcher.prefill_done(pair, self.queued, frame.num_cached_tokens)
                         if self.timing.first_token is None:
                             self.timing.first_token = time.monotonic()
+                            if self.span is not None:
+                                self.span.add_event("first_token")
                     self.dispatcher.tokens_generated(self.queued, len(frame.token_ids))
+                    if self.metrics is not None:
+                        is_first = not self.output_token_ids
+                        self.metrics.served(
+                            self.queued.tenant_id,
+                            self.usage.prompt_tokens if is_first else 0,
+                            len(frame.token_ids),
+                        )
                     if self.num_preemptions == 0:  # a resumption's prompt is not the client's
                         self.usage.cached_tokens = frame.num_cached_tokens
                     self.usage.completion_tokens = frame.num_output_tokens
@@ -179,6 +236,7 @@ class Generation:
                     if text:
                         yield text
                     if self.text.is_stopped:
+                        self.finish_reason = "stop"
                         yield Finished("stop", self.usage)
                         return
                     if frame.finish_reason is not None:
@@ -186,6 +244,7 @@ class Generation:
                         if tail:
                             yield tail
                         reason = "length" if frame.finish_reason == "length" else "stop"
+                        self.finish_reason = reason
                         yield Finished(reason, self.usage)
                         return
             raise WorkerUnreachable("the workers' stream ended without a finish reason")
@@ -239,7 +298,9 @@ class Generation:
                 self._priority(),
                 num_prior,
             )
-            async with pair.decode.decode_client.generate(request) as stream:
+            async with pair.decode.decode_client.generate(
+                request, traceparent=self.traceparent
+            ) as stream:
                 async for frame in stream:
                     if isinstance(frame, TokenFrame | Preempted):
                         yield frame
@@ -254,6 +315,7 @@ class Generation:
             flush_interval_s=self.flush_interval_s,
             priority=self._priority(),
             num_prior_output_tokens=num_prior,
+            traceparent=self.traceparent,
         )
         async with contextlib.aclosing(frames):
             async for frame in frames:

@@ -23,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from functools import partial
 
 import msgspec
+from opentelemetry.trace import Span
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -45,6 +47,7 @@ from transfer.http import message_response, read_message, until_disconnected
 from transfer.kv_layout import layout_of
 from transfer.kv_sender import KvSender, SenderConfig, TransferJob, TransferResult
 from transfer.messages import PrefillRequest, PrefillResult
+from transfer.telemetry import TRACEPARENT_HEADER, end_with_error, start_child, start_span
 
 __all__ = ["PrefillService"]
 
@@ -72,16 +75,44 @@ class PrefillService(WorkerService):
     def routes(self) -> list[BaseRoute]:
         async def prefill(request: Request) -> Response:
             body = await read_message(request, PrefillRequest)
-            result = await until_disconnected(
-                request, self.prefill(body), lambda: self._abort_soon(body.request_id)
+            span = start_span(
+                "prefill",
+                {
+                    "fairgate.request_id": body.request_id,
+                    "fairgate.prompt_tokens": len(body.prompt_token_ids),
+                    "fairgate.resumed_output_tokens": body.num_prior_output_tokens,
+                    "fairgate.priority.rank": body.priority.rank,
+                },
+                traceparent=request.headers.get(TRACEPARENT_HEADER),
             )
+            try:
+                result = await until_disconnected(
+                    request, self.prefill(body, span), lambda: self._abort_soon(body.request_id)
+                )
+            except BaseException as exc:
+                if span is not None:
+                    end_with_error(span, exc)
+                raise
+            if span is not None:
+                span.set_attributes(
+                    {
+                        "fairgate.cached_tokens": result.num_cached_tokens,
+                        "fairgate.computed_tokens": result.num_prompt_tokens
+                        + body.num_prior_output_tokens
+                        - result.num_cached_tokens,
+                        "fairgate.will_transfer": result.will_transfer,
+                    }
+                )
+                span.end()
             return message_response(result)
 
         return [Route("/v1/prefill", prefill, methods=["POST"])]
 
     # ---- prefill ----------------------------------------------------------------------------
 
-    async def prefill(self, request: PrefillRequest) -> PrefillResult:
+    async def prefill(self, request: PrefillRequest, span: Span | None = None) -> PrefillResult:
+        """``span``: the request's ``prefill`` span (tracing on); its KV transfer is traced as
+        a ``kv_transfer`` child."""
         thread = self.ready_thread()
         sampling = request.sampling
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
@@ -116,7 +147,9 @@ class PrefillService(WorkerService):
             if isinstance(output, FairgateError):
                 loop.call_soon_threadsafe(resolve, output)
                 return
-            will_transfer = output.is_handed_off and self._hand_off(request, output, seed)
+            if span is not None:
+                span.set_attribute("fairgate.prefill_chunks", output.num_prefill_chunks)
+            will_transfer = output.is_handed_off and self._hand_off(request, output, seed, span)
             answer = PrefillResult(
                 request_id=request.request_id,
                 first_token_id=output.new_token_ids[0],
@@ -162,7 +195,9 @@ class PrefillService(WorkerService):
                 ) from exc
         return answer
 
-    def _hand_off(self, request: PrefillRequest, output: StepOutput, seed: int) -> bool:
+    def _hand_off(
+        self, request: PrefillRequest, output: StepOutput, seed: int, span: Span | None
+    ) -> bool:
         """On the engine thread: ship a handed-off request's KV, or release it when there is
         nowhere to ship it. True when a transfer was started."""
         engine = self._thread.engine
@@ -182,11 +217,35 @@ class PrefillService(WorkerService):
             num_cached_tokens=seq.num_cached_tokens,
         )
         self._transferring.add(request.request_id)
-        self.sender.submit(job, self._transfer_done)
+        transfer_span = (
+            None
+            if span is None
+            else start_child(
+                span,
+                "kv_transfer",
+                {
+                    "fairgate.request_id": request.request_id,
+                    "fairgate.kv.blocks": num_blocks,
+                    "fairgate.kv.tokens": job.num_tokens,
+                    "fairgate.kv.backend": self.sender.layout.backend,
+                    "fairgate.decode_worker": target.worker_id,
+                },
+            )
+        )
+        self.sender.submit(job, partial(self._transfer_done, transfer_span))
         return True
 
-    def _transfer_done(self, result: TransferResult) -> None:
+    def _transfer_done(self, span: Span | None, result: TransferResult) -> None:
         """On a KV link thread: the blocks go back, whatever the outcome."""
+        self.metrics.transfer_sent(result.num_bytes, result.seconds, is_ok=result.error is None)
+        if span is not None:
+            span.set_attributes(
+                {"fairgate.kv.bytes": result.num_bytes, "fairgate.kv.seconds": result.seconds}
+            )
+            if result.error is None:
+                span.end()
+            else:
+                end_with_error(span, result.error)
         if result.error is None:
             logger.debug(
                 "shipped %s: %d bytes in %.1f ms",

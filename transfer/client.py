@@ -45,6 +45,7 @@ from transfer.messages import (
     decode_message,
     encode_message,
 )
+from transfer.telemetry import TRACEPARENT_HEADER
 
 __all__ = [
     "Connections",
@@ -92,6 +93,12 @@ class Connections:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _headers(traceparent: str | None) -> dict[str, str]:
+    if traceparent is None:
+        return _HEADERS
+    return {**_HEADERS, TRACEPARENT_HEADER: traceparent}
 
 
 def _error_of(url: str, status: int, body: bytes) -> FairgateError:
@@ -145,13 +152,14 @@ class WorkerClient:
         result_type: type[_T],
         *,
         timeout_s: float | None = None,
+        traceparent: str | None = None,
     ) -> _T:
         url = self.base_url + path
         data = None if message is None else encode_message(message)
         timeout = None if timeout_s is None else aiohttp.ClientTimeout(total=timeout_s)
         try:
             async with self._connections.session.request(
-                method, url, data=data, headers=_HEADERS, timeout=timeout
+                method, url, data=data, headers=_headers(traceparent), timeout=timeout
             ) as response:
                 body = await response.read()
                 status = response.status
@@ -165,11 +173,13 @@ class WorkerClient:
             raise WorkerUnreachable(f"{url}: unreadable answer: {exc}") from exc
 
     @contextlib.asynccontextmanager
-    async def _stream(self, path: str, message: msgspec.Struct) -> AsyncIterator[FrameStream]:
+    async def _stream(
+        self, path: str, message: msgspec.Struct, traceparent: str | None = None
+    ) -> AsyncIterator[FrameStream]:
         url = self.base_url + path
         try:
             response = await self._connections.session.post(
-                url, data=encode_message(message), headers=_HEADERS
+                url, data=encode_message(message), headers=_headers(traceparent)
             )
         except _TRANSPORT_ERRORS as exc:
             raise WorkerUnreachable(f"{url}: {exc!r}") from exc
@@ -236,20 +246,27 @@ class FrameStream:
 
 
 class PrefillClient(WorkerClient):
-    async def prefill(self, request: PrefillRequest) -> PrefillResult:
-        return await self._call("POST", "/v1/prefill", request, PrefillResult)
+    async def prefill(
+        self, request: PrefillRequest, *, traceparent: str | None = None
+    ) -> PrefillResult:
+        """``traceparent``: the W3C trace context the worker's spans join (tracing on)."""
+        return await self._call(
+            "POST", "/v1/prefill", request, PrefillResult, traceparent=traceparent
+        )
 
 
 class DecodeClient(WorkerClient):
-    def decode(self, request: DecodeRequest) -> contextlib.AbstractAsyncContextManager[FrameStream]:
+    def decode(
+        self, request: DecodeRequest, *, traceparent: str | None = None
+    ) -> contextlib.AbstractAsyncContextManager[FrameStream]:
         """The first frame is ``Reserved``; ``NoRoomError`` is raised on entry when there is no
         room."""
-        return self._stream("/v1/decode", request)
+        return self._stream("/v1/decode", request, traceparent)
 
     def generate(
-        self, request: GenerateRequest
+        self, request: GenerateRequest, *, traceparent: str | None = None
     ) -> contextlib.AbstractAsyncContextManager[FrameStream]:
-        return self._stream("/v1/generate", request)
+        return self._stream("/v1/generate", request, traceparent)
 
     async def make_room(self, num_tokens: int, priority: Priority) -> MakeRoomResult:
         """Preempt requests less important than ``priority`` until ``num_tokens`` KV token
@@ -271,6 +288,7 @@ async def run_disaggregated(
     flush_interval_s: float = 0.0,
     priority: Priority = _DEFAULT_PRIORITY,
     num_prior_output_tokens: int = 0,
+    traceparent: str | None = None,
 ) -> AsyncGenerator[TokenFrame | Preempted]:
     """One request through a prefill and a decode worker: reserve on the decode worker, prefill
     with its blocks as the target, yield the first token as soon as the prefill answers, then the
@@ -286,7 +304,9 @@ async def run_disaggregated(
 
     A resumed request (``num_prior_output_tokens`` = k > 0) yields its frames as the original
     would have from there on: ``num_output_tokens`` counts the k earlier tokens, and
-    ``num_prompt_tokens`` is the prompt without them."""
+    ``num_prompt_tokens`` is the prompt without them.
+
+    ``traceparent`` goes with both calls: the workers' spans join the caller's trace."""
     async with decode.decode(
         DecodeRequest(
             request_id,
@@ -296,7 +316,8 @@ async def run_disaggregated(
             flush_interval_s,
             priority,
             num_prior_output_tokens,
-        )
+        ),
+        traceparent=traceparent,
     ) as stream:
         reserved = await stream.next()
         if not isinstance(reserved, Reserved):
@@ -313,7 +334,8 @@ async def run_disaggregated(
                 target,
                 priority,
                 num_prior_output_tokens,
-            )
+            ),
+            traceparent=traceparent,
         )
         num_output_tokens = num_prior_output_tokens + 1
         yield TokenFrame(

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.stack import Stack
 from tests.gateway.conftest import start_test_stack
@@ -121,7 +122,8 @@ async def test_preempted_requests_answer_as_if_never_interrupted(
 # (240-token prompts, 64 tokens each: 19 blocks each at the end, so they never run each other
 # out) leave the gateway 158 free KV slots, and an interactive request with a 200-token prompt
 # fits nowhere. The gateway asks the decode worker to make room: one batch request is handed
-# back (recompute) and finishes after the interactive one, with exactly its tokens.
+# back (recompute) and finishes after the interactive one, with exactly its tokens, and the
+# tenant's counter charges it once.
 
 BATCH_PROMPT_TOKENS = 240
 BATCH_MAX_TOKENS = 64
@@ -134,6 +136,7 @@ def slow_small_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack
         engine="null",
         worker_args=["--log-level", "warning", "--num-blocks", "40"],
         decode_worker_args=["--preemption", "recompute"],
+        gateway_args=["--policy", "vtc"],
         env={"FAIRGATE_NULL_DECODE_STEP_S": "0.02"},
     )
     try:
@@ -172,6 +175,18 @@ async def _text_and_end(
             if first_chunk is not None and parts:
                 first_chunk.set()
     return "".join(parts), usage, asyncio.get_running_loop().time()
+
+
+async def _fair_counter(client: httpx.AsyncClient, stack: Stack, tenant: str) -> float:
+    response = await client.get(
+        "/metrics", headers={"authorization": f"Bearer {stack.admin_token}"}
+    )
+    response.raise_for_status()
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == "fairgate_fair_counter" and sample.labels["tenant"] == tenant:
+                return sample.value
+    raise AssertionError(f"no fair counter for {tenant}")
 
 
 async def test_a_higher_class_request_gets_room_from_a_lower_class_one(
@@ -220,6 +235,10 @@ async def test_a_higher_class_request_gets_room_from_a_lower_class_one(
             )
         after = await _decode_load(client, stack)
         assert after["num_handed_back"] > before["num_handed_back"]
+        # The tenant's VTC counter charged each request once, w_in × prompt + w_out × output
+        # (1 and 2), the handed-back one included: nothing for its re-prefill.
+        expected = 2 * 2 * (BATCH_PROMPT_TOKENS + 2 * BATCH_MAX_TOKENS) + (200 + 2 * 8)
+        assert await _fair_counter(client, stack, "demo") == expected
         for _ in range(50):
             if after["num_free_blocks"] == after["num_total_blocks"]:
                 break

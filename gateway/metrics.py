@@ -1,0 +1,252 @@
+"""The gateway's Prometheus metrics (``GET /metrics``, text format, admin token required: the
+series name tenants).
+
+Per tenant and SLO class: requests by outcome, prompt / cached / completion tokens, rejections by
+reason, preemptions, and histograms of time to first token, time per output token, time in the
+queue and end-to-end latency. Read at each scrape from the scheduler: queue depth and fair-share
+counter per tenant; over a sliding window (``window_s``): TTFT SLO attainment per class, and
+Jain's fairness index over the tenants that stayed backlogged the whole window, of the service
+(``w_in`` × prompt + ``w_out`` × output tokens, divided by the tenant's weight) each received in
+it. Label values are tenant names and configured class names only (a request that fails
+authentication counts under tenant ``""``): the number of series is bounded by the tenants.
+
+Everything is called on the gateway's event loop; the scrape runs there too. Torch-free.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway.config import SloClass
+from gateway.scheduler import TenantState
+
+__all__ = ["GatewayMetrics", "RequestRecord", "jain_index"]
+
+# Seconds; TTFT and latency span a cached short prompt to a long queue wait.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+UNAUTHENTICATED = ""
+_LABELS = ("tenant", "slo_class")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """A finished request, as the metrics see it (seconds; None: the stage was not reached)."""
+
+    tenant: str
+    slo_class: str
+    outcome: str  # "ok", or the error code it ended with
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    queue_s: float | None
+    ttft_s: float | None
+    e2e_s: float
+    num_preemptions: int
+
+
+def jain_index(values: Sequence[float]) -> float | None:
+    """(Σx)² / (n·Σx²); 1 when everyone got the same, 1/n when one got everything. None for
+    no values or all zero."""
+    total_sq = sum(x * x for x in values)
+    if not values or total_sq == 0.0:
+        return None
+    return sum(values) ** 2 / (len(values) * total_sq)
+
+
+class GatewayMetrics:
+    """What the gateway records. ``tenants()`` is the scheduler's view (queue depths and
+    counters), read at each scrape and each ``sample``."""
+
+    def __init__(
+        self,
+        slo_classes: Sequence[SloClass],
+        tenants: Callable[[], list[TenantState]],
+        *,
+        w_in: float = 1.0,
+        w_out: float = 2.0,
+        window_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._classes = {c.name: c for c in slo_classes}
+        self._tenants = tenants
+        self.w_in, self.w_out = w_in, w_out
+        self.window_s = window_s
+        self._clock = clock
+        self._names: dict[str, str] = {}  # tenant id → name, for the scheduler's series
+        self._weights: dict[str, float] = {}
+        self._service: dict[str, float] = {}  # tenant id → normalized service so far
+        # (time, {tenant id: service so far}) for tenants backlogged at that time
+        self._samples: deque[tuple[float, dict[str, float]]] = deque()
+        self._slo_window: deque[tuple[float, str, bool]] = deque()
+
+        def counter(name: str, doc: str, *extra: str) -> Counter:
+            return Counter(name, doc, (*_LABELS, *extra), registry=self.registry)
+
+        def histogram(name: str, doc: str, buckets: Sequence[float]) -> Histogram:
+            return Histogram(name, doc, _LABELS, buckets=buckets, registry=self.registry)
+
+        self.requests = counter("fairgate_requests", "Requests that ended, by outcome", "outcome")
+        self.prompt_tokens = counter("fairgate_prompt_tokens", "Prompt tokens of ended requests")
+        self.cached_tokens = counter(
+            "fairgate_cached_tokens", "Prompt tokens served from the prefix cache"
+        )
+        self.completion_tokens = counter("fairgate_completion_tokens", "Generated tokens")
+        self.rejections = counter(
+            "fairgate_rejections", "Requests refused or ended with an error, by reason", "reason"
+        )
+        self.preemptions = counter(
+            "fairgate_preemptions", "Times a decode worker handed a request back (recompute)"
+        )
+        self.slo_requests = counter(
+            "fairgate_slo_requests", "Requests that got a first token, by TTFT target met", "met"
+        )
+        self.ttft = histogram("fairgate_ttft_seconds", "Time to first token", LATENCY_BUCKETS)
+        self.tpot = histogram(
+            "fairgate_tpot_seconds", "Time per output token after the first", TPOT_BUCKETS
+        )
+        self.queue_time = histogram(
+            "fairgate_queue_seconds", "Time from arrival to placement on workers", LATENCY_BUCKETS
+        )
+        self.e2e = histogram(
+            "fairgate_e2e_seconds", "Time from arrival to the end", LATENCY_BUCKETS
+        )
+        self.registry.register(_SchedulerCollector(self))
+
+    # ---- recording --------------------------------------------------------------------------
+
+    def tenant_seen(self, tenant_id: str, name: str, weight: float) -> None:
+        """A request of this tenant was admitted (names its scheduler series)."""
+        self._names[tenant_id] = name
+        self._weights[tenant_id] = weight
+
+    def served(self, tenant_id: str, num_prompt_tokens: int, num_output_tokens: int) -> None:
+        """The tenant received this much work (its prompt at the first token, then output)."""
+        amount = self.w_in * num_prompt_tokens + self.w_out * num_output_tokens
+        weight = self._weights.get(tenant_id, 1.0) or 1.0
+        self._service[tenant_id] = self._service.get(tenant_id, 0.0) + amount / weight
+
+    def rejected(self, tenant: str, slo_class: str, reason: str) -> None:
+        """A request refused before it ran (auth, validation, quota, shed, no worker)."""
+        self.rejections.labels(tenant, slo_class, reason).inc()
+        self.requests.labels(tenant, slo_class, reason).inc()
+
+    def finished(self, record: RequestRecord) -> None:
+        labels = (record.tenant, record.slo_class)
+        self.requests.labels(*labels, record.outcome).inc()
+        if record.queue_s is None and record.outcome not in ("ok", "client_disconnected"):
+            # Never placed: shed, or no worker had room in time.
+            self.rejections.labels(*labels, record.outcome).inc()
+        self.prompt_tokens.labels(*labels).inc(record.prompt_tokens)
+        self.cached_tokens.labels(*labels).inc(record.cached_tokens)
+        self.completion_tokens.labels(*labels).inc(record.completion_tokens)
+        if record.num_preemptions:
+            self.preemptions.labels(*labels).inc(record.num_preemptions)
+        if record.queue_s is not None:
+            self.queue_time.labels(*labels).observe(record.queue_s)
+        self.e2e.labels(*labels).observe(record.e2e_s)
+        if record.ttft_s is None:
+            return
+        self.ttft.labels(*labels).observe(record.ttft_s)
+        if record.completion_tokens > 1:
+            tpot_s = (record.e2e_s - record.ttft_s) / (record.completion_tokens - 1)
+            self.tpot.labels(*labels).observe(tpot_s)
+        slo_class = self._classes.get(record.slo_class)
+        if slo_class is not None:
+            met = record.ttft_s <= slo_class.ttft_target_s
+            self.slo_requests.labels(*labels, "true" if met else "false").inc()
+            self._slo_window.append((self._clock(), record.slo_class, met))
+
+    def sample(self) -> None:
+        """Note which tenants are backlogged now and the service they have had (called about
+        once a second, and at each scrape)."""
+        now = self._clock()
+        backlogged = {
+            t.tenant_id: self._service.get(t.tenant_id, 0.0)
+            for t in self._tenants()
+            if t.num_queued > 0
+        }
+        self._samples.append((now, backlogged))
+        while self._samples and self._samples[0][0] < now - self.window_s:
+            self._samples.popleft()
+        while self._slo_window and self._slo_window[0][0] < now - self.window_s:
+            self._slo_window.popleft()
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def exposition(self) -> bytes:
+        self.sample()
+        return generate_latest(self.registry)
+
+    def jain(self) -> float | None:
+        """Over the tenants backlogged in every sample of the window (at least two samples and
+        two tenants), of the service each received between the first and the last sample."""
+        if len(self._samples) < 2:
+            return None
+        first, last = self._samples[0][1], self._samples[-1][1]
+        always = set(first).intersection(*(s for _, s in self._samples))
+        if len(always) < 2:
+            return None
+        return jain_index([last[t] - first[t] for t in sorted(always)])
+
+    def slo_attainment(self) -> dict[str, float]:
+        """Per class, the share of the window's requests whose first token met the target."""
+        met: dict[str, list[int]] = {}
+        for _, slo_class, is_met in self._slo_window:
+            counts = met.setdefault(slo_class, [0, 0])
+            counts[0] += is_met
+            counts[1] += 1
+        return {name: hits / total for name, (hits, total) in met.items()}
+
+    def name_of(self, tenant_id: str) -> str:
+        return self._names.get(tenant_id, tenant_id)
+
+    def tenant_states(self) -> Iterable[TenantState]:
+        return self._tenants()
+
+
+class _SchedulerCollector(Collector):
+    """The series read from the scheduler and the windows at scrape time."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        metrics = self._metrics
+        depth = GaugeMetricFamily(
+            "fairgate_queue_depth", "Requests waiting in the scheduler", labels=["tenant"]
+        )
+        counter = GaugeMetricFamily(
+            "fairgate_fair_counter",
+            "The tenant's fair-share counter (VTC counter or normalized service)",
+            labels=["tenant"],
+        )
+        for state in metrics.tenant_states():
+            name = metrics.name_of(state.tenant_id)
+            depth.add_metric([name], state.num_queued)
+            counter.add_metric([name], state.counter)
+        yield depth
+        yield counter
+        attainment = GaugeMetricFamily(
+            "fairgate_slo_attainment",
+            f"Share of requests meeting their class's TTFT target, last {metrics.window_s:g} s",
+            labels=["slo_class"],
+        )
+        for slo_class, share in sorted(metrics.slo_attainment().items()):
+            attainment.add_metric([slo_class], share)
+        yield attainment
+        jain = metrics.jain()
+        if jain is not None:
+            yield GaugeMetricFamily(
+                "fairgate_jain_index",
+                f"Jain's index of backlogged tenants' service, last {metrics.window_s:g} s",
+                value=jain,
+            )
