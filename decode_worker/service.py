@@ -36,12 +36,13 @@ import asyncio
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, TypeVar
 
 import msgspec
-from opentelemetry.trace import Span
+from opentelemetry.util.types import AttributeValue
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -76,7 +77,7 @@ from transfer.messages import (
     WorkerInfo,
     WorkerRole,
 )
-from transfer.telemetry import TRACEPARENT_HEADER, end_with_error, start_span
+from transfer.telemetry import TRACEPARENT_HEADER, end_with_error, start_span, tracer
 
 __all__ = ["ColocatedService", "DecodeService"]
 
@@ -108,7 +109,7 @@ class _Stream:
     is_preempted: bool = False  # make_room took it while the KV was landing
     is_finished: bool = False  # its last frame (finish reason or Preempted) is out
     expiry: asyncio.TimerHandle | None = None  # gives the reservation up if no KV comes
-    span: Span | None = None  # its ``decode`` span, while tracing is on
+    trace: _Trace | None = None  # while tracing is on: its span is made when it ends
 
     def deliver(self, event: _Event) -> None:
         """Thread-safe: hand an event to the stream's coroutine."""
@@ -152,13 +153,13 @@ class DecodeService(WorkerService):
     def routes(self) -> list[BaseRoute]:
         async def decode(request: Request) -> Response:
             body = await read_message(request, DecodeRequest)
-            span = _start_decode_span("decode", body, request.headers.get(TRACEPARENT_HEADER))
-            return FrameStreamResponse(await _ending_on_error(span, self.decode(body, span)))
+            trace = _Trace.of("decode", body, request)
+            return FrameStreamResponse(await _ending_on_error(trace, self.decode(body, trace)))
 
         async def generate(request: Request) -> Response:
             body = await read_message(request, GenerateRequest)
-            span = _start_decode_span("generate", body, request.headers.get(TRACEPARENT_HEADER))
-            return FrameStreamResponse(await _ending_on_error(span, self.generate(body, span)))
+            trace = _Trace.of("generate", body, request)
+            return FrameStreamResponse(await _ending_on_error(trace, self.generate(body, trace)))
 
         async def make_room(request: Request) -> Response:
             body = await read_message(request, MakeRoomRequest)
@@ -177,7 +178,7 @@ class DecodeService(WorkerService):
         request: DecodeRequest | GenerateRequest,
         *,
         seed: int | None = None,
-        span: Span | None = None,
+        trace: _Trace | None = None,
     ) -> _Stream:
         thread = self.ready_thread()
         prompt = request.prompt_token_ids
@@ -205,15 +206,15 @@ class DecodeService(WorkerService):
             asyncio.get_running_loop(),
             priority=request.priority.to_priority(),
             num_prior_output_tokens=num_prior,
-            span=span,
+            trace=trace,
         )
 
     async def decode(
-        self, request: DecodeRequest, span: Span | None = None
+        self, request: DecodeRequest, trace: _Trace | None = None
     ) -> AsyncGenerator[Frame]:
         """Reserve now (or raise ``NoRoomError``); the frames follow as the KV lands.
-        ``span``: the request's ``decode`` span (tracing on), ended with the stream."""
-        stream = self._new_stream(request, span=span)
+        ``trace``: the request is traced (its span is made when the stream ends)."""
+        stream = self._new_stream(request, trace=trace)
         num_tokens = len(stream.prompt_token_ids) + 1  # the prompt and the first token
         try:
             block_ids = await self._thread.call(
@@ -257,7 +258,7 @@ class DecodeService(WorkerService):
         )
 
     async def generate(
-        self, request: GenerateRequest, span: Span | None = None
+        self, request: GenerateRequest, trace: _Trace | None = None
     ) -> AsyncGenerator[Frame]:
         """Colocated: prefill and decode here."""
         if self.role != "colocated":
@@ -265,7 +266,7 @@ class DecodeService(WorkerService):
                 f"{self.worker_id} is a decode worker: prompts go to a prefill worker first "
                 "(start it with --colocated to serve whole requests)"
             )
-        stream = self._new_stream(request, span=span)
+        stream = self._new_stream(request, trace=trace)
         thread = self._thread
 
         def add(engine: LLMEngine) -> None:
@@ -352,8 +353,8 @@ class DecodeService(WorkerService):
             raise
         finally:
             self._close(stream)
-            if stream.span is not None:
-                _end_decode_span(stream.span, last, error_out)
+            if stream.trace is not None:
+                stream.trace.end(last, error_out)
 
     async def _next_event(self, stream: _Stream) -> _Event:
         """The next event; a stream still waiting for its KV hears of its expiry from
@@ -491,8 +492,8 @@ class DecodeService(WorkerService):
         stream = self._end_landing(header, "decoding", is_landed=True)
         if stream is None:
             return
-        if stream.span is not None:
-            stream.span.add_event("kv_landed", {"fairgate.kv.tokens": header.num_tokens})
+        if stream.trace is not None:
+            stream.trace.landed_ns = time.time_ns()
         params = dataclasses.replace(stream.params, seed=header.seed)
         thread = self._thread
 
@@ -554,47 +555,60 @@ class ColocatedService(DecodeService):
 # ---- traces -------------------------------------------------------------------------------------
 
 
-def _start_decode_span(
-    name: str, request: DecodeRequest | GenerateRequest, traceparent: str | None
-) -> Span | None:
-    return start_span(
-        name,
-        {
-            "fairgate.request_id": request.request_id,
-            "fairgate.prompt_tokens": len(request.prompt_token_ids),
-            "fairgate.resumed_output_tokens": request.num_prior_output_tokens,
-            "fairgate.priority.rank": request.priority.rank,
-        },
-        traceparent=traceparent,
-    )
+@dataclass(slots=True)
+class _Trace:
+    """A traced request's ``decode`` (or ``generate``) span, made in one call when its stream
+    ends: the SDK's cost is per call and attribute."""
+
+    name: str
+    traceparent: str | None
+    attributes: dict[str, AttributeValue]
+    started_ns: int
+    landed_ns: int | None = None  # when its KV landed (an event)
+
+    @classmethod
+    def of(
+        cls, name: str, body: DecodeRequest | GenerateRequest, request: Request
+    ) -> _Trace | None:
+        if tracer() is None:
+            return None
+        attributes: dict[str, AttributeValue] = {
+            "fairgate.request_id": body.request_id,
+            "fairgate.prompt_tokens": len(body.prompt_token_ids),
+            "fairgate.resumed_output_tokens": body.num_prior_output_tokens,
+        }
+        return cls(name, request.headers.get(TRACEPARENT_HEADER), attributes, time.time_ns())
+
+    def end(self, last: StepOutput | None, error: BaseException | None) -> None:
+        attributes = self.attributes
+        if last is not None:
+            attributes["fairgate.output_tokens"] = last.num_output_tokens
+            attributes["fairgate.swap_outs"] = last.num_swap_outs
+            attributes["fairgate.handed_back"] = last.is_preempted
+            if last.finish_reason is not None:
+                attributes["gen_ai.response.finish_reasons"] = (last.finish_reason,)
+        if isinstance(error, GeneratorExit | asyncio.CancelledError):
+            attributes["fairgate.outcome"] = "caller_left"  # it aborted the request
+            error = None
+        span = start_span(
+            self.name, attributes, traceparent=self.traceparent, start_time_ns=self.started_ns
+        )
+        if span is None:
+            return
+        if self.landed_ns is not None:
+            span.add_event("kv_landed", timestamp=self.landed_ns)
+        if error is None:
+            span.end()
+        else:
+            end_with_error(span, error)
 
 
-async def _ending_on_error(span: Span | None, opening: Awaitable[_T]) -> _T:
-    """``opening`` (the reservation or the admission); a span whose request fails there ends
-    with the error (otherwise its stream ends it)."""
+async def _ending_on_error(trace: _Trace | None, opening: Awaitable[_T]) -> _T:
+    """``opening`` (the reservation or the admission); a traced request that fails there gets
+    its span now (otherwise its stream's end makes it)."""
     try:
         return await opening
     except BaseException as exc:
-        if span is not None:
-            end_with_error(span, exc)
+        if trace is not None:
+            trace.end(None, exc)
         raise
-
-
-def _end_decode_span(span: Span, last: StepOutput | None, error: BaseException | None) -> None:
-    if last is not None:
-        span.set_attributes(
-            {
-                "fairgate.output_tokens": last.num_output_tokens,
-                "fairgate.swap_outs": last.num_swap_outs,
-                "fairgate.handed_back": last.is_preempted,
-            }
-        )
-        if last.finish_reason is not None:
-            span.set_attribute("gen_ai.response.finish_reasons", (last.finish_reason,))
-    if error is None:
-        span.end()
-    elif isinstance(error, GeneratorExit | asyncio.CancelledError):
-        span.set_attribute("fairgate.outcome", "caller_left")  # it aborted the request
-        span.end()
-    else:
-        end_with_error(span, error)

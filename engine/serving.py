@@ -306,6 +306,8 @@ def create_app(service: WorkerService) -> Starlette:
             yield
         finally:
             await service.stop()
+            # Here, not after serving: uvicorn re-raises SIGTERM once it has stopped.
+            shutdown_tracing()
 
     async def on_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, FairgateError)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import msgspec
 from opentelemetry.trace import Span
+from opentelemetry.util.types import AttributeValue
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -152,7 +153,7 @@ def _served_models(gateway: Gateway) -> list[str]:
 
 async def _serve(gateway: Gateway, request: Request, parse: Any) -> Response:
     received = time.monotonic()
-    seen = _Seen(span=_server_span(request))
+    seen = _Seen(time.time_ns(), _operation_of(request))
     try:
         _, seen.tenant = await gateway.auth.tenant(request)
         body = await _read_body(request, gateway.config.gateway.max_body_bytes)
@@ -184,29 +185,35 @@ async def _serve(gateway: Gateway, request: Request, parse: Any) -> Response:
 
 @dataclass(slots=True)
 class _Seen:
-    """What is known of a request while it is being admitted: for the metrics and the span of
-    one that is refused."""
+    """What is known of a request while it is being admitted: for the metrics, and for its span
+    (made once its model is known, or when it is refused, from ``received_ns`` on)."""
 
-    span: Span | None
+    received_ns: int
+    operation: str  # gen_ai.operation.name
     tenant: Tenant | None = None
     slo_class: str = ""
+    span: Span | None = None
 
 
-def _server_span(request: Request) -> Span | None:
-    """The request's span (None while tracing is off). Named by the GenAI conventions,
-    ``{operation} {model}``, once the model is known."""
+def _operation_of(request: Request) -> str:
+    return "chat" if request.url.path.endswith("/chat/completions") else "text_completion"
+
+
+def _server_span(seen: _Seen, body: GenerationRequest | None) -> Span | None:
+    """The request's span (None while tracing is off), named ``{operation} {model}`` by the
+    GenAI conventions; it began when the request arrived."""
     if tracer() is None:
         return None
-    operation = "chat" if request.url.path.endswith("/chat/completions") else "text_completion"
-    return start_span(
-        operation,
-        {
-            "gen_ai.operation.name": operation,
-            "http.request.method": request.method,
-            "http.route": request.url.path,
-        },
-        traceparent=request.headers.get("traceparent"),
-    )
+    attributes: dict[str, AttributeValue] = {"gen_ai.operation.name": seen.operation}
+    if seen.tenant is not None:
+        attributes["fairgate.tenant"] = seen.tenant.name
+    name = seen.operation
+    if body is not None:
+        name = f"{seen.operation} {body.model}"
+        attributes["gen_ai.request.model"] = body.model
+        if body.max_tokens is not None:
+            attributes["gen_ai.request.max_tokens"] = body.max_tokens
+    return start_span(name, attributes, start_time_ns=seen.received_ns)
 
 
 def _refused(gateway: Gateway, seen: _Seen, error: BaseException) -> None:
@@ -214,16 +221,11 @@ def _refused(gateway: Gateway, seen: _Seen, error: BaseException) -> None:
     reason = _outcome(error)
     tenant_name = UNAUTHENTICATED if seen.tenant is None else seen.tenant.name
     gateway.metrics.rejected(tenant_name, seen.slo_class, reason)
-    if seen.span is not None:
-        if seen.tenant is not None:
-            seen.span.set_attribute("fairgate.tenant", seen.tenant.name)
+    span = seen.span or _server_span(seen, None)
+    if span is not None:
         if isinstance(error, FairgateError):
-            seen.span.set_attribute("http.response.status_code", error.status)
-        end_with_error(seen.span, error)
-
-
-def _operation_of(body: GenerationRequest) -> str:
-    return "chat" if body.kind == "chat" else "text_completion"
+            span.set_attribute("http.response.status_code", error.status)
+        end_with_error(span, error)
 
 
 def _outcome(error: BaseException | None) -> str:
@@ -255,18 +257,7 @@ async def _admit(
 ) -> _Run:
     tenant = seen.tenant
     assert tenant is not None
-    span = seen.span
-    if span is not None:
-        span.update_name(f"{_operation_of(body)} {body.model}")
-        span.set_attributes(
-            {
-                "gen_ai.request.model": body.model,
-                "fairgate.tenant": tenant.name,
-                "fairgate.stream": body.stream,
-            }
-        )
-        if body.max_tokens is not None:
-            span.set_attribute("gen_ai.request.max_tokens", body.max_tokens)
+    span = seen.span = _server_span(seen, body)
     if not gateway.registry.can_serve():
         raise NoWorkerAvailable(f"no worker is ready: {gateway.registry.summary()}")
     if body.model not in _served_models(gateway):
@@ -304,7 +295,6 @@ async def _admit(
                 "gen_ai.response.id": completion_id,
                 "gen_ai.usage.input_tokens": len(prompt_token_ids),
                 "fairgate.slo_class": slo_class,
-                "fairgate.demoted": admission.demoted,
             }
         )
     cache_salt = _cache_salt(tenant)
@@ -517,16 +507,16 @@ def _finish(gateway: Gateway, run: _Run, error: BaseException | None) -> None:
     )
     span = generation.span
     if span is not None:
-        span.set_attributes(
-            {
-                "gen_ai.usage.output_tokens": usage.completion_tokens,
-                "fairgate.cached_tokens": usage.cached_tokens,
-                "fairgate.preemptions": generation.num_preemptions,
-                "fairgate.outcome": outcome,
-            }
-        )
+        ended: dict[str, AttributeValue] = {
+            "gen_ai.usage.output_tokens": usage.completion_tokens,
+            "fairgate.cached_tokens": usage.cached_tokens,
+            "fairgate.preemptions": generation.num_preemptions,
+        }
         if generation.finish_reason is not None:
-            span.set_attribute("gen_ai.response.finish_reasons", (generation.finish_reason,))
+            ended["gen_ai.response.finish_reasons"] = (generation.finish_reason,)
+        if run.admission.demoted:
+            ended["fairgate.demoted"] = True
+        span.set_attributes(ended)
         if error is None:
             span.end()
         else:

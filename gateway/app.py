@@ -211,6 +211,8 @@ def create_app(gateway: Gateway, *, on_started: Callable[[], None] | None = None
             yield
         finally:
             await gateway.stop()
+            # Here, not after serving: uvicorn re-raises SIGTERM once it has stopped.
+            shutdown_tracing()
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import msgspec
 from opentelemetry.trace import Span
+from opentelemetry.util.types import AttributeValue
 
 from engine.tokenizer import Tokenizer
 from gateway.dispatch import Dispatcher, WorkerPair
@@ -165,40 +166,31 @@ class Generation:
             logger.info("request %s: placing again (attempt %d)", self.queued.request_id, attempt)
 
     async def _submit(self, requeue: bool) -> WorkerPair:
-        """Wait for workers; traced as a ``queue`` span under the request's span."""
+        """Wait for workers; traced as a ``queue`` span under the request's span (made once
+        the wait is over, with what it found)."""
         if self.span is None:
             return await self.dispatcher.submit(self.queued, requeue=requeue)
         queued = self.queued
-        span = start_child(
-            self.span,
-            "queue",
-            {
-                "fairgate.request_id": queued.request_id,
-                "fairgate.tenant_id": queued.tenant_id,
-                "fairgate.slo_class": queued.slo_class,
-                "fairgate.policy": self.dispatcher.policy.name,
-                "fairgate.requeued": requeue,
-                "fairgate.prompt_tokens": queued.num_prompt_tokens,
-            },
-        )
+        attributes: dict[str, AttributeValue] = {
+            "fairgate.tenant_id": queued.tenant_id,
+            "fairgate.slo_class": queued.slo_class,
+            "fairgate.policy": self.dispatcher.policy.name,
+            "fairgate.requeued": requeue,
+        }
+        started_ns = time.time_ns()
         try:
             pair = await self.dispatcher.submit(queued, requeue=requeue)
         except BaseException as exc:
-            end_with_error(span, exc)
+            end_with_error(start_child(self.span, "queue", attributes, started_ns), exc)
             raise
-        span.set_attributes(
-            {
-                "fairgate.counter": pair.counter,
-                "fairgate.prefix_match_tokens": pair.num_expected_cached_tokens,
-                "fairgate.decode_worker": pair.decode.worker_id,
-                **(
-                    {}
-                    if pair.prefill is None
-                    else {"fairgate.prefill_worker": pair.prefill.worker_id}
-                ),
-            }
-        )
-        span.end()
+        attributes |= {
+            "fairgate.counter": pair.counter,
+            "fairgate.prefix_match_tokens": pair.num_expected_cached_tokens,
+            "fairgate.decode_worker": pair.decode.worker_id,
+        }
+        if pair.prefill is not None:
+            attributes["fairgate.prefill_worker"] = pair.prefill.worker_id
+        start_child(self.span, "queue", attributes, started_ns).end()
         return pair
 
     async def _run_on(self, pair: WorkerPair) -> AsyncGenerator[str | Finished]:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
+from dataclasses import dataclass
 from functools import partial
 
 import msgspec
@@ -54,6 +56,15 @@ __all__ = ["PrefillService"]
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class _TracedTransfer:
+    """A transfer of a traced request: its ``kv_transfer`` span is made when it ends."""
+
+    parent: Span  # the request's prefill span
+    started_ns: int
+    num_blocks: int
+
+
 class PrefillService(WorkerService):
     role = "prefill"
 
@@ -81,7 +92,6 @@ class PrefillService(WorkerService):
                     "fairgate.request_id": body.request_id,
                     "fairgate.prompt_tokens": len(body.prompt_token_ids),
                     "fairgate.resumed_output_tokens": body.num_prior_output_tokens,
-                    "fairgate.priority.rank": body.priority.rank,
                 },
                 traceparent=request.headers.get(TRACEPARENT_HEADER),
             )
@@ -100,7 +110,7 @@ class PrefillService(WorkerService):
                         "fairgate.computed_tokens": result.num_prompt_tokens
                         + body.num_prior_output_tokens
                         - result.num_cached_tokens,
-                        "fairgate.will_transfer": result.will_transfer,
+                        "fairgate.prefill_chunks": result.num_prefill_chunks,
                     }
                 )
                 span.end()
@@ -147,8 +157,6 @@ class PrefillService(WorkerService):
             if isinstance(output, FairgateError):
                 loop.call_soon_threadsafe(resolve, output)
                 return
-            if span is not None:
-                span.set_attribute("fairgate.prefill_chunks", output.num_prefill_chunks)
             will_transfer = output.is_handed_off and self._hand_off(request, output, seed, span)
             answer = PrefillResult(
                 request_id=request.request_id,
@@ -158,6 +166,7 @@ class PrefillService(WorkerService):
                 num_cached_tokens=output.num_cached_tokens,
                 seed=seed,
                 will_transfer=will_transfer,
+                num_prefill_chunks=output.num_prefill_chunks,
             )
             loop.call_soon_threadsafe(resolve, answer)
 
@@ -217,30 +226,25 @@ class PrefillService(WorkerService):
             num_cached_tokens=seq.num_cached_tokens,
         )
         self._transferring.add(request.request_id)
-        transfer_span = (
-            None
-            if span is None
-            else start_child(
-                span,
-                "kv_transfer",
-                {
-                    "fairgate.request_id": request.request_id,
-                    "fairgate.kv.blocks": num_blocks,
-                    "fairgate.kv.tokens": job.num_tokens,
-                    "fairgate.kv.backend": self.sender.layout.backend,
-                    "fairgate.decode_worker": target.worker_id,
-                },
-            )
-        )
-        self.sender.submit(job, partial(self._transfer_done, transfer_span))
+        traced = None if span is None else _TracedTransfer(span, time.time_ns(), num_blocks)
+        self.sender.submit(job, partial(self._transfer_done, traced))
         return True
 
-    def _transfer_done(self, span: Span | None, result: TransferResult) -> None:
+    def _transfer_done(self, traced: _TracedTransfer | None, result: TransferResult) -> None:
         """On a KV link thread: the blocks go back, whatever the outcome."""
         self.metrics.transfer_sent(result.num_bytes, result.seconds, is_ok=result.error is None)
-        if span is not None:
-            span.set_attributes(
-                {"fairgate.kv.bytes": result.num_bytes, "fairgate.kv.seconds": result.seconds}
+        if traced is not None:
+            span = start_child(
+                traced.parent,
+                "kv_transfer",
+                {
+                    "fairgate.request_id": result.request_id,
+                    "fairgate.kv.blocks": traced.num_blocks,
+                    "fairgate.kv.bytes": result.num_bytes,
+                    "fairgate.kv.seconds": result.seconds,
+                    "fairgate.kv.backend": self.sender.layout.backend,
+                },
+                traced.started_ns,
             )
             if result.error is None:
                 span.end()

@@ -4,9 +4,11 @@ Torch-free.
 Tracing is off unless asked for, and off costs one ``if`` per request: ``tracer()`` is None and
 no span, header or attribute is made. It is on when ``setup_tracing`` finds an exporter:
 
-- ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` (OTLP over HTTP,
-  protobuf; the exporter reads the rest of its ``OTEL_EXPORTER_OTLP_*`` settings itself), or an
-  ``otlp_endpoint`` from the gateway's config file, or
+- ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` (OTLP over HTTP),
+  or an ``otlp_endpoint`` from the gateway's config file. ``OTEL_EXPORTER_OTLP_PROTOCOL``:
+  ``http/json`` by default (``transfer.otlp_json``: a third of the protobuf encoder's CPU) or
+  ``http/protobuf`` (the SDK's exporter); headers, timeout and compression from the standard
+  variables; or
 - ``OTEL_TRACES_EXPORTER=console`` (spans as JSON on stdout, for debugging).
 
 ``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none`` turn it off whatever else is set.
@@ -36,7 +38,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
 from opentelemetry.trace import (
     NonRecordingSpan,
     Span,
@@ -47,6 +49,8 @@ from opentelemetry.trace import (
     Tracer,
 )
 from opentelemetry.util.types import AttributeValue
+
+from transfer.otlp_json import DEFAULT_TIMEOUT_S, OtlpJsonSpanExporter, headers_from
 
 __all__ = [
     "TRACEPARENT_HEADER",
@@ -101,44 +105,63 @@ def setup_tracing(
     exporter_name = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
     if exporter_name == "none":
         return False
-    endpoint = (
-        env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        or otlp_endpoint
-    )
     exporter: SpanExporter
     if exporter_name == "console":
         exporter = ConsoleSpanExporter()
-    elif endpoint:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        # The exporter adds /v1/traces to OTEL_EXPORTER_OTLP_ENDPOINT itself; a config file's
-        # endpoint is the same kind of base URL.
-        from_env = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
-            "OTEL_EXPORTER_OTLP_ENDPOINT"
-        )
-        exporter = (
-            OTLPSpanExporter()
-            if from_env
-            else OTLPSpanExporter(endpoint=endpoint.rstrip("/") + "/v1/traces")
-        )
-    elif exporter_name in ("", "otlp"):
-        return False  # nothing to export to
-    else:
+    elif exporter_name not in ("", "otlp"):
         raise ValueError(f"OTEL_TRACES_EXPORTER={exporter_name!r}: use otlp, console or none")
+    else:
+        found = _otlp_exporter(env, otlp_endpoint)
+        if found is None:
+            return False  # nothing to export to
+        exporter = found
     if not 0.0 <= sampling_ratio <= 1.0:
         raise ValueError(f"the sampling ratio must be within [0, 1], got {sampling_ratio:g}")
-    # Without OTEL_TRACES_SAMPLER the SDK would sample everything; the config's ratio instead.
-    sampler: Sampler | None = (
-        None if env.get("OTEL_TRACES_SAMPLER") else ParentBased(TraceIdRatioBased(sampling_ratio))
-    )
+    # Without OTEL_TRACES_SAMPLER the SDK would sample everything; the config's ratio instead
+    # (1.0 by ALWAYS_ON, which decides for less than the ratio sampler).
+    sampler: Sampler | None = None
+    if not env.get("OTEL_TRACES_SAMPLER"):
+        root = ALWAYS_ON if sampling_ratio == 1.0 else TraceIdRatioBased(sampling_ratio)
+        sampler = ParentBased(root)
     resource = Resource.create({"service.name": SERVICE_NAMES.get(role, f"fairgate-{role}")})
     provider = TracerProvider(resource=resource, sampler=sampler)
     provider.add_span_processor(BatchSpanProcessor(exporter))
     _provider = provider
     _tracer = provider.get_tracer("fairgate")
-    logger.info("tracing on: %s", "console" if exporter_name == "console" else endpoint)
+    logger.info("tracing on: %s", type(exporter).__name__)
     return True
+
+
+def _otlp_exporter(env: Mapping[str, str], otlp_endpoint: str | None) -> SpanExporter | None:
+    """The OTLP/HTTP exporter the environment (or the config's endpoint) asks for, None when
+    no endpoint is set. ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL``: ``http/json`` (our default:
+    ``transfer.otlp_json``, a third of the CPU) or ``http/protobuf`` (the SDK's exporter)."""
+
+    def setting(name: str) -> str | None:
+        return env.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}") or env.get(f"OTEL_EXPORTER_OTLP_{name}")
+
+    url = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")  # a full URL, used as it is
+    if not url:
+        base_url = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or otlp_endpoint
+        if not base_url:
+            return None
+        url = base_url.rstrip("/") + "/v1/traces"
+    protocol = (setting("PROTOCOL") or "http/json").strip().lower()
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter(endpoint=url)  # it reads headers, timeout, compression itself
+    if protocol != "http/json":
+        raise ValueError(
+            f"OTLP protocol {protocol!r} is not supported: use http/json or http/protobuf"
+        )
+    timeout_ms = setting("TIMEOUT")
+    return OtlpJsonSpanExporter(
+        url,
+        headers=headers_from(setting("HEADERS") or ""),
+        timeout_s=float(timeout_ms) / 1e3 if timeout_ms else DEFAULT_TIMEOUT_S,
+        compression=(setting("COMPRESSION") or "none").strip().lower(),
+    )
 
 
 def shutdown_tracing() -> None:
@@ -155,19 +178,23 @@ def start_span(
     *,
     traceparent: str | None = None,
     kind: SpanKind = SpanKind.SERVER,
+    start_time_ns: int | None = None,
 ) -> Span | None:
     """A span of a request arriving here (None while tracing is off), the child of the span a
-    ``traceparent`` header names, else the root of a new trace."""
+    ``traceparent`` header names, else the root of a new trace. Spans are made with all the
+    attributes known then, in one call, and often after the fact (``start_time_ns``, from
+    ``time.time_ns()``): the SDK's cost is per call and per attribute."""
     if _tracer is None:
         return None
-    return _tracer.start_span(name, context_of(traceparent), kind, attributes)
+    return _tracer.start_span(
+        name, context_of(traceparent), kind, attributes, start_time=start_time_ns
+    )
 
 
 def start_child(
     parent: Span,
     name: str,
     attributes: Mapping[str, AttributeValue],
-    *,
     start_time_ns: int | None = None,
 ) -> Span:
     """A child of ``parent`` (which exists only while tracing is on)."""
