@@ -1,0 +1,124 @@
+"""``gateway.metrics``: what each recording does to the exposition, the SLO and fairness windows,
+and Jain's index."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.config import DEFAULT_SLO_CLASSES
+from gateway.metrics import GatewayMetrics, RequestRecord, jain_index
+from gateway.scheduler import TenantState
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def samples(metrics: GatewayMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = metrics.exposition().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def record(tenant: str, slo_class: str, **changes: object) -> RequestRecord:
+    fields: dict[str, object] = {
+        "tenant": tenant,
+        "slo_class": slo_class,
+        "outcome": "ok",
+        "prompt_tokens": 100,
+        "cached_tokens": 32,
+        "completion_tokens": 11,
+        "queue_s": 0.01,
+        "ttft_s": 0.5,
+        "e2e_s": 1.5,
+        "num_preemptions": 0,
+    }
+    return RequestRecord(**(fields | changes))  # type: ignore[arg-type]
+
+
+def test_jain_index() -> None:
+    assert jain_index([5.0, 5.0, 5.0]) == pytest.approx(1.0)
+    assert jain_index([9.0, 0.0, 0.0]) == pytest.approx(1 / 3)
+    assert jain_index([]) is None
+    assert jain_index([0.0, 0.0]) is None
+
+
+def test_a_finished_request_moves_its_tenant_and_class_series() -> None:
+    metrics = GatewayMetrics(DEFAULT_SLO_CLASSES, lambda: [], clock=Clock())
+    metrics.finished(record("acme", "interactive"))
+    metrics.finished(record("acme", "interactive", ttft_s=3.0, e2e_s=4.0, num_preemptions=2))
+    got = samples(metrics)
+    labels = (("slo_class", "interactive"), ("tenant", "acme"))
+    assert got[("fairgate_requests_total", (("outcome", "ok"), *labels))] == 2
+    assert got[("fairgate_prompt_tokens_total", labels)] == 200
+    assert got[("fairgate_cached_tokens_total", labels)] == 64
+    assert got[("fairgate_completion_tokens_total", labels)] == 22
+    assert got[("fairgate_preemptions_total", labels)] == 2
+    assert got[("fairgate_ttft_seconds_count", labels)] == 2
+    # 10 tokens after the first in 1.0 s each time: 0.1 s per token
+    assert got[("fairgate_tpot_seconds_count", labels)] == 2
+    assert got[("fairgate_tpot_seconds_sum", labels)] == pytest.approx(0.2)
+    # interactive's target is 2 s: one of two met
+    assert got[("fairgate_slo_requests_total", (("met", "true"), *labels))] == 1
+    assert got[("fairgate_slo_attainment", (("slo_class", "interactive"),))] == 0.5
+
+
+def test_rejections_count_refusals_and_requests_never_placed() -> None:
+    metrics = GatewayMetrics(DEFAULT_SLO_CLASSES, lambda: [], clock=Clock())
+    metrics.rejected("", "", "invalid_api_key")
+    metrics.finished(record("acme", "batch", outcome="request_shed", queue_s=None, ttft_s=None))
+    # Ended after it ran, or by its client: not a rejection.
+    metrics.finished(record("acme", "batch", outcome="worker_unreachable"))
+    metrics.finished(record("acme", "batch", outcome="client_disconnected", queue_s=None))
+    got = samples(metrics)
+    assert (
+        got[
+            (
+                "fairgate_rejections_total",
+                (("reason", "invalid_api_key"), ("slo_class", ""), ("tenant", "")),
+            )
+        ]
+        == 1
+    )
+    batch = (("slo_class", "batch"), ("tenant", "acme"))
+    assert got[("fairgate_rejections_total", (("reason", "request_shed"), *batch))] == 1
+    assert ("fairgate_rejections_total", (("reason", "worker_unreachable"), *batch)) not in got
+    assert ("fairgate_rejections_total", (("reason", "client_disconnected"), *batch)) not in got
+
+
+def test_queue_depth_counter_and_jain_over_tenants_backlogged_all_window() -> None:
+    clock = Clock()
+    states = {
+        "t-a": TenantState("t-a", num_queued=3, counter=10.0),
+        "t-b": TenantState("t-b", num_queued=1, counter=20.0),
+        "t-c": TenantState("t-c", num_queued=0, counter=5.0),
+    }
+    metrics = GatewayMetrics(
+        DEFAULT_SLO_CLASSES, lambda: list(states.values()), window_s=10.0, clock=clock
+    )
+    for tenant_id, name, weight in (("t-a", "a", 1.0), ("t-b", "b", 2.0), ("t-c", "c", 1.0)):
+        metrics.tenant_seen(tenant_id, name, weight)
+    metrics.sample()
+    metrics.served("t-a", 100, 0)  # 100
+    metrics.served("t-b", 100, 50)  # (100 + 2 * 50) / 2 = 100
+    metrics.served("t-c", 1000, 0)  # not backlogged: not in the index
+    clock.now += 5.0
+    got = samples(metrics)
+    assert got[("fairgate_queue_depth", (("tenant", "a"),))] == 3
+    assert got[("fairgate_fair_counter", (("tenant", "b"),))] == 20.0
+    assert got[("fairgate_jain_index", ())] == pytest.approx(1.0)
+    metrics.served("t-a", 300, 0)  # a: 400, b: 100 → (500)² / (2 · 170000)
+    clock.now += 1.0
+    assert samples(metrics)[("fairgate_jain_index", ())] == pytest.approx(500**2 / (2 * 170_000))
+    # b leaves the backlog: one tenant left backlogged the whole window, no index.
+    states["t-b"] = TenantState("t-b", num_queued=0, counter=20.0)
+    clock.now += 1.0
+    assert ("fairgate_jain_index", ()) not in samples(metrics)
