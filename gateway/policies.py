@@ -6,7 +6,8 @@ simulator (``bench.sim``) run the same classes.
     vtc      Virtual Token Counter, with the lift rule (§2)
     dlpm     Deficit Longest Prefix Match over the prefill pool as one (§3)
     d2lpm    DLPM per worker plus a (tenant, worker) deficit for placement (§4)
-    rr_lpm   round-robin over tenants + longest prefix match: locality only, the baseline
+    rr_lpm   round-robin routing + longest prefix match at each worker: locality only, the
+             unfair baseline
 
 What they share lives in ``_FairPolicy``: one lane per SLO class (§5) holding a FIFO queue per
 tenant and that class's fairness state; admission (``Shed``) and rejection of sheddable requests
@@ -26,7 +27,8 @@ fairness bound is lost (measured with the test backend: VTC fell to FCFS's servi
 workers do not idle for it: a request fits an idle prefill worker, and the wait ends as work in
 flight completes; with nothing in flight, nothing is held back. Placement only gets harder
 within a pass, so a prompt that failed to fit lets every prompt at least as long be skipped
-without trying. A tenant's own queue stays FIFO under VTC and rr_lpm.
+without trying. A tenant's own queue stays FIFO under VTC. (rr_lpm, which has no fair turn to
+pass, lets any request that fits its worker go.)
 
 Weights: a charge is divided by the tenant's weight: the one ``update_tenant`` last set, else the
 request's own (a demoted request keeps its own reduced weight).
@@ -43,7 +45,7 @@ import bisect
 import heapq
 import math
 import operator
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar, cast
@@ -126,6 +128,7 @@ class _Entry:
     hashes: list[bytes] | None = None  # the prompt's block hash chain (indexed policies)
     path: PrefixPath | None = None  # the chain followed in the prefix index while queued
     lpm_order: tuple[int, float] = (0, 0.0)  # (-longest match over the workers, arrival)
+    routed_to: str | None = None  # rr_lpm: the worker it was routed to (``RrLpmPolicy``)
     kind: tuple[str, int] = field(init=False)  # (tenant, prompt tokens): see ``DlpmPolicy``
 
     def __post_init__(self) -> None:
@@ -224,10 +227,10 @@ class _Pass:
         if self._has_room is None:
             self._has_room = (
                 self._min_failed_tokens > 1
-                and any(w.free_kv_tokens >= 2 for w in self.decode)
+                and any(_has_room_for_any(w, is_colocated=True) for w in self.decode)
                 and (
                     not self.prefill
-                    or any(w.inflight_tokens < max(w.max_inflight_tokens, 1) for w in self.prefill)
+                    or any(_has_room_for_any(w, is_colocated=False) for w in self.prefill)
                 )
             )
         return self._has_room
@@ -242,6 +245,15 @@ def _has_room(worker: WorkerView, request: QueuedRequest, is_colocated: bool) ->
         worker.inflight_tokens == 0
         or worker.inflight_tokens + request.num_prompt_tokens <= worker.max_inflight_tokens
     )
+
+
+def _has_room_for_any(worker: WorkerView, *, is_colocated: bool) -> bool:
+    """Whether the shortest possible prompt (one token) could go to ``worker``: KV for it and
+    its first token on a decode worker (colocated or not), room under the cap on a prefill
+    worker."""
+    if is_colocated:
+        return worker.free_kv_tokens >= 2
+    return worker.inflight_tokens < max(worker.max_inflight_tokens, 1)
 
 
 LaneT = TypeVar("LaneT", bound=_Lane)
@@ -718,9 +730,15 @@ class _IndexedPolicy(_FairPolicy[LaneT]):
     (colocated decode workers) the index is by decode worker. Service (``tenants``) counts
     uncached prompt tokens (§1 for DLPM), corrected by what the worker found cached."""
 
+    # Whether ``_longest`` is the match at one worker rather than over all of them: the index
+    # must then report changes at each worker (``PrefixIndex``'s ``report_each_worker``).
+    _orders_by_one_worker = False
+
     def __init__(self, settings: PolicySettings) -> None:
         super().__init__(settings)
-        self._index = PrefixIndex(settings.prefix_index_blocks)
+        self._index = PrefixIndex(
+            settings.prefix_index_blocks, report_each_worker=self._orders_by_one_worker
+        )
         # Every queued prompt is tracked in the index (``PrefixIndex.track``), which says whose
         # longest match may have changed; ``lpm_order`` is kept up to date from that
         # (``_refresh_orders``), over the index's workers while they are all in the pass's
@@ -847,46 +865,154 @@ class _IndexedPolicy(_FairPolicy[LaneT]):
         flight.num_expected_cached = num_cached_tokens
 
 
-class _RrLane(_Lane):
-    """Round-robin order of the class's backlogged tenants; the next one is first."""
+class _LpmQueue:
+    """Queued entries in LPM order (``_Entry.lpm_order``), kept across passes: arrivals are
+    inserted in place, and it is re-sorted only when some entry's order changed
+    (``is_unsorted``); entries that left stay until then and are skipped (``num_gone``)."""
 
-    __slots__ = ("order",)
+    __slots__ = ("entries", "is_unsorted", "num_gone")
+
+    def __init__(self) -> None:
+        self.entries: list[_Entry] = []
+        self.is_unsorted = False
+        self.num_gone = 0
+
+    def add(self, entry: _Entry) -> None:
+        bisect.insort_right(self.entries, entry, key=_LPM_ORDER)
+
+    def in_order(self) -> list[_Entry]:
+        if self.is_unsorted or self.num_gone > len(self.entries) // 2:
+            self.entries = [entry for entry in self.entries if entry.is_queued]
+            self.entries.sort(key=_LPM_ORDER)
+            self.is_unsorted = False
+            self.num_gone = 0
+        return self.entries
+
+
+class _RrLpmLane(_Lane):
+    """rr_lpm state of one class: per worker, the requests routed there, in LPM order at that
+    worker."""
+
+    __slots__ = ("by_worker",)
 
     def __init__(self, slo: SloClass) -> None:
         super().__init__(slo)
-        self.order: deque[str] = deque()
+        self.by_worker: dict[str, _LpmQueue] = {}
 
 
-class RrLpmPolicy(_IndexedPolicy[_RrLane]):
-    """Round-robin over backlogged tenants, one request each turn (FIFO within a tenant),
-    placed by longest prefix match: locality only, no accounting of how much each request
-    costs. The unfair baseline the papers compare against."""
+class RrLpmPolicy(_IndexedPolicy[_RrLpmLane]):
+    """Round-robin + longest prefix match: the locality-only baseline (scheduling.md, the list
+    of policies; the "round-robin + LPM" the DLPM paper measures D²LPM's latency against, §4).
+
+    Requests are routed to the workers (the locality views: prefill workers, else colocated
+    decode workers) round-robin, in arrival order, whatever they hold; each worker then serves
+    the requests routed to it in longest-prefix-match order at that worker (most cached tokens
+    first, then arrival), SGLang's LPM, while it has room. No accounting of who is served: a
+    tenant with more requests, or better cached ones, gets more.
+
+    Why this reading. "Round-robin" is the router: the baseline is a distributed one (the
+    paper compares it with D²LPM, a placement across workers), and the order within a worker
+    is the LPM half of the name. Round-robin over tenants instead (this class until now) is a
+    fairness mechanism (request-count fair), which "locality-only" rules out. Routing to the
+    worker holding the longest match is not round-robin: it is D²LPM with ``Q_w = ∞``, which
+    §4 names separately ("a locality-only router") and whose weakness is unfairness, not the
+    locality the round-robin router gives up.
+
+    The gateway holds the queues, so "routed" means bound to a worker at the first pass after
+    arrival (the gateway learns its workers in passes); a request waits for its worker's room
+    even when another has some, as in a per-worker queue. Requests of a worker that goes away
+    are routed again. The round-robin cursor is over all classes, as one router's. SLO classes
+    and shedding are those of the other policies (``_FairPolicy``): classes by rank, at-risk
+    requests of lower classes first (on their worker), sheddable requests that cannot make
+    their deadline rejected."""
 
     name = "rr_lpm"
+    _orders_by_one_worker = True
 
-    def _new_lane(self, slo: SloClass) -> _RrLane:
-        return _RrLane(slo)
+    def __init__(self, settings: PolicySettings) -> None:
+        super().__init__(settings)
+        self._unrouted: list[_Entry] = []  # queued since the last pass, in arrival order
+        self._num_routed = 0  # the round-robin cursor
 
-    def _joined(self, lane: _RrLane, tenant_id: str) -> None:
-        lane.order.append(tenant_id)
+    def _new_lane(self, slo: SloClass) -> _RrLpmLane:
+        return _RrLpmLane(slo)
 
-    def _left(self, lane: _RrLane, tenant_id: str) -> None:
-        lane.order.remove(tenant_id)
+    def schedule(
+        self,
+        prefill: Sequence[WorkerView],
+        decode: Sequence[WorkerView],
+        now: float,
+    ) -> list[Decision]:
+        self._route(prefill or decode)
+        return super().schedule(prefill, decode, now)
 
-    def _serve(self, lane: _RrLane, run: _Pass) -> None:
-        self._index.take_changed()  # no LPM order to keep: round-robin picks the tenant
-        num_misses = 0  # turns in a row that placed nothing: a whole round of them ends the pass
-        while lane.order and num_misses < len(lane.order) and run.has_room():
-            tenant_id = lane.order[0]
-            lane.order.rotate(-1)
-            entry = lane.head(tenant_id)
-            if self._is_hopeless(entry, run.now):
-                self._reject(entry, run)
-                num_misses = 0
-            elif run.fits(entry) and self._dispatch(entry, run):
-                num_misses = 0
-            else:
-                num_misses += 1
+    def _route(self, workers: Sequence[WorkerView]) -> None:
+        """Route what arrived since the last pass, and what was routed to a worker gone."""
+        if not workers:
+            return
+        worker_ids = [w.worker_id for w in workers]
+        present = set(worker_ids)
+        unrouted = self._unrouted
+        for lane in self._lanes.values():
+            for worker_id in [w for w in lane.by_worker if w not in present]:
+                unrouted += lane.by_worker.pop(worker_id).entries
+        unrouted.sort(key=lambda e: e.request.arrival)  # (stable: ties stay in queued order)
+        for entry in unrouted:
+            if not entry.is_queued:
+                continue
+            worker_id = worker_ids[self._num_routed % len(worker_ids)]
+            self._num_routed += 1
+            entry.routed_to = worker_id
+            entry.lpm_order = (-self._longest(entry), entry.request.arrival)
+            lane = cast(_RrLpmLane, entry.lane)
+            lane.by_worker.setdefault(worker_id, _LpmQueue()).add(entry)
+        self._unrouted = []
+
+    def _longest(self, entry: _Entry) -> int:
+        # The order a worker serves its requests in: the match at that worker.
+        return 0 if entry.routed_to is None else self._cached_tokens(entry, entry.routed_to)
+
+    def _lpm_queued(self, entry: _Entry) -> None:
+        self._unrouted.append(entry)
+
+    def _lpm_reordered(self, entry: _Entry) -> None:
+        if entry.routed_to is not None:
+            cast(_RrLpmLane, entry.lane).by_worker[entry.routed_to].is_unsorted = True
+
+    def _dequeued_entry(self, entry: _Entry) -> None:
+        super()._dequeued_entry(entry)
+        if entry.routed_to is not None:
+            queue = cast(_RrLpmLane, entry.lane).by_worker.get(entry.routed_to)
+            if queue is not None:
+                queue.num_gone += 1
+
+    def _serve(self, lane: _RrLpmLane, run: _Pass) -> None:
+        self._refresh_orders(run)
+        is_colocated = not run.prefill
+        for worker in run.locality:
+            queue = lane.by_worker.get(worker.worker_id)
+            if queue is None or not _has_room_for_any(worker, is_colocated=is_colocated):
+                continue
+            min_failed_tokens = math.inf  # nothing this long or longer fits this worker now
+            for entry in list(queue.in_order()):  # a copy: placements leave it alone
+                if not run.has_room():
+                    return
+                request = entry.request
+                if not entry.is_queued or request.num_prompt_tokens >= min_failed_tokens:
+                    continue
+                if self._is_hopeless(entry, run.now):
+                    self._reject(entry, run)
+                elif not _has_room(worker, request, is_colocated):
+                    min_failed_tokens = request.num_prompt_tokens
+                elif run.fits(entry):
+                    self._dispatch_to(entry, worker, run)
+
+    def _dispatch(self, entry: _Entry, run: _Pass) -> bool:
+        # An at-risk request goes first, but on the worker it was routed to.
+        worker = next((w for w in run.locality if w.worker_id == entry.routed_to), None)
+        if worker is None or not _has_room(worker, entry.request, not run.prefill):
+            return False  # its worker is full: no sign that the others are (not ``failed``)
+        return self._dispatch_to(entry, worker, run)
 
 
 # ---- DLPM (§3) and D²LPM (§4) -----------------------------------------------------------------
@@ -942,26 +1068,14 @@ class _Deficits:
 
 class _LpmLane(_Lane):
     """DLPM state of one class: deficits per gate (the pool for DLPM, a worker for D²LPM), and
-    the class's queued entries in LPM order (``ordered``, kept across passes: arrivals are
-    inserted in place, and it is re-sorted only when some entry's order changed; entries that
-    left stay until then and are skipped)."""
+    the class's queued entries in LPM order (``ordered``)."""
 
-    __slots__ = ("gates", "is_unsorted", "num_gone", "ordered")
+    __slots__ = ("gates", "ordered")
 
     def __init__(self, slo: SloClass) -> None:
         super().__init__(slo)
         self.gates: dict[str, _Deficits] = {}
-        self.ordered: list[_Entry] = []
-        self.is_unsorted = False
-        self.num_gone = 0
-
-    def in_order(self) -> list[_Entry]:
-        if self.is_unsorted or self.num_gone > len(self.ordered) // 2:
-            self.ordered = [entry for entry in self.ordered if entry.is_queued]
-            self.ordered.sort(key=_LPM_ORDER)
-            self.is_unsorted = False
-            self.num_gone = 0
-        return self.ordered
+        self.ordered = _LpmQueue()
 
     def gate(self, key: str) -> _Deficits:
         deficits = self.gates.get(key)
@@ -997,19 +1111,18 @@ class DlpmPolicy(_IndexedPolicy[_LpmLane]):
             deficits.leave(tenant_id)
 
     def _lpm_queued(self, entry: _Entry) -> None:
-        lane = cast(_LpmLane, entry.lane)
-        bisect.insort_right(lane.ordered, entry, key=_LPM_ORDER)
+        cast(_LpmLane, entry.lane).ordered.add(entry)
 
     def _lpm_reordered(self, entry: _Entry) -> None:
-        cast(_LpmLane, entry.lane).is_unsorted = True
+        cast(_LpmLane, entry.lane).ordered.is_unsorted = True
 
     def _dequeued_entry(self, entry: _Entry) -> None:
         super()._dequeued_entry(entry)
-        cast(_LpmLane, entry.lane).num_gone += 1
+        cast(_LpmLane, entry.lane).ordered.num_gone += 1
 
     def _serve(self, lane: _LpmLane, run: _Pass) -> None:
         self._refresh_orders(run)
-        entries = list(lane.in_order())  # a copy: placements during the pass leave it alone
+        entries = list(lane.ordered.in_order())  # a copy: placements in the pass leave it alone
         is_forced = False
         for _ in range(len(lane.queues) + 2):
             num_placed, num_starved = self._sweep(lane, entries, run, is_forced=is_forced)

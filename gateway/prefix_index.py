@@ -26,7 +26,9 @@ prompts sharing a document share nodes), each node marked with the workers that 
 all its ancestors. Marks change only where a block is added or removed, so a queued prompt's
 match is a binary search over its own path (marks are prefix-closed along it) and nothing is
 rescanned for the thousands of prompts an index change does not touch; the paths whose longest
-match over all workers may have changed are handed out by ``take_changed``::
+match over all workers may have changed are handed out by ``take_changed`` (with
+``report_each_worker``, those whose match at any one worker may have changed: for a policy that
+orders each worker's queue by its own match)::
 
     doc0/b0 ─ doc0/b1 ─ … ─ doc0/b127 ─┬─ q17/b0 …      a node: {workers holding it and its
       {w0,w3}  {w0,w3}       {w3}      └─ q42/b0 …              ancestors}; paths end at leaves
@@ -57,7 +59,7 @@ class _WorkerBlocks:
 class PrefixIndex:
     """Per worker, the block hashes it probably holds, at most ``max_blocks_per_worker`` each."""
 
-    def __init__(self, max_blocks_per_worker: int) -> None:
+    def __init__(self, max_blocks_per_worker: int, *, report_each_worker: bool = False) -> None:
         if max_blocks_per_worker < 1:
             raise ValueError(
                 f"max_blocks_per_worker must be at least 1, got {max_blocks_per_worker}"
@@ -65,7 +67,7 @@ class PrefixIndex:
         self.max_blocks_per_worker = max_blocks_per_worker
         self.num_evictions_total = 0  # reported evictions over every worker
         self._workers: dict[str, _WorkerBlocks] = {}
-        self._tree = _Tree(self._workers)
+        self._tree = _Tree(self._workers, report_each_worker)
 
     def num_blocks(self, worker_id: str) -> int:
         worker = self._workers.get(worker_id)
@@ -130,8 +132,9 @@ class PrefixIndex:
         self._tree.untrack(path)
 
     def take_changed(self) -> list[PrefixPath]:
-        """The tracked paths whose longest match over all workers may have changed since the
-        last call (at least those; ``PrefixPath.longest`` tells)."""
+        """The tracked paths whose longest match over all workers (with ``report_each_worker``:
+        whose match at some worker) may have changed since the last call (at least those;
+        ``PrefixPath.longest`` and ``num_blocks_at`` tell)."""
         return self._tree.take_changed()
 
 
@@ -239,13 +242,15 @@ class PrefixPath:
 class _Tree:
     """The tracked chains and their marks (see the module docstring). Invariant: ``w`` is in
     ``node.workers`` exactly when worker ``w`` holds the node's block and ``w`` is in its
-    parent's (a root: no parent condition)."""
+    parent's (a root: no parent condition). ``report_each_worker``: report the paths through
+    any node whose marks change, not only through those held by some worker or by none."""
 
-    def __init__(self, workers: dict[str, _WorkerBlocks]) -> None:
+    def __init__(self, workers: dict[str, _WorkerBlocks], report_each_worker: bool) -> None:
         self._held = workers
+        self._report_each_worker = report_each_worker
         self._nodes: dict[bytes, _Node] = {}
         self._changed: list[PrefixPath] = []
-        self.num_changes = 0  # of the set of blocks some worker holds, among tracked ones
+        self.num_changes = 0  # at least of the set of blocks some worker holds (tracked ones)
 
     def track(self, hashes: Sequence[bytes], owner: object) -> PrefixPath:
         nodes: list[_Node] = []
@@ -303,7 +308,7 @@ class _Tree:
                 for child in node.children.values()
                 if worker_id not in child.workers and child.block_hash in held
             )
-        if is_new_anywhere:
+        if is_new_anywhere or self._report_each_worker:
             self._mark_changed(start)
 
     def removed(self, worker_id: str, block_hash: bytes) -> None:
@@ -317,7 +322,7 @@ class _Tree:
             node.workers.discard(worker_id)
             is_gone_anywhere |= not node.workers
             stack.extend(c for c in node.children.values() if worker_id in c.workers)
-        if is_gone_anywhere:
+        if is_gone_anywhere or self._report_each_worker:
             self._mark_changed(start)
 
     def _mark_changed(self, start: _Node) -> None:

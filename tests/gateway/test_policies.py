@@ -591,6 +591,77 @@ def test_d2lpm_load_counts_only_the_tokens_left_to_compute() -> None:
     ] == [("p0", 1024)] * 3
 
 
+# ---- rr_lpm ------------------------------------------------------------------------------------
+
+
+def _placements(decisions: Sequence[Decision]) -> list[tuple[str, str | None, int]]:
+    return [
+        (d.request.request_id, d.prefill_worker_id, d.num_cached_tokens)
+        for d in decisions
+        if isinstance(d, Placement)
+    ]
+
+
+def test_rr_lpm_serves_the_longest_match_first_whoever_sent_it_and_however_old_the_rest() -> None:
+    policy = RrLpmPolicy(PolicySettings(slo_classes=ONE_CLASS, block_size=4))
+    document = list(range(64))
+    warm = _request("a", 68, prompt_token_ids=[*document, 1, 2, 3, 4], arrival=0.0)
+    policy.enqueue(warm, 0.0)
+    assert _one_at_a_time(policy) == [warm.request_id]
+    older = _request("b", 68, prompt_token_ids=list(range(500, 568)), arrival=1.0)
+    policy.enqueue(older, 1.0)
+    hits = [
+        _request("a", 68, prompt_token_ids=[*document, n, n, n, n], arrival=2.0 + n)
+        for n in range(3)
+    ]
+    for hit in hits:
+        policy.enqueue(hit, hit.arrival)
+    # No fair turn for b: a's cached prompts all go first (round-robin over tenants would have
+    # served b's older request second).
+    placed = [_placements(policy.schedule([_prefill(cap=1)], [_decode()], 9.0)) for _ in range(4)]
+    assert placed == [[(h.request_id, "p0", 64)] for h in hits] + [[(older.request_id, "p0", 0)]]
+
+
+def test_rr_lpm_routes_round_robin_whatever_the_workers_hold() -> None:
+    policy = RrLpmPolicy(PolicySettings(slo_classes=ONE_CLASS))
+    requests = [_shared_prefix("a", 10_000 + n) for n in range(4)]
+    for n, request in enumerate(requests):
+        policy.enqueue(request, float(n))
+    decisions = policy.schedule([_prefill("p0"), _prefill("p1")], [_decode()], 4.0)
+    # Alternately p0 and p1 (D²LPM would keep them on p0, which holds the document after the
+    # first); each worker serves its own in LPM order, so its second request hits.
+    a0, a1, a2, a3 = (r.request_id for r in requests)
+    assert _placements(decisions) == [
+        (a0, "p0", 0), (a2, "p0", 1024), (a1, "p1", 0), (a3, "p1", 1024),
+    ]  # fmt: skip
+
+
+def test_rr_lpm_a_request_waits_for_its_worker_even_when_another_has_room() -> None:
+    policy = RrLpmPolicy(PolicySettings(slo_classes=ONE_CLASS))
+    first = _request("a", 100, arrival=0.0)
+    second = _request("a", 100, arrival=1.0)
+    policy.enqueue(first, 0.0)
+    policy.enqueue(second, 1.0)
+    # p0 has room under its cap, but not for 100 tokens: first (routed there) waits; that it
+    # did not fit p0 says nothing about p1, where second goes.
+    busy = [_prefill("p0", inflight=100, cap=150), _prefill("p1")]
+    assert _placements(policy.schedule(busy, [_decode()], 2.0)) == [(second.request_id, "p1", 0)]
+    assert _placements(policy.schedule([_prefill("p0"), _prefill("p1")], [_decode()], 3.0)) == [
+        (first.request_id, "p0", 0)
+    ]
+
+
+def test_rr_lpm_routes_again_the_requests_of_a_worker_that_went_away() -> None:
+    policy = RrLpmPolicy(PolicySettings(slo_classes=ONE_CLASS))
+    requests = [_request("a", 100, arrival=float(n)) for n in range(2)]
+    for request in requests:
+        policy.enqueue(request, request.arrival)
+    full = [_prefill("p0", inflight=10, cap=10), _prefill("p1", inflight=10, cap=10)]
+    assert policy.schedule(full, [_decode()], 2.0) == []  # routed: one to each
+    decisions = policy.schedule([_prefill("p0")], [_decode()], 3.0)  # p1 is gone
+    assert _placements(decisions) == [(r.request_id, "p0", 0) for r in requests]
+
+
 @pytest.mark.parametrize("name", ["dlpm", "d2lpm", "rr_lpm"])
 def test_the_prefix_index_is_per_tenant_and_corrected_by_evictions(name: str) -> None:
     policy = make_policy(name, PolicySettings(slo_classes=ONE_CLASS, block_size=16))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from engine.block_manager import block_hashes
 from gateway.prefix_index import PrefixIndex, PrefixMatcher
 
@@ -80,11 +82,14 @@ def test_a_prompt_shorter_than_a_block_never_matches() -> None:
     assert _matcher([]).num_cached_tokens(index, "w0") == 0
 
 
-def test_tracked_paths_match_like_a_scan_through_inserts_pruning_and_evictions() -> None:
+@pytest.mark.parametrize("report_each_worker", [False, True])
+def test_tracked_paths_match_like_a_scan_through_inserts_pruning_and_evictions(
+    report_each_worker: bool,
+) -> None:
     import random
 
     rng = random.Random(0)
-    index = PrefixIndex(max_blocks_per_worker=40)
+    index = PrefixIndex(max_blocks_per_worker=40, report_each_worker=report_each_worker)
     documents = [[rng.randrange(1000) for _ in range(32)] for _ in range(4)]
 
     def prompt() -> list[int]:
@@ -97,6 +102,7 @@ def test_tracked_paths_match_like_a_scan_through_inserts_pruning_and_evictions()
         hashes = block_hashes(prompt(), BLOCK, b"tenant-a")
         tracked.append((hashes, index.track(hashes, len(hashes) - 1, owner=len(tracked))))
     longest = {id(path): path.longest() for _, path in tracked}
+    matches = {id(path): [path.num_blocks_at(w) for w in workers] for _, path in tracked}
     for step in range(400):
         worker = rng.choice(workers)
         if rng.random() < 0.8:
@@ -116,3 +122,21 @@ def test_tracked_paths_match_like_a_scan_through_inserts_pruning_and_evictions()
             # Whose longest match changed was reported.
             assert longest.get(id(path), -1) == path.longest() or id(path) in changed
             longest[id(path)] = path.longest()
+            if report_each_worker:  # and whose match at any one worker changed
+                assert matches.get(id(path)) == scans or id(path) in changed
+            matches[id(path)] = scans
+
+
+def test_changes_at_one_worker_are_reported_only_when_asked_for() -> None:
+    for report_each_worker in (False, True):
+        index = PrefixIndex(max_blocks_per_worker=100, report_each_worker=report_each_worker)
+        hashes = block_hashes(list(range(41)), BLOCK, b"tenant-a")
+        path = index.track(hashes, 10, owner="queued")
+        index.insert("w0", hashes)
+        assert index.take_changed() == [path]  # its longest match grew
+        index.insert("w1", hashes[:4])  # w1 now holds 4 of the 10 blocks: the longest is w0's
+        assert path.num_blocks_at("w1") == 4
+        assert index.take_changed() == ([path] if report_each_worker else [])
+        index.evict("w1", hashes[2:3])
+        assert path.num_blocks_at("w1") == 2
+        assert index.take_changed() == ([path] if report_each_worker else [])
