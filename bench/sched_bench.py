@@ -29,7 +29,15 @@ tokens × w_in + output tokens × w_out, divided by the tenant's weight where no
   class_load["interactive"])``, how much of the capacity the interactive class leaves the batch
   class uses (scenarios with both classes);
 - ``cache_hit_rate``: cached prompt tokens / prompt tokens of the requests prefilled;
-- ``service_share``: per tenant, its share of all service (not normalized).
+- ``service_share``: per tenant, its share of all service (not normalized);
+- ``prefill_step_s``: mean and longest prefill step, the granularity at which a prefill worker
+  can turn to a more important prompt.
+
+The prefill workers' step shape is the engine's by default (``max_num_batched_tokens`` 2048,
+``prefill_chunk_size`` 512, no step-time cap); ``run_sched_bench`` takes other values. The
+trace's rates and the class capacities behind ``class_load`` are always those of the default
+step shape, so that runs with different step budgets see the same arrivals and their loads,
+throughputs and attainments compare directly (a smaller budget's cost shows as less load).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import itertools
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +124,10 @@ def policy_metrics(
         "unserved": sum(r.outcome == "unserved" for r in records),
         "requeues": sum(r.num_requeues for r in records),
         "evicted_blocks": result.num_evicted_blocks,
+        "prefill_step_s": {
+            "mean": round(result.prefill_busy_s / max(1, result.num_prefill_steps), 3),
+            "max": round(result.max_prefill_step_s, 3),
+        },
     }
     if class_capacity_req_s:
         load = {
@@ -244,26 +257,46 @@ def run_sched_bench(
     duration_s: float | None = None,
     overload: float = 2.0,
     speedup: float = 1.0,
+    prefill_step_tokens: int = 2048,
+    prefill_chunk_tokens: int = 512,
+    prefill_step_max_s: float | None = None,
+    max_prefill_inflight_s: float | None = None,
     model_path: Path = DEFAULT_MODEL_PATH,
     output: str | None = None,
     plot: str | None = None,
 ) -> int:
+    """``prefill_step_tokens`` and ``prefill_chunk_tokens``: the prefill workers' per-step token
+    budget and per-request chunk (the engine's ``max_num_batched_tokens`` and
+    ``prefill_chunk_size``); ``prefill_step_max_s``: also cap a step at that many seconds of
+    work at the worker's measured speed; ``max_prefill_inflight_s``: the gateway's time cap on
+    what a prefill worker holds (``ClusterSpec``). None: off."""
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
     model = LatencyModel.load(model_path)
     if speedup != 1.0:
         model = model.scaled(speedup)
-    cluster = ClusterSpec(
+    reference = ClusterSpec(
         num_prefill_workers=num_prefill_workers, num_decode_workers=num_decode_workers
     )
+    cluster = replace(
+        reference,
+        prefill_step_tokens=prefill_step_tokens,
+        prefill_chunk_tokens=prefill_chunk_tokens,
+        prefill_step_max_s=prefill_step_max_s,
+        max_inflight_s=max_prefill_inflight_s,
+    )
+    # Rates and capacities from the default step shape: the same trace for every budget.
     trace = build_trace(
-        SCENARIOS[scenario], model, cluster, seed=seed, duration_s=duration_s, overload=overload
+        SCENARIOS[scenario], model, reference, seed=seed, duration_s=duration_s, overload=overload
     )
     log(
         f"bench sched: {scenario}, {len(trace.requests)} requests over {trace.duration_s:g} s, "
-        f"{num_prefill_workers} prefill + {num_decode_workers} decode workers, seed {seed}"
+        f"{num_prefill_workers} prefill + {num_decode_workers} decode workers, prefill steps of "
+        f"{prefill_step_tokens} tokens (chunks of {prefill_chunk_tokens}"
+        + (f", at most {prefill_step_max_s:g} s" if prefill_step_max_s is not None else "")
+        + f"), seed {seed}"
     )
-    class_capacity = class_capacity_req_s(SCENARIOS[scenario], model, cluster)
+    class_capacity = class_capacity_req_s(SCENARIOS[scenario], model, reference)
     figures: dict[str, dict[str, Any]] = {}
     results: list[SimResult] = []
     for name in policies:
@@ -282,6 +315,8 @@ def run_sched_bench(
             f"{name}: max_service_diff {metrics['max_service_diff']:g} (bound "
             f"{metrics['bound']:g}), jain {metrics['jain']:g}, throughput "
             f"{metrics['throughput_tok_s']:g} tok/s, cache hits {metrics['cache_hit_rate']:g}, "
+            f"prefill steps {metrics['prefill_step_s']['mean']:g} s (max "
+            f"{metrics['prefill_step_s']['max']:g}), "
             f"{len(result.records) / wall_s:.0f} requests/s of wall time"
         )
     if plot is not None and results:
@@ -294,6 +329,12 @@ def run_sched_bench(
             "duration_s": trace.duration_s,
             "num_requests": len(trace.requests),
             "latency_model": model.provenance,
+            "prefill_step": {
+                "max_tokens": prefill_step_tokens,
+                "chunk_tokens": prefill_chunk_tokens,
+                "max_s": prefill_step_max_s,
+                "max_inflight_s": max_prefill_inflight_s,
+            },
             "policies": figures,
         },
         output,

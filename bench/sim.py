@@ -15,16 +15,22 @@ What is real and what is modelled:
   token ids and prefix caching is keyed by ``engine.block_manager.block_hashes`` over the
   request's ``cache_salt``, so tenant-scoped hash chains hit exactly when they would.
 - Modelled: step times (``bench.latency_model``). A prefill worker runs the engine's step shape:
-  chunks of at most ``prefill_chunk_tokens`` per request within ``prefill_step_tokens`` per
-  step, and between steps the highest-priority ready chunks first (``scheduling.md`` §6:
-  highest class rank, then lowest tenant counter, then earliest arrival; the counter is the
-  tenant's service so far divided by its weight), admitting waiting requests in that order
-  too, so a short interactive prompt does not wait behind a long batch prompt
-  (``ClusterSpec.chunk_priority``; off: the engine's old FIFO admission, running first). Its
-  prefix cache is an LRU over block hashes bounded to ``prefix_cache_blocks``, and what it
-  evicts is reported with ``on_evicted``. A decode worker
-  holds ``prompt + max_tokens`` KV tokens per request from placement to finish (so it never
-  preempts) and decodes every request it holds in one step. Requests generate exactly
+  chunks of at most ``prefill_chunk_tokens`` per request within a per-step token budget, and
+  between steps the highest-priority ready chunks first (``scheduling.md`` §6: highest class
+  rank, then lowest tenant counter, then earliest arrival; the counter is the tenant's service
+  so far divided by its weight), admitting waiting requests in that order too, so a short
+  interactive prompt does not wait behind a long batch prompt (``ClusterSpec.chunk_priority``;
+  off: the engine's old FIFO admission, running first). The budget is ``prefill_step_tokens``
+  (the engine's ``max_num_batched_tokens``) or, with ``prefill_step_max_s``, also no more than
+  the worker's measured speed computes in that time: a step-time target that holds on any
+  backend (``_PrefillWorker.step_token_budget``). Its prefix cache is an LRU over block hashes
+  bounded to ``prefix_cache_blocks``, and what it evicts is reported with ``on_evicted``. The
+  gateway's in-flight cap on a worker is ``max_inflight_tokens`` and, with ``max_inflight_s``,
+  no more than that much work at its measured speed (the dispatcher's
+  ``max_prefill_inflight_s``). A decode worker holds ``prompt + max_tokens`` KV tokens per
+  request from placement to finish (so it never preempts) and decodes every request it holds
+  in one step: pure decode steps, as the engine of a disaggregated decode worker runs (its
+  requests arrive prefilled, so no prompt chunk shares its steps). Requests generate exactly
   ``max_tokens`` tokens.
 - Schedule passes run after every event that frees capacity (a prefill that ends, a decode that
   ends, a requeue) and after an arrival when some worker has room for the smallest prompt of the
@@ -41,13 +47,14 @@ token. Same seed and trace give the same result, byte for byte.
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from bench.latency_model import LatencyModel
 from engine.block_manager import block_hashes
+from engine.engine_thread import PREFILL_SPEED_SMOOTHING
 from gateway.config import DEFAULT_SLO_CLASSES, SloClass
 from gateway.scheduler import (
     Placement,
@@ -116,19 +123,33 @@ class Trace:
 @dataclass(frozen=True, slots=True)
 class ClusterSpec:
     """The simulated workers. Defaults follow the workers' and the gateway's (``--block-size``,
-    ``--prefill-chunk-size``, ``--max-num-batched-tokens``, ``max_prefill_inflight_tokens``)."""
+    ``--prefill-chunk-size``, ``--max-num-batched-tokens``, ``max_prefill_inflight_tokens``),
+    except the two time caps, off by default (see the module docstring)."""
 
     num_prefill_workers: int = 2
     num_decode_workers: int = 2
     block_size: int = 16
-    prefill_chunk_tokens: int = 512
-    prefill_step_tokens: int = 2048
+    prefill_chunk_tokens: int = 512  # the engine's prefill_chunk_size
+    prefill_step_tokens: int = 2048  # the engine's max_num_batched_tokens
+    # With a value: a prefill step also computes no more than the worker's measured speed does in
+    # this many seconds (at least one block).
+    prefill_step_max_s: float | None = None
     prefill_max_seqs: int = 64
     prefix_cache_blocks: int = 2048  # per prefill worker: 32k tokens
     max_inflight_tokens: int = 8192  # the gateway's default per prefill worker
+    max_inflight_s: float | None = None  # the gateway's max_prefill_inflight_s (None: no cap)
     decode_kv_tokens: int = 16384  # per decode worker
     decode_max_seqs: int = 64
     chunk_priority: bool = True  # §6 chunk order on the prefill workers (the engine's)
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "prefill_chunk_tokens", "prefill_step_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("prefill_step_max_s", "max_inflight_s"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
 
 
 @dataclass(slots=True)
@@ -153,7 +174,8 @@ class RequestRecord:
 class SimResult:
     """A run: per request records; per tenant cumulative service (not normalized by weight) at
     ``sample_times``, and whether the tenant had a request queued throughout each interval
-    ending at a sample; what was left on the workers at the end (all zero: nothing leaks)."""
+    ending at a sample; what was left on the workers at the end (all zero: nothing leaks); the
+    prefill steps all workers ran, their busy time and the longest step."""
 
     policy: str
     trace: Trace
@@ -167,6 +189,9 @@ class SimResult:
     leftover_kv_tokens: int
     leftover_inflight_tokens: int
     leftover_queued: int
+    num_prefill_steps: int
+    prefill_busy_s: float
+    max_prefill_step_s: float
 
 
 @dataclass(slots=True, eq=False)
@@ -196,8 +221,13 @@ class _PrefillWorker:
         self.step_runs: list[tuple[_Job, int]] = []
         self.step_s = 0.0  # of the step in flight
         self.inflight_tokens = 0  # the gateway's account: whole prompts until their prefill ends
+        self.ranks_inflight: Counter[int] = Counter()  # and their class ranks
         self.num_computed_tokens = 0
         self.busy_s = 0.0
+        self.num_steps = 0
+        self.max_step_s = 0.0
+        # The engine thread's measure: a moving average of each step's prompt tokens/s.
+        self.step_tok_s: float | None = None
 
     @property
     def is_busy(self) -> bool:
@@ -206,6 +236,28 @@ class _PrefillWorker:
     def prefill_tok_s(self) -> float | None:
         return self.num_computed_tokens / self.busy_s if self.busy_s > 0 else None
 
+    def inflight_cap(self) -> int:
+        """Prompt tokens the gateway lets this worker hold, as ``Dispatcher._prefill_cap``."""
+        tok_s = self.prefill_tok_s()
+        if self.cluster.max_inflight_s is None or tok_s is None:
+            return self.cluster.max_inflight_tokens
+        return min(self.cluster.max_inflight_tokens, int(tok_s * self.cluster.max_inflight_s))
+
+    def step_token_budget(self) -> int:
+        """Prompt tokens the next step may compute: ``prefill_step_tokens`` and, with
+        ``prefill_step_max_s``, what the measured speed computes in that time. A step of N
+        tokens takes about ``base + N·per_token``, so N = max_s · N/step_s settles where a
+        step takes ``max_s``, from below: before any measurement the budget is one block, and
+        never less (work goes on however slow the worker)."""
+        budget = self.cluster.prefill_step_tokens
+        max_s = self.cluster.prefill_step_max_s
+        if max_s is None:
+            return budget
+        floor = min(budget, self.cluster.block_size)
+        if self.step_tok_s is None:
+            return floor
+        return max(floor, min(budget, int(self.step_tok_s * max_s)))
+
     def plan_step(
         self, priority: Callable[[_Job], tuple[float, float, float]] | None = None
     ) -> list[tuple[_Job, int]]:
@@ -213,7 +265,7 @@ class _PrefillWorker:
         chunks among running and waiting jobs; else running first, then FIFO admissions."""
         if priority is not None:
             return self._plan_by_priority(priority)
-        budget = self.cluster.prefill_step_tokens
+        budget = self.step_token_budget()
         chunk = self.cluster.prefill_chunk_tokens
         runs: list[tuple[_Job, int]] = []
         for job in self.running:
@@ -235,7 +287,7 @@ class _PrefillWorker:
     def _plan_by_priority(
         self, priority: Callable[[_Job], tuple[float, float, float]]
     ) -> list[tuple[_Job, int]]:
-        budget = self.cluster.prefill_step_tokens
+        budget = self.step_token_budget()
         chunk = self.cluster.prefill_chunk_tokens
         num_free_seqs = self.cluster.prefill_max_seqs - len(self.running)
         runs: list[tuple[_Job, int]] = []
@@ -294,8 +346,17 @@ class _PrefillWorker:
             job.num_registered_blocks = max(job.num_registered_blocks, num_full)
             if job.num_computed == job.request.num_prompt_tokens:
                 done.append(job)
-        self.num_computed_tokens += sum(count for _, count in self.step_runs)
+        num_step_tokens = sum(count for _, count in self.step_runs)
+        self.num_computed_tokens += num_step_tokens
         self.busy_s += self.step_s
+        self.num_steps += 1
+        self.max_step_s = max(self.max_step_s, self.step_s)
+        if self.step_s > 0:
+            tok_s = num_step_tokens / self.step_s
+            if self.step_tok_s is None:
+                self.step_tok_s = tok_s
+            else:
+                self.step_tok_s += PREFILL_SPEED_SMOOTHING * (tok_s - self.step_tok_s)
         self.step_runs = []
         for job in done:  # its blocks are released, tail first, as the engine frees them
             self._touch(job.hashes[: job.num_registered_blocks])
@@ -366,6 +427,7 @@ class Simulator:
         self._decode_by_id = {w.worker_id: w for w in self.decode}
         self._weights = {t.tenant_id: t.weight for t in trace.tenants}
         self._class_ranks = {c.name: c.rank for c in slo_classes}
+        self._top_class_rank = max(self._class_ranks.values(), default=0)
         self._events: list[tuple[float, int, int, int]] = []  # (time, seq, kind, worker index)
         self._seq = 0
         self._queued: dict[str, _Job] = {}
@@ -441,6 +503,9 @@ class Simulator:
             leftover_kv_tokens=sum(w.reserved_kv_tokens for w in self.decode),
             leftover_inflight_tokens=sum(w.inflight_tokens for w in self.prefill),
             leftover_queued=self.policy.queued(),
+            num_prefill_steps=sum(w.num_steps for w in self.prefill),
+            prefill_busy_s=sum(w.busy_s for w in self.prefill),
+            max_prefill_step_s=max((w.max_step_s for w in self.prefill), default=0.0),
         )
 
     def _push(self, at: float, kind: int, index: int) -> None:
@@ -458,6 +523,7 @@ class Simulator:
             max_tokens=spec.max_tokens,
             prompt_token_ids=spec.prompt_token_ids,
             cache_salt=cache_salt(spec.tenant_id),
+            rank=self._class_ranks.get(spec.slo_class, 0),
         )
         record = RequestRecord(
             spec.request_id,
@@ -501,9 +567,11 @@ class Simulator:
     def _has_room(self) -> bool:
         """Could a pass place anything at all? (Skips passes that are sure to do nothing.)"""
         smallest = self._min_prompt_tokens
-        limit = self.cluster.max_inflight_tokens
         return any(
-            w.inflight_tokens == 0 or w.inflight_tokens + smallest <= limit for w in self.prefill
+            w.inflight_tokens == 0
+            or w.inflight_tokens + smallest <= w.inflight_cap()
+            or max(w.ranks_inflight, default=self._top_class_rank) < self._top_class_rank
+            for w in self.prefill
         ) and any(w.free_kv_tokens() > smallest for w in self.decode)
 
     def _schedule_pass(self, now: float) -> None:
@@ -516,8 +584,9 @@ class Simulator:
                 WorkerView(
                     w.worker_id,
                     inflight_tokens=w.inflight_tokens,
-                    max_inflight_tokens=self.cluster.max_inflight_tokens,
+                    max_inflight_tokens=w.inflight_cap(),
                     prefill_tok_s=w.prefill_tok_s(),
+                    max_inflight_rank=max(w.ranks_inflight, default=None),
                 )
                 for w in self.prefill
             ]
@@ -555,6 +624,7 @@ class Simulator:
             return False
         job.prefill, job.decode = prefill, decode
         prefill.inflight_tokens += request.num_prompt_tokens
+        prefill.ranks_inflight[request.rank] += 1
         prefill.waiting.append(job)
         if not prefill.is_busy:
             self._start_prefill_step(prefill, now)
@@ -593,6 +663,9 @@ class Simulator:
     def _first_token(self, job: _Job, worker: _PrefillWorker, now: float) -> None:
         request, record = job.request, job.record
         worker.inflight_tokens -= request.num_prompt_tokens
+        worker.ranks_inflight[request.rank] -= 1
+        if not worker.ranks_inflight[request.rank]:
+            del worker.ranks_inflight[request.rank]
         self.policy.on_first_token(request, record.num_cached_tokens, now)
         record.first_token_s = now
         self._generated(job, now)

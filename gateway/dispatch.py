@@ -7,7 +7,8 @@ one pass of the policy on the loop; passes coalesce, so a burst of events costs 
 
 The dispatcher also keeps the gateway's live accounting on the ``WorkerHandle``s: a placement adds
 the prompt's tokens to its prefill worker's ``inflight_tokens`` until ``prefill_done``, and a KV
-reservation to its decode worker until ``decode_done`` (or the next load report).
+reservation to its decode worker until ``decode_done`` (or the next load report); both count the
+request's class rank in ``ranks_inflight`` meanwhile.
 
 Room for a higher class (``scheduling.md`` §6): when the most important waiting request fits on
 no decode worker, and a decode worker runs requests of a lower SLO class, the dispatcher asks
@@ -150,6 +151,7 @@ class Dispatcher:
         if pair.prefill is not None:
             pair.prefill.inflight_tokens -= request.num_prompt_tokens
             pair.prefill.inflight_requests -= 1
+            _untrack_rank(pair.prefill, request.rank)
         if num_cached_tokens is not None:
             self.policy.on_first_token(request, num_cached_tokens, self.clock())
         self.wake()
@@ -171,9 +173,7 @@ class Dispatcher:
         decode = pair.decode
         decode.inflight_requests -= 1
         decode.inflight_tokens -= request.num_prompt_tokens
-        decode.ranks_inflight[request.rank] -= 1
-        if not decode.ranks_inflight[request.rank]:
-            del decode.ranks_inflight[request.rank]
+        _untrack_rank(decode, request.rank)
         decode.is_full = False  # it freed blocks
         decode.requests_ended_since_report += 1
         decode.tokens_freed_since_report += request.num_prompt_tokens + max(1, num_output_tokens)
@@ -212,6 +212,7 @@ class Dispatcher:
                 inflight_tokens=h.inflight_tokens,
                 max_inflight_tokens=self._prefill_cap(h),
                 prefill_tok_s=h.prefill_tok_s(),
+                max_inflight_rank=max(h.ranks_inflight, default=None),
             )
             for h in prefill_handles.values()
         ]
@@ -331,6 +332,7 @@ class Dispatcher:
         if prefill is not None:
             prefill.inflight_tokens += request.num_prompt_tokens
             prefill.inflight_requests += 1
+            prefill.ranks_inflight[request.rank] += 1
         decode.inflight_requests += 1
         decode.inflight_tokens += request.num_prompt_tokens
         decode.ranks_inflight[request.rank] += 1
@@ -344,6 +346,12 @@ class Dispatcher:
                 self.policy.counter(request.tenant_id),
             )
         )
+
+
+def _untrack_rank(handle: WorkerHandle, rank: int) -> None:
+    handle.ranks_inflight[rank] -= 1
+    if not handle.ranks_inflight[rank]:
+        del handle.ranks_inflight[rank]
 
 
 def _placed(future: asyncio.Future[WorkerPair]) -> bool:

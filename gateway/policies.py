@@ -63,6 +63,7 @@ from gateway.scheduler import (
     Shed,
     TenantState,
     WorkerView,
+    outranks,
     place,
 )
 
@@ -200,15 +201,26 @@ class _Pass:
         "locality",
         "now",
         "prefill",
+        "top_rank",
     )
 
-    def __init__(self, prefill: Sequence[WorkerView], decode: Sequence[WorkerView], now: float):
+    def __init__(
+        self,
+        prefill: Sequence[WorkerView],
+        decode: Sequence[WorkerView],
+        now: float,
+        top_rank: int = 0,
+    ):
+        """``top_rank``: the highest class rank queued."""
         self.prefill = prefill
         self.decode = decode
         self.locality = prefill or decode  # whose caches a prompt can hit
         self.now = now
+        self.top_rank = top_rank
         self.decisions: list[Decision] = []
-        self._min_failed_tokens = math.inf
+        # Per class rank, the shortest prompt that failed. A higher class may pass a prefill
+        # worker's cap (``outranks``), so a failure says nothing of classes above it.
+        self._min_failed_tokens: dict[int, float] = {}
         self._has_room: bool | None = None
 
     def add(self, decision: Decision) -> None:
@@ -216,21 +228,35 @@ class _Pass:
         self._has_room = None
 
     def fits(self, entry: _Entry) -> bool:
-        return entry.request.num_prompt_tokens < self._min_failed_tokens
+        request = entry.request
+        return all(
+            request.num_prompt_tokens < failed
+            for rank, failed in self._min_failed_tokens.items()
+            if rank >= request.rank
+        )
 
     def failed(self, entry: _Entry) -> None:
-        self._min_failed_tokens = min(self._min_failed_tokens, entry.request.num_prompt_tokens)
+        request = entry.request
+        failed = self._min_failed_tokens.get(request.rank, math.inf)
+        self._min_failed_tokens[request.rank] = min(failed, request.num_prompt_tokens)
         self._has_room = None
 
     def has_room(self) -> bool:
-        """Whether the shortest possible prompt could still be placed."""
+        """Whether the shortest possible prompt of the highest class queued could still be
+        placed."""
         if self._has_room is None:
             self._has_room = (
-                self._min_failed_tokens > 1
-                and any(_has_room_for_any(w, is_colocated=True) for w in self.decode)
+                self._min_failed_tokens.get(self.top_rank, math.inf) > 1
+                and any(
+                    _has_room_for_any(w, is_colocated=True, top_rank=self.top_rank)
+                    for w in self.decode
+                )
                 and (
                     not self.prefill
-                    or any(_has_room_for_any(w, is_colocated=False) for w in self.prefill)
+                    or any(
+                        _has_room_for_any(w, is_colocated=False, top_rank=self.top_rank)
+                        for w in self.prefill
+                    )
                 )
             )
         return self._has_room
@@ -244,16 +270,20 @@ def _has_room(worker: WorkerView, request: QueuedRequest, is_colocated: bool) ->
     return (
         worker.inflight_tokens == 0
         or worker.inflight_tokens + request.num_prompt_tokens <= worker.max_inflight_tokens
+        or outranks(request, worker)
     )
 
 
-def _has_room_for_any(worker: WorkerView, *, is_colocated: bool) -> bool:
-    """Whether the shortest possible prompt (one token) could go to ``worker``: KV for it and
-    its first token on a decode worker (colocated or not), room under the cap on a prefill
-    worker."""
+def _has_room_for_any(worker: WorkerView, *, is_colocated: bool, top_rank: int) -> bool:
+    """Whether the shortest possible prompt (one token) of the highest class queued
+    (``top_rank``) could go to ``worker``: KV for it and its first token on a decode worker
+    (colocated or not), room under the cap on a prefill worker, or only lower classes in
+    flight there."""
     if is_colocated:
         return worker.free_kv_tokens >= 2
-    return worker.inflight_tokens < max(worker.max_inflight_tokens, 1)
+    return worker.inflight_tokens < max(worker.max_inflight_tokens, 1) or (
+        worker.max_inflight_rank is not None and worker.max_inflight_rank < top_rank
+    )
 
 
 LaneT = TypeVar("LaneT", bound=_Lane)
@@ -349,7 +379,8 @@ class _FairPolicy(Generic[LaneT]):
         now: float,
     ) -> list[Decision]:
         self._now = max(self._now, now)
-        run = _Pass(prefill, decode, now)
+        top_rank = max((lane.slo.rank for lane in self._lanes.values() if lane.queues), default=0)
+        run = _Pass(prefill, decode, now, top_rank)
         self._throughput = _Throughput.of(run.locality, self.settings.default_prefill_tok_s)
         if self._entries:
             self._reject_hopeless(run)
@@ -472,6 +503,9 @@ class _FairPolicy(Generic[LaneT]):
     def _put(self, entry: _Entry, *, at_front: bool) -> None:
         lane = cast(LaneT, entry.lane)  # made by _lane_of
         request = entry.request
+        # The rank the workers see and ``outranks`` compares is the class it is served in
+        # (the gateway sets the same; a simulator or test may not).
+        request.rank = lane.slo.rank
         tenant_id = request.tenant_id
         queue = lane.queues.get(tenant_id)
         if queue is None:
@@ -991,7 +1025,9 @@ class RrLpmPolicy(_IndexedPolicy[_RrLpmLane]):
         is_colocated = not run.prefill
         for worker in run.locality:
             queue = lane.by_worker.get(worker.worker_id)
-            if queue is None or not _has_room_for_any(worker, is_colocated=is_colocated):
+            if queue is None or not _has_room_for_any(
+                worker, is_colocated=is_colocated, top_rank=lane.slo.rank
+            ):
                 continue
             min_failed_tokens = math.inf  # nothing this long or longer fits this worker now
             for entry in list(queue.in_order()):  # a copy: placements leave it alone

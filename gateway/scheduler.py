@@ -41,6 +41,7 @@ __all__ = [
     "Shed",
     "TenantState",
     "WorkerView",
+    "outranks",
     "place",
 ]
 
@@ -81,6 +82,10 @@ class WorkerView:
     free_kv_tokens: int = 0
     prefill_tok_s: float | None = None
     free_slots: int | None = None  # decode: batch slots left (None: no limit known)
+    # prefill: the highest SLO class rank among the prompts in flight there (None: none). A
+    # request of a higher class is not held back by ``max_inflight_tokens``: the worker runs
+    # the most important chunk first, so it goes ahead of everything there (``outranks``).
+    max_inflight_rank: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +182,12 @@ class SchedulingPolicy(Protocol):
         on every placement, for the priority the workers order and preempt by."""
 
 
+def outranks(request: QueuedRequest, worker: WorkerView) -> bool:
+    """Whether ``request`` is of a higher class than every prompt in flight on the prefill
+    ``worker`` (so its in-flight cap does not hold it back: see ``WorkerView``)."""
+    return worker.max_inflight_rank is not None and request.rank > worker.max_inflight_rank
+
+
 def place(
     request: QueuedRequest, prefill: Sequence[WorkerView], decode: Sequence[WorkerView]
 ) -> Placement | None:
@@ -193,11 +204,18 @@ def place(
             for w in prefill
             if w.inflight_tokens == 0
             or w.inflight_tokens + request.num_prompt_tokens <= w.max_inflight_tokens
+            or outranks(request, w)
         ]
         if not prefill_candidates:
             return None
         prefill_worker = min(prefill_candidates, key=lambda w: w.inflight_tokens)
         prefill_worker.inflight_tokens += request.num_prompt_tokens
+        prefill_worker.max_inflight_rank = max(
+            request.rank,
+            request.rank
+            if prefill_worker.max_inflight_rank is None
+            else prefill_worker.max_inflight_rank,
+        )
     decode_worker.free_kv_tokens -= needed_kv
     if decode_worker.free_slots is not None:
         decode_worker.free_slots -= 1

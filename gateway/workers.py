@@ -85,8 +85,9 @@ class WorkerHandle:
     poll_failures: int = field(default=0)
     # The number of the next prefix-cache eviction to ask for; None until the first report.
     eviction_seq: int | None = None
-    # decode: requests placed here and not yet ended, by the rank of their SLO class (what a
-    # request of a higher class could ask the worker to preempt)
+    # Requests whose stage here has not ended, by the rank of their SLO class: on a prefill
+    # worker, what a higher class goes ahead of (``scheduler.outranks``); on a decode worker,
+    # what it could ask the worker to preempt.
     ranks_inflight: Counter[int] = field(default_factory=Counter)
 
     @property

@@ -314,3 +314,119 @@ def test_slo_mix_offers_interactive_well_below_capacity_and_reports_the_batch_us
         load["batch"] / (1 - load["interactive"]), abs=1e-3
     )
     assert metrics["ttft_attainment"].keys() == metrics["tpot_attainment"].keys() == load.keys()
+
+
+# ---- the prefill step budget: tokens, time, and the gateway's in-flight time cap --------------
+
+
+def _one_prompt_trace(num_prompt_tokens: int) -> Trace:
+    return Trace(
+        "one",
+        [TenantSpec("a")],
+        [TraceRequest("r0", "a", "batch", 0.0, list(range(1000, 1000 + num_prompt_tokens)), 2)],
+        duration_s=60.0,
+    )
+
+
+def test_the_token_budget_sets_the_prefill_step_shape(model: LatencyModel) -> None:
+    trace = _one_prompt_trace(2048)
+    cluster = ClusterSpec(num_prefill_workers=1, num_decode_workers=1, prefill_step_tokens=256)
+    result = Simulator(FcfsPolicy(), trace, cluster, model).run()
+    # Eight steps of 256 tokens (the budget cuts the 512-token chunks), chunk i attending to
+    # the 256·(i+1) tokens up to its end.
+    expected_s = sum(model.prefill_step_s(256, 256 * 256 * (i + 1)) for i in range(8))
+    assert result.num_prefill_steps == 8
+    assert result.records[0].first_token_s == pytest.approx(expected_s)
+    assert result.max_prefill_step_s == pytest.approx(model.prefill_step_s(256, 256 * 2048))
+    default = Simulator(FcfsPolicy(), trace, ClusterSpec(1, 1), model).run()
+    assert default.num_prefill_steps == 4  # one 512-token chunk of one request per step
+
+
+def test_the_time_budget_keeps_steps_near_their_target_on_any_backend(
+    model: LatencyModel,
+) -> None:
+    trace = _one_prompt_trace(6000)
+    tokens_per_step = {}
+    for speedup in (1.0, 10.0):
+        backend = model.scaled(speedup)
+        cluster = ClusterSpec(
+            num_prefill_workers=1, num_decode_workers=1, prefill_chunk_tokens=2048,
+            prefill_step_max_s=0.5,
+        )  # fmt: skip
+        result = Simulator(FcfsPolicy(), trace, cluster, backend).run()
+        assert result.records[0].outcome == "completed"
+        # Steps settle near 0.5 s from below; a step at a deeper context than the ones
+        # measured before it costs more per token than they did and may run a little over
+        # (here up to 27%; the default budget's steps take 5 s on the CPU model).
+        assert result.max_prefill_step_s <= 0.5 * 1.3
+        assert result.prefill_busy_s / result.num_prefill_steps > 0.5 * 0.6
+        tokens_per_step[speedup] = 6000 / result.num_prefill_steps
+    # The same rule takes bigger steps on the faster backend: the budget follows its speed.
+    assert tokens_per_step[10.0] > 4 * tokens_per_step[1.0]
+
+
+def test_the_gateway_in_flight_time_cap_keeps_a_short_prompt_waiting_for_a_long_one(
+    model: LatencyModel,
+) -> None:
+    """With ``max_inflight_s`` a worker that measured its speed holds about that much work:
+    at CPU speed one prompt, so a short prompt of the same class waits for a whole long one
+    instead of running between its chunks; one of a higher class is not held back by the cap
+    (``scheduler.outranks``) and runs between the chunks."""
+    first: dict[tuple[str, float | None], dict[str, float]] = {}
+    for short_class in ("batch", "interactive"):
+        trace = Trace(
+            "capped",
+            [TenantSpec("bulk"), TenantSpec("chat")],
+            [
+                TraceRequest("warm", "bulk", "batch", 0.0, list(range(1000, 1512)), 2),
+                TraceRequest("long", "bulk", "batch", 5.0, list(range(2000, 4048)), 2),
+                TraceRequest("short", "chat", short_class, 5.1, list(range(5000, 5064)), 2),
+            ],
+            duration_s=60.0,
+        )
+        for max_inflight_s in (None, 0.025):
+            cluster = ClusterSpec(1, 1, max_inflight_s=max_inflight_s)
+            result = Simulator(FcfsPolicy(), trace, cluster, model).run()
+            assert all(r.outcome == "completed" for r in result.records)
+            first[short_class, max_inflight_s] = {
+                r.request_id: r.first_token_s or 0.0 for r in result.records
+            }
+    for short_class in ("batch", "interactive"):  # no cap: placed at once, between chunks
+        assert first[short_class, None]["short"] < first[short_class, None]["long"]
+    assert first["batch", 0.025]["short"] > first["batch", 0.025]["long"]  # waited for it
+    assert first["interactive", 0.025]["short"] < first["interactive", 0.025]["long"]
+
+
+@pytest.mark.parametrize(
+    "field", ["prefill_step_tokens", "prefill_chunk_tokens", "prefill_step_max_s"]
+)
+def test_a_cluster_rejects_an_empty_step_budget(field: str) -> None:
+    settings: dict[str, Any] = {field: 0}
+    with pytest.raises(ValueError, match=field):
+        ClusterSpec(**settings)
+
+
+def test_slo_mix_meets_the_interactive_ttft_target_with_short_prefill_steps(
+    tmp_path: Path,
+) -> None:
+    """The same trace at the engine's default budget (steps of about 5 s on the fitted CPU
+    model) and at a step-time cap of 0.5 s: only the short steps meet the 2 s TTFT target,
+    and the batch class still uses most of what the interactive class leaves."""
+    figures = {}
+    budgets: list[tuple[str, dict[str, Any]]] = [
+        ("default", {}),
+        ("short", {"prefill_step_max_s": 0.5}),
+    ]
+    for name, budget in budgets:
+        path = tmp_path / f"{name}.json"
+        run_sched_bench(
+            scenario="slo_mix", policies=["vtc"], duration_s=120.0, output=str(path), **budget
+        )
+        figures[name] = json.loads(path.read_text())
+    assert figures["default"]["num_requests"] == figures["short"]["num_requests"]
+    assert figures["short"]["prefill_step"]["max_s"] == 0.5
+    default, short = figures["default"]["policies"]["vtc"], figures["short"]["policies"]["vtc"]
+    assert default["ttft_attainment"]["interactive"] < 0.5 < 2.0 < default["prefill_step_s"]["max"]
+    assert short["ttft_attainment"]["interactive"] >= 0.95
+    assert short["prefill_step_s"]["max"] < 1.0
+    assert short["batch_use_of_leftover"] > 0.5

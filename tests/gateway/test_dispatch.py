@@ -441,6 +441,9 @@ async def test_a_higher_class_request_that_fits_nowhere_asks_a_lower_class_worke
     assert decode.ranks_inflight == {}
     assert await asyncio.wait_for(waiting, 1.0) == WorkerPair(prefill, decode)
     assert decode.ranks_inflight == {3: 1}
+    assert prefill.ranks_inflight == {3: 1}  # until its prefill ends
+    dispatcher.prefill_done(WorkerPair(prefill, decode), interactive, 0)
+    assert prefill.ranks_inflight == {}
 
 
 async def test_no_room_is_asked_when_the_request_fits_or_the_option_is_off(
@@ -451,9 +454,12 @@ async def test_no_room_is_asked_when_the_request_fits_or_the_option_is_off(
 ) -> None:
     make_room = MakeRoomCalls()
     monkeypatch.setattr(decode.client, "make_room", make_room)
-    # Room enough on the decode worker: the interactive request waits for the prefill side.
+    # Room enough on the decode worker: the second interactive request waits for the prefill
+    # side (the first outranked the batch request there and passed its cap).
     dispatcher = Dispatcher(FcfsPolicy(), registry, max_prefill_inflight_tokens=150)
     await asyncio.wait_for(dispatcher.submit(ranked("batch", 1)), 1.0)
+    await asyncio.wait_for(dispatcher.submit(ranked("interactive-1", 3)), 1.0)
+    assert prefill.ranks_inflight == {1: 1, 3: 1}
     waiting = asyncio.create_task(dispatcher.submit(ranked("interactive", 3)))
     await settle()
     assert not waiting.done() and make_room.calls == []

@@ -80,8 +80,11 @@ def _tenant(policy: SchedulingPolicy, tenant_id: str) -> TenantState:
 
 
 def _one_at_a_time(policy: SchedulingPolicy, now: float = 0.0) -> list[str]:
-    """One schedule with room for exactly one request (any prompt fits an idle worker)."""
-    return _placed(policy.schedule([_prefill(cap=1)], [_decode()], now))
+    """One schedule with room for exactly one request (any prompt fits an idle worker, and
+    no class outranks what the worker is said to hold)."""
+    worker = _prefill(cap=1)
+    worker.max_inflight_rank = 99
+    return _placed(policy.schedule([worker], [_decode()], now))
 
 
 # ---- a crude backend ---------------------------------------------------------------------------
@@ -348,13 +351,32 @@ def test_a_waiting_higher_class_request_keeps_the_room_unless_nothing_is_in_flig
     policy = VtcPolicy(_slo_settings())
     policy.enqueue(_request("a", 5000, slo_class="interactive", request_id="big"), 0.0)
     policy.enqueue(_request("b", 100, slo_class="standard", request_id="small"), 0.0)
-    busy = [_prefill(inflight=100, cap=1000)]
-    # Nothing in flight (the 100 tokens are not this policy's): holding back would idle.
-    assert _placed(policy.schedule(busy, [_decode()], 0.1)) == ["small"]
+    # Nothing of this policy's in flight (the 100 tokens are not its): holding back would idle.
+    busy = _prefill(inflight=100, cap=1000)
+    assert _placed(policy.schedule([busy], [_decode()], 0.1)) == ["small"]
     policy.enqueue(_request("b", 100, slo_class="standard", request_id="small-2"), 0.2)
-    assert policy.schedule(busy, [_decode()], 0.2) == []  # small is in flight now
+    # An interactive prompt is in flight there too now: big cannot pass the cap, and small-2
+    # waits behind it.
+    full = _prefill(inflight=300, cap=1000)
+    full.max_inflight_rank = 3
+    assert policy.schedule([full], [_decode()], 0.2) == []
     placed = _placed(policy.schedule([_prefill()], [_decode()], 0.3))
     assert placed == ["big", "small-2"]
+
+
+def test_a_higher_class_passes_the_cap_of_a_worker_running_only_lower_classes() -> None:
+    """The worker runs the most important chunk first, so the cap (which keeps work queued in
+    the gateway, in the policy's order) has nothing to protect from a request that outranks
+    everything there; once one is in flight, its class obeys the cap again."""
+    policy = VtcPolicy(_slo_settings())
+    for index in range(2):
+        policy.enqueue(_request("i", 500, slo_class="interactive", request_id=f"i{index}"), 0.0)
+    policy.enqueue(_request("b", 100, slo_class="standard", request_id="s"), 0.0)
+    worker = _prefill(inflight=2000, cap=1000)
+    worker.max_inflight_rank = 1  # batch prompts
+    assert _placed(policy.schedule([worker], [_decode()], 0.1)) == ["i0"]
+    assert worker.max_inflight_rank == 3
+    assert _placed(policy.schedule([worker], [_decode()], 0.2)) == []
 
 
 # ---- weighted shares ---------------------------------------------------------------------------
