@@ -259,8 +259,8 @@ def run_sched_bench(
     speedup: float = 1.0,
     prefill_step_tokens: int = 2048,
     prefill_chunk_tokens: int = 512,
-    prefill_step_max_s: float | None = None,
-    max_prefill_inflight_s: float | None = None,
+    prefill_step_max_s: float | None = ClusterSpec().prefill_step_max_s,
+    max_prefill_inflight_s: float | None = ClusterSpec().max_inflight_s,
     model_path: Path = DEFAULT_MODEL_PATH,
     output: str | None = None,
     plot: str | None = None,
@@ -269,7 +269,8 @@ def run_sched_bench(
     budget and per-request chunk (the engine's ``max_num_batched_tokens`` and
     ``prefill_chunk_size``); ``prefill_step_max_s``: also cap a step at that many seconds of
     work at the worker's measured speed; ``max_prefill_inflight_s``: the gateway's time cap on
-    what a prefill worker holds (``ClusterSpec``). None: off."""
+    what a prefill worker holds (``ClusterSpec``); both default to the engine's and the
+    gateway's own. None: off."""
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
     model = LatencyModel.load(model_path)

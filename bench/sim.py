@@ -54,8 +54,9 @@ from typing import Literal
 
 from bench.latency_model import LatencyModel
 from engine.block_manager import block_hashes
+from engine.engine import EngineConfig
 from engine.engine_thread import PREFILL_SPEED_SMOOTHING
-from gateway.config import DEFAULT_SLO_CLASSES, SloClass
+from gateway.config import DEFAULT_SLO_CLASSES, SchedulerSection, SloClass
 from gateway.scheduler import (
     Placement,
     QueuedRequest,
@@ -133,11 +134,12 @@ class ClusterSpec:
     prefill_step_tokens: int = 2048  # the engine's max_num_batched_tokens
     # With a value: a prefill step also computes no more than the worker's measured speed does in
     # this many seconds (at least one block).
-    prefill_step_max_s: float | None = None
+    prefill_step_max_s: float | None = EngineConfig().max_prefill_step_s
     prefill_max_seqs: int = 64
     prefix_cache_blocks: int = 2048  # per prefill worker: 32k tokens
     max_inflight_tokens: int = 8192  # the gateway's default per prefill worker
-    max_inflight_s: float | None = None  # the gateway's max_prefill_inflight_s (None: no cap)
+    # the gateway's max_prefill_inflight_s (None: no cap)
+    max_inflight_s: float | None = SchedulerSection().max_prefill_inflight_s
     decode_kv_tokens: int = 16384  # per decode worker
     decode_max_seqs: int = 64
     chunk_priority: bool = True  # §6 chunk order on the prefill workers (the engine's)

@@ -270,6 +270,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _add_bench_sched_parser(bench_commands: Any) -> None:
+    # Torch-free: the simulator's defaults are the engine's and the gateway's own.
+    from engine.engine import EngineConfig
+    from gateway.config import SchedulerSection
+
     sched = bench_commands.add_parser(
         "sched",
         help="scheduling policies side by side on one simulated trace (real policy classes, "
@@ -316,6 +320,32 @@ def _add_bench_sched_parser(bench_commands: Any) -> None:
         default=1.0,
         help="simulate a backend this many times faster than the fitted one; rates follow "
         "(default: %(default)s)",
+    )
+    sched.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="prefill workers' per-step token budget, the engine's (default: %(default)s)",
+    )
+    sched.add_argument(
+        "--prefill-chunk-size",
+        type=int,
+        default=512,
+        help="prompt tokens of one request in one prefill step (default: %(default)s)",
+    )
+    sched.add_argument(
+        "--max-prefill-step-s",
+        type=float,
+        default=EngineConfig().max_prefill_step_s,
+        help="also cap a prefill step at this many seconds of work at the worker's measured "
+        "speed, as the engine does; 0: off (default: %(default)s)",
+    )
+    sched.add_argument(
+        "--max-prefill-inflight-s",
+        type=float,
+        default=SchedulerSection().max_prefill_inflight_s,
+        help="the gateway's scheduler.max_prefill_inflight_s: a prefill worker holds at most "
+        "this many seconds of work at its measured speed; 0: off (default: %(default)s)",
     )
     sched.add_argument(
         "--latency-model",
@@ -381,6 +411,14 @@ def _add_worker_arguments(parser: argparse.ArgumentParser, *, default_port: int)
         type=int,
         default=512,
         help="prompt tokens per chunk (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-prefill-step-s",
+        type=float,
+        default=0.5,
+        help="cap a step's prompt tokens at what the measured prefill speed computes in this "
+        "many seconds, so short prompts are not stuck behind long chunks on a slow backend; "
+        "0 turns it off (default: %(default)s)",
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
@@ -529,6 +567,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         prefill_chunk_size=args.prefill_chunk_size,
+        max_prefill_step_s=args.max_prefill_step_s or None,
         num_threads=args.threads,
         kv_timeout_s=args.kv_timeout,
         kv_wait_timeout_s=getattr(args, "kv_wait_timeout", 120.0),
@@ -670,6 +709,10 @@ def _run_bench_sched(args: argparse.Namespace) -> int:
         duration_s=args.duration_s,
         overload=args.overload,
         speedup=args.speedup,
+        prefill_step_tokens=args.max_num_batched_tokens,
+        prefill_chunk_tokens=args.prefill_chunk_size,
+        prefill_step_max_s=args.max_prefill_step_s or None,
+        max_prefill_inflight_s=args.max_prefill_inflight_s or None,
         model_path=model_path,
         output=args.output,
         plot=args.plot,

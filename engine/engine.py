@@ -7,6 +7,12 @@ requests first (``engine.preemption.prefill_order``: a short interactive prompt 
 behind a long batch prompt between chunks), admitting waiting requests (prefix-cache hits first,
 then fresh blocks) as they come up. A step mixes decodes and prefill chunks freely.
 
+Priority acts between steps only, so a step must be short for it to act often enough. On a slow
+backend (a CPU computes a few hundred prompt tokens a second) ``max_num_batched_tokens`` alone
+makes steps of seconds; so the prompt tokens of a step are also capped to what the measured
+``prefill_tok_s`` computes in ``max_prefill_step_s`` (whole blocks, at least one). On a fast
+backend that cap is above the token budget, which rules as before. Decodes are not capped.
+
 Preemption. When a decode needs a block and none is free, or ``make_room`` is asked to free
 blocks for a more important request, the least important running request
 (``engine.preemption.victim_order``) gives its blocks up, by ``EngineConfig.preemption_mode``:
@@ -80,6 +86,15 @@ class EngineConfig:
     preemption_mode: PreemptionMode = "recompute"
     hand_back_preempted: bool = False  # recompute victims go back to their caller (workers)
     room_hold_s: float = 5.0  # how long room made by ``make_room`` waits for its request
+    # The prompt tokens of one step are at most what ``LLMEngine.prefill_tok_s`` computes in
+    # this long (None: no time cap, ``max_num_batched_tokens`` alone).
+    max_prefill_step_s: float | None = 0.5
+
+    def __post_init__(self) -> None:
+        if self.max_prefill_step_s is not None and not self.max_prefill_step_s > 0:
+            raise ValueError(
+                f"max_prefill_step_s must be positive or None, got {self.max_prefill_step_s}"
+            )
 
 
 class Runner(Protocol):
@@ -173,6 +188,9 @@ class LLMEngine:
         self.num_admitted_cached_tokens = 0
         self.num_scheduled_runs = 0  # of the last step: 0 means it could do nothing
         self.num_step_prompt_tokens = 0  # of the last step: prompt tokens it computed
+        # Prompt tokens per second, measured by whoever times the steps (``EngineThread``);
+        # None until measured, and then no time cap on a step's prompt tokens.
+        self.prefill_tok_s: float | None = None
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -561,8 +579,20 @@ class LLMEngine:
         self._swap_in_ready()
         runs: list[ScheduledRun] = []
         budget = self._schedule_decodes(runs, self.config.max_num_batched_tokens)
-        self._schedule_prefills(runs, budget)
+        self._schedule_prefills(runs, min(budget, self.max_step_prompt_tokens()))
         return runs
+
+    def max_step_prompt_tokens(self) -> int:
+        """The most prompt tokens one step may compute: ``max_num_batched_tokens``, or fewer when
+        the measured speed computes fewer in ``max_prefill_step_s``. Never below one block
+        (unless the token budget is), so prompts always progress; whole blocks, so that a long
+        prompt's chunks end on block boundaries and each chunk's blocks reach the prefix cache
+        at once (not required for correctness: any chunk size works)."""
+        max_step_s = self.config.max_prefill_step_s
+        if max_step_s is None or self.prefill_tok_s is None:
+            return self.config.max_num_batched_tokens
+        num_blocks = int(self.prefill_tok_s * max_step_s) // self.block_size
+        return min(self.config.max_num_batched_tokens, max(num_blocks, 1) * self.block_size)
 
     def _schedule_decodes(self, runs: list[ScheduledRun], budget: int) -> int:
         """Requests whose every token is computed decode one more, the most important first, so

@@ -12,6 +12,10 @@ The loop: run the queued commands; step while there is work; when a step could s
 since only a command can change that (or until room held by ``make_room`` expires, which the
 engine tells with ``seconds_until_change``). If a step raises, the engine is dead: every sink
 and every later command gets ``EngineFailed``. Torch-free.
+
+The thread times each step and keeps the engine's ``prefill_tok_s`` (a moving average of prompt
+tokens per second) up to date: the engine caps a step's prompt tokens with it
+(``EngineConfig.max_prefill_step_s``), and the load reports it.
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ class EvictionLog:
             return hashes, self._next_seq, seq < first_kept
 
 
-def _measure(engine: LLMEngine, prefill_tok_s: float) -> EngineLoad:
+def _measure(engine: LLMEngine) -> EngineLoad:
     queued = sum(seq.num_tokens - seq.num_computed_tokens for seq in engine.waiting)
     queued += sum(
         seq.num_tokens - seq.num_computed_tokens - 1
@@ -111,7 +115,7 @@ def _measure(engine: LLMEngine, prefill_tok_s: float) -> EngineLoad:
         num_free_blocks=engine.blocks.num_free_blocks,
         num_total_blocks=engine.blocks.num_total_blocks,
         num_preemptions=engine.num_preemptions,
-        prefill_tok_s=prefill_tok_s,
+        prefill_tok_s=engine.prefill_tok_s or 0.0,
         num_swapped=len(engine.swapped),
         num_swapped_out=engine.num_swapped_out,
         num_handed_back=engine.num_handed_back,
@@ -124,19 +128,41 @@ _STOP = object()
 PREFILL_SPEED_SMOOTHING = 0.2  # weight of the newest step in the moving average
 
 
+def _note_prefill_speed(engine: LLMEngine, step_s: float) -> None:
+    """Fold the last step, which took ``step_s``, into ``engine.prefill_tok_s``: a moving average
+    of prompt tokens per second over the steps that computed some. A mixed step's decode share
+    counts as prefill time: an underestimate, which makes the time cap bound the whole step
+    (prompt and decodes) near ``max_prefill_step_s``; when the decodes alone take longer, the
+    cap settles at its floor of one block per step."""
+    num_prompt_tokens = engine.num_step_prompt_tokens
+    if num_prompt_tokens == 0:
+        return
+    tok_s = num_prompt_tokens / max(step_s, 1e-6)
+    if engine.prefill_tok_s is None:
+        engine.prefill_tok_s = tok_s
+    else:
+        engine.prefill_tok_s += PREFILL_SPEED_SMOOTHING * (tok_s - engine.prefill_tok_s)
+
+
 class EngineThread:
     """See the module docstring. ``submit``, ``call``, ``load`` and ``stop`` are thread-safe;
     ``watch`` and ``unwatch`` are for commands (they run on the engine thread)."""
 
-    def __init__(self, engine: LLMEngine, *, name: str = "engine") -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        *,
+        name: str = "engine",
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.engine = engine
+        self._clock = clock  # times the steps
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._sinks: dict[str, OutputSink] = {}
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._lock = threading.Lock()
         self._error: EngineFailed | None = None
-        self._prefill_tok_s = 0.0
-        self._load = _measure(engine, 0.0)
+        self._load = _measure(engine)
         self.evictions = EvictionLog(4 * engine.blocks.num_total_blocks)
 
     @property
@@ -212,14 +238,14 @@ class EngineThread:
                 except queue.Empty:
                     item = None
             if engine.has_unfinished():
-                started = time.perf_counter()
+                started = self._clock()
                 try:
                     outputs = engine.step()
                 except Exception as exc:
                     logger.exception("engine step failed; the engine is dead")
                     self._die(EngineFailed(f"engine step failed: {exc!r}"))
                     return
-                self._note_prefill_speed(engine.num_step_prompt_tokens, started)
+                _note_prefill_speed(engine, self._clock() - started)
                 self._dispatch(outputs)
                 is_idle = engine.num_scheduled_runs == 0
             else:
@@ -227,18 +253,7 @@ class EngineThread:
             evicted = engine.blocks.drain_evicted_hashes()
             if evicted:
                 self.evictions.extend(evicted)
-            self._load = _measure(engine, self._prefill_tok_s)
-
-    def _note_prefill_speed(self, num_prompt_tokens: int, started: float) -> None:
-        """A moving average of prompt tokens per second over the steps that computed some (a
-        mixed step's decode share counts as prefill time: a slight underestimate)."""
-        if num_prompt_tokens == 0:
-            return
-        tok_s = num_prompt_tokens / max(time.perf_counter() - started, 1e-6)
-        if self._prefill_tok_s == 0.0:
-            self._prefill_tok_s = tok_s
-        else:
-            self._prefill_tok_s += PREFILL_SPEED_SMOOTHING * (tok_s - self._prefill_tok_s)
+            self._load = _measure(engine)
 
     def _dispatch(self, outputs: list[StepOutput]) -> None:
         for output in outputs:

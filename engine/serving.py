@@ -67,6 +67,9 @@ class WorkerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     prefill_chunk_size: int = 512
+    # Prompt tokens of one step: at most what the measured prefill speed computes in this long,
+    # so priority between chunks acts often on a slow backend (None: max_num_batched_tokens only).
+    max_prefill_step_s: float | None = EngineConfig().max_prefill_step_s
     num_threads: int | None = None  # torch intra-op threads (default: torch's choice)
     kv_timeout_s: float = 30.0  # any single wait of the KV data plane
     kv_wait_timeout_s: float = 120.0  # decode: how long a reservation waits for its KV
@@ -153,6 +156,7 @@ class WorkerService:
                 max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 prefill_chunk_size=config.prefill_chunk_size,
+                max_prefill_step_s=config.max_prefill_step_s,
                 preemption_mode="swap" if is_swapping else "recompute",
                 hand_back_preempted=self.role != "prefill",
             ),

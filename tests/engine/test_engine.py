@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.engine import EngineConfig, LLMEngine
-from engine.sequence import SamplingParams
+from engine.sequence import SamplingParams, StepOutput
 from tests.engine.tiny_engines import VOCAB_SIZE, tiny_runner
 
 
@@ -47,6 +47,38 @@ def test_chunked_scheduling_equals_whole_prompts(weights: dict[str, torch.Tensor
     whole = _engine(weights).generate(prompts, GREEDY)
     small = EngineConfig(max_num_batched_tokens=24, prefill_chunk_size=7)
     assert _engine(weights, config=small).generate(prompts, GREEDY) == whole
+
+
+def test_a_time_capped_step_plan_gives_the_same_tokens(weights: dict[str, torch.Tensor]) -> None:
+    """Prompts cut into two-block chunks by the time cap (100 tok/s for 0.08 s: 8 tokens a
+    step) give the greedy tokens of uncapped steps, with prefix-cache hits and for a request
+    resumed with its earlier output."""
+    shared = _prompts(1, seed=10, min_len=24, max_len=24)[0]
+    prompts = [*_prompts(4, seed=11, min_len=20, max_len=50), [*shared, 7], [*shared, 8, 9]]
+    uncapped = _engine(weights, config=EngineConfig(max_prefill_step_s=None))
+    capped = _engine(weights, config=EngineConfig(max_prefill_step_s=0.08))
+    uncapped.prefill_tok_s = capped.prefill_tok_s = 100.0
+    assert capped.max_step_prompt_tokens() == 8
+    expected = uncapped.generate(prompts, GREEDY)
+    assert capped.generate(prompts, GREEDY) == expected
+    # The shared prefix is cached now: 6 blocks hit, then 15 tokens in one or two chunks.
+    resumed = [*shared, *range(1, 11), *expected[4][:5]]
+    for engine in (capped, uncapped):
+        engine.add_request("resumed", resumed, GREEDY, num_prior_output_tokens=5)
+    capped_outputs, uncapped_outputs = _drain(capped), _drain(uncapped)
+    capped_tokens = [t for output in capped_outputs for t in output.new_token_ids]
+    assert capped_tokens == [t for output in uncapped_outputs for t in output.new_token_ids]
+    assert len(capped_tokens) == GREEDY.max_tokens - 5
+    assert capped_outputs[0].num_cached_tokens == uncapped_outputs[0].num_cached_tokens == 24
+    assert (capped_outputs[0].num_prefill_chunks, uncapped_outputs[0].num_prefill_chunks) == (2, 1)
+    capped.blocks.check_invariants()
+
+
+def _drain(engine: LLMEngine) -> list[StepOutput]:
+    outputs: list[StepOutput] = []
+    while engine.has_unfinished():
+        outputs.extend(engine.step())
+    return outputs
 
 
 def test_requests_join_and_leave_between_steps(weights: dict[str, torch.Tensor]) -> None:

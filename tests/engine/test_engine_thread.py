@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from engine.block_manager import block_hashes
-from engine.engine import LLMEngine
+from engine.engine import EngineConfig, LLMEngine
 from engine.engine_thread import EngineThread, EvictionLog
 from engine.null_engine import NullEngineConfig, create_null_engine
 from engine.sequence import SamplingParams, StepOutput
@@ -130,5 +130,42 @@ def test_the_load_reports_prefill_speed_and_the_log_gets_the_evictions() -> None
         evicted, next_seq, missed = thread.evictions.since(0)
         assert evicted and set(evicted) <= first_hashes and not missed
         assert next_seq == len(evicted)
+    finally:
+        thread.stop()
+
+
+class _FakeTime:
+    """A clock that moves only when the null runner 'sleeps': step times are exact."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def clock(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(("max_prefill_step_s", "num_chunks"), [(0.128, 5), (None, 2)])
+def test_the_measured_speed_caps_later_steps(
+    max_prefill_step_s: float | None, num_chunks: int
+) -> None:
+    """A 1000 tok/s backend: the first chunk is the token budget's 512 tokens (no speed yet);
+    it measures 1000 tok/s, so with a 0.128 s cap the other 488 tokens go 128 a step."""
+    fake = _FakeTime()
+    engine = create_null_engine(
+        NullEngineConfig(prefill_tok_s=1000.0, decode_step_s=0.01, num_blocks=128, block_size=16),
+        EngineConfig(max_prefill_step_s=max_prefill_step_s),
+        sleep=fake.sleep,
+    )
+    thread = EngineThread(engine, clock=fake.clock)
+    thread.start()
+    try:
+        outputs = _collect(thread, "a", list(range(1000)), max_tokens=2)
+        assert outputs[0].num_prefill_chunks == num_chunks
+        assert engine.prefill_tok_s == pytest.approx(1000.0)
+        thread.submit(lambda engine: None).result(10)  # a loop turn after the last step
+        assert thread.load.prefill_tok_s == pytest.approx(1000.0)
     finally:
         thread.stop()
