@@ -15,8 +15,9 @@ ids, so no prefix-cache hits) with 16 output tokens.
   ``server_timing_overhead_p50_ms`` is the gateway's own view (total minus time in worker calls,
   from its ``Server-Timing`` header).
 - ``--tracing``: a second stack whose three processes trace every request and export the spans
-  over OTLP/HTTP to a receiver process on this machine; both stacks are measured block by block
-  in turns, and ``tracing_overhead_p50_ms`` is what tracing adds to ``overhead_p50_ms``.
+  over OTLP/HTTP to a receiver process on this machine; one open loop at the rate above sends
+  each request to a random stack and path, and ``tracing_overhead_p50_ms`` is what tracing
+  adds to ``overhead_p50_ms``.
 """
 
 from __future__ import annotations
@@ -150,10 +151,35 @@ async def _open_loop(
     return list(await asyncio.gather(*tasks))
 
 
+async def _open_loop_mixed(
+    sends: dict[tuple[str, str], Callable[[], Coroutine[Any, Any, float]]],
+    rate: float,
+    count: int,
+    rng: random.Random,
+) -> dict[tuple[str, str], list[float]]:
+    """Latencies per series of ``count`` requests at Poisson arrivals of ``rate`` per second,
+    each sent the way of a series drawn at random."""
+    keys = list(sends)
+    tasks: list[tuple[tuple[str, str], asyncio.Task[float]]] = []
+    next_at = time.perf_counter()
+    for _ in range(count):
+        next_at += rng.expovariate(rate)
+        delay = next_at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        key = rng.choice(keys)
+        tasks.append((key, asyncio.create_task(sends[key]())))
+    latencies: dict[tuple[str, str], list[float]] = {key: [] for key in keys}
+    for key, task in tasks:
+        latencies[key].append(await task)
+    return latencies
+
+
 async def _measure(stacks: dict[str, Stack], quick: bool) -> dict[str, dict[str, Any]]:
-    """Each stack's ``rps_max``, then, at half of the lowest, open-loop blocks through each
-    gateway and straight to its workers, the stacks taking turns block by block (so a noisy
-    moment of the machine falls on both alike)."""
+    """Each stack's ``rps_max``, then, at half of the lowest: one stack, open-loop blocks
+    through the gateway and straight to the workers in turns; several stacks, one open loop
+    at that rate whose requests each go to a random stack and path (so a noisy moment of the
+    machine falls on every series alike, and the machine carries the same load as with one)."""
     loads = {name: _Load(stack) for name, stack in stacks.items()}
     try:
         rps_max: dict[str, float] = {}
@@ -168,13 +194,29 @@ async def _measure(stacks: dict[str, Stack], quick: bool) -> dict[str, dict[str,
         direct_s: dict[str, list[float]] = {name: [] for name in loads}
         for load in loads.values():
             load.server_overheads_ms.clear()
-        for round_index in range(2 if quick else 4):
-            order = list(loads) if round_index % 2 == 0 else list(reversed(loads))
-            for name in order:
+        if len(loads) > 1:
+            # Side by side: one arrival stream, each request to a random one of the series
+            # (stack × path), so every series sees the same moments of the machine.
+            sends = {
+                (name, path): getattr(load, path)
+                for name, load in loads.items()
+                for path in ("via_gateway", "direct")
+            }
+            count = len(sends) * block * (1 if quick else 4)
+            mixed = await _open_loop_mixed(sends, rate, count, rng)
+            for (name, path), latencies in mixed.items():
+                (gateway_s if path == "via_gateway" else direct_s)[name] += latencies
+            for name in loads:
+                log(
+                    f"{name}: gateway p50 {_percentile(gateway_s[name], 0.5) * 1e3:.2f} ms, "
+                    f"direct p50 {_percentile(direct_s[name], 0.5) * 1e3:.2f} ms"
+                )
+        for round_index in range(0 if len(loads) > 1 else 2 if quick else 4):
+            for name in loads:
                 gateway_s[name] += await _open_loop(loads[name].via_gateway, rate, block, rng)
                 direct_s[name] += await _open_loop(loads[name].direct, rate, block, rng)
                 log(
-                    f"round {round_index} {name}: gateway p50 "
+                    f"round {round_index}: gateway p50 "
                     f"{_percentile(gateway_s[name], 0.5) * 1e3:.2f} ms, direct p50 "
                     f"{_percentile(direct_s[name], 0.5) * 1e3:.2f} ms"
                 )

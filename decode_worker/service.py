@@ -596,7 +596,7 @@ class _Trace:
         if span is None:
             return
         if self.landed_ns is not None:
-            span.add_event("kv_landed", timestamp=self.landed_ns)
+            span.add_event("kv_landed", self.landed_ns)
         if error is None:
             span.end()
         else:

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import msgspec
-from opentelemetry.trace import Span
 from opentelemetry.util.types import AttributeValue
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -61,7 +60,7 @@ from gateway.tenants import Tenant, UsageDelta
 from transfer.errors import FairgateError
 from transfer.http import until_disconnected
 from transfer.messages import SamplingSpec
-from transfer.telemetry import end_with_error, start_span, trace_id_of, tracer
+from transfer.telemetry import SpanRecord, end_with_error, start_span, trace_id_of, tracer
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -192,14 +191,14 @@ class _Seen:
     operation: str  # gen_ai.operation.name
     tenant: Tenant | None = None
     slo_class: str = ""
-    span: Span | None = None
+    span: SpanRecord | None = None
 
 
 def _operation_of(request: Request) -> str:
     return "chat" if request.url.path.endswith("/chat/completions") else "text_completion"
 
 
-def _server_span(seen: _Seen, body: GenerationRequest | None) -> Span | None:
+def _server_span(seen: _Seen, body: GenerationRequest | None) -> SpanRecord | None:
     """The request's span (None while tracing is off), named ``{operation} {model}`` by the
     GenAI conventions; it began when the request arrived."""
     if tracer() is None:

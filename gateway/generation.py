@@ -24,7 +24,6 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import msgspec
-from opentelemetry.trace import Span
 from opentelemetry.util.types import AttributeValue
 
 from engine.tokenizer import Tokenizer
@@ -36,7 +35,7 @@ from gateway.workers import WorkerRegistry
 from transfer.client import run_disaggregated
 from transfer.errors import FairgateError, NoRoomError, WorkerUnreachable
 from transfer.messages import GenerateRequest, Preempted, Priority, SamplingSpec, TokenFrame
-from transfer.telemetry import end_with_error, start_child, traceparent_of
+from transfer.telemetry import SpanRecord, end_with_error, start_child, traceparent_of
 
 __all__ = ["Finished", "Generation", "TokenUsage"]
 
@@ -101,7 +100,7 @@ class Generation:
         cache_salt: bytes,
         received: float,
         flush_interval_s: float = 0.0,
-        span: Span | None = None,
+        span: SpanRecord | None = None,
         metrics: GatewayMetrics | None = None,
     ) -> None:
         """``span``: the request's server span when it is traced; the queue waits become its

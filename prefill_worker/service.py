@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import msgspec
-from opentelemetry.trace import Span
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -49,7 +48,13 @@ from transfer.http import message_response, read_message, until_disconnected
 from transfer.kv_layout import layout_of
 from transfer.kv_sender import KvSender, SenderConfig, TransferJob, TransferResult
 from transfer.messages import PrefillRequest, PrefillResult
-from transfer.telemetry import TRACEPARENT_HEADER, end_with_error, start_child, start_span
+from transfer.telemetry import (
+    TRACEPARENT_HEADER,
+    SpanRecord,
+    end_with_error,
+    start_child,
+    start_span,
+)
 
 __all__ = ["PrefillService"]
 
@@ -60,7 +65,7 @@ logger = logging.getLogger(__name__)
 class _TracedTransfer:
     """A transfer of a traced request: its ``kv_transfer`` span is made when it ends."""
 
-    parent: Span  # the request's prefill span
+    parent: SpanRecord  # the request's prefill span
     started_ns: int
     num_blocks: int
 
@@ -120,7 +125,9 @@ class PrefillService(WorkerService):
 
     # ---- prefill ----------------------------------------------------------------------------
 
-    async def prefill(self, request: PrefillRequest, span: Span | None = None) -> PrefillResult:
+    async def prefill(
+        self, request: PrefillRequest, span: SpanRecord | None = None
+    ) -> PrefillResult:
         """``span``: the request's ``prefill`` span (tracing on); its KV transfer is traced as
         a ``kv_transfer`` child."""
         thread = self.ready_thread()
@@ -205,7 +212,7 @@ class PrefillService(WorkerService):
         return answer
 
     def _hand_off(
-        self, request: PrefillRequest, output: StepOutput, seed: int, span: Span | None
+        self, request: PrefillRequest, output: StepOutput, seed: int, span: SpanRecord | None
     ) -> bool:
         """On the engine thread: ship a handed-off request's KV, or release it when there is
         nowhere to ship it. True when a transfer was started."""

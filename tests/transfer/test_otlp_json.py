@@ -12,11 +12,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
 
 from bench.otlp_receiver import OtlpReceiver
 from transfer.otlp_json import OtlpJsonSpanExporter, encode_spans_json, headers_from
-from transfer.telemetry import context_of
 
 
 class _Keep(SpanExporter):
@@ -33,7 +32,10 @@ def _spans() -> list[ReadableSpan]:
     provider = TracerProvider(resource=Resource.create({"service.name": "fairgate-test"}))
     provider.add_span_processor(SimpleSpanProcessor(kept))
     tracer = provider.get_tracer("fairgate", "1.2")
-    parent_context = context_of("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+    remote = SpanContext(
+        0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, True, TraceFlags(1)
+    )
+    parent_context = trace.set_span_in_context(NonRecordingSpan(remote))
     root = tracer.start_span(
         "chat m",
         parent_context,
