@@ -140,15 +140,8 @@ async def _open_loop(
     send: Callable[[], Coroutine[Any, Any, float]], rate: float, count: int, rng: random.Random
 ) -> list[float]:
     """Latencies of ``count`` requests sent at Poisson arrivals of ``rate`` per second."""
-    tasks: list[asyncio.Task[float]] = []
-    next_at = time.perf_counter()
-    for _ in range(count):
-        next_at += rng.expovariate(rate)
-        delay = next_at - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(send()))
-    return list(await asyncio.gather(*tasks))
+    only = ("", "")
+    return (await _open_loop_mixed({only: send}, rate, count, rng))[only]
 
 
 async def _open_loop_mixed(
