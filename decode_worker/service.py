@@ -77,7 +77,7 @@ from transfer.messages import (
     WorkerInfo,
     WorkerRole,
 )
-from transfer.telemetry import TRACEPARENT_HEADER, end_with_error, start_span, tracer
+from transfer.telemetry import TRACEPARENT_HEADER, is_tracing, start_span
 
 __all__ = ["ColocatedService", "DecodeService"]
 
@@ -570,7 +570,7 @@ class _Trace:
     def of(
         cls, name: str, body: DecodeRequest | GenerateRequest, request: Request
     ) -> _Trace | None:
-        if tracer() is None:
+        if not is_tracing():
             return None
         attributes: dict[str, AttributeValue] = {
             "fairgate.request_id": body.request_id,
@@ -600,7 +600,7 @@ class _Trace:
         if error is None:
             span.end()
         else:
-            end_with_error(span, error)
+            span.end(error)
 
 
 async def _ending_on_error(trace: _Trace | None, opening: Awaitable[_T]) -> _T:

@@ -60,7 +60,7 @@ from gateway.tenants import Tenant, UsageDelta
 from transfer.errors import FairgateError
 from transfer.http import until_disconnected
 from transfer.messages import SamplingSpec
-from transfer.telemetry import SpanRecord, end_with_error, start_span, trace_id_of, tracer
+from transfer.telemetry import SpanRecord, is_tracing, start_span, trace_id_of
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -201,7 +201,7 @@ def _operation_of(request: Request) -> str:
 def _server_span(seen: _Seen, body: GenerationRequest | None) -> SpanRecord | None:
     """The request's span (None while tracing is off), named ``{operation} {model}`` by the
     GenAI conventions; it began when the request arrived."""
-    if tracer() is None:
+    if not is_tracing():
         return None
     attributes: dict[str, AttributeValue] = {"gen_ai.operation.name": seen.operation}
     if seen.tenant is not None:
@@ -224,7 +224,7 @@ def _refused(gateway: Gateway, seen: _Seen, error: BaseException) -> None:
     if span is not None:
         if isinstance(error, FairgateError):
             span.set_attribute("http.response.status_code", error.status)
-        end_with_error(span, error)
+        span.end(error)
 
 
 def _outcome(error: BaseException | None) -> str:
@@ -519,27 +519,28 @@ def _finish(gateway: Gateway, run: _Run, error: BaseException | None) -> None:
         if error is None:
             span.end()
         else:
-            end_with_error(span, error)
-    fields = {
-        "request_id": run.completion_id,
-        "tenant": run.tenant.name,
-        "slo_class": run.slo_class,
-        "outcome": outcome,
-        "finish_reason": generation.finish_reason,
-        "prompt_tokens": usage.prompt_tokens,
-        "cached_tokens": usage.cached_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "queue_ms": None if queue_s is None else round(queue_s * 1e3, 1),
-        "ttft_ms": None if ttft_s is None else round(ttft_s * 1e3, 1),
-        "latency_ms": round((now - timing.received) * 1e3, 1),
-        "preemptions": generation.num_preemptions,
-        "trace_id": trace_id_of(span),
-    }
-    logger.info(
-        "request %s",
-        " ".join(f"{key}={'-' if value is None else value}" for key, value in fields.items()),
-        extra={"fields": fields},
-    )
+            span.end(error)
+    if logger.isEnabledFor(logging.INFO):  # built only when read (benchmarks log warnings)
+        fields = {
+            "request_id": run.completion_id,
+            "tenant": run.tenant.name,
+            "slo_class": run.slo_class,
+            "outcome": outcome,
+            "finish_reason": generation.finish_reason,
+            "prompt_tokens": usage.prompt_tokens,
+            "cached_tokens": usage.cached_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "queue_ms": None if queue_s is None else round(queue_s * 1e3, 1),
+            "ttft_ms": None if ttft_s is None else round(ttft_s * 1e3, 1),
+            "latency_ms": round((now - timing.received) * 1e3, 1),
+            "preemptions": generation.num_preemptions,
+            "trace_id": trace_id_of(span),
+        }
+        logger.info(
+            "request %s",
+            " ".join(f"{key}={'-' if value is None else value}" for key, value in fields.items()),
+            extra={"fields": fields},
+        )
 
 
 class _DisconnectAwareStream(StreamingResponse):

@@ -52,8 +52,8 @@ ROOM_RETRY_S = 5.0  # the workers' default room hold: ask again for a request af
 @dataclass(frozen=True, slots=True)
 class WorkerPair:
     """Where a request runs: a prefill and a decode worker, or one colocated worker (``prefill``
-    None); and, for traces, what the placement saw: the prefix the policy expects the prefill
-    worker to hold and the tenant's counter."""
+    None); and what the placement saw: the prefix the policy expects the prefill worker to
+    hold (for traces) and the tenant's counter (the priority the workers get, and traces)."""
 
     prefill: WorkerHandle | None
     decode: WorkerHandle
@@ -88,7 +88,6 @@ class Dispatcher:
         self._making_room: set[str] = set()
         self._room_asked_until: dict[str, float] = {}
         self._room_tasks: set[asyncio.Task[None]] = set()
-        self.num_make_room_calls = 0
 
     @property
     def num_waiting(self) -> int:
@@ -275,7 +274,6 @@ class Dispatcher:
         task.add_done_callback(self._room_tasks.discard)
 
     async def _make_room(self, handle: WorkerHandle, num_tokens: int, priority: Priority) -> None:
-        self.num_make_room_calls += 1
         try:
             result = await handle.decode_client.make_room(num_tokens, priority)
             if result.num_preempted:

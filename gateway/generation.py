@@ -35,7 +35,7 @@ from gateway.workers import WorkerRegistry
 from transfer.client import run_disaggregated
 from transfer.errors import FairgateError, NoRoomError, WorkerUnreachable
 from transfer.messages import GenerateRequest, Preempted, Priority, SamplingSpec, TokenFrame
-from transfer.telemetry import SpanRecord, end_with_error, start_child, traceparent_of
+from transfer.telemetry import SpanRecord, start_child, traceparent_of
 
 __all__ = ["Finished", "Generation", "TokenUsage"]
 
@@ -180,7 +180,7 @@ class Generation:
         try:
             pair = await self.dispatcher.submit(queued, requeue=requeue)
         except BaseException as exc:
-            end_with_error(start_child(self.span, "queue", attributes, started_ns), exc)
+            start_child(self.span, "queue", attributes, started_ns).end(exc)
             raise
         attributes |= {
             "fairgate.counter": pair.counter,
@@ -268,12 +268,10 @@ class Generation:
         self.queued.num_prompt_tokens = len(resumed)
         self.queued.num_output_tokens = len(self.output_token_ids)
 
-    def _priority(self) -> Priority:
-        return Priority(
-            rank=self.queued.rank,
-            counter=self.dispatcher.policy.counter(self.queued.tenant_id),
-            arrival=self.queued.arrival,
-        )
+    def _priority(self, pair: WorkerPair) -> Priority:
+        """What the workers order and preempt by: its class, its tenant's counter when it was
+        placed, its arrival."""
+        return Priority(rank=self.queued.rank, counter=pair.counter, arrival=self.queued.arrival)
 
     async def _frames(self, pair: WorkerPair) -> AsyncGenerator[TokenFrame | Preempted]:
         request_id = self.queued.request_id
@@ -286,7 +284,7 @@ class Generation:
                 self.sampling,
                 self.cache_salt,
                 self.flush_interval_s,
-                self._priority(),
+                self._priority(pair),
                 num_prior,
             )
             async with pair.decode.decode_client.generate(
@@ -304,7 +302,7 @@ class Generation:
             self.sampling,
             cache_salt=self.cache_salt,
             flush_interval_s=self.flush_interval_s,
-            priority=self._priority(),
+            priority=self._priority(pair),
             num_prior_output_tokens=num_prior,
             traceparent=self.traceparent,
         )

@@ -51,7 +51,6 @@ from transfer.messages import PrefillRequest, PrefillResult
 from transfer.telemetry import (
     TRACEPARENT_HEADER,
     SpanRecord,
-    end_with_error,
     start_child,
     start_span,
 )
@@ -106,7 +105,7 @@ class PrefillService(WorkerService):
                 )
             except BaseException as exc:
                 if span is not None:
-                    end_with_error(span, exc)
+                    span.end(exc)
                 raise
             if span is not None:
                 span.set_attributes(
@@ -256,7 +255,7 @@ class PrefillService(WorkerService):
             if result.error is None:
                 span.end()
             else:
-                end_with_error(span, result.error)
+                span.end(result.error)
         if result.error is None:
             logger.debug(
                 "shipped %s: %d bytes in %.1f ms",

@@ -15,6 +15,7 @@ or ``none``). TLS endpoints are verified against the system's CA store.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import http.client
 import logging
@@ -28,7 +29,7 @@ import msgspec
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-__all__ = ["OtlpJsonSpanExporter", "encode_spans_json"]
+__all__ = ["OtlpJsonSpanExporter", "encode_spans_json", "headers_from"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,6 @@ def _value(value: Any) -> dict[str, Any]:
     if isinstance(value, str):
         return {"stringValue": value}
     if isinstance(value, bytes):
-        import base64
-
         return {"bytesValue": base64.b64encode(value).decode()}
     return {"arrayValue": {"values": [_value(item) for item in value]}}
 

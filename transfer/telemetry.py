@@ -1,8 +1,8 @@
 """Traces and request logs for every fairgate process (the gateway and both worker roles).
 Torch-free.
 
-Tracing is off unless asked for, and off costs one ``if`` per request: ``tracer()`` is None and
-no span, header or attribute is made. It is on when ``setup_tracing`` finds an exporter:
+Tracing is off unless asked for, and off costs one ``if`` per request: ``is_tracing()`` is
+false and no span, header or attribute is made. It is on when ``setup_tracing`` finds an exporter:
 
 - ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` (OTLP over HTTP),
   or an ``otlp_endpoint`` from the gateway's config file. ``OTEL_EXPORTER_OTLP_PROTOCOL``:
@@ -57,14 +57,13 @@ __all__ = [
     "LogFormat",
     "SpanRecord",
     "configure_logging",
-    "end_with_error",
+    "is_tracing",
     "setup_tracing",
     "shutdown_tracing",
     "start_child",
     "start_span",
     "trace_id_of",
     "traceparent_of",
-    "tracer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -166,9 +165,9 @@ _UNSET = Status(StatusCode.UNSET)
 _ERROR = Status(StatusCode.ERROR)
 
 
-def tracer() -> _Tracing | None:
-    """This process's tracing, None while it is off."""
-    return _tracing
+def is_tracing() -> bool:
+    """Whether this process traces (``setup_tracing`` found an exporter)."""
+    return _tracing is not None
 
 
 def setup_tracing(
@@ -328,11 +327,6 @@ def start_child(
         trace_flags=parent.context.trace_flags,
     )
     return SpanRecord(name, context, parent.context, SpanKind.INTERNAL, attributes, start_time_ns)
-
-
-def end_with_error(span: SpanRecord, error: BaseException) -> None:
-    """End ``span`` marked failed by ``error``."""
-    span.end(error)
 
 
 def traceparent_of(span: SpanRecord) -> str:

@@ -267,7 +267,7 @@ def test_tracing_is_off_without_an_exporter(tmp_path: Path) -> None:
     from transfer import telemetry
 
     assert not telemetry.setup_tracing("gateway", environ={})
-    assert telemetry.tracer() is None
+    assert not telemetry.is_tracing()
     assert telemetry.start_span("chat", {}) is None
     # An explicit off wins over an endpoint.
     assert not telemetry.setup_tracing(
@@ -275,4 +275,4 @@ def test_tracing_is_off_without_an_exporter(tmp_path: Path) -> None:
         otlp_endpoint="http://127.0.0.1:9",
         environ={"OTEL_SDK_DISABLED": "true"},
     )
-    assert telemetry.tracer() is None
+    assert not telemetry.is_tracing()
