@@ -84,7 +84,10 @@ class SchedulerSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     worker_quantum_tokens: Annotated[float, msgspec.Meta(gt=0.0)] = 8192.0
     block_size: Annotated[int, msgspec.Meta(ge=1)] = 16  # the workers' KV block size
     prefix_index_blocks: Annotated[int, msgspec.Meta(ge=1)] = 1 << 16
+    # D²LPM routes by load alone when the worker it chose is loaded over this ratio of the least
+    # loaded one's…
     hot_spot_ratio: Annotated[float, msgspec.Meta(ge=1.0)] = 1.5
+    # …and by this many tokens more than the request's cached prefix there saves (§4).
     hot_spot_margin_tokens: Annotated[int, msgspec.Meta(ge=0)] = 2048
     default_prefill_tok_s: Annotated[float, msgspec.Meta(gt=0.0)] = 5000.0
     max_borrow_tokens: Annotated[float, msgspec.Meta(ge=0.0)] = 4096.0
