@@ -211,6 +211,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="store and credentials (default: $FAIRGATE_HOME/stack, ~/.cache/fairgate/stack)",
     )
     up.add_argument("--policy", default=None, help=POLICY_HELP)
+    up.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per worker (default: this machine's cores shared among the workers, "
+        "at least 1 each)",
+    )
 
     from deploy.admin_cli import add_admin_parser
 
@@ -656,6 +663,7 @@ def _run_up(args: argparse.Namespace) -> int:
             state_dir=Path(args.state_dir) if args.state_dir else default_state_dir(),
             worker_args=["--log-level", "warning"],
             gateway_args=gateway_args,
+            threads_per_worker=args.threads,
         )
     )
 
