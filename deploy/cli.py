@@ -270,6 +270,13 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     bench_isolation.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     bench_isolation.add_argument(
+        "--steady-share",
+        type=float,
+        default=0.10,
+        help="each steady tenant's rate, as a fraction of the probed capacity; the flood sends "
+        "ten times it (default: %(default)s)",
+    )
+    bench_isolation.add_argument(
         "--output", default=None, help="also write the JSON result to this file"
     )
     _add_bench_sched_parser(bench_commands)
@@ -682,6 +689,7 @@ def _run_bench(args: argparse.Namespace) -> int:
             policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()),
             duration_s=args.duration_s,
             seed=args.seed,
+            steady_share=args.steady_share,
             output=args.output,
         )
     if args.bench_command == "transfer":
