@@ -11,6 +11,12 @@ Threads, each with its own store connection (a store client runs one operation a
   ``destination.landed`` (or ``failed``) → ack. A pair idle for ``pair_idle_timeout_s`` ends
   itself; the sender pairs again when it next needs to.
 
+Idle waits do not block in the store past their time: c10d logs a warning for every store
+``wait`` that times out, so an idle worker would log one a minute. The acceptor polls its slot
+instead (``check``, backing off to ``HELLO_POLL_MAX_S``: a pair is set up at most that much
+later), and a pair outlives the sender's own idle timeout (``kv_sender``), so a live sender ends
+it first with CLOSED and the pair thread's timeout only reaps pairs whose sender died.
+
 The ``KvDestination`` (the decode worker) decides whether a header's request and blocks are the
 ones it reserved, and owns what happens once blocks land or fail; its methods are called on pair
 threads. Every wait has a timeout; an error on a pair fails the transfer in flight for its owner
@@ -61,6 +67,9 @@ __all__ = ["KvDestination", "KvReceiver", "ReceiverConfig"]
 
 logger = logging.getLogger(__name__)
 
+HELLO_POLL_MIN_S = 0.002  # the acceptor's first look again at an empty pair-request slot…
+HELLO_POLL_MAX_S = 0.05  # …and its slowest: about 20 local store round trips a second idle
+
 
 class KvDestination(Protocol):
     """The owner of incoming blocks. Called on pair threads; must not block for long."""
@@ -85,8 +94,11 @@ class ReceiverConfig:
     host: str = "127.0.0.1"  # the address senders reach this worker at (store and gloo)
     port: int = 0  # the store's port (kv_port); 0 picks a free one
     timeout_s: float = 30.0  # every wait inside a pairing or a transfer
-    pair_idle_timeout_s: float = 600.0
-    hello_wait_s: float = 60.0  # how long the acceptor waits on one pair-request slot
+    # Longer than ``SenderConfig.idle_timeout_s`` (module docstring).
+    pair_idle_timeout_s: float = 900.0
+    # How long the acceptor waits on one pair-request slot before it checks whether the slot
+    # was abandoned.
+    hello_wait_s: float = 60.0
     max_pairs: int = 64  # NCCL communicators cost GPU memory: pairs are bounded
 
 
@@ -191,19 +203,15 @@ class KvReceiver:
                 self._acceptor_slot = slot
             key = hello_key(slot)
             try:
-                store.wait([key], datetime.timedelta(seconds=self.config.hello_wait_s))
-                data = bytes(store.get(key))
-                store.delete_key(key)
-            except dist.DistStoreError:
-                # Nobody came to this slot. A requester that took it and died before writing it
-                # would block later ones: skip it once a later slot is taken.
-                try:
+                if not self._poll(store, key):
+                    # Nobody came to this slot. A requester that took it and died before writing
+                    # it would block later ones: skip it once a later slot is taken.
                     if int(store.add(HELLO_COUNTER, 0)) > slot + 1:
                         logger.warning("KV pair request slot %d was taken but never filled", slot)
                         slot += 1
-                except dist.DistError:
-                    return
-                continue
+                    continue
+                data = bytes(store.get(key))
+                store.delete_key(key)
             except dist.DistError:
                 return  # the store is gone (stopping)
             if data == CLOSED:
@@ -214,6 +222,18 @@ class KvReceiver:
             except dist.DistError:
                 return
             slot += 1
+
+    def _poll(self, store: Store, key: str) -> bool:
+        """Whether ``key`` was set within ``hello_wait_s``: checked every ``HELLO_POLL_MIN_S``,
+        backing off to ``HELLO_POLL_MAX_S`` (module docstring). False early when stopping."""
+        deadline = time.monotonic() + self.config.hello_wait_s
+        delay = HELLO_POLL_MIN_S
+        while not store.check([key]):
+            if self._stopping or time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(2 * delay, HELLO_POLL_MAX_S)
+        return True
 
     def _accept(self, data: bytes) -> KvHelloReply:
         try:
