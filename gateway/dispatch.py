@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -81,8 +80,8 @@ class Dispatcher:
         self.make_room_for_higher_classes = make_room_for_higher_classes
         self.clock = clock
         self._waiting: dict[str, asyncio.Future[WorkerPair]] = {}
-        self._waiting_requests: dict[str, QueuedRequest] = {}
-        self._waiting_ranks: Counter[int] = Counter()
+        # The same requests by class rank (for ``_ask_for_room``, which looks at the top one).
+        self._waiting_by_rank: dict[int, dict[str, QueuedRequest]] = {}
         self._pass_scheduled = False
         # make_room: workers asked and not yet answered; when each request may ask again
         self._making_room: set[str] = set()
@@ -108,8 +107,7 @@ class Dispatcher:
             except Shed as exc:
                 raise RequestShed(exc.reason) from None
         self._waiting[request.request_id] = future
-        self._waiting_requests[request.request_id] = request
-        self._waiting_ranks[request.rank] += 1
+        self._waiting_by_rank.setdefault(request.rank, {})[request.request_id] = request
         self.wake()
         try:
             # Not wait_for: on 3.11 it returns the result of a future that completed in the tick
@@ -136,10 +134,11 @@ class Dispatcher:
                 future.cancel()
 
     def _forget(self, request: QueuedRequest) -> None:
-        if self._waiting_requests.pop(request.request_id, None) is not None:
-            self._waiting_ranks[request.rank] -= 1
-            if not self._waiting_ranks[request.rank]:
-                del self._waiting_ranks[request.rank]
+        same_rank = self._waiting_by_rank.get(request.rank)
+        if same_rank is not None:
+            same_rank.pop(request.request_id, None)
+            if not same_rank:
+                del self._waiting_by_rank[request.rank]
         self._room_asked_until.pop(request.request_id, None)
 
     def prefill_done(
@@ -178,6 +177,12 @@ class Dispatcher:
         decode.tokens_freed_since_report += request.num_prompt_tokens + max(1, num_output_tokens)
         if finished:
             self.policy.on_finish(request, num_output_tokens, self.clock())
+        self.wake()
+
+    def given_up(self, request: QueuedRequest, num_output_tokens: int) -> None:
+        """A request a decode worker handed back (``decode_done`` with ``finished`` False) that
+        will not be queued again: it ends for the policy with what it generated."""
+        self.policy.on_finish(request, num_output_tokens, self.clock())
         self.wake()
 
     def wake(self) -> None:
@@ -236,7 +241,7 @@ class Dispatcher:
     def _ask_for_room(self, decode_handles: list[WorkerHandle]) -> None:
         """If the most important waiting request fits on no decode worker, ask one that runs
         requests of a lower class to make room for it (module docstring)."""
-        top_rank = max(self._waiting_ranks)
+        top_rank = max(self._waiting_by_rank)
         candidates = [
             h
             for h in decode_handles
@@ -248,8 +253,8 @@ class Dispatcher:
         now = self.clock()
         waiting = [
             r
-            for r in self._waiting_requests.values()
-            if r.rank == top_rank and self._room_asked_until.get(r.request_id, 0.0) <= now
+            for r in self._waiting_by_rank[top_rank].values()
+            if self._room_asked_until.get(r.request_id, 0.0) <= now
         ]
         if not waiting:
             return

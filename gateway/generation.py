@@ -142,7 +142,11 @@ class Generation:
                 # Handed back by the decode worker (recompute): back to the queue at its
                 # original arrival, then re-prefilled with its output so far; the client's
                 # stream just pauses.
-                self._resume_after(exc.preempted)
+                try:
+                    self._resume_after(exc.preempted)
+                except FairgateError:
+                    self.dispatcher.given_up(self.queued, len(self.output_token_ids))
+                    raise
                 logger.info(
                     "request %s: preempted after %d tokens, queued again",
                     self.queued.request_id,

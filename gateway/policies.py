@@ -145,7 +145,11 @@ class _Flight:
     worker_id: str | None  # the locality worker: prefill worker, or colocated decode worker
     num_expected_cached: int
     num_output_tokens: int
-    num_pending_cached: int = 0  # in its worker's ``inflight_tokens`` until its prefill ends
+    # The cached prefix counted in its prefill worker's ``inflight_tokens`` until its prefill
+    # ends (``_load``). 0 on a colocated worker: ``place`` adds nothing to a decode worker's
+    # view, and its handle holds the prompt until the decode ends, so its load stays whole
+    # prompts.
+    num_pending_cached: int = 0
 
 
 class _Lane:
@@ -544,11 +548,12 @@ class _FairPolicy(Generic[LaneT]):
     ) -> None:
         """Bookkeeping of a placement; ``_dispatch`` calls it after ``place`` succeeded."""
         request = entry.request
+        num_pending = num_cached if placement.prefill_worker_id is not None else 0
         self._flights[request.request_id] = _Flight(
-            entry, worker_id, num_cached, request.num_output_tokens, num_cached
+            entry, worker_id, num_cached, request.num_output_tokens, num_pending
         )
-        if worker_id is not None and num_cached:
-            self._pending_cached[worker_id] = self._pending_cached.get(worker_id, 0) + num_cached
+        if worker_id is not None and num_pending:
+            self._pending_cached[worker_id] = self._pending_cached.get(worker_id, 0) + num_pending
         self._num_inflight[request.tenant_id] = self._num_inflight.get(request.tenant_id, 0) + 1
         self._take(entry)
         if not entry.is_charged:
@@ -967,6 +972,7 @@ class RrLpmPolicy(_IndexedPolicy[_RrLpmLane]):
         super().__init__(settings)
         self._unrouted: list[_Entry] = []  # queued since the last pass, in arrival order
         self._num_routed = 0  # the round-robin cursor
+        self._num_served = 0  # which worker's queue a pass serves first, round-robin too
 
     def _new_lane(self, slo: SloClass) -> _RrLpmLane:
         return _RrLpmLane(slo)
@@ -1023,7 +1029,12 @@ class RrLpmPolicy(_IndexedPolicy[_RrLpmLane]):
     def _serve(self, lane: _RrLpmLane, run: _Pass) -> None:
         self._refresh_orders(run)
         is_colocated = not run.prefill
-        for worker in run.locality:
+        # The first worker's queue may take all the decode room a pass has: each worker is
+        # first in turn.
+        workers = run.locality
+        start = self._num_served % len(workers) if workers else 0
+        self._num_served += 1
+        for worker in [*workers[start:], *workers[:start]]:
             queue = lane.by_worker.get(worker.worker_id)
             if queue is None or not _has_room_for_any(
                 worker, is_colocated=is_colocated, top_rank=lane.slo.rank

@@ -89,6 +89,8 @@ class WorkerHandle:
     # worker, what a higher class goes ahead of (``scheduler.outranks``); on a decode worker,
     # what it could ask the worker to preempt.
     ranks_inflight: Counter[int] = field(default_factory=Counter)
+    # One load poll at a time: a report that lands after a newer one would undo it.
+    poll_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def role(self) -> WorkerRole | None:
@@ -252,7 +254,8 @@ class WorkerRegistry:
         self.on_change()
 
     async def refresh(self, handle: WorkerHandle) -> None:
-        """Poll one worker now (its load changed in a way the gateway cannot count itself)."""
+        """Poll one worker now (its load changed in a way the gateway cannot count itself);
+        after a poll already in flight, whose report may predate the change."""
         await self._poll(handle)
         self.on_change()
 
@@ -272,6 +275,10 @@ class WorkerRegistry:
         self.on_change()
 
     async def _poll(self, handle: WorkerHandle) -> None:
+        async with handle.poll_lock:
+            await self._poll_now(handle)
+
+    async def _poll_now(self, handle: WorkerHandle) -> None:
         try:
             # The first report only says where the eviction log stands: what the worker evicted
             # before the gateway knew it is nothing its prefix index holds.

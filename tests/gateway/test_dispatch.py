@@ -144,6 +144,18 @@ async def test_a_submit_with_room_is_placed_at_once_and_the_accounting_moves(
     assert decode.tokens_reserved_since_report == 101
 
 
+async def test_a_handed_back_request_given_up_ends_for_the_policy(
+    dispatcher: Dispatcher, policy: RecordingFcfs
+) -> None:
+    a = request("a", 100)
+    pair = await asyncio.wait_for(dispatcher.submit(a), 1.0)
+    dispatcher.prefill_done(pair, a)
+    dispatcher.decode_done(pair, a, 3, finished=False)  # handed back: not ended yet
+    assert policy.finished == []
+    dispatcher.given_up(a, 3)  # and it will not be queued again
+    assert policy.finished == ["a"]
+
+
 async def test_a_colocated_worker_prefills_itself(policy: RecordingFcfs) -> None:
     registry = WorkerRegistry([], [], ["http://127.0.0.1:9/colocated"])
     try:

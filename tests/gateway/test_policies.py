@@ -622,15 +622,17 @@ def test_d2lpm_hot_spot_is_a_load_gap_larger_than_what_the_prefix_saves() -> Non
 
 
 def test_d2lpm_load_counts_only_the_tokens_left_to_compute() -> None:
-    policy = D2lpmPolicy(PolicySettings(slo_classes=ONE_CLASS, hot_spot_margin_tokens=2048))
+    # A margin small enough that the prompts' whole length would make p0 a hot spot: 2080
+    # tokens in flight before the third placement, over 512 + the 1024 the prefix saves.
+    policy = D2lpmPolicy(PolicySettings(slo_classes=ONE_CLASS, hot_spot_margin_tokens=512))
     policy.enqueue(_shared_prefix("a", 0), 0.0)
     (first,) = policy.schedule([_prefill("p0"), _prefill("p1")], [_decode()], 0.0)
     policy.on_first_token(first.request, 0, 0.5)
     for n in range(1, 4):
         policy.enqueue(_shared_prefix("a", n), 1.0)
     placements = policy.schedule([_prefill("p0"), _prefill("p1")], [_decode()], 1.0)
-    # p0's prompts in flight pass the margin (3 × 1040 tokens) but hold 3 × 1024 cached ones:
-    # 48 tokens to compute is no hot spot.
+    # p0's prompts in flight hold 1024 cached tokens each: 32 tokens to compute before the
+    # third is no hot spot.
     assert [
         (p.prefill_worker_id, p.num_cached_tokens) for p in placements if isinstance(p, Placement)
     ] == [("p0", 1024)] * 3
