@@ -54,7 +54,7 @@ from typing import Literal
 
 from bench.latency_model import LatencyModel
 from engine.block_manager import block_hashes
-from engine.engine import EngineConfig
+from engine.engine import EngineConfig, step_prompt_tokens
 from engine.engine_thread import PREFILL_SPEED_SMOOTHING
 from gateway.config import DEFAULT_SLO_CLASSES, SchedulerSection, SloClass
 from gateway.scheduler import (
@@ -247,18 +247,19 @@ class _PrefillWorker:
 
     def step_token_budget(self) -> int:
         """Prompt tokens the next step may compute: ``prefill_step_tokens`` and, with
-        ``prefill_step_max_s``, what the measured speed computes in that time. A step of N
-        tokens takes about ``base + N·per_token``, so N = max_s · N/step_s settles where a
-        step takes ``max_s``, from below: before any measurement the budget is one block, and
-        never less (work goes on however slow the worker)."""
+        ``prefill_step_max_s``, the engine's rule (``engine.engine.step_prompt_tokens``). A
+        step of N tokens takes about ``base + N·per_token``, so N = max_s · N/step_s settles
+        where a step takes ``max_s``. One difference: before any measurement the engine runs
+        its whole token budget, which at the fitted CPU speed is a step of several seconds
+        once per worker; here the budget starts at one block and settles from below, so that
+        a run's figures do not depend on which prompts happen to come first."""
         budget = self.cluster.prefill_step_tokens
         max_s = self.cluster.prefill_step_max_s
         if max_s is None:
             return budget
-        floor = min(budget, self.cluster.block_size)
         if self.step_tok_s is None:
-            return floor
-        return max(floor, min(budget, int(self.step_tok_s * max_s)))
+            return min(budget, self.cluster.block_size)
+        return step_prompt_tokens(budget, self.step_tok_s, max_s, self.cluster.block_size)
 
     def plan_step(
         self, priority: Callable[[_Job], tuple[float, float, float]] | None = None

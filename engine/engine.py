@@ -70,7 +70,7 @@ from engine.sequence import (
 )
 from engine.swap import BlockRun, SwapSpace
 
-__all__ = ["EngineConfig", "LLMEngine", "Runner"]
+__all__ = ["EngineConfig", "LLMEngine", "Runner", "step_prompt_tokens"]
 
 logger = logging.getLogger(__name__)
 
@@ -583,16 +583,13 @@ class LLMEngine:
         return runs
 
     def max_step_prompt_tokens(self) -> int:
-        """The most prompt tokens one step may compute: ``max_num_batched_tokens``, or fewer when
-        the measured speed computes fewer in ``max_prefill_step_s``. Never below one block
-        (unless the token budget is), so prompts always progress; whole blocks, so that a long
-        prompt's chunks end on block boundaries and each chunk's blocks reach the prefix cache
-        at once (not required for correctness: any chunk size works)."""
+        """The most prompt tokens one step may compute (``step_prompt_tokens``)."""
         max_step_s = self.config.max_prefill_step_s
         if max_step_s is None or self.prefill_tok_s is None:
             return self.config.max_num_batched_tokens
-        num_blocks = int(self.prefill_tok_s * max_step_s) // self.block_size
-        return min(self.config.max_num_batched_tokens, max(num_blocks, 1) * self.block_size)
+        return step_prompt_tokens(
+            self.config.max_num_batched_tokens, self.prefill_tok_s, max_step_s, self.block_size
+        )
 
     def _schedule_decodes(self, runs: list[ScheduledRun], budget: int) -> int:
         """Requests whose every token is computed decode one more, the most important first, so
@@ -766,6 +763,19 @@ class LLMEngine:
         self._release(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+
+def step_prompt_tokens(
+    max_num_batched_tokens: int, prefill_tok_s: float, max_step_s: float, block_size: int
+) -> int:
+    """The prompt tokens a step may compute at a measured ``prefill_tok_s``: what that speed
+    computes in ``max_step_s``, within ``max_num_batched_tokens``. Never below one block
+    (unless the token budget is), so prompts always progress; whole blocks, so that a prompt
+    with the cap to itself has its chunks end on block boundaries and each chunk's blocks reach
+    the prefix cache at once (not required for correctness: any chunk size works). The
+    engine's rule, and the simulator's (``bench.sim``)."""
+    num_blocks = int(prefill_tok_s * max_step_s) // block_size
+    return min(max_num_batched_tokens, max(num_blocks, 1) * block_size)
 
 
 def _check_prior_output(

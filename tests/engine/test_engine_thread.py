@@ -151,7 +151,8 @@ class _FakeTime:
 def test_the_measured_speed_caps_later_steps(
     max_prefill_step_s: float | None, num_chunks: int
 ) -> None:
-    """A 1000 tok/s backend: the first chunk is the token budget's 512 tokens (no speed yet);
+    """A 1000 tok/s backend: the first chunk is the prefill chunk size's 512 tokens (no speed
+    yet: the step budget is the token budget, 2048);
     it measures 1000 tok/s, so with a 0.128 s cap the other 488 tokens go 128 a step."""
     fake = _FakeTime()
     engine = create_null_engine(

@@ -49,10 +49,6 @@ def _run(engine: LLMEngine) -> list[StepOutput]:
     return outputs
 
 
-def _prompt_tokens(plan: list[tuple[str, int, int]]) -> int:
-    return sum(num_tokens for _, _, num_tokens in plan if num_tokens > 1)
-
-
 def test_the_measured_speed_caps_a_steps_prompt_tokens() -> None:
     """1000 tok/s for 0.128 s: 128 tokens a step, in chunks that continue where the last ended
     and sample the first token only when the prompt is done."""
