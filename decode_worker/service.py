@@ -597,10 +597,7 @@ class _Trace:
             return
         if self.landed_ns is not None:
             span.add_event("kv_landed", self.landed_ns)
-        if error is None:
-            span.end()
-        else:
-            span.end(error)
+        span.end(error)
 
 
 async def _ending_on_error(trace: _Trace | None, opening: Awaitable[_T]) -> _T:

@@ -98,7 +98,7 @@ class WorkerService:
         self._load_task: asyncio.Task[None] | None = None
         self._on_fatal: Any = None
         self.metrics = WorkerMetrics(
-            self.role, lambda: None if self.engine_thread is None else self.engine_thread.load
+            lambda: None if self.engine_thread is None else self.engine_thread.load
         )
 
     # ---- life cycle -------------------------------------------------------------------------

@@ -26,8 +26,7 @@ class WorkerMetrics:
     """``load()`` is the engine's latest snapshot, None before the model is loaded. Safe to
     record from any thread (prometheus_client's metrics lock)."""
 
-    def __init__(self, role: str, load: Callable[[], EngineLoad | None]) -> None:
-        self.role = role
+    def __init__(self, load: Callable[[], EngineLoad | None]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.transfer_bytes = Counter(
             "fairgate_kv_transfer_bytes",
@@ -118,15 +117,10 @@ class _LoadCollector(Collector):
             "Admitted tokens found in the prefix cache",
             value=load.num_admitted_cached_tokens,
         )
-        if load.num_admitted_tokens:
-            yield gauge(
-                "fairgate_worker_prefix_cache_hit_rate",
-                "Share of admitted tokens found in the prefix cache, since the start",
-                load.num_admitted_cached_tokens / load.num_admitted_tokens,
-            )
         preemptions = CounterMetricFamily(
             "fairgate_worker_preemptions", "Requests preempted, by mode", labels=["mode"]
         )
         preemptions.add_metric(["swap"], load.num_swapped_out)
-        preemptions.add_metric(["recompute"], load.num_handed_back)
+        # Handed back to the gateway, or (a prefill worker) recomputed in place.
+        preemptions.add_metric(["recompute"], load.num_preemptions - load.num_swapped_out)
         yield preemptions

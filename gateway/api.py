@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import msgspec
 from opentelemetry.util.types import AttributeValue
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -40,7 +40,7 @@ from gateway.errors import (
     openai_error_body,
 )
 from gateway.generation import Finished, Generation, TokenUsage
-from gateway.metrics import UNAUTHENTICATED, RequestRecord
+from gateway.metrics import CLIENT_DISCONNECTED, UNAUTHENTICATED, RequestRecord
 from gateway.openai_api import (
     SSE_DONE,
     ChatCompletion,
@@ -92,10 +92,10 @@ class _Run:
 
 def openai_endpoints(gateway: Gateway) -> list[Endpoint]:
     async def chat_completions(request: Request) -> Response:
-        return await _serve(gateway, request, parse_chat_request)
+        return await _serve(gateway, request, parse_chat_request, "chat")
 
     async def completions(request: Request) -> Response:
-        return await _serve(gateway, request, parse_completion_request)
+        return await _serve(gateway, request, parse_completion_request, "text_completion")
 
     async def models(request: Request) -> Response:
         await gateway.auth.tenant(request)
@@ -150,9 +150,10 @@ def _served_models(gateway: Gateway) -> list[str]:
 # ---- one request ---------------------------------------------------------------------------
 
 
-async def _serve(gateway: Gateway, request: Request, parse: Any) -> Response:
+async def _serve(gateway: Gateway, request: Request, parse: Any, operation: str) -> Response:
+    """``operation``: the route's ``gen_ai.operation.name``."""
     received = time.monotonic()
-    seen = _Seen(time.time_ns(), _operation_of(request))
+    seen = _Seen(time.time_ns() if is_tracing() else 0, operation)
     try:
         _, seen.tenant = await gateway.auth.tenant(request)
         body = await _read_body(request, gateway.config.gateway.max_body_bytes)
@@ -187,15 +188,11 @@ class _Seen:
     """What is known of a request while it is being admitted: for the metrics, and for its span
     (made once its model is known, or when it is refused, from ``received_ns`` on)."""
 
-    received_ns: int
+    received_ns: int  # 0 while tracing is off
     operation: str  # gen_ai.operation.name
     tenant: Tenant | None = None
     slo_class: str = ""
     span: SpanRecord | None = None
-
-
-def _operation_of(request: Request) -> str:
-    return "chat" if request.url.path.endswith("/chat/completions") else "text_completion"
 
 
 def _server_span(seen: _Seen, body: GenerationRequest | None) -> SpanRecord | None:
@@ -224,7 +221,15 @@ def _refused(gateway: Gateway, seen: _Seen, error: BaseException) -> None:
     if span is not None:
         if isinstance(error, FairgateError):
             span.set_attribute("http.response.status_code", error.status)
-        span.end(error)
+        _end_span(span, reason, error)
+
+
+def _end_span(span: SpanRecord, outcome: str, error: BaseException | None) -> None:
+    """A client that went away is no error of ours: the span says so and ends unset."""
+    if outcome == CLIENT_DISCONNECTED:
+        span.set_attribute("fairgate.outcome", CLIENT_DISCONNECTED)
+        error = None
+    span.end(error)
 
 
 def _outcome(error: BaseException | None) -> str:
@@ -232,8 +237,10 @@ def _outcome(error: BaseException | None) -> str:
         return "ok"
     if isinstance(error, FairgateError):
         return error.code
-    if isinstance(error, asyncio.CancelledError | anyio.get_cancelled_exc_class()):
-        return "client_disconnected"
+    if isinstance(
+        error, asyncio.CancelledError | ClientDisconnect | anyio.get_cancelled_exc_class()
+    ):
+        return CLIENT_DISCONNECTED
     return type(error).__name__
 
 
@@ -256,7 +263,6 @@ async def _admit(
 ) -> _Run:
     tenant = seen.tenant
     assert tenant is not None
-    span = seen.span = _server_span(seen, body)
     if not gateway.registry.can_serve():
         raise NoWorkerAvailable(f"no worker is ready: {gateway.registry.summary()}")
     if body.model not in _served_models(gateway):
@@ -264,6 +270,8 @@ async def _admit(
             f"model {body.model!r} is not served here; GET /v1/models lists the served models",
             param="model",
         )
+    # Named after the model once it is one we serve: a client's model string is its own text.
+    span = seen.span = _server_span(seen, body)
     slo_class = seen.slo_class = _slo_class(gateway, request, tenant, body)
     prompt_token_ids = await _tokenize(gateway, body)
     max_model_len = gateway.registry.max_model_len
@@ -468,8 +476,8 @@ async def _close(gateway: Gateway, run: _Run, events: AsyncGenerator[str | Finis
 
 
 def _finish(gateway: Gateway, run: _Run, error: BaseException | None) -> None:
-    """Settle the quota, record usage and log the request's one line. Only the first call
-    counts."""
+    """Settle the quota, record usage, count it in the metrics, end its span and log its one
+    line. Only the first call counts."""
     if run.is_finished:
         return
     run.is_finished = True
@@ -505,7 +513,7 @@ def _finish(gateway: Gateway, run: _Run, error: BaseException | None) -> None:
         )
     )
     span = generation.span
-    if span is not None:
+    if span is not None and span.is_recording:
         ended: dict[str, AttributeValue] = {
             "gen_ai.usage.output_tokens": usage.completion_tokens,
             "fairgate.cached_tokens": usage.cached_tokens,
@@ -516,10 +524,7 @@ def _finish(gateway: Gateway, run: _Run, error: BaseException | None) -> None:
         if run.admission.demoted:
             ended["fairgate.demoted"] = True
         span.set_attributes(ended)
-        if error is None:
-            span.end()
-        else:
-            span.end(error)
+        _end_span(span, outcome, error)
     if logger.isEnabledFor(logging.INFO):  # built only when read (benchmarks log warnings)
         fields = {
             "request_id": run.completion_id,

@@ -27,12 +27,13 @@ from prometheus_client.registry import Collector
 from gateway.config import SloClass
 from gateway.scheduler import TenantState
 
-__all__ = ["GatewayMetrics", "RequestRecord", "jain_index"]
+__all__ = ["CLIENT_DISCONNECTED", "GatewayMetrics", "RequestRecord", "jain_index"]
 
 # Seconds; TTFT and latency span a cached short prompt to a long queue wait.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 UNAUTHENTICATED = ""
+CLIENT_DISCONNECTED = "client_disconnected"  # an outcome, never a rejection
 _LABELS = ("tenant", "slo_class")
 
 
@@ -107,7 +108,9 @@ class GatewayMetrics:
             "fairgate_preemptions", "Times a decode worker handed a request back (recompute)"
         )
         self.slo_requests = counter(
-            "fairgate_slo_requests", "Requests that got a first token, by TTFT target met", "met"
+            "fairgate_slo_requests",
+            "Requests admitted to a class, by TTFT target met (none without a first token)",
+            "met",
         )
         self.ttft = histogram("fairgate_ttft_seconds", "Time to first token", LATENCY_BUCKETS)
         self.tpot = histogram(
@@ -135,14 +138,16 @@ class GatewayMetrics:
         self._service[tenant_id] = self._service.get(tenant_id, 0.0) + amount / weight
 
     def rejected(self, tenant: str, slo_class: str, reason: str) -> None:
-        """A request refused before it ran (auth, validation, quota, shed, no worker)."""
-        self.rejections.labels(tenant, slo_class, reason).inc()
+        """A request refused before it ran (auth, validation, quota, shed, no worker), or whose
+        client left while it was admitted (counted, but refused by nobody)."""
+        if reason != CLIENT_DISCONNECTED:
+            self.rejections.labels(tenant, slo_class, reason).inc()
         self.requests.labels(tenant, slo_class, reason).inc()
 
     def finished(self, record: RequestRecord) -> None:
         labels = (record.tenant, record.slo_class)
         self.requests.labels(*labels, record.outcome).inc()
-        if record.queue_s is None and record.outcome not in ("ok", "client_disconnected"):
+        if record.queue_s is None and record.outcome not in ("ok", CLIENT_DISCONNECTED):
             # Never placed: shed, or no worker had room in time.
             self.rejections.labels(*labels, record.outcome).inc()
         self.prompt_tokens.labels(*labels).inc(record.prompt_tokens)
@@ -153,15 +158,17 @@ class GatewayMetrics:
         if record.queue_s is not None:
             self.queue_time.labels(*labels).observe(record.queue_s)
         self.e2e.labels(*labels).observe(record.e2e_s)
-        if record.ttft_s is None:
-            return
-        self.ttft.labels(*labels).observe(record.ttft_s)
-        if record.completion_tokens > 1:
-            tpot_s = (record.e2e_s - record.ttft_s) / (record.completion_tokens - 1)
-            self.tpot.labels(*labels).observe(tpot_s)
+        if record.ttft_s is not None:
+            self.ttft.labels(*labels).observe(record.ttft_s)
+            if record.completion_tokens > 1:
+                tpot_s = (record.e2e_s - record.ttft_s) / (record.completion_tokens - 1)
+                self.tpot.labels(*labels).observe(tpot_s)
+        elif record.outcome == CLIENT_DISCONNECTED:
+            return  # it left before its first token: no verdict on the target
         slo_class = self._classes.get(record.slo_class)
         if slo_class is not None:
-            met = record.ttft_s <= slo_class.ttft_target_s
+            # A request that ended without a first token (shed, timed out, failed) missed it.
+            met = record.ttft_s is not None and record.ttft_s <= slo_class.ttft_target_s
             self.slo_requests.labels(*labels, "true" if met else "false").inc()
             self._slo_window.append((self._clock(), record.slo_class, met))
 

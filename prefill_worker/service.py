@@ -237,7 +237,14 @@ class PrefillService(WorkerService):
         return True
 
     def _transfer_done(self, traced: _TracedTransfer | None, result: TransferResult) -> None:
-        """On a KV link thread: the blocks go back, whatever the outcome."""
+        """On a KV link thread: the blocks go back, whatever the outcome (first, so that
+        nothing the metrics or the span do can keep them)."""
+
+        def release(engine: LLMEngine) -> None:
+            self._transferring.discard(result.request_id)
+            engine.release_handed_off(result.request_id)
+
+        self._thread.submit(release)
         self.metrics.transfer_sent(result.num_bytes, result.seconds, is_ok=result.error is None)
         if traced is not None:
             span = start_child(
@@ -252,10 +259,7 @@ class PrefillService(WorkerService):
                 },
                 traced.started_ns,
             )
-            if result.error is None:
-                span.end()
-            else:
-                span.end(result.error)
+            span.end(result.error)
         if result.error is None:
             logger.debug(
                 "shipped %s: %d bytes in %.1f ms",
@@ -263,12 +267,6 @@ class PrefillService(WorkerService):
                 result.num_bytes,
                 result.seconds * 1e3,
             )
-
-        def release(engine: LLMEngine) -> None:
-            self._transferring.discard(result.request_id)
-            engine.release_handed_off(result.request_id)
-
-        self._thread.submit(release)
 
     # ---- abort ------------------------------------------------------------------------------
 

@@ -23,13 +23,13 @@ import ssl
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import msgspec
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-__all__ = ["OtlpJsonSpanExporter", "encode_spans_json", "headers_from"]
+__all__ = ["OtlpJsonSpanExporter", "encode_spans_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -206,13 +206,3 @@ class OtlpJsonSpanExporter(SpanExporter):
     def shutdown(self) -> None:
         with self._lock:
             self._close()
-
-
-def headers_from(value: str) -> dict[str, str]:
-    """``OTEL_EXPORTER_OTLP_HEADERS``: ``k=v,k2=v2``, keys and values URL-encoded."""
-    headers: dict[str, str] = {}
-    for item in value.split(","):
-        key, sep, header_value = item.partition("=")
-        if sep and key.strip():
-            headers[unquote(key.strip())] = unquote(header_value.strip())
-    return headers

@@ -47,9 +47,10 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.util.re import parse_env_headers
 from opentelemetry.util.types import AttributeValue
 
-from transfer.otlp_json import DEFAULT_TIMEOUT_S, OtlpJsonSpanExporter, headers_from
+from transfer.otlp_json import DEFAULT_TIMEOUT_S, OtlpJsonSpanExporter
 
 __all__ = [
     "TRACEPARENT_HEADER",
@@ -255,19 +256,23 @@ def _otlp_exporter(env: Mapping[str, str], otlp_endpoint: str | None) -> SpanExp
             return None
         url = base_url.rstrip("/") + "/v1/traces"
     protocol = (setting("PROTOCOL") or "http/json").strip().lower()
+    # Milliseconds, as the OTLP exporter specification has it (the SDK's own exporter reads
+    # seconds from the variable): read here once for both exporters.
+    timeout_ms = setting("TIMEOUT")
+    timeout_s = float(timeout_ms) / 1e3 if timeout_ms else DEFAULT_TIMEOUT_S
     if protocol == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        return OTLPSpanExporter(endpoint=url)  # it reads headers, timeout, compression itself
+        # It reads headers and compression itself.
+        return OTLPSpanExporter(endpoint=url, timeout=timeout_s)
     if protocol != "http/json":
         raise ValueError(
             f"OTLP protocol {protocol!r} is not supported: use http/json or http/protobuf"
         )
-    timeout_ms = setting("TIMEOUT")
     return OtlpJsonSpanExporter(
         url,
-        headers=headers_from(setting("HEADERS") or ""),
-        timeout_s=float(timeout_ms) / 1e3 if timeout_ms else DEFAULT_TIMEOUT_S,
+        headers=parse_env_headers(setting("HEADERS") or "", liberal=True),
+        timeout_s=timeout_s,
         compression=(setting("COMPRESSION") or "none").strip().lower(),
     )
 
@@ -312,19 +317,26 @@ def start_span(
     return SpanRecord(name, context, parent, kind, attributes, start_time_ns)
 
 
+_FALLBACK_IDS = RandomIdGenerator()  # span ids of children made after tracing shut down
+
+
 def start_child(
     parent: SpanRecord,
     name: str,
     attributes: Mapping[str, AttributeValue],
     start_time_ns: int | None = None,
 ) -> SpanRecord:
-    """A child of ``parent`` (which exists only while tracing is on), sampled as it is."""
-    assert _tracing is not None, "tracing is off: there is no parent span"
+    """A child of ``parent``, sampled as it is. Tracing may have been shut down since the
+    parent began (a request still running as the process stops): the child is then not
+    recorded, as ``end`` would export nothing anyway."""
+    tracing = _tracing
     context = SpanContext(
         parent.context.trace_id,
-        _tracing.ids.generate_span_id(),
+        _FALLBACK_IDS.generate_span_id() if tracing is None else tracing.ids.generate_span_id(),
         is_remote=False,
-        trace_flags=parent.context.trace_flags,
+        trace_flags=TraceFlags(TraceFlags.DEFAULT)
+        if tracing is None
+        else parent.context.trace_flags,
     )
     return SpanRecord(name, context, parent.context, SpanKind.INTERNAL, attributes, start_time_ns)
 
@@ -366,7 +378,9 @@ _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and the fields a record carries
-    in ``extra={"fields": {...}}`` (the request log's ids, counts and times)."""
+    in ``extra={"fields": {...}}`` (the request log's ids, counts and times). Times in UTC."""
+
+    converter = staticmethod(time.gmtime)  # the "Z" it writes
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -386,12 +400,9 @@ class JsonLogFormatter(logging.Formatter):
 def configure_logging(level: int | str, log_format: LogFormat = "text") -> None:
     """The root logger's handler and format, for a process's entry point."""
     root = logging.getLogger()
-    formatter: logging.Formatter
-    if log_format == "json":
-        formatter = JsonLogFormatter()
-        formatter.converter = time.gmtime
-    else:
-        formatter = logging.Formatter(_TEXT_FORMAT)
+    formatter: logging.Formatter = (
+        JsonLogFormatter() if log_format == "json" else logging.Formatter(_TEXT_FORMAT)
+    )
     for handler in root.handlers:
         handler.setFormatter(formatter)
     root.setLevel(level)

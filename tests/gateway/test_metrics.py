@@ -74,6 +74,7 @@ def test_a_finished_request_moves_its_tenant_and_class_series() -> None:
 def test_rejections_count_refusals_and_requests_never_placed() -> None:
     metrics = GatewayMetrics(DEFAULT_SLO_CLASSES, lambda: [], clock=Clock())
     metrics.rejected("", "", "invalid_api_key")
+    metrics.rejected("acme", "", "client_disconnected")  # left while being admitted
     metrics.finished(record("acme", "batch", outcome="request_shed", queue_s=None, ttft_s=None))
     # Ended after it ran, or by its client: not a rejection.
     metrics.finished(record("acme", "batch", outcome="worker_unreachable"))
@@ -92,6 +93,16 @@ def test_rejections_count_refusals_and_requests_never_placed() -> None:
     assert got[("fairgate_rejections_total", (("reason", "request_shed"), *batch))] == 1
     assert ("fairgate_rejections_total", (("reason", "worker_unreachable"), *batch)) not in got
     assert ("fairgate_rejections_total", (("reason", "client_disconnected"), *batch)) not in got
+    admitting = (("reason", "client_disconnected"), ("slo_class", ""), ("tenant", "acme"))
+    assert ("fairgate_rejections_total", admitting) not in got
+    assert (
+        got[("fairgate_requests_total", (("outcome", "client_disconnected"), *admitting[1:]))] == 1
+    )
+    # The shed request missed its TTFT target; the one whose client left before its first
+    # token has no verdict; the other two got a first token within the hour.
+    assert got[("fairgate_slo_requests_total", (("met", "false"), *batch))] == 1
+    assert got[("fairgate_slo_requests_total", (("met", "true"), *batch))] == 2
+    assert got[("fairgate_slo_attainment", (("slo_class", "batch"),))] == pytest.approx(2 / 3)
 
 
 def test_queue_depth_counter_and_jain_over_tenants_backlogged_all_window() -> None:

@@ -45,6 +45,10 @@ async def _tenant(client: httpx.AsyncClient, stack: Stack, weight: float) -> tup
     return name, key.json()["secret"]
 
 
+# Several KV blocks long, so that a tenant's later requests find its first blocks cached.
+PROMPT = "count to ten, " * 16
+
+
 async def _complete(
     client: httpx.AsyncClient, key: str, model: str, *, slo_class: str, max_tokens: int
 ) -> httpx.Response:
@@ -52,7 +56,7 @@ async def _complete(
         "/v1/completions",
         json={
             "model": model,
-            "prompt": "count to ten",
+            "prompt": PROMPT,
             "max_tokens": max_tokens,
             "fairgate_class": slo_class,
         },
@@ -148,7 +152,12 @@ def test_per_tenant_series_reach_prometheus(stack: Stack, tmp_path: Path) -> Non
         assert _value(shipped) > 0
         landed = prometheus.query('fairgate_kv_transfers_total{job="decode",outcome="ok"}')
         assert _value(landed) >= 5
-        hit_tokens = prometheus.query('fairgate_worker_admitted_tokens_total{job="prefill"}')
+        admitted = prometheus.query('fairgate_worker_admitted_tokens_total{job="prefill"}')
+        assert _value(admitted) > 0
+        # alpha's second and third requests repeat its first one's prompt.
+        hit_tokens = prometheus.query(
+            'fairgate_worker_prefix_cache_hit_tokens_total{job="prefill"}'
+        )
         assert _value(hit_tokens) > 0
 
 

@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
 
 from bench.otlp_receiver import OtlpReceiver
-from transfer.otlp_json import OtlpJsonSpanExporter, encode_spans_json, headers_from
+from transfer.otlp_json import OtlpJsonSpanExporter, encode_spans_json
 
 
 class _Keep(SpanExporter):
@@ -108,10 +108,6 @@ def test_a_receiver_that_is_gone_fails_the_batch_without_raising() -> None:
         url = receiver.traces_url
     exporter = OtlpJsonSpanExporter(url, timeout_s=2.0)
     assert exporter.export(_spans()) is SpanExportResult.FAILURE
-
-
-def test_headers_setting() -> None:
-    assert headers_from("api-key=a%20b, x=1,broken") == {"api-key": "a b", "x": "1"}
 
 
 def test_a_counting_receiver_counts_without_keeping() -> None:
