@@ -1,7 +1,8 @@
 """A real OTLP/HTTP trace endpoint on loopback, for the tests and ``fairgate bench gateway
---tracing``. The fairgate processes export with the standard ``OTLPSpanExporter`` (see
-``transfer/telemetry.py``); pointing ``OTEL_EXPORTER_OTLP_ENDPOINT`` at an ``OtlpReceiver``
-exercises the whole export path — batch processor, protobuf encoding, compression, HTTP — and
+--tracing``. The fairgate processes export OTLP/JSON by default, or protobuf with the SDK's
+``OTLPSpanExporter`` (see ``transfer/telemetry.py``); pointing ``OTEL_EXPORTER_OTLP_ENDPOINT``
+at an ``OtlpReceiver`` exercises the whole export path — batch processor, encoding,
+compression, HTTP — and
 hands the spans back as plain records to assert on, or, in the benchmark, makes tracing cost
 what it costs against a collector on the same host.
 
@@ -383,7 +384,7 @@ class OtlpReceiver:
         """Forget the stored spans and reset both counters."""
         with self._condition:
             self._spans.clear()
-            self._num_requests = self._num_bad_requests = 0
+            self._num_counted = self._num_requests = self._num_bad_requests = 0
 
     def wait_for(
         self, predicate: Callable[[list[ReceivedSpan]], bool], timeout_s: float = 5.0

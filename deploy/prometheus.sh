@@ -17,7 +17,7 @@
 # apt-get and dpkg-deb, or when the download fails, the script says why and exits with status 1.
 set -euo pipefail
 
-cache="${FAIRGATE_HOME:-$HOME/.cache/fairgate}/prometheus"
+cache="${FAIRGATE_HOME:-${HOME:?deploy/prometheus.sh: set FAIRGATE_HOME or HOME}/.cache/fairgate}/prometheus"
 cached_bin="$cache/bin/prometheus"
 
 runs() {
@@ -92,7 +92,7 @@ if ! runs "$fetched"; then
 fi
 mkdir -p "$cache/bin"
 # Renamed into place: a concurrent reader sees the old state or a complete binary.
-mv "$fetched" "$cache/bin/.prometheus.new"
-mv -f "$cache/bin/.prometheus.new" "$cached_bin"
+mv "$fetched" "$cache/bin/.prometheus.$$"
+mv -f "$cache/bin/.prometheus.$$" "$cached_bin"
 echo "deploy/prometheus.sh: $("$cached_bin" --version 2>&1 | head -n 1)" >&2
 echo "$cached_bin"

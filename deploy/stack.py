@@ -146,7 +146,7 @@ def worker_specs(config: StackConfig, env: dict[str, str]) -> list[WorkerSpec]:
     """The prefill and decode workers ``start_stack`` starts, with ``--threads`` from
     ``StackConfig.worker_threads`` unless ``worker_args`` sets it."""
     worker_args = list(config.worker_args)
-    if "--threads" not in worker_args:
+    if not any(arg == "--threads" or arg.startswith("--threads=") for arg in worker_args):
         worker_args += ["--threads", str(config.worker_threads())]
     return [
         *(

@@ -176,7 +176,8 @@ class KvReceiver:
             self._stopping = True
             pairs = list(self._pairs.values())
             acceptor_slot = self._acceptor_slot
-        # If our own store is gone, the acceptor's wait fails and it exits anyway.
+        # Wakes the acceptor at once (it would see ``_stopping`` within ``HELLO_POLL_MAX_S``
+        # anyway); if our own store is gone, its next check fails and it exits.
         with contextlib.suppress(dist.DistError):
             store.compare_set(hello_key(acceptor_slot), b"", CLOSED)
         for pair in pairs:

@@ -14,18 +14,23 @@ def _threads(args: Sequence[str]) -> list[str]:
     return [args[i + 1] for i, arg in enumerate(args) if arg == "--threads"]
 
 
+@pytest.fixture
+def eight_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+
+
+@pytest.mark.usefixtures("eight_cores")
 def test_the_cores_are_shared_among_the_workers() -> None:
-    cores = len(os.sched_getaffinity(0))
     config = StackConfig(num_prefill_workers=2, num_decode_workers=1)
-    assert config.worker_threads() == max(1, cores // 3)
+    assert config.worker_threads() == 2
     specs = worker_specs(config, {})
     assert [spec.role for spec in specs] == ["prefill", "prefill", "decode"]
-    assert all(_threads(spec.args) == [str(max(1, cores // 3))] for spec in specs)
+    assert all(_threads(spec.args) == ["2"] for spec in specs)
 
 
+@pytest.mark.usefixtures("eight_cores")
 def test_more_workers_than_cores_get_one_thread_each() -> None:
-    config = StackConfig(num_prefill_workers=len(os.sched_getaffinity(0)) + 1)
-    assert config.worker_threads() == 1
+    assert StackConfig(num_prefill_workers=5, num_decode_workers=4).worker_threads() == 1
 
 
 def test_threads_given_win() -> None:
@@ -35,6 +40,8 @@ def test_threads_given_win() -> None:
     # a worker flag given by the caller is left alone, not doubled
     given = StackConfig(worker_args=["--threads", "5"], decode_worker_args=["--preemption", "swap"])
     assert [_threads(spec.args) for spec in worker_specs(given, {})] == [["5"], ["5"]]
+    joined = StackConfig(worker_args=["--threads=5"])
+    assert all("--threads" not in spec.args for spec in worker_specs(joined, {}))
 
 
 def test_fewer_than_one_thread_is_refused() -> None:
