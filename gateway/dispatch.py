@@ -14,7 +14,8 @@ Room for a higher class (``scheduling.md`` §6): when the most important waiting
 no decode worker, and a decode worker runs requests of a lower SLO class, the dispatcher asks
 that worker to ``make_room`` for it: the worker preempts lower-class requests (least important
 first) and holds the room for a while for this request's priority. One such call per worker at
-a time, and at most one per request every ``ROOM_RETRY_S``. Requests of one class never preempt
+a time, at most one per request every ``ROOM_RETRY_S``, and a worker that preempted nothing (or
+could not be asked) is not asked again by anyone for as long. Requests of one class never preempt
 each other this way (the worker's own KV shortage does that).
 
 Torch-free; everything runs on one event loop.
@@ -85,7 +86,8 @@ class Dispatcher:
         self._pass_scheduled = False
         # make_room: workers asked and not yet answered; when each request may ask again
         self._making_room: set[str] = set()
-        self._room_asked_until: dict[str, float] = {}
+        self._room_asked_until: dict[str, float] = {}  # by request id
+        self._room_refused_until: dict[str, float] = {}  # by worker id
         self._room_tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -242,15 +244,16 @@ class Dispatcher:
         """If the most important waiting request fits on no decode worker, ask one that runs
         requests of a lower class to make room for it (module docstring)."""
         top_rank = max(self._waiting_by_rank)
+        now = self.clock()
         candidates = [
             h
             for h in decode_handles
             if h.worker_id not in self._making_room
+            and self._room_refused_until.get(h.worker_id, 0.0) <= now
             and min(h.ranks_inflight, default=top_rank) < top_rank
         ]
         if not candidates:
             return
-        now = self.clock()
         waiting = [
             r
             for r in self._waiting_by_rank[top_rank].values()
@@ -279,9 +282,11 @@ class Dispatcher:
         task.add_done_callback(self._room_tasks.discard)
 
     async def _make_room(self, handle: WorkerHandle, num_tokens: int, priority: Priority) -> None:
+        made_room = False
         try:
             result = await handle.decode_client.make_room(num_tokens, priority)
-            if result.num_preempted:
+            made_room = result.num_preempted > 0
+            if made_room:
                 logger.info(
                     "worker %s preempted %d requests to make room for a class-%d request",
                     handle.url,
@@ -294,6 +299,8 @@ class Dispatcher:
             logger.warning("worker %s could not make room: %s", handle.url, exc.message)
         finally:
             self._making_room.discard(handle.worker_id)
+            if not made_room:
+                self._room_refused_until[handle.worker_id] = self.clock() + ROOM_RETRY_S
 
     def _prefill_cap(self, handle: WorkerHandle) -> int:
         """Prompt tokens a prefill worker may have in flight: ``max_prefill_inflight_tokens``,

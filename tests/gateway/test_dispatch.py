@@ -458,6 +458,37 @@ async def test_a_higher_class_request_that_fits_nowhere_asks_a_lower_class_worke
     assert prefill.ranks_inflight == {}
 
 
+async def test_a_worker_that_preempted_nothing_is_not_asked_again_by_the_next_request(
+    registry: WorkerRegistry,
+    prefill: WorkerHandle,
+    decode: WorkerHandle,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    make_ready(decode, "decode", num_free_blocks=10)
+    make_room = MakeRoomCalls()  # answers that it preempted nothing
+    monkeypatch.setattr(decode.client, "make_room", make_room)
+    now = [100.0]
+    dispatcher = Dispatcher(
+        FcfsPolicy(), registry, max_prefill_inflight_tokens=10_000, clock=lambda: now[0]
+    )
+    await asyncio.wait_for(dispatcher.submit(ranked("batch", 1)), 1.0)
+    waiting = [
+        asyncio.create_task(dispatcher.submit(ranked(f"interactive-{i}", 3, 90))) for i in range(2)
+    ]
+    await settle()
+    assert len(make_room.calls) == 1
+    dispatcher.wake()  # the other request has not asked yet, but the worker just said no
+    await settle()
+    assert len(make_room.calls) == 1
+    now[0] += ROOM_RETRY_S
+    dispatcher.wake()
+    await settle()
+    assert len(make_room.calls) == 2
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+
+
 async def test_no_room_is_asked_when_the_request_fits_or_the_option_is_off(
     registry: WorkerRegistry,
     prefill: WorkerHandle,
