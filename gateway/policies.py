@@ -63,7 +63,7 @@ from gateway.scheduler import (
     Shed,
     TenantState,
     WorkerView,
-    outranks,
+    has_prefill_room,
     place,
 )
 
@@ -267,15 +267,11 @@ class _Pass:
 
 
 def _has_room(worker: WorkerView, request: QueuedRequest, is_colocated: bool) -> bool:
-    """``place``'s room rule for one worker: KV for the prompt on a colocated worker; on a
-    prefill worker room under its cap, where an idle worker always has room."""
+    """``place``'s room rule for one worker: KV for the prompt on a colocated worker;
+    ``has_prefill_room`` on a prefill worker."""
     if is_colocated:
         return worker.free_kv_tokens >= request.num_prompt_tokens + 1
-    return (
-        worker.inflight_tokens == 0
-        or worker.inflight_tokens + request.num_prompt_tokens <= worker.max_inflight_tokens
-        or outranks(request, worker)
-    )
+    return has_prefill_room(request, worker)
 
 
 def _has_room_for_any(worker: WorkerView, *, is_colocated: bool, top_rank: int) -> bool:

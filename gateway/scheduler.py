@@ -41,6 +41,7 @@ __all__ = [
     "Shed",
     "TenantState",
     "WorkerView",
+    "has_prefill_room",
     "outranks",
     "place",
 ]
@@ -188,6 +189,17 @@ def outranks(request: QueuedRequest, worker: WorkerView) -> bool:
     return worker.max_inflight_rank is not None and request.rank > worker.max_inflight_rank
 
 
+def has_prefill_room(request: QueuedRequest, worker: WorkerView) -> bool:
+    """The room rule on a prefill worker: an idle worker always has room (a prompt longer
+    than the cap must go somewhere); else the prompt must fit under the in-flight cap, unless
+    it outranks everything in flight there."""
+    return (
+        worker.inflight_tokens == 0
+        or worker.inflight_tokens + request.num_prompt_tokens <= worker.max_inflight_tokens
+        or outranks(request, worker)
+    )
+
+
 def place(
     request: QueuedRequest, prefill: Sequence[WorkerView], decode: Sequence[WorkerView]
 ) -> Placement | None:
@@ -199,13 +211,7 @@ def place(
     decode_worker = max(decode_candidates, key=lambda w: w.free_kv_tokens)
     prefill_worker: WorkerView | None = None
     if prefill:
-        prefill_candidates = [
-            w
-            for w in prefill
-            if w.inflight_tokens == 0
-            or w.inflight_tokens + request.num_prompt_tokens <= w.max_inflight_tokens
-            or outranks(request, w)
-        ]
+        prefill_candidates = [w for w in prefill if has_prefill_room(request, w)]
         if not prefill_candidates:
             return None
         prefill_worker = min(prefill_candidates, key=lambda w: w.inflight_tokens)
