@@ -295,7 +295,7 @@ async def _admit(
     completion_id = new_completion_id(body.kind)
     if admission.demoted:
         slo_class = seen.slo_class = gateway.config.lowest_class.name
-    gateway.metrics.tenant_seen(tenant.tenant_id, tenant.name, tenant.weight)
+    gateway.metrics.tenant_seen(tenant.tenant_id, tenant.name)
     if span is not None:
         span.set_attributes(
             {

@@ -217,10 +217,12 @@ class Generation:
                                 self.span.add_event("first_token")
                     self.dispatcher.tokens_generated(self.queued, len(frame.token_ids))
                     if self.metrics is not None:
+                        # A resumption's prompt is computed again at nobody's charge.
                         is_first = not self.output_token_ids
                         self.metrics.served(
                             self.queued.tenant_id,
-                            self.usage.prompt_tokens if is_first else 0,
+                            self.queued.weight,
+                            self.usage.prompt_tokens - frame.num_cached_tokens if is_first else 0,
                             len(frame.token_ids),
                         )
                     if self.num_preemptions == 0:  # a resumption's prompt is not the client's

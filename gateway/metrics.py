@@ -6,9 +6,11 @@ reason, preemptions, and histograms of time to first token, time per output toke
 queue and end-to-end latency. Read at each scrape from the scheduler: queue depth and fair-share
 counter per tenant; over a sliding window (``window_s``): TTFT SLO attainment per class, and
 Jain's fairness index over the tenants that stayed backlogged the whole window, of the service
-(``w_in`` × prompt + ``w_out`` × output tokens, divided by the tenant's weight) each received in
-it. Label values are tenant names and configured class names only (a request that fails
-authentication counts under tenant ``""``): the number of series is bounded by the tenants.
+each received in it: ``w_in`` × computed prompt tokens (a prefix-cache hit costs the workers
+nothing) + ``w_out`` × output tokens, divided by the weight the request ran at (a demoted one's is
+lowered), which is what the simulator's figures count too. Label values are tenant names and
+configured class names only (a request that fails authentication counts under tenant ``""``): the
+number of series is bounded by the tenants.
 
 Everything is called on the gateway's event loop; the scrape runs there too. Torch-free.
 """
@@ -83,7 +85,6 @@ class GatewayMetrics:
         self.window_s = window_s
         self._clock = clock
         self._names: dict[str, str] = {}  # tenant id → name, for the scheduler's series
-        self._weights: dict[str, float] = {}
         self._service: dict[str, float] = {}  # tenant id → normalized service so far
         # (time, {tenant id: service so far}) for tenants backlogged at that time
         self._samples: deque[tuple[float, dict[str, float]]] = deque()
@@ -126,15 +127,16 @@ class GatewayMetrics:
 
     # ---- recording --------------------------------------------------------------------------
 
-    def tenant_seen(self, tenant_id: str, name: str, weight: float) -> None:
+    def tenant_seen(self, tenant_id: str, name: str) -> None:
         """A request of this tenant was admitted (names its scheduler series)."""
         self._names[tenant_id] = name
-        self._weights[tenant_id] = weight
 
-    def served(self, tenant_id: str, num_prompt_tokens: int, num_output_tokens: int) -> None:
-        """The tenant received this much work (its prompt at the first token, then output)."""
-        amount = self.w_in * num_prompt_tokens + self.w_out * num_output_tokens
-        weight = self._weights.get(tenant_id, 1.0) or 1.0
+    def served(
+        self, tenant_id: str, weight: float, num_computed_tokens: int, num_output_tokens: int
+    ) -> None:
+        """A request of the tenant running at ``weight`` received this much work: the prompt
+        tokens its prefill computed (at its first token), then output tokens."""
+        amount = self.w_in * num_computed_tokens + self.w_out * num_output_tokens
         self._service[tenant_id] = self._service.get(tenant_id, 0.0) + amount / weight
 
     def rejected(self, tenant: str, slo_class: str, reason: str) -> None:

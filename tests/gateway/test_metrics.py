@@ -115,18 +115,18 @@ def test_queue_depth_counter_and_jain_over_tenants_backlogged_all_window() -> No
     metrics = GatewayMetrics(
         DEFAULT_SLO_CLASSES, lambda: list(states.values()), window_s=10.0, clock=clock
     )
-    for tenant_id, name, weight in (("t-a", "a", 1.0), ("t-b", "b", 2.0), ("t-c", "c", 1.0)):
-        metrics.tenant_seen(tenant_id, name, weight)
+    for tenant_id, name in (("t-a", "a"), ("t-b", "b"), ("t-c", "c")):
+        metrics.tenant_seen(tenant_id, name)
     metrics.sample()
-    metrics.served("t-a", 100, 0)  # 100
-    metrics.served("t-b", 100, 50)  # (100 + 2 * 50) / 2 = 100
-    metrics.served("t-c", 1000, 0)  # not backlogged: not in the index
+    metrics.served("t-a", 1.0, 100, 0)  # 100
+    metrics.served("t-b", 2.0, 100, 50)  # (100 + 2 * 50) / 2 = 100
+    metrics.served("t-c", 1.0, 1000, 0)  # not backlogged: not in the index
     clock.now += 5.0
     got = samples(metrics)
     assert got[("fairgate_queue_depth", (("tenant", "a"),))] == 3
     assert got[("fairgate_fair_counter", (("tenant", "b"),))] == 20.0
     assert got[("fairgate_jain_index", ())] == pytest.approx(1.0)
-    metrics.served("t-a", 300, 0)  # a: 400, b: 100 → (500)² / (2 · 170000)
+    metrics.served("t-a", 1.0, 300, 0)  # a: 400, b: 100 → (500)² / (2 · 170000)
     clock.now += 1.0
     assert samples(metrics)[("fairgate_jain_index", ())] == pytest.approx(500**2 / (2 * 170_000))
     # b leaves the backlog: one tenant left backlogged the whole window, no index.
