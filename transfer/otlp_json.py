@@ -36,6 +36,21 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 10.0
 _ENCODER = msgspec.json.Encoder()
 
+# What a request on a kept-alive connection that the collector closed while it sat idle fails
+# with: the collector's FIN, read as an empty status line (``RemoteDisconnected``), its RST
+# (``ConnectionResetError``; ``BrokenPipeError`` on the write; ``ConnectionAbortedError`` on
+# Windows), or over TLS a write after the peer went (``SSLEOFError``). Not ``TimeoutError`` (a
+# closed socket fails at once; a silent collector would cost a second timeout), nor
+# ``IncompleteRead`` or another ``BadStatusLine`` (the collector read the batch and answered:
+# sending it again would duplicate it).
+_STALE_CONNECTION_ERRORS = (
+    http.client.RemoteDisconnected,
+    ConnectionResetError,
+    BrokenPipeError,
+    ConnectionAbortedError,
+    ssl.SSLEOFError,
+)
+
 
 def _value(value: Any) -> dict[str, Any]:
     # bool before int: bool is an int
@@ -158,21 +173,32 @@ class OtlpJsonSpanExporter(SpanExporter):
         if self._is_gzip:
             body = gzip.compress(body, compresslevel=1)
         with self._lock:
-            for attempt in range(2):  # once more on a fresh connection: the old one timed out
-                try:
-                    status = self._post(body)
-                except (OSError, http.client.HTTPException) as exc:
-                    self._close()
-                    if attempt == 1:
-                        return self._failed(f"{exc!r}")
-                    continue
-                if 200 <= status < 300:
-                    if self._is_failing:
-                        logger.info("OTLP export to %s works again", self._host)
-                    self._is_failing = False
-                    return SpanExportResult.SUCCESS
-                return self._failed(f"HTTP {status}")
-        return SpanExportResult.FAILURE
+            try:
+                status = self._post_once_more_if_stale(body)
+            except (OSError, http.client.HTTPException) as exc:
+                self._close()
+                return self._failed(f"{exc!r}")
+            if 200 <= status < 300:
+                if self._is_failing:
+                    logger.info("OTLP export to %s works again", self._host)
+                self._is_failing = False
+                return SpanExportResult.SUCCESS
+            return self._failed(f"HTTP {status}")
+
+    def _post_once_more_if_stale(self, body: bytes) -> int:
+        """Retry only a kept-alive connection the collector closed while it sat idle: any other
+        failure (refused, unresolvable, timed out) would fail again and block the processor's
+        thread twice as long."""
+        # http.client drops the socket after a response that closes it, and we drop it after
+        # a failure: a socket still there has carried a request before.
+        is_reused = self._connection is not None and self._connection.sock is not None
+        try:
+            return self._post(body)
+        except _STALE_CONNECTION_ERRORS:
+            if not is_reused:
+                raise
+        self._close()
+        return self._post(body)
 
     def _post(self, body: bytes) -> int:
         if self._connection is None:

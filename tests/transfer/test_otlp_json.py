@@ -1,8 +1,18 @@
 """``transfer.otlp_json``: the JSON it sends is the SDK's own protobuf export, field for field
-(both read back into ``ExportTraceServiceRequest``), and it reaches a real OTLP receiver."""
+(both read back into ``ExportTraceServiceRequest``), and it reaches a real OTLP receiver. A kept
+-alive connection the collector closed is retried once on a new one; a refused or silent
+collector is tried once."""
 
 from __future__ import annotations
 
+import socket
+import socketserver
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+
+import pytest
 from google.protobuf import json_format
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -118,3 +128,97 @@ def test_a_counting_receiver_counts_without_keeping() -> None:
         assert exporter.export(spans[:1]) is SpanExportResult.SUCCESS
         exporter.shutdown()
         assert (receiver.num_spans, receiver.num_requests, receiver.spans()) == (3, 2, [])
+
+
+class _AnswerThenHangUp(BaseHTTPRequestHandler):
+    """200 to one request, then the connection is closed without a ``Connection: close``: what a
+    collector does to a kept-alive connection that sat idle too long."""
+
+    protocol_version = "HTTP/1.1"  # so the exporter keeps the connection
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        self.close_connection = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # not on the test's stderr
+
+
+class _HangUpServer(socketserver.TCPServer):
+    """Loopback, one connection at a time; ``hung_up`` is released as each is closed."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _AnswerThenHangUp)
+        self.num_connections = 0
+        self.hung_up = threading.Semaphore(0)
+
+    def shutdown_request(self, request: Any) -> None:
+        super().shutdown_request(request)
+        self.num_connections += 1
+        self.hung_up.release()
+
+
+@pytest.fixture
+def hang_up_server() -> Iterator[_HangUpServer]:
+    server = _HangUpServer()
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,))
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def _count_connections(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The address of every connection http.client opens from now on (the real
+    ``socket.create_connection``, counted)."""
+    addresses: list[Any] = []
+    create_connection = socket.create_connection
+
+    def counted(address: Any, *args: Any, **kwargs: Any) -> socket.socket:
+        addresses.append(address)
+        return create_connection(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", counted)
+    return addresses
+
+
+def test_a_kept_alive_connection_the_collector_closed_is_retried_on_a_new_one(
+    hang_up_server: _HangUpServer,
+) -> None:
+    url = f"http://127.0.0.1:{hang_up_server.server_address[1]}/v1/traces"
+    exporter = OtlpJsonSpanExporter(url, timeout_s=2.0)
+    spans = _spans()
+    assert exporter.export(spans) is SpanExportResult.SUCCESS
+    assert hang_up_server.hung_up.acquire(timeout=2.0)  # the connection the exporter kept
+    assert exporter.export(spans) is SpanExportResult.SUCCESS
+    exporter.shutdown()
+    assert hang_up_server.hung_up.acquire(timeout=2.0)
+    assert hang_up_server.num_connections == 2
+
+
+def test_a_refused_connection_is_tried_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as unlistened:  # bound, so no one else takes the port; refuses
+        unlistened.bind(("127.0.0.1", 0))
+        port = unlistened.getsockname()[1]
+        addresses = _count_connections(monkeypatch)
+        exporter = OtlpJsonSpanExporter(f"http://127.0.0.1:{port}/v1/traces", timeout_s=2.0)
+        assert exporter.export(_spans()) is SpanExportResult.FAILURE
+    assert addresses == [("127.0.0.1", port)]
+
+
+def test_a_collector_that_does_not_answer_costs_one_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # connects, never accepts or answers
+        port = silent.getsockname()[1]
+        addresses = _count_connections(monkeypatch)
+        exporter = OtlpJsonSpanExporter(f"http://127.0.0.1:{port}/v1/traces", timeout_s=0.2)
+        assert exporter.export(_spans()) is SpanExportResult.FAILURE
+        exporter.shutdown()
+    assert addresses == [("127.0.0.1", port)]
