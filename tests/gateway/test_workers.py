@@ -1,9 +1,11 @@
 """``WorkerRegistry``'s load polling, with the worker calls replaced by canned answers: prefix
 -cache evictions reach ``on_evicted`` (not those from before the gateway first saw the worker),
-and the reading position moves with each report."""
+and the reading position moves with each report; a refresh waits for the poll in flight, so an
+older report never lands after a newer one."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -39,7 +41,9 @@ async def test_evictions_are_read_in_order_and_handed_on(
         WorkerLoad("p0", "prefill", True, prefill_tok_s=1234.0, eviction_seq=3),
     ]
 
-    async def load(*, timeout_s: float | None = None, evictions_since: int | None = None):
+    async def load(
+        *, timeout_s: float | None = None, evictions_since: int | None = None
+    ) -> WorkerLoad:
         asked.append(evictions_since)
         return answers.pop(0)
 
@@ -53,3 +57,46 @@ async def test_evictions_are_read_in_order_and_handed_on(
     assert asked == [None, 1, 3]  # nothing from before the gateway knew the worker
     assert evicted == [("p0", [b"x", b"y"])]
     assert handle.prefill_tok_s() == 1234.0
+
+
+async def test_a_refresh_waits_for_the_poll_in_flight_so_the_newer_report_stands(
+    registry: tuple[WorkerRegistry, list[tuple[str, list[bytes]]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    workers, _ = registry
+    [handle] = workers.handles
+    older = WorkerLoad("p0", "prefill", True, prefill_tok_s=1000.0, eviction_seq=2)
+    newer = WorkerLoad("p0", "prefill", True, prefill_tok_s=2000.0, eviction_seq=3)
+    older_answer: asyncio.Future[WorkerLoad] = asyncio.get_running_loop().create_future()
+    older_asked = asyncio.Event()
+    asked: list[int | None] = []
+
+    async def load(
+        *, timeout_s: float | None = None, evictions_since: int | None = None
+    ) -> WorkerLoad:
+        asked.append(evictions_since)
+        if len(asked) == 1:
+            return WorkerLoad("p0", "prefill", True, eviction_seq=1)
+        if len(asked) == 2:
+            older_asked.set()
+            return await older_answer  # held back until the refresh has started
+        return newer
+
+    async def info() -> WorkerInfo:
+        return WorkerInfo("p0", "instance-1", "prefill", "model", 16, 100, 4096, 49152)
+
+    monkeypatch.setattr(handle.client, "load", load)
+    monkeypatch.setattr(handle.client, "info", info)
+    async with asyncio.timeout(5.0):
+        await workers.poll_once()  # the worker is ready
+        polling = asyncio.create_task(workers.poll_once())
+        await older_asked.wait()
+        refreshing = asyncio.create_task(workers.refresh(handle))
+        # One turn of the loop: the refresh runs until it must wait (for the poll in flight; a
+        # refresh that did not wait would have asked and taken its answer by now).
+        await asyncio.sleep(0)
+        older_answer.set_result(older)
+        await asyncio.gather(polling, refreshing)
+    assert handle.load is newer
+    assert asked == [None, 1, 2]  # the refresh asked after the older report, reading on from it
+    assert handle.eviction_seq == 3
