@@ -170,8 +170,8 @@ class Generation:
 
     async def _submit(self, requeue: bool) -> WorkerPair:
         """Wait for workers; traced as a ``queue`` span under the request's span (made once
-        the wait is over, with what it found)."""
-        if self.span is None:
+        the wait is over, with what it found; nothing is built for an unsampled request)."""
+        if self.span is None or not self.span.is_recording:
             return await self.dispatcher.submit(self.queued, requeue=requeue)
         queued = self.queued
         attributes: dict[str, AttributeValue] = {
