@@ -224,7 +224,6 @@ class _PrefillWorker:
         self.step_s = 0.0  # of the step in flight
         self.inflight_tokens = 0  # the gateway's account: whole prompts until their prefill ends
         self.ranks_inflight: Counter[int] = Counter()  # and their class ranks
-        self.num_computed_tokens = 0
         self.busy_s = 0.0
         self.num_steps = 0
         self.max_step_s = 0.0
@@ -236,7 +235,8 @@ class _PrefillWorker:
         return bool(self.step_runs)
 
     def prefill_tok_s(self) -> float | None:
-        return self.num_computed_tokens / self.busy_s if self.busy_s > 0 else None
+        """What the worker reports to the gateway: the engine thread's moving average."""
+        return self.step_tok_s
 
     def inflight_cap(self) -> int:
         """Prompt tokens the gateway lets this worker hold, as ``Dispatcher._prefill_cap``."""
@@ -350,7 +350,6 @@ class _PrefillWorker:
             if job.num_computed == job.request.num_prompt_tokens:
                 done.append(job)
         num_step_tokens = sum(count for _, count in self.step_runs)
-        self.num_computed_tokens += num_step_tokens
         self.busy_s += self.step_s
         self.num_steps += 1
         self.max_step_s = max(self.max_step_s, self.step_s)
