@@ -50,7 +50,7 @@ from gateway.tenants import TenantStore
 from gateway.usage import UsageRecorder
 from gateway.workers import WorkerRegistry
 from transfer.errors import FairgateError
-from transfer.http import http_server, serve_on
+from transfer.http import freeze_startup_heap, http_server, serve_on
 from transfer.telemetry import setup_tracing, shutdown_tracing
 
 __all__ = ["Gateway", "create_app", "policy_from_config", "run_gateway"]
@@ -258,6 +258,7 @@ def run_gateway(config: Config) -> int:
     http_url = f"http://{host}:{port}"
 
     def announce() -> None:
+        freeze_startup_heap()  # the process's, so not in create_app (tests make many apps)
         emit_event("ready", role="gateway", http_url=http_url, pid=os.getpid())
 
     server = http_server(create_app(gateway, on_started=announce))
