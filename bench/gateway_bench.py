@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ import msgspec
 
 from bench.lean_http import ConnectionPool
 from bench.report import log, print_result
+from deploy.launcher import start_child
 from deploy.stack import Stack, StackConfig, start_stack
 from gateway.config import GatewaySection
 from transfer.client import Connections, DecodeClient, PrefillClient, run_disaggregated
@@ -55,6 +55,7 @@ NULL_ENGINE_ENV = {
     "FAIRGATE_NULL_PREFILL_TOK_S": "5e6",
     "FAIRGATE_NULL_DECODE_STEP_S": "0.0005",
 }
+RECEIVER_TIMEOUT_S = 30.0  # for the OTLP receiver to start, and to report as it stops
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -323,33 +324,24 @@ def run_gateway_bench(
 
 
 class _ReceiverProcess:
-    """``python -m bench.otlp_receiver --quiet`` in its own process (decoding spans here would
-    take the load generator's CPU); ``stop`` returns how many spans it received."""
+    """``python -m bench.otlp_receiver`` in its own process (decoding spans here would take the
+    load generator's CPU), started like a worker (``deploy.launcher.start_child``): waited for
+    with a timeout, and gone when this process is. ``stop`` returns how many spans it received."""
 
     def __enter__(self) -> _ReceiverProcess:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.otlp_receiver", "--quiet"],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline().strip()
-        if not line.startswith("OTEL_EXPORTER_OTLP_ENDPOINT="):
-            self.process.kill()
-            raise RuntimeError(f"the OTLP receiver did not start: {line!r}")
-        self.endpoint = line.partition("=")[2]
+        command = [sys.executable, "-m", "bench.otlp_receiver", "--quiet", "--exit-with-parent"]
+        self.child = start_child("OTLP receiver", command, timeout_s=RECEIVER_TIMEOUT_S)
+        self.endpoint = str(self.child.ready["endpoint"])
         self._num_spans: int | None = None
         return self
 
     def stop(self) -> int:
         if self._num_spans is None:
-            self.process.terminate()
-            out, _ = self.process.communicate(timeout=30)
-            counts = dict(part.split("=") for part in out.split())
-            self._num_spans = int(counts["spans"])
+            self.child.process.terminate()  # it reports its counts as it stops
+            stopped = self.child.wait_event("stopped", RECEIVER_TIMEOUT_S)
+            self.child.stop()
+            self._num_spans = int(stopped["num_spans"])
         return self._num_spans
 
     def __exit__(self, *exc_info: object) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        self.child.stop()

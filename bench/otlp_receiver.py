@@ -13,7 +13,9 @@ main thread. It answers 200 with an empty ``ExportTraceServiceResponse``, 404 on
 400 (or 411/415) for a request it cannot decode, which it counts instead of storing. Its
 accessors are safe to call from any thread at any time, including while exports arrive.
 
-``python -m bench.otlp_receiver [--port P]`` prints one line per span as it arrives.
+``python -m bench.otlp_receiver [--port P]`` prints one line per span as it arrives; with
+``--quiet --exit-with-parent`` it is a child process the way the workers are
+(``deploy.launcher.start_child``, as the benchmark starts it).
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from deploy.launcher import exit_when_stdin_closes
+from engine.process_events import emit_event
 
 __all__ = [
     "TRACES_PATH",
@@ -535,7 +540,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Serve until Ctrl-C, printing service, span name, trace id and duration of each span."""
+    """Serve until Ctrl-C or SIGTERM, printing service, span name, trace id and duration of
+    each span (``--quiet``: only the events a parent process reads)."""
     parser = argparse.ArgumentParser(
         prog="python -m bench.otlp_receiver",
         description="Receive OTLP/HTTP traces on 127.0.0.1 and print one line per span.",
@@ -550,8 +556,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quiet",
         action="store_true",
-        help="keep and print no span, only count them: print the endpoint and, at the end, "
-        "the counts",
+        help="keep and print no span, only count them: announce the endpoint (a 'ready' event) "
+        "and, at the end, the counts (a 'stopped' event), as JSON lines for the process that "
+        "started this one",
+    )
+    parser.add_argument(
+        "--exit-with-parent", action="store_true", help="shut down when standard input closes"
     )
     args = parser.parse_args(argv)
     print_lock = threading.Lock()
@@ -566,17 +576,36 @@ def main(argv: list[str] | None = None) -> int:
 
     # SIGTERM ends it like Ctrl-C (how a benchmark stops it), with the counts printed.
     signal.signal(signal.SIGTERM, lambda signum, frame: _raise_interrupt())
+    if args.exit_with_parent:
+        exit_when_stdin_closes()
     with OtlpReceiver(
         args.port, on_span=None if args.quiet else print_span, count_only=args.quiet
     ) as receiver:
-        print(f"OTEL_EXPORTER_OTLP_ENDPOINT={receiver.endpoint}", flush=True)
+        # Inside: a parent may stop it as soon as it is announced.
         with contextlib.suppress(KeyboardInterrupt):
+            if args.quiet:
+                emit_event("ready", endpoint=receiver.endpoint)
+            else:
+                print(f"OTEL_EXPORTER_OTLP_ENDPOINT={receiver.endpoint}", flush=True)
             threading.Event().wait()
-        print(
-            f"spans={receiver.num_spans} requests={receiver.num_requests} "
-            f"bad_requests={receiver.num_bad_requests}",
-            flush=True,
-        )
+        # Stopping already: another SIGTERM (the parent's stop, or --exit-with-parent's) must
+        # not interrupt the stop.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if args.quiet:
+            # If its parent is gone (--exit-with-parent), nobody reads this.
+            with contextlib.suppress(BrokenPipeError):
+                emit_event(
+                    "stopped",
+                    num_spans=receiver.num_spans,
+                    num_requests=receiver.num_requests,
+                    num_bad_requests=receiver.num_bad_requests,
+                )
+        else:
+            print(
+                f"spans={receiver.num_spans} requests={receiver.num_requests} "
+                f"bad_requests={receiver.num_bad_requests}",
+                flush=True,
+            )
     return 0
 
 

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from deploy.launcher import exit_when_stdin_closes
+
 if TYPE_CHECKING:
     from transfer.telemetry import LogFormat
 
@@ -555,7 +557,7 @@ def _run_worker(args: argparse.Namespace) -> int:
     from transfer.messages import WorkerRole
 
     if args.exit_with_parent:
-        _exit_when_stdin_closes()
+        exit_when_stdin_closes()
     role: WorkerRole = "prefill"
     if args.command == "decode-worker":
         role = "colocated" if args.colocated else "decode"
@@ -598,28 +600,12 @@ def _run_worker(args: argparse.Namespace) -> int:
     return run_worker(ColocatedService(config) if role == "colocated" else DecodeService(config))
 
 
-def _exit_when_stdin_closes() -> None:
-    """A thread that turns the end of standard input into SIGTERM (a graceful shutdown)."""
-    import os
-    import signal
-    import threading
-
-    def watch() -> None:
-        # os.read, not sys.stdin: a buffered read would hold a lock the interpreter's shutdown
-        # needs when the process ends for another reason.
-        while os.read(0, 65536):
-            pass
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
 def _run_gateway(args: argparse.Namespace) -> int:
     from gateway.app import run_gateway
     from gateway.config import load_config
 
     if args.exit_with_parent:
-        _exit_when_stdin_closes()
+        exit_when_stdin_closes()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per worker call otherwise
     config = load_config(
         args.config,

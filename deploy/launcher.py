@@ -4,6 +4,7 @@ A worker announces itself on stdout (``engine.process_events``), so waiting is r
 a deadline, not polling. Each worker is started with ``--exit-with-parent``: it holds the read end
 of a pipe whose write end only we hold, and shuts down when that pipe closes, so workers never
 outlive whoever started them (a killed test run, an interrupted ``fairgate generate``).
+``start_child`` starts any other child that keeps both conventions (the benchmark's OTLP receiver).
 Torch-free.
 """
 
@@ -15,18 +16,27 @@ import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["LaunchError", "WorkerProcess", "WorkerSpec", "start_workers"]
+__all__ = [
+    "ChildProcess",
+    "LaunchError",
+    "WorkerProcess",
+    "WorkerSpec",
+    "exit_when_stdin_closes",
+    "start_child",
+    "start_workers",
+]
 
 Role = Literal["prefill", "decode", "colocated", "gateway"]
 
 
 class LaunchError(RuntimeError):
-    """A worker did not come up."""
+    """A worker (or another child) did not come up."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,11 +70,12 @@ class WorkerSpec:
         return [*command, "--model", self.model, "--port", "0", "--exit-with-parent", *self.args]
 
 
-class WorkerProcess:
-    """A started worker: its process, its ``ready`` event, and the events after it."""
+class ChildProcess:
+    """A started child: its process, its ``ready`` event, and the events after it (JSON lines on
+    its stdout). ``name`` says which child in errors, e.g. "decode worker"."""
 
-    def __init__(self, spec: WorkerSpec, process: subprocess.Popen[bytes]) -> None:
-        self.spec = spec
+    def __init__(self, name: str, process: subprocess.Popen[bytes]) -> None:
+        self.name = name
         self.process = process
         self.ready: dict[str, Any] = {}
         self._buffer = b""
@@ -73,18 +84,6 @@ class WorkerProcess:
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._stdout, selectors.EVENT_READ)
 
-    @property
-    def http_url(self) -> str:
-        return str(self.ready["http_url"])
-
-    @property
-    def worker_id(self) -> str:
-        return str(self.ready["worker_id"])
-
-    @property
-    def kv_port(self) -> int:
-        return int(self.ready["kv_port"])
-
     def wait_event(self, name: str, timeout_s: float) -> dict[str, Any]:
         """The next event called ``name`` (earlier ones are skipped); ``LaunchError`` if the
         process exits or ``timeout_s`` passes first."""
@@ -92,9 +91,12 @@ class WorkerProcess:
         while True:
             line = self._read_line(deadline)
             if line is None:
-                code = self.process.poll()
+                try:  # before the deadline, stdout ends because the child is exiting
+                    code: int | None = self.process.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    code = None
                 raise LaunchError(
-                    f"{self.spec.role} worker: no {name!r} event "
+                    f"{self.name}: no {name!r} event "
                     + (f"(exited with {code})" if code is not None else f"within {timeout_s:g} s")
                 )
             try:
@@ -102,7 +104,7 @@ class WorkerProcess:
             except ValueError:
                 continue  # not ours (a library printed to stdout)
             if event.get("event") == "failed" and name == "ready":
-                raise LaunchError(f"{self.spec.role} worker failed to start: {event['reason']}")
+                raise LaunchError(f"{self.name} failed to start: {event['reason']}")
             if event.get("event") == name:
                 return dict(event)
 
@@ -143,25 +145,65 @@ class WorkerProcess:
             self.process.stdin.close()
 
 
+class WorkerProcess(ChildProcess):
+    """A started worker: its process, its ``ready`` event, and the events after it."""
+
+    def __init__(self, spec: WorkerSpec, process: subprocess.Popen[bytes]) -> None:
+        super().__init__(f"{spec.role} worker", process)
+        self.spec = spec
+
+    @property
+    def http_url(self) -> str:
+        return str(self.ready["http_url"])
+
+    @property
+    def worker_id(self) -> str:
+        return str(self.ready["worker_id"])
+
+    @property
+    def kv_port(self) -> int:
+        return int(self.ready["kv_port"])
+
+
+def _popen(
+    command: Sequence[str], env: dict[str, str], log_path: str | None
+) -> subprocess.Popen[bytes]:
+    """``command`` with a stdin only we write to (see the module docstring), its events on a
+    pipe to us and its stderr appended to ``log_path`` (None: ours)."""
+    log = None if log_path is None else open(log_path, "ab")  # noqa: SIM115
+    try:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env={**os.environ, **env},
+        )
+    finally:
+        if log is not None:
+            log.close()  # the child has its own descriptor
+
+
+def start_child(name: str, command: Sequence[str], *, timeout_s: float) -> ChildProcess:
+    """Start ``command`` and wait for its ``ready`` event. It must announce itself as the
+    workers do and exit when its stdin closes (``--exit-with-parent``). On failure the child is
+    stopped and ``LaunchError`` is raised."""
+    child = ChildProcess(name, _popen(command, {}, None))
+    try:
+        child.ready = child.wait_event("ready", timeout_s)
+    except BaseException:
+        child.stop()
+        raise
+    return child
+
+
 def start_workers(specs: Sequence[WorkerSpec], *, timeout_s: float = 300.0) -> list[WorkerProcess]:
     """Start every worker at once (they load their models side by side), then wait for each to
     be ready. On any failure the ones started are stopped and ``LaunchError`` is raised."""
     workers: list[WorkerProcess] = []
     try:
         for spec in specs:
-            log = None if spec.log_path is None else open(spec.log_path, "ab")  # noqa: SIM115
-            try:
-                process = subprocess.Popen(
-                    spec.command(),
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=log,
-                    env={**os.environ, **spec.env},
-                )
-            finally:
-                if log is not None:
-                    log.close()  # the child has its own descriptor
-            workers.append(WorkerProcess(spec, process))
+            workers.append(WorkerProcess(spec, _popen(spec.command(), spec.env, spec.log_path)))
         deadline = time.monotonic() + timeout_s
         for worker in workers:
             worker.ready = worker.wait_event("ready", max(0.0, deadline - time.monotonic()))
@@ -170,3 +212,18 @@ def start_workers(specs: Sequence[WorkerSpec], *, timeout_s: float = 300.0) -> l
             worker.stop()
         raise
     return workers
+
+
+def exit_when_stdin_closes() -> None:
+    """The child's side of ``--exit-with-parent``: a thread that turns the end of standard input
+    (its parent's write end closing, when the parent exits for any reason) into SIGTERM, a
+    graceful shutdown."""
+
+    def watch() -> None:
+        # os.read, not sys.stdin: a buffered read would hold a lock the interpreter's shutdown
+        # needs when the process ends for another reason.
+        while os.read(0, 65536):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
