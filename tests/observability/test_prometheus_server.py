@@ -1,17 +1,17 @@
-"""PrometheusServer: a real Prometheus scrapes a tiny exporter on loopback and answers PromQL; and
-deploy/prometheus.sh says why when it cannot get a binary."""
+"""PrometheusServer: a real Prometheus scrapes a prometheus_client exporter on loopback and answers
+PromQL; and deploy/prometheus.sh says why when it cannot get a binary."""
 
 from __future__ import annotations
 
 import shutil
 import socket
 import subprocess
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from tests.observability.prometheus_server import (
     FETCH_SCRIPT,
@@ -22,63 +22,27 @@ from tests.observability.prometheus_server import (
 )
 
 
+@dataclass(frozen=True, slots=True)
 class Exporter:
-    """Serves ``demo_requests_total{tenant=...}`` in Prometheus' text format at /metrics, with
-    counts the test can change between scrapes."""
-
-    def __init__(self) -> None:
-        self.requests_by_tenant: dict[str, int] = {}
-        exporter = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path != "/metrics":
-                    self.send_error(404)
-                    return
-                body = exporter.exposition().encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass  # one line per scrape is noise
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="exporter")
-
-    @property
-    def address(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"{host!s}:{port}"
-
-    def exposition(self) -> str:
-        lines = [
-            "# HELP demo_requests_total Requests served, by tenant.",
-            "# TYPE demo_requests_total counter",
-        ]
-        lines += [
-            f'demo_requests_total{{tenant="{tenant}"}} {count}'
-            for tenant, count in sorted(self.requests_by_tenant.items())
-        ]
-        return "\n".join(lines) + "\n"
-
-    def __enter__(self) -> Exporter:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
+    address: str  # host:port
+    requests: Counter  # demo_requests_total{tenant=...}
 
 
 @pytest.fixture(scope="module")
 def exporter() -> Iterator[Exporter]:
-    with Exporter() as running:
-        yield running
+    """prometheus_client's own HTTP server on loopback, serving a registry of its own whose
+    ``demo_requests_total`` the tests count up between scrapes."""
+    registry = CollectorRegistry()
+    requests = Counter(
+        "demo_requests", "Requests served, by tenant.", ["tenant"], registry=registry
+    )
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    try:
+        yield Exporter(f"127.0.0.1:{server.server_port}", requests)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +71,8 @@ def by_tenant(results: list[Result]) -> dict[str, float]:
 def test_series_are_scraped_and_read_back_with_their_labels(
     exporter: Exporter, prom: PrometheusServer
 ) -> None:
-    exporter.requests_by_tenant = {"acme": 3, "globex": 5}
+    exporter.requests.labels(tenant="acme").inc(3)
+    exporter.requests.labels(tenant="globex").inc(5)
     results = prom.wait_for("demo_requests_total", lambda results: len(results) == 2)
     assert {
         (result["metric"]["__name__"], result["metric"]["job"], result["metric"]["instance"])
@@ -116,7 +81,7 @@ def test_series_are_scraped_and_read_back_with_their_labels(
     assert by_tenant(results) == {"acme": 3.0, "globex": 5.0}
 
     # A later change shows once a scrape has seen it, and PromQL works on the labels.
-    exporter.requests_by_tenant["acme"] = 7
+    exporter.requests.labels(tenant="acme").inc(4)  # to 7
     results = prom.wait_for(
         'sum by (tenant) (demo_requests_total{tenant="acme"})',
         lambda results: by_tenant(results) == {"acme": 7.0},
