@@ -503,9 +503,6 @@ class _FairPolicy(Generic[LaneT]):
     def _put(self, entry: _Entry, *, at_front: bool) -> None:
         lane = cast(LaneT, entry.lane)  # made by _lane_of
         request = entry.request
-        # The rank the workers see and ``outranks`` compares is the class it is served in
-        # (the gateway sets the same; a simulator or test may not).
-        request.rank = lane.slo.rank
         tenant_id = request.tenant_id
         queue = lane.queues.get(tenant_id)
         if queue is None:

@@ -54,7 +54,8 @@ class QueuedRequest:
     tenant's prefix-cache scope, the root of its block hash chains (``engine.block_manager``).
     ``num_output_tokens``: tokens already generated (non-zero for a request handed back by a
     ``recompute`` preemption, whose prompt then includes them). ``rank``: the rank of the SLO
-    class it is served in (the lowest when demoted), which the workers order and preempt by."""
+    class it is served in (the lowest when demoted), which the workers order and preempt by; the
+    caller sets it, a policy only reads it."""
 
     request_id: str
     tenant_id: str

@@ -47,6 +47,7 @@ def _request(
     prompt_token_ids: list[int] | None = None,
     max_tokens: int = 16,
     request_id: str | None = None,
+    rank: int = 0,
 ) -> QueuedRequest:
     return QueuedRequest(
         request_id=request_id or f"{tenant_id}-{next(_ids)}",
@@ -58,6 +59,7 @@ def _request(
         max_tokens=max_tokens,
         prompt_token_ids=prompt_token_ids or [],
         cache_salt=tenant_id.encode(),
+        rank=rank,
     )
 
 
@@ -370,8 +372,9 @@ def test_a_higher_class_passes_the_cap_of_a_worker_running_only_lower_classes() 
     everything there; once one is in flight, its class obeys the cap again."""
     policy = VtcPolicy(_slo_settings())
     for index in range(2):
-        policy.enqueue(_request("i", 500, slo_class="interactive", request_id=f"i{index}"), 0.0)
-    policy.enqueue(_request("b", 100, slo_class="standard", request_id="s"), 0.0)
+        interactive = _request("i", 500, slo_class="interactive", request_id=f"i{index}", rank=3)
+        policy.enqueue(interactive, 0.0)
+    policy.enqueue(_request("b", 100, slo_class="standard", request_id="s", rank=2), 0.0)
     worker = _prefill(inflight=2000, cap=1000)
     worker.max_inflight_rank = 1  # batch prompts
     assert _placed(policy.schedule([worker], [_decode()], 0.1)) == ["i0"]
