@@ -14,9 +14,10 @@ Room for a higher class (``scheduling.md`` §6): when the most important waiting
 no decode worker, and a decode worker runs requests of a lower SLO class, the dispatcher asks
 that worker to ``make_room`` for it: the worker preempts lower-class requests (least important
 first) and holds the room for a while for this request's priority. One such call per worker at
-a time, at most one per request every ``ROOM_RETRY_S``, and a worker that preempted nothing (or
-could not be asked) is not asked again by anyone for as long. Requests of one class never preempt
-each other this way (the worker's own KV shortage does that).
+a time, at most one per request every ``ROOM_RETRY_S``, and a worker that found no room (or
+could not be asked) is not asked again for as long, except for a request of a higher class. It
+is asked only when it runs a lower class; it preempts what is less important than the request,
+least important first, so lower classes go before any request of the asker's own class.
 
 Torch-free; everything runs on one event loop.
 """
@@ -87,7 +88,8 @@ class Dispatcher:
         # make_room: workers asked and not yet answered; when each request may ask again
         self._making_room: set[str] = set()
         self._room_asked_until: dict[str, float] = {}  # by request id
-        self._room_refused_until: dict[str, float] = {}  # by worker id
+        # by worker id: until when, and the rank it was asked for (a higher one may ask)
+        self._room_refused: dict[str, tuple[float, int]] = {}
         self._room_tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -249,7 +251,7 @@ class Dispatcher:
             h
             for h in decode_handles
             if h.worker_id not in self._making_room
-            and self._room_refused_until.get(h.worker_id, 0.0) <= now
+            and not self._refused(h.worker_id, top_rank, now)
             and min(h.ranks_inflight, default=top_rank) < top_rank
         ]
         if not candidates:
@@ -281,26 +283,34 @@ class Dispatcher:
         self._room_tasks.add(task)
         task.add_done_callback(self._room_tasks.discard)
 
+    def _refused(self, worker_id: str, rank: int, now: float) -> bool:
+        """Whether the worker found no room lately for a request of this rank or higher (a
+        worker only preempts less important requests, so a higher rank may find some)."""
+        until, refused_rank = self._room_refused.get(worker_id, (0.0, 0))
+        return now < until and rank <= refused_rank
+
     async def _make_room(self, handle: WorkerHandle, num_tokens: int, priority: Priority) -> None:
-        made_room = False
+        has_room = False
         try:
             result = await handle.decode_client.make_room(num_tokens, priority)
-            made_room = result.num_preempted > 0
-            if made_room:
+            has_room = result.num_preempted > 0 or result.num_free_tokens >= num_tokens
+            if result.num_preempted:
                 logger.info(
                     "worker %s preempted %d requests to make room for a class-%d request",
                     handle.url,
                     result.num_preempted,
                     priority.rank,
                 )
-                # Swapped-out requests free blocks the gateway cannot count: ask the worker.
+            if has_room:
+                # Swapped-out requests free blocks the gateway cannot count, and room it found
+                # without preempting means our view is old: ask the worker.
                 await self.registry.refresh(handle)
         except FairgateError as exc:
             logger.warning("worker %s could not make room: %s", handle.url, exc.message)
         finally:
             self._making_room.discard(handle.worker_id)
-            if not made_room:
-                self._room_refused_until[handle.worker_id] = self.clock() + ROOM_RETRY_S
+            if not has_room:
+                self._room_refused[handle.worker_id] = (self.clock() + ROOM_RETRY_S, priority.rank)
 
     def _prefill_cap(self, handle: WorkerHandle) -> int:
         """Prompt tokens a prefill worker may have in flight: ``max_prefill_inflight_tokens``,

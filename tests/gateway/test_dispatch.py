@@ -458,7 +458,7 @@ async def test_a_higher_class_request_that_fits_nowhere_asks_a_lower_class_worke
     assert prefill.ranks_inflight == {}
 
 
-async def test_a_worker_that_preempted_nothing_is_not_asked_again_by_the_next_request(
+async def test_a_worker_that_found_no_room_is_not_asked_again_by_the_next_request(
     registry: WorkerRegistry,
     prefill: WorkerHandle,
     decode: WorkerHandle,
@@ -480,10 +480,15 @@ async def test_a_worker_that_preempted_nothing_is_not_asked_again_by_the_next_re
     dispatcher.wake()  # the other request has not asked yet, but the worker just said no
     await settle()
     assert len(make_room.calls) == 1
+    # A higher class may find room where a lower one did not (a worker only preempts requests
+    # less important than the one it makes room for): it asks at once.
+    waiting.append(asyncio.create_task(dispatcher.submit(ranked("urgent", 5, 90))))
+    await settle()
+    assert [priority.rank for _, priority in make_room.calls] == [3, 5]
     now[0] += ROOM_RETRY_S
     dispatcher.wake()
     await settle()
-    assert len(make_room.calls) == 2
+    assert [priority.rank for _, priority in make_room.calls] == [3, 5, 5]
     for task in waiting:
         task.cancel()
     await asyncio.gather(*waiting, return_exceptions=True)
