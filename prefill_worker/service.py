@@ -114,6 +114,7 @@ class PrefillService(WorkerService):
                         "fairgate.computed_tokens": result.num_prompt_tokens
                         + body.num_prior_output_tokens
                         - result.num_cached_tokens,
+                        "fairgate.prefill_chunks": result.num_prefill_chunks,
                     }
                 )
                 span.end()
@@ -162,8 +163,6 @@ class PrefillService(WorkerService):
             if isinstance(output, FairgateError):
                 loop.call_soon_threadsafe(resolve, output)
                 return
-            if span is not None:  # read after the answer resolves, on the loop
-                span.set_attribute("fairgate.prefill_chunks", output.num_prefill_chunks)
             will_transfer = output.is_handed_off and self._hand_off(request, output, seed, span)
             answer = PrefillResult(
                 request_id=request.request_id,
@@ -173,6 +172,7 @@ class PrefillService(WorkerService):
                 num_cached_tokens=output.num_cached_tokens,
                 seed=seed,
                 will_transfer=will_transfer,
+                num_prefill_chunks=output.num_prefill_chunks,
             )
             loop.call_soon_threadsafe(resolve, answer)
 

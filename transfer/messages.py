@@ -173,6 +173,7 @@ class PrefillResult(msgspec.Struct, frozen=True):
     num_cached_tokens: int
     seed: int
     will_transfer: bool = False
+    num_prefill_chunks: int = 0  # prefill runs it took (traces)
 
 
 class DecodeRequest(msgspec.Struct, frozen=True):
