@@ -31,11 +31,11 @@ from engine.engine_thread import EngineThread
 from engine.loader import LoadedEngine, Precision, load_engine
 from engine.preemption import PreemptionMode
 from engine.process_events import emit_event
+from engine.process_heap import freeze_startup_heap
 from engine.worker_metrics import WorkerMetrics
 from transfer.errors import EngineFailed, FairgateError, InvalidWorkerRequest, WorkerNotReady
 from transfer.http import (
     error_response,
-    freeze_startup_heap,
     http_server,
     message_response,
     read_message,

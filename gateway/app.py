@@ -33,6 +33,7 @@ from starlette.routing import Route
 
 from engine.model_store import resolve_model, tokenizer_path
 from engine.process_events import emit_event
+from engine.process_heap import freeze_startup_heap
 from engine.tokenizer import Tokenizer
 from gateway.admin import admin_endpoints, json_response
 from gateway.api import openai_endpoints
@@ -50,7 +51,7 @@ from gateway.tenants import TenantStore
 from gateway.usage import UsageRecorder
 from gateway.workers import WorkerRegistry
 from transfer.errors import FairgateError
-from transfer.http import freeze_startup_heap, http_server, serve_on
+from transfer.http import http_server, serve_on
 from transfer.telemetry import setup_tracing, shutdown_tracing
 
 __all__ = ["Gateway", "create_app", "policy_from_config", "run_gateway"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import socket
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -32,7 +31,6 @@ from transfer.messages import (
 __all__ = [
     "FrameStreamResponse",
     "error_response",
-    "freeze_startup_heap",
     "http_server",
     "message_response",
     "read_message",
@@ -180,13 +178,3 @@ def serve_on(server: uvicorn.Server, sock: socket.socket) -> None:
     whatever loop ``asyncio.run`` makes: uvicorn picks its loop only in ``uvicorn.run``)."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(server.serve(sockets=[sock]))
-
-
-def freeze_startup_heap() -> None:
-    """Take what startup built (a model's modules and weights' Python objects, a tokenizer's
-    tables) out of the garbage collector's view, as serving engines do once loaded: it lives
-    as long as the process, and every full collection would scan it again, a pause of 0.1-0.4 s
-    (measured on 2 cores, tiny model) in the middle of serving. Garbage first, so only what is
-    alive is frozen; reference counting still frees it."""
-    gc.collect()
-    gc.freeze()
