@@ -448,6 +448,10 @@ class Simulator:
         for request in self.trace.requests:
             if request.tenant_id not in self._weights:
                 raise SimulationError(f"request {request.request_id}: unknown tenant")
+            if request.slo_class not in self._class_ranks:
+                raise SimulationError(
+                    f"request {request.request_id}: unknown SLO class {request.slo_class!r}"
+                )
             need = len(request.prompt_token_ids) + request.max_tokens
             if need > self.cluster.decode_kv_tokens or request.max_tokens < 1:
                 raise SimulationError(
@@ -525,7 +529,7 @@ class Simulator:
             max_tokens=spec.max_tokens,
             prompt_token_ids=spec.prompt_token_ids,
             cache_salt=cache_salt(spec.tenant_id),
-            rank=self._class_ranks.get(spec.slo_class, 0),
+            rank=self._class_ranks[spec.slo_class],
         )
         record = RequestRecord(
             spec.request_id,
@@ -638,7 +642,7 @@ class Simulator:
         """§6: highest class rank, then lowest tenant counter, then earliest arrival."""
         request = job.request
         counter = self._service[request.tenant_id] / self._weights[request.tenant_id]
-        return (-self._class_ranks.get(request.slo_class, 0), counter, request.arrival)
+        return (-self._class_ranks[request.slo_class], counter, request.arrival)
 
     def _start_prefill_step(self, worker: _PrefillWorker, now: float) -> None:
         priority = self._chunk_priority if self.cluster.chunk_priority else None

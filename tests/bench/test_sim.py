@@ -12,7 +12,15 @@ import pytest
 from bench.latency_model import LatencyModel, StepSample, fit_samples
 from bench.scenarios import SCENARIOS, build_trace, capacity_req_s
 from bench.sched_bench import policy_metrics, run_policy, run_sched_bench
-from bench.sim import ClusterSpec, Simulator, TenantSpec, Trace, TraceRequest, cache_salt
+from bench.sim import (
+    ClusterSpec,
+    SimulationError,
+    Simulator,
+    TenantSpec,
+    Trace,
+    TraceRequest,
+    cache_salt,
+)
 from deploy.cli import main
 from engine.block_manager import block_hashes
 from gateway.policies import POLICY_NAMES, PolicySettings, make_policy
@@ -439,3 +447,14 @@ def test_slo_mix_meets_the_interactive_ttft_target_with_short_prefill_steps(
     assert short["ttft_attainment"]["interactive"] >= 0.95
     assert short["prefill_step_s"]["max"] < 1.0
     assert short["batch_use_of_leftover"] > 0.5
+
+
+def test_a_trace_naming_a_class_the_simulator_does_not_serve_is_refused(
+    model: LatencyModel,
+) -> None:
+    """The policy would serve it in the lowest class's queue, at a rank the workers do not
+    know: a scenario's mistake, said at once rather than simulated."""
+    request = TraceRequest("r0", "t0", "urgent", 0.0, [1, 2, 3], 4)
+    trace = Trace("custom", [TenantSpec("t0")], [request], 1.0)
+    with pytest.raises(SimulationError, match="unknown SLO class 'urgent'"):
+        Simulator(FcfsPolicy(), trace, ClusterSpec(), model)
