@@ -222,3 +222,28 @@ def test_a_collector_that_does_not_answer_costs_one_timeout(
         assert exporter.export(_spans()) is SpanExportResult.FAILURE
         exporter.shutdown()
     assert addresses == [("127.0.0.1", port)]
+
+
+class _HangUpAtOnce(socketserver.BaseRequestHandler):
+    """Reads the request and closes without an answer: on a fresh connection that is the
+    collector's failure, not a stale connection's."""
+
+    def handle(self) -> None:
+        self.request.recv(65536)
+
+
+def test_a_fresh_connection_hung_up_on_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    server = socketserver.TCPServer(("127.0.0.1", 0), _HangUpAtOnce)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,))
+    thread.start()
+    try:
+        port = server.server_address[1]
+        addresses = _count_connections(monkeypatch)
+        exporter = OtlpJsonSpanExporter(f"http://127.0.0.1:{port}/v1/traces", timeout_s=2.0)
+        assert exporter.export(_spans()) is SpanExportResult.FAILURE
+        exporter.shutdown()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert addresses == [("127.0.0.1", port)]
