@@ -7,10 +7,11 @@ queue and end-to-end latency. Read at each scrape from the scheduler: queue dept
 counter per tenant; over a sliding window (``window_s``): TTFT SLO attainment per class, and
 Jain's fairness index over the tenants that stayed backlogged the whole window, of the service
 each received in it: ``w_in`` × computed prompt tokens (a prefix-cache hit costs the workers
-nothing) + ``w_out`` × output tokens, divided by the weight the request ran at (a demoted one's is
-lowered), which is what the simulator's figures count too. Label values are tenant names and
-configured class names only (a request that fails authentication counts under tenant ``""``): the
-number of series is bounded by the tenants.
+nothing, and the simulator's figures count the same) + ``w_out`` × output tokens, divided by the
+weight the request was admitted at (a demoted one's is lowered; a weight the admin changes later
+counts from the tenant's next request, where the policies apply it at once). Label values are
+tenant names and configured class names only (a request that fails authentication counts under
+tenant ``""``): the number of series is bounded by the tenants.
 
 Everything is called on the gateway's event loop; the scrape runs there too. Torch-free.
 """
