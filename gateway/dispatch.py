@@ -12,12 +12,11 @@ request's class rank in ``ranks_inflight`` meanwhile.
 
 Room for a higher class (``scheduling.md`` §6): when the most important waiting request fits on
 no decode worker, and a decode worker runs requests of a lower SLO class, the dispatcher asks
-that worker to ``make_room`` for it: the worker preempts lower-class requests (least important
-first) and holds the room for a while for this request's priority. One such call per worker at
-a time, at most one per request every ``ROOM_RETRY_S``, and a worker that found no room (or
-could not be asked) is not asked again for as long, except for a request of a higher class. It
-is asked only when it runs a lower class; it preempts what is less important than the request,
-least important first, so lower classes go before any request of the asker's own class.
+that worker to ``make_room`` for it: the worker preempts what is less important than the request
+(least important first, so lower classes before any of the request's own) and holds the room for
+a while for this request's priority. One such call per worker at a time, and at most one per
+request every ``ROOM_RETRY_S``. A worker that found no room is not asked again for as long, except
+for a request of a higher class (which may preempt more); one that could not be asked, by no one.
 
 Torch-free; everything runs on one event loop.
 """
@@ -26,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -293,7 +293,6 @@ class Dispatcher:
         has_room = False
         try:
             result = await handle.decode_client.make_room(num_tokens, priority)
-            has_room = result.num_preempted > 0 or result.num_free_tokens >= num_tokens
             if result.num_preempted:
                 logger.info(
                     "worker %s preempted %d requests to make room for a class-%d request",
@@ -301,16 +300,20 @@ class Dispatcher:
                     result.num_preempted,
                     priority.rank,
                 )
-            if has_room:
-                # Swapped-out requests free blocks the gateway cannot count, and room it found
-                # without preempting means our view is old: ask the worker.
+            if result.num_preempted or result.num_free_tokens >= num_tokens:
+                # Swapped-out requests free blocks the gateway cannot count, and room found
+                # without preempting may mean our view is old: ask the worker. (Free blocks
+                # and no free batch slot is no room: make_room frees blocks only.)
                 await self.registry.refresh(handle)
+                has_room = result.num_preempted > 0 or handle.free_kv_tokens() >= num_tokens
+            refused_rank = priority.rank
         except FairgateError as exc:
             logger.warning("worker %s could not make room: %s", handle.url, exc.message)
+            refused_rank = sys.maxsize  # failing: no class asks it again for a while
         finally:
             self._making_room.discard(handle.worker_id)
-            if not has_room:
-                self._room_refused[handle.worker_id] = (self.clock() + ROOM_RETRY_S, priority.rank)
+        if not has_room:
+            self._room_refused[handle.worker_id] = (self.clock() + ROOM_RETRY_S, refused_rank)
 
     def _prefill_cap(self, handle: WorkerHandle) -> int:
         """Prompt tokens a prefill worker may have in flight: ``max_prefill_inflight_tokens``,

@@ -21,6 +21,7 @@ from gateway.scheduler import (
     WorkerView,
 )
 from gateway.workers import WorkerHandle, WorkerRegistry
+from transfer.errors import WorkerUnreachable
 from transfer.messages import MakeRoomResult, Priority, WorkerInfo, WorkerLoad, WorkerRole
 
 BLOCK_SIZE = 16
@@ -489,6 +490,80 @@ async def test_a_worker_that_found_no_room_is_not_asked_again_by_the_next_reques
     dispatcher.wake()
     await settle()
     assert [priority.rank for _, priority in make_room.calls] == [3, 5, 5]
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+
+
+async def test_free_blocks_without_a_free_batch_slot_are_no_room(
+    registry: WorkerRegistry,
+    prefill: WorkerHandle,
+    decode: WorkerHandle,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """make_room frees blocks only: a worker whose batch slots are all taken answers with free
+    tokens and nothing preempted. Its fresh report still shows no room for the request, so the
+    worker counts as refused and the next request does not ask it again at once."""
+    make_ready(decode, "decode", num_free_blocks=10)
+    calls: list[int] = []
+
+    async def free_but_no_slot(num_tokens: int, priority: Priority) -> MakeRoomResult:
+        calls.append(priority.rank)
+        return MakeRoomResult(num_free_tokens=16_000, num_preempted=0)
+
+    refreshed: list[WorkerHandle] = []
+
+    async def refresh(handle: WorkerHandle) -> None:  # the report: blocks free, no batch slot
+        refreshed.append(handle)
+        assert handle.info is not None and handle.load is not None
+        handle.info = msgspec.structs.replace(handle.info, max_num_seqs=1)
+        handle.load = msgspec.structs.replace(handle.load, num_free_blocks=1000, num_running=1)
+
+    monkeypatch.setattr(decode.client, "make_room", free_but_no_slot)
+    monkeypatch.setattr(registry, "refresh", refresh)
+    dispatcher = Dispatcher(FcfsPolicy(), registry, max_prefill_inflight_tokens=10_000)
+    await asyncio.wait_for(dispatcher.submit(ranked("batch", 1)), 1.0)
+    waiting = [
+        asyncio.create_task(dispatcher.submit(ranked(f"interactive-{i}", 3, 90))) for i in range(3)
+    ]
+    await settle()
+    dispatcher.wake()
+    await settle()
+    assert calls == [3] and refreshed == [decode]
+    assert not any(task.done() for task in waiting)
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+
+
+async def test_a_worker_that_could_not_be_asked_is_not_asked_by_a_higher_class_either(
+    registry: WorkerRegistry,
+    prefill: WorkerHandle,
+    decode: WorkerHandle,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    make_ready(decode, "decode", num_free_blocks=10)
+    calls: list[int] = []
+
+    async def unreachable(num_tokens: int, priority: Priority) -> MakeRoomResult:
+        calls.append(priority.rank)
+        raise WorkerUnreachable(f"{DECODE_URL}: connection refused")
+
+    monkeypatch.setattr(decode.client, "make_room", unreachable)
+    now = [100.0]
+    dispatcher = Dispatcher(
+        FcfsPolicy(), registry, max_prefill_inflight_tokens=10_000, clock=lambda: now[0]
+    )
+    await asyncio.wait_for(dispatcher.submit(ranked("batch", 1)), 1.0)
+    waiting = [asyncio.create_task(dispatcher.submit(ranked("interactive", 3, 90)))]
+    await settle()
+    waiting.append(asyncio.create_task(dispatcher.submit(ranked("urgent", 5, 90))))
+    await settle()
+    assert calls == [3]  # a failing worker may hang each call: nobody asks it for a while
+    now[0] += ROOM_RETRY_S
+    dispatcher.wake()
+    await settle()
+    assert calls == [3, 5]
     for task in waiting:
         task.cancel()
     await asyncio.gather(*waiting, return_exceptions=True)
