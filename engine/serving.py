@@ -98,7 +98,7 @@ class WorkerService:
         self.load_error: str | None = None
         self._load_task: asyncio.Task[None] | None = None
         self._on_fatal: Any = None
-        self._on_loaded: Callable[[], None] | None = None
+        self._before_ready: Callable[[], None] | None = None
         self.metrics = WorkerMetrics(
             lambda: None if self.engine_thread is None else self.engine_thread.load
         )
@@ -106,17 +106,17 @@ class WorkerService:
     # ---- life cycle -------------------------------------------------------------------------
 
     def bind(
-        self, http_port: int, on_fatal: Any = None, on_loaded: Callable[[], None] | None = None
+        self, http_port: int, on_fatal: Any = None, before_ready: Callable[[], None] | None = None
     ) -> None:
         """Learn the HTTP port (and so the default worker id); ``on_fatal()`` stops the server,
-        ``on_loaded()`` runs once the model is loaded, before the worker says it is ready."""
+        ``before_ready()`` runs once the model is loaded, before the worker says it is ready."""
         host = self.config.host
         advertised = self.config.kv_host if host in ("0.0.0.0", "::", "") else host
         self.http_url = f"http://{advertised}:{http_port}"
         if not self.worker_id:
             self.worker_id = f"{self.role}-{socket.gethostname()}-{http_port}"
         self._on_fatal = on_fatal
-        self._on_loaded = on_loaded
+        self._before_ready = before_ready
 
     async def start(self) -> None:
         self._load_task = asyncio.create_task(self._load_and_announce())
@@ -139,8 +139,8 @@ class WorkerService:
             if self._on_fatal is not None:
                 self._on_fatal()
             return
-        if self._on_loaded is not None:
-            self._on_loaded()
+        if self._before_ready is not None:
+            self._before_ready()
         emit_event("ready", **self.ready_fields())
         logger.info("%s %s ready at %s", self.role, self.worker_id, self.http_url)
 
@@ -340,7 +340,7 @@ def run_worker(service: WorkerService) -> int:
     def stop_server() -> None:
         server.should_exit = True
 
-    service.bind(sock.getsockname()[1], on_fatal=stop_server, on_loaded=freeze_startup_heap)
+    service.bind(sock.getsockname()[1], on_fatal=stop_server, before_ready=freeze_startup_heap)
     setup_tracing(service.role)
     try:
         serve_on(server, sock)
