@@ -73,7 +73,15 @@ def run_policy(
         default_prefill_tok_s=cluster.prefill_step_tokens / full_step_s,
     )
     policy = make_policy(name, settings)
-    simulator = Simulator(policy, trace, cluster, model, w_in=settings.w_in, w_out=settings.w_out)
+    simulator = Simulator(
+        policy,
+        trace,
+        cluster,
+        model,
+        w_in=settings.w_in,
+        w_out=settings.w_out,
+        slo_classes=settings.slo_classes,  # the policy's, so the two cannot differ
+    )
     return simulator.run(), settings
 
 
