@@ -412,6 +412,22 @@ def ranked(request_id: str, rank: int, num_prompt_tokens: int = 100) -> QueuedRe
     return queued
 
 
+async def batch_running(registry: WorkerRegistry, now: list[float]) -> Dispatcher:
+    """A dispatcher on the clock ``now[0]`` whose decode worker runs one batch request (class
+    rank 1): a lower class a higher one may ask it to preempt."""
+    dispatcher = Dispatcher(
+        FcfsPolicy(), registry, max_prefill_inflight_tokens=10_000, clock=lambda: now[0]
+    )
+    await asyncio.wait_for(dispatcher.submit(ranked("batch", 1)), 1.0)
+    return dispatcher
+
+
+async def cancel_all(tasks: list[asyncio.Task[WorkerPair]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def test_a_higher_class_request_that_fits_nowhere_asks_a_lower_class_worker_for_room(
     registry: WorkerRegistry,
     prefill: WorkerHandle,
@@ -469,10 +485,7 @@ async def test_a_worker_that_found_no_room_is_not_asked_again_by_the_next_reques
     make_room = MakeRoomCalls()  # answers that it preempted nothing
     monkeypatch.setattr(decode.client, "make_room", make_room)
     now = [100.0]
-    dispatcher = Dispatcher(
-        FcfsPolicy(), registry, max_prefill_inflight_tokens=10_000, clock=lambda: now[0]
-    )
-    await asyncio.wait_for(dispatcher.submit(ranked("batch", 1)), 1.0)
+    dispatcher = await batch_running(registry, now)
     waiting = [
         asyncio.create_task(dispatcher.submit(ranked(f"interactive-{i}", 3, 90))) for i in range(2)
     ]
@@ -490,9 +503,7 @@ async def test_a_worker_that_found_no_room_is_not_asked_again_by_the_next_reques
     dispatcher.wake()
     await settle()
     assert [priority.rank for _, priority in make_room.calls] == [3, 5, 5]
-    for task in waiting:
-        task.cancel()
-    await asyncio.gather(*waiting, return_exceptions=True)
+    await cancel_all(waiting)
 
 
 async def test_free_blocks_without_a_free_batch_slot_are_no_room(
@@ -521,8 +532,7 @@ async def test_free_blocks_without_a_free_batch_slot_are_no_room(
 
     monkeypatch.setattr(decode.client, "make_room", free_but_no_slot)
     monkeypatch.setattr(registry, "refresh", refresh)
-    dispatcher = Dispatcher(FcfsPolicy(), registry, max_prefill_inflight_tokens=10_000)
-    await asyncio.wait_for(dispatcher.submit(ranked("batch", 1)), 1.0)
+    dispatcher = await batch_running(registry, [100.0])
     waiting = [
         asyncio.create_task(dispatcher.submit(ranked(f"interactive-{i}", 3, 90))) for i in range(3)
     ]
@@ -531,9 +541,7 @@ async def test_free_blocks_without_a_free_batch_slot_are_no_room(
     await settle()
     assert calls == [3] and refreshed == [decode]
     assert not any(task.done() for task in waiting)
-    for task in waiting:
-        task.cancel()
-    await asyncio.gather(*waiting, return_exceptions=True)
+    await cancel_all(waiting)
 
 
 async def test_a_worker_that_could_not_be_asked_is_not_asked_by_a_higher_class_either(
@@ -551,10 +559,7 @@ async def test_a_worker_that_could_not_be_asked_is_not_asked_by_a_higher_class_e
 
     monkeypatch.setattr(decode.client, "make_room", unreachable)
     now = [100.0]
-    dispatcher = Dispatcher(
-        FcfsPolicy(), registry, max_prefill_inflight_tokens=10_000, clock=lambda: now[0]
-    )
-    await asyncio.wait_for(dispatcher.submit(ranked("batch", 1)), 1.0)
+    dispatcher = await batch_running(registry, now)
     waiting = [asyncio.create_task(dispatcher.submit(ranked("interactive", 3, 90)))]
     await settle()
     waiting.append(asyncio.create_task(dispatcher.submit(ranked("urgent", 5, 90))))
@@ -564,9 +569,7 @@ async def test_a_worker_that_could_not_be_asked_is_not_asked_by_a_higher_class_e
     dispatcher.wake()
     await settle()
     assert calls == [3, 5]
-    for task in waiting:
-        task.cancel()
-    await asyncio.gather(*waiting, return_exceptions=True)
+    await cancel_all(waiting)
 
 
 async def test_no_room_is_asked_when_the_request_fits_or_the_option_is_off(

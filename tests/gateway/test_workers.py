@@ -28,6 +28,11 @@ async def registry() -> AsyncIterator[tuple[WorkerRegistry, list[tuple[str, list
         await workers.stop()
 
 
+async def prefill_info() -> WorkerInfo:
+    """The worker's ``/v1/info``, as a poll reads it."""
+    return WorkerInfo("p0", "instance-1", "prefill", "model", 16, 100, 4096, 49152)
+
+
 async def test_evictions_are_read_in_order_and_handed_on(
     registry: tuple[WorkerRegistry, list[tuple[str, list[bytes]]]],
     monkeypatch: pytest.MonkeyPatch,
@@ -47,11 +52,8 @@ async def test_evictions_are_read_in_order_and_handed_on(
         asked.append(evictions_since)
         return answers.pop(0)
 
-    async def info() -> WorkerInfo:
-        return WorkerInfo("p0", "instance-1", "prefill", "model", 16, 100, 4096, 49152)
-
     monkeypatch.setattr(handle.client, "load", load)
-    monkeypatch.setattr(handle.client, "info", info)
+    monkeypatch.setattr(handle.client, "info", prefill_info)
     for _ in range(3):
         await workers.poll_once()
     assert asked == [None, 1, 3]  # nothing from before the gateway knew the worker
@@ -82,11 +84,8 @@ async def test_a_refresh_waits_for_the_poll_in_flight_so_the_newer_report_stands
             return await older_answer  # held back until the refresh has started
         return newer
 
-    async def info() -> WorkerInfo:
-        return WorkerInfo("p0", "instance-1", "prefill", "model", 16, 100, 4096, 49152)
-
     monkeypatch.setattr(handle.client, "load", load)
-    monkeypatch.setattr(handle.client, "info", info)
+    monkeypatch.setattr(handle.client, "info", prefill_info)
     async with asyncio.timeout(5.0):
         await workers.poll_once()  # the worker is ready
         polling = asyncio.create_task(workers.poll_once())
