@@ -111,6 +111,7 @@ class Tokenizer:
         "bos_token_id",
         "chat_template",
         "eos_token_id",
+        "max_bytes_per_token",
         "stop_token_ids",
         "vocab_size",
     )
@@ -145,6 +146,9 @@ class Tokenizer:
             if token_id is not None and (token := backend.id_to_token(token_id)) is not None
         }
         self._compiled_template: jinja2.Template | None = None
+        # The most text bytes one token can stand for, where that bounds a prompt's token count
+        # from below (``min_num_tokens``); None where the tokenizer can drop or shrink text.
+        self.max_bytes_per_token: int | None = _max_bytes_per_token(backend)
 
     # --- loading -----------------------------------------------------------------------------
 
@@ -258,10 +262,25 @@ class Tokenizer:
         their special ids, as in transformers; ``add_special_tokens`` prepends BOS when this
         tokenizer's ``add_bos_token`` says the model expects one. EOS is never appended: these
         are prompts, and the model is to continue them."""
-        token_ids: list[int] = self._backend.encode(text, add_special_tokens=False).ids
+        # The batch call releases the GIL while it works (the single one holds it), so a long
+        # prompt tokenized in a thread does not stall the caller's event loop; same ids.
+        try:
+            [encoding] = self._backend.encode_batch_fast([text], add_special_tokens=False)
+        except TypeError as exc:  # a lone surrogate: not text the backend can take
+            raise TokenizerError("the text is not valid Unicode") from exc
+        token_ids: list[int] = encoding.ids
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
             return [self.bos_token_id, *token_ids]
         return token_ids
+
+    def min_num_tokens(self, num_chars: int) -> int:
+        """A lower bound on the tokens of any text of ``num_chars`` characters (0 when this
+        tokenizer gives none): found without tokenizing, so an over-long prompt is refused before
+        any work is spent on it. A character is at least one UTF-8 byte and no token stands for
+        more than ``max_bytes_per_token`` bytes."""
+        if self.max_bytes_per_token is None:
+            return 0
+        return num_chars // self.max_bytes_per_token
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """The text of ``token_ids``. Ids outside the vocabulary (a model's embedding rows are
@@ -488,6 +507,41 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 # --- HF directory helpers ------------------------------------------------------------------------
+
+
+_LOSSLESS_PRE_TOKENIZERS = frozenset({"ByteLevel", "Digits", "Split", "Sequence"})
+
+
+def _max_bytes_per_token(backend: BackendTokenizer) -> int | None:
+    """For a byte-level BPE with no normalizer and pre-tokenizers that keep every byte, the most
+    bytes of text one token covers: each byte of the text lands in exactly one token, and a
+    vocabulary token's string spells one byte per character (an added token is matched in the
+    raw text, so its UTF-8 length counts). None for any other tokenizer (a normalizer or a
+    pre-tokenizer may drop text, an unknown-token may cover a whole word)."""
+    description = json.loads(backend.to_str())
+    pre_tokenizer = description.get("pre_tokenizer")
+    kinds: list[str] = []
+
+    def walk(node: Any) -> bool:
+        if not isinstance(node, dict):
+            return False
+        kinds.append(str(node.get("type")))
+        if node.get("type") == "Split" and node.get("behavior") == "Removed":
+            return False
+        return all(walk(child) for child in node.get("pretokenizers", []))
+
+    if (
+        description.get("normalizer") is not None
+        or description.get("model", {}).get("type") != "BPE"
+        or not walk(pre_tokenizer)
+        or "ByteLevel" not in kinds
+        or not set(kinds) <= _LOSSLESS_PRE_TOKENIZERS
+    ):
+        return None
+    added = {token.content for token in backend.get_added_tokens_decoder().values()}
+    vocabulary = backend.get_vocab(with_added_tokens=False)
+    longest = max((len(token) for token in vocabulary if token not in added), default=1)
+    return max(longest, *(len(token.encode("utf-8")) for token in added))
 
 
 def _read_json_object(path: Path) -> dict[str, Any]:
