@@ -2,12 +2,12 @@
 default, each overridable by a ``FAIRGATE_<SECTION>_<FIELD>`` environment variable (lists are
 comma-separated) and then by command-line flags. ``fairgate up`` needs no file at all.
 
-    [gateway]     host, port, admin_token, worker URLs, poll interval
+    [gateway]     host, port, admin_token, worker URLs, poll interval, body limit, shutdown grace
     [store]       path of the SQLite file
     [model]       which tokenizer (the workers' model)
-    [scheduler]   policy, queue timeout, prefill admission cap
+    [scheduler]   policy, queue timeout and bounds, prefill admission cap
     [telemetry]   OTLP endpoint, trace sampling ratio, log format, metrics window
-    [[slo_classes]]  name, rank, TTFT / TPOT targets, sheddable
+    [[slo_classes]]  name, rank, TTFT / TPOT targets, sheddable, longest queue wait
 
 Torch-free.
 """
@@ -46,8 +46,12 @@ class GatewaySection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     decode_workers: list[str] = []
     colocated_workers: list[str] = []
     poll_interval_s: float = 0.5
-    max_body_bytes: int = 8 << 20
+    # A larger body is refused with 413 before it is read.
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 8 << 20
     ready_timeout_s: float = 600.0
+    # On SIGTERM: how long requests in flight may take to finish before they are ended with a
+    # clean error (new connections are refused at once).
+    shutdown_grace_s: Annotated[float, msgspec.Meta(ge=0.0)] = 30.0
     # A non-streaming request's tokens come from the decode worker at most this often (stop
     # strings are seen at most this late); 0: every step's tokens at once.
     unstreamed_flush_s: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.05
@@ -71,7 +75,9 @@ class SchedulerSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tenant's state is dropped."""
 
     policy: str = "auto"
-    queue_timeout_s: float = 120.0
+    queue_timeout_s: Annotated[float, msgspec.Meta(gt=0.0)] = 120.0
+    # A tenant with this many requests waiting gets 429 queue_full for more (``gateway.dispatch``).
+    max_queued_per_tenant: Annotated[int, msgspec.Meta(ge=1)] = 512
     max_prefill_inflight_tokens: int = 8192
     # …and at most this many seconds of work at the worker's measured prefill speed: what is
     # sent to a worker runs in its order, not the policy's, so it is kept short.
@@ -113,6 +119,13 @@ class SloClass(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ttft_target_s: float
     tpot_target_s: float | None = None
     sheddable: bool = False
+    # A tenant's new requests of this class get 429 queue_full while its oldest waiting one has
+    # waited longer than this (None: ``ttft_target_s``, the wait past which it misses its SLO).
+    max_queue_wait_s: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
+
+    @property
+    def queue_wait_limit_s(self) -> float:
+        return self.ttft_target_s if self.max_queue_wait_s is None else self.max_queue_wait_s
 
 
 DEFAULT_SLO_CLASSES = [

@@ -18,6 +18,17 @@ a while for this request's priority. One such call per worker at a time, and at 
 request every ``ROOM_RETRY_S``. A worker that found no room is not asked again for as long, except
 for a request of a higher class (which may preempt more); one that could not be asked, by no one.
 
+Overload (``faults.md``): what the workers cannot serve in time is refused at once, not left
+to wait for a client's timeout. ``check_backlog`` (called at admission, before the prompt is
+tokenized) refuses a tenant's request with 429 ``queue_full`` while that tenant already has
+``max_queued_per_tenant`` requests waiting, or while the oldest of its waiting requests of the
+same class has waited longer than the class's ``max_queue_wait_s``: a standing queue, which new
+arrivals would only lengthen. Both are per tenant, so a flooding tenant is refused its own excess
+while the others, whose queues the fair policy keeps short, are not. A request that still waits
+``queue_timeout_s`` ends with 503 ``queue_timeout``. When no worker can serve at all (the last of
+a role died), every waiting request ends at once with 503 ``no_worker``; each of these answers
+carries ``Retry-After``.
+
 Torch-free; everything runs on one event loop.
 """
 
@@ -27,10 +38,10 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from gateway.errors import NoWorkerAvailable, RequestShed
+from gateway.errors import NoWorkerAvailable, QueueFull, QueueTimeout, RequestShed
 from gateway.scheduler import (
     Placement,
     QueuedRequest,
@@ -48,6 +59,8 @@ __all__ = ["Dispatcher", "WorkerPair"]
 logger = logging.getLogger(__name__)
 
 ROOM_RETRY_S = 5.0  # the workers' default room hold: ask again for a request after this long
+# Retry-After for no_worker: about what a supervised worker takes to restart (a small model).
+NO_WORKER_RETRY_AFTER_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,18 +85,27 @@ class Dispatcher:
         max_prefill_inflight_s: float = 0.025,
         queue_timeout_s: float = 120.0,
         make_room_for_higher_classes: bool = True,
+        max_queued_per_tenant: int = 512,
+        max_queue_wait_s: Mapping[int, float] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``max_queue_wait_s``: by class rank, how long a tenant's oldest waiting request of
+        that class may have waited before its new ones are refused (a rank not named: no such
+        limit)."""
         self.policy = policy
         self.registry = registry
         self.max_prefill_inflight_tokens = max_prefill_inflight_tokens
         self.max_prefill_inflight_s = max_prefill_inflight_s
         self.queue_timeout_s = queue_timeout_s
         self.make_room_for_higher_classes = make_room_for_higher_classes
+        self.max_queued_per_tenant = max_queued_per_tenant
+        self.max_queue_wait_s = dict(max_queue_wait_s or {})
         self.clock = clock
         self._waiting: dict[str, asyncio.Future[WorkerPair]] = {}
         # The same requests by class rank (for ``_ask_for_room``, which looks at the top one).
         self._waiting_by_rank: dict[int, dict[str, QueuedRequest]] = {}
+        # And by tenant, then rank: when each began to wait, oldest first (``check_backlog``).
+        self._waiting_by_tenant: dict[str, dict[int, dict[str, float]]] = {}
         self._pass_scheduled = False
         # make_room: workers asked and not yet answered; when each request may ask again
         self._making_room: set[str] = set()
@@ -91,17 +113,60 @@ class Dispatcher:
         # by worker id: until when, and the rank it was asked for (a higher one may ask)
         self._room_refused: dict[str, tuple[float, int]] = {}
         self._room_tasks: set[asyncio.Task[None]] = set()
+        self._no_worker_logged_at = float("-inf")
 
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    def check_backlog(self, tenant_id: str, rank: int) -> None:
+        """Refuse (``QueueFull``) a new request of this tenant and class rank while the tenant's
+        queue is full or standing (module docstring); cheap, so it runs before any heavy work."""
+        by_rank = self._waiting_by_tenant.get(tenant_id)
+        if not by_rank:
+            return
+        num_waiting = sum(len(same_rank) for same_rank in by_rank.values())
+        if num_waiting >= self.max_queued_per_tenant:
+            raise QueueFull(
+                f"this tenant already has {num_waiting} requests waiting; try again shortly",
+                retry_after_s=1.0,
+            )
+        max_wait_s = self.max_queue_wait_s.get(rank)
+        same_rank = by_rank.get(rank)
+        if max_wait_s is None or not same_rank:
+            return
+        waited_s = self.clock() - next(iter(same_rank.values()))
+        if waited_s > max_wait_s:
+            raise QueueFull(
+                f"this tenant's oldest waiting request of this class has waited {waited_s:.1f} s "
+                f"(over {max_wait_s:g} s): the workers cannot take more of its requests now",
+                retry_after_s=max_wait_s,
+            )
+
+    def check_can_serve(self) -> None:
+        """``NoWorkerAvailable`` (with Retry-After) unless a worker of every needed role is
+        ready."""
+        if not self.registry.can_serve():
+            raise self._no_worker()
+
+    def _no_worker(self) -> NoWorkerAvailable:
+        # The registry's summary names internal addresses: the log gets it (at most once a
+        # second: every request says the same), the tenant not.
+        now = self.clock()
+        if now - self._no_worker_logged_at >= 1.0:
+            self._no_worker_logged_at = now
+            logger.warning("no worker can serve: %s", self.registry.summary())
+        return NoWorkerAvailable(
+            "no worker can serve this request now; try again shortly",
+            retry_after_s=NO_WORKER_RETRY_AFTER_S,
+        )
+
     async def submit(self, request: QueuedRequest, *, requeue: bool = False) -> WorkerPair:
         """Wait for workers. ``requeue``: the request was placed before and could not start; it
-        goes back ahead of later arrivals. ``NoWorkerAvailable`` when no worker can serve at all,
-        or none had room within the queue timeout."""
-        if not self.registry.can_serve():
-            raise NoWorkerAvailable(f"no worker is ready to serve: {self.registry.summary()}")
+        goes back ahead of later arrivals. ``NoWorkerAvailable`` when no worker can serve at all
+        (now, or while it waits), ``QueueTimeout`` when none had room within the queue
+        timeout."""
+        self.check_can_serve()
         future: asyncio.Future[WorkerPair] = asyncio.get_running_loop().create_future()
         if requeue:
             self.policy.requeue(request, self.clock())
@@ -112,6 +177,8 @@ class Dispatcher:
                 raise RequestShed(exc.reason) from None
         self._waiting[request.request_id] = future
         self._waiting_by_rank.setdefault(request.rank, {})[request.request_id] = request
+        by_rank = self._waiting_by_tenant.setdefault(request.tenant_id, {})
+        by_rank.setdefault(request.rank, {})[request.request_id] = self.clock()
         self.wake()
         try:
             # Not wait_for: on 3.11 it returns the result of a future that completed in the tick
@@ -121,8 +188,10 @@ class Dispatcher:
         except TimeoutError:
             if _placed(future):
                 return future.result()  # placed in the very tick the timeout fired
-            raise NoWorkerAvailable(
-                f"no worker had room for this request within {self.queue_timeout_s:g} s"
+            raise QueueTimeout(
+                f"this request waited {self.queue_timeout_s:g} s for a worker with room; the "
+                "service is overloaded",
+                retry_after_s=self.queue_timeout_s / 4,
             ) from None
         except asyncio.CancelledError:
             if _placed(future):  # placed, but its caller is gone: give the room back
@@ -143,6 +212,15 @@ class Dispatcher:
             same_rank.pop(request.request_id, None)
             if not same_rank:
                 del self._waiting_by_rank[request.rank]
+        by_rank = self._waiting_by_tenant.get(request.tenant_id)
+        if by_rank is not None:
+            since = by_rank.get(request.rank)
+            if since is not None:
+                since.pop(request.request_id, None)
+                if not since:
+                    del by_rank[request.rank]
+            if not by_rank:
+                del self._waiting_by_tenant[request.tenant_id]
         self._room_asked_until.pop(request.request_id, None)
 
     def prefill_done(
@@ -194,12 +272,17 @@ class Dispatcher:
             self._pass_scheduled = True
             asyncio.get_running_loop().call_soon(self._schedule_pass)
 
-    def fail_all(self, error: NoWorkerAvailable) -> None:
-        """Every waiting request ends with ``error`` (the gateway is stopping)."""
-        for task in self._room_tasks:
+    async def stop(self) -> None:
+        """Cancel the make_room calls in flight (the gateway is stopping)."""
+        tasks = list(self._room_tasks)
+        for task in tasks:
             task.cancel()
-        for request_id, future in list(self._waiting.items()):
-            self.policy.remove(request_id)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def fail_all(self, error: FairgateError) -> None:
+        """Every waiting request ends with ``error`` (no worker left, or the gateway is
+        stopping); each waiter takes itself out of the queue as it wakes."""
+        for future in self._waiting.values():
             if not future.done():
                 future.set_exception(error)
 
@@ -208,6 +291,11 @@ class Dispatcher:
     def _schedule_pass(self) -> None:
         self._pass_scheduled = False
         if not self._waiting:
+            return
+        if not self.registry.can_serve():
+            # Fail fast: waiting for a worker to come back would hold the clients for up to
+            # the queue timeout; they can retry sooner than that (Retry-After).
+            self.fail_all(self._no_worker())
             return
         prefill_handles = {h.worker_id: h for h in self.registry.ready("prefill")}
         decode_role: WorkerRole = "decode" if prefill_handles else "colocated"

@@ -14,12 +14,21 @@ They extend ``transfer.errors``' hierarchy (``FairgateError`` carries the HTTP s
         ├── NotFound                     404 not_found_error        not_found
         │   └── ModelNotFound            404                        model_not_found
         ├── Conflict                     409 conflict_error         conflict
+        ├── RequestTooLarge              413 invalid_request_error  request_too_large
         ├── RateLimited                  429 rate_limit_error       rate_limit_exceeded
-        │   └── QuotaExhausted           429 insufficient_quota     insufficient_quota
-        └── NoWorkerAvailable            503 server_error           no_worker
+        │   ├── QuotaExhausted           429 insufficient_quota     insufficient_quota
+        │   └── QueueFull                429 rate_limit_error       queue_full
+        └── Unavailable                  503 server_error           unavailable
+            ├── NoWorkerAvailable        503                        no_worker
+            ├── QueueTimeout             503                        queue_timeout
+            ├── RequestShed              503                        request_shed
+            └── ShuttingDown             503                        shutting_down
 
-A worker's error that reaches a tenant (``WorkerError``, ``TransferError``) is reported with its
-own status and code and the type ``server_error``. Torch-free.
+``RateLimited`` and ``Unavailable`` carry ``retry_after_s``, sent as ``Retry-After``: clients
+(OpenAI's SDKs among them) retry such answers after that long. A worker's error that reaches a
+tenant (``WorkerError``, ``TransferError``) is reported with its own status and code, the type
+``server_error`` and a message of ours (``public_error``): never its text, which names internal
+addresses; that goes to the log with the request id. Torch-free.
 """
 
 from __future__ import annotations
@@ -44,10 +53,17 @@ __all__ = [
     "OpenAIError",
     "OpenAIErrorBody",
     "PermissionDenied",
+    "QueueFull",
+    "QueueTimeout",
     "QuotaExhausted",
     "RateLimited",
+    "RequestShed",
+    "RequestTooLarge",
+    "ShuttingDown",
+    "Unavailable",
     "UnsupportedParameter",
     "openai_error_body",
+    "public_error",
     "retry_after_header",
 ]
 
@@ -69,6 +85,7 @@ class ClientError(FairgateError):
     status = 400
     code = "invalid_request"
     type: ClassVar[str] = "invalid_request_error"
+    retry_after_s: float | None = None  # sent as Retry-After when set
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -119,6 +136,13 @@ class Conflict(ClientError):
     type = "conflict_error"
 
 
+class RequestTooLarge(ClientError):
+    """A body over ``gateway.max_body_bytes``, refused before it is read."""
+
+    status = 413
+    code = "request_too_large"
+
+
 class RateLimited(ClientError):
     """Over a limit that frees up with time: ``retry_after_s`` says when to try again."""
 
@@ -138,19 +162,75 @@ class QuotaExhausted(RateLimited):
     type = "insufficient_quota"
 
 
-class NoWorkerAvailable(ClientError):
+class QueueFull(RateLimited):
+    """The tenant already has ``scheduler.max_queued_per_tenant`` requests waiting: its own
+    backlog, refused at once rather than queued past what the workers can serve in time."""
+
+    code = "queue_full"
+
+
+class Unavailable(ClientError):
+    """The service cannot take this request now; ``retry_after_s`` says when to try again."""
+
     status = 503
-    code = "no_worker"
+    code = "unavailable"
     type = "server_error"
 
+    def __init__(
+        self, message: str, *, retry_after_s: float = 1.0, param: str | None = None
+    ) -> None:
+        super().__init__(message, param=param)
+        self.retry_after_s = retry_after_s
 
-class RequestShed(ClientError):
+
+class NoWorkerAvailable(Unavailable):
+    """No live worker of a role this request needs."""
+
+    code = "no_worker"
+
+
+class QueueTimeout(Unavailable):
+    """The request waited ``scheduler.queue_timeout_s`` for a worker with room."""
+
+    code = "queue_timeout"
+
+
+class RequestShed(Unavailable):
     """A sheddable request (``batch`` by default) that cannot meet its TTFT deadline, rejected
     early rather than queued forever (``scheduling.md`` §5)."""
 
-    status = 503
     code = "request_shed"
-    type = "server_error"
+
+
+class ShuttingDown(Unavailable):
+    """The gateway is stopping: a request it could not finish within the grace period, or one
+    that arrived while it drained."""
+
+    code = "shutting_down"
+
+
+# What a tenant is told when a worker's error ends its request: the worker's own message names
+# internal addresses and exception text, so it stays in the log.
+_PUBLIC_WORKER_MESSAGES = {
+    "worker_unreachable": "a serving worker failed while running this request",
+    "engine_failed": "the model failed to compute this request",
+    "request_timeout": "a serving worker did not answer in time",
+    "kv_transfer_failed": "moving this request between serving workers failed",
+    "kv_transfer_timeout": "moving this request between serving workers timed out",
+    "no_room": "no serving worker had room for this request",
+}
+
+
+def public_error(error: FairgateError, request_id: str) -> FairgateError:
+    """The error as a tenant may see it: a ``ClientError`` as it is (its message is ours); any
+    other error with its status and code, and a message that names the request id (the log line
+    with the worker's own message carries the same id) instead of the worker's text."""
+    if isinstance(error, ClientError):
+        return error
+    message = _PUBLIC_WORKER_MESSAGES.get(error.code, "the request failed on the server")
+    # The same class (so the same status and code); every worker and transfer error takes just
+    # its message (``transfer.errors.error_from_body`` relies on it too).
+    return type(error)(f"{message} (request id {request_id})")
 
 
 def openai_error_body(error: FairgateError) -> OpenAIErrorBody:
@@ -160,7 +240,8 @@ def openai_error_body(error: FairgateError) -> OpenAIErrorBody:
 
 
 def retry_after_header(error: FairgateError) -> dict[str, Any]:
-    """``Retry-After`` (whole seconds, rounded up) for a ``RateLimited`` error, else nothing."""
-    if isinstance(error, RateLimited):
-        return {"retry-after": str(max(1, math.ceil(error.retry_after_s)))}
+    """``Retry-After`` (whole seconds, rounded up) for an error that has one, else nothing."""
+    retry_after_s = getattr(error, "retry_after_s", None)
+    if retry_after_s is not None:
+        return {"retry-after": str(max(1, math.ceil(retry_after_s)))}
     return {}

@@ -5,13 +5,20 @@ wait, get placed, and move the gateway's accounting on the handles."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 
 import msgspec
 import pytest
 
 from gateway.dispatch import ROOM_RETRY_S, Dispatcher, WorkerPair
-from gateway.errors import NoWorkerAvailable, RequestShed
+from gateway.errors import (
+    NoWorkerAvailable,
+    QueueFull,
+    QueueTimeout,
+    RequestShed,
+    retry_after_header,
+)
 from gateway.scheduler import (
     Decision,
     FcfsPolicy,
@@ -195,15 +202,16 @@ async def test_a_full_prefill_cap_makes_the_next_submit_wait_until_prefill_done(
     assert (policy.queued(), dispatcher.num_waiting) == (0, 0)
 
 
-async def test_a_request_that_finds_no_room_in_time_gets_no_worker_available(
+async def test_a_request_that_finds_no_room_in_time_gets_queue_timeout(
     policy: RecordingFcfs, registry: WorkerRegistry, prefill: WorkerHandle
 ) -> None:
     decode = registry.handles[1]
     make_ready(decode, "decode", num_free_blocks=2)  # 32 KV slots: a 100-token prompt never fits
     dispatcher = Dispatcher(policy, registry, queue_timeout_s=0.05)
-    with pytest.raises(NoWorkerAvailable, match=r"within 0\.05 s") as raised:
+    with pytest.raises(QueueTimeout, match=r"waited 0\.05 s") as raised:
         await asyncio.wait_for(dispatcher.submit(request("a", 100)), 2.0)
-    assert raised.value.status == 503
+    assert (raised.value.status, raised.value.code) == (503, "queue_timeout")
+    assert retry_after_header(raised.value) == {"retry-after": "1"}
     assert (policy.queued(), dispatcher.num_waiting) == (0, 0)
     assert (prefill.inflight_tokens, decode.inflight_requests) == (0, 0)
 
@@ -212,13 +220,87 @@ async def test_submit_without_a_ready_worker_fails_at_once(
     policy: RecordingFcfs, registry: WorkerRegistry
 ) -> None:
     dispatcher = Dispatcher(policy, registry, queue_timeout_s=60.0)
-    with pytest.raises(NoWorkerAvailable, match="no worker is ready"):
+    with pytest.raises(NoWorkerAvailable, match="no worker can serve") as raised:
         await asyncio.wait_for(dispatcher.submit(request("a")), 1.0)
+    assert retry_after_header(raised.value) == {"retry-after": "5"}
+    assert "127.0.0.1" not in raised.value.message  # the tenant never sees internal addresses
     # A ready prefill worker alone cannot serve either: it needs a decode worker.
     make_ready(registry.handles[0], "prefill")
-    with pytest.raises(NoWorkerAvailable, match="no worker is ready"):
+    with pytest.raises(NoWorkerAvailable, match="no worker can serve"):
         await asyncio.wait_for(dispatcher.submit(request("b")), 1.0)
     assert (policy.queued(), dispatcher.num_waiting) == (0, 0)
+
+
+async def test_waiting_requests_fail_at_once_when_the_last_worker_of_a_role_dies(
+    policy: RecordingFcfs, registry: WorkerRegistry, prefill: WorkerHandle
+) -> None:
+    """No waiting out the queue timeout for a worker that may never come back: the registry's
+    change (a failed poll or call marks the worker dead) ends every waiting request with
+    no_worker, and Retry-After."""
+    decode = registry.handles[1]
+    make_ready(decode, "decode", num_free_blocks=2)  # no room: requests wait
+    dispatcher = Dispatcher(policy, registry, queue_timeout_s=60.0)
+    registry.on_change = dispatcher.wake
+    waiting = [asyncio.create_task(dispatcher.submit(request(str(i)))) for i in range(3)]
+    await settle()
+    assert dispatcher.num_waiting == 3
+    registry.mark_dead(prefill, WorkerUnreachable("connection refused"))
+    for task in waiting:
+        with pytest.raises(NoWorkerAvailable) as raised:
+            await asyncio.wait_for(task, 1.0)
+        assert retry_after_header(raised.value) == {"retry-after": "5"}
+    assert (policy.queued(), dispatcher.num_waiting) == (0, 0)
+
+
+def tenant_request(request_id: str, tenant_id: str, rank: int = 2) -> QueuedRequest:
+    return dataclasses.replace(request(request_id), tenant_id=tenant_id, rank=rank)
+
+
+async def test_a_tenant_with_a_full_queue_is_refused_and_the_others_are_not(
+    policy: RecordingFcfs, registry: WorkerRegistry, prefill: WorkerHandle
+) -> None:
+    make_ready(registry.handles[1], "decode", num_free_blocks=2)  # no room: requests wait
+    dispatcher = Dispatcher(policy, registry, max_queued_per_tenant=2)
+    waiting = [
+        asyncio.create_task(dispatcher.submit(tenant_request(str(i), "flood"))) for i in range(2)
+    ]
+    await settle()
+    with pytest.raises(QueueFull, match="2 requests waiting") as raised:
+        dispatcher.check_backlog("flood", 2)
+    assert (raised.value.status, raised.value.code) == (429, "queue_full")
+    assert retry_after_header(raised.value) == {"retry-after": "1"}
+    dispatcher.check_backlog("calm", 2)  # another tenant's queue is its own
+    waiting[0].cancel()
+    await asyncio.wait({waiting[0]})
+    dispatcher.check_backlog("flood", 2)  # one left the queue: room for one more
+    waiting[1].cancel()
+    await asyncio.wait({waiting[1]})
+
+
+async def test_a_tenant_whose_oldest_request_waited_too_long_is_refused_in_that_class(
+    policy: RecordingFcfs, registry: WorkerRegistry, prefill: WorkerHandle
+) -> None:
+    """A standing queue: new arrivals of the class would only wait longer, so they are refused
+    at once; another class of the same tenant, with a queue of its own, is not."""
+    make_ready(registry.handles[1], "decode", num_free_blocks=2)  # no room: requests wait
+    now = [100.0]
+    dispatcher = Dispatcher(
+        policy, registry, max_queue_wait_s={2: 10.0, 3: 2.0}, clock=lambda: now[0]
+    )
+    task = asyncio.create_task(dispatcher.submit(tenant_request("old", "flood", rank=2)))
+    await settle()
+    now[0] += 10.0
+    dispatcher.check_backlog("flood", 2)  # waited exactly the limit: still taken
+    dispatcher.check_backlog("flood", 3)  # nothing of rank 3 waits
+    now[0] += 0.5
+    with pytest.raises(QueueFull, match=r"waited 10\.5 s") as raised:
+        dispatcher.check_backlog("flood", 2)
+    assert retry_after_header(raised.value) == {"retry-after": "10"}
+    dispatcher.check_backlog("flood", 3)
+    dispatcher.check_backlog("other", 2)
+    task.cancel()
+    await asyncio.wait({task})
+    dispatcher.check_backlog("flood", 2)  # its queue is empty again
 
 
 async def test_cancelling_a_waiting_submit_takes_it_out_of_the_queue(
