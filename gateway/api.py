@@ -29,15 +29,16 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from engine.tokenizer import TokenizerError
 from gateway.admin import json_response
 from gateway.errors import (
     ClassNotAllowed,
     ClientError,
     ContextLengthExceeded,
     ModelNotFound,
-    NoWorkerAvailable,
+    RequestTooLarge,
+    ShuttingDown,
     openai_error_body,
+    public_error,
 )
 from gateway.generation import Finished, Generation, TokenUsage
 from gateway.metrics import CLIENT_DISCONNECTED, UNAUTHENTICATED, RequestRecord
@@ -54,11 +55,12 @@ from gateway.openai_api import (
     parse_completion_request,
 )
 from gateway.openapi import Endpoint
+from gateway.prompts import is_long_prompt
 from gateway.quotas import Admission
 from gateway.scheduler import QueuedRequest
 from gateway.tenants import Tenant, UsageDelta
 from transfer.errors import FairgateError
-from transfer.http import until_disconnected
+from transfer.http import CallerDisconnected, caller_disconnected_response, until_disconnected
 from transfer.messages import SamplingSpec
 from transfer.telemetry import SpanRecord, is_tracing, start_span, trace_id_of
 
@@ -70,7 +72,6 @@ __all__ = ["SLO_CLASS_HEADER", "openai_endpoints"]
 logger = logging.getLogger("fairgate.requests")
 
 SLO_CLASS_HEADER = "x-fairgate-class"
-TOKENIZE_OFF_LOOP_CHARS = 8192  # longer prompts are tokenized in a thread
 DEMOTED_WEIGHT_FACTOR = 0.01
 
 _T = TypeVar("_T")
@@ -88,6 +89,10 @@ class _Run:
     completion_id: str
     created: int
     is_finished: bool = False
+    # What reached the client (the billing rule, ``_billed``): a whole answer, or the
+    # completion tokens generated up to the last text event a stream sent.
+    is_delivered: bool = False
+    num_delivered_tokens: int = 0
 
 
 def openai_endpoints(gateway: Gateway) -> list[Endpoint]:
@@ -155,13 +160,20 @@ async def _serve(gateway: Gateway, request: Request, parse: Any, operation: str)
     received = time.monotonic()
     seen = _Seen(time.time_ns() if is_tracing() else 0, operation)
     try:
+        if gateway.is_draining:
+            raise ShuttingDown("the gateway is shutting down; try another replica or retry")
         _, seen.tenant = await gateway.auth.tenant(request)
         body = await _read_body(request, gateway.config.gateway.max_body_bytes)
         generation_request: GenerationRequest = parse(body)
         run = await _admit(gateway, request, seen, generation_request, received)
     except BaseException as exc:
         _refused(gateway, seen, exc)
+        if isinstance(exc, CallerDisconnected):
+            return caller_disconnected_response(request, exc)
         raise
+    gateway.requests_in_flight.add(run.generation)
+    if gateway.is_draining:  # began to stop while this one was being admitted
+        run.generation.interrupt(ShuttingDown("the gateway is shutting down; retry"))
     events = run.generation.events()
     try:
         if generation_request.stream:
@@ -177,8 +189,13 @@ async def _serve(gateway: Gateway, request: Request, parse: Any, operation: str)
     except BaseException as exc:
         await events.aclose()
         _finish(gateway, run, exc)
+        if isinstance(exc, CallerDisconnected):
+            return caller_disconnected_response(request, exc)
+        if isinstance(exc, FairgateError):
+            raise public_error(exc, run.completion_id) from None
         raise
     await events.aclose()  # runs the generation's clean-up now: worker accounting, timings
+    run.is_delivered = True
     _finish(gateway, run, None)
     return _complete_response(run, answer)
 
@@ -238,20 +255,32 @@ def _outcome(error: BaseException | None) -> str:
     if isinstance(error, FairgateError):
         return error.code
     if isinstance(
-        error, asyncio.CancelledError | ClientDisconnect | anyio.get_cancelled_exc_class()
+        error,
+        asyncio.CancelledError
+        | CallerDisconnected
+        | ClientDisconnect
+        | GeneratorExit
+        | anyio.get_cancelled_exc_class(),
     ):
         return CLIENT_DISCONNECTED
     return type(error).__name__
 
 
 async def _read_body(request: Request, max_bytes: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to be over ``max_bytes``: from its
+    ``Content-Length`` before any of it is read, else while it streams in."""
+    too_large = RequestTooLarge(f"the request body is larger than {max_bytes} bytes")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes:
-        raise ClientError(f"the body exceeds {max_bytes} bytes")
-    body = await request.body()
-    if len(body) > max_bytes:
-        raise ClientError(f"the body exceeds {max_bytes} bytes")
-    return body
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _admit(
@@ -263,8 +292,7 @@ async def _admit(
 ) -> _Run:
     tenant = seen.tenant
     assert tenant is not None
-    if not gateway.registry.can_serve():
-        raise NoWorkerAvailable(f"no worker is ready: {gateway.registry.summary()}")
+    gateway.dispatcher.check_can_serve()
     if body.model not in _served_models(gateway):
         raise ModelNotFound(
             f"model {body.model!r} is not served here; GET /v1/models lists the served models",
@@ -273,8 +301,16 @@ async def _admit(
     # Named after the model once it is one we serve: a client's model string is its own text.
     span = seen.span = _server_span(seen, body)
     slo_class = seen.slo_class = _slo_class(gateway, request, tenant, body)
-    prompt_token_ids = await _tokenize(gateway, body)
+    # Cheap refusals first: a tenant whose queue is full or standing is told so before its
+    # prompt costs any tokenizing.
+    gateway.dispatcher.check_backlog(tenant.tenant_id, _class_rank(gateway, slo_class))
     max_model_len = gateway.registry.max_model_len
+    encoding = gateway.prompts.encode(tenant.tenant_id, body, max_model_len)
+    # A long prompt's wait (its tenant's turn, a thread) ends if its client leaves.
+    if is_long_prompt(body):
+        prompt_token_ids = await until_disconnected(request, encoding)
+    else:
+        prompt_token_ids = await encoding
     prompt_param = "messages" if body.kind == "chat" else "prompt"
     if len(prompt_token_ids) >= max_model_len:
         raise ContextLengthExceeded(
@@ -356,29 +392,6 @@ def _slo_class(gateway: Gateway, request: Request, tenant: Tenant, body: Generat
     return name
 
 
-async def _tokenize(gateway: Gateway, body: GenerationRequest) -> list[int]:
-    tokenizer = gateway.tokenizer
-    if body.prompt_token_ids is not None:
-        vocab_size = tokenizer.vocab_size
-        if any(not 0 <= t < vocab_size for t in body.prompt_token_ids):
-            raise ClientError(f"prompt token ids must be in [0, {vocab_size})", param="prompt")
-        return list(body.prompt_token_ids)
-    try:
-        if body.messages is not None:
-            size = sum(len(m["content"]) for m in body.messages)
-            work = partial(tokenizer.encode_chat, body.messages)
-        else:
-            assert body.prompt is not None
-            size = len(body.prompt)
-            work = partial(tokenizer.encode, body.prompt, add_special_tokens=True)
-        token_ids = await asyncio.to_thread(work) if size > TOKENIZE_OFF_LOOP_CHARS else work()
-    except TokenizerError as exc:
-        raise ClientError(str(exc), param="messages" if body.messages else "prompt") from exc
-    if not token_ids:
-        raise ClientError("the prompt is empty", param="prompt")
-    return token_ids
-
-
 def _cache_salt(tenant: Tenant) -> bytes:
     """Scopes the workers' prefix cache to the tenant (chosen here, never by a client)."""
     return hashlib.sha256(b"fairgate-prefix-cache\0" + tenant.tenant_id.encode()).digest()[:16]
@@ -390,7 +403,7 @@ async def _collect(events: AsyncGenerator[str | Finished]) -> tuple[str, Finishe
         if isinstance(event, Finished):
             return "".join(parts), event
         parts.append(event)
-    raise NoWorkerAvailable("the request ended without a result")
+    raise FairgateError("the request ended without a result")
 
 
 # ---- answers --------------------------------------------------------------------------------
@@ -441,6 +454,7 @@ async def _sse(
 ) -> AsyncGenerator[bytes]:
     chunk = ChatCompletionChunk if run.request.kind == "chat" else CompletionChunk
     args = (run.completion_id, run.created, run.request.model)
+    usage = run.generation.usage
     error: BaseException | None = None
     try:
         if run.request.kind == "chat":
@@ -448,19 +462,23 @@ async def _sse(
         event: str | Finished = first
         while True:
             if isinstance(event, Finished):
+                run.is_delivered = True  # every text event went out before this one
                 yield chunk.finish(*args, event.finish_reason)
                 if run.request.include_usage:
-                    usage = event.usage
                     yield chunk.usage_only(
                         *args, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
                     )
                 break
             yield chunk.text(*args, event)
+            # Resumed: the server took the event, so the client has the text of every token
+            # generated so far (the generation waits while we send).
+            run.num_delivered_tokens = usage.completion_tokens
             event = await anext(events)
         yield SSE_DONE
     except FairgateError as exc:
         error = exc
-        yield b"data: " + msgspec.json.encode(openai_error_body(exc)) + b"\n\n"
+        public = public_error(exc, run.completion_id)
+        yield b"data: " + msgspec.json.encode(openai_error_body(public)) + b"\n\n"
     except BaseException as exc:
         error = exc
         raise
@@ -472,30 +490,49 @@ async def _sse(
 async def _close(gateway: Gateway, run: _Run, events: AsyncGenerator[str | Finished]) -> None:
     """After a streamed answer, however it ended (even before its body began)."""
     await events.aclose()
-    _finish(gateway, run, asyncio.CancelledError("the client disconnected"))
+    _finish(gateway, run, CallerDisconnected("the client disconnected"))
+
+
+def _billed(run: _Run) -> TokenUsage:
+    """What the request is billed (the README's rule): all of it when the whole answer was
+    delivered; after a failure or a client that left, its prompt and the completion tokens that
+    reached the client, and nothing when none did."""
+    usage = run.generation.usage
+    if run.is_delivered:
+        return usage
+    if run.num_delivered_tokens == 0:
+        return TokenUsage()
+    return TokenUsage(usage.prompt_tokens, usage.cached_tokens, run.num_delivered_tokens)
 
 
 def _finish(gateway: Gateway, run: _Run, error: BaseException | None) -> None:
-    """Settle the quota, record usage, count it in the metrics, end its span and log its one
-    line. Only the first call counts."""
+    """Settle the quota, record the usage billed, count it in the metrics, end its span and log
+    its one line. Only the first call counts."""
     if run.is_finished:
         return
     run.is_finished = True
-    usage: TokenUsage = run.generation.usage
-    gateway.quotas.settle(run.admission, actual_tokens=usage.total_tokens)
-    gateway.usage.add(
-        UsageDelta(
-            tenant_id=run.tenant.tenant_id,
-            at=time.time(),
-            prompt_tokens=usage.prompt_tokens,
-            cached_tokens=usage.cached_tokens,
-            completion_tokens=usage.completion_tokens,
-        )
-    )
     generation = run.generation
+    gateway.requests_in_flight.discard(generation)
+    if generation.interrupted is not None and error is not None:
+        error = generation.interrupted  # the gateway ended it: that is its outcome
+    usage = _billed(run)
+    gateway.quotas.settle(run.admission, actual_tokens=usage.total_tokens)
+    if usage.total_tokens:
+        gateway.usage.add(
+            UsageDelta(
+                tenant_id=run.tenant.tenant_id,
+                at=time.time(),
+                prompt_tokens=usage.prompt_tokens,
+                cached_tokens=usage.cached_tokens,
+                completion_tokens=usage.completion_tokens,
+            )
+        )
     timing = generation.timing
     now = time.monotonic()
     outcome = _outcome(error)
+    if error is not None and not isinstance(error, ClientError) and outcome != CLIENT_DISCONNECTED:
+        # The tenant was told less (``public_error``); this line has the cause, by request id.
+        logger.warning("request %s failed: %s", run.completion_id, _error_text(error))
     queue_s = None if timing.placed is None else timing.placed - timing.received
     ttft_s = None if timing.first_token is None else timing.first_token - timing.received
     gateway.metrics.finished(
@@ -546,6 +583,12 @@ def _finish(gateway: Gateway, run: _Run, error: BaseException | None) -> None:
             " ".join(f"{key}={'-' if value is None else value}" for key, value in fields.items()),
             extra={"fields": fields},
         )
+
+
+def _error_text(error: BaseException) -> str:
+    if isinstance(error, FairgateError):
+        return f"{error.message} ({error.code})"
+    return repr(error)
 
 
 class _DisconnectAwareStream(StreamingResponse):

@@ -8,11 +8,17 @@
     ├── policy      SchedulingPolicy          the queue and placement decisions
     ├── dispatcher  Dispatcher                carries decisions out, requests wait there
     ├── usage       UsageRecorder             finished requests' usage, batched to the store
-    └── tokenizer   Tokenizer                 chat template, encode, incremental decode
+    ├── tokenizer   Tokenizer                 chat template, encode, incremental decode
+    └── prompts     PromptEncoder             prompts tokenized off the loop, per tenant
 
 Routes: ``gateway.api`` (OpenAI-compatible, tenant keys), ``gateway.admin`` (admin token),
 ``/healthz``, ``/readyz``, ``/openapi.json``. One lifespan starts and stops everything.
-Torch-free.
+
+Stopping (SIGTERM): the server stops taking connections and requests, ``/readyz`` says
+``draining``, and ``Gateway.drain`` lets the requests in flight finish for up to
+``gateway.shutdown_grace_s``; what is still running then ends with 503 ``shutting_down`` (an
+error event on a stream), billed what its client received. Then the lifespan ends: usage is
+written, tracing flushed. Torch-free.
 """
 
 from __future__ import annotations
@@ -40,10 +46,12 @@ from gateway.api import openai_endpoints
 from gateway.auth import Authenticator
 from gateway.config import Config
 from gateway.dispatch import Dispatcher
-from gateway.errors import ClientError, NoWorkerAvailable, openai_error_body, retry_after_header
+from gateway.errors import ClientError, ShuttingDown, openai_error_body, retry_after_header
+from gateway.generation import Generation
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import Endpoint, openapi_document, routes_of
 from gateway.policies import PolicySettings, make_policy
+from gateway.prompts import PromptEncoder
 from gateway.quotas import QuotaManager
 from gateway.scheduler import SchedulingPolicy
 from gateway.store import SQLiteStore
@@ -51,7 +59,12 @@ from gateway.tenants import TenantStore
 from gateway.usage import UsageRecorder
 from gateway.workers import WorkerRegistry
 from transfer.errors import FairgateError
-from transfer.http import http_server, serve_on
+from transfer.http import (
+    CallerDisconnected,
+    caller_disconnected_response,
+    http_server,
+    serve_on,
+)
 from transfer.telemetry import setup_tracing, shutdown_tracing
 
 __all__ = ["Gateway", "create_app", "policy_from_config", "run_gateway"]
@@ -60,6 +73,8 @@ logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 METRICS_SAMPLE_S = 1.0
+# After the grace period: how long the requests ended then have to send their error.
+DRAIN_END_S = 5.0
 
 
 def policy_from_config(config: Config) -> SchedulingPolicy:
@@ -94,6 +109,7 @@ class _Started:
     quotas: QuotaManager
     usage: UsageRecorder
     tokenizer: Tokenizer
+    prompts: PromptEncoder
 
 
 class Gateway:
@@ -122,6 +138,8 @@ class Gateway:
             max_prefill_inflight_s=config.scheduler.max_prefill_inflight_s,
             queue_timeout_s=config.scheduler.queue_timeout_s,
             make_room_for_higher_classes=config.scheduler.make_room_for_higher_classes,
+            max_queued_per_tenant=config.scheduler.max_queued_per_tenant,
+            max_queue_wait_s={c.rank: c.queue_wait_limit_s for c in config.slo_classes},
         )
         self.metrics = GatewayMetrics(
             config.slo_classes,
@@ -132,6 +150,9 @@ class Gateway:
         )
         self._sampler: asyncio.Task[None] | None = None
         self._parts: _Started | None = None
+        # Requests admitted and not finished (``gateway.api``), for ``drain``.
+        self.requests_in_flight: set[Generation] = set()
+        self.is_draining = False
 
     @property
     def started(self) -> _Started:
@@ -158,6 +179,10 @@ class Gateway:
     def tokenizer(self) -> Tokenizer:
         return self.started.tokenizer
 
+    @property
+    def prompts(self) -> PromptEncoder:
+        return self.started.prompts
+
     async def start(self) -> None:
         spec = resolve_model(self.config.model.name, pull=False)
         tokenizer = await asyncio.to_thread(Tokenizer.load, tokenizer_path(spec))
@@ -169,6 +194,7 @@ class Gateway:
             quotas=QuotaManager(store.total_tokens),
             usage=usage,
             tokenizer=tokenizer,
+            prompts=PromptEncoder(tokenizer),
         )
         await usage.start()
         await self.registry.start()
@@ -180,14 +206,49 @@ class Gateway:
             await asyncio.sleep(METRICS_SAMPLE_S)
             self.metrics.sample()
 
+    async def drain(self) -> None:
+        """Stop admitting; let the requests in flight finish within
+        ``gateway.shutdown_grace_s``; end the rest (module docstring)."""
+        self.is_draining = True
+        loop = asyncio.get_running_loop()
+        grace_s = self.config.gateway.shutdown_grace_s
+        if self.requests_in_flight:
+            logger.info(
+                "stopping: %d requests in flight, %g s to finish",
+                len(self.requests_in_flight),
+                grace_s,
+            )
+        deadline = loop.time() + grace_s
+        while self.requests_in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if not self.requests_in_flight:
+            return
+        logger.warning(
+            "stopping: ending %d requests still running after %g s",
+            len(self.requests_in_flight),
+            grace_s,
+        )
+        for generation in list(self.requests_in_flight):
+            generation.interrupt(
+                ShuttingDown(
+                    "the gateway is shutting down and could not finish this request in time"
+                )
+            )
+        deadline = loop.time() + DRAIN_END_S
+        while self.requests_in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+
     async def stop(self) -> None:
+        self.is_draining = True
         if self._sampler is not None:
             self._sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sampler
-        self.dispatcher.fail_all(NoWorkerAvailable("the gateway is shutting down"))
+        await self.dispatcher.stop()
+        self.dispatcher.fail_all(ShuttingDown("the gateway is shutting down"))
         await self.registry.stop()
         if self._parts is not None:
+            self._parts.prompts.close()
             await self.usage.stop()
             await self._parts.store.close()
 
@@ -219,6 +280,8 @@ def create_app(gateway: Gateway, *, on_started: Callable[[], None] | None = None
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
+        if gateway.is_draining:
+            return JSONResponse({"status": "draining"}, 503)
         if gateway.registry.can_serve():
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "not_ready", "workers": gateway.registry.summary()}, 503)
@@ -238,6 +301,12 @@ def create_app(gateway: Gateway, *, on_started: Callable[[], None] | None = None
         response.headers.update(retry_after_header(exc))
         return response
 
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        """A bug: the client gets OpenAI's error body, the log the traceback (Starlette's
+        server-error middleware logged it before calling this)."""
+        error = FairgateError("the gateway failed to handle this request")
+        return json_response(openai_error_body(error), 500)
+
     return Starlette(
         routes=[
             Route("/healthz", healthz),
@@ -247,7 +316,11 @@ def create_app(gateway: Gateway, *, on_started: Callable[[], None] | None = None
             *routes_of(endpoints),
         ],
         lifespan=lifespan,
-        exception_handlers={FairgateError: on_error},
+        exception_handlers={
+            FairgateError: on_error,
+            CallerDisconnected: caller_disconnected_response,
+            Exception: on_unexpected,
+        },
     )
 
 
@@ -262,7 +335,7 @@ def run_gateway(config: Config) -> int:
         freeze_startup_heap()  # the process's, so not in create_app (tests make many apps)
         emit_event("ready", role="gateway", http_url=http_url, pid=os.getpid())
 
-    server = http_server(create_app(gateway, on_started=announce))
+    server = http_server(create_app(gateway, on_started=announce), drain=gateway.drain)
     telemetry = config.telemetry
     setup_tracing(
         "gateway",

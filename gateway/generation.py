@@ -11,17 +11,23 @@ timeout. A worker that cannot be reached before any token reached the client is 
 the request placed again, up to ``MAX_PLACEMENTS`` times. After the first token, a failure ends
 the request with its error.
 Leaving the iteration early (a client that went away) closes the worker streams, which aborts
-the request on both workers. Torch-free.
+the request on both workers.
+
+``interrupt(error)`` ends a request from outside (the gateway stopping): the next event, or the
+wait in progress (for a placement or for the workers, by cancelling the task iterating), raises
+``error`` instead, after the same clean-up. Torch-free.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import logging
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 from opentelemetry.util.types import AttributeValue
@@ -122,8 +128,48 @@ class Generation:
         self.finish_reason: str | None = None
         self.metrics = metrics
         self.traceparent = None if span is None else traceparent_of(span)
+        self.interrupted: FairgateError | None = None  # set by ``interrupt``
+        # The task iterating ``events`` and whether it is inside it (not parked at a yield).
+        self._task: asyncio.Task[Any] | None = None
+        self._is_running = False
+        self._was_cancelled = False  # ``interrupt`` cancelled ``_task``
+
+    def interrupt(self, error: FairgateError) -> None:
+        """End the request with ``error`` (see the module docstring). Safe at any time, once."""
+        if self.interrupted is not None:
+            return
+        self.interrupted = error
+        task = self._task
+        if self._is_running and task is not None and not task.done():
+            self._was_cancelled = True
+            task.cancel()
+
+    def _resume(self) -> None:
+        if self.interrupted is not None:
+            raise self.interrupted
+        self._task = asyncio.current_task()
+        self._is_running = True
 
     async def events(self) -> AsyncGenerator[str | Finished]:
+        self._resume()
+        try:
+            async with contextlib.aclosing(self._events()) as events:
+                async for event in events:
+                    self._is_running = False
+                    yield event
+                    self._resume()
+        except asyncio.CancelledError:
+            task = self._task
+            if self.interrupted is None or not self._was_cancelled or task is None:
+                raise
+            self._was_cancelled = False
+            if task.uncancel() > 0:
+                raise  # cancelled by someone else as well: that one wins
+            raise self.interrupted from None
+        finally:
+            self._is_running = False
+
+    async def _events(self) -> AsyncGenerator[str | Finished]:
         requeue = False
         num_unreachable = 0
         for attempt in itertools.count(1):

@@ -376,8 +376,12 @@ class SQLiteStore:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    """Runs on the store's thread: opens, configures and migrates the database."""
+    """Runs on the store's thread: opens, configures and migrates the database. A new database
+    is created readable by its owner only (it holds key hashes and usage); SQLite gives its WAL
+    and shared-memory files the database file's mode."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     # isolation_level=None: no implicit transactions; ``_transaction`` says where they are.
     db = sqlite3.connect(path, isolation_level=None)
     try:

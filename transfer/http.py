@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -29,7 +30,9 @@ from transfer.messages import (
 )
 
 __all__ = [
+    "CallerDisconnected",
     "FrameStreamResponse",
+    "caller_disconnected_response",
     "error_response",
     "http_server",
     "message_response",
@@ -39,6 +42,8 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+
+logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 << 20
 
@@ -125,18 +130,32 @@ async def _until_disconnect(receive: Receive) -> None:
         pass
 
 
+class CallerDisconnected(Exception):
+    """The caller went away before its answer was ready (``until_disconnected``). Not an error
+    of the server's: the route's answer goes nowhere (``caller_disconnected_response``), and it
+    is logged as the route chooses, never as an exception in the application."""
+
+
+def caller_disconnected_response(request: Request, exc: Exception) -> Response:
+    """The exception handler for ``CallerDisconnected``: an empty answer (nginx's 499, "client
+    closed request"), which the server drops since nobody is there to read it."""
+    return Response(status_code=499)
+
+
 async def until_disconnected(
     request: Request, work: Awaitable[_T], on_disconnect: Callable[[], Any] | None = None
 ) -> _T:
     """Await ``work``; if the caller disconnects first, cancel it and wait for its clean-up, call
-    ``on_disconnect`` and raise ``asyncio.CancelledError``. The body must have been read
-    already."""
+    ``on_disconnect`` and raise ``CallerDisconnected``. If this wait itself is cancelled, the work
+    is cancelled and its clean-up awaited before the cancellation goes on, so whatever the work
+    was iterating is free again when the caller sees it. The body must have been read already."""
     work_task = asyncio.ensure_future(work)
     watch_task = asyncio.ensure_future(_until_disconnect(request.receive))
     try:
         done, _ = await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
         work_task.cancel()
+        await asyncio.wait({work_task})  # its clean-up, before ours; its outcome is moot
         raise
     finally:
         watch_task.cancel()
@@ -147,7 +166,7 @@ async def until_disconnected(
         await work_task
     if on_disconnect is not None:
         on_disconnect()
-    raise asyncio.CancelledError("the caller disconnected")
+    raise CallerDisconnected("the caller disconnected")
 
 
 # An idle keep-alive connection is closed by its client before its server does: a server that
@@ -157,20 +176,49 @@ async def until_disconnected(
 SERVER_KEEP_ALIVE_S = 75
 
 
-def http_server(app: ASGIApp) -> uvicorn.Server:
+class _DrainingServer(uvicorn.Server):
+    """On shutdown, first stops taking connections and requests (idle keep-alive connections
+    close, busy ones close after their answer), then awaits ``drain`` (the app finishing or
+    ending what it runs), then does uvicorn's own shutdown: its wait for connections is short,
+    since drained requests have answered; a second signal (``force_exit``) stops waiting."""
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(config)
+        self._drain = drain
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()
+        draining = asyncio.ensure_future(self._drain())
+        while not draining.done() and not self.force_exit:
+            await asyncio.wait({draining}, timeout=0.1)
+        if not draining.done():
+            draining.cancel()
+            await asyncio.wait({draining})
+        elif draining.exception() is not None:
+            logger.error("draining failed", exc_info=draining.exception())
+        await super().shutdown(sockets)
+
+
+def http_server(
+    app: ASGIApp, *, drain: Callable[[], Awaitable[None]] | None = None
+) -> uvicorn.Server:
     """A uvicorn server for a worker or the gateway (httptools, no access log: the services log
-    requests themselves, without their content)."""
-    return uvicorn.Server(
-        uvicorn.Config(
-            app,
-            log_level="warning",
-            access_log=False,
-            lifespan="on",
-            timeout_graceful_shutdown=5,
-            timeout_keep_alive=SERVER_KEEP_ALIVE_S,
-            http="httptools",
-        )
+    requests themselves, without their content). ``drain``: awaited on shutdown once no new
+    request can arrive, before the server waits ``timeout_graceful_shutdown`` for what is left
+    and then cancels it."""
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=SERVER_KEEP_ALIVE_S,
+        http="httptools",
     )
+    return uvicorn.Server(config) if drain is None else _DrainingServer(config, drain)
 
 
 def serve_on(server: uvicorn.Server, sock: socket.socket) -> None:

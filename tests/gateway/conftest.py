@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 
 from deploy.stack import Stack, StackConfig, start_stack
+from engine.model_store import resolve_model, tokenizer_path
+from engine.tokenizer import Tokenizer
 
 AdminCli = Callable[..., Any]
 
@@ -24,6 +26,11 @@ def start_test_stack(state_dir: Path, **overrides: Any) -> Stack:
         "ready_timeout_s": 120.0,
     }
     return start_stack(StackConfig(state_dir=state_dir, **(settings | overrides)))
+
+
+def null_tokenizer() -> Tokenizer:
+    """The tokenizer the gateway of a test stack (the null engine) uses."""
+    return Tokenizer.load(tokenizer_path(resolve_model("null", pull=False)))
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import sqlite3
+import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -110,6 +111,18 @@ async def test_conflict_and_not_found(store: SQLiteStore) -> None:
 async def test_wal_mode_and_schema_version(store: SQLiteStore, db_path: Path) -> None:
     assert read_pragma(db_path, "journal_mode") == "wal"
     assert read_pragma(db_path, "user_version") == len(MIGRATIONS) >= 1
+
+
+async def test_a_new_database_and_its_wal_are_readable_by_the_owner_only(
+    store: SQLiteStore, db_path: Path
+) -> None:
+    """It holds key hashes and every tenant's usage: 0600 whatever the umask, and SQLite gives
+    the WAL and shared-memory files the database's mode."""
+    await store.create_tenant(TenantSpec(name="acme"))
+    wal = db_path.with_name(db_path.name + "-wal")
+    assert wal.exists()
+    for path in (db_path, wal):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 
 
 async def test_reopening_keeps_data(db_path: Path) -> None:

@@ -1,0 +1,153 @@
+"""Requests that end badly on a real stack (worker and gateway processes, the null engine): a
+client that leaves, a worker that dies under a request. The tenant gets a clean error that names
+no internal address, the log has no traceback, and the ledger bills only what reached the
+client (the README's rule)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from deploy.stack import Stack
+from tests.gateway.conftest import null_tokenizer, start_test_stack
+
+PROMPT = [{"role": "user", "content": "Go on for a while."}]
+MAX_TOKENS = 1000  # the null engine's 5 ms a step: about 5 s
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    started = start_test_stack(tmp_path / "state", log_dir=tmp_path / "logs", num_decode_workers=2)
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+async def _tenant(client: httpx.AsyncClient, stack: Stack, name: str) -> tuple[str, str, str]:
+    """(tenant id, key, model)."""
+    admin = {"authorization": f"Bearer {stack.admin_token}"}
+    tenant = await client.post("/admin/v1/tenants", json={"name": name}, headers=admin)
+    key = await client.post(f"/admin/v1/tenants/{name}/keys", json={"name": "k"}, headers=admin)
+    secret = key.json()["secret"]
+    models = await client.get("/v1/models", headers={"authorization": f"Bearer {secret}"})
+    return tenant.json()["tenant_id"], secret, models.json()["data"][0]["id"]
+
+
+async def _ledger(stack: Stack, tenant_id: str) -> tuple[int, int, int]:
+    """(requests, prompt tokens, completion tokens) recorded for the tenant this month (the
+    admin route writes what is pending first)."""
+    async with httpx.AsyncClient(base_url=stack.base_url) as client:
+        admin = {"authorization": f"Bearer {stack.admin_token}"}
+        response = await client.get(f"/admin/v1/tenants/{tenant_id}/usage", headers=admin)
+        assert response.status_code == 200, response.text
+    rows = response.json()["data"]
+    if not rows:
+        return 0, 0, 0
+    [usage] = rows
+    return usage["requests"], usage["prompt_tokens"], usage["completion_tokens"]
+
+
+def _log(tmp_path: Path) -> str:
+    return (tmp_path / "logs" / "gateway-0.log").read_text(encoding="utf-8")
+
+
+async def _wait_for_log(tmp_path: Path, text: str, timeout_s: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout_s
+    while text not in (log := _log(tmp_path)):
+        assert time.monotonic() < deadline, f"{text!r} not logged"
+        await asyncio.sleep(0.05)
+    return log
+
+
+async def test_a_client_that_leaves_is_logged_as_such_and_billed_nothing(
+    stack: Stack, tmp_path: Path
+) -> None:
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=30.0) as client:
+        tenant_id, key, model = await _tenant(client, stack, "leaver")
+        body = {"model": model, "messages": PROMPT, "max_tokens": 4000}  # about 20 s
+        with pytest.raises(httpx.ReadTimeout):
+            await client.post(
+                "/v1/chat/completions",
+                json=body,
+                headers={"authorization": f"Bearer {key}"},
+                timeout=1.0,  # then the client closes its connection
+            )
+    log = await _wait_for_log(tmp_path, "outcome=client_disconnected")
+    assert "Traceback" not in log and "ERROR" not in log
+    assert await _ledger(stack, tenant_id) == (0, 0, 0)
+
+
+async def _streamed(
+    client: httpx.AsyncClient, body: dict[str, Any], key: str, started: asyncio.Event
+) -> tuple[str, dict[str, Any] | None]:
+    """(the text received, the error event if any)."""
+    body = body | {"stream": True}
+    text, error = "", None
+    headers = {"authorization": f"Bearer {key}"}
+    async with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: ") :])
+            if "error" in event:
+                error = event["error"]
+            elif event["choices"]:
+                text += event["choices"][0]["delta"].get("content") or ""
+                started.set()
+    return text, error
+
+
+async def test_a_request_whose_worker_dies_gets_a_clean_error_and_is_billed_what_it_got(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Both decode workers run requests; one is killed. The whole answers on it get a 503 and
+    are billed nothing; the streams on it end with an error event and are billed their prompt
+    and the tokens they got; nobody sees an address or exception text."""
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=60.0) as client:
+        tenant_id, key, model = await _tenant(client, stack, "victim")
+        headers = {"authorization": f"Bearer {key}"}
+        body = {"model": model, "messages": PROMPT, "max_tokens": MAX_TOKENS}
+        whole = [
+            asyncio.create_task(client.post("/v1/chat/completions", json=body, headers=headers))
+            for _ in range(4)
+        ]
+        started = [asyncio.Event() for _ in range(4)]
+        streams = [asyncio.create_task(_streamed(client, body, key, s)) for s in started]
+        for event in started:
+            await asyncio.wait_for(event.wait(), 30.0)
+        stack.workers[-1].kill()
+        answers = await asyncio.gather(*whole)
+        results = await asyncio.gather(*streams)
+    failed = [a for a in answers if a.status_code != 200]
+    errors = [error for _, error in results if error is not None]
+    assert failed and errors  # requests on both workers: some of each kind were on the dead one
+    for answer in failed:
+        assert answer.status_code in (502, 503, 504)
+        assert answer.headers["content-type"] == "application/json"
+        errors.append(answer.json()["error"])
+    for error in errors:
+        assert error["type"] == "server_error"
+        assert "request id" in error["message"]
+        assert "http" not in error["message"] and "127.0.0.1" not in error["message"]
+        assert "Error(" not in error["message"]
+    ok = [a.json()["usage"] for a in answers if a.status_code == 200]
+    num_streamed_ok = sum(error is None for _, error in results)
+    requests, prompt_tokens, completion_tokens = await _ledger(stack, tenant_id)
+    num_prompt = len(null_tokenizer().encode_chat(PROMPT))
+    cut = [text for text, error in results if error is not None and text]
+    assert requests == len(ok) + num_streamed_ok + len(cut)
+    assert prompt_tokens == num_prompt * requests
+    full = MAX_TOKENS * (len(ok) + num_streamed_ok)
+    # The cut streams' tokens: more than none, fewer than all.
+    assert full + len(cut) <= completion_tokens < full + MAX_TOKENS * len(cut)
+    log = _log(tmp_path)
+    assert "Traceback" not in log
