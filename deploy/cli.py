@@ -192,9 +192,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "up",
         help="start the whole stack here: workers and gateway, with a demo tenant",
         description="Start prefill and decode workers and the gateway as child processes, wait "
-        "until all are ready, create a demo tenant and key on first start, print the URL, the "
-        "admin token, the demo key and a curl to try, and write them to "
-        "STATE_DIR/credentials.json. Ctrl-C or SIGTERM stops every child.",
+        "until all are ready, create a demo tenant and key on first start and write them, with "
+        "the admin token, to STATE_DIR/credentials.json (mode 0600; the secrets are printed "
+        "nowhere), then print the URL, where the credentials are and a curl that reads the key "
+        "from there. A worker that exits is restarted at the same ports after a backoff (0.5 s, "
+        "doubling to 10 s) while the others serve; the stack stops, with status 1 and the "
+        "reason, when the gateway exits or a worker exits more than --max-restarts times within "
+        "--restart-window seconds. Ctrl-C or SIGTERM stops every child.",
     )
     up.add_argument(
         "--engine",
@@ -219,6 +223,24 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="torch threads per worker (default: this machine's cores shared among the workers, "
         "at least 1 each)",
+    )
+    from deploy.supervisor import RestartPolicy
+
+    restarts = RestartPolicy()
+    up.add_argument(
+        "--max-restarts",
+        type=int,
+        default=restarts.max_restarts,
+        metavar="N",
+        help="restarts of one worker allowed within --restart-window; one more exit is a crash "
+        "loop and stops the stack; 0: any worker exit stops it (default: %(default)s)",
+    )
+    up.add_argument(
+        "--restart-window",
+        type=float,
+        default=restarts.window_s,
+        metavar="SECONDS",
+        help="the window --max-restarts counts in (default: %(default)g)",
     )
 
     from deploy.admin_cli import add_admin_parser
@@ -644,7 +666,10 @@ def _run_up(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from deploy.stack import StackConfig, default_state_dir, run_up
+    from deploy.supervisor import RestartPolicy
 
+    # One line per worker exit and restart: the operator should see them at the default level.
+    logging.getLogger("deploy.supervisor").setLevel(logging.INFO)
     gateway_args = [] if args.policy is None else ["--policy", args.policy]
     return run_up(
         StackConfig(
@@ -657,6 +682,9 @@ def _run_up(args: argparse.Namespace) -> int:
             worker_args=["--log-level", "warning"],
             gateway_args=gateway_args,
             threads_per_worker=args.threads,
+            restart_policy=RestartPolicy(
+                max_restarts=args.max_restarts, window_s=args.restart_window
+            ),
         )
     )
 

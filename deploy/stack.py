@@ -1,29 +1,37 @@
 """``fairgate up``: the whole stack on this machine — prefill and decode workers, then the gateway
-in front of them — as child processes that stop with it.
+in front of them — as child processes that stop with it. ``run_up`` keeps the workers up while it
+serves (``deploy.supervisor``): one that exits is restarted at the same ports, and only the
+gateway exiting or a worker crash loop stops the stack.
 
-State lives in one directory (``--state-dir``): the SQLite store (``fairgate.db``) and
-``credentials.json`` (``base_url``, ``admin_token``, ``demo_key``; mode 0600). The first start
-generates the admin token and creates a ``demo`` tenant with one key; later starts reuse the token
-and keep tenants, keys and usage. Torch-free (the workers load torch in their own processes).
+State lives in one directory (``--state-dir``, made mode 0700 when fairgate creates it): the
+SQLite store (``fairgate.db``) and ``credentials.json`` (``base_url``, ``admin_token``,
+``demo_key``; mode 0600). The first start generates the admin token and creates a ``demo`` tenant
+with one key; later starts reuse the token and keep tenants, keys and usage. The secrets go to
+that file only, never to stdout or the logs: the welcome names the file, and its ``curl`` reads the
+key from it. Torch-free (the workers load torch in their own processes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import shlex
 import signal
+import sys
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from deploy.launcher import LaunchError, WorkerProcess, WorkerSpec, start_workers
+from deploy.supervisor import RestartPolicy, Supervisor
 
-__all__ = ["Stack", "StackConfig", "default_state_dir", "start_stack", "worker_specs"]
+__all__ = ["Stack", "StackConfig", "default_state_dir", "run_up", "start_stack", "worker_specs"]
 
 CREDENTIALS_FILE = "credentials.json"
 DEMO_TENANT = "demo"
@@ -52,6 +60,8 @@ class StackConfig:
     # torch threads per worker; None: this machine's cores shared among the workers
     # (``worker_threads``), unless ``worker_args`` names ``--threads``
     threads_per_worker: int | None = None
+    # ``run_up``'s: when workers that exit come back, and when the stack gives up
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
 
     def __post_init__(self) -> None:
         if self.threads_per_worker is not None and self.threads_per_worker < 1:
@@ -89,30 +99,23 @@ class Stack:
         for process in self.processes:
             process.stop()
 
-    def wait(self, stop: threading.Event) -> int | None:
-        """Until ``stop`` is set (None) or a child exits on its own (its exit status)."""
-        while not stop.wait(0.5):
-            for process in self.processes:
-                code = process.process.poll()
-                if code is not None:
-                    return code
-        return None
-
 
 def start_stack(config: StackConfig) -> Stack:
+    """Workers, then the gateway, each ready; the demo tenant; ``credentials.json``. Nothing
+    restarts a worker that exits later (``run_up`` does)."""
     state_dir = config.state_dir.expanduser().resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    # Only its owner may look inside (the store holds the tenants and their key hashes); a
+    # directory that exists is the operator's, left as the operator made it.
+    with contextlib.suppress(FileExistsError):
+        state_dir.mkdir(mode=0o700, parents=True)
     credentials = _read_credentials(state_dir)
     admin_token = credentials.get("admin_token") or "fga-" + secrets.token_urlsafe(32)
-    env = {**(config.env or {}), "FAIRGATE_GATEWAY_ADMIN_TOKEN": admin_token}
-    specs = worker_specs(config, env)
+    specs = worker_specs(config, dict(config.env or {}))  # the admin token is no worker's business
     workers = start_workers(specs, timeout_s=config.ready_timeout_s)
     try:
         gateway_args = [
             "--host",
             config.host,
-            "--port",
-            str(config.port),
             "--store",
             str(state_dir / "fairgate.db"),
             *(
@@ -124,8 +127,9 @@ def start_stack(config: StackConfig) -> Stack:
             *(arg for w in workers if w.spec.role == "decode" for arg in ("--decode", w.http_url)),
             *config.gateway_args,
         ]
+        env = {**(config.env or {}), "FAIRGATE_GATEWAY_ADMIN_TOKEN": admin_token}
         gateway_spec = WorkerSpec(
-            "gateway", config.engine, gateway_args, env, _log(config, "gateway", 0)
+            "gateway", config.engine, gateway_args, env, _log(config, "gateway", 0), config.port
         )
         [gateway] = start_workers([gateway_spec], timeout_s=config.ready_timeout_s)
     except BaseException:
@@ -203,6 +207,7 @@ def _write_credentials(stack: Stack) -> None:
         "demo_key": stack.demo_key,
     }
     fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a stale .tmp from an interrupted run keeps its old mode otherwise
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)
         f.write("\n")
@@ -210,8 +215,10 @@ def _write_credentials(stack: Stack) -> None:
 
 
 def run_up(config: StackConfig) -> int:
-    """``fairgate up``: start, print how to use it, serve until Ctrl-C / SIGTERM. During start-up
-    Ctrl-C interrupts (what was started is stopped) and the children die with us anyway
+    """``fairgate up``: start, say how to use it, serve until Ctrl-C / SIGTERM (0) or until the
+    stack cannot go on (1: the gateway exited, or a worker crash-looped; why, on stderr). A
+    worker that exits meanwhile is restarted (``deploy.supervisor``). During start-up Ctrl-C
+    interrupts (what was started is stopped) and the children die with us anyway
     (``--exit-with-parent``)."""
     stack = start_stack(config)
     stop = threading.Event()
@@ -220,34 +227,44 @@ def run_up(config: StackConfig) -> int:
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    code: int | None = None
+    reason: str | None = None
     try:
+        supervisor = Supervisor(
+            stack, config.restart_policy, ready_timeout_s=config.ready_timeout_s
+        )
         _print_welcome(stack)
-        code = stack.wait(stop)
-        if code is not None:
-            print(f"fairgate: a child process exited with status {code}; stopping", flush=True)
+        reason = supervisor.run(stop)
+        if reason is not None:
+            print(f"fairgate: {reason}; stopping", file=sys.stderr, flush=True)
     finally:
         stack.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 0 if code is None else 1
+    return 0 if reason is None else 1
 
 
 def _print_welcome(stack: Stack) -> None:
+    """Where it is and how to try it, without a secret: stdout ends up in logs."""
     roles = ", ".join(f"{w.spec.role} {w.http_url}" for w in stack.workers)
+    credentials = stack.state_dir / CREDENTIALS_FILE
+    read_key = (
+        "python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))[\"demo_key\"])' "
+        + shlex.quote(str(credentials))
+    )
     print(
         f"fairgate is up at {stack.base_url}\n"
         f"  workers:     {roles}\n"
-        f"  admin token: {stack.admin_token}\n"
-        f"  demo key:    {stack.demo_key}\n"
-        f"  credentials: {stack.state_dir / CREDENTIALS_FILE}\n"
+        f"  credentials: {credentials} (the admin token and the demo key; only you can read it)\n"
+        f"  admin CLI:   fairgate admin --state-dir {shlex.quote(str(stack.state_dir))} workers\n"
         "\n"
         "Try it:\n"
         f"  curl {stack.base_url}/v1/chat/completions \\\n"
-        f"    -H 'Authorization: Bearer {stack.demo_key}' -H 'Content-Type: application/json' \\\n"
+        f'    -H "Authorization: Bearer $({read_key})" \\\n'
+        "    -H 'Content-Type: application/json' \\\n"
         f'    -d \'{{"model": "{_model_id(stack)}", '
         '"messages": [{"role": "user", "content": "Hello!"}]}\'\n'
         "\n"
+        "A worker that exits is restarted; the log says so.\n"
         "Ctrl-C stops everything.",
         flush=True,
     )

@@ -1,10 +1,13 @@
-"""The stack as an operator runs it: `fairgate up` as a command (credentials, Ctrl-C stops every
-child), a restart that keeps tenants, keys and usage, a client that disconnects mid-stream (its
-blocks come back on the decode worker), and no worker left (503)."""
+"""The stack as an operator runs it: `fairgate up` as a command (credentials in their file and
+nowhere in its output, the printed curl works, Ctrl-C stops every child; a killed worker comes
+back, a crash loop stops the stack), a restart that keeps tenants, keys and usage, a client that
+disconnects mid-stream (its blocks come back on the decode worker), and no worker left (503)."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +19,7 @@ import msgspec
 import openai
 import pytest
 
+from tests.deploy.processes import children
 from tests.gateway.conftest import start_test_stack
 from transfer.messages import WorkerLoad
 
@@ -32,33 +36,47 @@ def _wait_for(predicate: object, timeout_s: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def test_fairgate_up_prints_credentials_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "deploy.cli",
-        "up",
-        "--engine",
-        "null",
-        "--port",
-        "0",
-        "--state-dir",
-        str(tmp_path),
-    ]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
+def _fairgate_up(state_dir: Path, stderr_path: Path, *args: str) -> subprocess.Popen[str]:
+    """``fairgate up`` (null engine, any free port) as a command; its logs go to ``stderr_path``
+    (a file: nobody has to drain it)."""
+    command = [sys.executable, "-m", "deploy.cli", "up", "--engine", "null", "--port", "0"]
+    with stderr_path.open("w") as stderr:
+        return subprocess.Popen(
+            [*command, "--state-dir", str(state_dir), *args],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+
+
+def _welcome(process: subprocess.Popen[str]) -> str:
+    """What ``fairgate up`` prints once the stack is up (its stdout until the last line)."""
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("Ctrl-C"):
+            break
+    return "".join(lines)
+
+
+def test_fairgate_up_keeps_secrets_out_of_its_output_and_ctrl_c_stops_everything(
+    tmp_path: Path,
+) -> None:
+    state_dir = tmp_path / "state"  # fairgate creates it
+    with _fairgate_up(state_dir, tmp_path / "stderr.log") as process:
         try:
-            assert process.stdout is not None
-            lines = []
-            for line in process.stdout:
-                lines.append(line)
-                if line.startswith("Ctrl-C"):
-                    break
-            output = "".join(lines)
-            credentials = json.loads((tmp_path / "credentials.json").read_text())
+            output = _welcome(process)
+            credentials = json.loads((state_dir / "credentials.json").read_text())
             assert set(credentials) == {"base_url", "admin_token", "demo_key"}
-            assert (tmp_path / "credentials.json").stat().st_mode & 0o777 == 0o600
-            assert credentials["base_url"] in output and credentials["demo_key"] in output
-            assert "curl" in output
+            assert (state_dir / "credentials.json").stat().st_mode & 0o777 == 0o600
+            assert state_dir.stat().st_mode & 0o777 == 0o700
+            assert credentials["base_url"] in output
+            assert str(state_dir / "credentials.json") in output
+            # The curl it prints works as pasted: it reads the key from the file.
+            curl = output[output.index("  curl ") : output.index("\n\nA worker")]
+            answer = json.loads(_run_shell(curl))
+            assert answer["object"] == "chat.completion" and answer["choices"]
             with openai.OpenAI(
                 base_url=credentials["base_url"] + "/v1",
                 api_key=credentials["demo_key"],
@@ -74,13 +92,97 @@ def test_fairgate_up_prints_credentials_and_ctrl_c_stops_everything(tmp_path: Pa
             ).json()["data"]
             urls = [credentials["base_url"], *(w["url"] for w in workers)]
             assert len(urls) == 3
+            # Only the gateway is given the admin token (in its environment).
+            environs = {
+                c.cmdline.split()[3]: Path(f"/proc/{c.pid}/environ").read_bytes()
+                for c in children(process.pid)
+            }
+            assert sorted(environs) == ["decode-worker", "gateway", "prefill-worker"]
+            token = credentials["admin_token"].encode()
+            assert [name for name, environ in environs.items() if token in environ] == ["gateway"]
             process.send_signal(signal.SIGINT)
             assert process.wait(30) == 0
             for url in urls:
                 _wait_for(lambda url=url: not _answers(url))
+            assert process.stdout is not None
+            output += process.stdout.read()
         finally:
             if process.poll() is None:
                 process.kill()
+    logs = (tmp_path / "stderr.log").read_text()
+    assert "is ready" in logs  # the children's logs are there to look at
+    for secret in (credentials["admin_token"], credentials["demo_key"]):
+        assert secret not in output
+        assert secret not in logs
+
+
+def _run_shell(command: str) -> str:
+    if shutil.which("curl") is None:
+        pytest.skip("no curl on this machine")
+    result = subprocess.run(
+        ["bash", "-c", command], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_fairgate_up_restarts_a_killed_worker_and_stops_on_a_crash_loop(tmp_path: Path) -> None:
+    with _fairgate_up(tmp_path, tmp_path / "stderr.log", "--max-restarts", "1") as process:
+        try:
+            _welcome(process)
+            credentials = json.loads((tmp_path / "credentials.json").read_text())
+            first = _decode_worker_pid(process.pid)
+            assert first is not None
+            os.kill(first, signal.SIGKILL)
+            _wait_for(lambda: _decode_worker_pid(process.pid) not in (None, first))
+            second = _decode_worker_pid(process.pid)
+            assert second is not None
+
+            def serves() -> bool:
+                with openai.OpenAI(
+                    base_url=credentials["base_url"] + "/v1",
+                    api_key=credentials["demo_key"],
+                    max_retries=0,
+                ) as client:
+                    try:
+                        client.completions.create(model="null", prompt="x", max_tokens=2)
+                    except openai.APIError:
+                        return False  # not back yet (503 no_worker)
+                return True
+
+            _wait_for(serves)  # back, and the stack serves again
+            assert process.poll() is None
+            os.kill(second, signal.SIGKILL)  # the second exit within the window: a crash loop
+            assert process.wait(30) == 1
+            assert process.stdout is not None
+            output = process.stdout.read()
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert _children(process.pid) == []
+    logs = (tmp_path / "stderr.log").read_text()
+    assert (
+        f"decode worker 0 (pid {first}) exited with status -9 (SIGKILL); restarting in 0.5 s "
+        "(restart 1 of at most 1 within 120 s)"
+    ) in logs
+    assert f"decode worker 0 is back (pid {second})" in logs
+    assert (
+        "fairgate: decode worker 0 exited 2 times within 120 s (--max-restarts 1, "
+        f"--restart-window 120); the last time (pid {second}) it exited with status -9 (SIGKILL)"
+        "; stopping"
+    ) in logs
+    for secret in (credentials["admin_token"], credentials["demo_key"]):
+        assert secret not in output
+        assert secret not in logs
+
+
+def _decode_worker_pid(parent_pid: int) -> int | None:
+    pids = [c.pid for c in children(parent_pid) if "decode-worker" in c.cmdline]
+    return pids[0] if len(pids) == 1 else None
+
+
+def _children(parent_pid: int) -> list[int]:
+    return [c.pid for c in children(parent_pid)]
 
 
 def _answers(url: str) -> bool:
