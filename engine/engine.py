@@ -41,6 +41,22 @@ gives the blocks back when the KV never comes).
 A request resumed after a recompute hand-back carries its earlier output at the end of its prompt
 (``num_prior_output_tokens``); it continues exactly as if it had never been interrupted.
 
+Failures. A request the runner cannot compute fails alone and the engine goes on: its blocks go
+back and it leaves the engine with a ``StepOutput`` carrying ``error``. Two kinds: a run whose
+logits are not finite (the runner samples None for it), and a runner ``step`` that raises, which
+is pinned on the runs that make it raise by running the step's runs again in halves (KV writes
+are idempotent: a run writes the same slots with the same values), so a request of death takes
+only itself down. The blocks only a failed request holds are scrubbed of non-finite KV before
+they go back (it would fail whoever reuses them; ``Runner.scrub``), and prefix matches keep off
+the scrubbed ones. A step in which the runner raised on every run, ``max_failed_steps_in_a_row``
+times in a row, says the runner itself is broken (a request of death alone on an idle engine
+looks the same, and costs a restart): ``step`` raises, after failing those requests. Logits that
+are not finite never count: the runner computed them. ``step`` raising for any other reason is a
+bug in the engine's own bookkeeping, whose state can no longer be trusted; whoever owns the
+engine must then give it up (``EngineThread`` does, and the worker process exits). The failpoint
+``engine.forward`` (``transfer.failpoints``) makes every runner step raise, for the tests of
+real worker processes.
+
 The loop itself is torch-free: a ``Runner`` computes the scheduled runs, samples and moves
 swapped blocks. The model runner (``engine.runner``) does it with the model; the null runner
 (``engine.null_engine``) with a clock and a hash.
@@ -50,6 +66,7 @@ Not thread-safe: the caller owns the engine from one thread.
 
 from __future__ import annotations
 
+import collections.abc
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -69,6 +86,7 @@ from engine.sequence import (
     StepOutput,
 )
 from engine.swap import BlockRun, SwapSpace
+from transfer.failpoints import failpoint
 
 __all__ = ["EngineConfig", "LLMEngine", "Runner", "step_prompt_tokens"]
 
@@ -89,11 +107,19 @@ class EngineConfig:
     # The prompt tokens of one step are at most what ``LLMEngine.prefill_tok_s`` computes in
     # this long (None: no time cap, ``max_num_batched_tokens`` alone).
     max_prefill_step_s: float | None = 0.5
+    # Steps in a row in which the runner raised on every run before the engine gives up on it
+    # (see Failures in the module docstring).
+    max_failed_steps_in_a_row: int = 3
 
     def __post_init__(self) -> None:
         if self.max_prefill_step_s is not None and not self.max_prefill_step_s > 0:
             raise ValueError(
                 f"max_prefill_step_s must be positive or None, got {self.max_prefill_step_s}"
+            )
+        if self.max_failed_steps_in_a_row < 1:
+            raise ValueError(
+                f"max_failed_steps_in_a_row must be at least 1, got "
+                f"{self.max_failed_steps_in_a_row}"
             )
 
 
@@ -113,9 +139,12 @@ class Runner(Protocol):
         """Blocks of the host pool swapped-out KV goes to (0: none, no swapping)."""
         ...
 
-    def step(self, runs: list[ScheduledRun]) -> list[int]:
+    def step(self, runs: list[ScheduledRun]) -> collections.abc.Sequence[int | None]:
         """Compute the runs' tokens into the cache; return one sampled token per run whose
-        ``samples_next_token`` is true, in order."""
+        ``samples_next_token`` is true, in order: None where that run's logits were not finite
+        (the engine fails its request). May raise: the engine then calls it again with parts of
+        ``runs`` to find the runs that make it raise, so computing a run twice must be
+        harmless."""
         ...
 
     def swap_out(self, runs: list[BlockRun]) -> None:
@@ -127,6 +156,28 @@ class Runner(Protocol):
         """Copy host blocks to device blocks, one copy per ``(host, device, count)`` run; done
         when it returns (the host blocks may be reused at once)."""
         ...
+
+    def scrub(self, block_ids: list[int]) -> list[int]:
+        """Zero those of ``block_ids`` whose KV is not all finite, and return them. Attention
+        reads slots it masks (a reused block's stale tail, the padding of a batch's block
+        tables) with weight zero, and zero times NaN is NaN: a non-finite value left in a free
+        block would fail whoever gets that block next."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class _RunFailure:
+    """Why a scheduled run could not be computed; its request fails."""
+
+    reason: str
+    runner_raised: bool  # else the runner computed it, and its logits were not finite
+
+
+# What became of one scheduled run: its sampled token, None for a run that samples nothing (a
+# prompt chunk before the end), or why it failed.
+_RunOutcome = int | None | _RunFailure
+
+NON_FINITE_LOGITS = "the model's output for it is not finite (NaN or infinity)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +238,11 @@ class LLMEngine:
         self.num_admitted_tokens = 0
         self.num_admitted_cached_tokens = 0
         self.num_scheduled_runs = 0  # of the last step: 0 means it could do nothing
+        self.num_failed_steps_in_a_row = 0  # steps in which the runner raised on every run
+        self.num_failed_requests = 0  # since the start
+        # Hashes of prefix-cache blocks scrubbed of non-finite KV: their content is no longer
+        # what the hash says, so no prefix match may take them (until they are evicted).
+        self._scrubbed_hashes: set[bytes] = set()
         self.num_step_prompt_tokens = 0  # of the last step: prompt tokens it computed
         # Prompt tokens per second, measured by whoever times the steps (``EngineThread``);
         # None until measured, and then no time cap on a step's prompt tokens.
@@ -489,18 +545,7 @@ class LLMEngine:
             del self.sequences[seq.request_id]
             seq.status = SequenceStatus.PREEMPTED
             self.num_handed_back += 1
-            self._pending_outputs.append(
-                StepOutput(
-                    request_id=seq.request_id,
-                    new_token_ids=[],
-                    finish_reason=None,
-                    num_prompt_tokens=seq.num_prompt_tokens,
-                    num_cached_tokens=seq.num_cached_tokens,
-                    num_output_tokens=len(seq.output_token_ids),
-                    is_preempted=True,
-                    seed=seq.seed,
-                )
-            )
+            self._pending_outputs.append(_output_of(seq, [], is_preempted=True))
             logger.debug("preempted %s (hand back) at %d tokens", seq.request_id, seq.num_tokens)
             return
         seq.status = SequenceStatus.WAITING
@@ -556,9 +601,57 @@ class LLMEngine:
                     "swapped requests cannot be admitted"
                 )
             return self._take_pending_outputs()
-        token_ids = self.runner.step(runs)
+        outcomes = self._execute(runs)
+        failures = [outcome for outcome in outcomes if isinstance(outcome, _RunFailure)]
+        num_raised = sum(failure.runner_raised for failure in failures)
+        if num_raised:
+            # A step timed with retries in it would distort the measured prefill speed.
+            self.num_step_prompt_tokens = 0
+        # Logits that are not finite are the request's doing: the runner computed them.
+        self.num_failed_steps_in_a_row = (
+            self.num_failed_steps_in_a_row + 1 if num_raised == len(runs) else 0
+        )
         # Hand-backs first: they come from this step's scheduling, before its tokens.
-        return self._take_pending_outputs() + self._postprocess(runs, token_ids)
+        outputs = self._take_pending_outputs() + self._postprocess(runs, outcomes)
+        if self.num_failed_steps_in_a_row >= self.config.max_failed_steps_in_a_row:
+            # The failed requests are out and their blocks free: the state is whole, the
+            # runner is not.
+            reasons = {failure.reason for failure in failures}
+            raise RuntimeError(
+                f"the runner failed every run in {self.num_failed_steps_in_a_row} steps in a "
+                f"row; it is broken (last: {'; '.join(sorted(reasons))})"
+            )
+        return outputs
+
+    def _execute(self, runs: list[ScheduledRun]) -> list[_RunOutcome]:
+        """Run ``runs`` on the runner: one outcome per run. When the runner raises, each half
+        is run again on its own, down to single runs, which fail alone (see Failures)."""
+        try:
+            failpoint("engine.forward")
+            token_ids = self.runner.step(runs)
+        except Exception as exc:
+            if len(runs) > 1:
+                logger.warning("the runner failed on %d runs (%r): again in halves", len(runs), exc)
+                half = len(runs) // 2
+                return self._execute(runs[:half]) + self._execute(runs[half:])
+            request_id = runs[0].seq.request_id
+            logger.exception("the runner failed on request %s alone", request_id)
+            detail = f"{type(exc).__name__}: {str(exc)[:200]}"
+            return [_RunFailure(f"the engine failed computing it ({detail})", runner_raised=True)]
+        num_sampling = sum(run.samples_next_token for run in runs)
+        if len(token_ids) != num_sampling:
+            raise RuntimeError(
+                f"the runner sampled {len(token_ids)} tokens for {num_sampling} sampling runs"
+            )
+        sampled = iter(token_ids)
+        outcomes: list[_RunOutcome] = []
+        for run in runs:
+            token_id = next(sampled) if run.samples_next_token else None
+            if run.samples_next_token and token_id is None:
+                outcomes.append(_RunFailure(NON_FINITE_LOGITS, runner_raised=False))
+            else:
+                outcomes.append(token_id)
+        return outcomes
 
     def _take_pending_outputs(self) -> list[StepOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []
@@ -572,6 +665,10 @@ class LLMEngine:
         results: dict[str, list[int]] = {request_id: [] for request_id in ids}
         while self.has_unfinished():
             for output in self.step():
+                if output.error is not None:
+                    for request_id in ids:
+                        self.abort(request_id)
+                    raise RuntimeError(f"{output.request_id} failed: {output.error}")
                 results[output.request_id].extend(output.new_token_ids)
         return [results[request_id] for request_id in ids]
 
@@ -650,7 +747,12 @@ class LLMEngine:
         cached: list[int] = []
         if self.config.enable_prefix_cache:
             hashes = self.blocks.hash_blocks(token_ids, seq.salt)
-            cached = self.blocks.match_prefix(hashes)
+            num_usable = len(hashes)
+            if self._scrubbed_hashes:
+                num_usable = next(
+                    (i for i, h in enumerate(hashes) if h in self._scrubbed_hashes), num_usable
+                )
+            cached = self.blocks.match_prefix(hashes[:num_usable])
             if len(cached) * self.block_size >= len(token_ids):
                 # Everything is cached: recompute the last block so there are logits to sample.
                 self.blocks.free(cached[-1:])
@@ -697,35 +799,64 @@ class LLMEngine:
         seq.block_hashes = []
         seq.num_computed_tokens = 0
 
-    def _postprocess(self, runs: list[ScheduledRun], token_ids: list[int]) -> list[StepOutput]:
-        sampling = [run.seq for run in runs if run.samples_next_token]
-        for run in runs:
+    def _postprocess(
+        self, runs: list[ScheduledRun], outcomes: list[_RunOutcome]
+    ) -> list[StepOutput]:
+        outputs: list[StepOutput] = []
+        sampled: list[tuple[Sequence, int]] = []
+        for run, outcome in zip(runs, outcomes, strict=True):
+            if isinstance(outcome, _RunFailure):
+                outputs.append(self._fail(run.seq, outcome.reason))
+                continue
             run.seq.num_computed_tokens += run.num_tokens
             if self.config.enable_prefix_cache:
                 self._register_full_blocks(run.seq)
-        outputs: list[StepOutput] = []
-        for seq, token_id in zip(sampling, token_ids, strict=True):
+            if outcome is not None:
+                sampled.append((run.seq, outcome))
+        for seq, token_id in sampled:
             seq.output_token_ids.append(token_id)
             reason = self._finish_reason(seq, token_id)
             if reason is not None:
                 self._finish(seq, reason)
             elif seq.is_prefill_only:
                 self._hand_off(seq)
-            outputs.append(
-                StepOutput(
-                    request_id=seq.request_id,
-                    new_token_ids=[token_id],
-                    finish_reason=reason,
-                    num_prompt_tokens=seq.num_prompt_tokens,
-                    num_cached_tokens=seq.num_cached_tokens,
-                    num_output_tokens=len(seq.output_token_ids),
-                    is_handed_off=seq.status is SequenceStatus.HANDED_OFF,
-                    seed=seq.seed,
-                    num_prefill_chunks=seq.num_prefill_chunks,
-                    num_swap_outs=seq.num_swap_outs,
-                )
-            )
+            outputs.append(_output_of(seq, [token_id], finish_reason=reason))
         return outputs
+
+    def _scrub(self, seq: Sequence) -> None:
+        """Before a failed request gives its blocks back: have the runner zero those holding
+        non-finite KV (its logits were not finite, or a failing step left some) that nobody else
+        holds (a block shared through the prefix cache is left to its other holders, who fail
+        on it in turn; zeroing it would turn their failure into a wrong answer), and keep prefix
+        matches off the zeroed ones."""
+        own = [b for b in seq.block_table if self.blocks.ref_count(b) == 1]
+        scrubbed = set(self.runner.scrub(own))
+        for block_id, block_hash in zip(seq.block_table, seq.block_hashes, strict=False):
+            if block_id in scrubbed:
+                self._scrubbed_hashes.add(block_hash)
+        if scrubbed:
+            logger.warning("zeroed %d KV blocks holding non-finite values", len(scrubbed))
+
+    def drain_evicted_hashes(self) -> list[bytes]:
+        """``BlockManager.drain_evicted_hashes``; an evicted block no longer needs keeping off
+        prefix matches."""
+        evicted = self.blocks.drain_evicted_hashes()
+        if self._scrubbed_hashes:
+            self._scrubbed_hashes.difference_update(evicted)
+        return evicted
+
+    def _fail(self, seq: Sequence, reason: str) -> StepOutput:
+        """Take a running request out and free its blocks: it failed (see Failures)."""
+        self._scrub(seq)
+        self.running.remove(seq)
+        del self.sequences[seq.request_id]
+        self._release(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "abort"
+        self.num_failed_requests += 1
+        message = f"request {seq.request_id} failed: {reason}"
+        logger.warning("%s; the engine goes on", message)
+        return _output_of(seq, [], error=message)
 
     def _hand_off(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -763,6 +894,31 @@ class LLMEngine:
         self._release(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+
+def _output_of(
+    seq: Sequence,
+    new_token_ids: list[int],
+    *,
+    finish_reason: FinishReason | None = None,
+    is_preempted: bool = False,
+    error: str | None = None,
+) -> StepOutput:
+    """What a step produced for ``seq``: ``new_token_ids`` and its counts as they are now."""
+    return StepOutput(
+        request_id=seq.request_id,
+        new_token_ids=new_token_ids,
+        finish_reason=finish_reason,
+        num_prompt_tokens=seq.num_prompt_tokens,
+        num_cached_tokens=seq.num_cached_tokens,
+        num_output_tokens=len(seq.output_token_ids),
+        is_handed_off=seq.status is SequenceStatus.HANDED_OFF,
+        is_preempted=is_preempted,
+        seed=seq.seed,
+        num_prefill_chunks=seq.num_prefill_chunks,
+        num_swap_outs=seq.num_swap_outs,
+        error=error,
+    )
 
 
 def step_prompt_tokens(

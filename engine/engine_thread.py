@@ -10,8 +10,18 @@ only hand the output on (to an asyncio loop, a queue, the KV sender), never bloc
 The loop: run the queued commands; step while there is work; when a step could schedule nothing
 (blocks held by reservations or transfers) or there is no work, block until the next command,
 since only a command can change that (or until room held by ``make_room`` expires, which the
-engine tells with ``seconds_until_change``). If a step raises, the engine is dead: every sink
-and every later command gets ``EngineFailed``. Torch-free.
+engine tells with ``seconds_until_change``). Torch-free.
+
+Failures. A request the engine fails alone (``StepOutput.error``: its logits were not finite, or
+the runner raised on it; see ``engine.engine``) reaches its sink as ``RequestFailed`` naming it,
+and the engine goes on. A sink that raises is a bug of its own request: that request is aborted
+(its blocks come back; not those of a handed-off one, which a transfer may be reading) and the
+engine goes on. Anything else that raises on this thread (a step that raises: the engine's own
+bookkeeping failed, or its runner raised on every run several steps in a row) kills the engine:
+every sink and every later command gets ``EngineFailed``, and ``on_death`` is called once, so
+that the worker process can exit and be restarted rather than live on without an engine.
+``stop`` ends the thread the same way, without ``on_death``. A command's own exception goes to
+its caller and changes nothing else.
 
 The thread times each step and keeps the engine's ``prefill_tok_s`` (a moving average of prompt
 tokens per second) up to date: the engine caps a step's prompt tokens with it
@@ -34,7 +44,7 @@ from typing import Any, TypeVar
 
 from engine.engine import LLMEngine
 from engine.sequence import StepOutput
-from transfer.errors import EngineFailed, FairgateError, RequestTimeout
+from transfer.errors import EngineFailed, FairgateError, RequestFailed, RequestTimeout
 
 __all__ = ["EngineLoad", "EngineThread", "EvictionLog", "OutputSink"]
 
@@ -154,9 +164,13 @@ class EngineThread:
         *,
         name: str = "engine",
         clock: Callable[[], float] = time.perf_counter,
+        on_death: Callable[[EngineFailed], None] | None = None,
     ) -> None:
+        """``on_death(error)``: called once, on the engine thread, if the engine dies of a
+        failure (not of ``stop``); it must only hand the news on."""
         self.engine = engine
         self._clock = clock  # times the steps
+        self._on_death = on_death
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._sinks: dict[str, OutputSink] = {}
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
@@ -176,6 +190,7 @@ class EngineThread:
 
     @property
     def is_alive(self) -> bool:
+        """Started, running, and not dead of a failure or a ``stop``."""
         return self._thread.is_alive() and self._error is None
 
     def start(self) -> None:
@@ -213,6 +228,20 @@ class EngineThread:
     # ---- the thread -------------------------------------------------------------------------
 
     def _main(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:
+            logger.exception("the engine failed; it is dead")
+            error = EngineFailed(f"the engine failed: {type(exc).__name__}: {str(exc)[:300]}")
+            self._die(error)
+            if self._on_death is not None:
+                try:
+                    self._on_death(error)
+                except Exception:
+                    logger.exception("on_death failed")
+
+    def _loop(self) -> None:
+        """Until ``stop``; raises when the engine cannot go on (see Failures)."""
         engine = self.engine
         is_idle = True
         while True:
@@ -239,37 +268,45 @@ class EngineThread:
                     item = None
             if engine.has_unfinished():
                 started = self._clock()
-                try:
-                    outputs = engine.step()
-                except Exception as exc:
-                    logger.exception("engine step failed; the engine is dead")
-                    self._die(EngineFailed(f"engine step failed: {exc!r}"))
-                    return
+                outputs = engine.step()
                 _note_prefill_speed(engine, self._clock() - started)
                 self._dispatch(outputs)
                 is_idle = engine.num_scheduled_runs == 0
             else:
                 is_idle = True
-            evicted = engine.blocks.drain_evicted_hashes()
+            evicted = engine.drain_evicted_hashes()
             if evicted:
                 self.evictions.extend(evicted)
             self._load = _measure(engine)
 
     def _dispatch(self, outputs: list[StepOutput]) -> None:
         for output in outputs:
-            sink = self._sinks.get(output.request_id)
+            request_id = output.request_id
+            sink = self._sinks.get(request_id)
             if sink is None:
                 continue
-            if output.finish_reason is not None or output.is_handed_off or output.is_preempted:
-                del self._sinks[output.request_id]
-            sink(output)
+            is_last = output.finish_reason is not None or output.is_handed_off
+            if is_last or output.is_preempted or output.error is not None:
+                del self._sinks[request_id]
+            try:
+                sink(output if output.error is None else RequestFailed(output.error))
+            except Exception:
+                # The sink's own bug: its request can no longer be told anything. Free what it
+                # holds, unless it was handed off: a transfer may be reading those blocks.
+                logger.exception("the sink of request %s failed; aborting it", request_id)
+                self._sinks.pop(request_id, None)
+                if request_id not in self.engine.handed_off:
+                    self.engine.abort(request_id)
 
     def _die(self, error: EngineFailed) -> None:
         with self._lock:
             self._error = error
         sinks, self._sinks = self._sinks, {}
-        for sink in sinks.values():
-            sink(error)
+        for request_id, sink in sinks.items():
+            try:
+                sink(error)
+            except Exception:  # one broken sink must not keep the news from the others
+                logger.exception("the sink of request %s failed", request_id)
         while True:  # commands that raced in before _error was set
             try:
                 item = self._commands.get_nowait()

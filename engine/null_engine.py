@@ -83,6 +83,10 @@ class NullRunner:
     def swap_in(self, runs: list[BlockRun]) -> None:
         self._copy(runs)
 
+    def scrub(self, block_ids: list[int]) -> list[int]:
+        """Nothing to scrub: no KV, and no logits to be non-finite."""
+        return []
+
     def _copy(self, runs: list[BlockRun]) -> None:
         """Bookkeeping only: the tokens are a function of seed and position, not of the KV."""
         num_blocks = sum(count for _, _, count in runs)

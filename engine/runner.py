@@ -112,6 +112,21 @@ class ModelRunner:
         """Host blocks to device blocks: ``(host, device, count)`` runs."""
         self._copy_runs(self.host_kv_cache, self.kv_cache, runs)
 
+    @torch.inference_mode()
+    def scrub(self, block_ids: list[int]) -> list[int]:
+        """Zero those of ``block_ids`` whose KV is not all finite; return them (see
+        ``engine.engine.Runner.scrub``). For a failed request's blocks, before they go back."""
+        if not block_ids:
+            return []
+        ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        # [2, num_layers, len(block_ids), block_size, num_kv_heads, head_dim] -> per block
+        blocks = self.kv_cache.index_select(2, ids)
+        is_finite = torch.isfinite(blocks).transpose(0, 2).flatten(1).all(dim=1)
+        bad = ids[~is_finite]
+        if len(bad):
+            self.kv_cache.index_fill_(2, bad, 0)
+        return [int(b) for b in bad.tolist()]
+
     def _copy_runs(self, src: torch.Tensor, dst: torch.Tensor, runs: list[BlockRun]) -> None:
         for src_start, dst_start, count in runs:
             # [2, num_layers, count, block_size, num_kv_heads, head_dim]: one copy per run.
@@ -124,8 +139,10 @@ class ModelRunner:
             # writes into freed device blocks from its own stream: the copies must be done.
             torch.cuda.current_stream(self.device).synchronize()
 
-    def step(self, runs: list[ScheduledRun]) -> list[int]:
-        """Run the batch and sample: one token per run whose ``samples_next_token`` is true."""
+    def step(self, runs: list[ScheduledRun]) -> list[int | None]:
+        """Run the batch and sample: one token per run whose ``samples_next_token`` is true,
+        None where its logits are not finite. Computing a run again writes the same KV slots
+        with the same values, as the engine's retries after a failed step need."""
         logits = self.execute(runs)
         sampling = [run.seq for run in runs if run.samples_next_token]
         return sample(

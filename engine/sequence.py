@@ -4,12 +4,14 @@ the null engine and the gateway can share it."""
 from __future__ import annotations
 
 import enum
+import math
 import secrets
 from dataclasses import dataclass, field
 from typing import Literal
 
 __all__ = [
     "DEFAULT_PRIORITY",
+    "MIN_SAMPLING_TEMPERATURE",
     "FinishReason",
     "Priority",
     "SamplingParams",
@@ -21,10 +23,19 @@ __all__ = [
 
 FinishReason = Literal["stop", "length", "abort"]
 
+# Below this temperature sampling is greedy (vLLM's ``_SAMPLING_EPS``, the same value). Dividing
+# fp32 logits by a smaller one overflows: 1e-39 is subnormal in fp32, a logit of 10 over 1e-38
+# is already beyond fp32's 3.4e38, and softmax of infinities is NaN. At 1e-5 logits up to 3e33
+# stay finite, and a gap of 1e-4 between two logits already makes the odds e^10 (22000 to 1):
+# what is left of sampling below it is the order of near-ties at float rounding, which greedy
+# decides the same way every time.
+MIN_SAMPLING_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """How to pick tokens. ``temperature == 0`` is greedy.
+    """How to pick tokens. A ``temperature`` below ``MIN_SAMPLING_TEMPERATURE`` (0 included) is
+    greedy.
 
     Sampling is a pure function of (seed, output position), so a request resumed on another worker
     or after preemption draws the same tokens it would have drawn in place.
@@ -41,8 +52,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -50,7 +61,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_SAMPLING_TEMPERATURE
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +163,9 @@ class StepOutput:
     seed: int = 0  # the seed sampling uses for this request
     num_prefill_chunks: int = 0  # prefill runs it took (traces)
     num_swap_outs: int = 0  # times its KV went to host memory (traces)
+    # The request failed here (why, for its caller; never prompt text): it is gone from the
+    # engine, its blocks are free, and no finish reason or tokens come with it. The engine goes on.
+    error: str | None = None
 
 
 @dataclass(slots=True)

@@ -5,7 +5,12 @@ routes, and serving with uvicorn.
 A role (``prefill_worker.service``, ``decode_worker.service``) subclasses ``WorkerService`` and
 adds its routes; ``run_worker`` binds the port, serves until SIGTERM/SIGINT, and announces
 ``ready`` on stdout (``engine.process_events``) once the model is loaded. A model that fails to
-load ends the process with status 1 and the reason on stderr.
+load ends the process with status 1 (``EXIT_LOAD_FAILED``), an engine that dies later (see
+``engine.engine_thread``: a request that fails alone does not kill it) with status 3
+(``EXIT_ENGINE_FAILED``), so that a supervisor restarts it: a worker never lives on without a
+working engine. Either way a ``failed`` event with the reason goes to stdout, the reason to
+stderr, and ``/healthz``, ``/readyz`` and the load report's ``ready`` say so until the process
+is gone.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from engine.process_heap import freeze_startup_heap
 from engine.worker_metrics import WorkerMetrics
 from transfer.errors import EngineFailed, FairgateError, InvalidWorkerRequest, WorkerNotReady
 from transfer.http import (
+    CallerDisconnected,
+    caller_disconnected_response,
     error_response,
     http_server,
     message_response,
@@ -44,9 +51,12 @@ from transfer.http import (
 from transfer.messages import AbortRequest, AbortResult, WorkerInfo, WorkerLoad, WorkerRole
 from transfer.telemetry import setup_tracing, shutdown_tracing
 
-__all__ = ["WorkerConfig", "WorkerService", "run_worker"]
+__all__ = ["EXIT_ENGINE_FAILED", "EXIT_LOAD_FAILED", "WorkerConfig", "WorkerService", "run_worker"]
 
 logger = logging.getLogger(__name__)
+
+EXIT_LOAD_FAILED = 1  # the model did not load: restarting as is will not help
+EXIT_ENGINE_FAILED = 3  # the engine died after start-up: a restart may
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +106,9 @@ class WorkerService:
         self.loaded: LoadedEngine | None = None
         self.engine_thread: EngineThread | None = None
         self.load_error: str | None = None
+        self.engine_failure: EngineFailed | None = None  # set when the engine died of a failure
         self._load_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._on_fatal: Any = None
         self._before_ready: Callable[[], None] | None = None
         self.metrics = WorkerMetrics(
@@ -108,7 +120,8 @@ class WorkerService:
     def bind(
         self, http_port: int, on_fatal: Any = None, before_ready: Callable[[], None] | None = None
     ) -> None:
-        """Learn the HTTP port (and so the default worker id); ``on_fatal()`` stops the server,
+        """Learn the HTTP port (and so the default worker id); ``on_fatal()`` stops the server
+        (called on the event loop, when the model fails to load or the engine dies),
         ``before_ready()`` runs once the model is loaded, before the worker says it is ready."""
         host = self.config.host
         advertised = self.config.kv_host if host in ("0.0.0.0", "::", "") else host
@@ -119,6 +132,7 @@ class WorkerService:
         self._before_ready = before_ready
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._load_task = asyncio.create_task(self._load_and_announce())
 
     async def stop(self) -> None:
@@ -170,7 +184,9 @@ class WorkerService:
             ),
             swap_space_gib=config.swap_space_gib if is_swapping else 0.0,
         )
-        thread = EngineThread(loaded.engine, name=f"{self.role}-engine")
+        thread = EngineThread(
+            loaded.engine, name=f"{self.role}-engine", on_death=self._on_engine_death
+        )
         thread.start()
         self.loaded = loaded
         try:
@@ -179,6 +195,17 @@ class WorkerService:
             thread.stop()
             raise
         self.engine_thread = thread  # from here on the worker is ready
+
+    def _on_engine_death(self, error: EngineFailed) -> None:
+        """On the dead engine's thread: say so, and stop serving (the process then exits with
+        ``EXIT_ENGINE_FAILED``)."""
+        self.engine_failure = error
+        logger.error("%s %s: the engine died (%s); exiting", self.role, self.worker_id, error)
+        emit_event("failed", role=self.role, worker_id=self.worker_id, reason=error.message)
+        if self._on_fatal is not None and self._loop is not None:
+            # A closed loop means the server is stopping already.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._on_fatal)
 
     def on_loaded(self, loaded: LoadedEngine, thread: EngineThread) -> None:
         """Role set-up once the model is loaded (runs in the loading thread, before the worker
@@ -196,8 +223,9 @@ class WorkerService:
             raise WorkerNotReady(
                 f"{self.role} worker is not ready: {self.load_error or 'the model is loading'}"
             )
-        if thread.error is not None:
-            raise EngineFailed(f"{self.role} worker's engine died: {thread.error.message}")
+        if not thread.is_alive:
+            reason = "it stopped" if thread.error is None else thread.error.message
+            raise EngineFailed(f"{self.role} worker's engine died: {reason}")
         return thread
 
     def ready_fields(self) -> dict[str, Any]:
@@ -270,9 +298,14 @@ class WorkerService:
 
 def _common_routes(service: WorkerService) -> list[BaseRoute]:
     async def healthz(request: Request) -> Response:
+        """Alive: 200 while the model loads and while the engine runs; 500 once either failed
+        (the process is on its way out)."""
         thread = service.engine_thread
-        if thread is not None and thread.error is not None:
-            return JSONResponse({"status": "failed", "reason": thread.error.message}, 500)
+        reason = service.load_error
+        if thread is not None and not thread.is_alive:
+            reason = "the engine stopped" if thread.error is None else thread.error.message
+        if reason is not None:
+            return JSONResponse({"status": "failed", "reason": reason}, 500)
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
@@ -328,12 +361,16 @@ def create_app(service: WorkerService) -> Starlette:
     return Starlette(
         routes=[*_common_routes(service), *service.routes()],
         lifespan=lifespan,
-        exception_handlers={FairgateError: on_error},
+        exception_handlers={
+            FairgateError: on_error,
+            CallerDisconnected: caller_disconnected_response,
+        },
     )
 
 
 def run_worker(service: WorkerService) -> int:
-    """Serve ``service`` until SIGTERM/SIGINT; the exit status (1 when the model failed)."""
+    """Serve ``service`` until SIGTERM/SIGINT, or until its model fails to load or its engine
+    dies; the exit status (0, ``EXIT_LOAD_FAILED`` or ``EXIT_ENGINE_FAILED``)."""
     sock = socket.create_server((service.config.host, service.config.port))
     server = http_server(create_app(service))
 
@@ -346,4 +383,8 @@ def run_worker(service: WorkerService) -> int:
         serve_on(server, sock)
     finally:
         shutdown_tracing()
-    return 1 if service.load_error else 0
+    if service.load_error:
+        return EXIT_LOAD_FAILED
+    if service.engine_failure is not None:
+        return EXIT_ENGINE_FAILED
+    return 0

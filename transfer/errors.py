@@ -14,6 +14,8 @@ at its HTTP boundary and a client turns that body back into the same class (``er
     │   ├── WrongRole                   409 wrong_role          e.g. a prompt for a decode worker
     │   ├── RequestTimeout              504 request_timeout     e.g. the KV never arrived
     │   ├── RequestAborted              409 aborted             aborted while a caller waited
+    │   ├── RequestFailed               500 request_failed      the engine could not compute this
+    │   │                                                       request; it goes on with others
     │   └── EngineFailed                500 engine_failed       the engine thread died
     └── TransferError                   502 kv_transfer_failed  the KV data plane failed
         ├── IncompatiblePeer            409 kv_incompatible     handshake refused: shapes differ
@@ -38,6 +40,7 @@ __all__ = [
     "InvalidWorkerRequest",
     "NoRoomError",
     "RequestAborted",
+    "RequestFailed",
     "RequestTimeout",
     "TransferError",
     "TransferTimeout",
@@ -114,7 +117,16 @@ class RequestAborted(WorkerError):
     code = "aborted"
 
 
+class RequestFailed(WorkerError):
+    """This request failed in the engine (non-finite output, or the model raised on it alone);
+    the worker serves the others. Final for the request: placing it again would fail again."""
+
+    code = "request_failed"
+
+
 class EngineFailed(WorkerError):
+    """The worker's engine is dead: the worker cannot serve anything until it is restarted."""
+
     code = "engine_failed"
 
 

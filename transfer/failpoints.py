@@ -1,4 +1,4 @@
-"""Failpoints: named places in the data plane where a test can make a real worker misbehave.
+"""Failpoints: named places in a worker where a test can make a real worker process misbehave.
 
 ``FAIRGATE_FAILPOINTS="kv.send.mid_transfer=pause,kv.recv.mid_transfer=error"`` (read when a
 failpoint is first reached). ``pause`` announces the hit as a ``failpoint`` event on stdout and
@@ -7,7 +7,9 @@ blocks the thread for good, so a test can kill the process at a known point of a
 fault tests; never set in production.
 
 Failpoints: ``kv.send.mid_transfer`` (after the first message of a transfer is sent),
-``kv.recv.mid_transfer`` (after the first message is received).
+``kv.recv.mid_transfer`` (after the first message is received), ``engine.forward`` (before each
+runner step of the engine: ``error`` fails that step's requests, and three such steps in a row
+kill the engine; ``pause`` wedges the engine thread).
 """
 
 from __future__ import annotations

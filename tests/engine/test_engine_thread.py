@@ -1,5 +1,6 @@
-"""The engine thread: commands between steps, outputs to sinks, idling without spinning, and a
-dead engine failing everyone who waits on it (null engine: no model, real loop)."""
+"""The engine thread: commands between steps, outputs to sinks, idling without spinning, a
+request that fails alone, and a dead engine failing everyone who waits on it and saying so (null
+engine: no model, real loop)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from engine.engine import EngineConfig, LLMEngine
 from engine.engine_thread import EngineThread, EvictionLog
 from engine.null_engine import NullEngineConfig, create_null_engine
 from engine.sequence import SamplingParams, StepOutput
-from transfer.errors import EngineFailed, FairgateError, RequestTimeout
+from transfer.errors import EngineFailed, FairgateError, RequestFailed, RequestTimeout
 
 FAST = NullEngineConfig(prefill_tok_s=1e9, decode_step_s=0.0, num_blocks=64, block_size=4)
 
@@ -74,26 +75,75 @@ def test_an_idle_engine_blocks_instead_of_stepping() -> None:
         thread.stop()
 
 
-async def test_call_times_out_and_a_dead_engine_fails_everyone() -> None:
-    engine = create_null_engine(FAST)
-    thread = EngineThread(engine)
+async def test_call_times_out() -> None:
+    thread = EngineThread(create_null_engine(FAST))
     thread.start()
-    gate = threading.Event()
-    blocked = thread.submit(lambda e: gate.wait(10))
-    with pytest.raises(RequestTimeout):
-        await thread.call(lambda e: None, timeout_s=0.05)
-    gate.set()
-    blocked.result(10)
+    try:
+        gate = threading.Event()
+        blocked = thread.submit(lambda e: gate.wait(10))
+        with pytest.raises(RequestTimeout):
+            await thread.call(lambda e: None, timeout_s=0.05)
+        gate.set()
+        blocked.result(10)
+    finally:
+        thread.stop()
+
+
+def test_a_failing_step_fails_its_request_and_repeated_it_kills_the_engine() -> None:
+    """A runner that raises fails the request it ran (its sink hears why: ``RequestFailed``)
+    and the engine goes on; the third step in a row in which everything failed kills it: every
+    sink and later command gets ``EngineFailed``, and ``on_death`` hears of it once."""
+    engine = create_null_engine(FAST)
+    deaths: list[EngineFailed] = []
+    thread = EngineThread(engine, on_death=deaths.append)
+    thread.start()
 
     def explode(runs: object) -> list[int]:
         raise RuntimeError("device lost")
 
     engine.runner.step = explode  # type: ignore[method-assign]
-    outputs = _collect(thread, "victim", [1, 2, 3], max_tokens=3)
-    assert isinstance(outputs[-1], EngineFailed) and "device lost" in outputs[-1].message
-    assert thread.error is not None and not thread.is_alive
+    for request_id in ("victim-1", "victim-2"):
+        [error] = _collect(thread, request_id, [1, 2, 3], max_tokens=3)
+        assert isinstance(error, RequestFailed)
+        assert error.message == (
+            f"request {request_id} failed: the engine failed computing it "
+            "(RuntimeError: device lost)"
+        )
+        assert thread.is_alive and not deaths
+        thread.submit(lambda e: None).result(10)  # a loop turn after the step: load measured
+        assert thread.load.num_free_blocks == FAST.num_blocks and thread.load.num_running == 0
+    [error] = _collect(thread, "victim-3", [1, 2, 3], max_tokens=3)
+    assert isinstance(error, EngineFailed) and "3 steps in a row" in error.message
+    assert "device lost" in error.message
+    assert thread.error is error and not thread.is_alive
+    assert deaths == [error]
     with pytest.raises(EngineFailed):
         thread.submit(lambda e: None).result(10)
+
+
+def test_a_sink_that_raises_loses_its_request_only() -> None:
+    engine = create_null_engine(FAST)
+    deaths: list[EngineFailed] = []
+    thread = EngineThread(engine, on_death=deaths.append)
+    thread.start()
+    try:
+
+        def broken(output: StepOutput | FairgateError) -> None:
+            raise ValueError("a bug in the sink")
+
+        def add(engine: LLMEngine) -> None:
+            engine.add_request("broken", [1, 2, 3], SamplingParams(max_tokens=50))
+            thread.watch("broken", broken)
+
+        thread.submit(add).result(10)
+        # The next request is served, and by then the broken one is gone with its blocks.
+        assert len(_collect(thread, "next", [4, 5], max_tokens=3)) == 3
+        assert thread.submit(lambda e: e.sequences.keys()).result(10) == set()
+        assert thread.load.num_free_blocks == FAST.num_blocks
+        assert thread.is_alive and not deaths
+    finally:
+        thread.stop()
+    assert not deaths  # a stop is not a death
 
 
 def test_the_eviction_log_reads_from_a_number_and_says_what_it_missed() -> None:
