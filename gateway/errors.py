@@ -213,7 +213,8 @@ class ShuttingDown(Unavailable):
 # internal addresses and exception text, so it stays in the log.
 _PUBLIC_WORKER_MESSAGES = {
     "worker_unreachable": "a serving worker failed while running this request",
-    "engine_failed": "the model failed to compute this request",
+    "request_failed": "the model failed to compute this request",
+    "engine_failed": "the serving worker's engine failed",
     "request_timeout": "a serving worker did not answer in time",
     "kv_transfer_failed": "moving this request between serving workers failed",
     "kv_transfer_timeout": "moving this request between serving workers timed out",

@@ -7,9 +7,9 @@ of HTTP bodies.
 
 A decode worker with no room after all (the gateway's view of it was a report old) is marked
 full and the request goes back to the head of the queue, as often as it takes within the queue
-timeout. A worker that cannot be reached before any token reached the client is marked dead and
-the request placed again, up to ``MAX_PLACEMENTS`` times. After the first token, a failure ends
-the request with its error.
+timeout. A worker that cannot be reached, or whose engine died, before any token reached the
+client is marked dead and the request placed again, up to ``MAX_PLACEMENTS`` times. After the
+first token, a failure ends the request with its error.
 Leaving the iteration early (a client that went away) closes the worker streams, which aborts
 the request on both workers.
 
@@ -39,7 +39,7 @@ from gateway.scheduler import QueuedRequest
 from gateway.streaming import TextStream
 from gateway.workers import WorkerRegistry
 from transfer.client import run_disaggregated
-from transfer.errors import FairgateError, NoRoomError, WorkerUnreachable
+from transfer.errors import EngineFailed, FairgateError, NoRoomError, WorkerUnreachable
 from transfer.messages import GenerateRequest, Preempted, Priority, SamplingSpec, TokenFrame
 from transfer.telemetry import SpanRecord, start_child, traceparent_of
 
@@ -206,7 +206,9 @@ class Generation:
                 waited_s = time.monotonic() - self.timing.received
                 if waited_s > self.dispatcher.queue_timeout_s:
                     raise
-            except WorkerUnreachable as exc:
+            except (WorkerUnreachable, EngineFailed) as exc:
+                # The worker is gone, or its engine is (it exits, to be restarted): not the
+                # request's fault, so it may go elsewhere while its client has nothing yet.
                 self._mark_unreachable(pair, exc)
                 num_unreachable += 1
                 if sent_any or num_unreachable == MAX_PLACEMENTS:

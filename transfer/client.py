@@ -21,7 +21,13 @@ from typing import Self, TypeVar
 import aiohttp
 import msgspec
 
-from transfer.errors import ErrorBody, FairgateError, WorkerUnreachable, error_from_body
+from transfer.errors import (
+    EngineFailed,
+    ErrorBody,
+    FairgateError,
+    WorkerUnreachable,
+    error_from_body,
+)
 from transfer.messages import (
     MSGPACK_CONTENT_TYPE,
     AbortRequest,
@@ -103,10 +109,20 @@ def _headers(traceparent: str | None) -> dict[str, str]:
 
 def _error_of(url: str, status: int, body: bytes) -> FairgateError:
     try:
-        return error_from_body(decode_message(body, ErrorBody))
+        return _worker_error(url, decode_message(body, ErrorBody))
     except msgspec.MsgspecError:
         text = body[:200].decode("utf-8", "replace")
         return WorkerUnreachable(f"{url}: HTTP {status}: {text}")
+
+
+def _worker_error(url: str, body: ErrorBody) -> FairgateError:
+    """The error a worker answered with. One that says the worker itself cannot go on
+    (``EngineFailed``) names it, as ``WorkerUnreachable`` does, so the caller knows which worker
+    to stop using."""
+    error = error_from_body(body)
+    if isinstance(error, EngineFailed):
+        return EngineFailed(f"{url}: {error.message}")
+    return error
 
 
 class WorkerClient:
@@ -232,7 +248,7 @@ class FrameStream:
             async for chunk in self._response.content.iter_any():
                 for frame in decoder.feed(chunk):
                     if isinstance(frame, ErrorFrame):
-                        raise error_from_body(frame.error)
+                        raise _worker_error(self.url, frame.error)
                     if isinstance(frame, Preempted) or (
                         isinstance(frame, TokenFrame) and frame.finish_reason is not None
                     ):
