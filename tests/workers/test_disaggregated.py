@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 
 import pytest
 
@@ -18,12 +19,18 @@ from tests.workers.conftest import (
     colocated,
     disaggregated,
     over_all_pairs,
-    wait_for_idle,
     worker_load,
 )
 from transfer.client import DecodeClient, PrefillClient, run_disaggregated
 from transfer.errors import InvalidWorkerRequest, NoRoomError, RequestAborted
-from transfer.messages import DecodeRequest, GenerateRequest, Reserved, SamplingSpec, TokenFrame
+from transfer.messages import (
+    DecodeRequest,
+    GenerateRequest,
+    Reserved,
+    SamplingSpec,
+    TokenFrame,
+    WorkerLoad,
+)
 
 NUM_REQUESTS = 16
 
@@ -45,11 +52,15 @@ def _prompts(seed: int, count: int = NUM_REQUESTS) -> list[list[int]]:
 
 
 async def _all_disaggregated(
-    workers: dict[str, list[WorkerProcess]], prompts: list[list[int]], sampling: SamplingSpec
+    workers: dict[str, list[WorkerProcess]],
+    prompts: list[list[int]],
+    sampling: SamplingSpec,
+    *,
+    name: str = "disagg",
 ) -> list[list[int]]:
-    return await over_all_pairs(
-        workers["prefill"], workers["decode"], prompts, sampling, name="disagg"
-    )
+    """Request ids are ``{name}-{index}``: calls in one test need their own ``name``, since the
+    previous request of an id may still be leaving its workers (see ``_assert_no_blocks_held``)."""
+    return await over_all_pairs(workers["prefill"], workers["decode"], prompts, sampling, name=name)
 
 
 async def _all_colocated(
@@ -63,18 +74,39 @@ async def _all_colocated(
     )
 
 
-async def _assert_no_blocks_held(workers: dict[str, list[WorkerProcess]]) -> None:
-    for worker in [*workers["prefill"], *workers["decode"], *workers["colocated"]]:
+async def _after_release_work(worker: WorkerProcess, *, timeout_s: float) -> WorkerLoad:
+    """The worker's load once the two releases that by design end after the caller has its last
+    token have ended, by the worker's own count of them (nothing else is waited for):
+
+    - a prefill worker frees a handed-off request's blocks when the decode worker's ack of the
+      KV transfer comes back (``num_pending_transfers``); the decode worker acks after the KV
+      has landed and decodes at once, so its frames, a request ending at its first decode step
+      included, may reach the caller first;
+    - a decode worker gives back a reservation whose stream the caller closed (a request the
+      prefill worker finished, whose KV never comes, or a caller that left) when it sees the
+      stream close (``num_reserved``).
+
+    No event of either reaches the caller: poll /v1/load (as ``conftest.wait_for_idle`` does)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
         load = await worker_load(worker)
+        if load.num_pending_transfers == 0 and load.num_reserved == 0:
+            return load
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{worker.worker_id}: releases pending after {timeout_s} s: {load}"
+            )
+        await asyncio.sleep(0.01)
+
+
+async def _assert_no_blocks_held(workers: dict[str, list[WorkerProcess]]) -> None:
+    """Every block is back and no request is left. Blocks held once no transfer and no
+    reservation is pending are a leak, and fail at once."""
+    for worker in [*workers["prefill"], *workers["decode"], *workers["colocated"]]:
+        load = await _after_release_work(worker, timeout_s=10)
         assert load.num_free_blocks == load.num_total_blocks, load
         assert (load.num_running, load.num_waiting, load.num_reserved) == (0, 0, 0), load
         assert load.num_pending_transfers == 0, load
-
-
-async def _wait_until_no_blocks_held(workers: dict[str, list[WorkerProcess]]) -> None:
-    """Aborts after a closed stream are asynchronous on the worker: give them a moment."""
-    for worker in [*workers["prefill"], *workers["decode"], *workers["colocated"]]:
-        await wait_for_idle(worker, timeout_s=10)
 
 
 async def test_greedy_equals_colocated_and_engine_alone(
@@ -104,13 +136,14 @@ async def test_eos_and_one_token_requests_end_without_leaks(
 ) -> None:
     prompts = _prompts(seed=3, count=4)
     one_token = SamplingSpec(max_tokens=1, temperature=0)
-    outputs = await _all_disaggregated(workers, prompts, one_token)
+    outputs = await _all_disaggregated(workers, prompts, one_token, name="one")
     assert [len(output) for output in outputs] == [1] * 4
+    await _assert_no_blocks_held(workers)  # the prefill finished them: nothing was shipped
     # The greedy second token as a stop token: the decode worker ends at once.
     greedy = SamplingSpec(max_tokens=5, temperature=0, ignore_eos=True)
-    [two] = await _all_disaggregated(workers, prompts[:1], greedy)
+    [two] = await _all_disaggregated(workers, prompts[:1], greedy, name="greedy")
     stopping = SamplingSpec(max_tokens=5, temperature=0, stop_token_ids=[two[1]])
-    [stopped] = await _all_disaggregated(workers, prompts[:1], stopping)
+    [stopped] = await _all_disaggregated(workers, prompts[:1], stopping, name="stop")
     assert stopped == two[:2] or (two[0] == two[1] and stopped == two[:1])
     await _assert_no_blocks_held(workers)
 
@@ -153,7 +186,7 @@ async def test_reservations_beyond_the_cache_are_refused_as_no_room(
         with pytest.raises(NoRoomError, match="no room for 1901 tokens"):
             async with client.decode(DecodeRequest("one-too-many", long_prompt)):
                 pass
-    await _wait_until_no_blocks_held(workers)
+    await _assert_no_blocks_held(workers)
 
 
 async def test_abort_ends_a_waiting_stream_and_frees_its_reservation(
@@ -168,7 +201,7 @@ async def test_abort_ends_a_waiting_stream_and_frees_its_reservation(
                 await stream.next()
         assert not await client.abort("to-abort")  # gone
         assert not await client.abort("never-seen")
-    await _wait_until_no_blocks_held(workers)
+    await _assert_no_blocks_held(workers)
 
 
 async def test_a_flush_interval_sends_the_same_tokens_in_fewer_frames(
