@@ -151,3 +151,63 @@ async def test_a_request_whose_worker_dies_gets_a_clean_error_and_is_billed_what
     assert full + len(cut) <= completion_tokens < full + MAX_TOKENS * len(cut)
     log = _log(tmp_path)
     assert "Traceback" not in log
+
+
+async def _until_speed_reported(client: httpx.AsyncClient, stack: Stack) -> None:
+    """Until the gateway's view of the prefill worker has its measured speed (a load poll)."""
+    admin = {"authorization": f"Bearer {stack.admin_token}"}
+    deadline = time.monotonic() + 10.0
+    while True:
+        workers = (await client.get("/admin/v1/workers", headers=admin)).json()["data"]
+        loads = [w["load"] for w in workers if w["role"] == "prefill" and w["load"]]
+        if loads and loads[0]["prefill_tok_s"] > 0:
+            return
+        assert time.monotonic() < deadline, workers
+        await asyncio.sleep(0.05)
+
+
+async def test_queued_requests_get_no_worker_at_once_when_the_last_prefill_worker_stops(
+    tmp_path: Path,
+) -> None:
+    """A slow prefill worker keeps requests queued in the gateway; stopping it ends every one of
+    them within 2 s with 503 no_worker and Retry-After (not after the queue timeout), and a new
+    request is refused the same way at once."""
+    slow = start_test_stack(
+        tmp_path / "state",
+        log_dir=tmp_path / "logs",
+        env={"FAIRGATE_NULL_PREFILL_TOK_S": "400"},  # a 200-token prompt: half a second
+    )
+    try:
+        async with httpx.AsyncClient(base_url=slow.base_url, timeout=60.0) as client:
+            _, key, model = await _tenant(client, slow, "queued")
+            headers = {"authorization": f"Bearer {key}"}
+            # Different prompts: a repeated one would be served from the prefix cache.
+            bodies = [
+                {"model": model, "prompt": list(range(1000 + i, 1200 + i)), "max_tokens": 4}
+                for i in range(14)
+            ]
+            # Once the worker has measured its speed, the gateway sends it one prompt at a
+            # time (``max_prefill_inflight_s``) and holds the rest.
+            warm_up = await client.post("/v1/completions", json=bodies.pop(), headers=headers)
+            assert warm_up.status_code == 200
+            await _until_speed_reported(client, slow)
+            sent = [
+                asyncio.create_task(client.post("/v1/completions", json=body, headers=headers))
+                for body in bodies[:12]
+            ]
+            await asyncio.sleep(1.0)  # the first prompts run; the rest wait in the gateway
+            [prefill] = [w for w in slow.workers if w.spec.role == "prefill"]
+            stopped_at = time.monotonic()
+            await asyncio.to_thread(prefill.stop)
+            answers = await asyncio.gather(*sent)
+            ended_within_s = time.monotonic() - stopped_at
+            late = await client.post("/v1/completions", json=bodies[12], headers=headers)
+    finally:
+        slow.stop()
+    refused = [a for a in answers if a.status_code != 200]
+    assert len(refused) >= 6  # at 0.5 s a prompt, most were still waiting
+    for answer in [*refused, late]:
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "no_worker"
+        assert int(answer.headers["retry-after"]) >= 1
+    assert ended_within_s < 2.0
