@@ -18,6 +18,10 @@ ids, so no prefix-cache hits) with 16 output tokens.
   over OTLP/HTTP to a receiver process on this machine; one open loop at the rate above sends
   each request to a random stack and path, and ``tracing_overhead_p50_ms`` is what tracing
   adds to ``overhead_p50_ms``.
+
+``--overload`` and ``--prompt-flood`` are other benchmarks of the same stack, in
+``bench.overload_bench`` and ``bench.prompt_flood_bench``; they share ``sustained_rps`` and
+``StackLoad`` from here.
 """
 
 from __future__ import annotations
@@ -38,32 +42,25 @@ import httpx
 import msgspec
 
 from bench.lean_http import ConnectionPool
+from bench.null_stack import start_null_stack
+from bench.outcomes import percentile
 from bench.report import log, print_result
 from deploy.launcher import start_child
-from deploy.stack import Stack, StackConfig, start_stack
+from deploy.stack import Stack
 from gateway.config import GatewaySection
 from transfer.client import Connections, DecodeClient, PrefillClient, run_disaggregated
 from transfer.messages import Preempted, SamplingSpec
 
-__all__ = ["run_gateway_bench"]
+__all__ = ["StackLoad", "run_gateway_bench", "sustained_rps"]
 
 PROMPT_TOKENS = 64
 OUTPUT_TOKENS = 16
 CONCURRENCY = 48
 UNSTREAMED_FLUSH_S = GatewaySection().unstreamed_flush_s
-NULL_ENGINE_ENV = {
-    "FAIRGATE_NULL_PREFILL_TOK_S": "5e6",
-    "FAIRGATE_NULL_DECODE_STEP_S": "0.0005",
-}
 RECEIVER_TIMEOUT_S = 30.0  # for the OTLP receiver to start, and to report as it stops
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-class _Load:
+class StackLoad:
     """Both ways to send one request, timed."""
 
     def __init__(self, stack: Stack) -> None:
@@ -137,6 +134,13 @@ async def _closed_loop(send: Callable[[], Awaitable[float]], duration_s: float) 
     return completed / (time.perf_counter() - start)
 
 
+async def sustained_rps(load: StackLoad, *, warmup_s: float, duration_s: float) -> float:
+    """``rps_max``: completed requests per second through the gateway, closed loop, after a
+    warm-up."""
+    await _closed_loop(load.via_gateway, warmup_s)
+    return await _closed_loop(load.via_gateway, duration_s)
+
+
 async def _open_loop(
     send: Callable[[], Coroutine[Any, Any, float]], rate: float, count: int, rng: random.Random
 ) -> list[float]:
@@ -174,12 +178,13 @@ async def _measure(stacks: dict[str, Stack], quick: bool) -> dict[str, dict[str,
     through the gateway and straight to the workers in turns; several stacks, one open loop
     at that rate whose requests each go to a random stack and path (so a noisy moment of the
     machine falls on every series alike, and the machine carries the same load as with one)."""
-    loads = {name: _Load(stack) for name, stack in stacks.items()}
+    loads = {name: StackLoad(stack) for name, stack in stacks.items()}
     try:
         rps_max: dict[str, float] = {}
         for name, load in loads.items():
-            await _closed_loop(load.via_gateway, 1.0 if quick else 3.0)  # warm-up
-            rps_max[name] = await _closed_loop(load.via_gateway, 3.0 if quick else 10.0)
+            rps_max[name] = await sustained_rps(
+                load, warmup_s=1.0 if quick else 3.0, duration_s=3.0 if quick else 10.0
+            )
             log(f"{name}: rps_max {rps_max[name]:.0f}")
         rate = min(rps_max.values()) / 2
         block = max(50, int(rate * (2 if quick else 5)))
@@ -202,8 +207,8 @@ async def _measure(stacks: dict[str, Stack], quick: bool) -> dict[str, dict[str,
                 (gateway_s if path == "via_gateway" else direct_s)[name] += latencies
             for name in loads:
                 log(
-                    f"{name}: gateway p50 {_percentile(gateway_s[name], 0.5) * 1e3:.2f} ms, "
-                    f"direct p50 {_percentile(direct_s[name], 0.5) * 1e3:.2f} ms"
+                    f"{name}: gateway p50 {percentile(gateway_s[name], 0.5) * 1e3:.2f} ms, "
+                    f"direct p50 {percentile(direct_s[name], 0.5) * 1e3:.2f} ms"
                 )
         else:
             [(name, load)] = loads.items()
@@ -212,8 +217,8 @@ async def _measure(stacks: dict[str, Stack], quick: bool) -> dict[str, dict[str,
                 direct_s[name] += await _open_loop(load.direct, rate, block, rng)
                 log(
                     f"round {round_index}: gateway p50 "
-                    f"{_percentile(gateway_s[name], 0.5) * 1e3:.2f} ms, direct p50 "
-                    f"{_percentile(direct_s[name], 0.5) * 1e3:.2f} ms"
+                    f"{percentile(gateway_s[name], 0.5) * 1e3:.2f} ms, direct p50 "
+                    f"{percentile(direct_s[name], 0.5) * 1e3:.2f} ms"
                 )
     finally:
         for load in loads.values():
@@ -244,31 +249,16 @@ def _figures(
         "rps_max": round(rps_max, 1),
         "rate_rps": round(rate, 1),
         "num_requests": len(gateway_s),
-        "overhead_p50_ms": round(
-            (_percentile(gateway_s, 0.5) - _percentile(direct_s, 0.5)) * ms, 3
-        ),
+        "overhead_p50_ms": round((percentile(gateway_s, 0.5) - percentile(direct_s, 0.5)) * ms, 3),
         "overhead_p99_ms": round(
-            (_percentile(gateway_s, 0.99) - _percentile(direct_s, 0.99)) * ms, 3
+            (percentile(gateway_s, 0.99) - percentile(direct_s, 0.99)) * ms, 3
         ),
-        "gateway_p50_ms": round(_percentile(gateway_s, 0.5) * ms, 3),
-        "gateway_p99_ms": round(_percentile(gateway_s, 0.99) * ms, 3),
-        "direct_p50_ms": round(_percentile(direct_s, 0.5) * ms, 3),
-        "direct_p99_ms": round(_percentile(direct_s, 0.99) * ms, 3),
+        "gateway_p50_ms": round(percentile(gateway_s, 0.5) * ms, 3),
+        "gateway_p99_ms": round(percentile(gateway_s, 0.99) * ms, 3),
+        "direct_p50_ms": round(percentile(direct_s, 0.5) * ms, 3),
+        "direct_p99_ms": round(percentile(direct_s, 0.99) * ms, 3),
         "server_timing_overhead_p50_ms": round(statistics.median(server_overheads_ms), 3),
     }
-
-
-def _start(state_dir: Path, env: dict[str, str]) -> Stack:
-    return start_stack(
-        StackConfig(
-            engine="null",
-            port=0,
-            state_dir=state_dir,
-            env=NULL_ENGINE_ENV | env,
-            worker_args=["--log-level", "warning", "--max-num-seqs", "256"],
-            gateway_args=["--log-level", "warning"],
-        )
-    )
 
 
 def run_gateway_bench(
@@ -287,14 +277,14 @@ def run_gateway_bench(
             cleanup.enter_context(tempfile.TemporaryDirectory(prefix="fairgate-bench-"))
         )
         if not tracing:
-            stack = _start(state_dir, {})
+            stack = start_null_stack(state_dir, {})
             cleanup.callback(stack.stop)
             result |= asyncio.run(_measure({"off": stack}, quick))["off"]
         else:
             receiver = cleanup.enter_context(_ReceiverProcess())
-            stacks = {"off": _start(state_dir / "off", {})}
+            stacks = {"off": start_null_stack(state_dir / "off", {})}
             cleanup.callback(stacks["off"].stop)
-            stacks["on"] = _start(
+            stacks["on"] = start_null_stack(
                 state_dir / "on", {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}
             )
             cleanup.callback(stacks["on"].stop)

@@ -40,6 +40,7 @@ from typing import Any
 import httpx
 
 from bench.lean_http import ConnectionPool, HttpError
+from bench.outcomes import percentile
 from bench.report import log, print_result
 from deploy.stack import Stack, StackConfig, start_stack
 
@@ -66,11 +67,6 @@ def _has_text(chunk: bytes) -> bool:
             if any(choice.get("text") for choice in event.get("choices", [])):
                 return True
     return False
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 class _Tenants:
@@ -176,8 +172,8 @@ def _summary(ttfts: dict[str, list[float]]) -> dict[str, dict[str, float]]:
     return {
         tenant: {
             "n": len(values),
-            "p50_ttft_s": round(_percentile(values, 0.5), 3),
-            "p99_ttft_s": round(_percentile(values, 0.99), 3),
+            "p50_ttft_s": round(percentile(values, 0.5), 3),
+            "p99_ttft_s": round(percentile(values, 0.99), 3),
         }
         for tenant, values in ttfts.items()
         if values
@@ -214,7 +210,7 @@ async def _measure(
     served = sum(flood_start <= t < flood_end for t in tenants.completed_at) / duration_s
     fair_share = served / (len(STEADY_TENANTS) + 1)
     ratios = {
-        tenant: round(_percentile(with_flood[tenant], 0.99) / _percentile(without[tenant], 0.99), 2)
+        tenant: round(percentile(with_flood[tenant], 0.99) / percentile(without[tenant], 0.99), 2)
         for tenant in STEADY_TENANTS
         if with_flood[tenant] and without[tenant]
     }

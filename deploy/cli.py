@@ -272,11 +272,34 @@ def _build_parser() -> argparse.ArgumentParser:
         "it adds over calling the workers directly, same run",
     )
     bench_gateway.add_argument("--quick", action="store_true", help="shorter windows")
-    bench_gateway.add_argument(
+    gateway_modes = bench_gateway.add_mutually_exclusive_group()
+    gateway_modes.add_argument(
         "--tracing",
         action="store_true",
         help="also a second stack that traces every request (OTLP to a local receiver), side "
         "by side: the cost of tracing on the gateway's overhead",
+    )
+    gateway_modes.add_argument(
+        "--overload",
+        nargs="?",
+        const="1.5,3",
+        default=None,
+        metavar="FACTORS",
+        help="instead: after rps_max, an open loop at each factor times it (comma-separated; "
+        "default %(const)s), one tenant and then with a second steady one: completed "
+        "requests/s against rps_max, fast 429/503 refusals against client timeouts",
+    )
+    gateway_modes.add_argument(
+        "--prompt-flood",
+        action="store_true",
+        help="instead: a tenant's small requests' latency with and without another sending "
+        "huge prompts as fast as it can (5 MB, and just under the context-length bound)",
+    )
+    bench_gateway.add_argument(
+        "--client-timeout-s",
+        type=float,
+        default=10.0,
+        help="--overload: each request's client timeout (default: %(default)g)",
     )
     bench_gateway.add_argument(
         "--output", default=None, help="also write the JSON result to this file"
@@ -693,9 +716,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.bench_command == "sched":
         return _run_bench_sched(args)
     if args.bench_command == "gateway":
-        from bench.gateway_bench import run_gateway_bench
-
-        return run_gateway_bench(quick=args.quick, tracing=args.tracing, output=args.output)
+        return _run_bench_gateway(args)
     if args.bench_command == "isolation":
         from bench.isolation_bench import run_isolation_bench
 
@@ -719,6 +740,29 @@ def _run_bench(args: argparse.Namespace) -> int:
         quick=args.quick,
         output=args.output,
     )
+
+
+def _run_bench_gateway(args: argparse.Namespace) -> int:
+    if args.overload is not None:
+        from bench.overload_bench import OverloadPlan, run_overload_bench
+
+        try:
+            factors = tuple(float(f) for f in args.overload.split(",") if f.strip())
+            plan = OverloadPlan.of(
+                factors, quick=args.quick, client_timeout_s=args.client_timeout_s
+            )
+        except ValueError as exc:  # not numbers, or not positive ones
+            raise SystemExit(f"--overload {args.overload!r}: {exc}") from None
+        return run_overload_bench(plan, quick=args.quick, output=args.output)
+    if args.prompt_flood:
+        from bench.prompt_flood_bench import PromptFloodPlan, run_prompt_flood_bench
+
+        return run_prompt_flood_bench(
+            PromptFloodPlan.of(quick=args.quick), quick=args.quick, output=args.output
+        )
+    from bench.gateway_bench import run_gateway_bench
+
+    return run_gateway_bench(quick=args.quick, tracing=args.tracing, output=args.output)
 
 
 def _run_bench_sched(args: argparse.Namespace) -> int:
