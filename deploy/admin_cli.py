@@ -84,7 +84,11 @@ def add_admin_parser(commands: Any) -> None:
 def _add_tenant_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight", type=float, default=None, help="fair-share weight")
     parser.add_argument("--default-class", default=None, help="SLO class when none is asked")
-    parser.add_argument("--allowed-classes", default=None, help="comma-separated SLO classes")
+    parser.add_argument(
+        "--allowed-classes",
+        default=None,
+        help="comma-separated SLO classes (the default class is always allowed)",
+    )
     parser.add_argument("--rpm", type=int, default=None, help="requests per minute")
     parser.add_argument("--tpm", type=int, default=None, help="tokens per minute")
     parser.add_argument("--concurrency", type=int, default=None, help="concurrent requests")

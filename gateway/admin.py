@@ -13,11 +13,15 @@ the admin token; a tenant key gets 403. JSON bodies are the structs of ``gateway
     GET    /admin/v1/workers                      state and load of every worker
 
 Changes reach the running gateway at once: the key cache forgets the tenant or key, the scheduler
-gets the new weight, the quota manager reads the tenant's quotas on its next request. Torch-free.
+gets the new weight, the quota manager reads the tenant's quotas on its next request. SLO classes
+must be configured ones (the document lists them); a tenant's default class is always among its
+allowed classes, added to them when a body leaves it out (JSON Schema cannot say "one of the
+other field's items", and the default class is one the tenant uses anyway). Torch-free.
 """
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
@@ -25,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.errors import ClientError
-from gateway.openapi import Endpoint, QueryParam
+from gateway.openapi import Endpoint, PathParam, QueryParam, decode_json, error_param
 from gateway.tenants import (
     ApiKey,
     BudgetPeriod,
@@ -35,6 +39,7 @@ from gateway.tenants import (
     TenantPatch,
     TenantSpec,
     Usage,
+    with_default_allowed,
 )
 from gateway.workers import WorkerStatus
 
@@ -45,6 +50,16 @@ __all__ = ["KeyList", "TenantList", "UsageList", "WorkerList", "admin_endpoints"
 
 _T = TypeVar("_T")
 _encoder = msgspec.json.Encoder()
+
+# A tenant or key in a path: an id (tn_…, key_…) or a tenant's name, which look alike. ECMA's $,
+# for the document only: a path value is looked up, and one that names nothing is a 404.
+_ID_SCHEMA = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 64,
+    "pattern": "^[A-Za-z0-9_][A-Za-z0-9_.-]*$",
+}
+_PERIOD_NAME = re.compile(r"[0-9]{4}-[0-9]{2}(?:-[0-9]{2})?")
 
 
 class TenantList(msgspec.Struct, frozen=True):
@@ -74,39 +89,29 @@ def json_response(message: Any, status: int = 200) -> Response:
 async def _read_json(request: Request, message_type: type[_T]) -> _T:
     body = await request.body()
     try:
-        return msgspec.json.decode(body, type=message_type)
+        return decode_json(body, message_type)
+    except msgspec.ValidationError as exc:  # a subclass of DecodeError: caught first
+        param = error_param(str(exc))
+        raise ClientError(f"invalid {message_type.__name__}: {exc}", param=param) from exc
     except msgspec.DecodeError as exc:
         raise ClientError(f"the body is not valid JSON: {exc}") from exc
-    except msgspec.ValidationError as exc:
-        raise ClientError(f"invalid {message_type.__name__}: {exc}", param=_param(exc)) from exc
-
-
-def _param(exc: msgspec.ValidationError) -> str | None:
-    text = str(exc)
-    if "at `$." in text:
-        return text.rsplit("at `$.", 1)[1].rstrip("`").split("[")[0].split(".")[0]
-    if "unknown field `" in text:
-        return text.split("unknown field `", 1)[1].split("`")[0]
-    return None
 
 
 def admin_endpoints(gateway: Gateway) -> list[Endpoint]:
-    def check_classes(default_class: str | None, allowed: list[str] | None) -> None:
+    def allowed_classes(default_class: str, allowed: list[str]) -> list[str]:
+        """``allowed`` with the default added (once each); 400 naming the field for a class
+        that is not configured."""
         known = [c.name for c in gateway.config.slo_classes]
-        for name in allowed or []:
+        for name in allowed:
             if name not in known:
                 raise ClientError(
                     f"unknown SLO class {name!r}; known: {known}", param="allowed_classes"
                 )
-        if default_class is not None and default_class not in known:
+        if default_class not in known:
             raise ClientError(
                 f"unknown SLO class {default_class!r}; known: {known}", param="default_class"
             )
-        if default_class is not None and allowed is not None and default_class not in allowed:
-            raise ClientError(
-                f"default class {default_class!r} is not among the allowed classes {allowed}",
-                param="default_class",
-            )
+        return with_default_allowed(default_class, allowed)
 
     def tenant_changed(tenant: Tenant) -> None:
         gateway.auth.forget_tenant(tenant.tenant_id)
@@ -119,7 +124,8 @@ def admin_endpoints(gateway: Gateway) -> list[Endpoint]:
     async def create_tenant(request: Request) -> Response:
         await gateway.auth.require_admin(request)
         spec = await _read_json(request, TenantSpec)
-        check_classes(spec.default_class, spec.allowed_classes)
+        allowed = allowed_classes(spec.default_class, spec.allowed_classes)
+        spec = msgspec.structs.replace(spec, allowed_classes=allowed)
         return json_response(await gateway.store.create_tenant(spec), 201)
 
     async def get_tenant(request: Request) -> Response:
@@ -133,12 +139,14 @@ def admin_endpoints(gateway: Gateway) -> list[Endpoint]:
         default_class = (
             current.default_class if patch.default_class is msgspec.UNSET else patch.default_class
         )
-        allowed = (
+        given = (
             current.allowed_classes
             if patch.allowed_classes is msgspec.UNSET
             else patch.allowed_classes
         )
-        check_classes(default_class, allowed)
+        allowed = allowed_classes(default_class, given)
+        if allowed != given:
+            patch = msgspec.structs.replace(patch, allowed_classes=allowed)
         tenant = await gateway.store.update_tenant(current.tenant_id, patch)
         tenant_changed(tenant)
         return json_response(tenant)
@@ -183,11 +191,12 @@ def admin_endpoints(gateway: Gateway) -> list[Endpoint]:
                 kind = "month"
             case _:
                 raise ClientError("period must be 'day' or 'month'", param="period")
+        at = request.query_params.get("at")
+        if at is not None and _PERIOD_NAME.fullmatch(at) is None:
+            raise ClientError("at must be YYYY-MM-DD or YYYY-MM", param="at")
         tenant = await gateway.store.get_tenant(request.path_params["tenant"])
         await gateway.usage.flush()  # include requests that finished a moment ago
-        rows = await gateway.store.usage(
-            tenant.tenant_id, kind, period=request.query_params.get("at")
-        )
+        rows = await gateway.store.usage(tenant.tenant_id, kind, period=at)
         return json_response(UsageList(rows))
 
     async def workers(request: Request) -> Response:
@@ -195,6 +204,7 @@ def admin_endpoints(gateway: Gateway) -> list[Endpoint]:
         return json_response(WorkerList(gateway.registry.statuses()))
 
     tenants, tenant = "/admin/v1/tenants", "/admin/v1/tenants/{tenant}"
+    tenant_param = (PathParam("tenant", "the tenant's id or name", _ID_SCHEMA),)
     read_errors = (401, 403, 404)
     write_errors = (400, 401, 403, 404)
     return [
@@ -226,6 +236,7 @@ def admin_endpoints(gateway: Gateway) -> list[Endpoint]:
             "admin",
             response=Tenant,
             errors=read_errors,
+            path_params=tenant_param,
         ),
         Endpoint(
             "PATCH",
@@ -236,6 +247,7 @@ def admin_endpoints(gateway: Gateway) -> list[Endpoint]:
             request_body=TenantPatch,
             response=Tenant,
             errors=(*write_errors, 409),
+            path_params=tenant_param,
         ),
         Endpoint(
             "DELETE",
@@ -245,6 +257,7 @@ def admin_endpoints(gateway: Gateway) -> list[Endpoint]:
             "admin",
             status=204,
             errors=read_errors,
+            path_params=tenant_param,
         ),
         Endpoint(
             "POST",
@@ -256,6 +269,7 @@ def admin_endpoints(gateway: Gateway) -> list[Endpoint]:
             response=CreatedKey,
             status=201,
             errors=write_errors,
+            path_params=tenant_param,
         ),
         Endpoint(
             "GET",
@@ -280,6 +294,7 @@ def admin_endpoints(gateway: Gateway) -> list[Endpoint]:
             "admin",
             response=ApiKey,
             errors=read_errors,
+            path_params=(PathParam("key_id", "the key's id (key_…)", _ID_SCHEMA),),
         ),
         Endpoint(
             "GET",
@@ -289,13 +304,19 @@ def admin_endpoints(gateway: Gateway) -> list[Endpoint]:
             "admin",
             response=UsageList,
             errors=write_errors,
+            path_params=tenant_param,
             query=(
                 QueryParam(
                     "period",
                     "day or month (default month)",
                     {"type": "string", "enum": ["day", "month"]},
                 ),
-                QueryParam("at", "one period only: YYYY-MM-DD or YYYY-MM", {"type": "string"}),
+                QueryParam(
+                    "at",
+                    "one period only: YYYY-MM-DD or YYYY-MM (a period with nothing recorded, of "
+                    "either kind, is one row of zeros)",
+                    {"type": "string", "pattern": "^" + _PERIOD_NAME.pattern + "$"},
+                ),
             ),
         ),
         Endpoint(

@@ -30,6 +30,7 @@ import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
@@ -49,7 +50,7 @@ from gateway.dispatch import Dispatcher
 from gateway.errors import ClientError, ShuttingDown, openai_error_body, retry_after_header
 from gateway.generation import Generation
 from gateway.metrics import GatewayMetrics
-from gateway.openapi import Endpoint, openapi_document, routes_of
+from gateway.openapi import Deployment, Endpoint, openapi_document, routes_of
 from gateway.policies import PolicySettings, make_policy
 from gateway.prompts import PromptEncoder
 from gateway.quotas import QuotaManager
@@ -262,7 +263,7 @@ class Gateway:
 
 def create_app(gateway: Gateway, *, on_started: Callable[[], None] | None = None) -> Starlette:
     endpoints = gateway.endpoints()
-    document = openapi_document(endpoints, version=VERSION)
+    document: dict[str, Any] = {}  # made on the first request: it needs the started tokenizer
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -287,6 +288,12 @@ def create_app(gateway: Gateway, *, on_started: Callable[[], None] | None = None
         return JSONResponse({"status": "not_ready", "workers": gateway.registry.summary()}, 503)
 
     async def openapi(request: Request) -> Response:
+        if not document:  # the deployment's classes, and its tokenizer's token id bound
+            deployment = Deployment(
+                slo_classes=[c.name for c in gateway.config.slo_classes],
+                vocab_size=gateway.tokenizer.vocab_size,
+            )
+            document.update(openapi_document(endpoints, version=VERSION, deployment=deployment))
         return json_response(document)
 
     async def metrics(request: Request) -> Response:

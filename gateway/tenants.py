@@ -2,7 +2,9 @@
 them (``TenantStore``; SQLite in ``gateway.store``).
 
 These structs are also the admin API's JSON bodies, so they are ``msgspec.Struct``s (the
-OpenAPI document is generated from them). Times are Unix seconds (UTC). Torch-free.
+OpenAPI document is generated from them, and says exactly what they accept). A tenant's
+``default_class`` is always one of its ``allowed_classes``: a class named as the default is allowed
+(``with_default_allowed``). Times are Unix seconds (UTC). Torch-free.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import msgspec
 
 __all__ = [
     "DEFAULT_SLO_CLASSES",
+    "MAX_QUOTA",
+    "MIN_WEIGHT",
     "ApiKey",
     "BudgetPeriod",
     "CreatedKey",
     "KeySpec",
     "OverQuotaPolicy",
     "Quotas",
+    "SloClassName",
     "Tenant",
     "TenantPatch",
     "TenantSpec",
@@ -28,46 +33,67 @@ __all__ = [
     "UsageDelta",
     "period_bounds",
     "period_of",
+    "with_default_allowed",
 ]
 
 BudgetPeriod = Literal["day", "month"]
 OverQuotaPolicy = Literal["reject", "demote"]
 DEFAULT_SLO_CLASSES = ("interactive", "standard", "batch")
 
-PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
-TenantName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
-Weight = Annotated[float, msgspec.Meta(gt=0, le=1000)]
+MAX_QUOTA = 2**63 - 1  # what SQLite and every JSON reader hold as an integer
+Quota = Annotated[int, msgspec.Meta(ge=1, le=MAX_QUOTA)]
+# A name is a path segment of the admin API: it starts with a letter, digit or underscore, so
+# "." and ".." (which clients resolve away) and "-x" (a flag to the CLI) are never names. \Z, not
+# $: msgspec searches with Python's re, whose $ also matches before a final newline (the document
+# spells it $, JSON Schema's end of string).
+TenantName = Annotated[
+    str,
+    msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\Z"),
+]
+# Fair-share counters grow by tokens / weight: a weight near 0 would make them infinite (and
+# their differences NaN), so it is at least 1e-3 (a thousandth of the default share).
+MIN_WEIGHT = 1e-3
+Weight = Annotated[float, msgspec.Meta(ge=MIN_WEIGHT, le=1000)]
+# One of the gateway's SLO classes: the admin API checks it against the configuration, and the
+# OpenAPI document defines the component from the configuration (``gateway.openapi.Deployment``).
+SloClassName = Annotated[
+    str, msgspec.Meta(extra_json_schema={"$ref": "#/components/schemas/SloClassName"})
+]
 
 
 class Quotas(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A tenant's limits; ``None`` is unlimited. Tokens are prompt + completion tokens."""
 
-    requests_per_minute: PositiveInt | None = None
-    tokens_per_minute: PositiveInt | None = None
-    max_concurrent_requests: PositiveInt | None = None
-    token_budget: PositiveInt | None = None  # per ``budget_period``
+    requests_per_minute: Quota | None = None
+    tokens_per_minute: Quota | None = None
+    max_concurrent_requests: Quota | None = None
+    token_budget: Quota | None = None  # per ``budget_period``
     budget_period: BudgetPeriod = "month"
 
 
 class TenantSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Admin → gateway: a tenant to create."""
+    """Admin → gateway: a tenant to create. ``default_class`` is added to ``allowed_classes``
+    when they do not name it."""
 
     name: TenantName
     weight: Weight = 1.0
-    default_class: str = "standard"
-    allowed_classes: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_SLO_CLASSES))
+    default_class: SloClassName = "standard"
+    allowed_classes: list[SloClassName] = msgspec.field(
+        default_factory=lambda: list(DEFAULT_SLO_CLASSES)
+    )
     quotas: Quotas = Quotas()
     over_quota: OverQuotaPolicy = "reject"
 
 
 class TenantPatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Admin → gateway: the fields to change (absent fields stay as they are; ``quotas``
-    replaces the whole set)."""
+    replaces the whole set). The tenant's default class, new or kept, is added to its allowed
+    classes when they do not name it."""
 
     name: TenantName | msgspec.UnsetType = msgspec.UNSET
     weight: Weight | msgspec.UnsetType = msgspec.UNSET
-    default_class: str | msgspec.UnsetType = msgspec.UNSET
-    allowed_classes: list[str] | msgspec.UnsetType = msgspec.UNSET
+    default_class: SloClassName | msgspec.UnsetType = msgspec.UNSET
+    allowed_classes: list[SloClassName] | msgspec.UnsetType = msgspec.UNSET
     quotas: Quotas | msgspec.UnsetType = msgspec.UNSET
     over_quota: OverQuotaPolicy | msgspec.UnsetType = msgspec.UNSET
 
@@ -131,6 +157,13 @@ class Usage(msgspec.Struct, frozen=True):
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+
+def with_default_allowed(default_class: str, allowed_classes: list[str]) -> list[str]:
+    """``allowed_classes`` once each, in order, with ``default_class`` added if it is not there:
+    a tenant may always use its default class."""
+    allowed = list(dict.fromkeys(allowed_classes))
+    return allowed if default_class in allowed else [*allowed, default_class]
 
 
 def period_of(at: float, kind: BudgetPeriod) -> str:

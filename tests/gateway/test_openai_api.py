@@ -19,6 +19,12 @@ from openai.types.chat import ChatCompletionChunk as SdkChatCompletionChunk
 
 from gateway.errors import ClientError, UnsupportedParameter
 from gateway.openai_api import (
+    _CHAT_NEUTRAL,
+    _COMPLETION_NEUTRAL,
+    _MESSAGE_NEUTRAL,
+    INT64_MAX,
+    INT64_MIN,
+    MAX_TOKENS_LIMIT,
     SSE_DONE,
     ChatCompletion,
     ChatCompletionChunk,
@@ -35,6 +41,7 @@ from gateway.openai_api import (
     parse_completion_request,
     sse_event,
 )
+from gateway.openapi import Deployment, Endpoint, openapi_document
 
 USER_HI = [{"role": "user", "content": "hi"}]
 
@@ -201,18 +208,49 @@ def test_prompt_forms(prompt: Any, text: str | None, token_ids: list[int] | None
         ({}, None),
         ({"max_tokens": 5}, 5),
         ({"max_completion_tokens": 7}, 7),
-        ({"max_tokens": 9, "max_completion_tokens": 9}, 9),
+        ({"max_tokens": 9, "max_completion_tokens": None}, 9),
     ],
 )
 def test_chat_max_tokens_from_either_field(fields: dict[str, int], max_tokens: int | None) -> None:
     assert chat(**fields).max_tokens == max_tokens
 
 
-def test_disagreeing_max_tokens_fields_are_refused() -> None:
-    error = chat_error(max_tokens=5, max_completion_tokens=6)
+@pytest.mark.parametrize("values", [(5, 6), (9, 9)])
+def test_both_max_tokens_fields_are_refused(values: tuple[int, int]) -> None:
+    # One limit under two names: the document says "one of them" (JSON Schema cannot say "the
+    # same value"), so even equal values are refused.
+    error = chat_error(max_tokens=values[0], max_completion_tokens=values[1])
     assert type(error) is ClientError
     assert error.param == "max_completion_tokens"
-    assert "disagree" in error.message
+    assert "give one of them" in error.message
+
+
+@pytest.mark.parametrize("seed", [INT64_MIN, -1, 0, INT64_MAX])
+def test_seed_takes_any_signed_64_bit_integer(seed: int) -> None:
+    assert chat(seed=seed).seed == seed
+
+
+@pytest.mark.parametrize(
+    ("fields", "parsed"),
+    [
+        ({"max_tokens": 5.0}, {"max_tokens": 5}),
+        ({"max_completion_tokens": 1e3}, {"max_tokens": 1000}),
+        ({"seed": -2.0}, {"seed": -2}),
+        ({"n": 1.0, "top_logprobs": 0.0, "temperature": 1}, {"temperature": 1.0}),
+    ],
+)
+def test_integer_parameters_take_integral_numbers(
+    fields: dict[str, Any], parsed: dict[str, Any]
+) -> None:
+    # JSON Schema reads 5.0 as an integer, so the document accepts it: so do we.
+    request = chat(**fields)
+    assert {name: getattr(request, name) for name in parsed} == parsed
+    assert type(request.max_tokens) is not float and type(request.seed) is not float
+
+
+def test_token_ids_take_integral_numbers() -> None:
+    assert completion(prompt=[1.0, 2]).prompt_token_ids == [1, 2]
+    assert completion(prompt=[[4.0]]).prompt_token_ids == [4]
 
 
 def test_completions_do_not_take_max_completion_tokens() -> None:
@@ -244,6 +282,12 @@ TOOL_CALL = {"id": "c1", "type": "function", "function": {"name": "f", "argument
         ({"top_p": 1.5}, "top_p", ClientError),
         ({"seed": "x"}, "seed", ClientError),
         ({"seed": 1.5}, "seed", ClientError),
+        ({"seed": 2**63}, "seed", ClientError),  # what the workers' messages cannot carry
+        ({"seed": -(2**63) - 1}, "seed", ClientError),
+        ({"seed": 2**70}, "seed", ClientError),
+        ({"seed": 1e300}, "seed", ClientError),
+        ({"max_tokens": MAX_TOKENS_LIMIT + 1}, "max_tokens", ClientError),
+        ({"max_tokens": 2.5}, "max_tokens", ClientError),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop", ClientError),
         ({"stop": [""]}, "stop", ClientError),
         ({"stop": ""}, "stop", ClientError),
@@ -265,6 +309,13 @@ TOOL_CALL = {"id": "c1", "type": "function", "function": {"name": "f", "argument
         ({"messages": [{"role": "user", "content": "x", "mood": 1}]}, "messages", ClientError),
         ({"messages": [{"content": "x"}]}, "messages", ClientError),
         ({"messages": [{"role": "user"}]}, "messages", ClientError),
+        ({"messages": [{"role": "user", "content": None}]}, "messages", ClientError),
+        ({"messages": [{"role": "user", "content": [{"text": "x"}]}]}, "messages", ClientError),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "x", "x": 1}]}]},
+            "messages",
+            ClientError,
+        ),
         ({"messages": [{"role": "user", "content": []}]}, "messages", ClientError),
         ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages", ClientError),
         (
@@ -284,6 +335,16 @@ TOOL_CALL = {"id": "c1", "type": "function", "function": {"name": "f", "argument
         ),
         (
             {"messages": [{"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}]},
+            "messages",
+            UnsupportedParameter,
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]}]},
+            "messages",
+            UnsupportedParameter,
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"image_url": {}, "type": "image_url"}]}]},
             "messages",
             UnsupportedParameter,
         ),
@@ -323,6 +384,10 @@ def test_image_part_message_says_why() -> None:
         (["one", [3]], UnsupportedParameter),
         ([], ClientError),
         ([[]], ClientError),
+        ("", ClientError),  # nothing to continue: the tokenizer gives no token for it
+        ([""], ClientError),
+        ([1.5], ClientError),
+        ([[1], "a"], UnsupportedParameter),
         ([1, "a"], ClientError),
         ([-1, 2], ClientError),
         ([True], ClientError),
@@ -698,3 +763,111 @@ def test_completion_ids() -> None:
     assert chat_id.startswith("chatcmpl-") and len(chat_id) == len("chatcmpl-") + 32
     assert completion_id.startswith("cmpl-") and len(completion_id) == len("cmpl-") + 32
     assert new_completion_id("chat") != chat_id
+
+
+# ---- requests: the OpenAPI document says what is accepted ---------------------------------
+
+VOCAB_SIZE = 1000
+
+
+def _document_validators() -> dict[str, Any]:
+    """JSON Schema validators of the two bodies as the document describes them, for a gateway
+    with two SLO classes and a vocabulary of ``VOCAB_SIZE`` tokens."""
+    import jsonschema_rs
+
+    async def unused(request: Any) -> Any:
+        raise AssertionError
+
+    endpoints = [
+        Endpoint("POST", "/chat", unused, "chat", "openai", request_body=ChatCompletionRequest),
+        Endpoint("POST", "/text", unused, "text", "openai", request_body=CompletionRequest),
+    ]
+    document = openapi_document(
+        endpoints, version="t", deployment=Deployment(["interactive", "batch"], VOCAB_SIZE)
+    )
+    components = document["components"]
+    return {
+        name: jsonschema_rs.Draft202012Validator(
+            {"$ref": f"#/components/schemas/{name}", "components": components}
+        )
+        for name in ("ChatCompletionRequest", "CompletionRequest")
+    }
+
+
+def _accepted(parse: Any, body: dict[str, Any]) -> bool:
+    try:
+        request = parse(_encode(body))
+    except ClientError:
+        return False
+    token_ids = request.prompt_token_ids or []
+    return all(t < VOCAB_SIZE for t in token_ids)  # the gateway's check, after parsing
+
+
+CHAT = {"model": "m", "messages": USER_HI}
+TEXT = {"model": "m", "prompt": "hi"}
+
+
+@pytest.mark.parametrize(
+    ("schema", "body"),
+    [
+        # What the tester found "valid by the document but refused".
+        ("ChatCompletionRequest", {**CHAT, "messages": [{"role": "tool", "content": "x"}]}),
+        ("ChatCompletionRequest", {**CHAT, "messages": [{"role": "user"}]}),
+        ("ChatCompletionRequest", {**CHAT, "messages": [{"role": "user", "content": None}]}),
+        ("CompletionRequest", {**TEXT, "logprobs": 0}),
+        ("CompletionRequest", {**TEXT, "prompt": [[]]}),
+        ("CompletionRequest", {**TEXT, "seed": 2**70}),
+        # The values around them.
+        ("ChatCompletionRequest", CHAT),
+        ("ChatCompletionRequest", {**CHAT, "messages": [{"role": "developer", "content": []}]}),
+        ("ChatCompletionRequest", {**CHAT, "max_tokens": 3, "max_completion_tokens": 3}),
+        ("ChatCompletionRequest", {**CHAT, "max_tokens": 3, "max_completion_tokens": None}),
+        ("ChatCompletionRequest", {**CHAT, "stream_options": {}}),
+        ("ChatCompletionRequest", {**CHAT, "stream_options": {}, "stream": True}),
+        ("ChatCompletionRequest", {**CHAT, "stream_options": None, "stream": False}),
+        ("ChatCompletionRequest", {**CHAT, "tool_choice": "none", "tools": []}),
+        ("ChatCompletionRequest", {**CHAT, "tool_choice": "auto"}),
+        ("ChatCompletionRequest", {**CHAT, "response_format": {"type": "text"}}),
+        ("ChatCompletionRequest", {**CHAT, "response_format": {"type": "json_object"}}),
+        ("ChatCompletionRequest", {**CHAT, "modalities": ["text", "text"]}),
+        ("ChatCompletionRequest", {**CHAT, "logprobs": 0}),
+        ("ChatCompletionRequest", {**CHAT, "n": 1.0, "seed": INT64_MIN}),
+        ("ChatCompletionRequest", {**CHAT, "seed": INT64_MAX + 1}),
+        ("ChatCompletionRequest", {**CHAT, "max_tokens": 7.0}),
+        ("ChatCompletionRequest", {**CHAT, "max_tokens": 7.5}),
+        ("CompletionRequest", {**TEXT, "prompt": ""}),
+        ("CompletionRequest", {**TEXT, "prompt": [""]}),
+        ("CompletionRequest", {**TEXT, "prompt": ["a", "b"]}),
+        ("CompletionRequest", {**TEXT, "prompt": [VOCAB_SIZE - 1, 0]}),
+        ("CompletionRequest", {**TEXT, "prompt": [[VOCAB_SIZE]]}),
+        ("CompletionRequest", {**TEXT, "prompt": [3.0]}),
+        ("CompletionRequest", {**TEXT, "prompt": [-1]}),
+        ("CompletionRequest", {**TEXT, "prompt": [True]}),
+        ("CompletionRequest", {**TEXT, "best_of": 1, "echo": False, "suffix": ""}),
+        ("CompletionRequest", {**TEXT, "suffix": "x"}),
+    ],
+)
+def test_the_document_and_the_parser_agree(schema: str, body: dict[str, Any]) -> None:
+    is_valid = _document_validators()[schema].is_valid(body)
+    parse = parse_chat_request if schema == "ChatCompletionRequest" else parse_completion_request
+    assert _accepted(parse, body) == is_valid
+
+
+@pytest.mark.parametrize(
+    ("neutral", "parse"),
+    [
+        (_CHAT_NEUTRAL, parse_chat_request),
+        (_COMPLETION_NEUTRAL, parse_completion_request),
+    ],
+)
+def test_every_value_an_error_allows_is_accepted(
+    neutral: dict[str, tuple[Any, ...]], parse: Any
+) -> None:
+    base = CHAT if parse is parse_chat_request else TEXT
+    for name, allowed in neutral.items():
+        for value in allowed:
+            parse(_encode({**base, name: value}))
+    for name, allowed in _MESSAGE_NEUTRAL.items():
+        for value in allowed:
+            message = {"role": "assistant", "content": "x", name: value}
+            parse_chat_request(_encode({**CHAT, "messages": [message]}))

@@ -194,3 +194,76 @@ def test_openapi_describes_both_apis(stack: Stack) -> None:
     )
     assert "429" in chat["responses"] and "text/event-stream" in chat["responses"]["200"]["content"]
     assert paths["/admin/v1/tenants"]["post"]["security"] == [{"adminToken": []}]
+
+
+# ---- the admin API takes what its document says ----------------------------------------------
+
+
+def _admin_client(stack: Stack) -> httpx.Client:
+    headers = {"authorization": f"Bearer {stack.admin_token}"}
+    return httpx.Client(base_url=stack.base_url, headers=headers, timeout=30)
+
+
+def test_the_default_class_is_always_allowed(stack: Stack) -> None:
+    # JSON Schema cannot say "one of the other field's items": the default is added instead.
+    with _admin_client(stack) as client:
+        body = {"name": "classy", "default_class": "batch", "allowed_classes": ["interactive"] * 2}
+        created = client.post("/admin/v1/tenants", json=body)
+        assert created.status_code == 201, created.text
+        assert created.json()["allowed_classes"] == ["interactive", "batch"]
+        patched = client.patch("/admin/v1/tenants/classy", json={"allowed_classes": ["standard"]})
+        assert patched.json()["allowed_classes"] == ["standard", "batch"]
+        patched = client.patch("/admin/v1/tenants/classy", json={"default_class": "interactive"})
+        assert patched.json()["default_class"] == "interactive"
+        assert patched.json()["allowed_classes"] == ["standard", "batch", "interactive"]
+
+
+def test_integer_fields_take_integral_numbers(stack: Stack) -> None:
+    # JSON Schema reads 5.0 as an integer, so the document takes it: so does the gateway.
+    quotas = {"requests_per_minute": 5.0, "token_budget": 1e6}
+    with _admin_client(stack) as client:
+        created = client.post("/admin/v1/tenants", json={"name": "floaty", "quotas": quotas})
+        assert created.status_code == 201, created.text
+        assert '"requests_per_minute":5,' in created.text
+        assert created.json()["quotas"]["token_budget"] == 1_000_000
+        for refused in (5.5, 0, 2**63):
+            answer = client.patch(
+                "/admin/v1/tenants/floaty", json={"quotas": {"requests_per_minute": refused}}
+            )
+            assert answer.status_code == 400, refused
+            assert answer.json()["error"]["param"] == "quotas"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({}, "name"),
+        ({"name": "fine", "colour": "red"}, "colour"),
+        ({"name": "line\n"}, "name"),  # Python's $ matches before a final newline; \Z does not
+        ({"name": ".."}, "name"),  # a path segment that clients resolve away
+        ({"name": "-flag"}, "name"),
+        ({"name": "light", "weight": 1e-9}, "weight"),  # 1 / weight overflows the counters
+        ({"name": "gilded", "allowed_classes": ["gold"]}, "allowed_classes"),
+        ({"name": "gilded", "default_class": "gold"}, "default_class"),
+        ({"name": "quoted", "quotas": {"tokens_per_minute": "many"}}, "quotas"),
+    ],
+)
+def test_admin_refusals_name_their_field(stack: Stack, body: dict[str, Any], param: str) -> None:
+    with _admin_client(stack) as client:
+        answer = client.post("/admin/v1/tenants", json=body)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", param)
+    assert "not valid JSON" not in error["message"]
+
+
+@pytest.mark.parametrize(("at", "status"), [("2025-01", 200), ("2025-13-45", 200), ("soon", 400)])
+def test_usage_period_names_are_checked(stack: Stack, at: str, status: int) -> None:
+    with _admin_client(stack) as client:
+        answer = client.get("/admin/v1/tenants/demo/usage", params={"period": "day", "at": at})
+    assert answer.status_code == status, answer.text
+    if status == 200:  # a period with nothing recorded, of either kind: one row of zeros
+        [row] = answer.json()["data"]
+        assert (row["period"], row["requests"]) == (at, 0)
+    else:
+        assert answer.json()["error"]["param"] == "at"
