@@ -13,7 +13,6 @@ Torch-free.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import time
@@ -40,8 +39,17 @@ from gateway.errors import (
     openai_error_body,
     public_error,
 )
+from gateway.gatekeeper import (
+    SLO_CLASS_HEADER,
+    Seen,
+    class_rank,
+    end_span,
+    outcome_of,
+    refused,
+    server_span,
+)
 from gateway.generation import Finished, Generation, TokenUsage
-from gateway.metrics import CLIENT_DISCONNECTED, UNAUTHENTICATED, RequestRecord
+from gateway.metrics import CLIENT_DISCONNECTED, RequestRecord
 from gateway.openai_api import (
     SSE_DONE,
     ChatCompletion,
@@ -62,17 +70,17 @@ from gateway.tenants import Tenant, UsageDelta
 from transfer.errors import FairgateError
 from transfer.http import CallerDisconnected, caller_disconnected_response, until_disconnected
 from transfer.messages import SamplingSpec
-from transfer.telemetry import SpanRecord, is_tracing, start_span, trace_id_of
+from transfer.telemetry import trace_id_of
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
-__all__ = ["SLO_CLASS_HEADER", "openai_endpoints"]
+__all__ = ["openai_endpoints"]
 
 logger = logging.getLogger("fairgate.requests")
 
-SLO_CLASS_HEADER = "x-fairgate-class"
 DEMOTED_WEIGHT_FACTOR = 0.01
+LARGE_BODY_BYTES = 64 << 10  # read and decoded one at a time per tenant
 
 _T = TypeVar("_T")
 
@@ -97,10 +105,10 @@ class _Run:
 
 def openai_endpoints(gateway: Gateway) -> list[Endpoint]:
     async def chat_completions(request: Request) -> Response:
-        return await _serve(gateway, request, parse_chat_request, "chat")
+        return await _serve(gateway, request, parse_chat_request)
 
     async def completions(request: Request) -> Response:
-        return await _serve(gateway, request, parse_completion_request, "text_completion")
+        return await _serve(gateway, request, parse_completion_request)
 
     async def models(request: Request) -> Response:
         await gateway.auth.tenant(request)
@@ -116,7 +124,7 @@ def openai_endpoints(gateway: Gateway) -> list[Endpoint]:
             request_body=_body_type("chat"),
             response=ChatCompletion,
             streams=ChatCompletionChunk,
-            errors=(400, 401, 403, 404, 429, 503),
+            errors=(400, 401, 403, 404, 413, 429, 503),
         ),
         Endpoint(
             "POST",
@@ -127,7 +135,7 @@ def openai_endpoints(gateway: Gateway) -> list[Endpoint]:
             request_body=_body_type("completion"),
             response=Completion,
             streams=CompletionChunk,
-            errors=(400, 401, 403, 404, 429, 503),
+            errors=(400, 401, 403, 404, 413, 429, 503),
         ),
         Endpoint(
             "GET",
@@ -155,20 +163,16 @@ def _served_models(gateway: Gateway) -> list[str]:
 # ---- one request ---------------------------------------------------------------------------
 
 
-async def _serve(gateway: Gateway, request: Request, parse: Any, operation: str) -> Response:
-    """``operation``: the route's ``gen_ai.operation.name``."""
-    received = time.monotonic()
-    seen = _Seen(time.time_ns() if is_tracing() else 0, operation)
+async def _serve(gateway: Gateway, request: Request, parse: Any) -> Response:
+    """A request the gatekeeper let through (``gateway.gatekeeper``): tenant known, counted."""
+    seen = Seen.take(request)
     try:
-        if gateway.is_draining:
-            raise ShuttingDown("the gateway is shutting down; try another replica or retry")
-        _, seen.tenant = await gateway.auth.tenant(request)
-        body = await _read_body(request, gateway.config.gateway.max_body_bytes)
-        generation_request: GenerationRequest = parse(body)
-        run = await _admit(gateway, request, seen, generation_request, received)
+        assert seen.tenant is not None
+        generation_request = await _parsed_body(gateway, request, seen.tenant, parse)
+        run = await _admit(gateway, request, seen, generation_request)
     except BaseException as exc:
-        _refused(gateway, seen, exc)
-        if isinstance(exc, CallerDisconnected):
+        refused(gateway, seen, exc)
+        if isinstance(exc, CallerDisconnected | ClientDisconnect):
             return caller_disconnected_response(request, exc)
         raise
     gateway.requests_in_flight.add(run.generation)
@@ -200,72 +204,6 @@ async def _serve(gateway: Gateway, request: Request, parse: Any, operation: str)
     return _complete_response(run, answer)
 
 
-@dataclass(slots=True)
-class _Seen:
-    """What is known of a request while it is being admitted: for the metrics, and for its span
-    (made once its model is known, or when it is refused, from ``received_ns`` on)."""
-
-    received_ns: int  # 0 while tracing is off
-    operation: str  # gen_ai.operation.name
-    tenant: Tenant | None = None
-    slo_class: str = ""
-    span: SpanRecord | None = None
-
-
-def _server_span(seen: _Seen, body: GenerationRequest | None) -> SpanRecord | None:
-    """The request's span (None while tracing is off), named ``{operation} {model}`` by the
-    GenAI conventions; it began when the request arrived."""
-    if not is_tracing():
-        return None
-    attributes: dict[str, AttributeValue] = {"gen_ai.operation.name": seen.operation}
-    if seen.tenant is not None:
-        attributes["fairgate.tenant"] = seen.tenant.name
-    name = seen.operation
-    if body is not None:
-        name = f"{seen.operation} {body.model}"
-        attributes["gen_ai.request.model"] = body.model
-        if body.max_tokens is not None:
-            attributes["gen_ai.request.max_tokens"] = body.max_tokens
-    return start_span(name, attributes, start_time_ns=seen.received_ns)
-
-
-def _refused(gateway: Gateway, seen: _Seen, error: BaseException) -> None:
-    """A request refused before it was queued: counted, its span ended."""
-    reason = _outcome(error)
-    tenant_name = UNAUTHENTICATED if seen.tenant is None else seen.tenant.name
-    gateway.metrics.rejected(tenant_name, seen.slo_class, reason)
-    span = seen.span or _server_span(seen, None)
-    if span is not None:
-        if isinstance(error, FairgateError):
-            span.set_attribute("http.response.status_code", error.status)
-        _end_span(span, reason, error)
-
-
-def _end_span(span: SpanRecord, outcome: str, error: BaseException | None) -> None:
-    """A client that went away is no error of ours: the span says so and ends unset."""
-    if outcome == CLIENT_DISCONNECTED:
-        span.set_attribute("fairgate.outcome", CLIENT_DISCONNECTED)
-        error = None
-    span.end(error)
-
-
-def _outcome(error: BaseException | None) -> str:
-    if error is None:
-        return "ok"
-    if isinstance(error, FairgateError):
-        return error.code
-    if isinstance(
-        error,
-        asyncio.CancelledError
-        | CallerDisconnected
-        | ClientDisconnect
-        | GeneratorExit
-        | anyio.get_cancelled_exc_class(),
-    ):
-        return CLIENT_DISCONNECTED
-    return type(error).__name__
-
-
 async def _read_body(request: Request, max_bytes: int) -> bytes:
     """The body, refused with 413 as soon as it is known to be over ``max_bytes``: from its
     ``Content-Length`` before any of it is read, else while it streams in."""
@@ -273,6 +211,16 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes:
         raise too_large
+    return await _read_chunks(request, max_bytes, too_large)
+
+
+def _is_large(request: Request) -> bool:
+    """A body over ``LARGE_BODY_BYTES``, or one of unknown size."""
+    length = request.headers.get("content-length")
+    return length is None or not length.isdigit() or int(length) > LARGE_BODY_BYTES
+
+
+async def _read_chunks(request: Request, max_bytes: int, too_large: RequestTooLarge) -> bytes:
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -283,12 +231,23 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+async def _parsed_body(
+    gateway: Gateway, request: Request, tenant: Tenant, parse: Any
+) -> GenerationRequest:
+    """The body read and decoded; a large one in its tenant's turn (``gateway.prompts``), since
+    both hold the event loop for milliseconds per megabyte."""
+    max_bytes = gateway.config.gateway.max_body_bytes
+    if not _is_large(request):
+        return parse(await _read_body(request, max_bytes))  # type: ignore[no-any-return]
+    async with gateway.body_turns.turn(tenant.tenant_id):
+        return parse(await _read_body(request, max_bytes))  # type: ignore[no-any-return]
+
+
 async def _admit(
     gateway: Gateway,
     request: Request,
-    seen: _Seen,
+    seen: Seen,
     body: GenerationRequest,
-    received: float,
 ) -> _Run:
     tenant = seen.tenant
     assert tenant is not None
@@ -299,11 +258,11 @@ async def _admit(
             param="model",
         )
     # Named after the model once it is one we serve: a client's model string is its own text.
-    span = seen.span = _server_span(seen, body)
+    span = seen.span = server_span(seen, body)
     slo_class = seen.slo_class = _slo_class(gateway, request, tenant, body)
     # Cheap refusals first: a tenant whose queue is full or standing is told so before its
     # prompt costs any tokenizing.
-    gateway.dispatcher.check_backlog(tenant.tenant_id, _class_rank(gateway, slo_class))
+    gateway.dispatcher.check_backlog(tenant.tenant_id, class_rank(gateway, slo_class))
     max_model_len = gateway.registry.max_model_len
     encoding = gateway.prompts.encode(tenant.tenant_id, body, max_model_len)
     # A long prompt's wait (its tenant's turn, a thread) ends if its client leaves.
@@ -346,13 +305,13 @@ async def _admit(
         tenant_id=tenant.tenant_id,
         slo_class=slo_class,
         weight=tenant.weight * (DEMOTED_WEIGHT_FACTOR if admission.demoted else 1.0),
-        arrival=received,
+        arrival=seen.received,
         num_prompt_tokens=len(prompt_token_ids),
         max_tokens=max_tokens,
         prompt_token_ids=prompt_token_ids,
         demoted=admission.demoted,
         cache_salt=cache_salt,
-        rank=_class_rank(gateway, slo_class),
+        rank=class_rank(gateway, slo_class),
     )
     sampling = SamplingSpec(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed
@@ -366,17 +325,12 @@ async def _admit(
         dispatcher=gateway.dispatcher,
         registry=gateway.registry,
         cache_salt=cache_salt,
-        received=received,
+        received=seen.received,
         flush_interval_s=0.0 if body.stream else gateway.config.gateway.unstreamed_flush_s,
         span=span,
         metrics=gateway.metrics,
     )
     return _Run(body, tenant, slo_class, admission, generation, completion_id, int(time.time()))
-
-
-def _class_rank(gateway: Gateway, slo_class: str) -> int:
-    served_in = gateway.config.slo_class(slo_class)
-    return (served_in or gateway.config.lowest_class).rank
 
 
 def _slo_class(gateway: Gateway, request: Request, tenant: Tenant, body: GenerationRequest) -> str:
@@ -505,18 +459,28 @@ def _billed(run: _Run) -> TokenUsage:
     return TokenUsage(usage.prompt_tokens, usage.cached_tokens, run.num_delivered_tokens)
 
 
+def _work_done(generation: Generation) -> int:
+    """The tokens a request cost the workers, whoever received them: its prompt once computed
+    and every token generated. Quotas count this, so a client that hangs up before its answer
+    (billed nothing) does not get around its rate limits or budget."""
+    usage = generation.usage
+    prompt_tokens = usage.prompt_tokens if generation.timing.first_token is not None else 0
+    return prompt_tokens + usage.completion_tokens
+
+
 def _finish(gateway: Gateway, run: _Run, error: BaseException | None) -> None:
-    """Settle the quota, record the usage billed, count it in the metrics, end its span and log
-    its one line. Only the first call counts."""
+    """Settle the quota with the work done, record the usage billed, count it in the metrics,
+    end its span and log its one line. Only the first call counts."""
     if run.is_finished:
         return
     run.is_finished = True
     generation = run.generation
     gateway.requests_in_flight.discard(generation)
+    gateway.load_guard.leave(run.tenant.tenant_id)
     if generation.interrupted is not None and error is not None:
         error = generation.interrupted  # the gateway ended it: that is its outcome
     usage = _billed(run)
-    gateway.quotas.settle(run.admission, actual_tokens=usage.total_tokens)
+    gateway.quotas.settle(run.admission, actual_tokens=_work_done(generation))
     if usage.total_tokens:
         gateway.usage.add(
             UsageDelta(
@@ -529,7 +493,7 @@ def _finish(gateway: Gateway, run: _Run, error: BaseException | None) -> None:
         )
     timing = generation.timing
     now = time.monotonic()
-    outcome = _outcome(error)
+    outcome = outcome_of(error)
     if error is not None and not isinstance(error, ClientError) and outcome != CLIENT_DISCONNECTED:
         # The tenant was told less (``public_error``); this line has the cause, by request id.
         logger.warning("request %s failed: %s", run.completion_id, _error_text(error))
@@ -561,7 +525,7 @@ def _finish(gateway: Gateway, run: _Run, error: BaseException | None) -> None:
         if run.admission.demoted:
             ended["fairgate.demoted"] = True
         span.set_attributes(ended)
-        _end_span(span, outcome, error)
+        end_span(span, outcome, error)
     if logger.isEnabledFor(logging.INFO):  # built only when read (benchmarks log warnings)
         fields = {
             "request_id": run.completion_id,

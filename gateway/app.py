@@ -9,9 +9,11 @@
     ├── dispatcher  Dispatcher                carries decisions out, requests wait there
     ├── usage       UsageRecorder             finished requests' usage, batched to the store
     ├── tokenizer   Tokenizer                 chat template, encode, incremental decode
-    └── prompts     PromptEncoder             prompts tokenized off the loop, per tenant
+    ├── prompts     PromptEncoder             prompts tokenized off the loop, per tenant
+    └── load_guard  LoadGuard                 the loop's lag; who is refused when it lags
 
-Routes: ``gateway.api`` (OpenAI-compatible, tenant keys), ``gateway.admin`` (admin token),
+Routes: ``gateway.api`` (OpenAI-compatible, tenant keys; the cheap refusals of a generation
+request come first, in ``gateway.gatekeeper``'s middleware), ``gateway.admin`` (admin token),
 ``/healthz``, ``/readyz``, ``/openapi.json``. One lifespan starts and stops everything.
 
 Stopping (SIGTERM): the server stops taking connections and requests, ``/readyz`` says
@@ -34,6 +36,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -47,12 +50,14 @@ from gateway.api import openai_endpoints
 from gateway.auth import Authenticator
 from gateway.config import Config
 from gateway.dispatch import Dispatcher
-from gateway.errors import ClientError, ShuttingDown, openai_error_body, retry_after_header
+from gateway.errors import ClientError, ShuttingDown, openai_error_body
+from gateway.gatekeeper import Gatekeeper, error_response
 from gateway.generation import Generation
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import Deployment, Endpoint, openapi_document, routes_of
+from gateway.overload import LoadGuard
 from gateway.policies import PolicySettings, make_policy
-from gateway.prompts import PromptEncoder
+from gateway.prompts import PromptEncoder, TenantTurns
 from gateway.quotas import QuotaManager
 from gateway.scheduler import SchedulingPolicy
 from gateway.store import SQLiteStore
@@ -151,6 +156,8 @@ class Gateway:
         )
         self._sampler: asyncio.Task[None] | None = None
         self._parts: _Started | None = None
+        self.load_guard = LoadGuard(config.gateway.max_loop_lag_s)
+        self.body_turns = TenantTurns()  # a tenant's large bodies, one at a time
         # Requests admitted and not finished (``gateway.api``), for ``drain``.
         self.requests_in_flight: set[Generation] = set()
         self.is_draining = False
@@ -199,6 +206,7 @@ class Gateway:
         )
         await usage.start()
         await self.registry.start()
+        await self.load_guard.start()
         self._sampler = asyncio.create_task(self._sample_forever(), name="metrics-sampler")
 
     async def _sample_forever(self) -> None:
@@ -245,6 +253,7 @@ class Gateway:
             self._sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sampler
+        await self.load_guard.stop()
         await self.dispatcher.stop()
         self.dispatcher.fail_all(ShuttingDown("the gateway is shutting down"))
         await self.registry.stop()
@@ -304,9 +313,7 @@ def create_app(gateway: Gateway, *, on_started: Callable[[], None] | None = None
         assert isinstance(exc, FairgateError)
         if not isinstance(exc, ClientError):
             logger.warning("request failed: %s (%s)", exc.message, exc.code)
-        response = json_response(openai_error_body(exc), exc.status)
-        response.headers.update(retry_after_header(exc))
-        return response
+        return error_response(exc)
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         """A bug: the client gets OpenAI's error body, the log the traceback (Starlette's
@@ -323,6 +330,7 @@ def create_app(gateway: Gateway, *, on_started: Callable[[], None] | None = None
             *routes_of(endpoints),
         ],
         lifespan=lifespan,
+        middleware=[Middleware(Gatekeeper, gateway=gateway)],
         exception_handlers={
             FairgateError: on_error,
             CallerDisconnected: caller_disconnected_response,

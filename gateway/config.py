@@ -52,6 +52,9 @@ class GatewaySection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # On SIGTERM: how long requests in flight may take to finish before they are ended with a
     # clean error (new connections are refused at once).
     shutdown_grace_s: Annotated[float, msgspec.Meta(ge=0.0)] = 30.0
+    # The gateway is overloaded while its event loop lags more than this (``gateway.overload``):
+    # tenants holding their share of its requests are then refused with 503 overloaded.
+    max_loop_lag_s: Annotated[float, msgspec.Meta(gt=0.0)] = 0.05
     # A non-streaming request's tokens come from the decode worker at most this often (stop
     # strings are seen at most this late); 0: every step's tokens at once.
     unstreamed_flush_s: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.05
@@ -77,7 +80,7 @@ class SchedulerSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     policy: str = "auto"
     queue_timeout_s: Annotated[float, msgspec.Meta(gt=0.0)] = 120.0
     # A tenant with this many requests waiting gets 429 queue_full for more (``gateway.dispatch``).
-    max_queued_per_tenant: Annotated[int, msgspec.Meta(ge=1)] = 512
+    max_queued_per_tenant: Annotated[int, msgspec.Meta(ge=1)] = 256
     max_prefill_inflight_tokens: int = 8192
     # …and at most this many seconds of work at the worker's measured prefill speed: what is
     # sent to a worker runs in its order, not the policy's, so it is kept short.
@@ -120,12 +123,15 @@ class SloClass(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tpot_target_s: float | None = None
     sheddable: bool = False
     # A tenant's new requests of this class get 429 queue_full while its oldest waiting one has
-    # waited longer than this (None: ``ttft_target_s``, the wait past which it misses its SLO).
+    # waited longer than this (None: a quarter of ``ttft_target_s``, so what is admitted still
+    # has most of its TTFT budget for the workers).
     max_queue_wait_s: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
 
     @property
     def queue_wait_limit_s(self) -> float:
-        return self.ttft_target_s if self.max_queue_wait_s is None else self.max_queue_wait_s
+        if self.max_queue_wait_s is None:
+            return self.ttft_target_s / 4
+        return self.max_queue_wait_s
 
 
 DEFAULT_SLO_CLASSES = [

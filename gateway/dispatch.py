@@ -85,7 +85,7 @@ class Dispatcher:
         max_prefill_inflight_s: float = 0.025,
         queue_timeout_s: float = 120.0,
         make_room_for_higher_classes: bool = True,
-        max_queued_per_tenant: int = 512,
+        max_queued_per_tenant: int = 256,
         max_queue_wait_s: Mapping[int, float] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

@@ -12,6 +12,11 @@ CPU), so ``PromptEncoder.encode``:
 3. lets each tenant tokenize one long prompt at a time: a tenant sending many long prompts waits
    for its own, and takes at most one of the pool's threads (and one core) from the others.
 
+``TenantTurns`` is that rule (one at a time per tenant, the others wait their turn); the gateway
+also reads and decodes large bodies by it (``gateway.api``): meanwhile the next large body of
+the same tenant stays unread in its connection, so TCP's flow control holds its sender back at
+no cost to anyone.
+
 Torch-free.
 """
 
@@ -26,7 +31,7 @@ from engine.tokenizer import Tokenizer, TokenizerError
 from gateway.errors import ClientError, ContextLengthExceeded
 from gateway.openai_api import GenerationRequest
 
-__all__ = ["INLINE_MAX_CHARS", "PromptEncoder", "is_long_prompt"]
+__all__ = ["INLINE_MAX_CHARS", "PromptEncoder", "TenantTurns", "is_long_prompt"]
 
 INLINE_MAX_CHARS = 1024  # tokenized on the loop: about 0.3 ms of the default model's tokenizer
 
@@ -42,16 +47,27 @@ def is_long_prompt(body: GenerationRequest) -> bool:
     return _num_chars(body) > INLINE_MAX_CHARS
 
 
+class TenantTurns:
+    """One at a time per tenant: ``async with turns.turn(tenant_id): ...``. A tenant's state
+    goes with its last holder or waiter."""
+
+    def __init__(self) -> None:
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def turn(self, tenant_id: str) -> asyncio.Lock:
+        lock = self._locks.get(tenant_id)
+        if lock is None:
+            lock = self._locks[tenant_id] = asyncio.Lock()
+        return lock
+
+
 class PromptEncoder:
     """Encodes prompts for one tokenizer; ``close`` ends its threads."""
 
     def __init__(self, tokenizer: Tokenizer, *, max_threads: int = 2) -> None:
         self.tokenizer = tokenizer
         self._executor = ThreadPoolExecutor(max_threads, thread_name_prefix="tokenize")
-        # One long prompt at a time per tenant; dropped with the tenant's last waiter.
-        self._tenant_slots: weakref.WeakValueDictionary[str, asyncio.Semaphore] = (
-            weakref.WeakValueDictionary()
-        )
+        self._turns = TenantTurns()  # one long prompt at a time per tenant
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -89,12 +105,9 @@ class PromptEncoder:
         return token_ids
 
     async def _off_loop(self, tenant_id: str, work: partial[list[int]]) -> list[int]:
-        slot = self._tenant_slots.get(tenant_id)
-        if slot is None:
-            slot = self._tenant_slots[tenant_id] = asyncio.Semaphore(1)
-        async with slot:
+        async with self._turns.turn(tenant_id):
             future = asyncio.get_running_loop().run_in_executor(self._executor, work)
-            # A caller that leaves cannot stop the thread mid-prompt; the slot stays taken
+            # A caller that leaves cannot stop the thread mid-prompt; the turn stays taken
             # until the thread is done, so a tenant cannot pile up abandoned work either.
             try:
                 return await asyncio.shield(future)

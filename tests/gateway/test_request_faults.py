@@ -31,10 +31,14 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         started.stop()
 
 
-async def _tenant(client: httpx.AsyncClient, stack: Stack, name: str) -> tuple[str, str, str]:
+async def _tenant(
+    client: httpx.AsyncClient, stack: Stack, name: str, **spec: Any
+) -> tuple[str, str, str]:
     """(tenant id, key, model)."""
     admin = {"authorization": f"Bearer {stack.admin_token}"}
-    tenant = await client.post("/admin/v1/tenants", json={"name": name}, headers=admin)
+    body = {"name": name, **spec}
+    tenant = await client.post("/admin/v1/tenants", json=body, headers=admin)
+    assert tenant.status_code == 201, tenant.text
     key = await client.post(f"/admin/v1/tenants/{name}/keys", json={"name": "k"}, headers=admin)
     secret = key.json()["secret"]
     models = await client.get("/v1/models", headers={"authorization": f"Bearer {secret}"})
@@ -70,19 +74,24 @@ async def _wait_for_log(tmp_path: Path, text: str, timeout_s: float = 10.0) -> s
 async def test_a_client_that_leaves_is_logged_as_such_and_billed_nothing(
     stack: Stack, tmp_path: Path
 ) -> None:
+    """It received nothing, so it is billed nothing; but its quota counts the work done for it
+    (the prompt and about 200 tokens in the second it waited), so hanging up does not get
+    around a tokens-per-minute limit."""
     async with httpx.AsyncClient(base_url=stack.base_url, timeout=30.0) as client:
-        tenant_id, key, model = await _tenant(client, stack, "leaver")
-        body = {"model": model, "messages": PROMPT, "max_tokens": 4000}  # about 20 s
+        tpm = {"quotas": {"tokens_per_minute": 2100}}
+        tenant_id, key, model = await _tenant(client, stack, "leaver", **tpm)
+        headers = {"authorization": f"Bearer {key}"}
+        body = {"model": model, "messages": PROMPT, "max_tokens": 2000}  # about 10 s
         with pytest.raises(httpx.ReadTimeout):
-            await client.post(
-                "/v1/chat/completions",
-                json=body,
-                headers={"authorization": f"Bearer {key}"},
-                timeout=1.0,  # then the client closes its connection
-            )
-    log = await _wait_for_log(tmp_path, "outcome=client_disconnected")
+            # After a second the client gives up and closes its connection.
+            await client.post("/v1/chat/completions", json=body, headers=headers, timeout=1.0)
+        log = await _wait_for_log(tmp_path, "outcome=client_disconnected")
+        again = await client.post("/v1/chat/completions", json=body, headers=headers)
     assert "Traceback" not in log and "ERROR" not in log
     assert await _ledger(stack, tenant_id) == (0, 0, 0)
+    # 2000 + the prompt would fit the minute's 2100 only if the first request had cost nothing.
+    assert again.status_code == 429, again.text
+    assert again.json()["error"]["code"] == "rate_limit_exceeded"
 
 
 async def _streamed(

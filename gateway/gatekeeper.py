@@ -1,0 +1,199 @@
+"""The first look at a generation request (``POST /v1/chat/completions``, ``/v1/completions``):
+the cheap refusals, made before Starlette routes it and before its body is read.
+
+Under overload most requests are refused, so a refusal must cost far less than serving: made
+here, in the app's middleware, it is about a third of what the same answer costs from the route
+(measured: 0.03 against 0.09–0.12 ms of the gateway's CPU on this project's 2-core machine). In
+order:
+
+1. the gateway is stopping: 503 ``shutting_down``;
+2. the key: 401 ``invalid_api_key`` / 403 ``key_revoked``;
+3. the gateway itself is overloaded and this tenant holds its share of it: 503 ``overloaded``
+   (``gateway.overload``);
+4. the tenant's queue for workers is full or standing in the class its header names (else its
+   default class): 429 ``queue_full`` (``gateway.dispatch``).
+
+What passes goes on to the route (``gateway.api``) with its ``Seen``, the record of what is known
+of it so far, in ``scope["state"]``. The route takes it over; a request refused here or there is
+counted in the metrics and its span ended by ``refused``. Torch-free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import anyio
+from opentelemetry.util.types import AttributeValue
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.admin import json_response
+from gateway.errors import ShuttingDown, openai_error_body, retry_after_header
+from gateway.metrics import CLIENT_DISCONNECTED, UNAUTHENTICATED
+from gateway.openai_api import GenerationRequest
+from gateway.tenants import Tenant
+from transfer.errors import FairgateError
+from transfer.http import CallerDisconnected
+from transfer.telemetry import SpanRecord, is_tracing, start_span
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+__all__ = [
+    "GENERATION_ROUTES",
+    "SLO_CLASS_HEADER",
+    "Gatekeeper",
+    "Seen",
+    "class_rank",
+    "end_span",
+    "error_response",
+    "outcome_of",
+    "refused",
+    "server_span",
+]
+
+SLO_CLASS_HEADER = "x-fairgate-class"
+# The routes whose requests pass here, with their ``gen_ai.operation.name``.
+GENERATION_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "text_completion"}
+_SEEN = "fairgate.seen"  # the key of a request's ``Seen`` in its ``scope["state"]``
+
+
+@dataclass(slots=True)
+class Seen:
+    """What is known of a request while it is admitted: for the metrics, and for its span
+    (made once its model is known, or when it is refused, from ``received_ns`` on)."""
+
+    received: float  # monotonic
+    received_ns: int  # 0 while tracing is off
+    operation: str  # gen_ai.operation.name
+    tenant: Tenant | None = None
+    slo_class: str = ""
+    span: SpanRecord | None = None
+    is_counted: bool = False  # in ``gateway.load_guard``'s count of requests
+    is_taken: bool = False  # the route took it over (``take``)
+
+    @classmethod
+    def take(cls, request: Request) -> Seen:
+        """The route's side: the request's record, now the route's to finish."""
+        seen: Seen = request.scope["state"][_SEEN]
+        seen.is_taken = True
+        return seen
+
+
+class Gatekeeper:
+    """ASGI middleware in front of the routes: see the module docstring."""
+
+    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+        self.app = app
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        operation = None
+        if scope["type"] == "http" and scope["method"] == "POST":
+            operation = GENERATION_ROUTES.get(scope["path"])
+        if operation is None:
+            await self.app(scope, receive, send)
+            return
+        seen = Seen(time.monotonic(), time.time_ns() if is_tracing() else 0, operation)
+        try:
+            await self._check(seen, Request(scope))
+        except FairgateError as exc:
+            refused(self.gateway, seen, exc)
+            await error_response(exc)(scope, receive, send)
+            return
+        scope.setdefault("state", {})[_SEEN] = seen
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if not seen.is_taken:  # the route never ran (its body never came): not counted
+                refused(self.gateway, seen, CallerDisconnected("the request never reached us"))
+
+    async def _check(self, seen: Seen, request: Request) -> None:
+        gateway = self.gateway
+        if gateway.is_draining:
+            raise ShuttingDown("the gateway is shutting down; try another replica or retry")
+        _, tenant = await gateway.auth.tenant(request)
+        seen.tenant = tenant
+        gateway.load_guard.enter(tenant.tenant_id, tenant.weight)
+        seen.is_counted = True
+        # The body may name another class: the route checks that one.
+        slo_class = request.headers.get(SLO_CLASS_HEADER) or tenant.default_class
+        gateway.dispatcher.check_backlog(tenant.tenant_id, class_rank(gateway, slo_class))
+
+
+def error_response(error: FairgateError) -> Response:
+    """OpenAI's error body with the error's status, and ``Retry-After`` when it has one."""
+    response = json_response(openai_error_body(error), error.status)
+    response.headers.update(retry_after_header(error))
+    return response
+
+
+def class_rank(gateway: Gateway, slo_class: str) -> int:
+    """The rank of the class a request is served in (an unknown name: the lowest class's; the
+    route refuses it)."""
+    served_in = gateway.config.slo_class(slo_class)
+    return (served_in or gateway.config.lowest_class).rank
+
+
+def server_span(seen: Seen, body: GenerationRequest | None) -> SpanRecord | None:
+    """The request's span (None while tracing is off), named ``{operation} {model}`` by the
+    GenAI conventions; it began when the request arrived."""
+    if not is_tracing():
+        return None
+    attributes: dict[str, AttributeValue] = {"gen_ai.operation.name": seen.operation}
+    if seen.tenant is not None:
+        attributes["fairgate.tenant"] = seen.tenant.name
+    name = seen.operation
+    if body is not None:
+        name = f"{seen.operation} {body.model}"
+        attributes["gen_ai.request.model"] = body.model
+        if body.max_tokens is not None:
+            attributes["gen_ai.request.max_tokens"] = body.max_tokens
+    return start_span(name, attributes, start_time_ns=seen.received_ns)
+
+
+def refused(gateway: Gateway, seen: Seen, error: BaseException) -> None:
+    """A request refused before it was queued: out of the load guard's count, counted in the
+    metrics, its span ended."""
+    if seen.is_counted:
+        assert seen.tenant is not None
+        seen.is_counted = False
+        gateway.load_guard.leave(seen.tenant.tenant_id)
+    reason = outcome_of(error)
+    tenant_name = UNAUTHENTICATED if seen.tenant is None else seen.tenant.name
+    gateway.metrics.rejected(tenant_name, seen.slo_class, reason)
+    span = seen.span or server_span(seen, None)
+    if span is not None:
+        if isinstance(error, FairgateError):
+            span.set_attribute("http.response.status_code", error.status)
+        end_span(span, reason, error)
+
+
+def end_span(span: SpanRecord, outcome: str, error: BaseException | None) -> None:
+    """A client that went away is no error of ours: the span says so and ends unset."""
+    if outcome == CLIENT_DISCONNECTED:
+        span.set_attribute("fairgate.outcome", CLIENT_DISCONNECTED)
+        error = None
+    span.end(error)
+
+
+def outcome_of(error: BaseException | None) -> str:
+    """How a request ended, for metrics, spans and its log line."""
+    if error is None:
+        return "ok"
+    if isinstance(error, FairgateError):
+        return error.code
+    if isinstance(
+        error,
+        asyncio.CancelledError
+        | CallerDisconnected
+        | ClientDisconnect
+        | GeneratorExit
+        | anyio.get_cancelled_exc_class(),
+    ):
+        return CLIENT_DISCONNECTED
+    return type(error).__name__
