@@ -7,9 +7,9 @@ of HTTP bodies.
 
 A decode worker with no room after all (the gateway's view of it was a report old) is marked
 full and the request goes back to the head of the queue, as often as it takes within the queue
-timeout. A worker that cannot be reached, or whose engine died, before any token reached the
-client is marked dead and the request placed again, up to ``MAX_PLACEMENTS`` times. After the
-first token, a failure ends the request with its error.
+timeout. A worker that cannot be reached, or whose engine died, is marked dead; if it had not
+sent the request a token yet, the request is placed again, up to ``MAX_PLACEMENTS`` times. After
+a token, a failure ends the request with its error.
 Leaving the iteration early (a client that went away) closes the worker streams, which aborts
 the request on both workers.
 
@@ -177,11 +177,12 @@ class Generation:
             self.pair = pair
             if self.timing.placed is None:
                 self.timing.placed = time.monotonic()
-            sent_any = False
+            # Tokens from this placement (held back or sent): a resumption from them would need
+            # the prompt and the text stream brought up to date, as ``_resume_after`` does.
+            num_tokens_before = len(self.output_token_ids)
             try:
                 async with contextlib.aclosing(self._run_on(pair)) as events:
                     async for event in events:
-                        sent_any = True
                         yield event
                 return
             except _Preempted as exc:
@@ -208,10 +209,11 @@ class Generation:
                     raise
             except (WorkerUnreachable, EngineFailed) as exc:
                 # The worker is gone, or its engine is (it exits, to be restarted): not the
-                # request's fault, so it may go elsewhere while its client has nothing yet.
+                # request's fault, so it may go elsewhere while it has no token from there.
                 self._mark_unreachable(pair, exc)
                 num_unreachable += 1
-                if sent_any or num_unreachable == MAX_PLACEMENTS:
+                got_tokens = len(self.output_token_ids) > num_tokens_before
+                if got_tokens or num_unreachable == MAX_PLACEMENTS:
                     raise
             requeue = True
             logger.info("request %s: placing again (attempt %d)", self.queued.request_id, attempt)

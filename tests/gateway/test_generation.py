@@ -4,6 +4,7 @@ as each tenant's service."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -14,11 +15,13 @@ from engine.tokenizer import Tokenizer
 from gateway import generation
 from gateway.config import DEFAULT_SLO_CLASSES
 from gateway.dispatch import Dispatcher
+from gateway.errors import ShuttingDown
 from gateway.generation import Finished, Generation
 from gateway.metrics import GatewayMetrics
 from gateway.scheduler import FcfsPolicy, QueuedRequest, TenantState
 from gateway.workers import WorkerRegistry
 from tests.gateway.test_dispatch import DECODE_URL, PREFILL_URL, make_ready
+from transfer.errors import EngineFailed, WorkerUnreachable
 from transfer.messages import SamplingSpec, TokenFrame
 
 PROMPT = list(range(1000, 1100))  # 100 tokens
@@ -86,3 +89,118 @@ async def test_service_is_computed_prompt_tokens_and_output_over_the_admitted_we
     metrics.sample()
     # cached: 1 * (100 - 64) + 2 * 2 = 40; demoted: (1 * 100 + 2 * 2) / 0.5 = 208.
     assert metrics.jain() == pytest.approx((40 + 208) ** 2 / (2 * (40**2 + 208**2)))
+
+
+def _generation(
+    registry: WorkerRegistry, tokenizer: Tokenizer, stop: tuple[str, ...] = ()
+) -> Generation:
+    queued = QueuedRequest(
+        request_id="r",
+        tenant_id="t",
+        slo_class="standard",
+        weight=1.0,
+        arrival=0.0,
+        num_prompt_tokens=len(PROMPT),
+        max_tokens=8,
+    )
+    dispatcher = Dispatcher(FcfsPolicy(), registry, max_prefill_inflight_tokens=10_000)
+    return Generation(
+        queued,
+        PROMPT,
+        SamplingSpec(max_tokens=8),
+        stop,
+        tokenizer=tokenizer,
+        dispatcher=dispatcher,
+        registry=registry,
+        cache_salt=b"",
+        received=0.0,
+    )
+
+
+async def test_a_worker_that_fails_after_a_held_back_token_ends_the_request(
+    registry: WorkerRegistry, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token whose text a stop string holds back reached the gateway, not the client; placing
+    the request again from its original prompt would send that token twice. So only a request
+    with no token from the failed placement is placed again."""
+    hello = tokenizer.encode("Hello")
+    calls: list[list[int]] = []
+
+    async def one_token_then_dead_engine(
+        prefill: Any, decode: Any, request_id: str, prompt: list[int], *args: Any, **kwargs: Any
+    ) -> AsyncGenerator[TokenFrame]:
+        calls.append(prompt)
+        yield TokenFrame(hello, None, len(prompt), 0, len(hello))
+        raise EngineFailed(f"{PREFILL_URL}: the engine failed")
+
+    monkeypatch.setattr(generation, "run_disaggregated", one_token_then_dead_engine)
+    run = _generation(registry, tokenizer, stop=("Hello world",))
+    events: list[object] = []
+    with pytest.raises(EngineFailed):
+        async for event in run.events():
+            events.append(event)
+    assert events == []  # "Hello" was held back: it may begin the stop string
+    assert len(calls) == 1
+
+
+async def test_a_worker_that_fails_before_any_token_is_left_for_another_placement(
+    registry: WorkerRegistry, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = 0
+
+    async def dead_once(
+        prefill: Any, decode: Any, request_id: str, prompt: list[int], *args: Any, **kwargs: Any
+    ) -> AsyncGenerator[TokenFrame]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise WorkerUnreachable(f"{DECODE_URL}: connection refused")
+        yield TokenFrame([5], "length", len(prompt), 0, 1)
+
+    monkeypatch.setattr(generation, "run_disaggregated", dead_once)
+    run = _generation(registry, tokenizer)
+    # The dead worker is marked so; with no other worker the retry finds it dead: bring it back
+    # as the registry's next poll would.
+    registry.on_change = lambda: make_ready(registry.handles[1], "decode")
+    events = [event async for event in run.events()]
+    assert isinstance(events[-1], Finished) and calls == 2
+
+
+async def test_an_interrupt_ends_a_request_waiting_for_workers_with_its_error(
+    registry: WorkerRegistry, tokenizer: Tokenizer
+) -> None:
+    """The gateway stopping: the wait for a placement raises the interrupt's error, the queue
+    forgets the request, and the task iterating is not left cancelled."""
+    make_ready(registry.handles[1], "decode", num_free_blocks=1)  # no room: it waits
+    run = _generation(registry, tokenizer)
+    events = run.events()
+    waiting = asyncio.create_task(anext(events))
+    await asyncio.sleep(0.05)
+    assert run.dispatcher.num_waiting == 1
+    run.interrupt(ShuttingDown("stopping"))
+    with pytest.raises(ShuttingDown):
+        await waiting
+    assert run.dispatcher.num_waiting == 0
+    assert waiting.cancelling() == 0
+    await events.aclose()
+
+
+async def test_an_interrupt_while_parked_at_an_event_ends_at_the_next_one(
+    registry: WorkerRegistry, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    words = [tokenizer.encode(word) for word in ("Hello", " there", " again")]
+
+    async def three_words(
+        prefill: Any, decode: Any, request_id: str, prompt: list[int], *args: Any, **kwargs: Any
+    ) -> AsyncGenerator[TokenFrame]:
+        for index, word in enumerate(words, start=1):
+            yield TokenFrame(word, "length" if index == 3 else None, len(prompt), 0, index)
+
+    monkeypatch.setattr(generation, "run_disaggregated", three_words)
+    run = _generation(registry, tokenizer)
+    events = run.events()
+    assert await anext(events) == "Hello"
+    run.interrupt(ShuttingDown("stopping"))
+    with pytest.raises(ShuttingDown):
+        await anext(events)
+    assert run.dispatcher.num_waiting == 0
