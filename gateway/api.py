@@ -176,13 +176,16 @@ async def _serve(gateway: Gateway, request: Request, parse: Any) -> Response:
             return caller_disconnected_response(request, exc)
         raise
     gateway.requests_in_flight.add(run.generation)
-    if gateway.is_draining:  # began to stop while this one was being admitted
+    if gateway.is_ending:  # the grace period ended while this one was being admitted
         run.generation.interrupt(ShuttingDown("the gateway is shutting down; retry"))
     events = run.generation.events()
+    error: BaseException | None = None
+    is_streaming = False
     try:
         if generation_request.stream:
             # Wait for the first event before answering, so queueing errors keep their status.
             first = await until_disconnected(request, anext(events))
+            is_streaming = True  # the stream ends the run (``_sse``, ``_close``)
             return _DisconnectAwareStream(
                 _sse(gateway, run, first, events),
                 media_type="text/event-stream",
@@ -191,16 +194,19 @@ async def _serve(gateway: Gateway, request: Request, parse: Any) -> Response:
             )
         answer = await until_disconnected(request, _collect(events))
     except BaseException as exc:
-        await events.aclose()
-        _finish(gateway, run, exc)
+        error = exc
         if isinstance(exc, CallerDisconnected):
             return caller_disconnected_response(request, exc)
         if isinstance(exc, FairgateError):
             raise public_error(exc, run.completion_id) from None
         raise
-    await events.aclose()  # runs the generation's clean-up now: worker accounting, timings
-    run.is_delivered = True
-    _finish(gateway, run, None)
+    finally:
+        if not is_streaming:
+            try:
+                await events.aclose()  # the generation's clean-up: worker accounting, timings
+            finally:
+                run.is_delivered = error is None
+                _finish(gateway, run, error)
     return _complete_response(run, answer)
 
 
@@ -477,8 +483,8 @@ def _finish(gateway: Gateway, run: _Run, error: BaseException | None) -> None:
     generation = run.generation
     gateway.requests_in_flight.discard(generation)
     gateway.load_guard.leave(run.tenant.tenant_id)
-    if generation.interrupted is not None and error is not None:
-        error = generation.interrupted  # the gateway ended it: that is its outcome
+    if generation.interrupted is not None and outcome_of(error) == CLIENT_DISCONNECTED:
+        error = generation.interrupted  # the gateway cut it: that is its outcome
     usage = _billed(run)
     gateway.quotas.settle(run.admission, actual_tokens=_work_done(generation))
     if usage.total_tokens:

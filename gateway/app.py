@@ -147,20 +147,23 @@ class Gateway:
             max_queued_per_tenant=config.scheduler.max_queued_per_tenant,
             max_queue_wait_s={c.rank: c.queue_wait_limit_s for c in config.slo_classes},
         )
+        self.load_guard = LoadGuard(config.gateway.max_loop_lag_s)
         self.metrics = GatewayMetrics(
             config.slo_classes,
             self.policy.tenants,
             w_in=config.scheduler.w_in,
             w_out=config.scheduler.w_out,
             window_s=config.telemetry.metrics_window_s,
+            requests_in_gateway=self.load_guard.requests_by_tenant,
+            loop_lag_s=lambda: self.load_guard.lag_s,
         )
         self._sampler: asyncio.Task[None] | None = None
         self._parts: _Started | None = None
-        self.load_guard = LoadGuard(config.gateway.max_loop_lag_s)
         self.body_turns = TenantTurns()  # a tenant's large bodies, one at a time
         # Requests admitted and not finished (``gateway.api``), for ``drain``.
         self.requests_in_flight: set[Generation] = set()
-        self.is_draining = False
+        self.is_draining = False  # no new request is let in
+        self.is_ending = False  # the grace period is over: what is admitted now is ended
 
     @property
     def started(self) -> _Started:
@@ -216,26 +219,25 @@ class Gateway:
             self.metrics.sample()
 
     async def drain(self) -> None:
-        """Stop admitting; let the requests in flight finish within
-        ``gateway.shutdown_grace_s``; end the rest (module docstring)."""
+        """Stop admitting; let the requests in the gateway (admitted, or past the gatekeeper
+        and being admitted) finish within ``gateway.shutdown_grace_s``; end the rest (module
+        docstring)."""
         self.is_draining = True
+        guard = self.load_guard
         loop = asyncio.get_running_loop()
         grace_s = self.config.gateway.shutdown_grace_s
-        if self.requests_in_flight:
+        if guard.num_requests:
             logger.info(
-                "stopping: %d requests in flight, %g s to finish",
-                len(self.requests_in_flight),
-                grace_s,
+                "stopping: %d requests in flight, %g s to finish", guard.num_requests, grace_s
             )
         deadline = loop.time() + grace_s
-        while self.requests_in_flight and loop.time() < deadline:
+        while guard.num_requests and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        if not self.requests_in_flight:
+        self.is_ending = True
+        if not guard.num_requests:
             return
         logger.warning(
-            "stopping: ending %d requests still running after %g s",
-            len(self.requests_in_flight),
-            grace_s,
+            "stopping: ending %d requests still running after %g s", guard.num_requests, grace_s
         )
         for generation in list(self.requests_in_flight):
             generation.interrupt(
@@ -244,11 +246,11 @@ class Gateway:
                 )
             )
         deadline = loop.time() + DRAIN_END_S
-        while self.requests_in_flight and loop.time() < deadline:
+        while guard.num_requests and loop.time() < deadline:
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
-        self.is_draining = True
+        self.is_draining = self.is_ending = True
         if self._sampler is not None:
             self._sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):

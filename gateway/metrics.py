@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -78,8 +78,14 @@ class GatewayMetrics:
         w_out: float = 2.0,
         window_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        requests_in_gateway: Callable[[], Mapping[str, int]] = dict,
+        loop_lag_s: Callable[[], float] = float,
     ) -> None:
+        """``requests_in_gateway``: by tenant id, the requests between the gatekeeper and their
+        end; ``loop_lag_s``: how late the event loop's last lag sample was (``LoadGuard``)."""
         self.registry = CollectorRegistry(auto_describe=True)
+        self.requests_in_gateway = requests_in_gateway
+        self.loop_lag_s = loop_lag_s
         self._classes = {c.name: c for c in slo_classes}
         self._tenants = tenants
         self.w_in, self.w_out = w_in, w_out
@@ -245,6 +251,20 @@ class _SchedulerCollector(Collector):
             counter.add_metric([name], state.counter)
         yield depth
         yield counter
+        in_gateway = GaugeMetricFamily(
+            "fairgate_requests_in_gateway",
+            "Requests past the gatekeeper and not yet ended (being admitted, queued or running)",
+            labels=["tenant"],
+        )
+        for tenant_id, count in sorted(metrics.requests_in_gateway().items()):
+            in_gateway.add_metric([metrics.name_of(tenant_id)], count)
+        yield in_gateway
+        yield GaugeMetricFamily(
+            "fairgate_event_loop_lag_seconds",
+            "How late the gateway's event loop ran its last lag sample (overloaded while over "
+            "gateway.max_loop_lag_s)",
+            value=metrics.loop_lag_s(),
+        )
         attainment = GaugeMetricFamily(
             "fairgate_slo_attainment",
             f"Share of requests meeting their class's TTFT target, last {metrics.window_s:g} s",

@@ -62,6 +62,15 @@ class LoadGuard:
                 await self._task
 
     @property
+    def num_requests(self) -> int:
+        """Requests in the gateway: past the gatekeeper and not yet finished or refused."""
+        return self._num_requests
+
+    def requests_by_tenant(self) -> dict[str, int]:
+        """Requests in the gateway by tenant id (tenants with none are left out)."""
+        return dict(self._requests)
+
+    @property
     def is_overloaded(self) -> bool:
         late_since = self._late_since
         return late_since is not None and time.monotonic() - late_since >= WINDOW_S

@@ -5,7 +5,6 @@ the workers use it now, the gateway's internal routes may later."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -30,6 +29,7 @@ from transfer.messages import (
 )
 
 __all__ = [
+    "SERVER_SHUTDOWN_S",
     "CallerDisconnected",
     "FrameStreamResponse",
     "caller_disconnected_response",
@@ -147,26 +147,39 @@ async def until_disconnected(
 ) -> _T:
     """Await ``work``; if the caller disconnects first, cancel it and wait for its clean-up, call
     ``on_disconnect`` and raise ``CallerDisconnected``. If this wait itself is cancelled, the work
-    is cancelled and its clean-up awaited before the cancellation goes on, so whatever the work
-    was iterating is free again when the caller sees it. The body must have been read already."""
+    is cancelled and its clean-up awaited before the cancellation goes on. Either way the work
+    has ended when this returns or raises, so whatever it was iterating is free for the caller
+    (an async generator it drove can be closed). The body must have been read already."""
     work_task = asyncio.ensure_future(work)
     watch_task = asyncio.ensure_future(_until_disconnect(request.receive))
     try:
         done, _ = await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
         work_task.cancel()
-        await asyncio.wait({work_task})  # its clean-up, before ours; its outcome is moot
+        await _until_done(work_task)
         raise
     finally:
         watch_task.cancel()
     if work_task in done:
         return work_task.result()
     work_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await work_task
+    await _until_done(work_task)
     if on_disconnect is not None:
         on_disconnect()
     raise CallerDisconnected("the caller disconnected")
+
+
+async def _until_done(task: asyncio.Future[Any]) -> None:
+    """Wait for a cancelled task to end (its outcome is moot), even if this wait is cancelled
+    too: that cancellation is raised once the task has ended."""
+    is_cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            is_cancelled = True
+    if is_cancelled:
+        raise asyncio.CancelledError
 
 
 # An idle keep-alive connection is closed by its client before its server does: a server that
@@ -174,13 +187,17 @@ async def until_disconnected(
 # gateway's worker pool) keep idle connections ``CLIENT_KEEP_ALIVE_S`` (``transfer.client``);
 # proxies in front of the gateway commonly keep them 60 s.
 SERVER_KEEP_ALIVE_S = 75
+# On shutdown, after the app's own drain: how long uvicorn waits for connections before it
+# cancels what runs.
+SERVER_SHUTDOWN_S = 5
 
 
 class _DrainingServer(uvicorn.Server):
     """On shutdown, first stops taking connections and requests (idle keep-alive connections
     close, busy ones close after their answer), then awaits ``drain`` (the app finishing or
     ending what it runs), then does uvicorn's own shutdown: its wait for connections is short,
-    since drained requests have answered; a second signal (``force_exit``) stops waiting."""
+    since drained requests have answered. A second Ctrl-C (SIGINT, uvicorn's ``force_exit``)
+    stops waiting."""
 
     def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]]) -> None:
         super().__init__(config)
@@ -214,7 +231,7 @@ def http_server(
         log_level="warning",
         access_log=False,
         lifespan="on",
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=SERVER_SHUTDOWN_S,
         timeout_keep_alive=SERVER_KEEP_ALIVE_S,
         http="httptools",
     )
