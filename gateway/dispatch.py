@@ -26,8 +26,8 @@ same class has waited longer than the class's ``max_queue_wait_s``: a standing q
 arrivals would only lengthen. Both are per tenant, so a flooding tenant is refused its own excess
 while the others, whose queues the fair policy keeps short, are not. A request that still waits
 ``queue_timeout_s`` ends with 503 ``queue_timeout``. When no worker can serve at all (the last of
-a role died), every waiting request ends at once with 503 ``no_worker``; each of these answers
-carries ``Retry-After``.
+a role died, for ``NO_WORKER_GRACE_S``), every waiting request ends with 503 ``no_worker``; each
+of these answers carries ``Retry-After``.
 
 Torch-free; everything runs on one event loop.
 """
@@ -61,6 +61,9 @@ logger = logging.getLogger(__name__)
 ROOM_RETRY_S = 5.0  # the workers' default room hold: ask again for a request after this long
 # Retry-After for no_worker: about what a supervised worker takes to restart (a small model).
 NO_WORKER_RETRY_AFTER_S = 5.0
+# How long no worker of a role may be ready before the requests waiting are failed: longer than
+# the registry's poll interval (0.5 s), so that a live worker one failed call marked dead is back.
+NO_WORKER_GRACE_S = 0.75
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +117,7 @@ class Dispatcher:
         self._room_refused: dict[str, tuple[float, int]] = {}
         self._room_tasks: set[asyncio.Task[None]] = set()
         self._no_worker_logged_at = float("-inf")
+        self._unservable_since: float | None = None  # when no worker could serve, since
 
     @property
     def num_waiting(self) -> int:
@@ -144,10 +148,23 @@ class Dispatcher:
             )
 
     def check_can_serve(self) -> None:
-        """``NoWorkerAvailable`` (with Retry-After) unless a worker of every needed role is
-        ready."""
-        if not self.registry.can_serve():
+        """``NoWorkerAvailable`` (with Retry-After) when no worker could serve for
+        ``NO_WORKER_GRACE_S``."""
+        if self._is_unservable():
             raise self._no_worker()
+
+    def _is_unservable(self) -> bool:
+        """Whether no worker of a role the requests need has been ready for
+        ``NO_WORKER_GRACE_S``. Shorter than that, it may be one failed call marking a live
+        worker dead, which the registry's next poll undoes: meanwhile requests wait."""
+        if self.registry.can_serve():
+            self._unservable_since = None
+            return False
+        now = self.clock()
+        if self._unservable_since is None:
+            self._unservable_since = now
+            asyncio.get_running_loop().call_later(NO_WORKER_GRACE_S, self.wake)
+        return now - self._unservable_since >= NO_WORKER_GRACE_S
 
     def _no_worker(self) -> NoWorkerAvailable:
         # The registry's summary names internal addresses: the log gets it (at most once a
@@ -292,7 +309,7 @@ class Dispatcher:
         self._pass_scheduled = False
         if not self._waiting:
             return
-        if not self.registry.can_serve():
+        if self._is_unservable():
             # Fail fast: waiting for a worker to come back would hold the clients for up to
             # the queue timeout; they can retry sooner than that (Retry-After).
             self.fail_all(self._no_worker())

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import msgspec
 import pytest
 
-from gateway.dispatch import ROOM_RETRY_S, Dispatcher, WorkerPair
+from gateway.dispatch import NO_WORKER_GRACE_S, ROOM_RETRY_S, Dispatcher, WorkerPair
 from gateway.errors import (
     NoWorkerAvailable,
     QueueFull,
@@ -216,27 +217,32 @@ async def test_a_request_that_finds_no_room_in_time_gets_queue_timeout(
     assert (prefill.inflight_tokens, decode.inflight_requests) == (0, 0)
 
 
-async def test_submit_without_a_ready_worker_fails_at_once(
+async def test_submit_without_a_ready_worker_fails_after_the_grace(
     policy: RecordingFcfs, registry: WorkerRegistry
 ) -> None:
     dispatcher = Dispatcher(policy, registry, queue_timeout_s=60.0)
+    started = time.monotonic()
     with pytest.raises(NoWorkerAvailable, match="no worker can serve") as raised:
-        await asyncio.wait_for(dispatcher.submit(request("a")), 1.0)
+        await asyncio.wait_for(dispatcher.submit(request("a")), 5.0)
+    assert time.monotonic() - started >= NO_WORKER_GRACE_S
+    # Still none: the next one is refused at once.
+    with pytest.raises(NoWorkerAvailable):
+        dispatcher.check_can_serve()
     assert retry_after_header(raised.value) == {"retry-after": "5"}
     assert "127.0.0.1" not in raised.value.message  # the tenant never sees internal addresses
     # A ready prefill worker alone cannot serve either: it needs a decode worker.
     make_ready(registry.handles[0], "prefill")
     with pytest.raises(NoWorkerAvailable, match="no worker can serve"):
-        await asyncio.wait_for(dispatcher.submit(request("b")), 1.0)
+        await asyncio.wait_for(dispatcher.submit(request("b")), 5.0)
     assert (policy.queued(), dispatcher.num_waiting) == (0, 0)
 
 
-async def test_waiting_requests_fail_at_once_when_the_last_worker_of_a_role_dies(
+async def test_waiting_requests_fail_soon_when_the_last_worker_of_a_role_dies(
     policy: RecordingFcfs, registry: WorkerRegistry, prefill: WorkerHandle
 ) -> None:
-    """No waiting out the queue timeout for a worker that may never come back: the registry's
-    change (a failed poll or call marks the worker dead) ends every waiting request with
-    no_worker, and Retry-After."""
+    """No waiting out the queue timeout for a worker that may never come back: once the last
+    worker of a role has been dead (a failed poll or call marks it) for the grace, every waiting
+    request ends with no_worker, and Retry-After."""
     decode = registry.handles[1]
     make_ready(decode, "decode", num_free_blocks=2)  # no room: requests wait
     dispatcher = Dispatcher(policy, registry, queue_timeout_s=60.0)
@@ -247,9 +253,29 @@ async def test_waiting_requests_fail_at_once_when_the_last_worker_of_a_role_dies
     registry.mark_dead(prefill, WorkerUnreachable("connection refused"))
     for task in waiting:
         with pytest.raises(NoWorkerAvailable) as raised:
-            await asyncio.wait_for(task, 1.0)
+            await asyncio.wait_for(task, 5.0)
         assert retry_after_header(raised.value) == {"retry-after": "5"}
     assert (policy.queued(), dispatcher.num_waiting) == (0, 0)
+
+
+async def test_a_worker_back_within_the_grace_serves_the_requests_that_waited(
+    policy: RecordingFcfs, registry: WorkerRegistry, prefill: WorkerHandle
+) -> None:
+    """One failed call marks a live worker dead; the registry's next poll brings it back before
+    the grace ends: nobody waiting was failed for it."""
+    decode = registry.handles[1]
+    make_ready(decode, "decode", num_free_blocks=2)  # no room yet: requests wait
+    dispatcher = Dispatcher(policy, registry, queue_timeout_s=60.0)
+    registry.on_change = dispatcher.wake
+    waiting = asyncio.create_task(dispatcher.submit(request("a")))
+    await settle()
+    registry.mark_dead(prefill, WorkerUnreachable("reset by peer"))
+    await asyncio.sleep(NO_WORKER_GRACE_S / 3)
+    make_ready(prefill, "prefill")  # the next poll: it answers
+    make_ready(decode, "decode")  # and the decode worker has room now
+    dispatcher.wake()
+    pair = await asyncio.wait_for(waiting, 5.0)
+    assert pair.prefill is prefill
 
 
 def tenant_request(request_id: str, tenant_id: str, rank: int = 2) -> QueuedRequest:
