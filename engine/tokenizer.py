@@ -34,7 +34,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 
 from engine.config import ModelLoadError, open_gguf, read_json_object
 
-__all__ = ["IncrementalDetokenizer", "Tokenizer", "TokenizerError"]
+__all__ = ["BrokenChatTemplate", "IncrementalDetokenizer", "Tokenizer", "TokenizerError"]
 
 
 class TokenizerError(ValueError):
@@ -43,6 +43,10 @@ class TokenizerError(ValueError):
     A ``ValueError`` so that callers that validate user input (a malformed conversation) can map it
     to a client error; the message always names the file or the problem.
     """
+
+
+class BrokenChatTemplate(TokenizerError):
+    """The model's chat template does not compile: the model's fault, not the conversation's."""
 
 
 # Split regexes by ``tokenizer.ggml.pre``, as transformers' GGUF loader and llama.cpp define them.
@@ -330,7 +334,9 @@ class Tokenizer:
             try:
                 self._compiled_template = _JINJA_ENV.from_string(self.chat_template)
             except jinja2.TemplateError as exc:
-                raise TokenizerError(f"the model's chat template does not compile: {exc}") from exc
+                raise BrokenChatTemplate(
+                    f"the model's chat template does not compile: {exc}"
+                ) from exc
         return self._compiled_template
 
     def _find_stop_token_ids(self, extra_stop_token_ids: Sequence[int]) -> frozenset[int]:

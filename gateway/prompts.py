@@ -23,15 +23,19 @@ Torch-free.
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
-from engine.tokenizer import Tokenizer, TokenizerError
+from engine.tokenizer import BrokenChatTemplate, Tokenizer, TokenizerError
 from gateway.errors import ClientError, ContextLengthExceeded
 from gateway.openai_api import GenerationRequest
+from transfer.errors import FairgateError
 
 __all__ = ["INLINE_MAX_CHARS", "PromptEncoder", "TenantTurns", "is_long_prompt"]
+
+logger = logging.getLogger(__name__)
 
 INLINE_MAX_CHARS = 1024  # tokenized on the loop: about 0.3 ms of the default model's tokenizer
 
@@ -98,6 +102,10 @@ class PromptEncoder:
                 token_ids = await self._off_loop(tenant_id, work)
             else:
                 token_ids = work()
+        except BrokenChatTemplate as exc:
+            # The model's fault, not the request's: the tenant is told no more than that.
+            logger.error("%s", exc)
+            raise FairgateError("this model's chat template cannot be used") from exc
         except TokenizerError as exc:
             raise ClientError(str(exc), param=param) from exc
         if not token_ids:

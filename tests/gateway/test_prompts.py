@@ -16,6 +16,7 @@ from engine.tokenizer import Tokenizer
 from gateway.errors import ClientError, ContextLengthExceeded
 from gateway.openai_api import GenerationRequest
 from gateway.prompts import INLINE_MAX_CHARS, PromptEncoder
+from transfer.errors import FairgateError
 
 MAX_MODEL_LEN = 8192
 
@@ -144,3 +145,21 @@ async def test_an_empty_prompt_and_broken_text_are_client_errors(encoder: Prompt
     with pytest.raises(ClientError, match="not valid Unicode") as raised:
         await encoder.encode("t", completion("a\ud800b"), MAX_MODEL_LEN)
     assert raised.value.param == "prompt"
+
+
+async def test_a_chat_template_that_does_not_compile_is_the_servers_fault(
+    tokenizer: CountingTokenizer,
+) -> None:
+    broken = CountingTokenizer.__new__(CountingTokenizer)
+    for name in (*Tokenizer.__slots__, *CountingTokenizer.__slots__):
+        setattr(broken, name, getattr(tokenizer, name))
+    broken.chat_template = "{% for %}"
+    broken._compiled_template = None
+    prompts = PromptEncoder(broken)
+    try:
+        with pytest.raises(FairgateError) as raised:
+            await prompts.encode("t", chat("hello"), MAX_MODEL_LEN)
+    finally:
+        prompts.close()
+    assert not isinstance(raised.value, ClientError) and raised.value.status == 500
+    assert "compile" not in raised.value.message  # the jinja text stays in the log
