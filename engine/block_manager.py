@@ -10,6 +10,7 @@ the runner; it never touches tensors. Every block is in exactly one of three sta
     allocate:    free (lowest id first) -> referenced, else evict LRU-oldest cached-unreferenced
     match_prefix: cached (either state) -> referenced (one more reference)
     register:    referenced without hash -> referenced with hash
+    unregister:  referenced with hash -> referenced without hash
     free:        referenced -> (last reference) cached-unreferenced if hashed, else free
 
 A full block's hash chains the hash of the block before it with the block's token ids, starting
@@ -212,6 +213,21 @@ class BlockManager:
         self._evicted_hashes.pop(block_hash, None)
         return block_id
 
+    def unregister(self, block_ids: Sequence[int]) -> None:
+        """Take these (referenced) blocks out of the prefix cache: their content is no longer
+        what their hash says (the engine zeroed it). They stay referenced; freed, they go to the
+        free list. Their hashes join the eviction log, like any block that left the cache."""
+        for block_id in block_ids:
+            self._check_block_id(block_id)
+            if self._ref_counts[block_id] == 0:
+                raise BlockManagerError(f"unregister of block {block_id}, which nobody references")
+            block_hash = self._block_hash[block_id]
+            if block_hash is None:
+                continue
+            self._block_hash[block_id] = None
+            del self._hash_to_block_id[block_hash]
+            self._log_eviction(block_hash)
+
     def drain_evicted_hashes(self) -> list[bytes]:
         """Hashes evicted since the last call and not registered again since, oldest first; the
         gateway corrects its prefix index from these."""
@@ -307,10 +323,13 @@ class BlockManager:
         assert block_hash is not None  # only hashed blocks enter the LRU
         self._block_hash[block_id] = None
         del self._hash_to_block_id[block_hash]
+        self._log_eviction(block_hash)
+        return block_id
+
+    def _log_eviction(self, block_hash: bytes) -> None:
         self._evicted_hashes[block_hash] = None
         if len(self._evicted_hashes) > self.max_num_evicted_hashes:
             del self._evicted_hashes[next(iter(self._evicted_hashes))]
-        return block_id
 
     def check_invariants(self) -> None:
         """Raise ``BlockManagerError`` if the bookkeeping is inconsistent. O(num_blocks): for tests

@@ -47,13 +47,15 @@ logits are not finite (the runner samples None for it), and a runner ``step`` th
 is pinned on the runs that make it raise by running the step's runs again in halves (KV writes
 are idempotent: a run writes the same slots with the same values), so a request of death takes
 only itself down. The blocks only a failed request holds are scrubbed of non-finite KV before
-they go back (it would fail whoever reuses them; ``Runner.scrub``), and prefix matches keep off
-the scrubbed ones. A step in which the runner raised on every run, ``max_failed_steps_in_a_row``
-times in a row, says the runner itself is broken (a request of death alone on an idle engine
-looks the same, and costs a restart): ``step`` raises, after failing those requests. Logits that
-are not finite never count: the runner computed them. ``step`` raising for any other reason is a
-bug in the engine's own bookkeeping, whose state can no longer be trusted; whoever owns the
-engine must then give it up (``EngineThread`` does, and the worker process exits). The failpoint
+they go back (it would fail whoever reuses them; ``Runner.scrub``) and leave the prefix cache.
+A step in which the runner raised on every run, ``max_failed_steps_in_a_row`` times in a row
+with requests of two tenants or more (ten times as many with one tenant's alone, which may be
+its requests of death), says the runner itself is broken: ``step`` raises, after failing those
+requests. Until then each failed request is final for its caller: with a broken runner, a few
+steps' requests fail before the engine gives up and its worker is restarted. Logits that are not
+finite never count: the runner computed them. ``step`` raising for any other reason is a bug in
+the engine's own bookkeeping, whose state can no longer be trusted; whoever owns the engine must
+then give it up (``EngineThread`` does, and the worker process exits). The failpoint
 ``engine.forward`` (``transfer.failpoints``) makes every runner step raise, for the tests of
 real worker processes.
 
@@ -178,6 +180,7 @@ class _RunFailure:
 _RunOutcome = int | None | _RunFailure
 
 NON_FINITE_LOGITS = "the model's output for it is not finite (NaN or infinity)"
+SINGLE_TENANT_FACTOR = 10  # see ``LLMEngine._runner_is_broken``
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,10 +242,8 @@ class LLMEngine:
         self.num_admitted_cached_tokens = 0
         self.num_scheduled_runs = 0  # of the last step: 0 means it could do nothing
         self.num_failed_steps_in_a_row = 0  # steps in which the runner raised on every run
+        self._failed_salts: set[bytes] = set()  # the tenants (cache salts) of those steps' runs
         self.num_failed_requests = 0  # since the start
-        # Hashes of prefix-cache blocks scrubbed of non-finite KV: their content is no longer
-        # what the hash says, so no prefix match may take them (until they are evicted).
-        self._scrubbed_hashes: set[bytes] = set()
         self.num_step_prompt_tokens = 0  # of the last step: prompt tokens it computed
         # Prompt tokens per second, measured by whoever times the steps (``EngineThread``);
         # None until measured, and then no time cap on a step's prompt tokens.
@@ -608,12 +609,15 @@ class LLMEngine:
             # A step timed with retries in it would distort the measured prefill speed.
             self.num_step_prompt_tokens = 0
         # Logits that are not finite are the request's doing: the runner computed them.
-        self.num_failed_steps_in_a_row = (
-            self.num_failed_steps_in_a_row + 1 if num_raised == len(runs) else 0
-        )
+        if num_raised == len(runs):
+            self.num_failed_steps_in_a_row += 1
+            self._failed_salts.update(run.seq.salt for run in runs)
+        else:
+            self.num_failed_steps_in_a_row = 0
+            self._failed_salts.clear()
         # Hand-backs first: they come from this step's scheduling, before its tokens.
         outputs = self._take_pending_outputs() + self._postprocess(runs, outcomes)
-        if self.num_failed_steps_in_a_row >= self.config.max_failed_steps_in_a_row:
+        if self._runner_is_broken():
             # The failed requests are out and their blocks free: the state is whole, the
             # runner is not.
             reasons = {failure.reason for failure in failures}
@@ -622,6 +626,18 @@ class LLMEngine:
                 f"row; it is broken (last: {'; '.join(sorted(reasons))})"
             )
         return outputs
+
+    def _runner_is_broken(self) -> bool:
+        """Steps in which every run raised, in a row: ``max_failed_steps_in_a_row`` of them
+        with requests of two tenants or more (cache salts) say the runner is broken; of one
+        tenant alone, they may be that tenant's requests of death, so it takes
+        ``SINGLE_TENANT_FACTOR`` times as many (one tenant must not restart a worker at will;
+        a broken runner serving one tenant still ends). Any step with a run that did not raise
+        starts the count again."""
+        limit = self.config.max_failed_steps_in_a_row
+        if len(self._failed_salts) < 2:
+            limit *= SINGLE_TENANT_FACTOR
+        return self.num_failed_steps_in_a_row >= limit
 
     def _execute(self, runs: list[ScheduledRun]) -> list[_RunOutcome]:
         """Run ``runs`` on the runner: one outcome per run. When the runner raises, each half
@@ -747,12 +763,7 @@ class LLMEngine:
         cached: list[int] = []
         if self.config.enable_prefix_cache:
             hashes = self.blocks.hash_blocks(token_ids, seq.salt)
-            num_usable = len(hashes)
-            if self._scrubbed_hashes:
-                num_usable = next(
-                    (i for i, h in enumerate(hashes) if h in self._scrubbed_hashes), num_usable
-                )
-            cached = self.blocks.match_prefix(hashes[:num_usable])
+            cached = self.blocks.match_prefix(hashes)
             if len(cached) * self.block_size >= len(token_ids):
                 # Everything is cached: recompute the last block so there are logits to sample.
                 self.blocks.free(cached[-1:])
@@ -830,20 +841,20 @@ class LLMEngine:
         on it in turn; zeroing it would turn their failure into a wrong answer), and keep prefix
         matches off the zeroed ones."""
         own = [b for b in seq.block_table if self.blocks.ref_count(b) == 1]
-        scrubbed = set(self.runner.scrub(own))
-        for block_id, block_hash in zip(seq.block_table, seq.block_hashes, strict=False):
-            if block_id in scrubbed:
-                self._scrubbed_hashes.add(block_hash)
+        try:
+            scrubbed = self.runner.scrub(own)
+        except Exception:
+            # The blocks may hold anything: keep them out of use (a leak the worker's restart
+            # ends) rather than give them to the next request, or kill the engine here.
+            logger.exception("could not scrub %d KV blocks; they stay out of use", len(own))
+            self.blocks.unregister(own)
+            withheld = set(own)
+            seq.block_table = [b for b in seq.block_table if b not in withheld]
+            return
+        # Their content is no longer what their hashes say: out of the prefix cache.
+        self.blocks.unregister(scrubbed)
         if scrubbed:
             logger.warning("zeroed %d KV blocks holding non-finite values", len(scrubbed))
-
-    def drain_evicted_hashes(self) -> list[bytes]:
-        """``BlockManager.drain_evicted_hashes``; an evicted block no longer needs keeping off
-        prefix matches."""
-        evicted = self.blocks.drain_evicted_hashes()
-        if self._scrubbed_hashes:
-            self._scrubbed_hashes.difference_update(evicted)
-        return evicted
 
     def _fail(self, seq: Sequence, reason: str) -> StepOutput:
         """Take a running request out and free its blocks: it failed (see Failures)."""

@@ -274,7 +274,7 @@ class EngineThread:
                 is_idle = engine.num_scheduled_runs == 0
             else:
                 is_idle = True
-            evicted = engine.drain_evicted_hashes()
+            evicted = engine.blocks.drain_evicted_hashes()
             if evicted:
                 self.evictions.extend(evicted)
             self._load = _measure(engine)

@@ -26,6 +26,8 @@ from engine.swap import BlockRun
 
 __all__ = ["ModelRunner", "kv_bytes_per_token"]
 
+SCRUB_BLOCKS = 16  # blocks ``scrub`` copies and checks at once
+
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     element_size = torch.empty((), dtype=dtype).element_size()
@@ -116,16 +118,21 @@ class ModelRunner:
     def scrub(self, block_ids: list[int]) -> list[int]:
         """Zero those of ``block_ids`` whose KV is not all finite; return them (see
         ``engine.engine.Runner.scrub``). For a failed request's blocks, before they go back."""
-        if not block_ids:
-            return []
-        ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
-        # [2, num_layers, len(block_ids), block_size, num_kv_heads, head_dim] -> per block
-        blocks = self.kv_cache.index_select(2, ids)
-        is_finite = torch.isfinite(blocks).transpose(0, 2).flatten(1).all(dim=1)
-        bad = ids[~is_finite]
-        if len(bad):
-            self.kv_cache.index_fill_(2, bad, 0)
-        return [int(b) for b in bad.tolist()]
+        zeroed: list[int] = []
+        # A few blocks at a time: a long request's whole KV copied at once could itself fail
+        # for want of memory on a device whose cache fills it.
+        for start in range(0, len(block_ids), SCRUB_BLOCKS):
+            ids = torch.tensor(
+                block_ids[start : start + SCRUB_BLOCKS], dtype=torch.int64, device=self.device
+            )
+            # [2, num_layers, len(ids), block_size, num_kv_heads, head_dim] -> per block
+            blocks = self.kv_cache.index_select(2, ids)
+            is_finite = torch.isfinite(blocks).transpose(0, 2).flatten(1).all(dim=1)
+            bad = ids[~is_finite]
+            if len(bad):
+                self.kv_cache.index_fill_(2, bad, 0)
+                zeroed += [int(b) for b in bad.tolist()]
+        return zeroed
 
     def _copy_runs(self, src: torch.Tensor, dst: torch.Tensor, runs: list[BlockRun]) -> None:
         for src_start, dst_start, count in runs:

@@ -328,6 +328,23 @@ def test_fork_and_incref_add_references() -> None:
 # ---- eviction log and reset ----------------------------------------------------------------
 
 
+def test_unregistered_blocks_leave_the_cache_and_are_freed_to_the_free_list() -> None:
+    """The engine zeroed them: no prefix match may take them, the gateway hears they left (the
+    eviction log), and once freed they are plain free blocks."""
+    manager = BlockManager(4, BLOCK_SIZE)
+    token_ids = list(range(8))
+    hashes = manager.hash_blocks(token_ids, b"")
+    block_ids = _cached_sequence(manager, token_ids)
+    manager.unregister(block_ids[1:])
+    assert manager.peek_prefix(hashes) == 1
+    assert manager.drain_evicted_hashes() == [hashes[1]]
+    manager.free(block_ids)
+    manager.check_invariants()
+    assert manager.num_cached_blocks == 1
+    with pytest.raises(BlockManagerError, match="nobody references"):
+        manager.unregister(block_ids[:1])
+
+
 def test_drain_evicted_hashes() -> None:
     manager = BlockManager(2, BLOCK_SIZE)
     token_ids = list(range(8))

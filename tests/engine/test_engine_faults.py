@@ -169,15 +169,19 @@ def _null_engine(
     )
 
 
-def _step_one(engine: LLMEngine, request_id: str) -> list[StepOutput]:
-    engine.add_request(request_id, [1, 2, 3], dataclasses.replace(GREEDY, max_tokens=1))
+def _step_one(engine: LLMEngine, request_id: str, salt: bytes | None = None) -> list[StepOutput]:
+    """One request alone in a step; of its own tenant (cache salt: its id) unless told."""
+    params = dataclasses.replace(GREEDY, max_tokens=1)
+    engine.add_request(
+        request_id, [1, 2, 3], params, salt=request_id.encode() if salt is None else salt
+    )
     return engine.step()
 
 
 def test_a_runner_raising_on_every_run_step_after_step_stops_the_engine() -> None:
-    """Steps in which the runner raised on every run: a success in between starts the count
-    again; the third in a row raises, and by then the failed requests are out and their blocks
-    free."""
+    """Steps in which the runner raised on every run, of several tenants: a success in between
+    starts the count again; the third in a row raises, and by then the failed requests are out
+    and their blocks free."""
     engine = _null_engine({"x1", "x2", "x3", "x4", "x5"})
     for request_id in ("x1", "x2"):
         [output] = _step_one(engine, request_id)
@@ -190,6 +194,20 @@ def test_a_runner_raising_on_every_run_step_after_step_stops_the_engine() -> Non
         _step_one(engine, request_id)
     with pytest.raises(RuntimeError, match="failed every run in 3 steps in a row"):
         _step_one(engine, "x5")
+    _assert_empty(engine)
+
+
+def test_one_tenants_requests_of_death_take_ten_times_as_long_to_stop_the_engine() -> None:
+    """They may be that tenant's doing, not the runner's: one tenant must not restart a worker
+    every third request; a runner broken while one tenant alone uses it still ends."""
+    doomed = {f"x{i}" for i in range(30)}
+    engine = _null_engine(doomed)
+    for index in range(29):
+        [output] = _step_one(engine, f"x{index}", salt=b"one tenant")
+        assert output.error is not None
+    assert engine.num_failed_steps_in_a_row == 29
+    with pytest.raises(RuntimeError, match="failed every run in 30 steps in a row"):
+        _step_one(engine, "x29", salt=b"one tenant")
     _assert_empty(engine)
 
 

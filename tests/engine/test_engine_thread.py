@@ -18,7 +18,9 @@ from transfer.errors import EngineFailed, FairgateError, RequestFailed, RequestT
 FAST = NullEngineConfig(prefill_tok_s=1e9, decode_step_s=0.0, num_blocks=64, block_size=4)
 
 
-def _collect(thread: EngineThread, request_id: str, prompt: list[int], max_tokens: int) -> list:
+def _collect(
+    thread: EngineThread, request_id: str, prompt: list[int], max_tokens: int, salt: bytes = b""
+) -> list:
     """Add a request through a command and wait for all of its outputs."""
     outputs: list[StepOutput | FairgateError] = []
     done = threading.Event()
@@ -29,7 +31,7 @@ def _collect(thread: EngineThread, request_id: str, prompt: list[int], max_token
             done.set()
 
     def add(engine: LLMEngine) -> None:
-        engine.add_request(request_id, prompt, SamplingParams(max_tokens=max_tokens))
+        engine.add_request(request_id, prompt, SamplingParams(max_tokens=max_tokens), salt=salt)
         thread.watch(request_id, sink)
 
     thread.submit(add).result(timeout=10)
@@ -102,8 +104,8 @@ def test_a_failing_step_fails_its_request_and_repeated_it_kills_the_engine() -> 
         raise RuntimeError("device lost")
 
     engine.runner.step = explode  # type: ignore[method-assign]
-    for request_id in ("victim-1", "victim-2"):
-        [error] = _collect(thread, request_id, [1, 2, 3], max_tokens=3)
+    for request_id in ("victim-1", "victim-2"):  # of two tenants: the runner's fault
+        [error] = _collect(thread, request_id, [1, 2, 3], max_tokens=3, salt=request_id.encode())
         assert isinstance(error, RequestFailed)
         assert error.message == (
             f"request {request_id} failed: the engine failed computing it "
@@ -112,7 +114,7 @@ def test_a_failing_step_fails_its_request_and_repeated_it_kills_the_engine() -> 
         assert thread.is_alive and not deaths
         thread.submit(lambda e: None).result(10)  # a loop turn after the step: load measured
         assert thread.load.num_free_blocks == FAST.num_blocks and thread.load.num_running == 0
-    [error] = _collect(thread, "victim-3", [1, 2, 3], max_tokens=3)
+    [error] = _collect(thread, "victim-3", [1, 2, 3], max_tokens=3, salt=b"victim-3")
     assert isinstance(error, EngineFailed) and "3 steps in a row" in error.message
     assert "device lost" in error.message
     assert thread.error is error and not thread.is_alive

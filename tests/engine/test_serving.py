@@ -39,7 +39,8 @@ class _Exploding:
 
 
 def _fail_one(thread: Any, request_id: str) -> StepOutput | FairgateError:
-    """Add a request; the outcome its sink hears."""
+    """Add a request (each of another tenant: its id is its cache salt); the outcome its sink
+    hears."""
     heard: list[StepOutput | FairgateError] = []
     done = threading.Event()
 
@@ -48,7 +49,8 @@ def _fail_one(thread: Any, request_id: str) -> StepOutput | FairgateError:
         done.set()
 
     def add(engine: LLMEngine) -> None:
-        engine.add_request(request_id, [1, 2, 3], SamplingParams(max_tokens=2))
+        salt = request_id.encode()
+        engine.add_request(request_id, [1, 2, 3], SamplingParams(max_tokens=2), salt=salt)
         thread.watch(request_id, sink)
 
     thread.submit(add).result(10)

@@ -72,11 +72,11 @@ async def over_all_pairs(
 
 
 async def colocated(
-    url: str, request_id: str, prompt: list[int], sampling: SamplingSpec
+    url: str, request_id: str, prompt: list[int], sampling: SamplingSpec, cache_salt: bytes = b""
 ) -> list[int]:
     async with (
         DecodeClient(url) as client,
-        client.generate(GenerateRequest(request_id, prompt, sampling)) as stream,
+        client.generate(GenerateRequest(request_id, prompt, sampling, cache_salt)) as stream,
     ):
         output: list[int] = []
         async for frame in stream:

@@ -70,16 +70,17 @@ async def test_a_failing_step_on_either_side_fails_the_request_and_frees_every_b
 
 async def test_a_worker_whose_every_step_fails_exits_non_zero(launch: Launch) -> None:
     """One failed request leaves the worker ready; the third step in a row in which everything
-    failed kills the engine, and the process says so and exits with ``EXIT_ENGINE_FAILED``."""
+    failed (requests of three tenants) kills the engine, and the process says so and exits with
+    ``EXIT_ENGINE_FAILED``."""
     [worker] = launch([WorkerSpec("colocated", "tiny", TINY_ARGS, env=FAILING_STEPS)])
     message = r"request doomed-1 failed: .*failpoint engine\.forward"
     with pytest.raises(RequestFailed, match=message):
-        await colocated(worker.http_url, "doomed-1", PROMPT, SAMPLING)
+        await colocated(worker.http_url, "doomed-1", PROMPT, SAMPLING, b"tenant-1")
     assert (await wait_for_idle(worker, timeout_s=5)).ready
     with pytest.raises(RequestFailed, match="request doomed-2 failed"):
-        await colocated(worker.http_url, "doomed-2", PROMPT, SAMPLING)
+        await colocated(worker.http_url, "doomed-2", PROMPT, SAMPLING, b"tenant-2")
     with pytest.raises(EngineFailed, match="failed every run in 3 steps in a row"):
-        await colocated(worker.http_url, "doomed-3", PROMPT, SAMPLING)
+        await colocated(worker.http_url, "doomed-3", PROMPT, SAMPLING, b"tenant-3")
     died = time.monotonic()
     failed = await asyncio.to_thread(worker.wait_event, "failed", 10)
     assert "3 steps in a row" in failed["reason"]
