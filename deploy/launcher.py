@@ -214,7 +214,9 @@ def _popen(
     command: Sequence[str], env: dict[str, str], log_path: str | None
 ) -> subprocess.Popen[bytes]:
     """``command`` with a stdin only we write to (see the module docstring), its events on a
-    pipe to us and its stderr appended to ``log_path`` (None: ours)."""
+    pipe to us and its stderr appended to ``log_path`` (None: ours). In a session of its own: a
+    terminal's Ctrl-C reaches us alone, and we stop the children in order (the gateway drains
+    while the workers still serve); it still dies with us (``--exit-with-parent``)."""
     log = None if log_path is None else open(log_path, "ab")  # noqa: SIM115
     try:
         return subprocess.Popen(
@@ -223,6 +225,7 @@ def _popen(
             stdout=subprocess.PIPE,
             stderr=log,
             env={**os.environ, **env},
+            start_new_session=True,
         )
     finally:
         if log is not None:

@@ -30,6 +30,7 @@ import httpx
 
 from deploy.launcher import LaunchError, WorkerProcess, WorkerSpec, start_workers
 from deploy.supervisor import RestartPolicy, Supervisor
+from transfer.http import SERVER_SHUTDOWN_S
 
 __all__ = ["Stack", "StackConfig", "default_state_dir", "run_up", "start_stack", "worker_specs"]
 
@@ -95,9 +96,25 @@ class Stack:
         return [self.gateway, *self.workers]
 
     def stop(self) -> None:
-        """Gateway first (it stops taking requests), then the workers."""
-        for process in self.processes:
-            process.stop()
+        """Gateway first (it stops taking requests and lets those in flight finish within its
+        grace period, while the workers still serve them), then the workers."""
+        self.gateway.stop(timeout_s=_gateway_stop_timeout_s(self.gateway.spec.env))
+        for worker in self.workers:
+            worker.stop()
+
+
+def _gateway_stop_timeout_s(env: dict[str, str]) -> float:
+    """How long the gateway may take to stop before it is killed: its grace period for the
+    requests in flight (``gateway.shutdown_grace_s``, from its environment), the time it gives
+    the rest to send their errors, and uvicorn's own wait for connections, with a margin."""
+    from gateway.app import DRAIN_END_S
+    from gateway.config import GatewaySection
+
+    merged = {**os.environ, **env}
+    grace_s = float(
+        merged.get("FAIRGATE_GATEWAY_SHUTDOWN_GRACE_S", GatewaySection().shutdown_grace_s)
+    )
+    return grace_s + DRAIN_END_S + SERVER_SHUTDOWN_S + 5.0
 
 
 def start_stack(config: StackConfig) -> Stack:
