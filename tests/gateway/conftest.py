@@ -4,6 +4,7 @@ engine) for the end-to-end tests, and the admin CLI run in-process against it.""
 from __future__ import annotations
 
 import json
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +27,23 @@ def start_test_stack(state_dir: Path, **overrides: Any) -> Stack:
         "ready_timeout_s": 120.0,
     }
     return start_stack(StackConfig(state_dir=state_dir, **(settings | overrides)))
+
+
+def answer_without_body(stack: Stack, path: str, key: str) -> bytes:
+    """The whole answer (head and body) to a POST that announces a megabyte and sends none of
+    it: what the gateway refuses before it reads a body."""
+    host, port = stack.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10.0) as connection:
+        connection.sendall(
+            f"POST {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n".encode()
+            + b"content-type: application/json\r\ncontent-length: 1000000\r\n\r\n"
+        )
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = connection.recv(65536)  # the head and the body may come apart
+            assert chunk, answer
+            answer += chunk
+    return answer
 
 
 def null_tokenizer() -> Tokenizer:

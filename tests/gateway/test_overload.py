@@ -5,14 +5,18 @@ gatekeeper refuses before it reads a body (a real gateway over a raw socket)."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
+from pathlib import Path
 
 import pytest
+from starlette.testclient import TestClient
 
 from deploy.stack import Stack
+from gateway.app import Gateway, create_app
+from gateway.config import load_config
 from gateway.errors import retry_after_header
 from gateway.overload import LoadGuard, Overloaded
+from tests.gateway.conftest import answer_without_body
 
 
 async def _until(condition: object, timeout_s: float = 2.0) -> None:
@@ -87,13 +91,40 @@ def test_leaving_forgets_a_tenant_with_nothing_in_the_gateway() -> None:
 def test_the_gatekeeper_refuses_before_reading_the_body(stack: Stack) -> None:
     """A request announcing a megabyte and sending none of it is answered at once: its key is
     checked before its body is read (so is everything else the gatekeeper refuses)."""
-    host, port = stack.base_url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10.0) as connection:
-        connection.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
-            b"authorization: Bearer fg-not-a-key\r\ncontent-type: application/json\r\n"
-            b"content-length: 1000000\r\n\r\n"
-        )
-        answer = connection.recv(65536)
+    answer = answer_without_body(stack, "/v1/chat/completions", "fg-not-a-key")
     assert answer.startswith(b"HTTP/1.1 401 ")
     assert b'"code":"invalid_api_key"' in answer
+
+
+def test_an_overloaded_gateway_refuses_a_tenant_at_its_share_before_reading_the_body(
+    tmp_path: Path,
+) -> None:
+    """A real gateway app (no workers needed: nothing gets past the gatekeeper) whose loop lag
+    limit every sample exceeds: it is overloaded from its first 50 ms on, and a tenant's request
+    is refused with 503 overloaded and Retry-After, counted in the metrics, and nothing is left
+    counted in the gateway."""
+    config = load_config(
+        environ={},
+        overrides={
+            "gateway": {"admin_token": "a" * 32, "max_loop_lag_s": 1e-9},
+            "store": {"path": str(tmp_path / "fairgate.db")},
+            "model": {"name": "null"},
+        },
+    )
+    gateway = Gateway(config)
+    admin = {"authorization": "Bearer " + "a" * 32}
+    with TestClient(create_app(gateway)) as client:
+        assert client.post("/admin/v1/tenants", json={"name": "t"}, headers=admin).is_success
+        key = client.post("/admin/v1/tenants/t/keys", json={"name": "k"}, headers=admin)
+        tenant = {"authorization": f"Bearer {key.json()['secret']}"}
+        deadline = time.monotonic() + 5.0
+        while not gateway.load_guard.is_overloaded:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        answer = client.post("/v1/chat/completions", content=b"not even JSON", headers=tenant)
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "overloaded"
+        assert answer.headers["retry-after"] == "1"
+        assert gateway.load_guard.num_requests == 0
+        metrics = client.get("/metrics", headers=admin).text
+        assert 'reason="overloaded"' in metrics

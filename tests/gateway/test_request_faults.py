@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import httpx
 import pytest
 
 from deploy.stack import Stack
-from tests.gateway.conftest import null_tokenizer, start_test_stack
+from tests.gateway.conftest import answer_without_body, null_tokenizer, start_test_stack
 
 PROMPT = [{"role": "user", "content": "Go on for a while."}]
 MAX_TOKENS = 1000  # the null engine's 5 ms a step: about 5 s
@@ -59,6 +60,27 @@ async def _ledger(stack: Stack, tenant_id: str) -> tuple[int, int, int]:
     return usage["requests"], usage["prompt_tokens"], usage["completion_tokens"]
 
 
+async def _assert_nothing_held(stack: Stack) -> None:
+    """Every request has ended in the gateway's books: none counted in it, none queued (its
+    own metrics, within a few seconds for what ends after its client saw the answer)."""
+    admin = {"authorization": f"Bearer {stack.admin_token}"}
+    held: list[str] = []
+    deadline = time.monotonic() + 5.0
+    async with httpx.AsyncClient(base_url=stack.base_url, headers=admin) as client:
+        while time.monotonic() < deadline:
+            metrics = (await client.get("/metrics")).text
+            held = [
+                line
+                for line in metrics.splitlines()
+                if line.startswith(("fairgate_requests_in_gateway{", "fairgate_queue_depth{"))
+                and float(line.rsplit(" ", 1)[1]) != 0
+            ]
+            if not held:
+                return
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"still held: {held}")
+
+
 def _log(tmp_path: Path) -> str:
     return (tmp_path / "logs" / "gateway-0.log").read_text(encoding="utf-8")
 
@@ -89,6 +111,7 @@ async def test_a_client_that_leaves_is_logged_as_such_and_billed_nothing(
         again = await client.post("/v1/chat/completions", json=body, headers=headers)
     assert "Traceback" not in log and "ERROR" not in log
     assert await _ledger(stack, tenant_id) == (0, 0, 0)
+    await _assert_nothing_held(stack)
     # 2000 + the prompt would fit the minute's 2100 only if the first request had cost nothing.
     assert again.status_code == 429, again.text
     assert again.json()["error"]["code"] == "rate_limit_exceeded"
@@ -160,6 +183,7 @@ async def test_a_request_whose_worker_dies_gets_a_clean_error_and_is_billed_what
     assert full + len(cut) <= completion_tokens < full + MAX_TOKENS * len(cut)
     log = _log(tmp_path)
     assert "Traceback" not in log
+    await _assert_nothing_held(stack)
 
 
 async def _until_speed_reported(client: httpx.AsyncClient, stack: Stack) -> None:
@@ -193,7 +217,7 @@ async def test_queued_requests_get_no_worker_at_once_when_the_last_prefill_worke
             # Different prompts: a repeated one would be served from the prefix cache.
             bodies = [
                 {"model": model, "prompt": list(range(1000 + i, 1200 + i)), "max_tokens": 4}
-                for i in range(14)
+                for i in range(18)
             ]
             # Once the worker has measured its speed, the gateway sends it one prompt at a
             # time (``max_prefill_inflight_s``) and holds the rest.
@@ -202,15 +226,24 @@ async def test_queued_requests_get_no_worker_at_once_when_the_last_prefill_worke
             await _until_speed_reported(client, slow)
             sent = [
                 asyncio.create_task(client.post("/v1/completions", json=body, headers=headers))
-                for body in bodies[:12]
+                for body in bodies[:16]
             ]
-            await asyncio.sleep(1.0)  # the first prompts run; the rest wait in the gateway
+            # The first prompts run; the rest wait in the gateway. Once the oldest has waited
+            # past the class's limit (standard: 2.5 s), the tenant's next request is refused,
+            # before its body is read.
+            await asyncio.sleep(3.0)
+            refused_unread = answer_without_body(slow, "/v1/completions", key)
+            assert refused_unread.startswith(b"HTTP/1.1 429 ")
+            assert b'"code":"queue_full"' in refused_unread
+            assert b"retry-after" in refused_unread.lower()
             [prefill] = [w for w in slow.workers if w.spec.role == "prefill"]
+            prefill.process.send_signal(signal.SIGTERM)  # it stops; its own exit takes a while
             stopped_at = time.monotonic()
-            await asyncio.to_thread(prefill.stop)
             answers = await asyncio.gather(*sent)
             ended_within_s = time.monotonic() - stopped_at
-            late = await client.post("/v1/completions", json=bodies[12], headers=headers)
+            await asyncio.to_thread(prefill.stop)
+            late = await client.post("/v1/completions", json=bodies[16], headers=headers)
+            await _assert_nothing_held(slow)
     finally:
         slow.stop()
     refused = [a for a in answers if a.status_code != 200]

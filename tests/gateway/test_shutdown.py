@@ -25,9 +25,9 @@ from gateway.streaming import TextStream
 from tests.gateway.conftest import null_tokenizer, start_test_stack
 
 PROMPT = [{"role": "user", "content": "Count slowly."}]
-# The null engine decodes one token per 5 ms step: these take about 6.5 s (longer than uvicorn's
-# own 5 s grace, shorter than ours of 10 s) and 4 s (longer than a grace of 1 s).
-SHORT_TOKENS = 1300
+# The null engine decodes one token per 5 ms step: these take about 6 s (longer than uvicorn's
+# own 5 s grace, well within ours of 10 s even at 7 ms a step) and 4 s (longer than 1 s).
+SHORT_TOKENS = 1200
 LONG_TOKENS = 800
 
 
