@@ -12,9 +12,11 @@ same length, each from the same seeded arrival trace:
 
 Requests are streamed completions (``PROMPT_TOKENS`` random token ids, ``OUTPUT_TOKENS`` tokens),
 so TTFT is the time to the first content chunk as the client sees it. The report gives each
-tenant's p50/p99 TTFT per phase and policy and, for the steady tenants, the ratio of their p99
-with and without the flood (``scheduling.md``'s isolation claim: under a fair policy it stays
-small; under FCFS the flood's queue is everyone's queue).
+tenant's p50/p99 TTFT per phase and policy, how many of its requests the gateway refused (429 or
+503 with ``Retry-After``: the flood's own backlog is refused once it stands, ``gateway.dispatch``),
+and, for the steady tenants, the ratio of their p99 with and without the flood
+(``scheduling.md``'s isolation claim: under a fair policy it stays small; under FCFS the flood's
+queue is everyone's queue).
 
 The claim holds for tenants within their fair share of what the stack serves under the flood,
 which on a small machine is less than the probe measures: the load generator, the gateway and
@@ -30,6 +32,7 @@ The last stdout line is the JSON result.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import random
 import tempfile
@@ -79,6 +82,7 @@ class _Tenants:
         self.keys: dict[str, str] = {}
         self.model = ""
         self.completed_at: list[float] = []  # perf_counter times completions ended
+        self.refused: collections.Counter[str] = collections.Counter()  # 429/503, by tenant
         url = httpx.URL(stack.base_url)
         self.pool = ConnectionPool(url.host, url.port or 80)
 
@@ -100,8 +104,9 @@ class _Tenants:
         response.raise_for_status()
         self.model = response.json()["data"][0]["id"]
 
-    async def ttft(self, tenant: str) -> float:
-        """Seconds from sending to the first content chunk of a streamed completion."""
+    async def ttft(self, tenant: str) -> float | None:
+        """Seconds from sending to the first content chunk of a streamed completion; None when
+        the gateway refused it for now (429 or 503, counted in ``refused``)."""
         prompt = [self.rng.randrange(1000, 40000) for _ in range(PROMPT_TOKENS)]
         body = {
             "model": self.model,
@@ -117,6 +122,9 @@ class _Tenants:
                 "/v1/completions", json.dumps(body).encode(), headers, _has_text
             )
         except HttpError as exc:
+            if exc.status in (429, 503):
+                self.refused[tenant] += 1
+                return None
             raise RuntimeError(f"{tenant}: the gateway answered {exc}") from None
         self.completed_at.append(time.perf_counter())
         if first is None:
@@ -146,12 +154,14 @@ async def _probe_capacity(tenants: _Tenants, duration_s: float) -> float:
 
 async def _phase(
     tenants: _Tenants, rates: dict[str, float], duration_s: float, seed: int
-) -> dict[str, list[float]]:
-    """Every tenant's TTFTs over one phase of Poisson arrivals at ``rates`` (requests/s)."""
+) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Every tenant's TTFTs over one phase of Poisson arrivals at ``rates`` (requests/s), and
+    how many of its requests were refused."""
     ttfts: dict[str, list[float]] = {tenant: [] for tenant in rates}
+    refused_before = tenants.refused.copy()
 
     async def sender(tenant: str, rate: float, rng: random.Random) -> None:
-        tasks: list[asyncio.Task[float]] = []
+        tasks: list[asyncio.Task[float | None]] = []
         next_at = time.perf_counter()
         end = next_at + duration_s
         while True:
@@ -160,18 +170,20 @@ async def _phase(
                 break
             await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
             tasks.append(asyncio.create_task(tenants.ttft(tenant)))
-        ttfts[tenant] = list(await asyncio.gather(*tasks))
+        ttfts[tenant] = [t for t in await asyncio.gather(*tasks) if t is not None]
 
     await asyncio.gather(
         *(sender(tenant, rate, random.Random(f"{seed}:{tenant}")) for tenant, rate in rates.items())
     )
-    return ttfts
+    refused = {tenant: tenants.refused[tenant] - refused_before[tenant] for tenant in rates}
+    return ttfts, refused
 
 
-def _summary(ttfts: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+def _summary(ttfts: dict[str, list[float]], refused: dict[str, int]) -> dict[str, dict[str, float]]:
     return {
         tenant: {
             "n": len(values),
+            "refused": refused.get(tenant, 0),
             "p50_ttft_s": round(percentile(values, 0.5), 3),
             "p99_ttft_s": round(percentile(values, 0.99), 3),
         }
@@ -198,11 +210,11 @@ async def _measure(
         log(f"capacity {capacity:.2f} req/s; steady tenants at {steady_rate:.2f} req/s each")
         steady = dict.fromkeys(STEADY_TENANTS, steady_rate)
         await asyncio.sleep(2.0)  # the probe's requests are done; let the queues drain
-        without = await _phase(tenants, steady, duration_s, seed)
+        without, refused_without = await _phase(tenants, steady, duration_s, seed)
         await asyncio.sleep(2.0)
         flood = {**steady, FLOOD_TENANT: FLOOD_FACTOR * steady_rate}
         flood_start = time.perf_counter()
-        with_flood = await _phase(tenants, flood, duration_s, seed)
+        with_flood, refused_with = await _phase(tenants, flood, duration_s, seed)
         tenants.pool.close()
     # Requests are still arriving until the phase's end: what completed in it is what the stack
     # serves while flooded.
@@ -220,8 +232,8 @@ async def _measure(
         "flood_rate_rps": round(FLOOD_FACTOR * steady_rate, 3),
         "flood_served_rps": round(served, 2),
         "steady_of_fair_share": round(steady_rate / fair_share, 3) if fair_share else None,
-        "without_flood": _summary(without),
-        "with_flood": _summary(with_flood),
+        "without_flood": _summary(without, refused_without),
+        "with_flood": _summary(with_flood, refused_with),
         "steady_p99_ratio": ratios,
         "max_steady_p99_ratio": max(ratios.values()) if ratios else None,
     }
