@@ -61,8 +61,8 @@ logger = logging.getLogger(__name__)
 ROOM_RETRY_S = 5.0  # the workers' default room hold: ask again for a request after this long
 # Retry-After for no_worker: about what a supervised worker takes to restart (a small model).
 NO_WORKER_RETRY_AFTER_S = 5.0
-# How long no worker of a role may be ready before the requests waiting are failed: longer than
-# the registry's poll interval (0.5 s), so that a live worker one failed call marked dead is back.
+# How long no worker of a role may be ready before the requests waiting are failed: a live worker
+# that one failed call marked dead is back by then (the registry polls it at once).
 NO_WORKER_GRACE_S = 0.75
 
 
@@ -308,6 +308,8 @@ class Dispatcher:
     def _schedule_pass(self) -> None:
         self._pass_scheduled = False
         if not self._waiting:
+            if self.registry.can_serve():
+                self._unservable_since = None  # a later outage gets its full grace
             return
         if self._is_unservable():
             # Fail fast: waiting for a worker to come back would hold the clients for up to

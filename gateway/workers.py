@@ -186,6 +186,7 @@ class WorkerRegistry:
         }
         self.reference: WorkerInfo | None = None  # the first worker seen fixes model and shapes
         self._task: asyncio.Task[None] | None = None
+        self._checks: set[asyncio.Task[None]] = set()  # ``mark_dead``'s polls in flight
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -199,6 +200,10 @@ class WorkerRegistry:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        checks = list(self._checks)
+        for check in checks:
+            check.cancel()
+        await asyncio.gather(*checks, return_exceptions=True)
         await self._connections.aclose()
 
     async def wait_ready(self, timeout_s: float) -> None:
@@ -246,12 +251,18 @@ class WorkerRegistry:
     # ---- events from callers ----------------------------------------------------------------
 
     def mark_dead(self, handle: WorkerHandle, error: FairgateError) -> None:
-        """A call found the worker unreachable: stop placing on it until a poll succeeds."""
+        """A call found the worker unreachable: stop placing on it until a poll succeeds, and
+        poll it at once (one failed call may be a reset connection to a live worker, which then
+        comes back without waiting for the next round)."""
         if handle.state != "dead":
             logger.warning("worker %s marked dead: %s", handle.url, error.message)
         handle.state = "dead"
         handle.last_error = error.message
         self.on_change()
+        if self._task is not None:  # started: on a loop, and stopped by ``stop``
+            check = asyncio.get_running_loop().create_task(self.refresh(handle))
+            self._checks.add(check)
+            check.add_done_callback(self._checks.discard)
 
     async def refresh(self, handle: WorkerHandle) -> None:
         """Poll one worker now (its load changed in a way the gateway cannot count itself);

@@ -712,3 +712,18 @@ async def test_no_room_is_asked_when_the_request_fits_or_the_option_is_off(
     assert not waiting.done() and make_room.calls == []
     waiting.cancel()
     await asyncio.gather(waiting, return_exceptions=True)
+
+
+async def test_an_outage_that_ended_while_nobody_waited_leaves_the_next_one_its_grace(
+    policy: RecordingFcfs, registry: WorkerRegistry, prefill: WorkerHandle, decode: WorkerHandle
+) -> None:
+    dispatcher = Dispatcher(policy, registry, queue_timeout_s=60.0)
+    registry.on_change = dispatcher.wake
+    registry.mark_dead(prefill, WorkerUnreachable("gone"))
+    dispatcher.check_can_serve()  # the grace begins
+    make_ready(prefill, "prefill")  # back, with nobody waiting
+    dispatcher.wake()
+    await settle()
+    await asyncio.sleep(NO_WORKER_GRACE_S)
+    registry.mark_dead(prefill, WorkerUnreachable("gone again"))
+    dispatcher.check_can_serve()  # a new outage: its own grace, not the old one's

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from gateway.workers import WorkerRegistry
+from transfer.errors import WorkerUnreachable
 from transfer.messages import WorkerInfo, WorkerLoad
 
 PREFILL_URL = "http://127.0.0.1:9/prefill"
@@ -99,3 +100,29 @@ async def test_a_refresh_waits_for_the_poll_in_flight_so_the_newer_report_stands
     assert handle.load is newer
     assert asked == [None, 1, 2]  # the refresh asked after the older report, reading on from it
     assert handle.eviction_seq == 3
+
+
+async def test_a_worker_one_call_marked_dead_is_polled_at_once_and_back_if_it_answers(
+    registry: tuple[WorkerRegistry, list[tuple[str, list[bytes]]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One failed call may be a reset connection to a live worker: it is not left dead until
+    the next round of polls (a long interval would fail the requests waiting for it)."""
+    workers, _ = registry
+    workers.poll_interval_s = 3600.0  # no round of polls during the test
+    [handle] = workers.handles
+
+    async def load(
+        *, timeout_s: float | None = None, evictions_since: int | None = None
+    ) -> WorkerLoad:
+        return WorkerLoad("p0", "prefill", True, eviction_seq=0)
+
+    monkeypatch.setattr(handle.client, "load", load)
+    monkeypatch.setattr(handle.client, "info", prefill_info)
+    await workers.start()
+    assert handle.is_ready
+    workers.mark_dead(handle, WorkerUnreachable("reset by peer"))
+    assert handle.state == "dead"
+    async with asyncio.timeout(5.0):
+        while not handle.is_ready:
+            await asyncio.sleep(0.01)
