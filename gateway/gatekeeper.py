@@ -118,6 +118,7 @@ class Gatekeeper:
             raise ShuttingDown("the gateway is shutting down; try another replica or retry")
         _, tenant = await gateway.auth.tenant(request)
         seen.tenant = tenant
+        gateway.metrics.tenant_seen(tenant.tenant_id, tenant.name)  # its series by its name
         gateway.load_guard.enter(tenant.tenant_id, tenant.weight)
         seen.is_counted = True
         # The body may name another class: the route checks that one.
