@@ -841,16 +841,10 @@ class LLMEngine:
         on it in turn; zeroing it would turn their failure into a wrong answer), and keep prefix
         matches off the zeroed ones."""
         own = [b for b in seq.block_table if self.blocks.ref_count(b) == 1]
-        try:
-            scrubbed = self.runner.scrub(own)
-        except Exception:
-            # The blocks may hold anything: keep them out of use (a leak the worker's restart
-            # ends) rather than give them to the next request, or kill the engine here.
-            logger.exception("could not scrub %d KV blocks; they stay out of use", len(own))
-            self.blocks.unregister(own)
-            withheld = set(own)
-            seq.block_table = [b for b in seq.block_table if b not in withheld]
-            return
+        # A runner that cannot even do this (its device failed) raises out of the step: the
+        # engine is given up and its worker restarted, rather than left with blocks that may
+        # hold anything.
+        scrubbed = self.runner.scrub(own)
         # Their content is no longer what their hashes say: out of the prefix cache.
         self.blocks.unregister(scrubbed)
         if scrubbed:
