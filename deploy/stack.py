@@ -236,11 +236,16 @@ def run_up(config: StackConfig) -> int:
     stack cannot go on (1: the gateway exited, or a worker crash-looped; why, on stderr). A
     worker that exits meanwhile is restarted (``deploy.supervisor``). During start-up Ctrl-C
     interrupts (what was started is stopped) and the children die with us anyway
-    (``--exit-with-parent``)."""
+    (``--exit-with-parent``). Stopping, the gateway first lets the requests in flight finish
+    (its grace period); a second Ctrl-C or SIGTERM cuts that short."""
     stack = start_stack(config)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
+        if stop.is_set():  # the second: the gateway stops waiting for its requests
+            print("fairgate: stopping now", file=sys.stderr, flush=True)
+            with contextlib.suppress(ProcessLookupError):
+                stack.gateway.process.send_signal(signal.SIGINT)  # uvicorn's force_exit
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -254,6 +259,12 @@ def run_up(config: StackConfig) -> int:
         if reason is not None:
             print(f"fairgate: {reason}; stopping", file=sys.stderr, flush=True)
     finally:
+        if stop.is_set():
+            print(
+                "fairgate: stopping; requests in flight may finish (Ctrl-C again: now)",
+                file=sys.stderr,
+                flush=True,
+            )
         stack.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
