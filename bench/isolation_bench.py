@@ -60,6 +60,7 @@ STEADY_SHARE = 0.10
 FLOOD_FACTOR = 10.0  # the flooding tenant's rate, in steady tenants' rates: 100% of capacity
 PROBE_CONCURRENCY = 64
 PROBE_WARMUP_S = 3.0
+REFUSED_PAUSE_S = 1.0  # a probe client the gateway refused waits about its Retry-After
 
 
 def _has_text(chunk: bytes) -> bool:
@@ -143,7 +144,9 @@ async def _probe_capacity(tenants: _Tenants, duration_s: float) -> float:
     async def client(tenant: str) -> None:
         nonlocal completed
         while time.perf_counter() < deadline:
-            await tenants.ttft(tenant)
+            if await tenants.ttft(tenant) is None:
+                await asyncio.sleep(REFUSED_PAUSE_S)  # refused: not served, and no hot loop
+                continue
             completed += start <= time.perf_counter() < deadline
 
     await asyncio.gather(
