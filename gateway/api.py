@@ -83,6 +83,7 @@ DEMOTED_WEIGHT_FACTOR = 0.01
 LARGE_BODY_BYTES = 64 << 10  # read and decoded one at a time per tenant
 
 _T = TypeVar("_T")
+_Parse = Callable[[bytes], GenerationRequest]  # a route's body parser
 
 
 @dataclass(slots=True)
@@ -163,7 +164,7 @@ def _served_models(gateway: Gateway) -> list[str]:
 # ---- one request ---------------------------------------------------------------------------
 
 
-async def _serve(gateway: Gateway, request: Request, parse: Any) -> Response:
+async def _serve(gateway: Gateway, request: Request, parse: _Parse) -> Response:
     """A request the gatekeeper let through (``gateway.gatekeeper``): tenant known, counted."""
     seen = Seen.take(request)
     try:
@@ -217,16 +218,6 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes:
         raise too_large
-    return await _read_chunks(request, max_bytes, too_large)
-
-
-def _is_large(request: Request) -> bool:
-    """A body over ``LARGE_BODY_BYTES``, or one of unknown size."""
-    length = request.headers.get("content-length")
-    return length is None or not length.isdigit() or int(length) > LARGE_BODY_BYTES
-
-
-async def _read_chunks(request: Request, max_bytes: int, too_large: RequestTooLarge) -> bytes:
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -237,16 +228,22 @@ async def _read_chunks(request: Request, max_bytes: int, too_large: RequestTooLa
     return b"".join(chunks)
 
 
+def _is_large(request: Request) -> bool:
+    """A body over ``LARGE_BODY_BYTES``, or one of unknown size."""
+    length = request.headers.get("content-length")
+    return length is None or not length.isdigit() or int(length) > LARGE_BODY_BYTES
+
+
 async def _parsed_body(
-    gateway: Gateway, request: Request, tenant: Tenant, parse: Any
+    gateway: Gateway, request: Request, tenant: Tenant, parse: _Parse
 ) -> GenerationRequest:
     """The body read and decoded; a large one in its tenant's turn (``gateway.prompts``), since
     both hold the event loop for milliseconds per megabyte."""
     max_bytes = gateway.config.gateway.max_body_bytes
     if not _is_large(request):
-        return parse(await _read_body(request, max_bytes))  # type: ignore[no-any-return]
+        return parse(await _read_body(request, max_bytes))
     async with gateway.body_turns.turn(tenant.tenant_id):
-        return parse(await _read_body(request, max_bytes))  # type: ignore[no-any-return]
+        return parse(await _read_body(request, max_bytes))
 
 
 async def _admit(

@@ -50,7 +50,7 @@ from gateway.api import openai_endpoints
 from gateway.auth import Authenticator
 from gateway.config import Config
 from gateway.dispatch import Dispatcher
-from gateway.errors import ClientError, ShuttingDown, openai_error_body
+from gateway.errors import ClientError, ShuttingDown
 from gateway.gatekeeper import Gatekeeper, error_response
 from gateway.generation import Generation
 from gateway.metrics import GatewayMetrics
@@ -320,8 +320,7 @@ def create_app(gateway: Gateway, *, on_started: Callable[[], None] | None = None
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         """A bug: the client gets OpenAI's error body, the log the traceback (Starlette's
         server-error middleware logged it before calling this)."""
-        error = FairgateError("the gateway failed to handle this request")
-        return json_response(openai_error_body(error), 500)
+        return error_response(FairgateError("the gateway failed to handle this request"))
 
     return Starlette(
         routes=[
