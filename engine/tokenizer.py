@@ -110,6 +110,7 @@ class Tokenizer:
     __slots__ = (
         "_backend",
         "_compiled_template",
+        "_dropped_chars",
         "_template_tokens",
         "add_bos_token",
         "bos_token_id",
@@ -152,7 +153,11 @@ class Tokenizer:
         self._compiled_template: jinja2.Template | None = None
         # The most text bytes one token can stand for, where that bounds a prompt's token count
         # from below (``min_num_tokens``); None where the tokenizer can drop or shrink text.
-        self.max_bytes_per_token: int | None = _max_bytes_per_token(backend)
+        self.max_bytes_per_token: int | None = None
+        self._dropped_chars = ""  # characters that make no token (a byte the vocabulary lacks)
+        bound = _max_bytes_per_token(backend)
+        if bound is not None:
+            self.max_bytes_per_token, self._dropped_chars = bound
 
     # --- loading -----------------------------------------------------------------------------
 
@@ -277,14 +282,19 @@ class Tokenizer:
             return [self.bos_token_id, *token_ids]
         return token_ids
 
-    def min_num_tokens(self, num_chars: int) -> int:
-        """A lower bound on the tokens of any text of ``num_chars`` characters (0 when this
-        tokenizer gives none): found without tokenizing, so an over-long prompt is refused before
-        any work is spent on it. A character is at least one UTF-8 byte and no token stands for
-        more than ``max_bytes_per_token`` bytes."""
+    def min_num_tokens(self, texts: Sequence[str]) -> int:
+        """A lower bound on the tokens of these texts (0 when this tokenizer gives none), found
+        without tokenizing, so that an over-long prompt is refused before any work is spent on
+        it: every character the tokenizer keeps is at least one UTF-8 byte, and no token stands
+        for more than ``max_bytes_per_token`` bytes. A scan of the text (milliseconds per
+        megabyte): look at ``len(text) // max_bytes_per_token`` first."""
         if self.max_bytes_per_token is None:
             return 0
-        return num_chars // self.max_bytes_per_token
+        num_kept = sum(
+            len(text) - sum(text.count(dropped) for dropped in self._dropped_chars)
+            for text in texts
+        )
+        return num_kept // self.max_bytes_per_token
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """The text of ``token_ids``. Ids outside the vocabulary (a model's embedding rows are
@@ -518,7 +528,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 _LOSSLESS_PRE_TOKENIZERS = frozenset({"ByteLevel", "Digits", "Split", "Sequence"})
 
 
-def _max_bytes_per_token(backend: BackendTokenizer) -> int | None:
+def _max_bytes_per_token(backend: BackendTokenizer) -> tuple[int, str] | None:
     """For a byte-level BPE with no normalizer and pre-tokenizers that keep every byte, the most
     bytes of text one token covers: each byte of the text lands in exactly one token, and a
     vocabulary token's string spells one byte per character (an added token is matched in the
@@ -546,8 +556,32 @@ def _max_bytes_per_token(backend: BackendTokenizer) -> int | None:
         return None
     added = {token.content for token in backend.get_added_tokens_decoder().values()}
     vocabulary = backend.get_vocab(with_added_tokens=False)
+    # A byte the vocabulary lacks is dropped (no byte fallback, no unknown token). SmolLM2's
+    # lacks six ASCII control characters, which are counted out of the text, and lead bytes
+    # (0xC0-0xFF) that valid UTF-8 never or hardly uses: a longer character still keeps its
+    # continuation bytes. A continuation byte missing would let a whole character vanish, and
+    # then there is no bound.
+    missing = {b for b, symbol in enumerate(_byte_symbols()) if symbol not in vocabulary}
+    if any(0x80 <= b < 0xC0 for b in missing):
+        return None
+    dropped = "".join(chr(b) for b in sorted(missing) if b < 0x80)
     longest = max((len(token) for token in vocabulary if token not in added), default=1)
-    return max(longest, *(len(token.encode("utf-8")) for token in added))
+    return max(longest, *(len(token.encode("utf-8")) for token in added)), dropped
+
+
+def _byte_symbols() -> list[str]:
+    """The character byte-level BPE spells each byte with (GPT-2's ``bytes_to_unicode``):
+    printable Latin-1 bytes as themselves, the others as 256 and up, in order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    symbols: list[str] = []
+    num_shifted = 0
+    for b in range(256):
+        if b in printable:
+            symbols.append(chr(b))
+        else:
+            symbols.append(chr(256 + num_shifted))
+            num_shifted += 1
+    return symbols
 
 
 def _read_json_object(path: Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ They extend ``transfer.errors``' hierarchy (``FairgateError`` carries the HTTP s
     └── ClientError                      400 invalid_request_error  invalid_request
         ├── UnsupportedParameter         400                        unsupported_parameter
         ├── ContextLengthExceeded        400                        context_length_exceeded
+        ├── EmptyPrompt                  400                        empty_prompt
         ├── InvalidApiKey                401 authentication_error   invalid_api_key
         ├── PermissionDenied             403 permission_error       permission_denied
         │   ├── KeyRevoked               403                        key_revoked
@@ -45,6 +46,7 @@ __all__ = [
     "ClientError",
     "Conflict",
     "ContextLengthExceeded",
+    "EmptyPrompt",
     "InvalidApiKey",
     "KeyRevoked",
     "ModelNotFound",
@@ -98,6 +100,13 @@ class UnsupportedParameter(ClientError):
 
 class ContextLengthExceeded(ClientError):
     code = "context_length_exceeded"
+
+
+class EmptyPrompt(ClientError):
+    """The prompt makes no token (all of its characters are ones the tokenizer drops): there is
+    nothing to continue. Like the context length, it depends on the model's tokenizer."""
+
+    code = "empty_prompt"
 
 
 class InvalidApiKey(ClientError):

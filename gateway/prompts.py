@@ -5,7 +5,8 @@ CPU), so ``PromptEncoder.encode``:
 
 1. refuses a prompt that cannot fit the context before any work, from its length alone: a
    byte-level tokenizer never makes fewer than ``len(text) / max_bytes_per_token`` tokens
-   (``engine.tokenizer.Tokenizer.min_num_tokens``);
+   (``engine.tokenizer.Tokenizer.min_num_tokens``, which counts out the characters the
+   tokenizer drops);
 2. tokenizes a short prompt inline (well under a millisecond) and a longer one, chat template
    included, in a thread of its own pool: the tokenizer releases the GIL while it works, so the
    loop goes on serving everyone else meanwhile;
@@ -29,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from engine.tokenizer import BrokenChatTemplate, Tokenizer, TokenizerError
-from gateway.errors import ClientError, ContextLengthExceeded
+from gateway.errors import ClientError, ContextLengthExceeded, EmptyPrompt
 from gateway.openai_api import GenerationRequest
 from transfer.errors import FairgateError
 
@@ -90,7 +91,12 @@ class PromptEncoder:
         else:
             assert body.prompt is not None
             work = partial(self.tokenizer.encode, body.prompt, add_special_tokens=True)
-        min_num_tokens = self.tokenizer.min_num_tokens(num_chars)
+        min_num_tokens = 0
+        max_bytes_per_token = self.tokenizer.max_bytes_per_token
+        if max_bytes_per_token is not None and num_chars // max_bytes_per_token >= max_model_len:
+            # Over the context by its length, unless enough of it is dropped: the exact bound.
+            texts = [m["content"] for m in body.messages or ()] or [body.prompt or ""]
+            min_num_tokens = self.tokenizer.min_num_tokens(texts)
         if min_num_tokens >= max_model_len:
             raise ContextLengthExceeded(
                 f"the prompt has at least {min_num_tokens} tokens ({num_chars} characters); "
@@ -98,7 +104,7 @@ class PromptEncoder:
                 param=param,
             )
         try:
-            if is_long_prompt(body):
+            if num_chars > INLINE_MAX_CHARS:  # ``is_long_prompt``
                 token_ids = await self._off_loop(tenant_id, work)
             else:
                 token_ids = work()
@@ -109,7 +115,7 @@ class PromptEncoder:
         except TokenizerError as exc:
             raise ClientError(str(exc), param=param) from exc
         if not token_ids:
-            raise ClientError("the prompt is empty", param=param)
+            raise EmptyPrompt("the prompt makes no token for this model", param=param)
         return token_ids
 
     async def _off_loop(self, tenant_id: str, work: partial[list[int]]) -> list[int]:

@@ -13,7 +13,7 @@ import pytest
 
 from engine.model_store import resolve_model, tokenizer_path
 from engine.tokenizer import Tokenizer
-from gateway.errors import ClientError, ContextLengthExceeded
+from gateway.errors import ClientError, ContextLengthExceeded, EmptyPrompt
 from gateway.openai_api import GenerationRequest
 from gateway.prompts import INLINE_MAX_CHARS, PromptEncoder
 from transfer.errors import FairgateError
@@ -69,9 +69,24 @@ def chat(content: str) -> GenerationRequest:
 
 
 def test_the_bound_never_exceeds_the_real_token_count(tokenizer: CountingTokenizer) -> None:
+    """Including characters the vocabulary lacks (SmolLM2's drops six ASCII controls): they
+    make no token, so the bound counts them out."""
     assert tokenizer.max_bytes_per_token is not None
-    for text in ["", "a", " " * 5000, "9" * 3000, "é" * 2000, "<|im_start|>" * 300, "ab " * 900]:
-        assert len(tokenizer.encode(text)) >= tokenizer.min_num_tokens(len(text)), text[:20]
+    texts = [
+        "",
+        "a",
+        " " * 5000,
+        "9" * 3000,
+        "é" * 2000,
+        "<|im_start|>" * 300,
+        "ab " * 900,
+        "\x1d" * 5000,
+        "\x04\x06\x13\x14\x16\x1d" * 500 + "x" * 200,
+        "".join(chr(c) for c in range(0x40000, 0x40400)),  # 4-byte characters, lead byte F1
+    ]
+    for text in texts:
+        assert len(tokenizer.encode(text)) >= tokenizer.min_num_tokens([text]), text[:20]
+    assert tokenizer.min_num_tokens(["\x1d" * 5000]) == 0
 
 
 async def test_a_prompt_too_long_by_its_length_alone_is_refused_untokenized(
@@ -140,8 +155,15 @@ async def test_a_tenant_tokenizes_one_long_prompt_at_a_time(
 
 
 async def test_an_empty_prompt_and_broken_text_are_client_errors(encoder: PromptEncoder) -> None:
-    with pytest.raises(ClientError, match="empty"):
+    with pytest.raises(EmptyPrompt, match="no token"):
         await encoder.encode("t", completion(""), MAX_MODEL_LEN)
+    # Longer than the length bound, but every character is one the tokenizer drops: not over
+    # the context, and no token either.
+    assert encoder.tokenizer.max_bytes_per_token is not None
+    dropped = "\x1d" * (encoder.tokenizer.max_bytes_per_token * MAX_MODEL_LEN)
+    with pytest.raises(EmptyPrompt) as raised:
+        await encoder.encode("t", completion(dropped), MAX_MODEL_LEN)
+    assert (raised.value.code, raised.value.param) == ("empty_prompt", "prompt")
     with pytest.raises(ClientError, match="not valid Unicode") as raised:
         await encoder.encode("t", completion("a\ud800b"), MAX_MODEL_LEN)
     assert raised.value.param == "prompt"
