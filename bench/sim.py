@@ -49,7 +49,7 @@ from __future__ import annotations
 import heapq
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from bench.latency_model import LatencyModel
@@ -83,6 +83,7 @@ Outcome = Literal["completed", "rejected", "unserved"]
 
 _PREFILL_STEP = 0
 _DECODE_STEP = 1
+_CLIENT = 2  # a closed-loop tenant's client sends its next request
 
 
 class SimulationError(RuntimeError):
@@ -97,8 +98,14 @@ def cache_salt(tenant_id: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class TenantSpec:
+    """``concurrency``: a closed-loop tenant, whose clients keep this many requests in flight:
+    its requests in the trace go out in trace order, ``concurrency`` at time 0 and one more
+    whenever one of them ends (their trace arrival times are ignored). None: open loop, each
+    request at its arrival time."""
+
     tenant_id: str
     weight: float = 1.0
+    concurrency: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,6 +385,10 @@ class _DecodeWorker:
         self.worker_id = f"decode-{index}"
         self.cluster = cluster
         self.reserved_kv_tokens = 0
+        # Requests placed here and not finished: each takes a batch slot from its placement
+        # (its reservation) on, as on the real worker, where reservations count against
+        # ``max_num_seqs`` with the running requests.
+        self.num_held = 0
         self.is_full = False  # answered "no room" since a request last ended here
         self.waiting: deque[_Job] = deque()
         self.running: list[_Job] = []
@@ -386,12 +397,24 @@ class _DecodeWorker:
     def free_kv_tokens(self) -> int:
         return 0 if self.is_full else self.cluster.decode_kv_tokens - self.reserved_kv_tokens
 
+    def free_slots(self) -> int:
+        return max(0, self.cluster.decode_max_seqs - self.num_held)
+
     def try_reserve(self, num_tokens: int) -> bool:
-        if num_tokens > self.cluster.decode_kv_tokens - self.reserved_kv_tokens:
+        if (
+            num_tokens > self.cluster.decode_kv_tokens - self.reserved_kv_tokens
+            or not self.free_slots()
+        ):
             self.is_full = True
             return False
         self.reserved_kv_tokens += num_tokens
+        self.num_held += 1
         return True
+
+    def release(self, num_tokens: int) -> None:
+        self.reserved_kv_tokens -= num_tokens
+        self.num_held -= 1
+        self.is_full = False
 
     def plan_step(self) -> int:
         """Admit waiting requests into the batch; the batch's total context."""
@@ -428,6 +451,14 @@ class Simulator:
         self._prefill_by_id = {w.worker_id: w for w in self.prefill}
         self._decode_by_id = {w.worker_id: w for w in self.decode}
         self._weights = {t.tenant_id: t.weight for t in trace.tenants}
+        self._tenant_index = {t.tenant_id: i for i, t in enumerate(trace.tenants)}
+        # Closed-loop tenants: their requests not sent yet, in trace order.
+        self._unsent: dict[str, deque[TraceRequest]] = {
+            t.tenant_id: deque() for t in trace.tenants if t.concurrency is not None
+        }
+        for request in trace.requests:
+            if request.tenant_id in self._unsent:
+                self._unsent[request.tenant_id].append(request)
         self._class_ranks = {c.name: c.rank for c in slo_classes}
         self._top_class_rank = max(self._class_ranks.values(), default=0)
         self._events: list[tuple[float, int, int, int]] = []  # (time, seq, kind, worker index)
@@ -464,7 +495,10 @@ class Simulator:
     def run(self) -> SimResult:
         for tenant in self.trace.tenants:
             self.policy.update_tenant(tenant.tenant_id, tenant.weight)
-        arrivals = self.trace.requests
+        arrivals = [r for r in self.trace.requests if r.tenant_id not in self._unsent]
+        for tenant in self.trace.tenants:
+            for _ in range(tenant.concurrency or 0):
+                self._push(0.0, _CLIENT, self._tenant_index[tenant.tenant_id])
         next_arrival = 0
         is_cut = False
         now = 0.0
@@ -477,7 +511,9 @@ class Simulator:
                     self._cut(self.trace.duration_s)
                     is_cut = True
                 self._sample_until(now)
-                if kind == _PREFILL_STEP:
+                if kind == _CLIENT:
+                    freed = self._send_next(self.trace.tenants[index].tenant_id, now)
+                elif kind == _PREFILL_STEP:
                     freed = self._end_prefill_step(self.prefill[index], now)
                 else:
                     freed = self._end_decode_step(self.decode[index], now)
@@ -518,6 +554,20 @@ class Simulator:
         heapq.heappush(self._events, (at, self._seq, kind, index))
         self._seq += 1
 
+    def _send_next(self, tenant_id: str, now: float) -> bool:
+        """A closed-loop client sends its next request (none after the cut); whether a pass
+        should follow."""
+        unsent = self._unsent[tenant_id]
+        if not unsent or now > self.trace.duration_s:
+            return False
+        self._arrive(replace(unsent.popleft(), arrival=now), now)
+        return self._has_room()
+
+    def _ended(self, record: RequestRecord, now: float) -> None:
+        """A request ended (completed or rejected): a closed-loop client sends another."""
+        if record.tenant_id in self._unsent:
+            self._push(now, _CLIENT, self._tenant_index[record.tenant_id])
+
     def _arrive(self, spec: TraceRequest, now: float) -> None:
         request = QueuedRequest(
             request_id=spec.request_id,
@@ -544,6 +594,7 @@ class Simulator:
             self.policy.enqueue(request, now)
         except Shed:
             record.outcome, record.finish_s = "rejected", now
+            self._ended(record, now)
             return
         self._hold(_Job(request, record))
 
@@ -578,7 +629,7 @@ class Simulator:
             or w.inflight_tokens + smallest <= w.inflight_cap()
             or max(w.ranks_inflight, default=self._top_class_rank) < self._top_class_rank
             for w in self.prefill
-        ) and any(w.free_kv_tokens() > smallest for w in self.decode)
+        ) and any(w.free_kv_tokens() > smallest and w.free_slots() for w in self.decode)
 
     def _schedule_pass(self, now: float) -> None:
         # A requeue wakes the dispatcher again; the worker that said "no room" is then full, so
@@ -597,13 +648,17 @@ class Simulator:
                 for w in self.prefill
             ]
             decode_views = [
-                WorkerView(w.worker_id, free_kv_tokens=w.free_kv_tokens()) for w in self.decode
+                WorkerView(
+                    w.worker_id, free_kv_tokens=w.free_kv_tokens(), free_slots=w.free_slots()
+                )
+                for w in self.decode
             ]
             num_requeued = 0
             for decision in self.policy.schedule(prefill_views, decode_views, now):
                 job = self._release(decision.request.request_id)
                 if isinstance(decision, Rejection):
                     job.record.outcome, job.record.finish_s = "rejected", now
+                    self._ended(job.record, now)
                 elif not self._carry_out(decision, job, now):
                     num_requeued += 1
             if num_requeued == 0:
@@ -689,10 +744,10 @@ class Simulator:
         self.policy.on_tokens(request, 1, now)
         if record.num_output_tokens == request.max_tokens:
             assert job.decode is not None
-            job.decode.reserved_kv_tokens -= request.num_prompt_tokens + request.max_tokens
-            job.decode.is_full = False
+            job.decode.release(request.num_prompt_tokens + request.max_tokens)
             self.policy.on_finish(request, record.num_output_tokens, now)
             record.outcome, record.finish_s = "completed", now
+            self._ended(record, now)
 
     def _start_decode_step(self, worker: _DecodeWorker, now: float) -> None:
         num_context_tokens = worker.plan_step()

@@ -20,9 +20,9 @@ from gateway.errors import (
     RequestShed,
     retry_after_header,
 )
+from gateway.policies import FcfsPolicy
 from gateway.scheduler import (
     Decision,
-    FcfsPolicy,
     QueuedRequest,
     Rejection,
     Shed,

@@ -15,6 +15,7 @@ from gateway.policies import (
     POLICY_NAMES,
     D2lpmPolicy,
     DlpmPolicy,
+    FcfsPolicy,
     PolicySettings,
     RrLpmPolicy,
     VtcPolicy,
@@ -22,7 +23,6 @@ from gateway.policies import (
 )
 from gateway.scheduler import (
     Decision,
-    FcfsPolicy,
     Placement,
     QueuedRequest,
     Rejection,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from gateway.scheduler import FcfsPolicy, QueuedRequest, WorkerView, place
+from gateway.policies import FcfsPolicy
+from gateway.scheduler import QueuedRequest, WorkerView, place
 
 
 def _request(
