@@ -9,12 +9,12 @@ simulator (``bench.sim``) run the same classes.
     rr_lpm   round-robin routing + longest prefix match at each worker: locality only, the
              unfair baseline
 
-What the fair ones share lives in ``base.FairPolicy``: one lane per SLO class (§5) holding a FIFO queue per
-tenant and that class's fairness state; admission (``Shed``) and rejection of sheddable requests
-that can no longer make their deadline; at-risk requests of lower classes first; the charges of
-§1 as the work happens; and forgetting idle tenants. A policy adds only its order (``_serve``),
-its placement (``_dispatch``), what it does with a charge and what it keeps per queued request
-(``_new_entry``). One schedule pass::
+What the fair ones share lives in ``base.FairPolicy``: one lane per SLO class (§5) holding a FIFO
+queue per tenant and that class's fairness state; admission (``Shed``) and rejection of sheddable
+requests that can no longer make their deadline; at-risk requests of lower classes first; the
+charges of §1 as the work happens; and forgetting idle tenants. A policy adds only its order
+(``_serve``), its placement (``_dispatch``), what it does with a charge and what it keeps per
+queued request (``_new_entry``). One schedule pass::
 
     reject hopeless sheddable heads ─▶ at-risk heads of lower classes, earliest deadline first
         ─▶ each class, highest rank first: the policy's own order, placing until nothing fits
