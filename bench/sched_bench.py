@@ -50,29 +50,40 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from bench.latency_model import DEFAULT_MODEL_PATH, LatencyModel, fit
 from bench.report import log, print_result
 from bench.scenarios import SCENARIOS, Scenario, build_trace, capacity_of
 from bench.sim import ClusterSpec, SimResult, Simulator, Trace
-from gateway.config import DEFAULT_SLO_CLASSES, SloClass
-from gateway.policies import POLICY_NAMES, PolicySettings, make_policy
+from gateway.config import DEFAULT_SLO_CLASSES, SchedulerSection, SloClass
+from gateway.policies import POLICY_NAMES, make_policy
 
 __all__ = ["policy_metrics", "run_fit", "run_policy", "run_sched_bench"]
 
 
 def run_policy(
-    name: str, trace: Trace, cluster: ClusterSpec, model: LatencyModel
-) -> tuple[SimResult, PolicySettings]:
-    """Simulate policy ``name`` on ``trace``; ``ValueError`` when there is no such policy."""
+    name: str,
+    trace: Trace,
+    cluster: ClusterSpec,
+    model: LatencyModel,
+    settings: SchedulerSection | None = None,
+    slo_classes: Sequence[SloClass] = DEFAULT_SLO_CLASSES,
+) -> tuple[SimResult, SchedulerSection]:
+    """Simulate policy ``name`` on ``trace``, configured as the gateway's ``[scheduler]``
+    section (``settings``, its defaults when None) says but for what the simulated cluster
+    fixes: the prefix index sized to the cache, and the prefill speed assumed before one is
+    measured. ``ValueError`` when there is no such policy."""
     full_step_s = model.prefill_step_s(
         cluster.prefill_step_tokens, cluster.prefill_step_tokens * cluster.prefill_chunk_tokens
     )
-    settings = PolicySettings(
-        block_size=cluster.block_size,
-        prefix_index_blocks=cluster.prefix_cache_blocks,  # the index is sized to the cache
+    settings = msgspec.structs.replace(
+        settings or SchedulerSection(),
+        prefix_index_blocks=cluster.prefix_cache_blocks,
         default_prefill_tok_s=cluster.prefill_step_tokens / full_step_s,
+        max_prefill_inflight_tokens=cluster.max_inflight_tokens,
     )
-    policy = make_policy(name, settings)
+    policy = make_policy(name, settings, slo_classes, block_size=cluster.block_size)
     simulator = Simulator(
         policy,
         trace,
@@ -80,14 +91,14 @@ def run_policy(
         model,
         w_in=settings.w_in,
         w_out=settings.w_out,
-        slo_classes=settings.slo_classes,  # the policy's, so the two cannot differ
+        slo_classes=slo_classes,  # the policy's, so the two cannot differ
     )
     return simulator.run(), settings
 
 
 def policy_metrics(
     result: SimResult,
-    settings: PolicySettings,
+    settings: SchedulerSection,
     slo_classes: Sequence[SloClass] | None = None,
     class_capacity_req_s: dict[str, float] | None = None,
 ) -> dict[str, Any]:
@@ -196,7 +207,7 @@ def _max_service_diff(service: dict[str, list[float]], backlogged: dict[str, lis
     return worst
 
 
-def _bound(result: SimResult, settings: PolicySettings) -> float:
+def _bound(result: SimResult, settings: SchedulerSection) -> float:
     cluster = result.cluster
     longest_prompt = max((r.num_prompt_tokens for r in result.records), default=0)
     batch_tokens = cluster.num_decode_workers * cluster.decode_kv_tokens

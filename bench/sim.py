@@ -47,7 +47,7 @@ token. Same seed and trace give the same result, byte for byte.
 from __future__ import annotations
 
 import heapq
-from collections import Counter, OrderedDict, deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -57,14 +57,17 @@ from engine.block_manager import block_hashes
 from engine.engine import EngineConfig, step_prompt_tokens
 from engine.engine_thread import PREFILL_SPEED_SMOOTHING
 from gateway.config import DEFAULT_SLO_CLASSES, SchedulerSection, SloClass
+from gateway.core import SchedulingCore, WorkerAccount
 from gateway.scheduler import (
+    MakeRoom,
     Placement,
     QueuedRequest,
     Rejection,
     SchedulingPolicy,
     Shed,
-    WorkerView,
+    has_prefill_room,
 )
+from transfer.messages import WorkerInfo, WorkerLoad, WorkerRole
 
 __all__ = [
     "ClusterSpec",
@@ -213,6 +216,30 @@ class _Job:
     is_admitted: bool = False  # by its prefill worker: it holds its cached prefix
     prefill: _PrefillWorker | None = None
     decode: _DecodeWorker | None = None
+    is_decoding: bool = False  # its first token came: it is on its decode worker
+
+
+def _kv_tokens(request: QueuedRequest) -> int:
+    """KV a request holds on its decode worker: its prompt and every token it will generate
+    (a resumed one's prompt includes those it generated before)."""
+    return request.num_prompt_tokens + request.max_tokens - request.num_output_tokens
+
+
+def _worker_info(worker_id: str, role: WorkerRole, cluster: ClusterSpec) -> WorkerInfo:
+    return WorkerInfo(
+        worker_id,
+        instance_id=worker_id,
+        role=role,
+        model_id="simulated",
+        block_size=cluster.block_size,
+        num_total_blocks=(
+            cluster.decode_kv_tokens if role == "decode" else cluster.prefix_cache_blocks
+        )
+        // cluster.block_size,
+        max_model_len=cluster.decode_kv_tokens,
+        vocab_size=0,
+        max_num_seqs=cluster.decode_max_seqs if role == "decode" else 0,
+    )
 
 
 class _PrefillWorker:
@@ -229,8 +256,9 @@ class _PrefillWorker:
         self.running: list[_Job] = []
         self.step_runs: list[tuple[_Job, int]] = []
         self.step_s = 0.0  # of the step in flight
-        self.inflight_tokens = 0  # the gateway's account: whole prompts until their prefill ends
-        self.ranks_inflight: Counter[int] = Counter()  # and their class ranks
+        # The gateway's account of it (``gateway.core``): whole prompts until their prefill
+        # ends, and what it reports.
+        self.account = WorkerAccount(info=_worker_info(self.worker_id, "prefill", cluster))
         self.busy_s = 0.0
         self.num_steps = 0
         self.max_step_s = 0.0
@@ -245,12 +273,8 @@ class _PrefillWorker:
         """What the worker reports to the gateway: the engine thread's moving average."""
         return self.step_tok_s
 
-    def inflight_cap(self) -> int:
-        """Prompt tokens the gateway lets this worker hold, as ``Dispatcher._prefill_cap``."""
-        tok_s = self.prefill_tok_s()
-        if self.cluster.max_inflight_s is None or tok_s is None:
-            return self.cluster.max_inflight_tokens
-        return min(self.cluster.max_inflight_tokens, int(tok_s * self.cluster.max_inflight_s))
+    def report(self) -> WorkerLoad:
+        return WorkerLoad(self.worker_id, "prefill", True, prefill_tok_s=self.step_tok_s or 0.0)
 
     def step_token_budget(self) -> int:
         """Prompt tokens the next step may compute: ``prefill_step_tokens`` and, with
@@ -380,10 +404,11 @@ class _PrefillWorker:
 class _DecodeWorker:
     """Continuous batching; KV reserved for a request's whole length at placement."""
 
-    def __init__(self, index: int, cluster: ClusterSpec) -> None:
+    def __init__(self, index: int, cluster: ClusterSpec, model: LatencyModel) -> None:
         self.index = index
         self.worker_id = f"decode-{index}"
         self.cluster = cluster
+        self.model = model
         self.reserved_kv_tokens = 0
         # Requests placed here and not finished: each takes a batch slot from its placement
         # (its reservation) on, as on the real worker, where reservations count against
@@ -393,6 +418,8 @@ class _DecodeWorker:
         self.waiting: deque[_Job] = deque()
         self.running: list[_Job] = []
         self.is_busy = False
+        self.held: dict[str, _Job] = {}  # placed here and not finished, by request id
+        self.account = WorkerAccount(info=_worker_info(self.worker_id, "decode", cluster))
 
     def free_kv_tokens(self) -> int:
         return 0 if self.is_full else self.cluster.decode_kv_tokens - self.reserved_kv_tokens
@@ -400,21 +427,44 @@ class _DecodeWorker:
     def free_slots(self) -> int:
         return max(0, self.cluster.decode_max_seqs - self.num_held)
 
-    def try_reserve(self, num_tokens: int) -> bool:
+    def try_reserve(self, job: _Job) -> bool:
         if (
-            num_tokens > self.cluster.decode_kv_tokens - self.reserved_kv_tokens
+            _kv_tokens(job.request) > self.cluster.decode_kv_tokens - self.reserved_kv_tokens
             or not self.free_slots()
         ):
             self.is_full = True
             return False
-        self.reserved_kv_tokens += num_tokens
+        self.reserved_kv_tokens += _kv_tokens(job.request)
         self.num_held += 1
+        self.held[job.request.request_id] = job
         return True
 
-    def release(self, num_tokens: int) -> None:
-        self.reserved_kv_tokens -= num_tokens
+    def release(self, job: _Job) -> None:
+        self.reserved_kv_tokens -= _kv_tokens(job.request)
         self.num_held -= 1
+        del self.held[job.request.request_id]
         self.is_full = False
+
+    def report(self) -> WorkerLoad:
+        """Exact, as of now (the simulator reports before every pass)."""
+        return WorkerLoad(
+            self.worker_id,
+            "decode",
+            True,
+            num_running=self.num_held,
+            num_running_tokens=sum(
+                job.request.num_prompt_tokens
+                + job.record.num_output_tokens
+                - job.request.num_output_tokens
+                for job in self.held.values()
+            ),
+            # The fitted model's line at this batch size (the engine fits one from its steps).
+            decode_base_s=self.model.decode_base_s + self.model.decode_seq_s * self.num_held,
+            decode_token_s=self.model.decode_context_s,
+            num_free_blocks=(self.cluster.decode_kv_tokens - self.reserved_kv_tokens)
+            // self.cluster.block_size,
+            num_total_blocks=self.cluster.decode_kv_tokens // self.cluster.block_size,
+        )
 
     def plan_step(self) -> int:
         """Admit waiting requests into the batch; the batch's total context."""
@@ -440,6 +490,12 @@ class Simulator:
         slo_classes: Sequence[SloClass] = DEFAULT_SLO_CLASSES,
     ) -> None:
         self.policy = policy
+        self.core = SchedulingCore(
+            policy,
+            max_prefill_inflight_tokens=cluster.max_inflight_tokens,
+            max_prefill_inflight_s=cluster.max_inflight_s,
+        )
+        policy.set_block_size(cluster.block_size)
         self.trace = trace
         self.cluster = cluster
         self.model = model
@@ -447,7 +503,7 @@ class Simulator:
         self.w_out = w_out
         self.sample_interval_s = trace.duration_s / num_samples
         self.prefill = [_PrefillWorker(i, cluster) for i in range(cluster.num_prefill_workers)]
-        self.decode = [_DecodeWorker(i, cluster) for i in range(cluster.num_decode_workers)]
+        self.decode = [_DecodeWorker(i, cluster, model) for i in range(cluster.num_decode_workers)]
         self._prefill_by_id = {w.worker_id: w for w in self.prefill}
         self._decode_by_id = {w.worker_id: w for w in self.decode}
         self._weights = {t.tenant_id: t.weight for t in trace.tenants}
@@ -460,6 +516,7 @@ class Simulator:
             if request.tenant_id in self._unsent:
                 self._unsent[request.tenant_id].append(request)
         self._class_ranks = {c.name: c.rank for c in slo_classes}
+        self._tpot_targets = {c.name: c.tpot_target_s for c in slo_classes}
         self._top_class_rank = max(self._class_ranks.values(), default=0)
         self._events: list[tuple[float, int, int, int]] = []  # (time, seq, kind, worker index)
         self._seq = 0
@@ -543,7 +600,7 @@ class Simulator:
             end_s=end_s,
             num_evicted_blocks=self._num_evicted,
             leftover_kv_tokens=sum(w.reserved_kv_tokens for w in self.decode),
-            leftover_inflight_tokens=sum(w.inflight_tokens for w in self.prefill),
+            leftover_inflight_tokens=sum(w.account.inflight_tokens for w in self.prefill),
             leftover_queued=self.policy.queued(),
             num_prefill_steps=sum(w.num_steps for w in self.prefill),
             prefill_busy_s=sum(w.busy_s for w in self.prefill),
@@ -580,6 +637,7 @@ class Simulator:
             prompt_token_ids=spec.prompt_token_ids,
             cache_salt=cache_salt(spec.tenant_id),
             rank=self._class_ranks[spec.slo_class],
+            tpot_target_s=self._tpot_targets[spec.slo_class],
         )
         record = RequestRecord(
             spec.request_id,
@@ -624,12 +682,21 @@ class Simulator:
     def _has_room(self) -> bool:
         """Could a pass place anything at all? (Skips passes that are sure to do nothing.)"""
         smallest = self._min_prompt_tokens
+        probe = QueuedRequest("", "", "", 1.0, 0.0, smallest, 1, rank=self._top_class_rank)
         return any(
-            w.inflight_tokens == 0
-            or w.inflight_tokens + smallest <= w.inflight_cap()
-            or max(w.ranks_inflight, default=self._top_class_rank) < self._top_class_rank
-            for w in self.prefill
+            has_prefill_room(probe, self.core.prefill_view(w.account)) for w in self.prefill
         ) and any(w.free_kv_tokens() > smallest and w.free_slots() for w in self.decode)
+
+    def _report(self) -> None:
+        """Every worker reports its load, exactly (the gateway polls; here nothing is stale but
+        a decode worker's "no room", kept until one of its requests ends, as the real one's is
+        until its next report)."""
+        for prefill in self.prefill:
+            prefill.account.reported(prefill.report())
+        for decode in self.decode:
+            decode.account.reported(decode.report())
+            if decode.is_full:
+                self.core.no_room(decode.account)
 
     def _schedule_pass(self, now: float) -> None:
         # A requeue wakes the dispatcher again; the worker that said "no room" is then full, so
@@ -637,24 +704,15 @@ class Simulator:
         for _ in range(len(self.decode) + 1):
             if not self._queued:
                 return
-            prefill_views = [
-                WorkerView(
-                    w.worker_id,
-                    inflight_tokens=w.inflight_tokens,
-                    max_inflight_tokens=w.inflight_cap(),
-                    prefill_tok_s=w.prefill_tok_s(),
-                    max_inflight_rank=max(w.ranks_inflight, default=None),
-                )
-                for w in self.prefill
-            ]
-            decode_views = [
-                WorkerView(
-                    w.worker_id, free_kv_tokens=w.free_kv_tokens(), free_slots=w.free_slots()
-                )
-                for w in self.decode
-            ]
+            self._report()
+            decisions = self.core.schedule(
+                [w.account for w in self.prefill], [w.account for w in self.decode], now
+            )
             num_requeued = 0
-            for decision in self.policy.schedule(prefill_views, decode_views, now):
+            for decision in decisions:
+                if isinstance(decision, MakeRoom):
+                    self._make_room(decision, now)
+                    continue
                 job = self._release(decision.request.request_id)
                 if isinstance(decision, Rejection):
                     job.record.outcome, job.record.finish_s = "rejected", now
@@ -675,21 +733,75 @@ class Simulator:
                 f"{placement.decode_worker_id!r}"
             )
         request = job.request
-        if not decode.try_reserve(request.num_prompt_tokens + request.max_tokens):
-            # The dispatcher's path for a decode worker's "no room": the request ends for the
-            # policy with nothing computed, then goes back to the queue ahead of later arrivals.
-            self.policy.on_finish(request, 0, now)
+        self.core.placed(placement, prefill.account, decode.account)
+        if not decode.try_reserve(job):
+            # The gateway's path for a decode worker's "no room" (``gateway.generation``): the
+            # request ends on both workers with nothing computed, the worker counts as full,
+            # and the request goes back to the queue ahead of later arrivals.
+            self.core.prefill_done(prefill.account, request, None, now)
+            self.core.decode_done(decode.account, request, 0, now)
+            self.core.no_room(decode.account)
             self.policy.requeue(request, now)
             job.record.num_requeues += 1
             self._hold(job)
             return False
         job.prefill, job.decode = prefill, decode
-        prefill.inflight_tokens += request.num_prompt_tokens
-        prefill.ranks_inflight[request.rank] += 1
         prefill.waiting.append(job)
         if not prefill.is_busy:
             self._start_prefill_step(prefill, now)
         return True
+
+    def _make_room(self, room: MakeRoom, now: float) -> None:
+        """A ``MakeRoom`` on a simulated decode worker: it preempts, by recompute, requests
+        decoding there of a lower class than the one it is asked for (least important first:
+        lowest rank, then highest tenant counter, then latest arrival) until the KV and a batch
+        slot are free. A preempted request goes back to the queue with its prompt and the
+        tokens generated so far, as the gateway requeues what a worker hands back."""
+        worker = self._decode_by_id[room.decode_worker_id]
+        self.core.room_asked(worker.account)
+        rank = room.request.rank
+        victims = sorted(
+            (job for job in worker.held.values() if job.request.rank < rank and job.is_decoding),
+            key=lambda job: (
+                job.request.rank,
+                -self.policy.counter(job.request.tenant_id),
+                -job.request.arrival,
+            ),
+        )
+        num_preempted = 0
+        for job in victims:
+            if worker.free_kv_tokens() >= room.num_tokens and worker.free_slots():
+                break
+            self._preempt(worker, job, now)
+            num_preempted += 1
+        has_room = worker.free_kv_tokens() >= room.num_tokens and bool(worker.free_slots())
+        self.core.room_answered(worker.account, room, num_preempted > 0 or has_room, now)
+
+    def _preempt(self, worker: _DecodeWorker, job: _Job, now: float) -> None:
+        request, record = job.request, job.record
+        if job in worker.running:
+            worker.running.remove(job)
+        else:
+            worker.waiting.remove(job)
+        worker.release(job)
+        self.core.decode_done(
+            worker.account, request, record.num_output_tokens, now, finished=False
+        )
+        generated = record.num_output_tokens - request.num_output_tokens
+        # The output so far joins the prompt (its ids do not matter: no one shares them).
+        resumed = replace(
+            request,
+            num_prompt_tokens=request.num_prompt_tokens + generated,
+            prompt_token_ids=[*request.prompt_token_ids, *range(generated)],
+            num_output_tokens=record.num_output_tokens,
+        )
+        job.request = resumed
+        job.hashes, job.num_computed, job.num_registered_blocks = [], 0, 0
+        job.is_admitted, job.is_decoding = False, False
+        job.prefill = job.decode = None
+        record.num_requeues += 1
+        self.policy.requeue(resumed, now)
+        self._hold(job)
 
     # ---- workers --------------------------------------------------------------------------
 
@@ -723,15 +835,13 @@ class Simulator:
 
     def _first_token(self, job: _Job, worker: _PrefillWorker, now: float) -> None:
         request, record = job.request, job.record
-        worker.inflight_tokens -= request.num_prompt_tokens
-        worker.ranks_inflight[request.rank] -= 1
-        if not worker.ranks_inflight[request.rank]:
-            del worker.ranks_inflight[request.rank]
-        self.policy.on_first_token(request, record.num_cached_tokens, now)
-        record.first_token_s = now
+        self.core.prefill_done(worker.account, request, record.num_cached_tokens, now)
+        if record.first_token_s is None:  # (a resumed request's first token came before)
+            record.first_token_s = now
         self._generated(job, now)
         if record.outcome is None:
             assert job.decode is not None
+            job.is_decoding = True
             job.decode.waiting.append(job)
             if not job.decode.is_busy:
                 self._start_decode_step(job.decode, now)
@@ -741,11 +851,11 @@ class Simulator:
         request, record = job.request, job.record
         record.num_output_tokens += 1
         self._service[request.tenant_id] += self.w_out
-        self.policy.on_tokens(request, 1, now)
+        self.core.tokens_generated(request, 1, now)
         if record.num_output_tokens == request.max_tokens:
             assert job.decode is not None
-            job.decode.release(request.num_prompt_tokens + request.max_tokens)
-            self.policy.on_finish(request, record.num_output_tokens, now)
+            job.decode.release(job)
+            self.core.decode_done(job.decode.account, request, record.num_output_tokens, now)
             record.outcome, record.finish_s = "completed", now
             self._ended(record, now)
 

@@ -68,6 +68,8 @@ class EngineLoad:
     num_total_blocks: int = 0
     num_preemptions: int = 0
     prefill_tok_s: float = 0.0  # measured prompt throughput; 0 until a prompt was computed
+    decode_base_s: float = 0.0  # a pure decode step: base + token_s × tokens held (DecodeSpeed)
+    decode_token_s: float = 0.0
     num_swapped: int = 0  # requests whose KV waits in the host pool now
     num_swapped_out: int = 0  # preemptions by swap, since the start
     num_handed_back: int = 0  # preemptions by recompute handed back to the caller, since the start
@@ -108,13 +110,14 @@ class EvictionLog:
             return hashes, self._next_seq, seq < first_kept
 
 
-def _measure(engine: LLMEngine) -> EngineLoad:
+def _measure(engine: LLMEngine, decode_speed: DecodeSpeed | None = None) -> EngineLoad:
     queued = sum(seq.num_tokens - seq.num_computed_tokens for seq in engine.waiting)
     queued += sum(
         seq.num_tokens - seq.num_computed_tokens - 1
         for seq in engine.running
         if seq.num_tokens - seq.num_computed_tokens > 1
     )
+    line = (0.0, 0.0) if decode_speed is None else decode_speed.line() or (0.0, 0.0)
     return EngineLoad(
         num_waiting=len(engine.waiting),
         num_running=len(engine.running),
@@ -126,6 +129,8 @@ def _measure(engine: LLMEngine) -> EngineLoad:
         num_total_blocks=engine.blocks.num_total_blocks,
         num_preemptions=engine.num_preemptions,
         prefill_tok_s=engine.prefill_tok_s or 0.0,
+        decode_base_s=line[0],
+        decode_token_s=line[1],
         num_swapped=len(engine.swapped),
         num_swapped_out=engine.num_swapped_out,
         num_handed_back=engine.num_handed_back,
@@ -154,6 +159,45 @@ def _note_prefill_speed(engine: LLMEngine, step_s: float) -> None:
         engine.prefill_tok_s += PREFILL_SPEED_SMOOTHING * (tok_s - engine.prefill_tok_s)
 
 
+DECODE_SPEED_SMOOTHING = 0.05  # weight of the newest pure decode step in DecodeSpeed's fit
+_MIN_RELATIVE_SPREAD = 0.1  # contexts must differ this much (std / mean) to fit a slope
+
+
+class DecodeSpeed:
+    """How long a pure decode step takes for the tokens its batch holds: the least-squares line
+    ``step_s = base_s + token_s × context`` over recent steps, weighted exponentially (the
+    newest ``DECODE_SPEED_SMOOTHING``). The gateway predicts from it what more requests do to
+    a decode worker's step time, which is every request's time per output token there
+    (``gateway.scheduler.place``). Until the contexts seen differ enough to fit a slope, the
+    line goes through 0 (all of the step proportional to what the batch holds: an overestimate
+    of what more context costs, so the gateway errs towards keeping TPOT). Engine thread
+    only."""
+
+    def __init__(self) -> None:
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+
+    def note(self, num_context_tokens: int, step_s: float) -> None:
+        keep = 1.0 - DECODE_SPEED_SMOOTHING
+        x = float(num_context_tokens)
+        self._w = keep * self._w + DECODE_SPEED_SMOOTHING
+        self._x = keep * self._x + DECODE_SPEED_SMOOTHING * x
+        self._y = keep * self._y + DECODE_SPEED_SMOOTHING * step_s
+        self._xx = keep * self._xx + DECODE_SPEED_SMOOTHING * x * x
+        self._xy = keep * self._xy + DECODE_SPEED_SMOOTHING * x * step_s
+
+    def line(self) -> tuple[float, float] | None:
+        """(base_s, token_s), None before the first step."""
+        if self._w <= 0.0:
+            return None
+        mean_x, mean_y = self._x / self._w, self._y / self._w
+        variance = self._xx / self._w - mean_x * mean_x
+        covariance = self._xy / self._w - mean_x * mean_y
+        if variance > (_MIN_RELATIVE_SPREAD * mean_x) ** 2 and covariance > 0.0:
+            slope = covariance / variance
+            return max(0.0, mean_y - slope * mean_x), slope
+        return 0.0, mean_y / max(mean_x, 1.0)
+
+
 class EngineThread:
     """See the module docstring. ``submit``, ``call``, ``load`` and ``stop`` are thread-safe;
     ``watch`` and ``unwatch`` are for commands (they run on the engine thread)."""
@@ -176,6 +220,7 @@ class EngineThread:
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._lock = threading.Lock()
         self._error: EngineFailed | None = None
+        self._decode_speed = DecodeSpeed()
         self._load = _measure(engine)
         self.evictions = EvictionLog(4 * engine.blocks.num_total_blocks)
 
@@ -269,7 +314,11 @@ class EngineThread:
             if engine.has_unfinished():
                 started = self._clock()
                 outputs = engine.step()
-                _note_prefill_speed(engine, self._clock() - started)
+                step_s = self._clock() - started
+                _note_prefill_speed(engine, step_s)
+                if engine.num_step_prompt_tokens == 0 and self._load.num_running_tokens:
+                    # A pure decode step, of the batch the last measure saw.
+                    self._decode_speed.note(self._load.num_running_tokens, step_s)
                 self._dispatch(outputs)
                 is_idle = engine.num_scheduled_runs == 0
             else:
@@ -277,7 +326,7 @@ class EngineThread:
             evicted = engine.blocks.drain_evicted_hashes()
             if evicted:
                 self.evictions.extend(evicted)
-            self._load = _measure(engine)
+            self._load = _measure(engine, self._decode_speed)
 
     def _dispatch(self, outputs: list[StepOutput]) -> None:
         for output in outputs:

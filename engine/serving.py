@@ -278,6 +278,8 @@ class WorkerService:
             num_pending_transfers=load.num_handed_off,
             num_preemptions=load.num_preemptions,
             prefill_tok_s=load.prefill_tok_s,
+            decode_base_s=load.decode_base_s,
+            decode_token_s=load.decode_token_s,
             evicted_block_hashes=evicted,
             eviction_seq=eviction_seq,
             evictions_missed=missed,

@@ -315,6 +315,9 @@ async def _admit(
         demoted=admission.demoted,
         cache_salt=cache_salt,
         rank=class_rank(gateway, slo_class),
+        tpot_target_s=(
+            gateway.config.slo_class(slo_class) or gateway.config.lowest_class
+        ).tpot_target_s,
     )
     sampling = SamplingSpec(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed

@@ -56,7 +56,7 @@ from gateway.generation import Generation
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import Deployment, Endpoint, openapi_document, routes_of
 from gateway.overload import LoadGuard
-from gateway.policies import PolicySettings, make_policy
+from gateway.policies import make_policy
 from gateway.prompts import PromptEncoder, TenantTurns
 from gateway.quotas import QuotaManager
 from gateway.scheduler import SchedulingPolicy
@@ -84,26 +84,12 @@ DRAIN_END_S = 5.0
 
 
 def policy_from_config(config: Config) -> SchedulingPolicy:
-    """The ``[scheduler]`` section's policy, with its settings and the SLO classes."""
-    section = config.scheduler
-    settings = PolicySettings(
-        slo_classes=list(config.slo_classes),
-        w_in=section.w_in,
-        w_out=section.w_out,
-        quantum_tokens=section.quantum_tokens,
-        worker_quantum_tokens=section.worker_quantum_tokens,
-        block_size=section.block_size,
-        prefix_index_blocks=section.prefix_index_blocks,
-        hot_spot_ratio=section.hot_spot_ratio,
-        hot_spot_margin_tokens=section.hot_spot_margin_tokens,
-        default_prefill_tok_s=section.default_prefill_tok_s,
-        max_borrow_tokens=section.max_borrow_tokens,
-        forget_idle_after_s=section.forget_idle_after_s,
-    )
-    name = section.policy
+    """The ``[scheduler]`` section's policy, with the SLO classes. Its KV block size is the
+    workers' (``Dispatcher.submit`` tells it)."""
+    name = config.scheduler.policy
     if name == "auto":
         name = "d2lpm" if len(config.gateway.prefill_workers) > 1 else "dlpm"
-    return make_policy(name, settings)
+    return make_policy(name, config.scheduler, config.slo_classes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +129,6 @@ class Gateway:
             max_prefill_inflight_tokens=config.scheduler.max_prefill_inflight_tokens,
             max_prefill_inflight_s=config.scheduler.max_prefill_inflight_s,
             queue_timeout_s=config.scheduler.queue_timeout_s,
-            make_room_for_higher_classes=config.scheduler.make_room_for_higher_classes,
             max_queued_per_tenant=config.scheduler.max_queued_per_tenant,
             max_queue_wait_s={c.rank: c.queue_wait_limit_s for c in config.slo_classes},
         )

@@ -91,7 +91,6 @@ class SchedulerSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     w_out: Annotated[float, msgspec.Meta(gt=0.0)] = 2.0
     quantum_tokens: Annotated[float, msgspec.Meta(gt=0.0)] = 4096.0
     worker_quantum_tokens: Annotated[float, msgspec.Meta(gt=0.0)] = 8192.0
-    block_size: Annotated[int, msgspec.Meta(ge=1)] = 16  # the workers' KV block size
     prefix_index_blocks: Annotated[int, msgspec.Meta(ge=1)] = 1 << 16
     # D²LPM routes by load alone when the worker it chose is loaded over this ratio of the least
     # loaded one's…
@@ -100,6 +99,12 @@ class SchedulerSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     hot_spot_margin_tokens: Annotated[int, msgspec.Meta(ge=0)] = 2048
     default_prefill_tok_s: Annotated[float, msgspec.Meta(gt=0.0)] = 5000.0
     max_borrow_tokens: Annotated[float, msgspec.Meta(ge=0.0)] = 4096.0
+    # The TPOT guard (``gateway.scheduler.keeps_tpot``): while a class with a TPOT target is
+    # active (requests queued or in flight, or within ``tpot_guard_hold_s`` of that), requests
+    # of looser classes go only to decode workers whose predicted step stays within this
+    # fraction of the tightest active target.
+    tpot_headroom: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.8
+    tpot_guard_hold_s: Annotated[float, msgspec.Meta(ge=0.0)] = 10.0
     forget_idle_after_s: Annotated[float, msgspec.Meta(ge=0.0)] = 600.0
 
 

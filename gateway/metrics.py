@@ -4,7 +4,9 @@ series name tenants).
 Per tenant and SLO class: requests by outcome, prompt / cached / completion tokens, rejections by
 reason, preemptions, and histograms of time to first token, time per output token, time in the
 queue and end-to-end latency. Read at each scrape from the scheduler: queue depth and fair-share
-counter per tenant; over a sliding window (``window_s``): TTFT SLO attainment per class, and
+counter per tenant; over a sliding window (``window_s``): SLO attainment per class and per tenant
+and class, of the TTFT target and, for a class that has one, of the TPOT target (the mean time
+per output token after the first, over requests with at least two), and
 Jain's fairness index over the tenants that stayed backlogged the whole window, of the service
 each received in it: ``w_in`` × computed prompt tokens (a prefix-cache hit costs the workers
 nothing, and the simulator's figures count the same) + ``w_out`` × output tokens, divided by the
@@ -95,7 +97,8 @@ class GatewayMetrics:
         self._service: dict[str, float] = {}  # tenant id → normalized service so far
         # (time, {tenant id: service so far}) for tenants backlogged at that time
         self._samples: deque[tuple[float, dict[str, float]]] = deque()
-        self._slo_window: deque[tuple[float, str, bool]] = deque()
+        # (time, tenant id, class, TTFT met, TPOT met or None: no target or too few tokens)
+        self._slo_window: deque[tuple[float, str, str, bool, bool | None]] = deque()
 
         def counter(name: str, doc: str, *extra: str) -> Counter:
             return Counter(name, doc, (*_LABELS, *extra), registry=self.registry)
@@ -118,6 +121,11 @@ class GatewayMetrics:
         self.slo_requests = counter(
             "fairgate_slo_requests",
             "Requests admitted to a class, by TTFT target met (none without a first token)",
+            "met",
+        )
+        self.tpot_requests = counter(
+            "fairgate_tpot_requests",
+            "Requests of a class with a TPOT target and at least two tokens, by target met",
             "met",
         )
         self.ttft = histogram("fairgate_ttft_seconds", "Time to first token", LATENCY_BUCKETS)
@@ -167,6 +175,7 @@ class GatewayMetrics:
         if record.queue_s is not None:
             self.queue_time.labels(*labels).observe(record.queue_s)
         self.e2e.labels(*labels).observe(record.e2e_s)
+        tpot_s: float | None = None
         if record.ttft_s is not None:
             self.ttft.labels(*labels).observe(record.ttft_s)
             if record.completion_tokens > 1:
@@ -179,7 +188,11 @@ class GatewayMetrics:
             # A request that ended without a first token (shed, timed out, failed) missed it.
             met = record.ttft_s is not None and record.ttft_s <= slo_class.ttft_target_s
             self.slo_requests.labels(*labels, "true" if met else "false").inc()
-            self._slo_window.append((self._clock(), record.slo_class, met))
+            tpot_met: bool | None = None
+            if slo_class.tpot_target_s is not None and tpot_s is not None:
+                tpot_met = tpot_s <= slo_class.tpot_target_s
+                self.tpot_requests.labels(*labels, "true" if tpot_met else "false").inc()
+            self._slo_window.append((self._clock(), record.tenant, record.slo_class, met, tpot_met))
 
     def sample(self) -> None:
         """Note which tenants are backlogged now and the service they have had (called about
@@ -213,14 +226,27 @@ class GatewayMetrics:
             return None
         return jain_index([last[t] - first[t] for t in sorted(always)])
 
-    def slo_attainment(self) -> dict[str, float]:
-        """Per class, the share of the window's requests whose first token met the target."""
-        met: dict[str, list[int]] = {}
-        for _, slo_class, is_met in self._slo_window:
-            counts = met.setdefault(slo_class, [0, 0])
+    def slo_attainment(self, *, by_tenant: bool = False) -> dict[tuple[str, ...], float]:
+        """Per class (and tenant, by name, first, with ``by_tenant``), the share of the
+        window's requests whose first token met the class's TTFT target."""
+        return self._attainment(by_tenant, tpot=False)
+
+    def tpot_attainment(self, *, by_tenant: bool = False) -> dict[tuple[str, ...], float]:
+        """As ``slo_attainment``, of the TPOT target (classes that have one; requests with at
+        least two tokens)."""
+        return self._attainment(by_tenant, tpot=True)
+
+    def _attainment(self, by_tenant: bool, *, tpot: bool) -> dict[tuple[str, ...], float]:
+        met: dict[tuple[str, ...], list[int]] = {}
+        for _, tenant, slo_class, ttft_met, tpot_met in self._slo_window:
+            is_met = tpot_met if tpot else ttft_met
+            if is_met is None:
+                continue
+            key = (tenant, slo_class) if by_tenant else (slo_class,)
+            counts = met.setdefault(key, [0, 0])
             counts[0] += is_met
             counts[1] += 1
-        return {name: hits / total for name, (hits, total) in met.items()}
+        return {key: hits / total for key, (hits, total) in met.items()}
 
     def name_of(self, tenant_id: str) -> str:
         return self._names.get(tenant_id, tenant_id)
@@ -265,14 +291,28 @@ class _SchedulerCollector(Collector):
             "gateway.max_loop_lag_s)",
             value=metrics.loop_lag_s(),
         )
-        attainment = GaugeMetricFamily(
-            "fairgate_slo_attainment",
-            f"Share of requests meeting their class's TTFT target, last {metrics.window_s:g} s",
-            labels=["slo_class"],
-        )
-        for slo_class, share in sorted(metrics.slo_attainment().items()):
-            attainment.add_metric([slo_class], share)
-        yield attainment
+        for name, target, attained in (
+            ("fairgate_slo_attainment", "TTFT", metrics.slo_attainment),
+            ("fairgate_tpot_attainment", "TPOT", metrics.tpot_attainment),
+        ):
+            per_class = GaugeMetricFamily(
+                name,
+                f"Share of requests meeting their class's {target} target, "
+                f"last {metrics.window_s:g} s",
+                labels=["slo_class"],
+            )
+            for (slo_class,), share in sorted(attained().items()):
+                per_class.add_metric([slo_class], share)
+            yield per_class
+            per_tenant = GaugeMetricFamily(
+                name.replace("fairgate_", "fairgate_tenant_"),
+                f"Share of the tenant's requests meeting their class's {target} target, "
+                f"last {metrics.window_s:g} s",
+                labels=["tenant", "slo_class"],
+            )
+            for (tenant, slo_class), share in sorted(attained(by_tenant=True).items()):
+                per_tenant.add_metric([tenant, slo_class], share)
+            yield per_tenant
         jain = metrics.jain()
         if jain is not None:
             yield GaugeMetricFamily(

@@ -1,9 +1,12 @@
-"""The scheduler interface, and the first policy behind it: FCFS with least-loaded placement.
+"""The scheduler interface (the policies behind it are ``gateway.policies``), and what every
+policy shares: least-loaded placement (``place``) and the make-room decision (``RoomAsks``).
 
 A policy is pure: it holds the queue (its own state), and on ``schedule`` takes a snapshot of the
-workers and returns decisions: which queued requests go where now. It never awaits, never does
-I/O, never reads the clock (``now`` is passed in), so the same class runs in the gateway (driven
-by ``gateway.dispatch.Dispatcher``) and in a simulator.
+workers and returns decisions: which queued requests go where now (``Placement``), which end
+(``Rejection``), and which decode worker to ask for room (``MakeRoom``). It never awaits, never
+does I/O, never reads the clock (``now`` is passed in); the "do" side of its decisions is
+``gateway.core``, which the gateway (``gateway.dispatch.Dispatcher``) and the simulator
+(``bench.sim``) share.
 
 Placement, shared by every policy (``place``): the prefill worker with the fewest tokens in
 flight that still has room under ``max_inflight_tokens`` (an idle worker always has room, so one
@@ -26,20 +29,25 @@ What is safe to call when: every method runs on the gateway's event loop, one at
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 __all__ = [
+    "ROOM_RETRY_S",
     "Decision",
+    "MakeRoom",
     "Placement",
     "QueuedRequest",
     "Rejection",
+    "RoomAsks",
     "SchedulingPolicy",
     "Shed",
     "TenantState",
+    "TpotGuard",
     "WorkerView",
     "has_prefill_room",
+    "keeps_tpot",
     "outranks",
     "place",
 ]
@@ -67,6 +75,7 @@ class QueuedRequest:
     cache_salt: bytes = b""
     num_output_tokens: int = 0
     rank: int = 0
+    tpot_target_s: float | None = None  # its class's, set by the caller like ``rank``
 
 
 @dataclass(slots=True)
@@ -86,6 +95,24 @@ class WorkerView:
     # request of a higher class is not held back by ``max_inflight_tokens``: the worker runs
     # the most important chunk first, so it goes ahead of everything there (``outranks``).
     max_inflight_rank: int | None = None
+    # prefill: the longest prompt in flight there (0: none). A shorter prompt is not held back
+    # by it (``has_prefill_room``).
+    longest_inflight_tokens: int = 0
+    # decode: requests in flight there by class rank (what ``MakeRoom`` could preempt), and the
+    # rank up to which it may not be asked to make room now (``gateway.core``; -1: any rank).
+    ranks_inflight: dict[int, int] = field(default_factory=dict)
+    room_refused_rank: int = -1
+    # decode: its step time, ``decode_base_s + decode_token_s × num_context_tokens`` (the
+    # tokens its batch holds, with what was placed there since its report); None: unmeasured.
+    decode_base_s: float | None = None
+    decode_token_s: float = 0.0
+    num_context_tokens: int = 0
+
+    def decode_step_s(self, more_tokens: int = 0) -> float | None:
+        """Its decode step time with ``more_tokens`` more in its batch; None: unmeasured."""
+        if self.decode_base_s is None:
+            return None
+        return self.decode_base_s + self.decode_token_s * (self.num_context_tokens + more_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +136,17 @@ class Rejection:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class MakeRoom:
+    """Decision: ask the decode worker ``decode_worker_id`` to preempt requests less important
+    than ``request`` until ``num_tokens`` KV tokens and a batch slot are free for it, and hold
+    them a while (``scheduling.md`` §6). ``request`` stays queued."""
+
+    request: QueuedRequest
+    decode_worker_id: str
+    num_tokens: int
+
+
 class Shed(Exception):
     """Raised by ``enqueue`` for a sheddable request that cannot meet its deadline."""
 
@@ -117,7 +155,7 @@ class Shed(Exception):
         self.reason = reason
 
 
-Decision = Placement | Rejection
+Decision = Placement | Rejection | MakeRoom
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +192,8 @@ class SchedulingPolicy(Protocol):
         decode: Sequence[WorkerView],
         now: float,
     ) -> list[Decision]:
-        """Decisions for now. ``prefill`` empty means colocated decode workers prefill."""
+        """Decisions for now. ``prefill`` empty means colocated decode workers prefill. A
+        ``MakeRoom`` leaves its request queued."""
 
     def on_first_token(self, request: QueuedRequest, num_cached_tokens: int, now: float) -> None:
         """The prefill ended: the worker found ``num_cached_tokens`` of the prompt cached."""
@@ -171,6 +210,10 @@ class SchedulingPolicy(Protocol):
 
     def update_tenant(self, tenant_id: str, weight: float) -> None:
         """The tenant's weight changed (admin API)."""
+
+    def set_block_size(self, block_size: int) -> None:
+        """The workers' KV block size (their ``WorkerInfo``), the prefix index's granularity;
+        known before the first request."""
 
     def queued(self) -> int: ...
 
@@ -191,23 +234,78 @@ def outranks(request: QueuedRequest, worker: WorkerView) -> bool:
 def has_prefill_room(request: QueuedRequest, worker: WorkerView) -> bool:
     """The room rule on a prefill worker: an idle worker always has room (a prompt longer
     than the cap must go somewhere); else the prompt must fit under the in-flight cap, unless
-    it outranks everything in flight there."""
-    return (
-        worker.inflight_tokens == 0
-        or worker.inflight_tokens + request.num_prompt_tokens <= worker.max_inflight_tokens
-        or outranks(request, worker)
-    )
+    it outranks everything in flight there. And the longest prompt in flight does not count
+    against a shorter one (PecSched, ``scheduling.md`` §6): the worker runs the shorter
+    prompt's chunks ahead of a longer one's of the same tenant and class
+    (``engine.preemption.prefill_order``), so holding it here would only make it wait the
+    long prompt's whole prefill. A worker whose in-flight work is one long prompt takes a
+    shorter one as an idle worker would; still at most the cap besides that prompt."""
+    inflight = worker.inflight_tokens
+    num_tokens = request.num_prompt_tokens
+    if inflight == 0 or inflight + num_tokens <= worker.max_inflight_tokens:
+        return True
+    if outranks(request, worker):
+        return True
+    longest = worker.longest_inflight_tokens
+    if 0 < num_tokens < longest:
+        rest = inflight - longest
+        return rest == 0 or rest + num_tokens <= worker.max_inflight_tokens
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class TpotGuard:
+    """The tightest TPOT target among the SLO classes active now (``floor_s``), and the decode
+    step time lower classes may push a worker to (``step_limit_s``: the floor less a margin)."""
+
+    floor_s: float
+    step_limit_s: float
+
+
+def keeps_tpot(request: QueuedRequest, worker: WorkerView, guard: TpotGuard | None) -> bool:
+    """The TPOT guard (``scheduling.md`` §5): a request of a class without a TPOT target, or
+    with a looser one than the tightest among the classes active now, may go to a decode worker
+    only if its predicted step time with the request's prompt added stays within the guard's
+    ``step_limit_s``. Every request on a decode worker decodes in its steps, so a batch request
+    that slows them takes the interactive requests' time per token; held back, it fills only
+    what they leave. A worker whose speed is unmeasured, or that holds nothing, takes it; so
+    does every worker a request of the tightest class itself (it is routed to the lightest)."""
+    if guard is None or (
+        request.tpot_target_s is not None and request.tpot_target_s <= guard.floor_s
+    ):
+        return True
+    if worker.num_context_tokens == 0:
+        return True
+    step_s = worker.decode_step_s(request.num_prompt_tokens)
+    return step_s is None or step_s <= guard.step_limit_s
 
 
 def place(
-    request: QueuedRequest, prefill: Sequence[WorkerView], decode: Sequence[WorkerView]
+    request: QueuedRequest,
+    prefill: Sequence[WorkerView],
+    decode: Sequence[WorkerView],
+    *,
+    tpot_guard: TpotGuard | None = None,
 ) -> Placement | None:
-    """Least-loaded placement, updating the chosen views; None if no pair has room."""
+    """Least-loaded placement, updating the chosen views; None if no pair has room. The decode
+    worker: among those with KV for the prompt that the TPOT guard lets it go to
+    (``keeps_tpot``), the one with the shortest predicted step for a request whose class has a
+    TPOT target (the lightest batch), else the one with the most free KV."""
     needed_kv = request.num_prompt_tokens + 1
-    decode_candidates = [w for w in decode if w.free_kv_tokens >= needed_kv]
+    decode_candidates = [
+        w for w in decode if w.free_kv_tokens >= needed_kv and keeps_tpot(request, w, tpot_guard)
+    ]
     if not decode_candidates:
         return None
-    decode_worker = max(decode_candidates, key=lambda w: w.free_kv_tokens)
+    if request.tpot_target_s is not None and all(
+        w.decode_base_s is not None for w in decode_candidates
+    ):
+        decode_worker = min(
+            decode_candidates,
+            key=lambda w: (w.decode_step_s(request.num_prompt_tokens), -w.free_kv_tokens),
+        )
+    else:
+        decode_worker = max(decode_candidates, key=lambda w: w.free_kv_tokens)
     prefill_worker: WorkerView | None = None
     if prefill:
         prefill_candidates = [w for w in prefill if has_prefill_room(request, w)]
@@ -215,6 +313,9 @@ def place(
             return None
         prefill_worker = min(prefill_candidates, key=lambda w: w.inflight_tokens)
         prefill_worker.inflight_tokens += request.num_prompt_tokens
+        prefill_worker.longest_inflight_tokens = max(
+            prefill_worker.longest_inflight_tokens, request.num_prompt_tokens
+        )
         prefill_worker.max_inflight_rank = max(
             request.rank,
             request.rank
@@ -222,6 +323,7 @@ def place(
             else prefill_worker.max_inflight_rank,
         )
     decode_worker.free_kv_tokens -= needed_kv
+    decode_worker.num_context_tokens += needed_kv
     if decode_worker.free_slots is not None:
         decode_worker.free_slots -= 1
         if decode_worker.free_slots <= 0:
@@ -231,3 +333,46 @@ def place(
         None if prefill_worker is None else prefill_worker.worker_id,
         decode_worker.worker_id,
     )
+
+
+ROOM_RETRY_S = 5.0  # the workers' default room hold: ask again for a request after this long
+
+
+class RoomAsks:
+    """The make-room decision every policy returns (``MakeRoom``): when the most important
+    waiting request fits on no decode worker, and a decode worker runs requests of a lower
+    class, ask that worker (the one with the most lower-class requests) to make room for it.
+    At most one ask per request every ``ROOM_RETRY_S``; workers the views mark as not to be
+    asked for that rank (``WorkerView.room_refused_rank``) are left out."""
+
+    def __init__(self) -> None:
+        self._asked_until: dict[str, float] = {}  # by request id
+
+    def decide(
+        self, top: Iterable[QueuedRequest], decode: Sequence[WorkerView], now: float
+    ) -> MakeRoom | None:
+        """``top``: the waiting requests of the highest class rank queued."""
+        candidates: list[QueuedRequest] = [
+            r for r in top if self._asked_until.get(r.request_id, 0.0) <= now
+        ]
+        if not candidates:
+            return None
+        request = min(candidates, key=lambda r: r.arrival)
+        rank = request.rank
+        needed = request.num_prompt_tokens + 1
+        if any(w.free_kv_tokens >= needed for w in decode):
+            return None  # it fits somewhere: it waits for the prefill side or its turn
+        workers = [
+            w
+            for w in decode
+            if w.room_refused_rank < rank and min(w.ranks_inflight, default=rank) < rank
+        ]
+        if not workers:
+            return None
+        worker = max(workers, key=lambda w: sum(n for r, n in w.ranks_inflight.items() if r < rank))
+        self._asked_until[request.request_id] = now + ROOM_RETRY_S
+        return MakeRoom(request, worker.worker_id, needed)
+
+    def forget(self, request_id: str) -> None:
+        """The request left the queue."""
+        self._asked_until.pop(request_id, None)

@@ -24,13 +24,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import msgspec
 
+from gateway.core import WorkerAccount
 from transfer.client import Connections, DecodeClient, PrefillClient, WorkerClient
 from transfer.errors import FairgateError
 from transfer.messages import PROTOCOL_VERSION, WorkerInfo, WorkerLoad, WorkerRole
@@ -59,36 +59,20 @@ class WorkerStatus(msgspec.Struct, frozen=True):
     last_seen_s_ago: float | None
 
 
-@dataclass(slots=True, eq=False)
-class WorkerHandle:
-    """One worker as the gateway knows it. ``inflight_*`` are the gateway's own accounting:
-    requests placed here whose stage on this worker has not ended (prefill: until the first
-    token; decode: until the last)."""
+@dataclass(slots=True, eq=False, kw_only=True)
+class WorkerHandle(WorkerAccount):
+    """One worker as the gateway knows it: its scheduling account (``gateway.core``: its last
+    reports and the gateway's own count of what it placed and ended there since) and how to
+    reach it."""
 
     url: str
     client: WorkerClient
     state: WorkerState = "unknown"
-    info: WorkerInfo | None = None
-    load: WorkerLoad | None = None
     last_error: str | None = None
     last_seen: float | None = None  # monotonic time of the last answer
-    inflight_requests: int = 0
-    inflight_tokens: int = 0
-    # decode: what changed through the gateway since the last load report (the report does not
-    # count it yet): KV tokens reserved and freed, requests placed and ended; and whether the
-    # worker said "no room" since then.
-    tokens_reserved_since_report: int = 0
-    tokens_freed_since_report: int = 0
-    requests_placed_since_report: int = 0
-    requests_ended_since_report: int = 0
-    is_full: bool = False
-    poll_failures: int = field(default=0)
+    poll_failures: int = 0
     # The number of the next prefix-cache eviction to ask for; None until the first report.
     eviction_seq: int | None = None
-    # Requests whose stage here has not ended, by the rank of their SLO class: on a prefill
-    # worker, what a higher class goes ahead of (``scheduler.outranks``); on a decode worker,
-    # what it could ask the worker to preempt.
-    ranks_inflight: Counter[int] = field(default_factory=Counter)
     # One load poll at a time: a report that lands after a newer one would undo it.
     poll_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -113,30 +97,6 @@ class WorkerHandle:
     def decode_client(self) -> DecodeClient:
         assert isinstance(self.client, DecodeClient)
         return self.client
-
-    def prefill_tok_s(self) -> float | None:
-        """The prompt throughput the worker measured, None until it has."""
-        if self.load is None or self.load.prefill_tok_s <= 0.0:
-            return None
-        return self.load.prefill_tok_s
-
-    def free_slots(self) -> int | None:
-        """Decode: batch slots left, None when the worker does not say how many it has."""
-        if self.load is None or self.info is None or not self.info.max_num_seqs:
-            return None
-        taken = self.load.num_running + self.load.num_reserved
-        taken += self.requests_placed_since_report - self.requests_ended_since_report
-        return min(self.info.max_num_seqs, max(0, self.info.max_num_seqs - taken))
-
-    def free_kv_tokens(self) -> int:
-        """Decode: KV token slots free now, as best the gateway can tell; 0 when its batch
-        slots are all taken (``max_num_seqs``: a reservation needs one as much as it needs
-        blocks)."""
-        if self.is_full or self.load is None or self.info is None or self.free_slots() == 0:
-            return 0
-        free = self.load.num_free_blocks * self.info.block_size
-        free += self.tokens_freed_since_report - self.tokens_reserved_since_report
-        return min(free, self.info.num_total_blocks * self.info.block_size)
 
     def status(self, now: float) -> WorkerStatus:
         return WorkerStatus(
@@ -175,9 +135,18 @@ class WorkerRegistry:
         # One pool for every worker call: connections are reused across requests.
         self._connections = pool = Connections()
         self.handles: list[WorkerHandle] = [
-            *(WorkerHandle(url, PrefillClient(url, connections=pool)) for url in prefill_urls),
-            *(WorkerHandle(url, DecodeClient(url, connections=pool)) for url in decode_urls),
-            *(WorkerHandle(url, DecodeClient(url, connections=pool)) for url in colocated_urls),
+            *(
+                WorkerHandle(url=url, client=PrefillClient(url, connections=pool))
+                for url in prefill_urls
+            ),
+            *(
+                WorkerHandle(url=url, client=DecodeClient(url, connections=pool))
+                for url in decode_urls
+            ),
+            *(
+                WorkerHandle(url=url, client=DecodeClient(url, connections=pool))
+                for url in colocated_urls
+            ),
         ]
         self._expected_roles: dict[str, WorkerRole] = {
             **dict.fromkeys(prefill_urls, "prefill"),
@@ -314,10 +283,7 @@ class WorkerRegistry:
             return
         handle.poll_failures = 0
         handle.last_seen = time.monotonic()
-        handle.load = load
-        handle.tokens_reserved_since_report = handle.tokens_freed_since_report = 0
-        handle.requests_placed_since_report = handle.requests_ended_since_report = 0
-        handle.is_full = False
+        handle.reported(load)
         self._note_evictions(handle, load)
         if load.ready:
             if handle.state != "ready":
@@ -351,4 +317,10 @@ class WorkerRegistry:
             return None
         if info.model_id != self.reference.model_id:
             return f"serves {info.model_id!r}, the other workers {self.reference.model_id!r}"
+        if info.block_size != self.reference.block_size:
+            # The prefix index is kept in one block size (``SchedulingPolicy.set_block_size``).
+            return (
+                f"uses KV blocks of {info.block_size} tokens, the other workers "
+                f"{self.reference.block_size}"
+            )
         return None

@@ -305,6 +305,10 @@ class WorkerLoad(msgspec.Struct, frozen=True):
     num_pending_transfers: int = 0  # prefill: handed-off requests whose KV is still being sent
     num_preemptions: int = 0
     prefill_tok_s: float = 0.0  # measured prompt throughput; 0 until measured
+    # decode: a pure decode step takes about decode_base_s + decode_token_s × the tokens its
+    # batch holds (``engine.engine_thread.DecodeSpeed``); both 0 until measured.
+    decode_base_s: float = 0.0
+    decode_token_s: float = 0.0
     # Prefix-cache evictions numbered from ``?evictions_since=N`` up to ``eviction_seq`` (the next
     # number, always given); ``evictions_missed``: some before them were dropped (or the worker
     # restarted), so the caller's view of this cache is stale. Empty when the query does not ask.

@@ -43,9 +43,11 @@ Torch-free.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
 
-from gateway.policies.base import PolicySettings
+from gateway.config import DEFAULT_SLO_CLASSES, SchedulerSection, SloClass
+from gateway.policies.base import DEFAULT_BLOCK_SIZE, FairPolicy
 from gateway.policies.d2lpm import D2lpmPolicy
 from gateway.policies.dlpm import DlpmPolicy
 from gateway.policies.fcfs import FcfsPolicy
@@ -58,7 +60,6 @@ __all__ = [
     "D2lpmPolicy",
     "DlpmPolicy",
     "FcfsPolicy",
-    "PolicySettings",
     "RrLpmPolicy",
     "VtcPolicy",
     "make_policy",
@@ -66,7 +67,7 @@ __all__ = [
 
 POLICY_NAMES = ("fcfs", "vtc", "dlpm", "d2lpm", "rr_lpm")
 
-_FAIR_POLICIES: dict[str, Callable[[PolicySettings], SchedulingPolicy]] = {
+_FAIR_POLICIES: dict[str, type[FairPolicy[Any, Any]]] = {
     "vtc": VtcPolicy,
     "dlpm": DlpmPolicy,
     "d2lpm": D2lpmPolicy,
@@ -74,12 +75,20 @@ _FAIR_POLICIES: dict[str, Callable[[PolicySettings], SchedulingPolicy]] = {
 }
 
 
-def make_policy(name: str, settings: PolicySettings | None = None) -> SchedulingPolicy:
-    """The policy called ``name`` (one of ``POLICY_NAMES``)."""
-    settings = settings or PolicySettings()
+def make_policy(
+    name: str,
+    settings: SchedulerSection | None = None,
+    slo_classes: Sequence[SloClass] = DEFAULT_SLO_CLASSES,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> SchedulingPolicy:
+    """The policy called ``name`` (one of ``POLICY_NAMES``), configured by the ``[scheduler]``
+    section and the SLO classes; ``block_size``: the workers' KV block size, until the policy's
+    ``set_block_size`` says theirs."""
+    settings = settings or SchedulerSection()
     if name == "fcfs":
-        return FcfsPolicy()
+        return FcfsPolicy(make_room=settings.make_room_for_higher_classes)
     factory = _FAIR_POLICIES.get(name)
     if factory is None:
         raise ValueError(f"unknown scheduling policy {name!r}; known: {', '.join(POLICY_NAMES)}")
-    return factory(settings)
+    return factory(settings, slo_classes, block_size=block_size)

@@ -11,53 +11,25 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar, cast
 
-from gateway.config import DEFAULT_SLO_CLASSES, SloClass
+from gateway.config import DEFAULT_SLO_CLASSES, SchedulerSection, SloClass
 from gateway.scheduler import (
     Decision,
     Placement,
     QueuedRequest,
     Rejection,
+    RoomAsks,
     Shed,
     TenantState,
+    TpotGuard,
     WorkerView,
     has_prefill_room,
 )
 
 MIN_WEIGHT = 1e-6  # a weight of 0 would make every charge infinite
-
-
-@dataclass(frozen=True, slots=True)
-class PolicySettings:
-    """Everything a policy is configured with (``[scheduler]`` and ``[[slo_classes]]``)."""
-
-    slo_classes: Sequence[SloClass] = field(default_factory=lambda: list(DEFAULT_SLO_CLASSES))
-    w_in: float = 1.0  # cost of a computed prompt token (§1)
-    w_out: float = 2.0  # cost of a generated token
-    quantum_tokens: float = 4096.0  # DLPM's Q_u (§3)
-    worker_quantum_tokens: float = 8192.0  # D²LPM's Q_w (§4)
-    block_size: int = 16  # the workers' KV block size: the prefix index's granularity
-    prefix_index_blocks: int = 1 << 16  # per prefill worker, LRU-bounded
-    hot_spot_ratio: float = 1.5  # route by load alone above this ratio to the least loaded…
-    hot_spot_margin_tokens: int = 2048  # …and this many tokens more
-    default_prefill_tok_s: float = 5000.0  # until a worker's throughput is measured
-    forget_idle_after_s: float = 600.0  # drop the state of a tenant idle this long (if safe)
-    # Service a tenant may take ahead of its fair turn while the request whose turn it is cannot
-    # be placed yet (module docstring); inf: fully work-conserving within a class.
-    max_borrow_tokens: float = 4096.0
-
-    def __post_init__(self) -> None:
-        if not self.slo_classes:
-            raise ValueError("at least one SLO class is needed")
-        for name in ("quantum_tokens", "worker_quantum_tokens", "default_prefill_tok_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.block_size < 1 or self.prefix_index_blocks < 1:
-            raise ValueError("block_size and prefix_index_blocks must be at least 1")
-        if not self.max_borrow_tokens >= 0:
-            raise ValueError(f"max_borrow_tokens must be >= 0, got {self.max_borrow_tokens}")
+DEFAULT_BLOCK_SIZE = 16  # the engine's default
 
 
 # ---- state shared by every fair policy ---------------------------------------------------------
@@ -146,6 +118,7 @@ class Pass:
         "now",
         "prefill",
         "top_rank",
+        "tpot_guard",
     )
 
     def __init__(
@@ -154,10 +127,12 @@ class Pass:
         decode: Sequence[WorkerView],
         now: float,
         top_rank: int = 0,
+        tpot_guard: TpotGuard | None = None,
     ):
         """``top_rank``: the highest class rank queued."""
         self.prefill = prefill
         self.decode = decode
+        self.tpot_guard = tpot_guard
         self.locality = prefill or decode  # whose caches a prompt can hit
         self.now = now
         self.top_rank = top_rank
@@ -217,12 +192,16 @@ def has_room(worker: WorkerView, request: QueuedRequest, is_colocated: bool) -> 
 def has_room_for_any(worker: WorkerView, *, is_colocated: bool, top_rank: int) -> bool:
     """Whether the shortest possible prompt (one token) of the highest class queued
     (``top_rank``) could go to ``worker``: KV for it and its first token on a decode worker
-    (colocated or not), room under the cap on a prefill worker, or only lower classes in
-    flight there."""
+    (colocated or not), room under the cap on a prefill worker (beside its longest prompt in
+    flight, ``has_prefill_room``), or only lower classes in flight there."""
     if is_colocated:
         return worker.free_kv_tokens >= 2
-    return worker.inflight_tokens < max(worker.max_inflight_tokens, 1) or (
-        worker.max_inflight_rank is not None and worker.max_inflight_rank < top_rank
+    cap = max(worker.max_inflight_tokens, 1)
+    beside_longest = worker.inflight_tokens - worker.longest_inflight_tokens
+    return (
+        worker.inflight_tokens < cap
+        or (worker.longest_inflight_tokens > 1 and beside_longest < cap)
+        or (worker.max_inflight_rank is not None and worker.max_inflight_rank < top_rank)
     )
 
 
@@ -248,9 +227,21 @@ class FairPolicy(Generic[LaneT, EntryT]):
 
     name: str
 
-    def __init__(self, settings: PolicySettings) -> None:
-        self.settings = settings
-        ranked = sorted(settings.slo_classes, key=lambda c: -c.rank)
+    def __init__(
+        self,
+        settings: SchedulerSection | None = None,
+        slo_classes: Sequence[SloClass] = DEFAULT_SLO_CLASSES,
+        *,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ) -> None:
+        """``block_size``: the workers' KV block size until ``set_block_size`` says theirs."""
+        if not slo_classes:
+            raise ValueError("at least one SLO class is needed")
+        self.settings = settings = settings or SchedulerSection()
+        self.block_size = block_size
+        self._room = RoomAsks()
+        self._tpot_active_until: dict[str, float] = {}  # by class name
+        ranked = sorted(slo_classes, key=lambda c: -c.rank)
         self._lanes: dict[str, LaneT] = {}
         for slo in ranked:
             self._lanes.setdefault(slo.name, self._new_lane(slo))  # highest rank first
@@ -322,7 +313,7 @@ class FairPolicy(Generic[LaneT, EntryT]):
     ) -> list[Decision]:
         self._now = max(self._now, now)
         top_rank = max((lane.slo.rank for lane in self._lanes.values() if lane.queues), default=0)
-        run = Pass(prefill, decode, now, top_rank)
+        run = Pass(prefill, decode, now, top_rank, self._tpot_guard(now))
         self._throughput = Throughput.of(run.locality, self.settings.default_prefill_tok_s)
         if self._entries:
             self._reject_hopeless(run)
@@ -335,6 +326,7 @@ class FairPolicy(Generic[LaneT, EntryT]):
                     self._serve(lane, run)
                     if lane.queues and self._flights:
                         break  # a waiting request keeps the room from lower classes
+            self._ask_for_room(run)
         self._forget_idle(now)
         return run.decisions
 
@@ -372,6 +364,9 @@ class FairPolicy(Generic[LaneT, EntryT]):
 
     def update_tenant(self, tenant_id: str, weight: float) -> None:
         self._weights[tenant_id] = weight
+
+    def set_block_size(self, block_size: int) -> None:
+        self.block_size = block_size
 
     def queued(self) -> int:
         return len(self._entries)
@@ -480,6 +475,7 @@ class FairPolicy(Generic[LaneT, EntryT]):
         tenant_id = request.tenant_id
         queue = lane.queues[tenant_id]
         del queue[request.request_id]
+        self._room.forget(request.request_id)
         if not queue:
             del lane.queues[tenant_id]
             self._left(lane, tenant_id)
@@ -604,6 +600,39 @@ class FairPolicy(Generic[LaneT, EntryT]):
                 return
             if run.fits(entry):
                 self._dispatch(entry, run)
+
+    def _ask_for_room(self, run: Pass) -> None:
+        """The make-room decision (``RoomAsks``), for the highest class still queued."""
+        if not self.settings.make_room_for_higher_classes:
+            return
+        lane = next((lane for lane in self._lanes.values() if lane.queues), None)
+        if lane is None:
+            return
+        top = (entry.request for queue in lane.queues.values() for entry in queue.values())
+        decision = self._room.decide(top, run.decode, run.now)
+        if decision is not None:
+            run.add(decision)
+
+    def _tpot_guard(self, now: float) -> TpotGuard | None:
+        """The guard for this pass (``keeps_tpot``): the tightest TPOT target among the classes
+        with requests queued or in flight now or within ``tpot_guard_hold_s`` (so a class
+        between two requests keeps its room rather than find the decode batch full of lower
+        classes when the next one comes)."""
+        hold_s = self.settings.tpot_guard_hold_s
+        floor_s: float | None = None
+        for lane in self._lanes.values():
+            target = lane.slo.tpot_target_s
+            if target is None:
+                continue
+            if lane.queues or lane.inflight:
+                self._tpot_active_until[lane.slo.name] = now + hold_s
+            if self._tpot_active_until.get(lane.slo.name, -math.inf) > now or (
+                lane.queues or lane.inflight
+            ):
+                floor_s = target if floor_s is None else min(floor_s, target)
+        if floor_s is None:
+            return None
+        return TpotGuard(floor_s, floor_s * self.settings.tpot_headroom)
 
     # ---- bounded state ---------------------------------------------------------------------
 

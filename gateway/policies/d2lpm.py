@@ -5,8 +5,10 @@ placement. Torch-free.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
-from gateway.policies.base import Entry, Flight, Pass, PolicySettings
+from gateway.config import DEFAULT_SLO_CLASSES, SchedulerSection, SloClass
+from gateway.policies.base import DEFAULT_BLOCK_SIZE, Entry, Flight, Pass
 from gateway.policies.dlpm import DlpmEntry, DlpmPolicy
 from gateway.scheduler import WorkerView
 
@@ -32,8 +34,14 @@ class D2lpmPolicy(DlpmPolicy):
 
     name = "d2lpm"
 
-    def __init__(self, settings: PolicySettings) -> None:
-        super().__init__(settings)
+    def __init__(
+        self,
+        settings: SchedulerSection | None = None,
+        slo_classes: Sequence[SloClass] = DEFAULT_SLO_CLASSES,
+        *,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ) -> None:
+        super().__init__(settings, slo_classes, block_size=block_size)
         self._route: dict[str, dict[str, float]] = {}  # tenant -> worker -> q[u][w]
 
     def _gate_key(self, worker_id: str) -> str:

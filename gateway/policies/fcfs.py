@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 
-from gateway.scheduler import Decision, QueuedRequest, TenantState, WorkerView, place
+from gateway.scheduler import Decision, QueuedRequest, RoomAsks, TenantState, WorkerView, place
 
 __all__ = ["FcfsPolicy"]
 
@@ -17,9 +17,12 @@ class FcfsPolicy:
 
     name = "fcfs"
 
-    def __init__(self) -> None:
+    def __init__(self, *, make_room: bool = True) -> None:
+        """``make_room``: return ``MakeRoom`` decisions (``RoomAsks``)."""
         self._queue: deque[QueuedRequest] = deque()
         self._demoted: deque[QueuedRequest] = deque()
+        self._make_room = make_room
+        self._room = RoomAsks()
 
     def enqueue(self, request: QueuedRequest, now: float) -> None:
         (self._demoted if request.demoted else self._queue).append(request)
@@ -32,6 +35,7 @@ class FcfsPolicy:
             for request in queue:
                 if request.request_id == request_id:
                     queue.remove(request)
+                    self._room.forget(request_id)
                     return request
         return None
 
@@ -41,15 +45,23 @@ class FcfsPolicy:
         decode: Sequence[WorkerView],
         now: float,
     ) -> list[Decision]:
-        placements: list[Decision] = []
+        decisions: list[Decision] = []
         for queue in (self._queue, self._demoted):
             while queue:
                 placement = place(queue[0], prefill, decode)
                 if placement is None:
-                    return placements
-                queue.popleft()
-                placements.append(placement)
-        return placements
+                    break
+                self._room.forget(queue.popleft().request_id)
+                decisions.append(placement)
+            if queue:
+                break
+        waiting = [*self._queue, *self._demoted]
+        if waiting and self._make_room:
+            top_rank = max(r.rank for r in waiting)
+            room = self._room.decide((r for r in waiting if r.rank == top_rank), decode, now)
+            if room is not None:
+                decisions.append(room)
+        return decisions
 
     def on_first_token(self, request: QueuedRequest, num_cached_tokens: int, now: float) -> None:
         pass
@@ -64,6 +76,9 @@ class FcfsPolicy:
         pass
 
     def update_tenant(self, tenant_id: str, weight: float) -> None:
+        pass
+
+    def set_block_size(self, block_size: int) -> None:
         pass
 
     def queued(self) -> int:

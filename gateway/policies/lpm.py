@@ -11,7 +11,16 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar, cast
 
 from engine.block_manager import block_hashes
-from gateway.policies.base import Entry, FairPolicy, Flight, LaneT, Pass, PolicySettings, has_room
+from gateway.config import DEFAULT_SLO_CLASSES, SchedulerSection, SloClass
+from gateway.policies.base import (
+    DEFAULT_BLOCK_SIZE,
+    Entry,
+    FairPolicy,
+    Flight,
+    LaneT,
+    Pass,
+    has_room,
+)
 from gateway.prefix_index import PrefixIndex, PrefixPath
 from gateway.scheduler import Placement, WorkerView, place
 
@@ -42,10 +51,16 @@ class IndexedPolicy(FairPolicy[LaneT, IndexedEntryT]):
     # must then report changes at each worker (``PrefixIndex``'s ``report_each_worker``).
     _orders_by_one_worker = False
 
-    def __init__(self, settings: PolicySettings) -> None:
-        super().__init__(settings)
+    def __init__(
+        self,
+        settings: SchedulerSection | None = None,
+        slo_classes: Sequence[SloClass] = DEFAULT_SLO_CLASSES,
+        *,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ) -> None:
+        super().__init__(settings, slo_classes, block_size=block_size)
         self._index = PrefixIndex(
-            settings.prefix_index_blocks, report_each_worker=self._orders_by_one_worker
+            self.settings.prefix_index_blocks, report_each_worker=self._orders_by_one_worker
         )
         # Every queued prompt is tracked in the index (``PrefixIndex.track``), which says whose
         # longest match may have changed; ``lpm_order`` is kept up to date from that
@@ -55,12 +70,25 @@ class IndexedPolicy(FairPolicy[LaneT, IndexedEntryT]):
         self._worker_ids: frozenset[str] = frozenset()
         self._is_index_local = True
 
+    def set_block_size(self, block_size: int) -> None:
+        """The prefix index is kept in blocks of this size: it may change only while the
+        index is empty (before the first request; the registry keeps workers of another
+        block size out)."""
+        if block_size == self.block_size:
+            return
+        if self._entries or self._flights or self._index.worker_ids():
+            raise ValueError(
+                f"the workers' KV block size changed from {self.block_size} to {block_size} "
+                "with prompts indexed"
+            )
+        self.block_size = block_size
+
     def on_evicted(self, worker_id: str, block_hashes: Sequence[bytes]) -> None:
         self._index.evict(worker_id, block_hashes)
 
     def _queued_entry(self, entry: IndexedEntryT) -> None:
         request = entry.request
-        block_size = self.settings.block_size
+        block_size = self.block_size
         if entry.hashes is None:
             entry.hashes = block_hashes(request.prompt_token_ids, block_size, request.cache_salt)
         # An engine recomputes the last block of a fully cached prompt (``PrefixMatcher``).
@@ -82,12 +110,12 @@ class IndexedPolicy(FairPolicy[LaneT, IndexedEntryT]):
 
     def _cached_tokens(self, entry: IndexedEntryT, worker_id: str) -> int:
         assert entry.path is not None  # queued
-        return entry.path.num_blocks_at(worker_id) * self.settings.block_size
+        return entry.path.num_blocks_at(worker_id) * self.block_size
 
     def _longest(self, entry: IndexedEntryT) -> int:
         assert entry.path is not None
         if self._is_index_local:
-            return entry.path.longest() * self.settings.block_size
+            return entry.path.longest() * self.block_size
         return max((self._cached_tokens(entry, w) for w in self._worker_ids), default=0)
 
     def _refresh_orders(self, run: Pass) -> None:
@@ -140,9 +168,9 @@ class IndexedPolicy(FairPolicy[LaneT, IndexedEntryT]):
         request = entry.request
         num_cached = self._cached_tokens(entry, worker.worker_id)
         if run.prefill:
-            placement = place(request, [worker], run.decode)
+            placement = place(request, [worker], run.decode, tpot_guard=run.tpot_guard)
         else:
-            placement = place(request, [], [worker])
+            placement = place(request, [], [worker], tpot_guard=run.tpot_guard)
         if placement is None:  # no decode worker has KV room for it
             run.failed(entry)
             return False

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
-from gateway.config import SloClass
-from gateway.policies.base import Lane, Pass, PolicySettings, has_room, has_room_for_any
+from gateway.config import DEFAULT_SLO_CLASSES, SchedulerSection, SloClass
+from gateway.policies.base import DEFAULT_BLOCK_SIZE, Lane, Pass, has_room, has_room_for_any
 from gateway.policies.lpm import IndexedEntry, IndexedPolicy, LpmQueue
 from gateway.scheduler import Decision, QueuedRequest, WorkerView
 
@@ -60,8 +60,14 @@ class RrLpmPolicy(IndexedPolicy[_RrLpmLane, _RoutedEntry]):
     name = "rr_lpm"
     _orders_by_one_worker = True
 
-    def __init__(self, settings: PolicySettings) -> None:
-        super().__init__(settings)
+    def __init__(
+        self,
+        settings: SchedulerSection | None = None,
+        slo_classes: Sequence[SloClass] = DEFAULT_SLO_CLASSES,
+        *,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ) -> None:
+        super().__init__(settings, slo_classes, block_size=block_size)
         self._unrouted: list[_RoutedEntry] = []  # queued since the last pass, in arrival order
         self._num_routed = 0  # the round-robin cursor
         self._num_served = 0  # which worker's queue a pass serves first, round-robin too

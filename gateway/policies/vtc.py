@@ -77,7 +77,7 @@ class VtcPolicy(FairPolicy[_VtcLane, Entry]):
                 heapq.heappush(heap, (lane.counters[tenant_id], head.request.arrival, tenant_id))
 
     def _dispatch(self, entry: Entry, run: Pass) -> bool:
-        placement = place(entry.request, run.prefill, run.decode)
+        placement = place(entry.request, run.prefill, run.decode, tpot_guard=run.tpot_guard)
         if placement is None:
             run.failed(entry)
             return False

@@ -10,7 +10,7 @@ import pytest
 
 from engine.block_manager import block_hashes
 from engine.engine import EngineConfig, LLMEngine
-from engine.engine_thread import EngineThread, EvictionLog
+from engine.engine_thread import DecodeSpeed, EngineThread, EvictionLog
 from engine.null_engine import NullEngineConfig, create_null_engine
 from engine.sequence import SamplingParams, StepOutput
 from transfer.errors import EngineFailed, FairgateError, RequestFailed, RequestTimeout
@@ -222,3 +222,27 @@ def test_the_measured_speed_caps_later_steps(
         assert thread.load.prefill_tok_s == pytest.approx(1000.0)
     finally:
         thread.stop()
+
+
+def test_decode_speed_fits_base_and_per_token_time() -> None:
+    """A pure decode step's time as a line in the tokens its batch holds: the gateway predicts
+    what more requests do to a decode worker's time per token from it."""
+    speed = DecodeSpeed()
+    assert speed.line() is None
+    for _ in range(200):
+        for context in (1000, 3000, 5000):
+            speed.note(context, 0.02 + 1e-5 * context)
+    line = speed.line()
+    assert line is not None
+    base_s, token_s = line
+    assert base_s == pytest.approx(0.02, rel=0.05)
+    assert token_s == pytest.approx(1e-5, rel=0.05)
+
+
+def test_decode_speed_without_spread_charges_everything_to_the_context() -> None:
+    """One batch size only: no slope to fit, so the whole step counts per token (an
+    overestimate of what more costs: the gateway errs towards keeping TPOT)."""
+    speed = DecodeSpeed()
+    for _ in range(50):
+        speed.note(2000, 0.04)
+    assert speed.line() == pytest.approx((0.0, 0.04 / 2000))

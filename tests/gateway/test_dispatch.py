@@ -701,12 +701,7 @@ async def test_no_room_is_asked_when_the_request_fits_or_the_option_is_off(
     await asyncio.gather(waiting, return_exceptions=True)
 
     make_ready(decode, "decode", num_free_blocks=10)
-    off = Dispatcher(
-        FcfsPolicy(),
-        registry,
-        max_prefill_inflight_tokens=10_000,
-        make_room_for_higher_classes=False,
-    )
+    off = Dispatcher(FcfsPolicy(make_room=False), registry, max_prefill_inflight_tokens=10_000)
     waiting = asyncio.create_task(off.submit(ranked("interactive-2", 3, num_prompt_tokens=150)))
     await settle()
     assert not waiting.done() and make_room.calls == []

@@ -18,7 +18,8 @@ from gateway.dispatch import Dispatcher
 from gateway.errors import ShuttingDown
 from gateway.generation import Finished, Generation
 from gateway.metrics import GatewayMetrics
-from gateway.scheduler import FcfsPolicy, QueuedRequest, TenantState
+from gateway.policies import FcfsPolicy
+from gateway.scheduler import QueuedRequest, TenantState
 from gateway.workers import WorkerRegistry
 from tests.gateway.test_dispatch import DECODE_URL, PREFILL_URL, make_ready
 from transfer.errors import EngineFailed, WorkerUnreachable

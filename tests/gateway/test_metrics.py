@@ -69,6 +69,26 @@ def test_a_finished_request_moves_its_tenant_and_class_series() -> None:
     # interactive's target is 2 s: one of two met
     assert got[("fairgate_slo_requests_total", (("met", "true"), *labels))] == 1
     assert got[("fairgate_slo_attainment", (("slo_class", "interactive"),))] == 0.5
+    assert got[("fairgate_tenant_slo_attainment", labels)] == 0.5
+    # TPOT, 0.1 s against 0.25 s: both met
+    assert got[("fairgate_tpot_requests_total", (("met", "true"), *labels))] == 2
+    assert got[("fairgate_tpot_attainment", (("slo_class", "interactive"),))] == 1.0
+
+
+def test_tpot_attainment_per_class_and_tenant() -> None:
+    metrics = GatewayMetrics(DEFAULT_SLO_CLASSES, lambda: [], clock=Clock())
+    metrics.finished(record("acme", "interactive", e2e_s=0.5 + 10 * 0.3))  # 0.3 s a token
+    metrics.finished(record("acme", "interactive"))  # 0.1 s a token
+    metrics.finished(record("globex", "interactive", e2e_s=0.5 + 10 * 0.2))
+    metrics.finished(record("globex", "interactive", completion_tokens=1))  # no TPOT verdict
+    metrics.finished(record("globex", "standard"))  # no TPOT target
+    got = samples(metrics)
+    interactive = ("slo_class", "interactive")
+    assert got[("fairgate_tpot_attainment", (interactive,))] == pytest.approx(2 / 3)
+    assert got[("fairgate_tenant_tpot_attainment", (interactive, ("tenant", "acme")))] == 0.5
+    assert got[("fairgate_tenant_tpot_attainment", (interactive, ("tenant", "globex")))] == 1.0
+    assert ("fairgate_tpot_attainment", (("slo_class", "standard"),)) not in got
+    assert got[("fairgate_tenant_slo_attainment", (interactive, ("tenant", "globex")))] == 1.0
 
 
 def test_rejections_count_refusals_and_requests_never_placed() -> None:

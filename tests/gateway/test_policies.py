@@ -7,16 +7,16 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
-from gateway.config import SloClass
+from gateway.config import DEFAULT_SLO_CLASSES, SchedulerSection, SloClass
 from gateway.policies import (
     POLICY_NAMES,
     D2lpmPolicy,
     DlpmPolicy,
     FcfsPolicy,
-    PolicySettings,
     RrLpmPolicy,
     VtcPolicy,
     make_policy,
@@ -31,6 +31,18 @@ from gateway.scheduler import (
     TenantState,
     WorkerView,
 )
+
+
+def _settings(
+    slo_classes: Sequence[SloClass] = DEFAULT_SLO_CLASSES, block_size: int = 16, **section: Any
+) -> dict[str, Any]:
+    """A policy's constructor arguments: the ``[scheduler]`` section with ``section`` set."""
+    return {
+        "settings": SchedulerSection(**section),
+        "slo_classes": slo_classes,
+        "block_size": block_size,
+    }
+
 
 ONE_CLASS = [SloClass("standard", rank=1, ttft_target_s=1e9)]
 FAIR_POLICIES = ("vtc", "dlpm", "d2lpm")
@@ -82,11 +94,9 @@ def _tenant(policy: SchedulingPolicy, tenant_id: str) -> TenantState:
 
 
 def _one_at_a_time(policy: SchedulingPolicy, now: float = 0.0) -> list[str]:
-    """One schedule with room for exactly one request (any prompt fits an idle worker, and
-    no class outranks what the worker is said to hold)."""
-    worker = _prefill(cap=1)
-    worker.max_inflight_rank = 99
-    return _placed(policy.schedule([worker], [_decode()], now))
+    """One schedule with room for exactly one request: one decode batch slot."""
+    decode = WorkerView("d0", free_kv_tokens=10**9, free_slots=1)
+    return _placed(policy.schedule([_prefill()], [decode], now))
 
 
 # ---- a crude backend ---------------------------------------------------------------------------
@@ -221,7 +231,7 @@ def test_make_policy_builds_each_policy_and_names_the_known_ones_otherwise() -> 
         "rr_lpm": RrLpmPolicy,
     }
     for name in POLICY_NAMES:
-        policy = make_policy(name, PolicySettings())
+        policy = make_policy(name, **_settings())
         assert isinstance(policy, kinds[name]) and policy.name == name
     with pytest.raises(ValueError, match="known: fcfs, vtc, dlpm, d2lpm, rr_lpm"):
         make_policy("lottery")
@@ -231,7 +241,7 @@ def test_make_policy_builds_each_policy_and_names_the_known_ones_otherwise() -> 
 
 
 def test_vtc_serves_the_tenant_with_the_least_counter() -> None:
-    policy = VtcPolicy(PolicySettings(slo_classes=ONE_CLASS))
+    policy = VtcPolicy(**_settings(slo_classes=ONE_CLASS))
     policy.enqueue(_request("a", 500, request_id="a1"), 0.0)
     policy.enqueue(_request("a", 500, request_id="a2"), 0.0)
     policy.enqueue(_request("b", 100, request_id="b1"), 0.0)
@@ -242,7 +252,7 @@ def test_vtc_serves_the_tenant_with_the_least_counter() -> None:
 
 
 def test_vtc_lifts_a_joining_tenant_to_the_least_backlogged_counter() -> None:
-    policy = VtcPolicy(PolicySettings(slo_classes=ONE_CLASS))
+    policy = VtcPolicy(**_settings(slo_classes=ONE_CLASS))
     for _ in range(3):
         policy.enqueue(_request("a", 100), 0.0)
     for _ in range(2):
@@ -253,7 +263,7 @@ def test_vtc_lifts_a_joining_tenant_to_the_least_backlogged_counter() -> None:
 
 
 def test_vtc_lifts_to_the_last_leaver_when_every_queue_is_empty() -> None:
-    policy = VtcPolicy(PolicySettings(slo_classes=ONE_CLASS))
+    policy = VtcPolicy(**_settings(slo_classes=ONE_CLASS))
     a1 = _request("a", 300, request_id="a1")
     c1 = _request("c", 50, request_id="c1")
     policy.enqueue(a1, 0.0)
@@ -267,7 +277,7 @@ def test_vtc_lifts_to_the_last_leaver_when_every_queue_is_empty() -> None:
 
 
 def test_vtc_a_returning_tenant_keeps_a_counter_above_the_lift() -> None:
-    policy = VtcPolicy(PolicySettings(slo_classes=ONE_CLASS))
+    policy = VtcPolicy(**_settings(slo_classes=ONE_CLASS))
     policy.enqueue(_request("a", 1000), 0.0)
     assert len(_one_at_a_time(policy)) == 1
     policy.enqueue(_request("b", 10), 1.0)  # all queues empty: b lifted to a's 1000
@@ -279,14 +289,14 @@ def test_vtc_a_returning_tenant_keeps_a_counter_above_the_lift() -> None:
 def test_two_backlogged_tenants_stay_within_the_bound_where_fcfs_does_not(name: str) -> None:
     # a's requests cost 4x b's: FCFS serves requests alike, so a's service runs away.
     prompt_tokens, output_tokens = {"a": 200, "b": 50}, {"a": 100, "b": 25}
-    settings = PolicySettings(slo_classes=ONE_CLASS, quantum_tokens=4096)
+    settings = _settings(slo_classes=ONE_CLASS, quantum_tokens=4096)
     decode_kv_tokens = 1200
     u = 1.0 * 200 + 2.0 * decode_kv_tokens  # U = w_in L_input + w_out M
     # VTC: 2U (§2); DLPM: 2 (U + Q_u) (§3); D²LPM with one worker is DLPM.
-    bound = 2 * u if name == "vtc" else 2 * (u + settings.quantum_tokens)
+    bound = 2 * u if name == "vtc" else 2 * (u + settings["settings"].quantum_tokens)
     gaps = {}
     for policy_name in (name, "fcfs"):
-        policy = make_policy(policy_name, settings)
+        policy = make_policy(policy_name, **settings)
         # Queues deeper than a quantum's worth: a tenant whose queue empties leaves the
         # backlog, and DLPM rightly resets its deficit when it returns.
         backend = _Backend(
@@ -312,9 +322,9 @@ def test_passing_a_request_that_does_not_fit_is_bounded_or_small_requests_take_e
     gaps = {}
     # DLPM's deficits alone already stop b once its credit is spent: only VTC without a limit.
     for max_borrow_tokens in (4096.0, float("inf")) if name == "vtc" else (4096.0,):
-        settings = PolicySettings(slo_classes=ONE_CLASS, max_borrow_tokens=max_borrow_tokens)
+        settings = _settings(slo_classes=ONE_CLASS, max_borrow_tokens=max_borrow_tokens)
         backend = _Backend(
-            make_policy(name, settings),
+            make_policy(name, **settings),
             {"a": 1.0, "b": 1.0},
             num_prefill=2,
             prefill_tokens_per_step=64,
@@ -336,7 +346,7 @@ def test_passing_a_request_that_does_not_fit_is_bounded_or_small_requests_take_e
 def test_vtc_lets_others_pass_a_head_that_does_not_fit_up_to_the_borrow_limit(
     max_borrow_tokens: float,
 ) -> None:
-    policy = VtcPolicy(PolicySettings(slo_classes=ONE_CLASS, max_borrow_tokens=max_borrow_tokens))
+    policy = VtcPolicy(**_settings(slo_classes=ONE_CLASS, max_borrow_tokens=max_borrow_tokens))
     policy.enqueue(_request("a", 100), 0.0)
     assert len(_one_at_a_time(policy)) == 1  # in flight: room will come back
     policy.enqueue(_request("a", 5000, request_id="a-big"), 1.0)
@@ -350,7 +360,7 @@ def test_vtc_lets_others_pass_a_head_that_does_not_fit_up_to_the_borrow_limit(
 
 
 def test_a_waiting_higher_class_request_keeps_the_room_unless_nothing_is_in_flight() -> None:
-    policy = VtcPolicy(_slo_settings())
+    policy = VtcPolicy(**_slo_settings())
     policy.enqueue(_request("a", 5000, slo_class="interactive", request_id="big"), 0.0)
     policy.enqueue(_request("b", 100, slo_class="standard", request_id="small"), 0.0)
     # Nothing of this policy's in flight (the 100 tokens are not its): holding back would idle.
@@ -370,7 +380,7 @@ def test_a_higher_class_passes_the_cap_of_a_worker_running_only_lower_classes() 
     """The worker runs the most important chunk first, so the cap (which keeps work queued in
     the gateway, in the policy's order) has nothing to protect from a request that outranks
     everything there; once one is in flight, its class obeys the cap again."""
-    policy = VtcPolicy(_slo_settings())
+    policy = VtcPolicy(**_slo_settings())
     for index in range(2):
         interactive = _request("i", 500, slo_class="interactive", request_id=f"i{index}", rank=3)
         policy.enqueue(interactive, 0.0)
@@ -388,7 +398,7 @@ def test_a_higher_class_passes_the_cap_of_a_worker_running_only_lower_classes() 
 @pytest.mark.parametrize("name", [*FAIR_POLICIES, "rr_lpm"])
 def test_weights_1_2_3_4_get_service_shares_within_10_percent(name: str) -> None:
     weights = {"t1": 1.0, "t2": 2.0, "t3": 3.0, "t4": 4.0}
-    policy = make_policy(name, PolicySettings(slo_classes=ONE_CLASS, quantum_tokens=1024))
+    policy = make_policy(name, **_settings(slo_classes=ONE_CLASS, quantum_tokens=1024))
     backend = _Backend(
         policy,
         weights,
@@ -410,7 +420,7 @@ def test_weights_1_2_3_4_get_service_shares_within_10_percent(name: str) -> None
 
 
 def test_a_weight_change_applies_to_later_charges() -> None:
-    policy = VtcPolicy(PolicySettings(slo_classes=ONE_CLASS))
+    policy = VtcPolicy(**_settings(slo_classes=ONE_CLASS))
     first = _request("a", 100)
     policy.enqueue(first, 0.0)
     assert len(_one_at_a_time(policy)) == 1
@@ -424,7 +434,7 @@ def test_a_weight_change_applies_to_later_charges() -> None:
 
 @pytest.mark.parametrize("name", FAIR_POLICIES)
 def test_on_finish_charges_only_the_unreported_tokens_once(name: str) -> None:
-    policy = make_policy(name, PolicySettings(slo_classes=ONE_CLASS))
+    policy = make_policy(name, **_settings(slo_classes=ONE_CLASS))
     request = _request("a", 100)
     policy.enqueue(request, 0.0)
     assert len(_one_at_a_time(policy)) == 1
@@ -439,7 +449,7 @@ def test_on_finish_charges_only_the_unreported_tokens_once(name: str) -> None:
 
 
 def test_on_finish_with_fewer_tokens_than_reported_refunds_nothing() -> None:
-    policy = VtcPolicy(PolicySettings(slo_classes=ONE_CLASS))
+    policy = VtcPolicy(**_settings(slo_classes=ONE_CLASS))
     request = _request("a", 100)
     policy.enqueue(request, 0.0)
     assert len(_one_at_a_time(policy)) == 1
@@ -450,7 +460,7 @@ def test_on_finish_with_fewer_tokens_than_reported_refunds_nothing() -> None:
 
 @pytest.mark.parametrize("name", [*FAIR_POLICIES, "rr_lpm"])
 def test_a_requeued_request_goes_ahead_and_is_not_charged_twice(name: str) -> None:
-    policy = make_policy(name, PolicySettings(slo_classes=ONE_CLASS))
+    policy = make_policy(name, **_settings(slo_classes=ONE_CLASS))
     first = _request("a", 100, arrival=0.0)
     policy.enqueue(first, 0.0)
     assert _one_at_a_time(policy) == [first.request_id]
@@ -465,7 +475,7 @@ def test_a_requeued_request_goes_ahead_and_is_not_charged_twice(name: str) -> No
 
 @pytest.mark.parametrize("name", [*FAIR_POLICIES, "rr_lpm"])
 def test_remove_returns_the_request_and_forgets_it(name: str) -> None:
-    policy = make_policy(name, PolicySettings(slo_classes=ONE_CLASS))
+    policy = make_policy(name, **_settings(slo_classes=ONE_CLASS))
     request = _request("a")
     policy.enqueue(request, 0.0)
     assert policy.remove(request.request_id) is request
@@ -478,7 +488,7 @@ def test_remove_returns_the_request_and_forgets_it(name: str) -> None:
 
 
 def test_dlpm_refills_only_when_no_queued_tenant_has_credit() -> None:
-    policy = DlpmPolicy(PolicySettings(slo_classes=ONE_CLASS, quantum_tokens=100))
+    policy = DlpmPolicy(**_settings(slo_classes=ONE_CLASS, quantum_tokens=100))
     for i in range(4):
         policy.enqueue(_request("a", 60, arrival=i, request_id=f"a{i}"), float(i))
     for i in range(3):
@@ -495,7 +505,7 @@ def test_dlpm_refills_only_when_no_queued_tenant_has_credit() -> None:
 
 
 def test_dlpm_serves_the_longest_prefix_match_first() -> None:
-    policy = DlpmPolicy(PolicySettings(slo_classes=ONE_CLASS, block_size=4))
+    policy = DlpmPolicy(**_settings(slo_classes=ONE_CLASS, block_size=4))
     document = list(range(64))
     warm = _request("a", 68, prompt_token_ids=[*document, 1, 2, 3, 4], arrival=0.0)
     policy.enqueue(warm, 0.0)
@@ -504,13 +514,14 @@ def test_dlpm_serves_the_longest_prefix_match_first() -> None:
     hot = _request("a", 68, prompt_token_ids=[*document, 9, 9, 9, 9], arrival=2.0)
     policy.enqueue(cold, 1.0)
     policy.enqueue(hot, 2.0)
-    decisions = policy.schedule([_prefill(cap=1)], [_decode()], 3.0)
+    one_slot = WorkerView("d0", free_kv_tokens=10**9, free_slots=1)
+    decisions = policy.schedule([_prefill(cap=1)], [one_slot], 3.0)
     assert _placed(decisions) == [hot.request_id]
     assert isinstance(decisions[0], Placement) and decisions[0].num_cached_tokens == 64
 
 
 def test_dlpm_is_work_conserving_when_the_tenant_with_credit_cannot_be_placed() -> None:
-    policy = DlpmPolicy(PolicySettings(slo_classes=ONE_CLASS, quantum_tokens=100))
+    policy = DlpmPolicy(**_settings(slo_classes=ONE_CLASS, quantum_tokens=100))
     policy.enqueue(_request("a", 60, arrival=0.0, request_id="a0"), 0.0)
     policy.enqueue(_request("b", 60, arrival=1.0, request_id="b0"), 1.0)
     policy.enqueue(_request("a", 60, arrival=2.0, request_id="a1"), 2.0)
@@ -533,7 +544,7 @@ def _shared_prefix(tenant_id: str, n: int) -> QueuedRequest:
 
 def test_d2lpm_sticks_to_the_worker_holding_the_prefix_until_its_quantum_runs_out() -> None:
     policy = D2lpmPolicy(
-        PolicySettings(slo_classes=ONE_CLASS, worker_quantum_tokens=1100, quantum_tokens=10**9)
+        **_settings(slo_classes=ONE_CLASS, worker_quantum_tokens=1100, quantum_tokens=10**9)
     )
     for n in range(8):  # one more than is placed: the tenant stays backlogged throughout
         policy.enqueue(_shared_prefix("a", 10_000 + n), float(n))
@@ -555,7 +566,7 @@ def test_d2lpm_sticks_to_the_worker_holding_the_prefix_until_its_quantum_runs_ou
 
 def test_d2lpm_router_deficits_restart_when_a_tenant_leaves_the_backlog() -> None:
     policy = D2lpmPolicy(
-        PolicySettings(slo_classes=ONE_CLASS, worker_quantum_tokens=4096, quantum_tokens=10**9)
+        **_settings(slo_classes=ONE_CLASS, worker_quantum_tokens=4096, quantum_tokens=10**9)
     )
     workers = []
     for n in range(6):  # each request is placed before the next arrives: never backlogged
@@ -568,7 +579,7 @@ def test_d2lpm_router_deficits_restart_when_a_tenant_leaves_the_backlog() -> Non
 
 
 def test_d2lpm_waits_for_the_worker_holding_the_prefix_rather_than_recompute_it() -> None:
-    policy = D2lpmPolicy(PolicySettings(slo_classes=ONE_CLASS))
+    policy = D2lpmPolicy(**_settings(slo_classes=ONE_CLASS))
     policy.enqueue(_shared_prefix("a", 0), 0.0)
     (first,) = policy.schedule([_prefill("p0"), _prefill("p1")], [_decode()], 0.0)
     assert isinstance(first, Placement) and first.prefill_worker_id == "p0"
@@ -585,10 +596,8 @@ def test_d2lpm_waits_for_the_worker_holding_the_prefix_rather_than_recompute_it(
 
 
 def test_d2lpm_routes_by_load_alone_on_a_hot_spot() -> None:
-    settings = PolicySettings(
-        slo_classes=ONE_CLASS, hot_spot_ratio=1.5, hot_spot_margin_tokens=2048
-    )
-    policy = D2lpmPolicy(settings)
+    settings = _settings(slo_classes=ONE_CLASS, hot_spot_ratio=1.5, hot_spot_margin_tokens=2048)
+    policy = D2lpmPolicy(**settings)
     policy.enqueue(_shared_prefix("a", 0), 0.0)
     policy.schedule([_prefill("p0"), _prefill("p1")], [_decode()], 0.0)  # p0 has the prefix
     placements = []
@@ -607,7 +616,7 @@ def test_d2lpm_hot_spot_is_a_load_gap_larger_than_what_the_prefix_saves() -> Non
     # busy with one long uncached prompt is not a hot spot for a request it holds 1024
     # tokens of (measured: without the prefix in the margin, prefix_heavy's hit rate fell
     # from 0.95 to 0.90 and its well-behaved tenants' p99 TTFT tripled).
-    policy = D2lpmPolicy(PolicySettings(slo_classes=ONE_CLASS, hot_spot_margin_tokens=2048))
+    policy = D2lpmPolicy(**_settings(slo_classes=ONE_CLASS, hot_spot_margin_tokens=2048))
     policy.enqueue(_shared_prefix("a", 0), 0.0)
     (first,) = policy.schedule([_prefill("p0"), _prefill("p1")], [_decode()], 0.0)
     assert isinstance(first, Placement) and first.prefill_worker_id == "p0"
@@ -627,7 +636,7 @@ def test_d2lpm_hot_spot_is_a_load_gap_larger_than_what_the_prefix_saves() -> Non
 def test_d2lpm_load_counts_only_the_tokens_left_to_compute() -> None:
     # A margin small enough that the prompts' whole length would make p0 a hot spot: 2080
     # tokens in flight before the third placement, over 512 + the 1024 the prefix saves.
-    policy = D2lpmPolicy(PolicySettings(slo_classes=ONE_CLASS, hot_spot_margin_tokens=512))
+    policy = D2lpmPolicy(**_settings(slo_classes=ONE_CLASS, hot_spot_margin_tokens=512))
     policy.enqueue(_shared_prefix("a", 0), 0.0)
     (first,) = policy.schedule([_prefill("p0"), _prefill("p1")], [_decode()], 0.0)
     policy.on_first_token(first.request, 0, 0.5)
@@ -653,7 +662,7 @@ def _placements(decisions: Sequence[Decision]) -> list[tuple[str, str | None, in
 
 
 def test_rr_lpm_serves_the_longest_match_first_whoever_sent_it_and_however_old_the_rest() -> None:
-    policy = RrLpmPolicy(PolicySettings(slo_classes=ONE_CLASS, block_size=4))
+    policy = RrLpmPolicy(**_settings(slo_classes=ONE_CLASS, block_size=4))
     document = list(range(64))
     warm = _request("a", 68, prompt_token_ids=[*document, 1, 2, 3, 4], arrival=0.0)
     policy.enqueue(warm, 0.0)
@@ -673,7 +682,7 @@ def test_rr_lpm_serves_the_longest_match_first_whoever_sent_it_and_however_old_t
 
 
 def test_rr_lpm_routes_round_robin_whatever_the_workers_hold() -> None:
-    policy = RrLpmPolicy(PolicySettings(slo_classes=ONE_CLASS))
+    policy = RrLpmPolicy(**_settings(slo_classes=ONE_CLASS))
     requests = [_shared_prefix("a", 10_000 + n) for n in range(4)]
     for n, request in enumerate(requests):
         policy.enqueue(request, float(n))
@@ -687,7 +696,7 @@ def test_rr_lpm_routes_round_robin_whatever_the_workers_hold() -> None:
 
 
 def test_rr_lpm_a_request_waits_for_its_worker_even_when_another_has_room() -> None:
-    policy = RrLpmPolicy(PolicySettings(slo_classes=ONE_CLASS))
+    policy = RrLpmPolicy(**_settings(slo_classes=ONE_CLASS))
     first = _request("a", 100, arrival=0.0)
     second = _request("a", 100, arrival=1.0)
     policy.enqueue(first, 0.0)
@@ -702,7 +711,7 @@ def test_rr_lpm_a_request_waits_for_its_worker_even_when_another_has_room() -> N
 
 
 def test_rr_lpm_routes_again_the_requests_of_a_worker_that_went_away() -> None:
-    policy = RrLpmPolicy(PolicySettings(slo_classes=ONE_CLASS))
+    policy = RrLpmPolicy(**_settings(slo_classes=ONE_CLASS))
     requests = [_request("a", 100, arrival=float(n)) for n in range(2)]
     for request in requests:
         policy.enqueue(request, request.arrival)
@@ -714,7 +723,7 @@ def test_rr_lpm_routes_again_the_requests_of_a_worker_that_went_away() -> None:
 
 @pytest.mark.parametrize("name", ["dlpm", "d2lpm", "rr_lpm"])
 def test_the_prefix_index_is_per_tenant_and_corrected_by_evictions(name: str) -> None:
-    policy = make_policy(name, PolicySettings(slo_classes=ONE_CLASS, block_size=16))
+    policy = make_policy(name, **_settings(slo_classes=ONE_CLASS, block_size=16))
     prompt = list(range(200))
     first = _request("a", 200, prompt_token_ids=prompt)
     policy.enqueue(first, 0.0)
@@ -735,7 +744,7 @@ def test_the_prefix_index_is_per_tenant_and_corrected_by_evictions(name: str) ->
 
 
 def test_colocated_workers_match_prefixes_by_decode_worker() -> None:
-    policy = DlpmPolicy(PolicySettings(slo_classes=ONE_CLASS, block_size=16))
+    policy = DlpmPolicy(**_settings(slo_classes=ONE_CLASS, block_size=16))
     prompt = list(range(100))
     policy.enqueue(_request("a", 100, prompt_token_ids=prompt), 0.0)
     (first,) = policy.schedule([], [_decode("c0", 10**6), _decode("c1", 10**6 + 1)], 0.0)
@@ -756,13 +765,13 @@ CLASSES = [
 ]
 
 
-def _slo_settings() -> PolicySettings:
-    return PolicySettings(slo_classes=CLASSES, default_prefill_tok_s=1000.0)
+def _slo_settings() -> dict[str, Any]:
+    return _settings(slo_classes=CLASSES, default_prefill_tok_s=1000.0)
 
 
 @pytest.mark.parametrize("name", [*FAIR_POLICIES, "rr_lpm"])
 def test_a_higher_class_is_served_first(name: str) -> None:
-    policy = make_policy(name, _slo_settings())
+    policy = make_policy(name, **_slo_settings())
     policy.enqueue(_request("a", 100, slo_class="batch", request_id="low"), 0.0)
     policy.enqueue(_request("b", 100, slo_class="standard", request_id="mid"), 0.1)
     policy.enqueue(_request("a", 100, slo_class="interactive", request_id="high"), 0.2)
@@ -774,7 +783,7 @@ def test_a_higher_class_is_served_first(name: str) -> None:
 
 @pytest.mark.parametrize("name", [*FAIR_POLICIES, "rr_lpm"])
 def test_a_lower_class_request_at_risk_goes_first(name: str) -> None:
-    policy = make_policy(name, _slo_settings())
+    policy = make_policy(name, **_slo_settings())
     standard = _request("b", 1000, slo_class="standard", arrival=0.0, request_id="standard")
     policy.enqueue(standard, 0.0)
     for _ in range(8):  # 8 s of interactive work at 1000 tokens/s
@@ -786,14 +795,14 @@ def test_a_lower_class_request_at_risk_goes_first(name: str) -> None:
 
 
 def test_a_request_late_anyway_does_not_jump_the_queue() -> None:
-    policy = VtcPolicy(_slo_settings())
+    policy = VtcPolicy(**_slo_settings())
     policy.enqueue(_request("b", 1000, slo_class="standard", arrival=0.0, request_id="late"), 0.0)
     policy.enqueue(_request("a", 1000, slo_class="interactive", arrival=9.5), 9.5)
     assert _one_at_a_time(policy, now=9.5) != ["late"]  # 9.5 + 1 > 10 even if served now
 
 
 def test_a_sheddable_request_that_cannot_make_its_deadline_is_shed_at_admission() -> None:
-    policy = VtcPolicy(_slo_settings())
+    policy = VtcPolicy(**_slo_settings())
     for _ in range(25):  # 25 s of queued work ahead at the default 1000 tokens/s
         policy.enqueue(_request("a", 1000, slo_class="interactive"), 0.0)
     policy.enqueue(_request("b", 1000, slo_class="batch", request_id="fits"), 0.0)  # 27 s
@@ -804,7 +813,7 @@ def test_a_sheddable_request_that_cannot_make_its_deadline_is_shed_at_admission(
 
 @pytest.mark.parametrize("name", [*FAIR_POLICIES, "rr_lpm"])
 def test_a_queued_sheddable_request_is_rejected_once_it_cannot_make_it(name: str) -> None:
-    policy = make_policy(name, _slo_settings())
+    policy = make_policy(name, **_slo_settings())
     policy.enqueue(_request("b", 2000, slo_class="batch", request_id="doomed"), 0.0)
     policy.enqueue(_request("a", 100, slo_class="interactive", request_id="busy"), 0.0)
     full = [_prefill(inflight=10, cap=10)]
@@ -815,7 +824,7 @@ def test_a_queued_sheddable_request_is_rejected_once_it_cannot_make_it(name: str
 
 
 def test_demoted_requests_are_served_in_the_lowest_class() -> None:
-    policy = VtcPolicy(_slo_settings())
+    policy = VtcPolicy(**_slo_settings())
     demoted = _request("a", 100, slo_class="interactive", request_id="demoted")
     demoted.demoted = True
     policy.enqueue(demoted, 0.0)
@@ -827,8 +836,8 @@ def test_demoted_requests_are_served_in_the_lowest_class() -> None:
 
 
 def test_idle_tenants_are_forgotten_only_when_the_lift_would_restore_them() -> None:
-    settings = PolicySettings(slo_classes=ONE_CLASS, forget_idle_after_s=10.0)
-    policy = VtcPolicy(settings)
+    settings = _settings(slo_classes=ONE_CLASS, forget_idle_after_s=10.0)
+    policy = VtcPolicy(**settings)
 
     def serve(tenant_id: str, num_prompt_tokens: int, now: float) -> None:
         request = _request(tenant_id, num_prompt_tokens)
