@@ -9,29 +9,35 @@ policy (``gateway.policies.make_policy``) the way ``gateway.dispatch.Dispatcher`
     decode worker (D): continuous batching ─▶ on_tokens(1) per step ─▶ on_finish
 
 What is real and what is modelled:
-- Real: the policy object, its decisions, and the calls it hears, in the dispatcher's order
-  (a decode worker without room answers like the real one: the dispatcher's ``on_finish(0)`` then
-  ``requeue``, and the worker counts as full until one of its requests ends). Prompts are real
+- Real: the policy object and the gateway's scheduling core (``gateway.core``): the worker
+  accounts, views and prefill caps the policy decides on, and what carrying out a decision and
+  each step of a request do to them and to the policy, in the dispatcher's order (a decode
+  worker without room answers like the real one, and counts as full until one of its requests
+  ends). The simulated workers report their load before every pass, exactly. Prompts are real
   token ids and prefix caching is keyed by ``engine.block_manager.block_hashes`` over the
-  request's ``cache_salt``, so tenant-scoped hash chains hit exactly when they would.
+  request's ``cache_salt``, so tenant-scoped hash chains hit exactly when they would. A
+  prefill worker orders its chunks with the engine's own function
+  (``engine.preemption.prefill_order``).
 - Modelled: step times (``bench.latency_model``). A prefill worker runs the engine's step shape:
   chunks of at most ``prefill_chunk_tokens`` per request within a per-step token budget, and
-  between steps the highest-priority ready chunks first (``scheduling.md`` §6: highest class
-  rank, then lowest tenant counter, then earliest arrival; the counter is the tenant's service
-  so far divided by its weight), admitting waiting requests in that order too, so a short
-  interactive prompt does not wait behind a long batch prompt (``ClusterSpec.chunk_priority``;
-  off: the engine's old FIFO admission, running first). The budget is ``prefill_step_tokens``
-  (the engine's ``max_num_batched_tokens``) or, with ``prefill_step_max_s``, also no more than
-  the worker's measured speed computes in that time: a step-time target that holds on any
-  backend (``_PrefillWorker.step_token_budget``). Its prefix cache is an LRU over block hashes
-  bounded to ``prefix_cache_blocks``, and what it evicts is reported with ``on_evicted``. The
-  gateway's in-flight cap on a worker is ``max_inflight_tokens`` and, with ``max_inflight_s``,
-  no more than that much work at its measured speed (the dispatcher's
-  ``max_prefill_inflight_s``). A decode worker holds ``prompt + max_tokens`` KV tokens per
-  request from placement to finish (so it never preempts) and decodes every request it holds
-  in one step: pure decode steps, as the engine of a disaggregated decode worker runs (its
-  requests arrive prefilled, so no prompt chunk shares its steps). Requests generate exactly
-  ``max_tokens`` tokens.
+  between steps the most important ready chunks first (``scheduling.md`` §6: highest class
+  rank, then lowest tenant counter, then earliest arrival, the counter being the tenant's
+  service so far divided by its weight; within a tenant and class the shortest remaining
+  prompt first, aged by the steps it waited), admitting waiting requests in that order too, so
+  a short prompt does not wait behind a long one (``ClusterSpec.chunk_priority``; off: the
+  engine's old FIFO admission, running first). The budget is ``prefill_step_tokens`` (the
+  engine's ``max_num_batched_tokens``) or, with ``prefill_step_max_s``, also no more than the
+  worker's measured speed computes in that time: a step-time target that holds on any backend
+  (``_PrefillWorker.step_token_budget``). Its prefix cache is an LRU over block hashes bounded
+  to ``prefix_cache_blocks``, and what it evicts is reported with ``on_evicted``. A decode
+  worker holds ``prompt + max_tokens`` KV tokens and a batch slot per request from placement
+  to finish, preempts only when a ``MakeRoom`` asks (by recompute: the request goes back to the
+  queue with its output so far in its prompt), and decodes every request it holds in one step:
+  pure decode steps, as the engine of a disaggregated decode worker runs. It reports the
+  latency model's decode line as the engine reports its fitted one
+  (``engine.engine_thread.DecodeSpeed``). Requests generate exactly ``max_tokens`` tokens.
+- Tenants are open loop (each request at its trace time) or closed loop
+  (``TenantSpec.concurrency``: clients that keep that many requests in flight).
 - Schedule passes run after every event that frees capacity (a prefill that ends, a decode that
   ends, a requeue) and after an arrival when some worker has room for the smallest prompt of the
   trace; the gateway also runs one after every arrival, but one that cannot place anything
@@ -50,12 +56,14 @@ import heapq
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Literal
 
 from bench.latency_model import LatencyModel
 from engine.block_manager import block_hashes
 from engine.engine import EngineConfig, step_prompt_tokens
 from engine.engine_thread import PREFILL_SPEED_SMOOTHING
+from engine.preemption import PrefillCandidate, prefill_order
 from gateway.config import DEFAULT_SLO_CLASSES, SchedulerSection, SloClass
 from gateway.core import SchedulingCore, WorkerAccount
 from gateway.scheduler import (
@@ -217,6 +225,8 @@ class _Job:
     prefill: _PrefillWorker | None = None
     decode: _DecodeWorker | None = None
     is_decoding: bool = False  # its first token came: it is on its decode worker
+    arrival_step: int = 0  # its prefill worker's step count when it arrived there
+    arrival_order: int = 0  # the order jobs arrived at prefill workers in (a tie-breaker)
 
 
 def _kv_tokens(request: QueuedRequest) -> int:
@@ -293,12 +303,12 @@ class _PrefillWorker:
         return step_prompt_tokens(budget, self.step_tok_s, max_s, self.cluster.block_size)
 
     def plan_step(
-        self, priority: Callable[[_Job], tuple[float, float, float]] | None = None
+        self, order: Callable[[list[_Job]], list[_Job]] | None = None
     ) -> list[tuple[_Job, int]]:
-        """The runs of the next step: with ``priority`` (smaller first), the best ready
-        chunks among running and waiting jobs; else running first, then FIFO admissions."""
-        if priority is not None:
-            return self._plan_by_priority(priority)
+        """The runs of the next step: with ``order`` (of running and waiting jobs, best
+        first), the best ready chunks; else running first, then FIFO admissions."""
+        if order is not None:
+            return self._plan_in_order(order)
         budget = self.step_token_budget()
         chunk = self.cluster.prefill_chunk_tokens
         runs: list[tuple[_Job, int]] = []
@@ -318,14 +328,12 @@ class _PrefillWorker:
         self.step_runs = runs
         return runs
 
-    def _plan_by_priority(
-        self, priority: Callable[[_Job], tuple[float, float, float]]
-    ) -> list[tuple[_Job, int]]:
+    def _plan_in_order(self, order: Callable[[list[_Job]], list[_Job]]) -> list[tuple[_Job, int]]:
         budget = self.step_token_budget()
         chunk = self.cluster.prefill_chunk_tokens
         num_free_seqs = self.cluster.prefill_max_seqs - len(self.running)
         runs: list[tuple[_Job, int]] = []
-        for job in sorted([*self.running, *self.waiting], key=priority):
+        for job in order([*self.running, *self.waiting]):
             if budget == 0:
                 break
             if not job.is_admitted:  # waiting: admit it if a sequence slot is free
@@ -746,6 +754,8 @@ class Simulator:
             self._hold(job)
             return False
         job.prefill, job.decode = prefill, decode
+        job.arrival_step, job.arrival_order = prefill.num_steps, self._seq
+        self._seq += 1
         prefill.waiting.append(job)
         if not prefill.is_busy:
             self._start_prefill_step(prefill, now)
@@ -805,15 +815,28 @@ class Simulator:
 
     # ---- workers --------------------------------------------------------------------------
 
-    def _chunk_priority(self, job: _Job) -> tuple[float, float, float]:
-        """§6: highest class rank, then lowest tenant counter, then earliest arrival."""
-        request = job.request
-        counter = self._service[request.tenant_id] / self._weights[request.tenant_id]
-        return (-self._class_ranks[request.slo_class], counter, request.arrival)
+    def _chunk_order(self, worker: _PrefillWorker, jobs: list[_Job]) -> list[_Job]:
+        """§6, the engine's own order (``engine.preemption.prefill_order``): highest class rank,
+        then lowest tenant counter (its service so far over its weight), then earliest arrival;
+        and within a tenant and class the shortest remaining prompt first, aged by the steps it
+        has waited at the worker."""
+        candidates = [
+            PrefillCandidate(
+                tenant=job.request.cache_salt,
+                rank=job.request.rank,
+                counter=self._service[job.request.tenant_id] / self._weights[job.request.tenant_id],
+                arrival=job.request.arrival,
+                num_remaining_tokens=job.request.num_prompt_tokens - job.num_computed,
+                num_waited_steps=worker.num_steps - job.arrival_step,
+                arrival_order=job.arrival_order,
+            )
+            for job in jobs
+        ]
+        return [jobs[i] for i in prefill_order(candidates, worker.step_token_budget())]
 
     def _start_prefill_step(self, worker: _PrefillWorker, now: float) -> None:
-        priority = self._chunk_priority if self.cluster.chunk_priority else None
-        runs = worker.plan_step(priority)
+        order = partial(self._chunk_order, worker) if self.cluster.chunk_priority else None
+        runs = worker.plan_step(order)
         if not runs:
             return
         num_tokens = sum(count for _, count in runs)

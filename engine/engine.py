@@ -1,11 +1,15 @@
 """The engine loop: continuous batching over the paged cache, one ``step()`` at a time.
 
 A step is "schedule, run, postprocess": swapped-out requests come back in when there is room;
-every running request whose tokens are all computed decodes one token; then prompt chunks of at
-most ``prefill_chunk_size`` tokens, within ``max_num_batched_tokens``, go to the most important
-requests first (``engine.preemption.prefill_order``: a short interactive prompt does not wait
-behind a long batch prompt between chunks), admitting waiting requests (prefix-cache hits first,
-then fresh blocks) as they come up. A step mixes decodes and prefill chunks freely.
+every running request whose tokens are all computed decodes one token, the most important first
+(``engine.preemption.importance_order``); then prompt chunks of at most ``prefill_chunk_size``
+tokens, within ``max_num_batched_tokens``, go in ``engine.preemption.prefill_order``, admitting
+waiting requests (prefix-cache hits first, then fresh blocks) as they come up. That order puts
+the most important requests first (a short interactive prompt does not wait behind a long batch
+prompt between chunks), and inside one tenant (its cache salt) and class the shortest remaining
+prompt, aged by the steps it has waited so that a long prompt is passed during at most as many
+steps as it takes alone (PecSched: short inputs are not blocked by long ones). A step mixes
+decodes and prefill chunks freely.
 
 Priority acts between steps only, so a step must be short for it to act often enough. On a slow
 backend (a CPU computes a few hundred prompt tokens a second) ``max_num_batched_tokens`` alone
@@ -14,7 +18,7 @@ makes steps of seconds; so the prompt tokens of a step are also capped to what t
 backend that cap is above the token budget, which rules as before. Decodes are not capped.
 
 Preemption. When a decode needs a block and none is free, or ``make_room`` is asked to free
-blocks for a more important request, the least important running request
+blocks or a batch slot for a more important request, the least important running request
 (``engine.preemption.victim_order``) gives its blocks up, by ``EngineConfig.preemption_mode``:
 
 - ``swap``: its computed blocks are copied to the runner's host pool in runs of consecutive
@@ -26,10 +30,14 @@ blocks for a more important request, the least important running request
   it on the prefill pool with ``num_prior_output_tokens``. Without it (``generate``, tools, tests:
   nobody to hand it to) it waits here and is recomputed, its output kept.
 
-Room made by ``make_room`` is held for a short while (``room_hold_s``) for the request it was
-made for: less important requests that were already here (swapped out, or waiting) neither swap
-back in nor get admitted into it. Requests added after it are the caller's own decision and may
-take it; the first at least as important ends the hold.
+``make_room`` makes room for one request: blocks for its tokens and a batch slot
+(``max_num_seqs`` counts running requests and reservations; swapped-out and waiting ones take a
+slot only when they come in). The room is held for a short while (``room_hold_s``) for the
+request it was made for: less important requests that were already here (swapped out, or
+waiting) neither swap back in nor get admitted into it. Requests added after it are the
+caller's own decision and may take its blocks, but not its batch slot: no less important
+request takes that (there is often only the one, and whoever took it would be preempted again).
+The first request at least as important ends the hold.
 
 Disaggregated serving splits a request between two engines. On the prefill worker it is added
 with ``prefill_only``: after its first token it is *handed off* (``StepOutput.is_handed_off``),
@@ -76,7 +84,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from engine.block_manager import BlockManager, hash_block, root_hash
-from engine.preemption import PreemptionMode, prefill_order, victim_order
+from engine.preemption import (
+    PreemptionMode,
+    PrefillCandidate,
+    importance_order,
+    prefill_order,
+    victim_order,
+)
 from engine.sequence import (
     DEFAULT_PRIORITY,
     FinishReason,
@@ -185,14 +199,16 @@ SINGLE_TENANT_FACTOR = 10  # see ``LLMEngine._runner_is_broken``
 
 @dataclass(frozen=True, slots=True)
 class _RoomHold:
-    """Blocks ``make_room`` freed for a request of ``priority``, kept from less important ones
-    that came before ``arrival_order`` until ``until`` (the engine's clock) or until a request
-    at least that important comes."""
+    """Blocks and a batch slot ``make_room`` freed for a request of ``priority`` until ``until``
+    (the engine's clock) or until a request at least that important comes: the blocks are kept
+    from less important requests that came before ``arrival_order``, the slot from every less
+    important request."""
 
     num_blocks: int
     priority: Priority
     until: float
     arrival_order: int
+    num_slots: int = 1  # the request it was made for runs (or reserves) in one
 
 
 class LLMEngine:
@@ -241,6 +257,7 @@ class LLMEngine:
         self.num_admitted_tokens = 0
         self.num_admitted_cached_tokens = 0
         self.num_scheduled_runs = 0  # of the last step: 0 means it could do nothing
+        self.num_steps = 0  # steps that ran something, since the start (prefill aging)
         self.num_failed_steps_in_a_row = 0  # steps in which the runner raised on every run
         self._failed_salts: set[bytes] = set()  # the tenants (cache salts) of those steps' runs
         self.num_failed_requests = 0  # since the start
@@ -320,6 +337,7 @@ class LLMEngine:
             arrival_s=arrival_s,
             arrival_order=self._next_arrival_order,
             output_token_ids=list(token_ids[num_original:]),
+            arrival_step=self.num_steps,
         )
         self._next_arrival_order += 1
         return seq
@@ -335,11 +353,11 @@ class LLMEngine:
         when the blocks or a batch slot are not free now, or when a swapped-out request at least
         as important is owed them. The slot counts against ``max_num_seqs`` like a running
         request. A reservation at least as important as room ``make_room`` holds takes it
-        over."""
+        over; a less important one never takes the held batch slot."""
         self._check_new_id(request_id)
         if not 0 < num_tokens <= self.max_model_len:
             raise ValueError(f"cannot reserve for {num_tokens} tokens")
-        if len(self.running) + len(self.reservations) >= self.config.max_num_seqs:
+        if self.num_free_slots() <= 0:
             return None
         if any(seq.priority.importance >= priority.importance for seq in self.swapped):
             return None
@@ -444,6 +462,12 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped or self._pending_outputs)
 
+    def num_free_slots(self) -> int:
+        """Batch slots left of ``max_num_seqs``: running requests and reservations take one
+        each. Swapped-out and waiting requests take none (they hold no device blocks and are
+        not in the batch); each takes one when it comes (back) in, held room permitting."""
+        return self.config.max_num_seqs - len(self.running) - len(self.reservations)
+
     # ---- making room ----------------------------------------------------------------------
 
     def make_room(
@@ -453,10 +477,12 @@ class LLMEngine:
         *,
         preempt_reservation: Callable[[str], bool] | None = None,
     ) -> tuple[int, int]:
-        """Preempt requests strictly less important than ``priority``, least important first,
-        until ``num_tokens`` tokens' worth of blocks are free or no such request is left; hold
-        the room for ``room_hold_s`` for a request of ``priority``. Returns (free token slots
-        now, requests preempted).
+        """Room for one request of ``priority`` and ``num_tokens`` tokens: preempt requests
+        strictly less important, least important first, until ``num_tokens`` tokens' worth of
+        blocks *and* a batch slot (``num_free_slots``) are free, or no such request is left; hold
+        both for ``room_hold_s`` for a request of ``priority``. Returns (free KV token slots now,
+        requests preempted); the free token slots are 0 while no batch slot is free (a
+        reservation could take none of them), as a worker's load report counts them.
 
         With ``preempt_reservation``, reservations are candidates too (by the priority they
         were reserved with): the callback preempts the one named and says whether it could (it
@@ -467,7 +493,7 @@ class LLMEngine:
         num_blocks = -(-num_tokens // self.block_size)
         excluded: set[str] = set()
         num_preempted = 0
-        while self.blocks.num_free_blocks < num_blocks:
+        while self.blocks.num_free_blocks < num_blocks or self.num_free_slots() < 1:
             victim_id = self._pick_victim(
                 priority, excluded, with_reservations=preempt_reservation is not None
             )
@@ -485,6 +511,8 @@ class LLMEngine:
         self._room_hold = _RoomHold(
             num_blocks, priority, self._clock() + self.config.room_hold_s, self._next_arrival_order
         )
+        if self.num_free_slots() < 1:
+            return 0, num_preempted
         return self.blocks.num_free_blocks * self.block_size, num_preempted
 
     def seconds_until_change(self) -> float | None:
@@ -499,16 +527,22 @@ class LLMEngine:
         return remaining_s
 
     def _may_take(self, num_blocks: int, priority: Priority, arrival_order: int) -> bool:
-        """Whether a request of ``priority`` may take ``num_blocks`` free blocks without eating
-        into room held for a more important one. A request at least as important takes the
-        hold over (it is the one the room was made for, or as good); one added after the hold
-        was the caller's choice."""
+        """Whether a request of ``priority`` may take ``num_blocks`` free blocks and a batch slot
+        (every caller takes one: admission, swap-in, reservation) without eating into room held
+        for a more important one. A request at least as important takes the hold over (it is
+        the one the room was made for, or as good); one added after the hold was the caller's
+        choice, and may take the held blocks, not the held slot."""
         hold = self._room_hold
         if hold is None:
             return True
         if self._clock() >= hold.until or priority.importance >= hold.priority.importance:
             self._room_hold = None
             return True
+        # The slot is kept from every less important request, even one added after the hold:
+        # there is often just the one, and a request that took it would only be preempted
+        # again when the one it was made for asks anew.
+        if self.num_free_slots() - 1 < hold.num_slots:
+            return False
         if arrival_order >= hold.arrival_order:
             return True
         return self.blocks.num_free_blocks - num_blocks >= hold.num_blocks
@@ -566,8 +600,10 @@ class LLMEngine:
 
     def _swap_in_ready(self) -> None:
         """Bring swapped requests back, most important first, while there is room."""
-        for seq in sorted(self.swapped, key=lambda s: prefill_order(s.priority, s.arrival_order)):
-            if len(self.running) >= self.config.max_num_seqs or not self._swap_in(seq):
+        for seq in sorted(
+            self.swapped, key=lambda s: importance_order(s.priority, s.arrival_order)
+        ):
+            if self.num_free_slots() <= 0 or not self._swap_in(seq):
                 return
 
     def _swap_in(self, seq: Sequence) -> bool:
@@ -602,6 +638,7 @@ class LLMEngine:
                     "swapped requests cannot be admitted"
                 )
             return self._take_pending_outputs()
+        self.num_steps += 1
         outcomes = self._execute(runs)
         failures = [outcome for outcome in outcomes if isinstance(outcome, _RunFailure)]
         num_raised = sum(failure.runner_raised for failure in failures)
@@ -708,7 +745,7 @@ class LLMEngine:
         """Requests whose every token is computed decode one more, the most important first, so
         that a victim for a missing block is never one already scheduled."""
         decoding = [seq for seq in self.running if seq.num_tokens - seq.num_computed_tokens == 1]
-        decoding.sort(key=lambda seq: prefill_order(seq.priority, seq.arrival_order))
+        decoding.sort(key=lambda seq: importance_order(seq.priority, seq.arrival_order))
         scheduled: set[str] = set()
         for seq in decoding:
             if seq.status is not SequenceStatus.RUNNING:  # preempted to make room for another
@@ -721,22 +758,25 @@ class LLMEngine:
         return budget
 
     def _schedule_prefills(self, runs: list[ScheduledRun], budget: int) -> None:
-        """Prompt chunks, the most important request first: running ones continue, waiting ones
-        are admitted when their turn comes. Once a waiting request cannot be admitted, no less
-        important one is (no overtaking for blocks); nor is one no more important than a
-        swapped-out request (its room comes first)."""
+        """Prompt chunks in ``prefill_order`` (the most important request first; inside a
+        tenant and class, the shortest aged remaining prompt): running ones continue, waiting
+        ones are admitted when their turn comes. Once a waiting request cannot be admitted, no
+        later one in that order is (no overtaking for blocks); nor is one no more important than
+        a swapped-out request (its room comes first)."""
         candidates = [seq for seq in self.running if seq.num_tokens - seq.num_computed_tokens > 1]
         candidates += self.waiting
-        candidates.sort(key=lambda seq: prefill_order(seq.priority, seq.arrival_order))
+        order = prefill_order(
+            [self._prefill_candidate(seq) for seq in candidates], self.max_step_prompt_tokens()
+        )
         most_important_swapped = max(
             (seq.priority.importance for seq in self.swapped), default=None
         )
         can_admit = True
-        for seq in candidates:
+        for seq in (candidates[index] for index in order):
             if budget <= 0:
                 return
             if seq.status is SequenceStatus.WAITING:
-                if not can_admit or len(self.running) >= self.config.max_num_seqs:
+                if not can_admit or self.num_free_slots() <= 0:
                     continue
                 if (
                     most_important_swapped is not None
@@ -755,6 +795,18 @@ class LLMEngine:
             runs.append(ScheduledRun(seq, count))
             seq.num_prefill_chunks += 1
             budget -= count
+
+    def _prefill_candidate(self, seq: Sequence) -> PrefillCandidate:
+        """``seq`` as ``prefill_order`` sees it: plain values, its tenant its cache salt."""
+        return PrefillCandidate(
+            tenant=seq.salt,
+            rank=seq.priority.rank,
+            counter=seq.priority.counter,
+            arrival=seq.priority.arrival,
+            num_remaining_tokens=seq.num_tokens - seq.num_computed_tokens,
+            num_waited_steps=self.num_steps - seq.arrival_step,
+            arrival_order=seq.arrival_order,
+        )
 
     def _admit(self, seq: Sequence) -> bool:
         """Take prefix-cache hits and reserve blocks for the rest of the known tokens."""

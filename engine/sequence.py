@@ -111,6 +111,7 @@ class Sequence:
     arrival_s: float = 0.0
     priority: Priority = DEFAULT_PRIORITY
     arrival_order: int = 0  # the engine's own admission order: ties of ``priority`` go by it
+    arrival_step: int = 0  # the engine's ``num_steps`` when it arrived (prefill aging)
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     host_block_table: list[int] = field(default_factory=list)  # while swapped out

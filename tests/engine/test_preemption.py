@@ -167,9 +167,10 @@ def _first_token_steps(
 
 @pytest.mark.parametrize("prefill_only", [True, False])
 def test_the_most_important_ready_chunk_goes_first(prefill_only: bool) -> None:
-    # Equal priority: first come, first served; the short prompt waits out the long one.
+    # Equal priority (one tenant, one class): the short prompt goes between the long one's
+    # chunks (engine.preemption.prefill_order), which ends a step later.
     batch_step, interactive_step = _first_token_steps((0, 0), prefill_only=prefill_only)
-    assert batch_step == 3 and interactive_step == 4
+    assert interactive_step == 1 and batch_step == 4
     # More important: it runs at the next step, between the long prompt's chunks.
     batch_step, interactive_step = _first_token_steps((0, 1), prefill_only=prefill_only)
     assert interactive_step == 1 and batch_step == 4
@@ -406,3 +407,90 @@ def test_the_engine_thread_wakes_when_held_room_expires() -> None:
         assert engine.num_swapped_out == 1
     finally:
         thread.stop()
+
+
+# ---- batch slots ---------------------------------------------------------------------------
+
+SLOT_CONFIGS = {
+    "hand-back": EngineConfig(max_num_seqs=2, hand_back_preempted=True),
+    "recompute-here": EngineConfig(max_num_seqs=2),
+    "swap": EngineConfig(max_num_seqs=2, preemption_mode="swap"),
+}
+
+
+def _two_low_requests_in_two_slots(config: EngineConfig) -> LLMEngine:
+    """Both batch slots taken by rank-0 decodes; most of the blocks free."""
+    engine = _null_engine(config, num_host_blocks=64)
+    params = SamplingParams(max_tokens=50, seed=1, ignore_eos=True)
+    for index in range(2):
+        engine.add_request(f"low-{index}", [7] * 20, params, priority=Priority(arrival=index))
+    engine.step()
+    engine.step()
+    assert len(engine.running) == 2 and engine.num_free_slots() == 0
+    return engine
+
+
+@pytest.mark.parametrize("mode", list(SLOT_CONFIGS))
+def test_make_room_frees_a_batch_slot_and_holds_it(mode: str) -> None:
+    """Blocks are free but no batch slot is: ``make_room`` preempts the least important
+    request for the slot, and holds it for the request it was made for."""
+    engine = _two_low_requests_in_two_slots(SLOT_CONFIGS[mode])
+    high = Priority(rank=1, arrival=5.0)
+    assert engine.reserve("high", 32, priority=high) is None  # no slot
+    free_tokens, num_preempted = engine.make_room(32, high)
+    assert num_preempted == 1 and engine.num_free_slots() == 1
+    assert free_tokens == engine.blocks.num_free_blocks * 16 > 32
+    assert [seq.request_id for seq in engine.running] == ["low-0"]
+    # Held: a less important reservation does not take the slot, even one sent after
+    # make_room; nor does the victim come back in (swapped out, or waiting here).
+    assert engine.reserve("later-low", 16, priority=Priority(arrival=6.0)) is None
+    engine.step()
+    assert engine.num_free_slots() == 1
+    # The request it was made for takes it.
+    assert engine.reserve("high", 32, priority=high) is not None
+    assert engine.num_free_slots() == 0
+    engine.cancel_reservation("high")
+    _run(engine)
+    _assert_no_blocks_held(engine)
+
+
+def test_make_room_for_a_slot_preempts_only_less_important_requests() -> None:
+    engine = _two_low_requests_in_two_slots(SLOT_CONFIGS["hand-back"])
+    # Less important than both: nothing to preempt, and no slot, so no room (0 free tokens).
+    assert engine.make_room(32, Priority(rank=0, arrival=5.0)) == (0, 0)
+    assert len(engine.running) == 2
+    # (That call held a slot for its priority, should one come free: it would not be
+    # ``reserved-low``'s below.) A reservation takes a slot like a running request; make_room
+    # preempts it (by the caller's callback) when it is the least important.
+    engine = _two_low_requests_in_two_slots(SLOT_CONFIGS["hand-back"])
+    engine.abort("low-1")
+    assert engine.reserve("reserved-low", 32, priority=Priority(arrival=9.0)) is not None
+    preempted: list[str] = []
+
+    def preempt_reservation(request_id: str) -> bool:
+        preempted.append(request_id)
+        return engine.cancel_reservation(request_id)
+
+    free_tokens, num_preempted = engine.make_room(
+        32, Priority(rank=1), preempt_reservation=preempt_reservation
+    )
+    assert (num_preempted, preempted) == (1, ["reserved-low"])
+    assert free_tokens > 0 and engine.num_free_slots() == 1
+    assert [seq.request_id for seq in engine.running] == ["low-0"]
+
+
+def test_a_swapped_out_request_takes_no_slot_until_it_is_back() -> None:
+    engine = _two_low_requests_in_two_slots(
+        EngineConfig(max_num_seqs=2, preemption_mode="swap", room_hold_s=0.0)
+    )
+    engine.make_room(32, Priority(rank=1))
+    assert [seq.request_id for seq in engine.swapped] == ["low-1"]
+    assert engine.num_free_slots() == 1
+    # Another reservation takes the free slot: the swapped-out request stays out until one is
+    # free again (it would be beyond max_num_seqs).
+    assert engine.reserve("other", 32, priority=Priority(rank=1)) is not None
+    engine.step()
+    assert engine.swapped and len(engine.running) + len(engine.reservations) == 2
+    engine.cancel_reservation("other")
+    engine.step()
+    assert not engine.swapped and len(engine.running) == 2

@@ -106,9 +106,10 @@ def test_without_a_measured_speed_the_token_budget_rules() -> None:
     engine.add_request("a", _prompt(300), PARAMS)
     engine.add_request("b", _prompt(100, first=5000), PARAMS)
     engine.step()
-    assert runner.plans[-1] == [("a", 0, 256)]
+    # One tenant, one class: the shorter prompt first (engine.preemption.prefill_order).
+    assert runner.plans[-1] == [("b", 0, 100), ("a", 0, 156)]
     engine.step()
-    assert runner.plans[-1] == [("a", 256, 44), ("b", 0, 100)]
+    assert runner.plans[-1] == [("b", 100, 1), ("a", 156, 144)]
 
 
 def test_a_fast_backend_keeps_the_token_budget() -> None:
@@ -147,14 +148,15 @@ def test_the_token_budget_left_after_decodes_still_bounds_the_floor() -> None:
 
 def test_the_cap_off_plans_every_step_as_the_token_budget_alone() -> None:
     """``None`` ignores any measured speed: prompts of 600 and 300 tokens in 512-token chunks
-    within 2048 tokens, exactly as before the cap existed."""
+    within 2048 tokens, exactly as before the cap existed (the shorter one first: one tenant,
+    one class)."""
     engine, runner = _engine(EngineConfig(max_prefill_step_s=None), prefill_tok_s=1.0)
     assert engine.max_step_prompt_tokens() == 2048
     engine.add_request("a", _prompt(600), PARAMS)
     engine.add_request("b", _prompt(300, first=5000), PARAMS)
     _run(engine)
     assert runner.plans == [
-        [("a", 0, 512), ("b", 0, 300)],
+        [("b", 0, 300), ("a", 0, 512)],
         [("b", 300, 1), ("a", 512, 88)],
         [("a", 600, 1), ("b", 301, 1)],
         [("a", 601, 1), ("b", 302, 1)],
