@@ -47,7 +47,7 @@ from bench.outcomes import percentile
 from bench.report import log, print_result
 from deploy.stack import Stack, StackConfig, start_stack
 
-__all__ = ["run_isolation_bench"]
+__all__ = ["has_text", "run_isolation_bench"]
 
 PROMPT_TOKENS = 128
 OUTPUT_TOKENS = 16
@@ -63,7 +63,7 @@ PROBE_WARMUP_S = 3.0
 REFUSED_PAUSE_S = 1.0  # a probe client the gateway refused waits about its Retry-After
 
 
-def _has_text(chunk: bytes) -> bool:
+def has_text(chunk: bytes) -> bool:
     """Whether an SSE chunk of a streamed completion carries text."""
     for line in chunk.split(b"\n"):
         if line.startswith(b"data: {"):
@@ -120,7 +120,7 @@ class _Tenants:
         start = time.perf_counter()
         try:
             first = await self.pool.post_stream(
-                "/v1/completions", json.dumps(body).encode(), headers, _has_text
+                "/v1/completions", json.dumps(body).encode(), headers, has_text
             )
         except HttpError as exc:
             if exc.status in (429, 503):

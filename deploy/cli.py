@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deploy.launcher import exit_when_stdin_closes
@@ -326,6 +327,52 @@ def _build_parser() -> argparse.ArgumentParser:
     bench_isolation.add_argument(
         "--output", default=None, help="also write the JSON result to this file"
     )
+    bench_hol = bench_commands.add_parser(
+        "hol",
+        help="head-of-line blocking on the real stack: one tenant's long prompt, then short "
+        "prompts from it and from another tenant; their TTFT",
+    )
+    from bench.hol_bench import add_arguments as add_hol_arguments
+
+    add_hol_arguments(bench_hol)
+    bench_fairness = bench_commands.add_parser(
+        "fairness",
+        help="the real stack (tiny model): weighted tenants' Jain index, and a tenant back "
+        "from idle against a steady one (the lift rule), per policy",
+    )
+    bench_fairness.add_argument(
+        "--policies", default="vtc,dlpm,d2lpm", help="comma-separated (default: %(default)s)"
+    )
+    bench_fairness.add_argument("--prefill-workers", type=int, default=2)
+    bench_fairness.add_argument("--concurrency", type=int, default=48)
+    bench_fairness.add_argument("--lift-concurrency", type=int, default=80)
+    bench_fairness.add_argument("--warmup-s", type=float, default=10.0)
+    bench_fairness.add_argument("--window-s", type=float, default=60.0)
+    bench_fairness.add_argument("--off-s", type=float, default=30.0)
+    bench_fairness.add_argument("--seed", type=int, default=0)
+    bench_fairness.add_argument("--output", default=None, help="also write the JSON result here")
+    bench_fidelity = bench_commands.add_parser(
+        "fidelity",
+        help="the same traces through the real stack (tiny model) and the simulator: "
+        "per-tenant service shares side by side",
+    )
+    bench_fidelity.add_argument(
+        "--scenarios", default="weighted,overload", help="comma-separated (default: %(default)s)"
+    )
+    bench_fidelity.add_argument(
+        "--policies", default="vtc,dlpm,d2lpm", help="comma-separated (default: %(default)s)"
+    )
+    bench_fidelity.add_argument("--duration-s", type=float, default=40.0)
+    bench_fidelity.add_argument("--prefill-workers", type=int, default=2)
+    bench_fidelity.add_argument("--overload", type=float, default=2.0)
+    bench_fidelity.add_argument("--seed", type=int, default=0)
+    bench_fidelity.add_argument(
+        "--model", default=None, help="latency model JSON (default: the tiny model's)"
+    )
+    bench_fidelity.add_argument(
+        "--refit", action="store_true", help="fit the tiny model's latency model first"
+    )
+    bench_fidelity.add_argument("--output", default=None, help="also write the JSON result here")
     _add_bench_sched_parser(bench_commands)
     return parser
 
@@ -727,6 +774,43 @@ def _run_bench(args: argparse.Namespace) -> int:
             steady_share=args.steady_share,
             output=args.output,
         )
+    if args.bench_command == "hol":
+        from bench.hol_bench import plan_of, run_hol_bench
+
+        run_hol_bench(plan_of(args), output=args.output)
+        return 0
+    if args.bench_command == "fairness":
+        from bench.fairness_bench import run_fairness_bench
+
+        return run_fairness_bench(
+            policies=_names(args.policies),
+            num_prefill_workers=args.prefill_workers,
+            concurrency=args.concurrency,
+            lift_concurrency=args.lift_concurrency,
+            warmup_s=args.warmup_s,
+            window_s=args.window_s,
+            off_s=args.off_s,
+            seed=args.seed,
+            output=args.output,
+        )
+    if args.bench_command == "fidelity":
+        from bench.fidelity_bench import TINY_MODEL_PATH, run_fidelity_bench
+        from bench.report import print_result
+
+        print_result(
+            run_fidelity_bench(
+                scenarios=_names(args.scenarios),
+                policies=_names(args.policies),
+                duration_s=args.duration_s,
+                num_prefill_workers=args.prefill_workers,
+                overload=args.overload,
+                seed=args.seed,
+                model_path=Path(args.model) if args.model else TINY_MODEL_PATH,
+                refit=args.refit,
+            ),
+            args.output,
+        )
+        return 0
     if args.bench_command == "transfer":
         from bench.transfer_bench import run_transfer_bench
 
@@ -740,6 +824,10 @@ def _run_bench(args: argparse.Namespace) -> int:
         quick=args.quick,
         output=args.output,
     )
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in value.split(",") if name.strip())
 
 
 def _run_bench_gateway(args: argparse.Namespace) -> int:
