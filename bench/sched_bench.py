@@ -23,6 +23,7 @@ tokens × w_in + output tokens × w_out, divided by the tenant's weight where no
   and TPOT targets (``gateway.config.DEFAULT_SLO_CLASSES``); rejected and unserved ones miss;
   ``ttft_attainment`` and ``tpot_attainment`` the same for each target alone (TPOT: mean time
   per output token after the first, from the simulated decode steps);
+  ``ttft_attainment_by_tenant`` and ``tpot_attainment_by_tenant`` the same per tenant;
 - ``class_load``: per class, the requests/s completed within the duration as a fraction of what
   the cluster completes of that class's requests alone (``bench.scenarios.stream_capacity_req_s``
   of its streams' average request); ``batch_use_of_leftover``: ``class_load["batch"] / (1 −
@@ -129,6 +130,12 @@ def policy_metrics(
         "slo_attainment": _slo_attainment(records, slo_classes),
         "ttft_attainment": _slo_attainment(records, slo_classes, check_tpot=False),
         "tpot_attainment": _slo_attainment(records, slo_classes, check_ttft=False),
+        "ttft_attainment_by_tenant": _slo_attainment(
+            records, slo_classes, check_tpot=False, by_tenant=True
+        ),
+        "tpot_attainment_by_tenant": _slo_attainment(
+            records, slo_classes, check_ttft=False, by_tenant=True
+        ),
         "cache_hit_rate": round(
             sum(r.num_cached_tokens for r in prefilled)
             / max(1, sum(r.num_prompt_tokens for r in prefilled)),
@@ -246,7 +253,11 @@ def _slo_attainment(
     *,
     check_ttft: bool = True,
     check_tpot: bool = True,
+    by_tenant: bool = False,
 ) -> dict[str, float]:
+    """Per class (per tenant with ``by_tenant``), the share of requests that completed and met
+    the class's targets checked. TPOT (the mean time per output token after the first) is
+    checked for classes that have a target, over requests with at least two tokens."""
     targets = {c.name: c for c in slo_classes}
     met: dict[str, list[bool]] = {}
     for record in records:
@@ -259,7 +270,7 @@ def _slo_attainment(
         if ok and check_tpot and slo.tpot_target_s is not None and record.num_output_tokens > 1:
             tpot = (record.finish_s - record.first_token_s) / (record.num_output_tokens - 1)
             ok = tpot <= slo.tpot_target_s
-        met.setdefault(record.slo_class, []).append(ok)
+        met.setdefault(record.tenant_id if by_tenant else record.slo_class, []).append(ok)
     return {name: round(sum(oks) / len(oks), 4) for name, oks in met.items()}
 
 
