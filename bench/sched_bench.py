@@ -257,12 +257,20 @@ def _slo_attainment(
 ) -> dict[str, float]:
     """Per class (per tenant with ``by_tenant``), the share of requests that completed and met
     the class's targets checked. TPOT (the mean time per output token after the first) is
-    checked for classes that have a target, over requests with at least two tokens."""
+    checked for classes that have a target, over requests with at least two tokens; TPOT alone
+    (``check_ttft`` False) counts only those, completed, as the gateway's
+    ``fairgate_tpot_attainment`` does."""
     targets = {c.name: c for c in slo_classes}
     met: dict[str, list[bool]] = {}
     for record in records:
         slo = targets.get(record.slo_class)
         if slo is None:
+            continue
+        if not check_ttft and (
+            slo.tpot_target_s is None
+            or record.outcome != "completed"
+            or record.num_output_tokens < 2
+        ):
             continue
         ok = record.outcome == "completed"
         if ok and check_ttft:

@@ -67,6 +67,7 @@ from engine.preemption import PrefillCandidate, prefill_order
 from gateway.config import DEFAULT_SLO_CLASSES, SchedulerSection, SloClass
 from gateway.core import SchedulingCore, WorkerAccount
 from gateway.scheduler import (
+    ROOM_RETRY_S,
     MakeRoom,
     Placement,
     QueuedRequest,
@@ -95,6 +96,7 @@ Outcome = Literal["completed", "rejected", "unserved"]
 _PREFILL_STEP = 0
 _DECODE_STEP = 1
 _CLIENT = 2  # a closed-loop tenant's client sends its next request
+_TIMER = 3  # a pass is due (a make-room ask or refusal expired)
 
 
 class SimulationError(RuntimeError):
@@ -578,6 +580,8 @@ class Simulator:
                 self._sample_until(now)
                 if kind == _CLIENT:
                     freed = self._send_next(self.trace.tenants[index].tenant_id, now)
+                elif kind == _TIMER:
+                    freed = True
                 elif kind == _PREFILL_STEP:
                     freed = self._end_prefill_step(self.prefill[index], now)
                 else:
@@ -608,7 +612,8 @@ class Simulator:
             end_s=end_s,
             num_evicted_blocks=self._num_evicted,
             leftover_kv_tokens=sum(w.reserved_kv_tokens for w in self.decode),
-            leftover_inflight_tokens=sum(w.account.inflight_tokens for w in self.prefill),
+            leftover_inflight_tokens=sum(w.account.inflight_tokens for w in self.prefill)
+            + sum(w.account.inflight_tokens for w in self.decode),
             leftover_queued=self.policy.queued(),
             num_prefill_steps=sum(w.num_steps for w in self.prefill),
             prefill_busy_s=sum(w.busy_s for w in self.prefill),
@@ -719,7 +724,10 @@ class Simulator:
             num_requeued = 0
             for decision in decisions:
                 if isinstance(decision, MakeRoom):
-                    self._make_room(decision, now)
+                    # Room made: another pass places the request, as the dispatcher's does
+                    # after the answer; either way one when the ask (or refusal) expires.
+                    num_requeued += self._make_room(decision, now)
+                    self._push(now + ROOM_RETRY_S, _TIMER, 0)
                     continue
                 job = self._release(decision.request.request_id)
                 if isinstance(decision, Rejection):
@@ -747,7 +755,7 @@ class Simulator:
             # request ends on both workers with nothing computed, the worker counts as full,
             # and the request goes back to the queue ahead of later arrivals.
             self.core.prefill_done(prefill.account, request, None, now)
-            self.core.decode_done(decode.account, request, 0, now)
+            self.core.decode_done(decode.account, request, 0, now, finished=False)
             self.core.no_room(decode.account)
             self.policy.requeue(request, now)
             job.record.num_requeues += 1
@@ -761,7 +769,7 @@ class Simulator:
             self._start_prefill_step(prefill, now)
         return True
 
-    def _make_room(self, room: MakeRoom, now: float) -> None:
+    def _make_room(self, room: MakeRoom, now: float) -> bool:
         """A ``MakeRoom`` on a simulated decode worker: it preempts, by recompute, requests
         decoding there of a lower class than the one it is asked for (least important first:
         lowest rank, then highest tenant counter, then latest arrival) until the KV and a batch
@@ -786,6 +794,7 @@ class Simulator:
             num_preempted += 1
         has_room = worker.free_kv_tokens() >= room.num_tokens and bool(worker.free_slots())
         self.core.room_answered(worker.account, room, num_preempted > 0 or has_room, now)
+        return num_preempted > 0 or has_room
 
     def _preempt(self, worker: _DecodeWorker, job: _Job, now: float) -> None:
         request, record = job.request, job.record

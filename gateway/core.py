@@ -100,12 +100,15 @@ class WorkerAccount:
         return min(self.info.max_num_seqs, max(0, self.info.max_num_seqs - taken))
 
     def num_context_tokens(self) -> int:
-        """Decode: the tokens its batch holds, as best the gateway can tell (what it reported
-        running, with what was placed there and ended since)."""
+        """Decode: the tokens its batch holds, as best the gateway can tell: what it reported
+        running, with what was placed there and ended since; and at least the prompts of the
+        requests the gateway placed there and that have not ended (a report counts running
+        requests only, not the reservations whose prefill is still under way)."""
         if self.load is None:
-            return 0
+            return self.inflight_tokens
         held = self.load.num_running_tokens
-        return max(0, held + self.tokens_reserved_since_report - self.tokens_freed_since_report)
+        reported = held + self.tokens_reserved_since_report - self.tokens_freed_since_report
+        return max(reported, self.inflight_tokens, 0)
 
     def free_kv_tokens(self) -> int:
         """Decode: KV token slots free now, as best the gateway can tell; 0 when its batch
@@ -245,7 +248,9 @@ class SchedulingCore:
         _untrack(decode.ranks_inflight, request.rank)
         decode.is_full = False  # it freed blocks
         decode.requests_ended_since_report += 1
-        decode.tokens_freed_since_report += request.num_prompt_tokens + max(1, num_output_tokens)
+        # (A resumed request's prompt holds the output generated before it was handed back.)
+        num_new_tokens = num_output_tokens - request.num_output_tokens
+        decode.tokens_freed_since_report += request.num_prompt_tokens + max(1, num_new_tokens)
         if finished:
             self.policy.on_finish(request, num_output_tokens, now)
 

@@ -175,7 +175,12 @@ class Dispatcher:
         goes back ahead of later arrivals. ``NoWorkerAvailable`` when no worker can serve at all
         (now, or while it waits), ``QueueTimeout`` when none had room within the queue
         timeout."""
-        self.check_can_serve()
+        try:
+            self.check_can_serve()
+        except NoWorkerAvailable:
+            if requeue:  # it left its flight (``decode_done``, not finished): it ends here
+                self.core.given_up(request, request.num_output_tokens, self.clock())
+            raise
         if self.registry.reference is not None:
             self.policy.set_block_size(self.registry.reference.block_size)
         future: asyncio.Future[WorkerPair] = asyncio.get_running_loop().create_future()

@@ -7,9 +7,13 @@ of HTTP bodies.
 
 A decode worker with no room after all (the gateway's view of it was a report old) is marked
 full and the request goes back to the head of the queue, as often as it takes within the queue
-timeout. A worker that cannot be reached, or whose engine died, is marked dead; if it had not
-sent the request a token yet, the request is placed again, up to ``MAX_PLACEMENTS`` times. After
-a token, a failure ends the request with its error.
+timeout. Since the prefill does not wait for the decode worker's reservation, that usually comes
+after the prefill's first token went out: the request then goes back as a resumption (a
+``Preempted`` with ``error``, ``run_disaggregated``), and its prefill finds the prompt in the
+prefill worker's prefix cache. A worker that cannot be reached, or whose engine died, is marked
+dead; if it had not sent the request a token yet (or, a decode worker, had not taken it), the
+request is placed again, up to ``MAX_PLACEMENTS`` times. After a token, a failure ends the
+request with its error.
 Leaving the iteration early (a client that went away) closes the worker streams, which aborts
 the request on both workers.
 
@@ -39,7 +43,14 @@ from gateway.scheduler import QueuedRequest
 from gateway.streaming import TextStream
 from gateway.workers import WorkerRegistry
 from transfer.client import run_disaggregated
-from transfer.errors import EngineFailed, FairgateError, NoRoomError, WorkerUnreachable
+from transfer.errors import (
+    EngineFailed,
+    ErrorBody,
+    FairgateError,
+    NoRoomError,
+    WorkerUnreachable,
+    error_from_body,
+)
 from transfer.messages import GenerateRequest, Preempted, Priority, SamplingSpec, TokenFrame
 from transfer.telemetry import SpanRecord, start_child, traceparent_of
 
@@ -120,7 +131,8 @@ class Generation:
         self.cache_salt = cache_salt
         self.flush_interval_s = flush_interval_s
         self.output_token_ids: list[int] = []  # every output token so far, over preemptions
-        self.num_preemptions = 0
+        self.num_preemptions = 0  # hand-backs by a decode worker
+        self.num_resumptions = 0  # those, and requests a decode worker did not take
         self.usage = TokenUsage(prompt_tokens=len(prompt_token_ids))
         self.timing = Timing(received=received)
         self.pair: WorkerPair | None = None
@@ -186,10 +198,15 @@ class Generation:
                         yield event
                 return
             except _Preempted as exc:
-                # Handed back by the decode worker (recompute): back to the queue at its
-                # original arrival, then re-prefilled with its output so far; the client's
-                # stream just pauses.
+                # Handed back by the decode worker (recompute), or not taken by it after the
+                # prefill's first token went out (``Preempted.error``): back to the queue at its
+                # original arrival, then re-prefilled with its output so far (its prompt found
+                # in the prefill worker's prefix cache); the client's stream just pauses.
                 try:
+                    if exc.preempted.error is not None:
+                        num_unreachable = self._not_taken(
+                            pair, exc.preempted.error, num_unreachable
+                        )
                     self._resume_after(exc.preempted)
                 except FairgateError:
                     self.dispatcher.given_up(self.queued, len(self.output_token_ids))
@@ -217,6 +234,24 @@ class Generation:
                     raise
             requeue = True
             logger.info("request %s: placing again (attempt %d)", self.queued.request_id, attempt)
+
+    def _not_taken(self, pair: WorkerPair, body: ErrorBody, num_unreachable: int) -> int:
+        """The hand-off did not happen after the first token (the decode worker had no room or
+        could not be reached, or the prefill worker died): handle why as for the same error
+        before any token, raising it if the request may not go on. Returns the number of
+        placements on unreachable workers so far."""
+        error = error_from_body(body)
+        if isinstance(error, NoRoomError):
+            self.registry.mark_full(pair.decode)
+            if time.monotonic() - self.timing.received > self.dispatcher.queue_timeout_s:
+                raise error
+            return num_unreachable
+        if isinstance(error, WorkerUnreachable | EngineFailed):
+            self._mark_unreachable(pair, error)
+            if num_unreachable + 1 == MAX_PLACEMENTS:
+                raise error
+            return num_unreachable + 1
+        raise error
 
     async def _submit(self, requeue: bool) -> WorkerPair:
         """Wait for workers; traced as a ``queue`` span under the request's span (made once
@@ -275,7 +310,7 @@ class Generation:
                             self.usage.prompt_tokens - frame.num_cached_tokens if is_first else 0,
                             len(frame.token_ids),
                         )
-                    if self.num_preemptions == 0:  # a resumption's prompt is not the client's
+                    if self.num_resumptions == 0:  # a resumption's prompt is not the client's
                         self.usage.cached_tokens = frame.num_cached_tokens
                     self.usage.completion_tokens = frame.num_output_tokens
                     self.output_token_ids += frame.token_ids
@@ -313,7 +348,10 @@ class Generation:
                 f"{preempted.num_output_tokens} tokens; the gateway got "
                 f"{len(self.output_token_ids)}"
             )
-        self.num_preemptions += 1
+        self.num_resumptions += 1
+        # One the decode worker never took is no preemption; ``_not_taken`` bounds those.
+        if preempted.error is None:
+            self.num_preemptions += 1
         if self.num_preemptions > MAX_PREEMPTIONS:
             raise WorkerUnreachable(
                 f"{self.queued.request_id} was preempted {self.num_preemptions} times; giving up"

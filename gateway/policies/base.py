@@ -4,6 +4,10 @@ sheddable requests that can no longer make their deadline; at-risk requests of l
 first; the charges of §1 as the work happens; and forgetting idle tenants. A policy adds its
 order (``FairPolicy._serve``), its placement (``_dispatch``), what it does with a charge, and
 what it keeps on a queue entry (``_new_entry``). Torch-free.
+
+Longer than the house's 300 lines: the pass (``Pass``), the lane and the skeleton that walks
+them are one algorithm, every policy's; split, each part would only make sense read with the
+others.
 """
 
 from __future__ import annotations

@@ -29,8 +29,10 @@ class D2lpmPolicy(DlpmPolicy):
     whole prompt: that would push a tenant off the worker holding its prefix after ``Q_w`` /
     prompt length requests, however little they cost there), corrected at the first token as
     DLPM's charge is; output tokens are charged as they arrive rather than all at the finish
-    (the same total); the deficits restart at 0 when the tenant leaves the backlog (``_left``);
-    and the hot-spot margin includes what the prefix saves (``_choose_worker``)."""
+    (the same total); the router deficits restart at 0 when the tenant is idle, nothing queued
+    or in flight (``_became_idle``; they refill themselves, so a debt kept meanwhile only
+    moves the tenant between workers, never holds it back); and the hot-spot margin includes
+    what the prefix saves (``_choose_worker``)."""
 
     name = "d2lpm"
 

@@ -29,39 +29,37 @@ class _Deficits:
     reproduce it, ``tests/bench/test_sim.py``).
 
     A tenant holding credit with nothing queued holds the refill back, but it is not waiting
-    for room: those without credit may then borrow without the ``max_borrow_tokens`` limit
-    (``has_queued_credit``), and their debt is paid back in later rounds. Without that, a
-    tenant sending within its share kept the others of its class waiting for the refill for
-    as long as it took to spend its credit (``slo_mix``: interactive TTFT attainment 0.91).
-    ``num_positive`` and ``num_queued_positive`` keep both questions O(1)."""
+    for room: the queued tenants may then borrow to ``max_borrow_tokens`` below the best of
+    them (``best_queued``) rather than below 0, so they go on in their deficits' order (their
+    weights still count) and pay the debt back in later rounds. With the limit at 0, a tenant
+    sending within its share kept the others of its class waiting for the refill for as long
+    as it took to spend its credit (``slo_mix``: interactive TTFT attainment 0.91); with no
+    limit, the others were served in arrival order, whatever their weights (Jain 0.79).
+    ``num_positive`` keeps "does an active tenant have credit" O(1)."""
 
-    __slots__ = ("num_positive", "num_queued_positive", "queued", "values")
+    __slots__ = ("num_positive", "queued", "values")
 
     def __init__(self, active: Iterable[str], queued: Iterable[str]) -> None:
         self.values: dict[str, float] = dict.fromkeys(active, 0.0)
         self.queued: set[str] = set(queued)
-        self.num_positive = self.num_queued_positive = 0
+        self.num_positive = 0
 
     def has_credit(self) -> bool:
         """Whether an active tenant has credit (no refill is due)."""
         return self.num_positive > 0
 
-    def has_queued_credit(self) -> bool:
-        """Whether a tenant with a request queued has credit (borrowing is limited)."""
-        return self.num_queued_positive > 0
+    def best_queued(self) -> float:
+        """The highest deficit among the tenants with a request queued (0 when none)."""
+        return max((self.values[t] for t in self.queued), default=0.0)
 
     def join(self, tenant_id: str) -> None:
         """The tenant has a request of the class queued (again); active ones keep theirs."""
-        value = self.values.setdefault(tenant_id, 0.0)
-        if tenant_id not in self.queued:
-            self.queued.add(tenant_id)
-            self.num_queued_positive += value > 0
+        self.values.setdefault(tenant_id, 0.0)
+        self.queued.add(tenant_id)
 
     def leave(self, tenant_id: str) -> None:
         """Its queue in the class is empty (it keeps its deficit while it is active)."""
-        if tenant_id in self.queued:
-            self.queued.discard(tenant_id)
-            self.num_queued_positive -= self.values[tenant_id] > 0
+        self.queued.discard(tenant_id)
 
     def drop(self, tenant_id: str) -> None:
         """Nothing of the tenant's class is queued or in flight: it restarts at 0."""
@@ -88,11 +86,8 @@ class _Deficits:
                 self._set(tenant_id, value + rounds * quantum)
 
     def _set(self, tenant_id: str, value: float) -> None:
-        change = (value > 0) - (self.values.get(tenant_id, 0.0) > 0)
+        self.num_positive += (value > 0) - (self.values.get(tenant_id, 0.0) > 0)
         self.values[tenant_id] = value
-        self.num_positive += change
-        if tenant_id in self.queued:
-            self.num_queued_positive += change
 
 
 class LpmLane(Lane):
@@ -271,14 +266,11 @@ class DlpmPolicy(IndexedPolicy[LpmLane, DlpmEntry]):
 
     def _may_borrow(self, deficits: _Deficits, deficit: float) -> bool:
         """Whether a tenant at ``deficit`` may go further into debt when the tenants with credit
-        cannot use the room: down to ``-max_borrow_tokens``; further while no tenant with
-        credit has anything queued (they are not waiting for room), or nothing is in flight
-        (room for them would never come back)."""
-        return (
-            deficit > -self.settings.max_borrow_tokens
-            or not deficits.has_queued_credit()
-            or not self._flights
-        )
+        cannot use the room: down to ``max_borrow_tokens`` below 0, or below the best queued
+        tenant's deficit when that is lower (``_Deficits``); without limit when nothing is in
+        flight (room for the others would never come back)."""
+        floor = min(0.0, deficits.best_queued()) - self.settings.max_borrow_tokens
+        return deficit > floor or not self._flights
 
     def _reachable(
         self, entry: DlpmEntry, candidates: list[WorkerView], run: Pass

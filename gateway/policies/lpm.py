@@ -71,22 +71,33 @@ class IndexedPolicy(FairPolicy[LaneT, IndexedEntryT]):
         self._is_index_local = True
 
     def set_block_size(self, block_size: int) -> None:
-        """The prefix index is kept in blocks of this size: it may change only while the
-        index is empty (before the first request; the registry keeps workers of another
-        block size out)."""
+        """The prefix index is kept in blocks of this size. Told before the first request is
+        placed (the registry keeps workers of another block size out, so it does not change
+        after): requests queued before it are hashed again."""
         if block_size == self.block_size:
             return
-        if self._entries or self._flights or self._index.worker_ids():
+        if self._flights or self._index.worker_ids():
             raise ValueError(
                 f"the workers' KV block size changed from {self.block_size} to {block_size} "
-                "with prompts indexed"
+                "with prompts placed"
             )
         self.block_size = block_size
+        for entry in self._entries.values():
+            if entry.path is not None:
+                self._index.untrack(entry.path)
+            entry.hashes = None
+            self._track(entry)
+            self._lpm_reordered(entry)
 
     def on_evicted(self, worker_id: str, block_hashes: Sequence[bytes]) -> None:
         self._index.evict(worker_id, block_hashes)
 
     def _queued_entry(self, entry: IndexedEntryT) -> None:
+        self._track(entry)
+        self._lpm_queued(entry)
+
+    def _track(self, entry: IndexedEntryT) -> None:
+        """Follow the entry's prompt in the prefix index, and set its LPM order."""
         request = entry.request
         block_size = self.block_size
         if entry.hashes is None:
@@ -95,7 +106,6 @@ class IndexedPolicy(FairPolicy[LaneT, IndexedEntryT]):
         max_blocks = max(0, (request.num_prompt_tokens - 1) // block_size)
         entry.path = self._index.track(entry.hashes, max_blocks, entry)
         entry.lpm_order = (-self._longest(entry), request.arrival)
-        self._lpm_queued(entry)
 
     def _dequeued_entry(self, entry: IndexedEntryT) -> None:
         if entry.path is not None:

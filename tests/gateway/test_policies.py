@@ -863,3 +863,25 @@ def test_idle_tenants_are_forgotten_only_when_the_lift_would_restore_them() -> N
     assert _tenant(policy, "light").counter == 20
     serve("heavy", 10, 102.0)
     assert _tenant(policy, "heavy").counter == 1010
+
+
+@pytest.mark.parametrize("name", ["dlpm", "d2lpm", "rr_lpm"])
+def test_requests_queued_before_the_workers_block_size_is_known_are_hashed_again(
+    name: str,
+) -> None:
+    """The block size comes from the workers' info; a request queued before it was known is
+    hashed again in the workers' blocks, so its prefix is found where they cached it."""
+    policy = make_policy(name, **_settings(slo_classes=ONE_CLASS, block_size=16))
+    document = list(range(64))
+    warm = _request("a", 68, prompt_token_ids=[*document, 1, 2, 3, 4])
+    hot = _request("a", 68, prompt_token_ids=[*document, 9, 9, 9, 9], arrival=1.0)
+    policy.enqueue(warm, 0.0)
+    policy.set_block_size(4)
+    (first,) = policy.schedule([_prefill()], [_decode()], 0.0)
+    assert isinstance(first, Placement) and first.request is warm
+    policy.on_first_token(warm, 0, 0.5)
+    policy.enqueue(hot, 1.0)
+    (second,) = policy.schedule([_prefill()], [_decode()], 1.0)
+    assert isinstance(second, Placement) and second.num_cached_tokens == 64
+    with pytest.raises(ValueError, match="block size changed"):
+        policy.set_block_size(16)
