@@ -34,19 +34,29 @@ class SequenceSlice:
 
 
 @dataclass(slots=True)
+class DecodeGroup:
+    """Decode runs of similar context length, attended in one padded call. ``rows``: their
+    places among the step's decodes (None: all of them, in order)."""
+
+    rows: torch.Tensor | None  # [n] int64
+    block_tables: torch.Tensor  # [n, max_blocks] int64 (padded with 0)
+    mask: torch.Tensor | None  # [n, 1, 1, max_blocks * block_size] bool; None for one run
+    max_context_len: int
+
+
+@dataclass(slots=True)
 class AttentionBatch:
     """Where the step's keys and values go and what each query attends to.
 
-    Decode runs (one query token each) are batched into one padded attention call; prefill runs are
-    attended one sequence at a time.
+    Decode runs (one query token each) are attended in padded groups of similar context length
+    (``DecodeGroup``; one group when their lengths are alike); prefill runs one sequence at a
+    time.
     """
 
     slot_mapping: torch.Tensor  # [num_tokens] int64: block_id * block_size + offset
     prefills: list[SequenceSlice]
     decode_token_indices: torch.Tensor | None  # [num_decodes] int64 rows of the flattened batch
-    decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int64 (padded with 0)
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] bool
-    decode_max_context_len: int = 0
+    decode_groups: list[DecodeGroup]
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -253,22 +263,36 @@ class DecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         batch: AttentionBatch,
     ) -> torch.Tensor:
-        assert batch.decode_block_tables is not None
+        groups = batch.decode_groups
+        if len(groups) == 1 and groups[0].rows is None:
+            return self._attend_decode_group(query, kv_cache, groups[0])
+        out = torch.empty_like(query)
+        for group in groups:
+            assert group.rows is not None
+            out[group.rows] = self._attend_decode_group(query[group.rows], kv_cache, group)
+        return out
+
+    def _attend_decode_group(
+        self,
+        query: torch.Tensor,  # [n, heads, hd]
+        kv_cache: torch.Tensor,
+        group: DecodeGroup,
+    ) -> torch.Tensor:
         num_decodes = query.shape[0]
-        keys, values = _gather_blocks(kv_cache, batch.decode_block_tables.flatten())
-        # [num_decodes * max_context, kvh, hd] -> [num_decodes, kvh, max_context, hd]
+        keys, values = _gather_blocks(kv_cache, group.block_tables.flatten())
+        # [n * max_context, kvh, hd] -> [n, kvh, max_context, hd]
         keys = keys.view(num_decodes, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
         values = values.view(num_decodes, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        mask = batch.decode_mask
+        mask = group.mask
         if num_decodes == 1:
             # One sequence: cut to its context instead of masking (the unmasked kernel is faster).
-            keys = keys[:, :, : batch.decode_max_context_len]
-            values = values[:, :, : batch.decode_max_context_len]
+            keys = keys[:, :, : group.max_context_len]
+            values = values[:, :, : group.max_context_len]
             mask = None
         out = F.scaled_dot_product_attention(
             query.unsqueeze(2).to(keys.dtype), keys, values, attn_mask=mask, enable_gqa=True
         )
-        return out.squeeze(2).to(query.dtype)  # [num_decodes, heads, hd]
+        return out.squeeze(2).to(query.dtype)  # [n, heads, hd]
 
 
 class LlamaModel(nn.Module):

@@ -42,6 +42,26 @@ def test_batched_equals_one_at_a_time(weights: dict[str, torch.Tensor]) -> None:
     assert all(len(out) == GREEDY.max_tokens for out in together)
 
 
+def test_decodes_of_unlike_lengths_are_attended_in_groups_with_the_same_tokens(
+    weights: dict[str, torch.Tensor],
+) -> None:
+    """One long context among short ones: its decodes go in their own padded call (the short
+    ones would otherwise each pay its length), and every sequence gets the tokens it gets
+    alone."""
+    long_prompt = _prompts(1, seed=3, min_len=200, max_len=200)[0]
+    prompts = [long_prompt, *_prompts(5, seed=4, min_len=3, max_len=8)]
+    alone = [_engine(weights).generate([p], GREEDY)[0] for p in prompts]
+    engine = _engine(weights)
+    runner = engine.runner
+    tables = [list(range(n)) for n in (2, 3, 2, 52)]
+    groups = runner._decode_groups(tables, [8, 11, 7, 205])
+    assert [None if g.rows is None else g.rows.tolist() for g in groups] == [[0, 2, 1], [3]]
+    assert [g.max_context_len for g in groups] == [11, 205]
+    (alike,) = runner._decode_groups([[0, 1], [2, 3, 4]], [7, 10])
+    assert alike.rows is None and alike.block_tables.shape == (2, 3)
+    assert engine.generate(prompts, GREEDY) == alone
+
+
 def test_chunked_scheduling_equals_whole_prompts(weights: dict[str, torch.Tensor]) -> None:
     prompts = _prompts(6, seed=2, min_len=20, max_len=60)
     whole = _engine(weights).generate(prompts, GREEDY)
