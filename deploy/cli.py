@@ -335,6 +335,14 @@ def _build_parser() -> argparse.ArgumentParser:
     from bench.hol_bench import add_arguments as add_hol_arguments
 
     add_hol_arguments(bench_hol)
+    bench_slo = bench_commands.add_parser(
+        "slo",
+        help="the real stack: interactive tenants' TTFT and TPOT alone and under a flood of "
+        "batch-class long prompts, with SLO attainment",
+    )
+    from bench.slo_bench import add_arguments as add_slo_arguments
+
+    add_slo_arguments(bench_slo)
     bench_fairness = bench_commands.add_parser(
         "fairness",
         help="the real stack (tiny model): weighted tenants' Jain index, and a tenant back "
@@ -778,6 +786,12 @@ def _run_bench(args: argparse.Namespace) -> int:
         from bench.hol_bench import plan_of, run_hol_bench
 
         run_hol_bench(plan_of(args), output=args.output)
+        return 0
+    if args.bench_command == "slo":
+        from bench.slo_bench import plan_of as slo_plan_of
+        from bench.slo_bench import run_slo_bench
+
+        run_slo_bench(slo_plan_of(args), output=args.output)
         return 0
     if args.bench_command == "fairness":
         from bench.fairness_bench import run_fairness_bench
