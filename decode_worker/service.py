@@ -2,11 +2,14 @@
 
 ``POST /v1/decode`` (``DecodeRequest`` → frame stream): blocks for the prompt and the first token
 are reserved at once, or the call fails with 503 ``no_room``. The stream's first frame,
-``Reserved``, names them; the caller hands them to the prefill worker. When the KV lands
-(``KvDestination.landed``, on a KV pair thread) the request joins the continuous-batching decode
-loop and every step's tokens go out as ``TokenFrame``s, the last with its finish reason. If the
-KV does not come within ``kv_wait_timeout_s``, or its transfer fails, the blocks go back and the
-stream ends with an ``ErrorFrame``.
+``Reserved``, names them; the caller hands them to the prefill worker (which by then is computing
+the prompt: the caller sends both calls at once). When the KV lands (``KvDestination.landed``, on
+a KV pair thread) the request joins the continuous-batching decode loop and every step's tokens
+go out as ``TokenFrame``s, the last with its finish reason. If the KV does not come within
+``kv_wait_timeout_s``, or its transfer fails, the blocks go back and the stream ends with an
+``ErrorFrame``; a caller that knows the prefill died closes the stream, which frees them at once.
+Failpoint ``decode.reserved``: after the reservation, before ``Reserved`` goes out (on the event
+loop: ``pause`` wedges the worker).
 
 A colocated worker (role ``colocated``) also takes ``POST /v1/generate``: prompt in, every token
 out, no transfer. A caller that disconnects aborts its request; blocks a transfer is still
@@ -61,6 +64,7 @@ from transfer.errors import (
     TransferError,
     WrongRole,
 )
+from transfer.failpoints import failpoint
 from transfer.http import FrameStreamResponse, message_response, read_message
 from transfer.kv_layout import layout_of
 from transfer.kv_receiver import KvReceiver, ReceiverConfig
@@ -232,6 +236,11 @@ class DecodeService(WorkerService):
                 f"{load.num_running + load.num_reserved} of {self.config.max_num_seqs} "
                 f"batch slots taken, {load.num_swapped} swapped-out requests waiting"
             )
+        try:
+            failpoint("decode.reserved")
+        except TransferError:
+            self._thread.submit(lambda engine: engine.cancel_reservation(request.request_id))
+            raise
         stream.block_ids = block_ids
         with self._lock:
             self._streams[stream.request_id] = stream

@@ -23,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 import msgspec
 from starlette.requests import Request
@@ -42,12 +44,20 @@ from transfer.errors import (
     InvalidWorkerRequest,
     RequestAborted,
     RequestTimeout,
+    TransferError,
     TransferTimeout,
 )
+from transfer.failpoints import failpoint
 from transfer.http import message_response, read_message, until_disconnected
 from transfer.kv_layout import layout_of
 from transfer.kv_sender import KvSender, SenderConfig, TransferJob, TransferResult
-from transfer.messages import PrefillRequest, PrefillResult
+from transfer.messages import (
+    KvTarget,
+    PrefillRequest,
+    PrefillResult,
+    PrefillTarget,
+    PrefillTargetResult,
+)
 from transfer.telemetry import (
     TRACEPARENT_HEADER,
     SpanRecord,
@@ -69,13 +79,65 @@ class _TracedTransfer:
     num_blocks: int
 
 
+@dataclass(frozen=True, slots=True)
+class _HeldKv:
+    """A handed-off request's KV, as the transfer needs it once its target is known."""
+
+    request_id: str
+    src_block_ids: list[int]
+    num_tokens: int  # earlier output of a resumption included
+    first_token_id: int
+    seed: int
+    num_cached_tokens: int
+    span: SpanRecord | None
+
+    def job(self, target: KvTarget) -> TransferJob:
+        num_blocks = len(self.src_block_ids)
+        return TransferJob(
+            request_id=self.request_id,
+            target=msgspec.structs.replace(target, block_ids=target.block_ids[:num_blocks]),
+            src_block_ids=self.src_block_ids,
+            num_tokens=self.num_tokens,
+            first_token_id=self.first_token_id,
+            seed=self.seed,
+            num_cached_tokens=self.num_cached_tokens,
+        )
+
+
+# expecting: the target came first; prefilling: the prompt is computing (the target may be
+# here); held: the KV waits for its target; shipping: a transfer owns the KV.
+_HandOffState = Literal["expecting", "prefilling", "held", "shipping"]
+
+
+@dataclass(slots=True)
+class _HandOff:
+    """The two halves of a request sent with ``target_follows``: its KV (at hand-off) and its
+    target (``PrefillTarget``), which come in either order. In ``PrefillService._hand_offs``
+    under its lock until ``outcome`` is settled (``_settle``); the target call awaits that."""
+
+    request_id: str
+    loop: asyncio.AbstractEventLoop
+    outcome: asyncio.Future[PrefillTargetResult]  # set on ``loop`` only
+    state: _HandOffState
+    has_target: bool = False
+    target: KvTarget | None = None  # with has_target: None drops the KV
+    held: _HeldKv | None = None
+    expiry: asyncio.TimerHandle | None = None  # a half that waits too long for the other
+
+
+_Outcome = PrefillTargetResult | FairgateError
+
+
 class PrefillService(WorkerService):
     role = "prefill"
 
     def on_loaded(self, loaded: LoadedEngine, thread: EngineThread) -> None:
         kv_cache = loaded.kv_cache
         self._thread = thread
-        self._transferring: set[str] = set()  # engine thread only
+        # Both under _lock: the event loop, the engine thread and KV link threads touch them.
+        self._lock = threading.Lock()
+        self._transferring: set[str] = set()  # requests whose blocks a transfer owns
+        self._hand_offs: dict[str, _HandOff] = {}
         self.sender = KvSender(
             kv_cache,
             layout_of(kv_cache, loaded.model_id),
@@ -120,7 +182,14 @@ class PrefillService(WorkerService):
                 span.end()
             return message_response(result)
 
-        return [Route("/v1/prefill", prefill, methods=["POST"])]
+        async def target(request: Request) -> Response:
+            body = await read_message(request, PrefillTarget)
+            return message_response(await self.receive_target(body))
+
+        return [
+            Route("/v1/prefill", prefill, methods=["POST"]),
+            Route("/v1/prefill/target", target, methods=["POST"]),
+        ]
 
     # ---- prefill ----------------------------------------------------------------------------
 
@@ -137,6 +206,8 @@ class PrefillService(WorkerService):
         except ValueError as exc:
             raise InvalidWorkerRequest(str(exc)) from exc
         target = request.target
+        if target is not None and request.target_follows:
+            raise InvalidWorkerRequest("a request with a target cannot have one follow")
         block_size = thread.engine.block_size
         # The earlier output of a resumed request is shipped too: all of prompt_token_ids.
         num_prompt_blocks = -(-len(request.prompt_token_ids) // block_size)
@@ -150,6 +221,9 @@ class PrefillService(WorkerService):
         paired = None if target is None else asyncio.wrap_future(self.sender.connect(target))
         loop = asyncio.get_running_loop()
         result: asyncio.Future[PrefillResult] = loop.create_future()
+        hand_off = (
+            await self._expect_hand_off(request.request_id) if request.target_follows else None
+        )
 
         def resolve(outcome: PrefillResult | FairgateError) -> None:
             if result.done():
@@ -161,9 +235,15 @@ class PrefillService(WorkerService):
 
         def sink(output: StepOutput | FairgateError) -> None:  # on the engine thread
             if isinstance(output, FairgateError):
+                if hand_off is not None:
+                    self._settle(hand_off, output)
                 loop.call_soon_threadsafe(resolve, output)
                 return
-            will_transfer = output.is_handed_off and self._hand_off(request, output, seed, span)
+            will_transfer = output.is_handed_off and self._hand_off(
+                request, hand_off, output, seed, span
+            )
+            if hand_off is not None and not output.is_handed_off:
+                self._settle(hand_off, PrefillTargetResult(request.request_id, "finished"))
             answer = PrefillResult(
                 request_id=request.request_id,
                 first_token_id=output.new_token_ids[0],
@@ -190,8 +270,13 @@ class PrefillService(WorkerService):
 
         try:
             await thread.call(add)
-        except ValueError as exc:
-            raise InvalidWorkerRequest(str(exc)) from exc
+        except (ValueError, FairgateError) as exc:
+            error = InvalidWorkerRequest(str(exc)) if isinstance(exc, ValueError) else exc
+            if hand_off is not None:
+                self._settle(hand_off, error)
+            if isinstance(exc, ValueError):
+                raise error from exc
+            raise
         try:
             answer = await asyncio.wait_for(result, self.config.request_timeout_s)
         except TimeoutError as exc:
@@ -211,40 +296,69 @@ class PrefillService(WorkerService):
         return answer
 
     def _hand_off(
-        self, request: PrefillRequest, output: StepOutput, seed: int, span: SpanRecord | None
+        self,
+        request: PrefillRequest,
+        hand_off: _HandOff | None,
+        output: StepOutput,
+        seed: int,
+        span: SpanRecord | None,
     ) -> bool:
-        """On the engine thread: ship a handed-off request's KV, or release it when there is
-        nowhere to ship it. True when a transfer was started."""
+        """On the engine thread: ship a handed-off request's KV, hold it for a target that
+        follows, or release it when there is nowhere to ship it. True when it is shipped or
+        held."""
         engine = self._thread.engine
         seq = engine.handed_off[request.request_id]
-        target = request.target
-        if target is None:
-            engine.release_handed_off(request.request_id)
-            return False
-        num_blocks = len(seq.block_table)
-        job = TransferJob(
+        held = _HeldKv(
             request_id=request.request_id,
-            target=msgspec.structs.replace(target, block_ids=target.block_ids[:num_blocks]),
             src_block_ids=list(seq.block_table),
-            num_tokens=len(request.prompt_token_ids),  # earlier output of a resumption included
+            num_tokens=len(request.prompt_token_ids),
             first_token_id=output.new_token_ids[0],
             seed=seed,
             num_cached_tokens=seq.num_cached_tokens,
+            span=span,
         )
-        self._transferring.add(request.request_id)
-        traced = None if span is None else _TracedTransfer(span, time.time_ns(), num_blocks)
-        self.sender.submit(job, partial(self._transfer_done, traced))
+        if request.target is not None:
+            with self._lock:
+                self._transferring.add(request.request_id)
+            self._ship(held, request.target, None)
+            return True
+        if hand_off is None:
+            engine.release_handed_off(request.request_id)
+            return False
+        with self._lock:
+            if self._hand_offs.get(request.request_id) is not hand_off:
+                engine.release_handed_off(request.request_id)  # settled already (aborted)
+                return False
+            hand_off.held = held
+            if not hand_off.has_target:
+                hand_off.state = "held"
+                hand_off.loop.call_soon_threadsafe(self._arm_expiry, hand_off)
+                return True
+        self._use_target(hand_off, engine)
         return True
 
-    def _transfer_done(self, traced: _TracedTransfer | None, result: TransferResult) -> None:
+    def _ship(self, held: _HeldKv, target: KvTarget, hand_off: _HandOff | None) -> None:
+        """Start the transfer; the caller has put the request in ``_transferring``."""
+        num_blocks = len(held.src_block_ids)
+        span = held.span
+        traced = None if span is None else _TracedTransfer(span, time.time_ns(), num_blocks)
+        self.sender.submit(held.job(target), partial(self._transfer_done, traced, hand_off))
+
+    def _transfer_done(
+        self, traced: _TracedTransfer | None, hand_off: _HandOff | None, result: TransferResult
+    ) -> None:
         """On a KV link thread: the blocks go back, whatever the outcome (first, so that
         nothing the metrics or the span do can keep them)."""
 
         def release(engine: LLMEngine) -> None:
-            self._transferring.discard(result.request_id)
+            with self._lock:
+                self._transferring.discard(result.request_id)
             engine.release_handed_off(result.request_id)
 
         self._thread.submit(release)
+        if hand_off is not None:
+            outcome = PrefillTargetResult(result.request_id, "shipped")
+            self._settle(hand_off, outcome if result.error is None else result.error)
         self.metrics.transfer_sent(result.num_bytes, result.seconds, is_ok=result.error is None)
         if traced is not None:
             span = start_child(
@@ -268,15 +382,198 @@ class PrefillService(WorkerService):
                 result.seconds * 1e3,
             )
 
+    # ---- targets that follow ----------------------------------------------------------------
+
+    async def _after_earlier_hand_off(self, request_id: str) -> None:
+        """On the event loop: wait while the same request's earlier hand-off is still ending.
+        A request resumed after a preemption on the decode worker comes back with its id, and
+        that can be before this worker has read its last transfer's ack: its blocks are
+        released first (the release is queued on the engine thread before it settles)."""
+        while True:
+            with self._lock:
+                earlier = self._hand_offs.get(request_id)
+                if earlier is None or earlier.state != "shipping":
+                    return
+            try:
+                await asyncio.wait_for(asyncio.shield(earlier.outcome), self.config.kv_timeout_s)
+            except FairgateError:
+                pass  # how it ended is its own caller's business: it has ended
+            except TimeoutError as exc:
+                raise InvalidWorkerRequest(
+                    f"request id {request_id!r} is still being shipped"
+                ) from exc
+
+    async def _expect_hand_off(self, request_id: str) -> _HandOff:
+        """On the event loop: the hand-off of a prefill whose target follows; adopts one whose
+        target came first."""
+        await self._after_earlier_hand_off(request_id)
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            hand_off = self._hand_offs.get(request_id)
+            if hand_off is not None and hand_off.state != "expecting":
+                raise InvalidWorkerRequest(f"request id {request_id!r} is already here")
+            if hand_off is None:
+                hand_off = _HandOff(request_id, loop, loop.create_future(), "prefilling")
+                self._hand_offs[request_id] = hand_off
+            hand_off.state = "prefilling"
+        if hand_off.expiry is not None:
+            hand_off.expiry.cancel()
+            hand_off.expiry = None
+        return hand_off
+
+    async def receive_target(self, body: PrefillTarget) -> PrefillTargetResult:
+        """``POST /v1/prefill/target``: see ``PrefillTarget``."""
+        self.ready_thread()
+        request_id = body.request_id
+        try:
+            failpoint("prefill.target_arrived")
+        except TransferError as exc:
+            self._drop(request_id, exc)
+            raise
+        await self._after_earlier_hand_off(request_id)
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            hand_off = self._hand_offs.get(request_id)
+            if hand_off is None:  # its prefill call is still on its way
+                hand_off = _HandOff(request_id, loop, loop.create_future(), "expecting")
+                self._hand_offs[request_id] = hand_off
+            elif hand_off.has_target:
+                raise InvalidWorkerRequest(f"the target of {request_id!r} came already")
+            hand_off.has_target = True
+            hand_off.target = body.target
+            state = hand_off.state
+        if state == "expecting":
+            self._arm_expiry(hand_off)
+        elif state == "held":
+            self._use_target(hand_off, None)
+        elif body.target is not None:
+            # Pair now, beside the prefill (a no-op once paired). A peer that refuses or cannot
+            # be reached fails the transfer itself, which reports it: the future can be dropped.
+            self.sender.connect(body.target)
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(hand_off.outcome), self.config.request_timeout_s
+            )
+        except TimeoutError as exc:
+            raise RequestTimeout(f"the hand-off of {request_id} did not end in time") from exc
+
+    def _use_target(self, hand_off: _HandOff, engine: LLMEngine | None) -> None:
+        """Both halves are here: ship the held KV, or release it (dropped, or a target too
+        small). ``engine`` when on the engine thread, else the release is a command."""
+        held, target = hand_off.held, hand_off.target
+        assert held is not None and hand_off.has_target
+        error: FairgateError | None = None
+        with self._lock:
+            if self._hand_offs.get(held.request_id) is not hand_off or hand_off.state == "shipping":
+                return  # settled meanwhile (timed out, aborted)
+            if target is not None and len(target.block_ids) < len(held.src_block_ids):
+                error = InvalidWorkerRequest(
+                    f"the target reserved {len(target.block_ids)} blocks; the prompt needs "
+                    f"{len(held.src_block_ids)}"
+                )
+            if target is not None and error is None:
+                hand_off.state = "shipping"
+                self._transferring.add(held.request_id)
+            else:  # off the table before the blocks go: nothing else may use them
+                del self._hand_offs[held.request_id]
+        if target is not None and error is None:
+            self._ship(held, target, hand_off)
+            return
+        outcome = error or PrefillTargetResult(held.request_id, "dropped")
+        self._release_then_settle(hand_off, outcome, engine)
+
+    def _release_then_settle(
+        self, hand_off: _HandOff, outcome: _Outcome, engine: LLMEngine | None
+    ) -> None:
+        """Give a held KV's blocks back (full ones stay in the prefix cache), then settle: a
+        caller that hears "dropped" may resubmit the same request id at once."""
+
+        def release(engine: LLMEngine) -> None:
+            engine.release_handed_off(hand_off.request_id)
+            self._settle(hand_off, outcome)
+
+        if engine is not None:
+            release(engine)
+        else:
+            self._thread.submit(release)
+
+    def _drop(self, request_id: str, error: FairgateError) -> None:
+        """End a hand-off with ``error``, its held KV released (a target that cannot be used)."""
+        with self._lock:
+            hand_off = self._hand_offs.get(request_id)
+            if hand_off is None or hand_off.state == "shipping":
+                return
+            state = hand_off.state
+            if state == "prefilling":  # its KV is released at hand-off, as for a dropped target
+                hand_off.has_target = True
+                hand_off.target = None
+                return
+            del self._hand_offs[request_id]
+        if state == "held":
+            self._release_then_settle(hand_off, error, None)
+        else:
+            self._settle(hand_off, error)
+
+    def _arm_expiry(self, hand_off: _HandOff) -> None:
+        """On the event loop: a half that waits ``kv_timeout_s`` for the other gives up."""
+        if hand_off.expiry is None and not hand_off.outcome.done():
+            timeout_s = self.config.kv_timeout_s
+            hand_off.expiry = hand_off.loop.call_later(timeout_s, self._expire, hand_off)
+
+    def _expire(self, hand_off: _HandOff) -> None:
+        with self._lock:
+            state = hand_off.state
+            if self._hand_offs.get(hand_off.request_id) is not hand_off or state not in (
+                "held",
+                "expecting",
+            ):
+                return
+            del self._hand_offs[hand_off.request_id]
+        timeout_s = self.config.kv_timeout_s
+        if state == "held":
+            error = TransferTimeout(
+                f"no target for the KV of {hand_off.request_id} within {timeout_s:g} s"
+            )
+            self._release_then_settle(hand_off, error, None)
+        elif state == "expecting":
+            error = TransferTimeout(f"no prefill of {hand_off.request_id} within {timeout_s:g} s")
+            self._settle(hand_off, error)
+
+    def _settle(self, hand_off: _HandOff, outcome: _Outcome) -> None:
+        """Thread-safe: the hand-off is over (its KV is shipped or released by now, or is being
+        released by a command already queued); its target call hears ``outcome``."""
+        with self._lock:
+            if self._hand_offs.get(hand_off.request_id) is hand_off:
+                del self._hand_offs[hand_off.request_id]
+
+        def resolve() -> None:
+            if hand_off.expiry is not None:
+                hand_off.expiry.cancel()
+            if hand_off.outcome.done():
+                return
+            if isinstance(outcome, FairgateError):
+                hand_off.outcome.set_exception(outcome)
+                hand_off.outcome.exception()  # nobody may await it (no target came): not lost
+            else:
+                hand_off.outcome.set_result(outcome)
+
+        hand_off.loop.call_soon_threadsafe(resolve)
+
     # ---- abort ------------------------------------------------------------------------------
 
     def _abort_on_engine(self, engine: LLMEngine, request_id: str) -> bool:
-        if request_id in self._transferring:
-            return False  # the transfer owns the blocks now and releases them when it ends
+        with self._lock:
+            if request_id in self._transferring:
+                return False  # the transfer owns the blocks now and releases them when it ends
+            # Off the table first: a target arriving now must not ship blocks about to go.
+            hand_off = self._hand_offs.pop(request_id, None)
         sink = self._thread.unwatch(request_id)
-        aborted = engine.abort(request_id)
+        aborted = engine.abort(request_id)  # a held KV's blocks too
+        error = RequestAborted(f"request {request_id} was aborted")
         if sink is not None:
-            sink(RequestAborted(f"request {request_id} was aborted"))
+            sink(error)
+        if hand_off is not None:
+            self._settle(hand_off, error)
         return aborted
 
     def _abort_soon(self, request_id: str) -> None:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import aiohttp
 import msgspec
@@ -25,6 +26,7 @@ from transfer.errors import (
     EngineFailed,
     ErrorBody,
     FairgateError,
+    NoRoomError,
     WorkerUnreachable,
     error_from_body,
 )
@@ -42,6 +44,8 @@ from transfer.messages import (
     Preempted,
     PrefillRequest,
     PrefillResult,
+    PrefillTarget,
+    PrefillTargetResult,
     Priority,
     Reserved,
     SamplingSpec,
@@ -63,6 +67,7 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 600.0  # the longest a worker may stay silent mid-answer (a long prefill)
@@ -72,6 +77,9 @@ CLIENT_KEEP_ALIVE_S = 30.0
 _HEADERS = {"content-type": MSGPACK_CONTENT_TYPE}
 _TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, asyncio.TimeoutError)
 _DEFAULT_PRIORITY = Priority()
+# Clean-up calls after a hand-off went wrong (dropping or aborting a held KV): short, since the
+# prefill worker's own timeout frees the KV anyway if they fail.
+CLEANUP_TIMEOUT_S = 5.0
 
 
 class Connections:
@@ -80,9 +88,14 @@ class Connections:
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._is_closed = False
 
     @property
     def session(self) -> aiohttp.ClientSession:
+        if self._is_closed:
+            # A call after ``aclose`` (a clean-up task outliving its client) would open a
+            # session no one closes.
+            raise WorkerUnreachable("the connections to the workers are closed")
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
@@ -96,6 +109,7 @@ class Connections:
         return self._session
 
     async def aclose(self) -> None:
+        self._is_closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -236,6 +250,11 @@ class FrameStream:
     def __aiter__(self) -> AsyncIterator[Reserved | TokenFrame | Preempted]:
         return self._frames
 
+    def close(self) -> None:
+        """Break the stream off (the request is aborted on the worker): its iteration raises
+        ``WorkerUnreachable`` from now on."""
+        self._response.close()
+
     async def next(self) -> Reserved | TokenFrame | Preempted:
         try:
             return await anext(self._frames)
@@ -268,6 +287,24 @@ class PrefillClient(WorkerClient):
         """``traceparent``: the W3C trace context the worker's spans join (tracing on)."""
         return await self._call(
             "POST", "/v1/prefill", request, PrefillResult, traceparent=traceparent
+        )
+
+    async def send_target(
+        self,
+        target: PrefillTarget,
+        *,
+        timeout_s: float | None = None,
+        traceparent: str | None = None,
+    ) -> PrefillTargetResult:
+        """Where the KV of a request sent with ``target_follows`` goes (or None: drop it);
+        answered when its hand-off has ended (``PrefillTarget``)."""
+        return await self._call(
+            "POST",
+            "/v1/prefill/target",
+            target,
+            PrefillTargetResult,
+            timeout_s=timeout_s,
+            traceparent=traceparent,
         )
 
 
@@ -306,10 +343,22 @@ async def run_disaggregated(
     num_prior_output_tokens: int = 0,
     traceparent: str | None = None,
 ) -> AsyncGenerator[TokenFrame | Preempted]:
-    """One request through a prefill and a decode worker: reserve on the decode worker, prefill
-    with its blocks as the target, yield the first token as soon as the prefill answers, then the
-    decode worker's frames. Leaving early (or any error) closes the decode stream, which frees
-    the reservation.
+    """One request through a prefill and a decode worker. The prefill starts at once and the
+    reservation on the decode worker runs beside it (``PrefillRequest.target_follows``): the
+    first token is yielded as soon as the prefill answers, whatever the decode worker is doing.
+    The reserved blocks go to the prefill worker (``PrefillTarget``) as soon as ``Reserved``
+    comes, usually before the first token, so the KV ships at hand-off; then the decode
+    worker's frames follow. Leaving early (or any error) closes the decode stream, which frees
+    the reservation, and cancels or aborts what the prefill worker still does or holds.
+
+    When the decode worker cannot take the request after the first token went out (503
+    ``no_room``, unreachable, its engine dead), the prefill worker drops the KV (the prompt's
+    full blocks stay in its prefix cache) and the last thing yielded is a ``Preempted`` whose
+    ``error`` says why: resume it like any ``Preempted``, the resumption finds its prompt
+    cached. A hand-off that fails before the KV landed breaks the decode stream off at once
+    (freeing the reservation): a prefill worker that died (unreachable, its engine dead) makes
+    the request a ``Preempted`` with that ``error`` too; any other failure (the transfer's) is
+    raised.
 
     When the decode worker preempts the request by recompute, the last thing yielded is a
     ``Preempted`` (and the generator ends): resume the request with ``prompt_token_ids`` plus
@@ -322,8 +371,24 @@ async def run_disaggregated(
     would have from there on: ``num_output_tokens`` counts the k earlier tokens, and
     ``num_prompt_tokens`` is the prompt without them.
 
-    ``traceparent`` goes with both calls: the workers' spans join the caller's trace."""
-    async with decode.decode(
+    ``traceparent`` goes with every call: the workers' spans join the caller's trace."""
+    hand_off = _HandOff(prefill, decode, request_id, traceparent)
+    prefilling = asyncio.ensure_future(
+        prefill.prefill(
+            PrefillRequest(
+                request_id,
+                prompt_token_ids,
+                sampling,
+                cache_salt,
+                None,
+                priority,
+                num_prior_output_tokens,
+                target_follows=True,
+            ),
+            traceparent=traceparent,
+        )
+    )
+    hand_off.start(
         DecodeRequest(
             request_id,
             prompt_token_ids,
@@ -332,27 +397,11 @@ async def run_disaggregated(
             flush_interval_s,
             priority,
             num_prior_output_tokens,
-        ),
-        traceparent=traceparent,
-    ) as stream:
-        reserved = await stream.next()
-        if not isinstance(reserved, Reserved):
-            raise WorkerUnreachable(f"{stream.url}: expected a Reserved frame, got {reserved!r}")
-        target = KvTarget(
-            reserved.worker_id, reserved.kv_host, reserved.kv_port, reserved.block_ids
         )
-        result = await prefill.prefill(
-            PrefillRequest(
-                request_id,
-                prompt_token_ids,
-                sampling,
-                cache_salt,
-                target,
-                priority,
-                num_prior_output_tokens,
-            ),
-            traceparent=traceparent,
-        )
+    )
+    try:
+        result = await prefilling
+        hand_off.prefill_result = result
         num_output_tokens = num_prior_output_tokens + 1
         yield TokenFrame(
             token_ids=[result.first_token_id],
@@ -363,10 +412,131 @@ async def run_disaggregated(
         )
         if result.finish_reason is not None:
             return
-        async for frame in stream:
-            if isinstance(frame, TokenFrame):
-                num_output_tokens = frame.num_output_tokens
-                yield frame
-            elif isinstance(frame, Preempted):
-                yield Preempted(num_output_tokens, result.seed)
-                return
+        try:
+            stream = await hand_off.reserved()
+        except (NoRoomError, WorkerUnreachable, EngineFailed) as exc:
+            await hand_off.drop()
+            yield Preempted(num_output_tokens, result.seed, error=exc.to_body())
+            return
+        try:
+            async for frame in stream:
+                if isinstance(frame, TokenFrame):
+                    hand_off.landed = True  # a failing target call no longer matters
+                    num_output_tokens = frame.num_output_tokens
+                    yield frame
+                elif isinstance(frame, Preempted):
+                    yield Preempted(num_output_tokens, result.seed)
+                    return
+        except WorkerUnreachable:
+            failure = hand_off.failure()  # the stream was broken off for it
+            if failure is None:
+                raise
+            if not isinstance(failure, WorkerUnreachable | EngineFailed):
+                raise failure from None
+            # The prefill worker died before its KV landed: the first token is known, so the
+            # request resumes elsewhere.
+            yield Preempted(num_output_tokens, result.seed, error=failure.to_body())
+    finally:
+        prefilling.cancel()  # aborts a prefill still computing
+        await asyncio.gather(prefilling, return_exceptions=True)
+        await hand_off.aclose()
+
+
+class _HandOff:
+    """``run_disaggregated``'s decode half: the reservation, then the target sent on to the
+    prefill worker, in one task beside the prefill; and the clean-up of both halves."""
+
+    def __init__(
+        self,
+        prefill: PrefillClient,
+        decode: DecodeClient,
+        request_id: str,
+        traceparent: str | None,
+    ) -> None:
+        self.prefill = prefill
+        self.decode = decode
+        self.request_id = request_id
+        self.traceparent = traceparent
+        self.prefill_result: PrefillResult | None = None
+        self._exits = contextlib.AsyncExitStack()
+        self._stream: asyncio.Future[FrameStream] = asyncio.get_running_loop().create_future()
+        self._task: asyncio.Task[PrefillTargetResult] | None = None
+        self._is_settled = False  # the prefill worker shipped or dropped the KV
+        self.landed = False  # the decode worker sent tokens: the KV is there
+
+    def start(self, request: DecodeRequest) -> None:
+        self._task = asyncio.ensure_future(self._reserve_and_target(request))
+        self._task.add_done_callback(self._on_done)
+
+    async def _reserve_and_target(self, request: DecodeRequest) -> PrefillTargetResult:
+        stream = await self._exits.enter_async_context(
+            self.decode.decode(request, traceparent=self.traceparent)
+        )
+        reserved = await stream.next()
+        if not isinstance(reserved, Reserved):
+            raise WorkerUnreachable(f"{stream.url}: expected a Reserved frame, got {reserved!r}")
+        self._stream.set_result(stream)
+        target = KvTarget(
+            reserved.worker_id, reserved.kv_host, reserved.kv_port, reserved.block_ids
+        )
+        result = await self.prefill.send_target(
+            PrefillTarget(self.request_id, target), traceparent=self.traceparent
+        )
+        self._is_settled = True
+        return result
+
+    def _on_done(self, task: asyncio.Task[PrefillTargetResult]) -> None:
+        """A hand-off that failed after the reservation (the prefill worker died, its transfer
+        failed) breaks the decode stream off: the caller stops waiting on KV that will not
+        come, and the decode worker frees the reservation now."""
+        if task.cancelled() or task.exception() is None or self.landed:
+            return
+        if self._stream.done():
+            self._stream.result().close()
+
+    async def reserved(self) -> FrameStream:
+        """The decode stream once the blocks are reserved; the reservation's error if not."""
+        assert self._task is not None
+        waiting: set[asyncio.Future[Any]] = {self._stream, self._task}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if not self._stream.done():
+            self._task.result()  # it failed before the reservation: raises its error
+        return self._stream.result()
+
+    def failure(self) -> FairgateError | None:
+        """The hand-off's error, if it failed (the decode stream was broken off for it)."""
+        task = self._task
+        if task is None or not task.done() or task.cancelled():
+            return None
+        error = task.exception()
+        if error is None or isinstance(error, FairgateError):
+            return error
+        raise error  # not ours to translate: a bug
+
+    async def drop(self) -> None:
+        """The decode worker cannot take the request: the prefill worker drops its KV."""
+        try:
+            await self.prefill.send_target(
+                PrefillTarget(self.request_id, None),
+                timeout_s=CLEANUP_TIMEOUT_S,
+                traceparent=self.traceparent,
+            )
+        except FairgateError as exc:  # its own timeout frees the KV
+            logger.warning("dropping the KV of %s failed: %s", self.request_id, exc)
+        else:
+            self._is_settled = True
+
+    async def aclose(self) -> None:
+        """Stop the hand-off; close the decode stream (freeing the reservation); abort a KV the
+        prefill worker holds for a target that now will not come."""
+        task = self._task
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await self._exits.aclose()
+        result = self.prefill_result
+        if result is not None and result.will_transfer and not self._is_settled:
+            try:
+                await asyncio.wait_for(self.prefill.abort(self.request_id), CLEANUP_TIMEOUT_S)
+            except (FairgateError, TimeoutError) as exc:
+                logger.warning("aborting %s on the prefill worker failed: %s", self.request_id, exc)

@@ -9,7 +9,10 @@ fault tests; never set in production.
 Failpoints: ``kv.send.mid_transfer`` (after the first message of a transfer is sent),
 ``kv.recv.mid_transfer`` (after the first message is received), ``engine.forward`` (before each
 runner step of the engine: ``error`` fails that step's requests, and three such steps in a row
-kill the engine; ``pause`` wedges the engine thread).
+kill the engine; ``pause`` wedges the engine thread), ``decode.reserved`` (on a decode worker,
+after a reservation, before its ``Reserved`` frame goes out) and ``prefill.target_arrived`` (on
+a prefill worker, when a request's KV target arrives, before it is used); both run on the event
+loop, so ``pause`` wedges the whole worker.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ Control plane (HTTP, msgpack bodies; the caller is the gateway, or ``fairgate ge
 --disaggregated`` until the gateway exists)::
 
     caller ──PrefillRequest──▶ prefill worker   POST /v1/prefill   ◀──PrefillResult──
+    caller ──PrefillTarget───▶ prefill worker   POST /v1/prefill/target ◀──PrefillTargetResult
     caller ──DecodeRequest───▶ decode worker    POST /v1/decode    ◀──frame stream───
     caller ──GenerateRequest─▶ colocated worker POST /v1/generate  ◀──frame stream───
     caller ──────────────────▶ any worker       GET /v1/load       ◀──WorkerLoad─────
@@ -17,6 +18,15 @@ finish reason; or, when the worker preempted the request by recompute, its token
 ``TokenFrame``s and then ``Preempted`` as the last frame (the caller resumes it elsewhere); or an
 ``ErrorBody``-carrying ``ErrorFrame`` as the last frame when the request fails after the stream
 began.
+
+The hand-off (``transfer.client.run_disaggregated``): the caller sends ``PrefillRequest`` (with
+``target_follows``) and ``DecodeRequest`` at once, so the prefill never waits for the decode
+worker's reservation. When ``Reserved`` comes it sends the blocks on as a ``PrefillTarget``; the
+prefill worker ships the KV when it has both the first token and the target, holding the KV (up
+to its ``kv_timeout_s``) for a target that has not come yet. No room on the decode worker: a
+``PrefillTarget`` without a target drops the KV (its full blocks stay in the prefix cache), and
+the request, its first token out, goes back to the caller's queue as a ``Preempted`` with
+``error`` set.
 
 Priorities and preemption: every request carries its ``Priority`` (SLO class rank, tenant
 counter, gateway arrival). Prefill picks the most important ready prompt chunk at every step;
@@ -69,6 +79,8 @@ __all__ = [
     "Preempted",
     "PrefillRequest",
     "PrefillResult",
+    "PrefillTarget",
+    "PrefillTargetResult",
     "Priority",
     "Reserved",
     "SamplingSpec",
@@ -150,7 +162,11 @@ class PrefillRequest(msgspec.Struct, frozen=True):
     ``num_prior_output_tokens``: the last k tokens of ``prompt_token_ids`` are the request's own
     output from before a recompute preemption; sampling continues at output position k,
     ``max_tokens`` counts them, and ``PrefillResult.num_prompt_tokens`` is the prompt without
-    them. ``target`` then holds blocks for the whole of ``prompt_token_ids`` plus one."""
+    them. ``target`` then holds blocks for the whole of ``prompt_token_ids`` plus one.
+
+    ``target_follows`` (with ``target`` None): the target comes later, in a ``PrefillTarget``
+    (before or after the first token); the KV is held for it, at most the worker's
+    ``kv_timeout_s`` after the first token, and released when none comes."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -159,6 +175,7 @@ class PrefillRequest(msgspec.Struct, frozen=True):
     target: KvTarget | None = None
     priority: Priority = Priority()
     num_prior_output_tokens: int = 0
+    target_follows: bool = False
 
 
 class PrefillResult(msgspec.Struct, frozen=True):
@@ -174,6 +191,31 @@ class PrefillResult(msgspec.Struct, frozen=True):
     seed: int
     will_transfer: bool = False
     num_prefill_chunks: int = 0  # prefill runs it took (traces)
+
+
+class PrefillTarget(msgspec.Struct, frozen=True):
+    """Caller → prefill worker (``POST /v1/prefill/target``), for a request sent with
+    ``PrefillRequest.target_follows``: ship its KV to ``target`` (the decode worker's
+    ``Reserved`` blocks), or, with ``target`` None, drop it (the decode worker had no room; the
+    prompt's full blocks stay in the prefix cache). It may arrive before the ``PrefillRequest``
+    itself (two calls race); it waits for it up to the worker's ``kv_timeout_s``.
+
+    Answered with ``PrefillTargetResult`` once the KV has landed, been dropped, or turned out to
+    need no shipping; or with the error that ended the request: a failed transfer
+    (``TransferError``), a prefill that failed or was aborted, a hand-off whose other half never
+    came (``TransferTimeout``)."""
+
+    request_id: str
+    target: KvTarget | None = None
+
+
+class PrefillTargetResult(msgspec.Struct, frozen=True):
+    """Prefill worker → caller: how the hand-off of a ``PrefillTarget``'s request ended.
+    ``shipped``: its KV landed in the target; ``dropped``: released as asked; ``finished``: its
+    first token ended the request, so there was nothing to ship."""
+
+    request_id: str
+    outcome: Literal["shipped", "dropped", "finished"]
 
 
 class DecodeRequest(msgspec.Struct, frozen=True):
@@ -249,6 +291,10 @@ class Preempted(msgspec.Struct, frozen=True, tag="preempted"):
 
     num_output_tokens: int
     seed: int
+    # Set by the caller's own client (``run_disaggregated``), never by a worker: the first token
+    # went out, then the hand-off did not happen (the decode worker had no room or could not be
+    # reached, or the prefill worker died first), and this says why; resume it the same way.
+    error: ErrorBody | None = None
 
 
 Frame = Reserved | TokenFrame | ErrorFrame | Preempted

@@ -10,7 +10,8 @@ import pytest
 
 from deploy.launcher import WorkerProcess, WorkerSpec, start_workers
 from transfer.client import DecodeClient, PrefillClient, WorkerClient, run_disaggregated
-from transfer.messages import GenerateRequest, SamplingSpec, TokenFrame, WorkerLoad
+from transfer.errors import FairgateError
+from transfer.messages import GenerateRequest, Preempted, SamplingSpec, TokenFrame, WorkerLoad
 
 # float32 everywhere: with bf16 copies for batched products (`auto` on CPUs with AMX) a token's
 # logits depend on the batch it ran in, and these tests compare different batchings.
@@ -41,8 +42,25 @@ async def disaggregated(
     async with PrefillClient(prefill_url) as prefill, DecodeClient(decode_url) as decode:
         output: list[int] = []
         async for frame in run_disaggregated(prefill, decode, request_id, prompt, sampling):
+            assert isinstance(frame, TokenFrame), f"{request_id} was handed back: {frame}"
             output.extend(frame.token_ids)
         return output
+
+
+async def failure_code(
+    prefill_url: str, decode_url: str, request_id: str, prompt: list[int], sampling: SamplingSpec
+) -> str:
+    """The ``code`` of how a request that cannot complete ends: of the error raised, or of the
+    hand-back (``Preempted.error``) when the hand-off failed after its first token."""
+    async with PrefillClient(prefill_url) as prefill, DecodeClient(decode_url) as decode:
+        try:
+            async for frame in run_disaggregated(prefill, decode, request_id, prompt, sampling):
+                if isinstance(frame, Preempted):
+                    assert frame.error is not None, f"{request_id} was preempted: {frame}"
+                    return frame.error.code
+        except FairgateError as exc:
+            return exc.code
+    raise AssertionError(f"{request_id} completed")
 
 
 async def over_all_pairs(

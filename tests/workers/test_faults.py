@@ -13,6 +13,7 @@ from tests.workers.conftest import (
     TINY_ARGS,
     Launch,
     disaggregated,
+    failure_code,
     wait_for_idle,
     worker_load,
 )
@@ -45,14 +46,16 @@ async def test_prefill_killed_mid_transfer_leaves_decode_healthy_and_whole(
     )
     before = await worker_load(decode)
     request = asyncio.create_task(
-        disaggregated(prefill.http_url, decode.http_url, "doomed", PROMPT, SAMPLING)
+        failure_code(prefill.http_url, decode.http_url, "doomed", PROMPT, SAMPLING)
     )
     await asyncio.to_thread(prefill.wait_event, "failpoint", 60)
     assert (await worker_load(decode)).num_free_blocks < before.num_free_blocks  # landing
     prefill.kill()
     started = time.monotonic()
-    with pytest.raises(TransferError):
-        await asyncio.wait_for(request, 10 * KV_TIMEOUT_S)
+    # The decode worker's failed landing, or (whichever the caller hears first) the prefill
+    # worker's death, which hands the request back to be resumed elsewhere.
+    code = await asyncio.wait_for(request, 10 * KV_TIMEOUT_S)
+    assert code in (TransferError.code, WorkerUnreachable.code)
     assert time.monotonic() - started < 3 * KV_TIMEOUT_S
     after = await wait_for_idle(decode, timeout_s=5)
     assert after.num_free_blocks == before.num_free_blocks
