@@ -358,6 +358,7 @@ class FairPolicy(Generic[LaneT, EntryT]):
         if unreported > 0:  # never refund: what was reported was generated
             flight.num_output_tokens = num_output_tokens
             self._charge_output(flight, unreported)
+        self._flight_finished(flight)
         tenant_id = request.tenant_id
         self._num_inflight[tenant_id] -= 1
         self._landed(flight, is_requeued=False)
@@ -431,6 +432,9 @@ class FairPolicy(Generic[LaneT, EntryT]):
 
     def _became_idle(self, tenant_id: str) -> None:
         """Nothing of the tenant's is queued or in flight any more."""
+
+    def _flight_finished(self, flight: Flight) -> None:
+        """The flight's request ended (``on_finish``), its output charged."""
 
     def _lane_idle(self, lane: LaneT, tenant_id: str) -> None:
         """Nothing of the tenant's is queued or in flight in the class any more."""

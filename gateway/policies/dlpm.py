@@ -5,12 +5,12 @@ Torch-free.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
-from gateway.config import SloClass
-from gateway.policies.base import Entry, Flight, Lane, Pass
+from gateway.config import DEFAULT_SLO_CLASSES, SchedulerSection, SloClass
+from gateway.policies.base import DEFAULT_BLOCK_SIZE, Entry, Flight, Lane, Pass
 from gateway.policies.lpm import IndexedEntry, IndexedPolicy, LpmQueue
 from gateway.scheduler import QueuedRequest, WorkerView
 
@@ -131,6 +131,18 @@ class DlpmPolicy(IndexedPolicy[LpmLane, DlpmEntry]):
     rounds at once (``_Deficits.refill``) stand for the paper's repeated single refills."""
 
     name = "dlpm"
+
+    def __init__(
+        self,
+        settings: SchedulerSection | None = None,
+        slo_classes: Sequence[SloClass] = DEFAULT_SLO_CLASSES,
+        *,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ) -> None:
+        super().__init__(settings, slo_classes, block_size=block_size)
+        # By request: the gate its output was prepaid at and the tokens prepaid and not yet
+        # generated (``_charge_prompt``).
+        self._prepaid: dict[str, tuple[str | None, int]] = {}
 
     def _new_lane(self, slo: SloClass) -> LpmLane:
         return LpmLane(slo)
@@ -293,13 +305,51 @@ class DlpmPolicy(IndexedPolicy[LpmLane, DlpmEntry]):
             lane.gates[key].charge(entry.request.tenant_id, cost / self._weight(entry.request))
 
     def _charge_prompt(self, entry: DlpmEntry, worker_id: str | None, num_cached: int) -> None:
+        """The uncached prompt, and its output up to ``max_tokens`` in advance: the deficit
+        that decides the next dispatch then already counts the work in flight. Charged as the
+        tokens come instead, a tenant coming back with nothing in flight had the credit of a
+        fresh start against the others' in-flight work still to be charged, and took every
+        free slot until its own output caught up (the lift rule's test: the steady tenant got
+        no request through for seconds). What is not generated is refunded at the finish."""
         super()._charge_prompt(entry, worker_id, num_cached)
-        uncached = entry.request.num_prompt_tokens - num_cached
-        self._gate_charge(entry, worker_id, self.settings.w_in * uncached)
+        request = entry.request
+        uncached = request.num_prompt_tokens - num_cached
+        num_prepaid = max(0, request.max_tokens - request.num_output_tokens)
+        self._prepaid[request.request_id] = (worker_id, num_prepaid)
+        cost = self.settings.w_in * uncached + self.settings.w_out * num_prepaid
+        self._gate_charge(entry, worker_id, cost)
 
     def _charge_output(self, flight: Flight, num_tokens: int) -> None:
         super()._charge_output(flight, num_tokens)
-        self._gate_charge(flight.entry, flight.worker_id, self.settings.w_out * num_tokens)
+        request_id = flight.entry.request.request_id
+        worker_id, num_prepaid = self._prepaid.get(request_id, (flight.worker_id, 0))
+        used = min(num_prepaid, num_tokens)
+        if request_id in self._prepaid:
+            self._prepaid[request_id] = (worker_id, num_prepaid - used)
+        if num_tokens > used:
+            self._gate_charge(
+                flight.entry, flight.worker_id, self.settings.w_out * (num_tokens - used)
+            )
+
+    def _flight_finished(self, flight: Flight) -> None:
+        self._refund(flight.entry)
+
+    def remove(self, request_id: str) -> QueuedRequest | None:
+        entry = self._entries.get(request_id)
+        request = super().remove(request_id)
+        if entry is not None:
+            self._refund(entry)  # (a request queued again after a preemption)
+        return request
+
+    def _reject(self, entry: DlpmEntry, run: Pass) -> None:
+        super()._reject(entry, run)
+        self._refund(entry)
+
+    def _refund(self, entry: Entry) -> None:
+        """What was prepaid of the request's output and not generated goes back."""
+        worker_id, num_prepaid = self._prepaid.pop(entry.request.request_id, (None, 0))
+        if num_prepaid:
+            self._gate_charge(entry, worker_id, -self.settings.w_out * num_prepaid)
 
     def _correct_prompt(self, flight: Flight, num_cached_tokens: int) -> None:
         missed = flight.num_expected_cached - num_cached_tokens

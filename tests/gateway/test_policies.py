@@ -498,10 +498,26 @@ def test_dlpm_refills_only_when_no_queued_tenant_has_credit() -> None:
     for _ in range(5):
         order += _one_at_a_time(policy, now=20.0)
         deficits.append((_tenant(policy, "a").deficit, _tenant(policy, "b").deficit))
-    # a0 triggers the first refill (nobody had credit): a=100, b=100; a spends to -20 after a1.
+    # Each dispatch charges its 60 prompt tokens and its 16 output tokens in advance (92).
+    # a0 triggers the first refill (nobody had credit): a=100, b=100; a spends to -84 after a1.
     # a2 is then held back because b still has credit: no refill until b has spent it too.
     assert order == ["a0", "a1", "b0", "b1", "a2"]
-    assert deficits == [(40, 100), (-20, 100), (-20, 40), (-20, -20), (20, 80)]
+    assert deficits == [(8, 100), (-84, 100), (-84, 8), (-84, -84), (-76, 16)]
+
+
+def test_dlpm_prepays_the_output_and_refunds_what_was_not_generated() -> None:
+    policy = DlpmPolicy(**_settings(slo_classes=ONE_CLASS, quantum_tokens=1000))
+    request = _request("a", 60, max_tokens=16)
+    policy.enqueue(request, 0.0)
+    assert _one_at_a_time(policy) == [request.request_id]
+    assert _tenant(policy, "a").deficit == 1000 - 60 - 2 * 16
+    policy.on_first_token(request, 0, 1.0)
+    policy.on_tokens(request, 5, 1.0)  # prepaid: no more charge
+    assert _tenant(policy, "a").deficit == 1000 - 92
+    keep = _request("a", 10, max_tokens=1)  # keeps the tenant active to read its deficit
+    policy.enqueue(keep, 1.0)
+    policy.on_finish(request, 5, 2.0)  # 11 tokens not generated: refunded
+    assert _tenant(policy, "a").deficit == 1000 - 60 - 2 * 5
 
 
 def test_dlpm_serves_the_longest_prefix_match_first() -> None:
