@@ -29,6 +29,7 @@ What is safe to call when: every method runs on the gateway's event loop, one at
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -351,17 +352,14 @@ class RoomAsks:
     def decide(
         self, top: Iterable[QueuedRequest], decode: Sequence[WorkerView], now: float
     ) -> MakeRoom | None:
-        """``top``: the waiting requests of the highest class rank queued."""
-        candidates: list[QueuedRequest] = [
-            r for r in top if self._asked_until.get(r.request_id, 0.0) <= now
-        ]
-        if not candidates:
+        """``top``: the waiting requests of the highest class rank queued (one rank). Which
+        workers could be asked is looked at first: that is a few views, where the requests
+        are a queue, and every pass asks."""
+        requests = iter(top)
+        first = next(requests, None)
+        if first is None:
             return None
-        request = min(candidates, key=lambda r: r.arrival)
-        rank = request.rank
-        needed = request.num_prompt_tokens + 1
-        if any(w.free_kv_tokens >= needed for w in decode):
-            return None  # it fits somewhere: it waits for the prefill side or its turn
+        rank = first.rank
         workers = [
             w
             for w in decode
@@ -369,6 +367,17 @@ class RoomAsks:
         ]
         if not workers:
             return None
+        candidates: list[QueuedRequest] = [
+            r
+            for r in itertools.chain((first,), requests)
+            if self._asked_until.get(r.request_id, 0.0) <= now
+        ]
+        if not candidates:
+            return None
+        request = min(candidates, key=lambda r: r.arrival)
+        needed = request.num_prompt_tokens + 1
+        if any(w.free_kv_tokens >= needed for w in decode):
+            return None  # it fits somewhere: it waits for the prefill side or its turn
         worker = max(workers, key=lambda w: sum(n for r, n in w.ranks_inflight.items() if r < rank))
         self._asked_until[request.request_id] = now + ROOM_RETRY_S
         return MakeRoom(request, worker.worker_id, needed)
