@@ -78,17 +78,9 @@ async def test_backlogged_tenants_are_served_in_proportion_to_their_weights(
 
 
 async def test_a_tenant_back_from_idle_gets_no_more_than_its_share(
-    fair_stack: tuple[str, Stack], request: pytest.FixtureRequest
+    fair_stack: tuple[str, Stack],
 ) -> None:
     policy, stack = fair_stack
-    if policy == "d2lpm":
-        # A known defect, open in issue 17: under D²LPM (deficits per prefill worker) the
-        # returning tenant sometimes takes the workers for seconds (14x and 46x the steady
-        # tenant's service in 2 of 6 runs); DLPM's fix, output charged in advance, was not
-        # enough. Run and reported, not yet required.
-        request.applymarker(
-            pytest.mark.xfail(reason="D²LPM lift rule: open defect (issue 17)", strict=False)
-        )
     measured = await lift_rule(_access(stack))
     print(f"{policy}: lift rule: {measured}")
     service = measured["normalized_service_after_return"]

@@ -550,6 +550,37 @@ def test_dlpm_is_work_conserving_when_the_tenant_with_credit_cannot_be_placed() 
     assert placed == ["a2"]
 
 
+@pytest.mark.parametrize("name", ["dlpm", "d2lpm"])
+def test_credit_held_only_in_flight_holds_the_others_back_by_a_bounded_debt(name: str) -> None:
+    # b's last request outlives its clients (a cancelled request still ending on a worker):
+    # b keeps its credit, nothing of b's is queued, and a alone is served meanwhile. Then b
+    # comes back. a's debt for the time it was served alone must stay within the borrowing
+    # limit: before the bound, a went 200 requests into debt and b was served alone for all
+    # of them after its return (the lift rule's failure on the real stack, 46x).
+    policy = make_policy(
+        name, **_settings(slo_classes=ONE_CLASS, quantum_tokens=1000, max_borrow_tokens=1000)
+    )
+    lingering = _request("b", 60, request_id="b-lingering")
+    policy.enqueue(lingering, 0.0)
+    assert _one_at_a_time(policy) == ["b-lingering"]  # b: 1000 - 92 of credit, kept
+    queued = [_request("a", 60, request_id="a0")]  # one queued throughout: a stays active
+    policy.enqueue(queued[0], 0.0)
+    for i in range(1, 201):
+        queued.append(_request("a", 60, request_id=f"a{i}"))
+        policy.enqueue(queued[-1], float(i))
+        request = queued.pop(0)
+        assert _one_at_a_time(policy, now=float(i)) == [request.request_id]
+        policy.on_first_token(request, 0, float(i))
+        policy.on_finish(request, 16, float(i))
+    for i in range(30):  # both backlogged throughout the 30 placements
+        policy.enqueue(_request("a", 60, request_id=f"a-back{i}"), 300.0)
+        policy.enqueue(_request("b", 60, request_id=f"b-back{i}"), 300.0)
+    order = [_one_at_a_time(policy, now=300.0)[0][0] for _ in range(30)]
+    # b's credit (908) and a's debt (at most the limit and one request, 1092) are worth 22
+    # requests of 92: b's head start is at most that, then they alternate.
+    assert order.count("a") >= (30 - 22) // 2, order
+
+
 # ---- D²LPM -------------------------------------------------------------------------------------
 
 
