@@ -58,6 +58,20 @@ class GatewaySection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # A non-streaming request's tokens come from the decode worker at most this often (stop
     # strings are seen at most this late); 0: every step's tokens at once.
     unstreamed_flush_s: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.05
+    # A request whose worker fails (dies, hangs, drops its stream) goes on elsewhere with its
+    # output so far, at most this many times; then it ends with a clean error.
+    max_migrations: Annotated[int, msgspec.Meta(ge=0)] = 3
+    # While a streamed request waits (queued again after a failure, say), an SSE comment line
+    # goes out this often, so proxies do not time the stream out.
+    sse_keepalive_s: Annotated[float, msgspec.Meta(gt=0.0)] = 10.0
+    # A worker with work that completes no engine step for max(min_progress_deadline_s,
+    # progress_deadline_steps × its measured step time) is ejected as hung
+    # (``gateway.liveness``); it comes back after a successful health check.
+    progress_deadline_steps: Annotated[float, msgspec.Meta(gt=0.0)] = 50.0
+    min_progress_deadline_s: Annotated[float, msgspec.Meta(gt=0.0)] = 5.0
+    # Workers started with ``--gateway URL`` register themselves with this token; "" turns
+    # self-registration off (only configured and admin-added workers are used).
+    registration_token: str = ""
 
 
 class StoreSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
