@@ -26,6 +26,14 @@ its caller and changes nothing else.
 The thread times each step and keeps the engine's ``prefill_tok_s`` (a moving average of prompt
 tokens per second) up to date: the engine caps a step's prompt tokens with it
 (``EngineConfig.max_prefill_step_s``), and the load reports it.
+
+Progress. ``progress`` says, at any moment and from any thread, whether the thread gets on with
+its work: the steps it has completed, whether it has work it can do now (it is not waiting for a
+command), how long it has had that work without completing a step, and the longest of its recent
+steps. Unlike ``load``, a snapshot the thread takes after each step, it is read live, so a thread
+wedged inside a step (or a command) shows as such: the worker's load report carries it, and the
+gateway's hung-worker watch (``gateway.liveness``) ejects a worker whose engine has had work
+and completed no step for many times its step time.
 """
 
 from __future__ import annotations
@@ -46,7 +54,13 @@ from engine.engine import LLMEngine
 from engine.sequence import StepOutput
 from transfer.errors import EngineFailed, FairgateError, RequestFailed, RequestTimeout
 
-__all__ = ["EngineLoad", "EngineThread", "EvictionLog", "OutputSink"]
+__all__ = [
+    "EngineLoad",
+    "EngineThread",
+    "EvictionLog",
+    "OutputSink",
+    "StepProgress",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +89,28 @@ class EngineLoad:
     num_handed_back: int = 0  # preemptions by recompute handed back to the caller, since the start
     num_admitted_tokens: int = 0  # tokens of the requests admitted since the start
     num_admitted_cached_tokens: int = 0  # of those, found in the prefix cache
+
+
+RECENT_STEPS = 32  # steps whose longest is ``StepProgress.max_step_s``
+
+
+@dataclass(frozen=True, slots=True)
+class StepProgress:
+    """Whether the engine thread gets on with its work (``EngineThread.progress``), read live.
+
+    "Work" is what the thread can do now without waiting for a command: a step or a command in
+    progress, or requests the last step left runnable. A decode worker whose requests all wait
+    for their KV (reservations), a prefill worker holding finished prefills for their target
+    (handed off), requests no block is free for, swapped-out ones that cannot come back: none of
+    these is work, since the engine cannot step them until a command changes something, and it
+    waits for one."""
+
+    num_steps: int = 0  # engine steps completed since the start
+    has_work: bool = False
+    # While it has work: seconds since it last completed a step or took the work up (left
+    # waiting for a command), whichever is later; 0 without work.
+    since_step_s: float = 0.0
+    max_step_s: float = 0.0  # the longest of the last RECENT_STEPS steps that ran something
 
 
 class EvictionLog:
@@ -223,10 +259,30 @@ class EngineThread:
         self._decode_speed = DecodeSpeed()
         self._load = _measure(engine)
         self.evictions = EvictionLog(4 * engine.blocks.num_total_blocks)
+        # Progress: written by the engine thread only, each a single attribute read whole by
+        # ``progress`` on any thread (no lock on the step path; a reader may see one step's
+        # update half done, which is off by one step, never by a stall).
+        self._num_steps = 0
+        self._has_work = False
+        self._progress_at = clock()  # when a step last ended, or the work was taken up
+        self._recent_step_s: collections.deque[float] = collections.deque(maxlen=RECENT_STEPS)
+        self._max_step_s = 0.0
 
     @property
     def load(self) -> EngineLoad:
         return self._load
+
+    @property
+    def progress(self) -> StepProgress:
+        """Read live (see the module docstring), from any thread."""
+        has_work = self._has_work
+        since_step_s = max(0.0, self._clock() - self._progress_at) if has_work else 0.0
+        return StepProgress(
+            num_steps=self._num_steps,
+            has_work=has_work,
+            since_step_s=since_step_s,
+            max_step_s=self._max_step_s,
+        )
 
     @property
     def error(self) -> EngineFailed | None:
@@ -292,11 +348,15 @@ class EngineThread:
         while True:
             try:
                 if is_idle:
+                    self._has_work = False
                     item = self._commands.get(timeout=engine.seconds_until_change())
                 else:
                     item = self._commands.get_nowait()
             except queue.Empty:
                 item = None
+            if not self._has_work:  # taken up: a command came, or a room hold ran out
+                self._progress_at = self._clock()
+                self._has_work = True
             while item is not None:
                 if item is _STOP:
                     self._die(EngineFailed("the engine stopped"))
@@ -314,7 +374,9 @@ class EngineThread:
             if engine.has_unfinished():
                 started = self._clock()
                 outputs = engine.step()
-                step_s = self._clock() - started
+                ended = self._clock()
+                step_s = ended - started
+                self._note_step(step_s, ended, has_runs=engine.num_scheduled_runs > 0)
                 _note_prefill_speed(engine, step_s)
                 if engine.num_step_prompt_tokens == 0 and self._load.num_running_tokens:
                     # A pure decode step, of the batch the last measure saw.
@@ -327,6 +389,16 @@ class EngineThread:
             if evicted:
                 self.evictions.extend(evicted)
             self._load = _measure(engine, self._decode_speed)
+
+    def _note_step(self, step_s: float, ended: float, *, has_runs: bool) -> None:
+        """Count a completed step. Only steps that ran something set the step time: one that
+        found nothing to run takes microseconds and says nothing about how long a real one
+        may take (counting it would make a long first prefill look overdue)."""
+        if has_runs:
+            self._recent_step_s.append(step_s)
+            self._max_step_s = max(self._recent_step_s)
+        self._progress_at = ended
+        self._num_steps += 1
 
     def _dispatch(self, outputs: list[StepOutput]) -> None:
         for output in outputs:
@@ -350,6 +422,7 @@ class EngineThread:
     def _die(self, error: EngineFailed) -> None:
         with self._lock:
             self._error = error
+        self._has_work = False  # nothing more will be done: no progress to wait for
         sinks, self._sinks = self._sinks, {}
         for request_id, sink in sinks.items():
             try:

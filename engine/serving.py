@@ -259,7 +259,7 @@ class WorkerService:
         thread = self.engine_thread
         if thread is None or not thread.is_alive:
             return WorkerLoad(worker_id=self.worker_id, role=self.role, ready=False)
-        load = thread.load
+        load, progress = thread.load, thread.progress  # (progress: read live, for hang checks)
         evicted: list[bytes] = []
         eviction_seq, missed = thread.evictions.next_seq, False
         if evictions_since is not None:
@@ -286,6 +286,10 @@ class WorkerService:
             num_swapped_out=load.num_swapped_out,
             num_handed_back=load.num_handed_back,
             num_swapped=load.num_swapped,
+            num_steps=progress.num_steps,
+            has_work=progress.has_work,
+            since_step_s=progress.since_step_s,
+            max_step_s=progress.max_step_s,
         )
 
     async def abort(self, request_id: str) -> bool:

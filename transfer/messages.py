@@ -366,6 +366,18 @@ class WorkerLoad(msgspec.Struct, frozen=True):
     num_swapped_out: int = 0
     num_handed_back: int = 0
     num_swapped: int = 0
+    # Whether the engine gets on with its work, for the caller's hung-worker watch
+    # (``gateway.liveness``; ``engine.engine_thread.StepProgress``): engine steps completed
+    # since the start; whether the engine thread has work it can do now (a step or a command in
+    # progress, or requests it can step) rather than waiting for a command (only reservations
+    # whose KV has not landed, handed-off prefills waiting for a target, or requests no block
+    # is free for are no such work); while it has, the seconds since it last completed a step
+    # or took the work up, by the worker's own clock when it made the report (a slow report
+    # does not stretch it); and the longest of its recent steps (0 before the first).
+    num_steps: int = 0
+    has_work: bool = False
+    since_step_s: float = 0.0
+    max_step_s: float = 0.0
 
 
 class WorkerInfo(msgspec.Struct, frozen=True):
