@@ -26,6 +26,14 @@ while the others, whose queues the fair policy keeps short, are not. A request t
 a role died, for ``NO_WORKER_GRACE_S``), every waiting request ends with 503 ``no_worker``; each
 of these answers carries ``Retry-After``.
 
+Each request has one ledger here (``gateway.ledger.RequestLedger``), from ``open`` to
+``close``: its ``Generation`` reports what happens on its workers (``first_token``, ``tokens``,
+``left``, ``failed``) and this settles the worker accounts, the policy and the registry from it
+once, and decides whether a request whose worker failed goes on elsewhere: at most
+``max_migrations`` times, each time queued again at its arrival with its output so far
+(``failed``). A worker found lost (dead, hung, restarted, removed: ``worker_lost``, from the
+registry) stops the runs on it at once, which then fail and move the same way.
+
 Torch-free; everything runs on one event loop.
 """
 
@@ -35,10 +43,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 
 from gateway.core import SchedulingCore
 from gateway.errors import NoWorkerAvailable, QueueFull, QueueTimeout, RequestShed
+from gateway.ledger import RequestLedger, WorkerPair, is_migratable
 from gateway.scheduler import (
     ROOM_RETRY_S,
     MakeRoom,
@@ -49,10 +57,10 @@ from gateway.scheduler import (
     Shed,
 )
 from gateway.workers import WorkerHandle, WorkerRegistry
-from transfer.errors import FairgateError
+from transfer.errors import EngineFailed, FairgateError, NoRoomError, WorkerUnreachable
 from transfer.messages import Priority, WorkerRole
 
-__all__ = ["ROOM_RETRY_S", "Dispatcher", "WorkerPair"]
+__all__ = ["ROOM_RETRY_S", "Dispatcher", "RequestLedger", "WorkerPair"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,18 +69,6 @@ NO_WORKER_RETRY_AFTER_S = 5.0
 # How long no worker of a role may be ready before the requests waiting are failed: a live worker
 # that one failed call marked dead is back by then (the registry polls it at once).
 NO_WORKER_GRACE_S = 0.75
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerPair:
-    """Where a request runs: a prefill and a decode worker, or one colocated worker (``prefill``
-    None); and what the placement saw: the prefix the policy expects the prefill worker to
-    hold (for traces) and the tenant's counter (the priority the workers get, and traces)."""
-
-    prefill: WorkerHandle | None
-    decode: WorkerHandle
-    num_expected_cached_tokens: int = field(default=0, compare=False)
-    counter: float = field(default=0.0, compare=False)
 
 
 class Dispatcher:
@@ -86,6 +82,7 @@ class Dispatcher:
         queue_timeout_s: float = 120.0,
         max_queued_per_tenant: int = 256,
         max_queue_wait_s: Mapping[int, float] | None = None,
+        max_migrations: int = 3,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``max_queue_wait_s``: by class rank, how long a tenant's oldest waiting request of
@@ -101,7 +98,9 @@ class Dispatcher:
         self.queue_timeout_s = queue_timeout_s
         self.max_queued_per_tenant = max_queued_per_tenant
         self.max_queue_wait_s = dict(max_queue_wait_s or {})
+        self.max_migrations = max_migrations
         self.clock = clock
+        self._ledgers: dict[str, RequestLedger] = {}  # every request from ``open`` to ``close``
         self._waiting: dict[str, asyncio.Future[WorkerPair]] = {}
         # The same requests by tenant, then rank: when each began to wait, oldest first
         # (``check_backlog``).
@@ -170,17 +169,124 @@ class Dispatcher:
             retry_after_s=NO_WORKER_RETRY_AFTER_S,
         )
 
-    async def submit(self, request: QueuedRequest, *, requeue: bool = False) -> WorkerPair:
-        """Wait for workers. ``requeue``: the request was placed before and could not start; it
-        goes back ahead of later arrivals. ``NoWorkerAvailable`` when no worker can serve at all
-        (now, or while it waits), ``QueueTimeout`` when none had room within the queue
-        timeout."""
-        try:
-            self.check_can_serve()
-        except NoWorkerAvailable:
-            if requeue:  # it left its flight (``decode_done``, not finished): it ends here
-                self.core.given_up(request, request.num_output_tokens, self.clock())
-            raise
+    # ---- a request's ledger ----------------------------------------------------------------
+
+    def open(
+        self,
+        request: QueuedRequest,
+        *,
+        received: float | None = None,
+        on_lost: Callable[[FairgateError], None] | None = None,
+    ) -> RequestLedger:
+        """The request's ledger, kept until ``close``. ``received``: when the gateway got it
+        (monotonic; now if None). ``on_lost``: see ``RequestLedger``."""
+        ledger = RequestLedger(
+            request, self.clock() if received is None else received, on_lost=on_lost
+        )
+        self._ledgers[request.request_id] = ledger
+        return ledger
+
+    def close(self, ledger: RequestLedger) -> None:
+        """The request's life in the gateway is over, whatever the outcome: what it still held
+        is settled (a run not reported as left ends now; one handed back and not queued again
+        ends for the policy with what it generated)."""
+        if self._ledgers.get(ledger.request.request_id) is ledger:
+            del self._ledgers[ledger.request.request_id]
+        if ledger.stage in ("prefill", "decode"):
+            self.left(ledger, handed_back=False)
+        elif ledger.stage == "off":
+            self.core.given_up(ledger.request, ledger.num_output_tokens, self.clock())
+            self.wake()
+        ledger.stage = "ended"
+
+    def ledger(self, request_id: str) -> RequestLedger | None:
+        """The ledger of a request between ``open`` and ``close``."""
+        return self._ledgers.get(request_id)
+
+    def first_token(self, ledger: RequestLedger, num_cached_tokens: int) -> None:
+        """The prefill worker answered with the first token, ``num_cached_tokens`` found
+        cached: its tokens leave the prefill worker's account."""
+        assert ledger.pair is not None and ledger.stage == "prefill"
+        self.core.prefill_done(
+            ledger.pair.prefill, ledger.request, num_cached_tokens, self.clock()
+        )
+        ledger.stage = "decode"
+        self.wake()
+
+    def tokens(self, ledger: RequestLedger, num_tokens: int) -> None:
+        """``num_tokens`` more output tokens came from the request's workers."""
+        ledger.num_output_tokens += num_tokens
+        self.core.tokens_generated(ledger.request, num_tokens, self.clock())
+
+    def left(self, ledger: RequestLedger, *, handed_back: bool) -> None:
+        """The request left its pair: it ended there (finished, or its client went away), or
+        (``handed_back``) it is to be queued again or to end off any pair: a decode worker
+        handed it back, or the run failed (then ``failed`` follows). Idempotent."""
+        pair = ledger.pair
+        if pair is None or ledger.stage not in ("prefill", "decode"):
+            return
+        now = self.clock()
+        if ledger.stage == "prefill":
+            self.core.prefill_done(pair.prefill, ledger.request, None, now)
+        self.core.decode_done(
+            pair.decode, ledger.request, ledger.num_output_tokens, now, finished=not handed_back
+        )
+        ledger.stage = "off" if handed_back else "ended"
+        self.wake()
+
+    def failed(self, ledger: RequestLedger, error: FairgateError) -> FairgateError | None:
+        """The request's run failed with ``error`` (after ``left(handed_back=True)``): the
+        worker at fault is marked (full, or dead), and the request goes on elsewhere (None:
+        ``submit`` it again, with its output so far) or ends with the error returned (ledger
+        module: which errors move a request; at most ``max_migrations`` moves)."""
+        pair = ledger.pair
+        handle = None if pair is None else pair.handle_of(error.worker_url)
+        request_id = ledger.request.request_id
+        if isinstance(error, NoRoomError):
+            # The view of the decode worker was stale: no reservations there until it reports;
+            # the request waits its turn again, within the time it may wait for workers at all.
+            if handle is not None:
+                self.registry.mark_full(handle)
+            return error if self.clock() - ledger.received > self.queue_timeout_s else None
+        if not is_migratable(error):
+            return error
+        if handle is not None and isinstance(error, WorkerUnreachable | EngineFailed):
+            self.registry.mark_dead(handle, error)
+        ledger.num_migrations += 1
+        if ledger.num_migrations > self.max_migrations:
+            logger.warning(
+                "request %s: its worker failed again, %d moves already: %s",
+                request_id,
+                self.max_migrations,
+                error.message,
+            )
+            return WorkerUnreachable(
+                f"the workers of {request_id} failed {ledger.num_migrations} times; giving up "
+                f"(last: {error.message})"
+            )
+        logger.info(
+            "request %s: moved off a failed worker after %d tokens (move %d): %s",
+            request_id,
+            ledger.num_output_tokens,
+            ledger.num_migrations,
+            error.message,
+        )
+        return None
+
+    def worker_lost(self, handle: WorkerHandle, error: FairgateError) -> None:
+        """The registry found ``handle`` lost (dead, hung, restarted, removed): every request
+        running there is stopped (``RequestLedger.on_lost``) and fails with ``error``."""
+        for ledger in [ledger for ledger in self._ledgers.values() if ledger.runs_on(handle)]:
+            if ledger.on_lost is not None:
+                ledger.on_lost(error)
+
+    async def submit(self, ledger: RequestLedger, *, requeue: bool = False) -> WorkerPair:
+        """Wait for workers. ``requeue``: the request was placed before and could not start or
+        go on there; it goes back ahead of later arrivals. ``NoWorkerAvailable`` when no worker
+        can serve at all (now, or while it waits), ``QueueTimeout`` when none had room within
+        the queue timeout."""
+        request = ledger.request
+        self.check_can_serve()
         if self.registry.reference is not None:
             self.policy.set_block_size(self.registry.reference.block_size)
         future: asyncio.Future[WorkerPair] = asyncio.get_running_loop().create_future()
@@ -191,6 +297,7 @@ class Dispatcher:
                 self.policy.enqueue(request, self.clock())
             except Shed as exc:
                 raise RequestShed(exc.reason) from None
+        ledger.stage = "queued"
         self._waiting[request.request_id] = future
         by_rank = self._waiting_by_tenant.setdefault(request.tenant_id, {})
         by_rank.setdefault(request.rank, {})[request.request_id] = self.clock()
@@ -210,14 +317,14 @@ class Dispatcher:
             ) from None
         except asyncio.CancelledError:
             if _placed(future):  # placed, but its caller is gone: give the room back
-                pair = future.result()
-                self.prefill_done(pair, request)
-                self.decode_done(pair, request, 0)
+                self.left(ledger, handed_back=False)
             raise
         finally:
             self._forget(request)
             if self._waiting.pop(request.request_id, None) is not None:
                 self.policy.remove(request.request_id)
+            if ledger.stage == "queued":
+                ledger.stage = "ended"  # out of the policy's queue, never placed
             if not future.done():
                 future.cancel()
 
@@ -231,39 +338,6 @@ class Dispatcher:
                     del by_rank[request.rank]
             if not by_rank:
                 del self._waiting_by_tenant[request.tenant_id]
-
-    def prefill_done(
-        self, pair: WorkerPair, request: QueuedRequest, num_cached_tokens: int | None = None
-    ) -> None:
-        """The prefill stage ended (its first token, with ``num_cached_tokens`` found cached; or
-        a failure, None): its tokens leave the prefill worker's account."""
-        self.core.prefill_done(pair.prefill, request, num_cached_tokens, self.clock())
-        self.wake()
-
-    def tokens_generated(self, request: QueuedRequest, num_tokens: int) -> None:
-        """``num_tokens`` more output tokens came from the request's decode worker."""
-        self.core.tokens_generated(request, num_tokens, self.clock())
-
-    def decode_done(
-        self,
-        pair: WorkerPair,
-        request: QueuedRequest,
-        num_output_tokens: int,
-        *,
-        finished: bool = True,
-    ) -> None:
-        """The request left its decode worker: it ended, whatever the outcome, or (``finished``
-        False) the worker handed it back to be queued again."""
-        self.core.decode_done(
-            pair.decode, request, num_output_tokens, self.clock(), finished=finished
-        )
-        self.wake()
-
-    def given_up(self, request: QueuedRequest, num_output_tokens: int) -> None:
-        """A request a decode worker handed back (``decode_done`` with ``finished`` False) that
-        will not be queued again: it ends for the policy with what it generated."""
-        self.core.given_up(request, num_output_tokens, self.clock())
-        self.wake()
 
     def wake(self) -> None:
         if not self._pass_scheduled:
@@ -377,14 +451,14 @@ class Dispatcher:
         )
         decode = decode_handles[placement.decode_worker_id]
         self.core.placed(placement, prefill, decode)
-        future.set_result(
-            WorkerPair(
-                prefill,
-                decode,
-                placement.num_cached_tokens,
-                self.policy.counter(request.tenant_id),
-            )
+        pair = WorkerPair(
+            prefill, decode, placement.num_cached_tokens, self.policy.counter(request.tenant_id)
         )
+        ledger = self._ledgers.get(request.request_id)
+        if ledger is not None:
+            ledger.pair, ledger.stage = pair, "prefill"
+            ledger.num_placements += 1
+        future.set_result(pair)
 
 
 def _placed(future: asyncio.Future[WorkerPair]) -> bool:

@@ -5,15 +5,17 @@ of HTTP bodies.
 
     Generation.events():   str (text delta) … str, Finished
 
-A decode worker with no room after all (the gateway's view of it was a report old) is marked
-full and the request goes back to the head of the queue, as often as it takes within the queue
-timeout. Since the prefill does not wait for the decode worker's reservation, that usually comes
-after the prefill's first token went out: the request then goes back as a resumption (a
-``Preempted`` with ``error``, ``run_disaggregated``), and its prefill finds the prompt in the
-prefill worker's prefix cache. A worker that cannot be reached, or whose engine died, is marked
-dead; if it had not sent the request a token yet (or, a decode worker, had not taken it), the
-request is placed again, up to ``MAX_PLACEMENTS`` times. After a token, a failure ends the
-request with its error.
+What happens on the workers is reported to the dispatcher, which keeps the request's ledger
+(``gateway.ledger``): first token, tokens, the pair left. When the workers fail (one dies, hangs,
+restarts or drops the stream; the decode worker had no room after all), the dispatcher decides:
+the request goes back to the queue at its arrival and continues on another pair from its output
+so far, prompt plus output re-prefilled with ``num_prior_output_tokens`` and the same sampling
+seed (every request has one: the gateway picks it when the client did not), so its output is
+what it would have been; the client's stream only pauses. That happens at most
+``gateway.max_migrations`` times; then, or for a failure of the request's own, it ends with the
+error. A decode worker that hands a request back (recompute preemption) sends it the same way.
+A worker found lost while the request runs there (``Dispatcher.worker_lost``) stops the run at
+once: the task waiting on it is cancelled, and the run fails with the registry's error.
 Leaving the iteration early (a client that went away) closes the worker streams, which aborts
 the request on both workers.
 
@@ -28,6 +30,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import secrets
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -37,20 +40,14 @@ import msgspec
 from opentelemetry.util.types import AttributeValue
 
 from engine.tokenizer import Tokenizer
-from gateway.dispatch import Dispatcher, WorkerPair
+from gateway.dispatch import Dispatcher
+from gateway.ledger import RequestLedger, WorkerPair
 from gateway.metrics import GatewayMetrics
 from gateway.scheduler import QueuedRequest
 from gateway.streaming import TextStream
 from gateway.workers import WorkerRegistry
 from transfer.client import run_disaggregated
-from transfer.errors import (
-    EngineFailed,
-    ErrorBody,
-    FairgateError,
-    NoRoomError,
-    WorkerUnreachable,
-    error_from_body,
-)
+from transfer.errors import FairgateError, WorkerUnreachable
 from transfer.messages import GenerateRequest, Preempted, Priority, SamplingSpec, TokenFrame
 from transfer.telemetry import SpanRecord, start_child, traceparent_of
 
@@ -58,7 +55,6 @@ __all__ = ["Finished", "Generation", "TokenUsage"]
 
 logger = logging.getLogger(__name__)
 
-MAX_PLACEMENTS = 3  # placements on unreachable workers before the error is final
 MAX_PREEMPTIONS = 64  # hand-backs of one request before it ends with an error
 
 
@@ -124,6 +120,10 @@ class Generation:
         children, and the workers' spans join it through ``traceparent``."""
         self.queued = queued
         self.prompt_token_ids = prompt_token_ids
+        if sampling.seed is None:
+            # A seed of its own, so that a resumption elsewhere samples what this one would
+            # have (``engine.sampler``: a token's randomness is a function of seed and position).
+            sampling = msgspec.structs.replace(sampling, seed=secrets.randbits(63))
         self.sampling = sampling
         self.text = TextStream(tokenizer, stop)
         self.dispatcher = dispatcher
@@ -145,6 +145,8 @@ class Generation:
         self._task: asyncio.Task[Any] | None = None
         self._is_running = False
         self._was_cancelled = False  # ``interrupt`` cancelled ``_task``
+        self._lost: FairgateError | None = None  # set by ``_on_lost``, until the run fails
+        self._lost_cancelled = False  # ``_on_lost`` cancelled ``_task``
 
     def interrupt(self, error: FairgateError) -> None:
         """End the request with ``error`` (see the module docstring). Safe at any time, once."""
@@ -182,82 +184,83 @@ class Generation:
             self._is_running = False
 
     async def _events(self) -> AsyncGenerator[str | Finished]:
-        requeue = False
-        num_unreachable = 0
-        for attempt in itertools.count(1):
-            pair = await self._submit(requeue)
-            self.pair = pair
-            if self.timing.placed is None:
-                self.timing.placed = time.monotonic()
-            # Tokens from this placement (held back or sent): a resumption from them would need
-            # the prompt and the text stream brought up to date, as ``_resume_after`` does.
-            num_tokens_before = len(self.output_token_ids)
-            try:
-                async with contextlib.aclosing(self._run_on(pair)) as events:
-                    async for event in events:
-                        yield event
-                return
-            except _Preempted as exc:
-                # Handed back by the decode worker (recompute), or not taken by it after the
-                # prefill's first token went out (``Preempted.error``): back to the queue at its
-                # original arrival, then re-prefilled with its output so far (its prompt found
-                # in the prefill worker's prefix cache); the client's stream just pauses.
+        ledger = self.dispatcher.open(
+            self.queued, received=self.timing.received, on_lost=self._on_lost
+        )
+        try:
+            requeue = False
+            for attempt in itertools.count(1):
+                pair = await self._submit(ledger, requeue)
+                self.pair = pair
+                if self.timing.placed is None:
+                    self.timing.placed = time.monotonic()
                 try:
-                    if exc.preempted.error is not None:
-                        num_unreachable = self._not_taken(
-                            pair, exc.preempted.error, num_unreachable
-                        )
+                    async with contextlib.aclosing(self._run_on(ledger, pair)) as events:
+                        async for event in events:
+                            yield event
+                    return
+                except _Preempted as exc:
+                    # Handed back by the decode worker (recompute): back to the queue at its
+                    # original arrival, then re-prefilled with its output so far (its prompt
+                    # found in the prefill worker's prefix cache); the client's stream pauses.
                     self._resume_after(exc.preempted)
-                except FairgateError:
-                    self.dispatcher.given_up(self.queued, len(self.output_token_ids))
-                    raise
+                    logger.info(
+                        "request %s: preempted after %d tokens, queued again",
+                        self.queued.request_id,
+                        exc.preempted.num_output_tokens,
+                    )
+                except asyncio.CancelledError:
+                    lost = self._take_lost()
+                    if lost is None:
+                        raise
+                    self._move(ledger, lost)
+                except FairgateError as exc:
+                    self._move(ledger, exc)
+                requeue = True
                 logger.info(
-                    "request %s: preempted after %d tokens, queued again",
-                    self.queued.request_id,
-                    exc.preempted.num_output_tokens,
+                    "request %s: placing again (attempt %d)", self.queued.request_id, attempt + 1
                 )
-            except NoRoomError:
-                # The gateway's view of the decode worker was stale: it is marked full until
-                # it frees something, and the request waits its turn again, within the time a
-                # request may wait for workers at all.
-                self.registry.mark_full(pair.decode)
-                waited_s = time.monotonic() - self.timing.received
-                if waited_s > self.dispatcher.queue_timeout_s:
-                    raise
-            except (WorkerUnreachable, EngineFailed) as exc:
-                # The worker is gone, or its engine is (it exits, to be restarted): not the
-                # request's fault, so it may go elsewhere while it has no token from there.
-                self._mark_unreachable(pair, exc)
-                num_unreachable += 1
-                got_tokens = len(self.output_token_ids) > num_tokens_before
-                if got_tokens or num_unreachable == MAX_PLACEMENTS:
-                    raise
-            requeue = True
-            logger.info("request %s: placing again (attempt %d)", self.queued.request_id, attempt)
+        finally:
+            self.dispatcher.close(ledger)
 
-    def _not_taken(self, pair: WorkerPair, body: ErrorBody, num_unreachable: int) -> int:
-        """The hand-off did not happen after the first token (the decode worker had no room or
-        could not be reached, or the prefill worker died): handle why as for the same error
-        before any token, raising it if the request may not go on. Returns the number of
-        placements on unreachable workers so far."""
-        error = error_from_body(body)
-        if isinstance(error, NoRoomError):
-            self.registry.mark_full(pair.decode)
-            if time.monotonic() - self.timing.received > self.dispatcher.queue_timeout_s:
-                raise error
-            return num_unreachable
-        if isinstance(error, WorkerUnreachable | EngineFailed):
-            self._mark_unreachable(pair, error)
-            if num_unreachable + 1 == MAX_PLACEMENTS:
-                raise error
-            return num_unreachable + 1
-        raise error
+    def _on_lost(self, error: FairgateError) -> None:
+        """The dispatcher found the request's worker lost: stop the run there (it fails with
+        ``error`` and moves). Cancels the iterating task when it waits on the workers; at a
+        yield, the run raises it when it resumes (``_run_on``)."""
+        if self._lost is not None:
+            return
+        self._lost = error
+        task = self._task
+        if self._is_running and task is not None and not task.done():
+            self._lost_cancelled = True
+            task.cancel()
 
-    async def _submit(self, requeue: bool) -> WorkerPair:
+    def _take_lost(self) -> FairgateError | None:
+        """After a ``CancelledError`` in the run: the lost-worker error it stands for, if
+        ``_on_lost`` cancelled the task and nobody else did; else None (re-raise it)."""
+        error, self._lost = self._lost, None
+        if error is None or not self._lost_cancelled:
+            return None
+        self._lost_cancelled = False
+        task = self._task
+        if task is None or task.uncancel() > 0:
+            return None  # cancelled by someone else as well: that one wins
+        return error
+
+    def _move(self, ledger: RequestLedger, error: FairgateError) -> None:
+        """The run failed with ``error``: the dispatcher says whether the request goes on
+        elsewhere (then it resumes from its output so far) or ends (raises)."""
+        self._lost = None
+        final = self.dispatcher.failed(ledger, error)
+        if final is not None:
+            raise final
+        self._resume_from_output()
+
+    async def _submit(self, ledger: RequestLedger, requeue: bool) -> WorkerPair:
         """Wait for workers; traced as a ``queue`` span under the request's span (made once
         the wait is over, with what it found; nothing is built for an unsampled request)."""
         if self.span is None or not self.span.is_recording:
-            return await self.dispatcher.submit(self.queued, requeue=requeue)
+            return await self.dispatcher.submit(ledger, requeue=requeue)
         queued = self.queued
         attributes: dict[str, AttributeValue] = {
             "fairgate.tenant_id": queued.tenant_id,
@@ -267,7 +270,7 @@ class Generation:
         }
         started_ns = time.time_ns()
         try:
-            pair = await self.dispatcher.submit(queued, requeue=requeue)
+            pair = await self.dispatcher.submit(ledger, requeue=requeue)
         except BaseException as exc:
             start_child(self.span, "queue", attributes, started_ns).end(exc)
             raise
@@ -281,26 +284,27 @@ class Generation:
         start_child(self.span, "queue", attributes, started_ns).end()
         return pair
 
-    async def _run_on(self, pair: WorkerPair) -> AsyncGenerator[str | Finished]:
-        """The request on one pair; the dispatcher's accounting is settled whatever happens.
-        Raises ``_Preempted`` when the decode worker hands the request back."""
-        prefill_pending = True
-        preempted = False
+    async def _run_on(
+        self, ledger: RequestLedger, pair: WorkerPair
+    ) -> AsyncGenerator[str | Finished]:
+        """The request on one pair, reported to the dispatcher as it goes; whatever happens,
+        it has left the pair when this ends (handed back, to go on elsewhere, unless it
+        finished or its client went away). Raises ``_Preempted`` when the decode worker hands
+        the request back, and the workers' error when they fail."""
+        handed_back = True
         started = time.monotonic()
         try:
-            async with contextlib.aclosing(self._frames(pair)) as frames:
+            async with contextlib.aclosing(self._frames(ledger, pair)) as frames:
                 async for frame in frames:
                     if isinstance(frame, Preempted):
-                        preempted = True
                         raise _Preempted(frame)
-                    if prefill_pending:
-                        prefill_pending = False
-                        self.dispatcher.prefill_done(pair, self.queued, frame.num_cached_tokens)
+                    if ledger.stage == "prefill":
+                        self.dispatcher.first_token(ledger, frame.num_cached_tokens)
                         if self.timing.first_token is None:
                             self.timing.first_token = time.monotonic()
                             if self.span is not None:
                                 self.span.add_event("first_token")
-                    self.dispatcher.tokens_generated(self.queued, len(frame.token_ids))
+                    self.dispatcher.tokens(ledger, len(frame.token_ids))
                     if self.metrics is not None:
                         # A resumption's prompt is computed again at nobody's charge.
                         is_first = not self.output_token_ids
@@ -316,12 +320,18 @@ class Generation:
                     self.output_token_ids += frame.token_ids
                     text = self.text.push(frame.token_ids)
                     if text:
+                        handed_back = False  # (a client gone at the yield: the request ends)
                         yield text
+                        handed_back = True
+                        if self._lost is not None:
+                            raise self._lost  # its worker was found lost meanwhile
                     if self.text.is_stopped:
+                        handed_back = False
                         self.finish_reason = "stop"
                         yield Finished("stop", self.usage)
                         return
                     if frame.finish_reason is not None:
+                        handed_back = False
                         tail = self.text.finish()
                         if tail:
                             yield tail
@@ -329,14 +339,16 @@ class Generation:
                         self.finish_reason = reason
                         yield Finished(reason, self.usage)
                         return
-            raise WorkerUnreachable("the workers' stream ended without a finish reason")
+            raise WorkerUnreachable(
+                "the workers' stream ended without a finish reason", worker_url=pair.decode.url
+            )
+        except asyncio.CancelledError:
+            if self._lost is None or not self._lost_cancelled:
+                handed_back = False  # cancelled from outside: the request ends
+            raise
         finally:
             self.timing.worker_s += time.monotonic() - started
-            if prefill_pending:
-                self.dispatcher.prefill_done(pair, self.queued)
-            self.dispatcher.decode_done(
-                pair, self.queued, self.usage.completion_tokens, finished=not preempted
-            )
+            self.dispatcher.left(ledger, handed_back=handed_back)
             self.timing.finished = time.monotonic()
 
     def _resume_after(self, preempted: Preempted) -> None:
@@ -348,15 +360,23 @@ class Generation:
                 f"{preempted.num_output_tokens} tokens; the gateway got "
                 f"{len(self.output_token_ids)}"
             )
-        self.num_resumptions += 1
-        # One the decode worker never took is no preemption; ``_not_taken`` bounds those.
-        if preempted.error is None:
-            self.num_preemptions += 1
+        self.num_preemptions += 1
         if self.num_preemptions > MAX_PREEMPTIONS:
             raise WorkerUnreachable(
                 f"{self.queued.request_id} was preempted {self.num_preemptions} times; giving up"
             )
         self.sampling = msgspec.structs.replace(self.sampling, seed=preempted.seed)
+        self._resume_from_output()
+
+    def _resume_from_output(self) -> None:
+        """What the next placement sends: the prompt with the output so far (the sampling seed
+        is the request's own, so it goes on token for token), and the queue entry to match
+        (same arrival, so it keeps its place)."""
+        if self.sampling.seed is None:
+            raise AssertionError("a request is resumed only with a seed (``__init__``)")
+        if not self.output_token_ids:
+            return  # nothing yet: it starts over as it came
+        self.num_resumptions += 1
         resumed = [*self.prompt_token_ids, *self.output_token_ids]
         self.queued.prompt_token_ids = resumed
         self.queued.num_prompt_tokens = len(resumed)
@@ -367,8 +387,15 @@ class Generation:
         placed, its arrival."""
         return Priority(rank=self.queued.rank, counter=pair.counter, arrival=self.queued.arrival)
 
-    async def _frames(self, pair: WorkerPair) -> AsyncGenerator[TokenFrame | Preempted]:
+    async def _frames(
+        self, ledger: RequestLedger, pair: WorkerPair
+    ) -> AsyncGenerator[TokenFrame | Preempted]:
+        # Each placement after the first has an id of its own on the workers: what the last
+        # one left there (a KV still being shipped to a dead decode worker, say) is not in its
+        # way, and ends by its own timeout or abort.
         request_id = self.queued.request_id
+        if ledger.num_placements > 1:
+            request_id = f"{request_id}.{ledger.num_placements}"
         prompt = self.queued.prompt_token_ids or self.prompt_token_ids
         num_prior = len(self.output_token_ids)
         if pair.prefill is None:
@@ -403,8 +430,3 @@ class Generation:
         async with contextlib.aclosing(frames):
             async for frame in frames:
                 yield frame
-
-    def _mark_unreachable(self, pair: WorkerPair, error: FairgateError) -> None:
-        for handle in (pair.prefill, pair.decode):
-            if handle is not None and error.message.startswith(handle.url):
-                self.registry.mark_dead(handle, error)

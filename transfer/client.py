@@ -26,7 +26,6 @@ from transfer.errors import (
     EngineFailed,
     ErrorBody,
     FairgateError,
-    NoRoomError,
     WorkerUnreachable,
     error_from_body,
 )
@@ -121,21 +120,22 @@ def _headers(traceparent: str | None) -> dict[str, str]:
     return {**_HEADERS, TRACEPARENT_HEADER: traceparent}
 
 
-def _error_of(url: str, status: int, body: bytes) -> FairgateError:
+def _error_of(worker_url: str, url: str, status: int, body: bytes) -> FairgateError:
     try:
-        return _worker_error(url, decode_message(body, ErrorBody))
+        return _worker_error(worker_url, url, decode_message(body, ErrorBody))
     except msgspec.MsgspecError:
         text = body[:200].decode("utf-8", "replace")
-        return WorkerUnreachable(f"{url}: HTTP {status}: {text}")
+        return WorkerUnreachable(f"{url}: HTTP {status}: {text}", worker_url=worker_url)
 
 
-def _worker_error(url: str, body: ErrorBody) -> FairgateError:
-    """The error a worker answered with. One that says the worker itself cannot go on
-    (``EngineFailed``) names it, as ``WorkerUnreachable`` does, so the caller knows which worker
-    to stop using."""
+def _worker_error(worker_url: str, url: str, body: ErrorBody) -> FairgateError:
+    """The error a worker answered with, carrying the worker's identity (``worker_url``). One
+    that says the worker itself cannot go on (``EngineFailed``) names it in its text too, as
+    ``WorkerUnreachable`` does, for the logs."""
     error = error_from_body(body)
     if isinstance(error, EngineFailed):
-        return EngineFailed(f"{url}: {error.message}")
+        error = EngineFailed(f"{url}: {error.message}")
+    error.worker_url = worker_url
     return error
 
 
@@ -194,13 +194,15 @@ class WorkerClient:
                 body = await response.read()
                 status = response.status
         except _TRANSPORT_ERRORS as exc:
-            raise WorkerUnreachable(f"{url}: {exc!r}") from exc
+            raise WorkerUnreachable(f"{url}: {exc!r}", worker_url=self.base_url) from exc
         if not 200 <= status < 300:
-            raise _error_of(url, status, body)
+            raise _error_of(self.base_url, url, status, body)
         try:
             return decode_message(body, result_type)
         except msgspec.MsgspecError as exc:
-            raise WorkerUnreachable(f"{url}: unreadable answer: {exc}") from exc
+            raise WorkerUnreachable(
+                f"{url}: unreadable answer: {exc}", worker_url=self.base_url
+            ) from exc
 
     @contextlib.asynccontextmanager
     async def _stream(
@@ -212,15 +214,15 @@ class WorkerClient:
                 url, data=encode_message(message), headers=_headers(traceparent)
             )
         except _TRANSPORT_ERRORS as exc:
-            raise WorkerUnreachable(f"{url}: {exc!r}") from exc
+            raise WorkerUnreachable(f"{url}: {exc!r}", worker_url=self.base_url) from exc
         try:
             if not 200 <= response.status < 300:
                 try:
                     body = await response.read()
                 except _TRANSPORT_ERRORS as exc:
-                    raise WorkerUnreachable(f"{url}: {exc!r}") from exc
-                raise _error_of(url, response.status, body)
-            stream = FrameStream(url, response)
+                    raise WorkerUnreachable(f"{url}: {exc!r}", worker_url=self.base_url) from exc
+                raise _error_of(self.base_url, url, response.status, body)
+            stream = FrameStream(self.base_url, url, response)
             yield stream
             if stream.is_finished:  # read the body's end, so the connection can be reused
                 with contextlib.suppress(*_TRANSPORT_ERRORS):
@@ -241,7 +243,8 @@ class FrameStream:
     with a finish reason or ``Preempted``. Leaving the ``async with`` closes the connection,
     which aborts the request on the worker."""
 
-    def __init__(self, url: str, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, worker_url: str, url: str, response: aiohttp.ClientResponse) -> None:
+        self.worker_url = worker_url
         self.url = url
         self.is_finished = False  # a frame with a finish reason, or Preempted, arrived
         self._response = response
@@ -259,7 +262,9 @@ class FrameStream:
         try:
             return await anext(self._frames)
         except StopAsyncIteration:
-            raise WorkerUnreachable(f"{self.url}: the stream ended early") from None
+            raise WorkerUnreachable(
+                f"{self.url}: the stream ended early", worker_url=self.worker_url
+            ) from None
 
     async def _iterate(self) -> AsyncIterator[Reserved | TokenFrame | Preempted]:
         decoder = FrameDecoder()
@@ -267,7 +272,7 @@ class FrameStream:
             async for chunk in self._response.content.iter_any():
                 for frame in decoder.feed(chunk):
                     if isinstance(frame, ErrorFrame):
-                        raise _worker_error(self.url, frame.error)
+                        raise _worker_error(self.worker_url, self.url, frame.error)
                     if isinstance(frame, Preempted) or (
                         isinstance(frame, TokenFrame) and frame.finish_reason is not None
                     ):
@@ -276,8 +281,13 @@ class FrameStream:
                         return
                     yield frame
         except (*_TRANSPORT_ERRORS, msgspec.MsgspecError, ValueError) as exc:
-            raise WorkerUnreachable(f"{self.url}: the stream broke: {exc!r}") from exc
-        raise WorkerUnreachable(f"{self.url}: the stream ended before the request finished")
+            raise WorkerUnreachable(
+                f"{self.url}: the stream broke: {exc!r}", worker_url=self.worker_url
+            ) from exc
+        raise WorkerUnreachable(
+            f"{self.url}: the stream ended before the request finished",
+            worker_url=self.worker_url,
+        )
 
 
 class PrefillClient(WorkerClient):
@@ -351,14 +361,13 @@ async def run_disaggregated(
     worker's frames follow. Leaving early (or any error) closes the decode stream, which frees
     the reservation, and cancels or aborts what the prefill worker still does or holds.
 
-    When the decode worker cannot take the request after the first token went out (503
-    ``no_room``, unreachable, its engine dead), the prefill worker drops the KV (the prompt's
-    full blocks stay in its prefix cache) and the last thing yielded is a ``Preempted`` whose
-    ``error`` says why: resume it like any ``Preempted``, the resumption finds its prompt
-    cached. A hand-off that fails before the KV landed breaks the decode stream off at once
-    (freeing the reservation): a prefill worker that died (unreachable, its engine dead) makes
-    the request a ``Preempted`` with that ``error`` too; any other failure (the transfer's) is
-    raised.
+    When the workers fail after the first token went out (the decode worker has no room or
+    cannot be reached, its engine or the prefill worker died before the KV landed, the transfer
+    failed, the decode stream broke off), the error is raised, naming the worker at fault
+    (``FairgateError.worker_url``) where one is: the caller resumes the request from the tokens
+    yielded so far, as after a ``Preempted``; a decode worker without room gets a ``PrefillTarget``
+    without a target first, so the prefill worker drops the KV (the prompt's full blocks stay in
+    its prefix cache, where the resumption finds them).
 
     When the decode worker preempts the request by recompute, the last thing yielded is a
     ``Preempted`` (and the generator ends): resume the request with ``prompt_token_ids`` plus
@@ -414,10 +423,9 @@ async def run_disaggregated(
             return
         try:
             stream = await hand_off.reserved()
-        except (NoRoomError, WorkerUnreachable, EngineFailed) as exc:
+        except FairgateError:
             await hand_off.drop()
-            yield Preempted(num_output_tokens, result.seed, error=exc.to_body())
-            return
+            raise
         try:
             async for frame in stream:
                 if isinstance(frame, TokenFrame):
@@ -431,11 +439,7 @@ async def run_disaggregated(
             failure = hand_off.failure()  # the stream was broken off for it
             if failure is None:
                 raise
-            if not isinstance(failure, WorkerUnreachable | EngineFailed):
-                raise failure from None
-            # The prefill worker died before its KV landed: the first token is known, so the
-            # request resumes elsewhere.
-            yield Preempted(num_output_tokens, result.seed, error=failure.to_body())
+            raise failure from None  # the hand-off's own (the prefill worker's, the transfer's)
     finally:
         prefilling.cancel()  # aborts a prefill still computing
         await asyncio.gather(prefilling, return_exceptions=True)
@@ -474,7 +478,10 @@ class _HandOff:
         )
         reserved = await stream.next()
         if not isinstance(reserved, Reserved):
-            raise WorkerUnreachable(f"{stream.url}: expected a Reserved frame, got {reserved!r}")
+            raise WorkerUnreachable(
+                f"{stream.url}: expected a Reserved frame, got {reserved!r}",
+                worker_url=stream.worker_url,
+            )
         self._stream.set_result(stream)
         target = KvTarget(
             reserved.worker_id, reserved.kv_host, reserved.kv_port, reserved.block_ids

@@ -65,9 +65,12 @@ class FairgateError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, worker_url: str | None = None) -> None:
+        """``worker_url``: the worker whose call raised it (set by ``transfer.client``; never
+        on the wire), so the caller knows which worker failed without reading the text."""
         super().__init__(message)
         self.message = message
+        self.worker_url = worker_url
 
     def to_body(self) -> ErrorBody:
         return ErrorBody(code=self.code, message=self.message)

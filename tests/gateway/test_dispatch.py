@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 import msgspec
 import pytest
 
-from gateway.dispatch import NO_WORKER_GRACE_S, ROOM_RETRY_S, Dispatcher, WorkerPair
+from gateway.dispatch import NO_WORKER_GRACE_S, ROOM_RETRY_S, Dispatcher, RequestLedger, WorkerPair
 from gateway.errors import (
     NoWorkerAvailable,
     QueueFull,
@@ -83,6 +83,26 @@ def request(request_id: str, num_prompt_tokens: int = 100) -> QueuedRequest:
     )
 
 
+def ledger_of(dispatcher: Dispatcher, request: QueuedRequest) -> RequestLedger:
+    ledger = dispatcher.ledger(request.request_id)
+    assert ledger is not None
+    return ledger
+
+
+def leave(
+    dispatcher: Dispatcher,
+    request: QueuedRequest,
+    num_output_tokens: int,
+    *,
+    handed_back: bool = False,
+) -> None:
+    """The request's run left its pair with ``num_output_tokens`` (as ``Generation`` reports
+    it; the tokens themselves are not reported here)."""
+    ledger = ledger_of(dispatcher, request)
+    ledger.num_output_tokens = num_output_tokens
+    dispatcher.left(ledger, handed_back=handed_back)
+
+
 async def settle() -> None:
     """Let the loop run the scheduling passes and wake-ups that are due."""
     for _ in range(10):
@@ -131,7 +151,7 @@ async def test_a_submit_with_room_is_placed_at_once_and_the_accounting_moves(
     free_before = decode.free_kv_tokens()
     assert free_before == 1000 * BLOCK_SIZE
     a = request("a", 100)
-    pair = await asyncio.wait_for(dispatcher.submit(a), 1.0)
+    pair = await asyncio.wait_for(dispatcher.submit(dispatcher.open(a)), 1.0)
     assert pair == WorkerPair(prefill, decode)
     assert (prefill.inflight_tokens, prefill.inflight_requests) == (100, 1)
     assert (decode.inflight_tokens, decode.inflight_requests) == (100, 1)
@@ -139,16 +159,16 @@ async def test_a_submit_with_room_is_placed_at_once_and_the_accounting_moves(
     assert decode.free_kv_tokens() == free_before - 101
     assert (policy.queued(), dispatcher.num_waiting) == (0, 0)
 
-    dispatcher.prefill_done(pair, a)
+    dispatcher.first_token(ledger_of(dispatcher, a), 0)
     assert (prefill.inflight_tokens, prefill.inflight_requests) == (0, 0)
     assert (decode.inflight_tokens, decode.inflight_requests) == (100, 1)  # still decoding
 
     decode.is_full = True  # the worker said "no room" meanwhile
-    dispatcher.decode_done(pair, a, num_output_tokens=7)
+    leave(dispatcher, a, 7)
     assert (decode.inflight_tokens, decode.inflight_requests) == (0, 0)
     assert not decode.is_full  # the finished request freed blocks
     assert policy.finished == ["a"]
-    # The KV reservation is dropped by the next load report, not by decode_done (the report
+    # The KV reservation is dropped by the next load report, not by ``left`` (the report
     # taken before the request finished may or may not count its blocks).
     assert decode.tokens_reserved_since_report == 101
 
@@ -157,11 +177,11 @@ async def test_a_handed_back_request_given_up_ends_for_the_policy(
     dispatcher: Dispatcher, policy: RecordingFcfs
 ) -> None:
     a = request("a", 100)
-    pair = await asyncio.wait_for(dispatcher.submit(a), 1.0)
-    dispatcher.prefill_done(pair, a)
-    dispatcher.decode_done(pair, a, 3, finished=False)  # handed back: not ended yet
+    await asyncio.wait_for(dispatcher.submit(dispatcher.open(a)), 1.0)
+    dispatcher.first_token(ledger_of(dispatcher, a), 0)
+    leave(dispatcher, a, 3, handed_back=True)  # handed back: not ended yet
     assert policy.finished == []
-    dispatcher.given_up(a, 3)  # and it will not be queued again
+    dispatcher.close(ledger_of(dispatcher, a))  # and it will not be queued again
     assert policy.finished == ["a"]
 
 
@@ -172,12 +192,14 @@ async def test_a_colocated_worker_prefills_itself(policy: RecordingFcfs) -> None
         make_ready(colocated, "colocated")
         dispatcher = Dispatcher(policy, registry, queue_timeout_s=5.0)
         a = request("a", 40)
-        pair = await asyncio.wait_for(dispatcher.submit(a), 1.0)
+        pair = await asyncio.wait_for(dispatcher.submit(dispatcher.open(a)), 1.0)
         assert pair == WorkerPair(None, colocated)
         assert (colocated.inflight_tokens, colocated.inflight_requests) == (40, 1)
-        dispatcher.prefill_done(pair, a)  # no prefill worker: nothing to give back
+        dispatcher.first_token(
+            ledger_of(dispatcher, a), 0
+        )  # no prefill worker: nothing to give back
         assert (colocated.inflight_tokens, colocated.inflight_requests) == (40, 1)
-        dispatcher.decode_done(pair, a, num_output_tokens=1)
+        leave(dispatcher, a, 1)
         assert (colocated.inflight_tokens, colocated.inflight_requests) == (0, 0)
     finally:
         await registry.stop()
@@ -187,15 +209,15 @@ async def test_a_full_prefill_cap_makes_the_next_submit_wait_until_prefill_done(
     dispatcher: Dispatcher, policy: RecordingFcfs, prefill: WorkerHandle, decode: WorkerHandle
 ) -> None:
     a = request("a", 100)
-    pair_a = await asyncio.wait_for(dispatcher.submit(a), 1.0)
+    await asyncio.wait_for(dispatcher.submit(dispatcher.open(a)), 1.0)
     b = request("b", 100)
-    waiting_b = asyncio.create_task(dispatcher.submit(b))
+    waiting_b = asyncio.create_task(dispatcher.submit(dispatcher.open(b)))
     await settle()
     assert not waiting_b.done()  # 100 + 100 would pass the cap of 150
     assert (policy.queued(), dispatcher.num_waiting) == (1, 1)
     assert prefill.inflight_tokens == 100
 
-    dispatcher.prefill_done(pair_a, a)
+    dispatcher.first_token(ledger_of(dispatcher, a), 0)
     pair_b = await asyncio.wait_for(waiting_b, 1.0)
     assert pair_b == WorkerPair(prefill, decode)
     assert (prefill.inflight_tokens, prefill.inflight_requests) == (100, 1)
@@ -210,7 +232,7 @@ async def test_a_request_that_finds_no_room_in_time_gets_queue_timeout(
     make_ready(decode, "decode", num_free_blocks=2)  # 32 KV slots: a 100-token prompt never fits
     dispatcher = Dispatcher(policy, registry, queue_timeout_s=0.05)
     with pytest.raises(QueueTimeout, match=r"waited 0\.05 s") as raised:
-        await asyncio.wait_for(dispatcher.submit(request("a", 100)), 2.0)
+        await asyncio.wait_for(dispatcher.submit(dispatcher.open(request("a", 100))), 2.0)
     assert (raised.value.status, raised.value.code) == (503, "queue_timeout")
     assert retry_after_header(raised.value) == {"retry-after": "1"}
     assert (policy.queued(), dispatcher.num_waiting) == (0, 0)
@@ -223,7 +245,7 @@ async def test_submit_without_a_ready_worker_fails_after_the_grace(
     dispatcher = Dispatcher(policy, registry, queue_timeout_s=60.0)
     started = time.monotonic()
     with pytest.raises(NoWorkerAvailable, match="no worker can serve") as raised:
-        await asyncio.wait_for(dispatcher.submit(request("a")), 5.0)
+        await asyncio.wait_for(dispatcher.submit(dispatcher.open(request("a"))), 5.0)
     assert time.monotonic() - started >= NO_WORKER_GRACE_S
     # Still none: the next one is refused at once.
     with pytest.raises(NoWorkerAvailable):
@@ -233,7 +255,7 @@ async def test_submit_without_a_ready_worker_fails_after_the_grace(
     # A ready prefill worker alone cannot serve either: it needs a decode worker.
     make_ready(registry.handles[0], "prefill")
     with pytest.raises(NoWorkerAvailable, match="no worker can serve"):
-        await asyncio.wait_for(dispatcher.submit(request("b")), 5.0)
+        await asyncio.wait_for(dispatcher.submit(dispatcher.open(request("b"))), 5.0)
     assert (policy.queued(), dispatcher.num_waiting) == (0, 0)
 
 
@@ -247,7 +269,9 @@ async def test_waiting_requests_fail_soon_when_the_last_worker_of_a_role_dies(
     make_ready(decode, "decode", num_free_blocks=2)  # no room: requests wait
     dispatcher = Dispatcher(policy, registry, queue_timeout_s=60.0)
     registry.on_change = dispatcher.wake
-    waiting = [asyncio.create_task(dispatcher.submit(request(str(i)))) for i in range(3)]
+    waiting = [
+        asyncio.create_task(dispatcher.submit(dispatcher.open(request(str(i))))) for i in range(3)
+    ]
     await settle()
     assert dispatcher.num_waiting == 3
     registry.mark_dead(prefill, WorkerUnreachable("connection refused"))
@@ -267,7 +291,7 @@ async def test_a_worker_back_within_the_grace_serves_the_requests_that_waited(
     make_ready(decode, "decode", num_free_blocks=2)  # no room yet: requests wait
     dispatcher = Dispatcher(policy, registry, queue_timeout_s=60.0)
     registry.on_change = dispatcher.wake
-    waiting = asyncio.create_task(dispatcher.submit(request("a")))
+    waiting = asyncio.create_task(dispatcher.submit(dispatcher.open(request("a"))))
     await settle()
     registry.mark_dead(prefill, WorkerUnreachable("reset by peer"))
     await asyncio.sleep(NO_WORKER_GRACE_S / 3)
@@ -288,7 +312,8 @@ async def test_a_tenant_with_a_full_queue_is_refused_and_the_others_are_not(
     make_ready(registry.handles[1], "decode", num_free_blocks=2)  # no room: requests wait
     dispatcher = Dispatcher(policy, registry, max_queued_per_tenant=2)
     waiting = [
-        asyncio.create_task(dispatcher.submit(tenant_request(str(i), "flood"))) for i in range(2)
+        asyncio.create_task(dispatcher.submit(dispatcher.open(tenant_request(str(i), "flood"))))
+        for i in range(2)
     ]
     await settle()
     with pytest.raises(QueueFull, match="2 requests waiting") as raised:
@@ -313,7 +338,9 @@ async def test_a_tenant_whose_oldest_request_waited_too_long_is_refused_in_that_
     dispatcher = Dispatcher(
         policy, registry, max_queue_wait_s={2: 10.0, 3: 2.0}, clock=lambda: now[0]
     )
-    task = asyncio.create_task(dispatcher.submit(tenant_request("old", "flood", rank=2)))
+    task = asyncio.create_task(
+        dispatcher.submit(dispatcher.open(tenant_request("old", "flood", rank=2)))
+    )
     await settle()
     now[0] += 10.0
     dispatcher.check_backlog("flood", 2)  # waited exactly the limit: still taken
@@ -333,8 +360,8 @@ async def test_cancelling_a_waiting_submit_takes_it_out_of_the_queue(
     dispatcher: Dispatcher, policy: RecordingFcfs, prefill: WorkerHandle, decode: WorkerHandle
 ) -> None:
     a = request("a", 100)
-    pair_a = await asyncio.wait_for(dispatcher.submit(a), 1.0)
-    waiting_b = asyncio.create_task(dispatcher.submit(request("b", 100)))
+    await asyncio.wait_for(dispatcher.submit(dispatcher.open(a)), 1.0)
+    waiting_b = asyncio.create_task(dispatcher.submit(dispatcher.open(request("b", 100))))
     await settle()
     assert (policy.queued(), dispatcher.num_waiting) == (1, 1)
 
@@ -344,7 +371,7 @@ async def test_cancelling_a_waiting_submit_takes_it_out_of_the_queue(
     assert (policy.queued(), dispatcher.num_waiting) == (0, 0)
 
     # Room comes back: nothing is placed for the request that left.
-    dispatcher.prefill_done(pair_a, a)
+    dispatcher.first_token(ledger_of(dispatcher, a), 0)
     await settle()
     assert (prefill.inflight_tokens, prefill.inflight_requests) == (0, 0)
     assert (decode.inflight_tokens, decode.inflight_requests) == (100, 1)  # a's decode only
@@ -354,13 +381,13 @@ async def test_a_submit_cancelled_in_the_tick_of_its_placement_reserves_nothing(
     dispatcher: Dispatcher, policy: RecordingFcfs, prefill: WorkerHandle, decode: WorkerHandle
 ) -> None:
     a = request("a", 100)
-    pair_a = await asyncio.wait_for(dispatcher.submit(a), 1.0)
-    waiting_b = asyncio.create_task(dispatcher.submit(request("b", 100)))
+    await asyncio.wait_for(dispatcher.submit(dispatcher.open(a)), 1.0)
+    waiting_b = asyncio.create_task(dispatcher.submit(dispatcher.open(request("b", 100))))
     await settle()
     # a's prefill ends, which schedules a pass that would place b; b's caller goes away in the
     # same tick, before the pass runs: the policy still picks b, the dispatcher reserves nothing
     # for it and hands it back.
-    dispatcher.prefill_done(pair_a, a)
+    dispatcher.first_token(ledger_of(dispatcher, a), 0)
     waiting_b.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting_b
@@ -374,10 +401,10 @@ async def test_a_cancel_that_arrives_after_placement_is_not_swallowed(
     dispatcher: Dispatcher, policy: RecordingFcfs, prefill: WorkerHandle, decode: WorkerHandle
 ) -> None:
     a = request("a", 100)
-    pair_a = await asyncio.wait_for(dispatcher.submit(a), 1.0)
-    waiting_b = asyncio.create_task(dispatcher.submit(request("b", 100)))
+    await asyncio.wait_for(dispatcher.submit(dispatcher.open(a)), 1.0)
+    waiting_b = asyncio.create_task(dispatcher.submit(dispatcher.open(request("b", 100))))
     await settle()
-    dispatcher.prefill_done(pair_a, a)
+    dispatcher.first_token(ledger_of(dispatcher, a), 0)
     await asyncio.sleep(0)  # the pass runs: b is placed, its submit has not resumed yet
     assert prefill.inflight_tokens == 100 and not waiting_b.done()
     waiting_b.cancel()  # b's caller goes away now
@@ -393,20 +420,20 @@ async def test_a_requeued_request_goes_ahead_of_earlier_waiters(
     dispatcher: Dispatcher, policy: RecordingFcfs, prefill: WorkerHandle
 ) -> None:
     a = request("a", 100)
-    pair_a = await asyncio.wait_for(dispatcher.submit(a), 1.0)
-    waiting_b = asyncio.create_task(dispatcher.submit(request("b", 100)))
+    await asyncio.wait_for(dispatcher.submit(dispatcher.open(a)), 1.0)
+    waiting_b = asyncio.create_task(dispatcher.submit(dispatcher.open(request("b", 100))))
     await settle()
     c = request("c", 100)
-    waiting_c = asyncio.create_task(dispatcher.submit(c, requeue=True))
+    waiting_c = asyncio.create_task(dispatcher.submit(dispatcher.open(c), requeue=True))
     await settle()
     assert policy.queued() == 2
 
-    dispatcher.prefill_done(pair_a, a)  # room for one of them
-    pair_c = await asyncio.wait_for(waiting_c, 1.0)
+    dispatcher.first_token(ledger_of(dispatcher, a), 0)  # room for one of them
+    await asyncio.wait_for(waiting_c, 1.0)
     await settle()
     assert not waiting_b.done()  # c went ahead of b, which had waited longer
 
-    dispatcher.prefill_done(pair_c, c)
+    dispatcher.first_token(ledger_of(dispatcher, c), 0)
     pair_b = await asyncio.wait_for(waiting_b, 1.0)
     assert pair_b.prefill is prefill
     assert (policy.queued(), dispatcher.num_waiting) == (0, 0)
@@ -415,8 +442,10 @@ async def test_a_requeued_request_goes_ahead_of_earlier_waiters(
 async def test_fail_all_fails_every_waiter(
     dispatcher: Dispatcher, policy: RecordingFcfs, prefill: WorkerHandle
 ) -> None:
-    await asyncio.wait_for(dispatcher.submit(request("a", 100)), 1.0)
-    waiters = [asyncio.create_task(dispatcher.submit(request(name, 100))) for name in "bc"]
+    await asyncio.wait_for(dispatcher.submit(dispatcher.open(request("a", 100))), 1.0)
+    waiters = [
+        asyncio.create_task(dispatcher.submit(dispatcher.open(request(name, 100)))) for name in "bc"
+    ]
     await settle()
     assert (policy.queued(), dispatcher.num_waiting) == (2, 2)
 
@@ -464,23 +493,22 @@ async def test_sheds_and_rejections_end_their_requests_and_progress_reaches_the_
     policy = SheddingFcfs()
     dispatcher = Dispatcher(policy, registry, max_prefill_inflight_tokens=1000)
     with pytest.raises(RequestShed, match="cannot make its deadline"):
-        await dispatcher.submit(request("shed-now"))
+        await dispatcher.submit(dispatcher.open(request("shed-now")))
     with pytest.raises(RequestShed, match="its deadline passed"):
-        await asyncio.wait_for(dispatcher.submit(request("shed-later")), 1.0)
+        await asyncio.wait_for(dispatcher.submit(dispatcher.open(request("shed-later"))), 1.0)
     assert (policy.queued(), dispatcher.num_waiting) == (0, 0)
 
     a = request("a")
-    pair = await asyncio.wait_for(dispatcher.submit(a), 1.0)
-    dispatcher.prefill_done(pair, a, num_cached_tokens=32)
-    dispatcher.tokens_generated(a, 3)
-    dispatcher.decode_done(pair, a, num_output_tokens=3)
+    await asyncio.wait_for(dispatcher.submit(dispatcher.open(a)), 1.0)
+    dispatcher.first_token(ledger_of(dispatcher, a), 32)
+    dispatcher.tokens(ledger_of(dispatcher, a), 3)
+    leave(dispatcher, a, 3)
     assert policy.events == [("first_token", "a", 32), ("tokens", "a", 3)]
     assert policy.finished == ["a"]
 
     b = request("b")
-    pair = await asyncio.wait_for(dispatcher.submit(b), 1.0)
-    dispatcher.prefill_done(pair, b)  # failed before its first token: no first_token event
-    dispatcher.decode_done(pair, b, num_output_tokens=0)
+    await asyncio.wait_for(dispatcher.submit(dispatcher.open(b)), 1.0)
+    leave(dispatcher, b, 0)  # failed before its first token: no first_token event
     assert policy.events[2:] == []
 
 
@@ -495,11 +523,11 @@ async def test_a_prefill_worker_holds_at_most_its_measured_speed_times_the_time_
         FcfsPolicy(), registry, max_prefill_inflight_tokens=10_000, max_prefill_inflight_s=0.15
     )
     a = request("a", 100)
-    pair = await asyncio.wait_for(dispatcher.submit(a), 1.0)
-    waiting_b = asyncio.create_task(dispatcher.submit(request("b", 100)))
+    await asyncio.wait_for(dispatcher.submit(dispatcher.open(a)), 1.0)
+    waiting_b = asyncio.create_task(dispatcher.submit(dispatcher.open(request("b", 100))))
     await settle()
     assert not waiting_b.done()
-    dispatcher.prefill_done(pair, a, num_cached_tokens=0)
+    dispatcher.first_token(ledger_of(dispatcher, a), 0)
     await asyncio.wait_for(waiting_b, 1.0)
 
 
@@ -526,7 +554,7 @@ async def batch_running(registry: WorkerRegistry, now: list[float]) -> Dispatche
     dispatcher = Dispatcher(
         FcfsPolicy(), registry, max_prefill_inflight_tokens=10_000, clock=lambda: now[0]
     )
-    await asyncio.wait_for(dispatcher.submit(ranked("batch", 1)), 1.0)
+    await asyncio.wait_for(dispatcher.submit(dispatcher.open(ranked("batch", 1))), 1.0)
     return dispatcher
 
 
@@ -550,18 +578,18 @@ async def test_a_higher_class_request_that_fits_nowhere_asks_a_lower_class_worke
         FcfsPolicy(), registry, max_prefill_inflight_tokens=10_000, clock=lambda: now[0]
     )
     batch = ranked("batch", 1)
-    pair = await asyncio.wait_for(dispatcher.submit(batch), 1.0)
+    await asyncio.wait_for(dispatcher.submit(dispatcher.open(batch)), 1.0)
     assert decode.ranks_inflight == {1: 1}
 
     # Another batch request: same class, no room is asked for it.
-    same_class = asyncio.create_task(dispatcher.submit(ranked("batch-2", 1)))
+    same_class = asyncio.create_task(dispatcher.submit(dispatcher.open(ranked("batch-2", 1))))
     await settle()
     assert make_room.calls == []
     same_class.cancel()
     await asyncio.gather(same_class, return_exceptions=True)
 
     interactive = ranked("interactive", 3, num_prompt_tokens=90)
-    waiting = asyncio.create_task(dispatcher.submit(interactive))
+    waiting = asyncio.create_task(dispatcher.submit(dispatcher.open(interactive)))
     await settle()
     assert make_room.calls == [(91, Priority(rank=3, counter=0.0, arrival=0.0))]
     dispatcher.wake()  # passes within ROOM_RETRY_S do not ask again
@@ -573,13 +601,13 @@ async def test_a_higher_class_request_that_fits_nowhere_asks_a_lower_class_worke
     assert len(make_room.calls) == 2
 
     # The batch request is handed back (preempted): its room goes to the waiting request.
-    dispatcher.prefill_done(pair, batch, 0)
-    dispatcher.decode_done(pair, batch, 3, finished=False)
+    dispatcher.first_token(ledger_of(dispatcher, batch), 0)
+    leave(dispatcher, batch, 3, handed_back=True)
     assert decode.ranks_inflight == {}
     assert await asyncio.wait_for(waiting, 1.0) == WorkerPair(prefill, decode)
     assert decode.ranks_inflight == {3: 1}
     assert prefill.ranks_inflight == {3: 1}  # until its prefill ends
-    dispatcher.prefill_done(WorkerPair(prefill, decode), interactive, 0)
+    dispatcher.first_token(ledger_of(dispatcher, interactive), 0)
     assert prefill.ranks_inflight == {}
 
 
@@ -595,7 +623,8 @@ async def test_a_worker_that_found_no_room_is_not_asked_again_by_the_next_reques
     now = [100.0]
     dispatcher = await batch_running(registry, now)
     waiting = [
-        asyncio.create_task(dispatcher.submit(ranked(f"interactive-{i}", 3, 90))) for i in range(2)
+        asyncio.create_task(dispatcher.submit(dispatcher.open(ranked(f"interactive-{i}", 3, 90))))
+        for i in range(2)
     ]
     await settle()
     assert len(make_room.calls) == 1
@@ -604,7 +633,7 @@ async def test_a_worker_that_found_no_room_is_not_asked_again_by_the_next_reques
     assert len(make_room.calls) == 1
     # A higher class may find room where a lower one did not (a worker only preempts requests
     # less important than the one it makes room for): it asks at once.
-    waiting.append(asyncio.create_task(dispatcher.submit(ranked("urgent", 5, 90))))
+    waiting.append(asyncio.create_task(dispatcher.submit(dispatcher.open(ranked("urgent", 5, 90)))))
     await settle()
     assert [priority.rank for _, priority in make_room.calls] == [3, 5]
     now[0] += ROOM_RETRY_S
@@ -642,7 +671,8 @@ async def test_free_blocks_without_a_free_batch_slot_are_no_room(
     monkeypatch.setattr(registry, "refresh", refresh)
     dispatcher = await batch_running(registry, [100.0])
     waiting = [
-        asyncio.create_task(dispatcher.submit(ranked(f"interactive-{i}", 3, 90))) for i in range(3)
+        asyncio.create_task(dispatcher.submit(dispatcher.open(ranked(f"interactive-{i}", 3, 90))))
+        for i in range(3)
     ]
     await settle()
     dispatcher.wake()
@@ -668,9 +698,11 @@ async def test_a_worker_that_could_not_be_asked_is_not_asked_by_a_higher_class_e
     monkeypatch.setattr(decode.client, "make_room", unreachable)
     now = [100.0]
     dispatcher = await batch_running(registry, now)
-    waiting = [asyncio.create_task(dispatcher.submit(ranked("interactive", 3, 90)))]
+    waiting = [
+        asyncio.create_task(dispatcher.submit(dispatcher.open(ranked("interactive", 3, 90))))
+    ]
     await settle()
-    waiting.append(asyncio.create_task(dispatcher.submit(ranked("urgent", 5, 90))))
+    waiting.append(asyncio.create_task(dispatcher.submit(dispatcher.open(ranked("urgent", 5, 90)))))
     await settle()
     assert calls == [3]  # a failing worker may hang each call: nobody asks it for a while
     now[0] += ROOM_RETRY_S
@@ -691,10 +723,10 @@ async def test_no_room_is_asked_when_the_request_fits_or_the_option_is_off(
     # Room enough on the decode worker: the second interactive request waits for the prefill
     # side (the first outranked the batch request there and passed its cap).
     dispatcher = Dispatcher(FcfsPolicy(), registry, max_prefill_inflight_tokens=150)
-    await asyncio.wait_for(dispatcher.submit(ranked("batch", 1)), 1.0)
-    await asyncio.wait_for(dispatcher.submit(ranked("interactive-1", 3)), 1.0)
+    await asyncio.wait_for(dispatcher.submit(dispatcher.open(ranked("batch", 1))), 1.0)
+    await asyncio.wait_for(dispatcher.submit(dispatcher.open(ranked("interactive-1", 3))), 1.0)
     assert prefill.ranks_inflight == {1: 1, 3: 1}
-    waiting = asyncio.create_task(dispatcher.submit(ranked("interactive", 3)))
+    waiting = asyncio.create_task(dispatcher.submit(dispatcher.open(ranked("interactive", 3))))
     await settle()
     assert not waiting.done() and make_room.calls == []
     waiting.cancel()
@@ -702,7 +734,9 @@ async def test_no_room_is_asked_when_the_request_fits_or_the_option_is_off(
 
     make_ready(decode, "decode", num_free_blocks=10)
     off = Dispatcher(FcfsPolicy(make_room=False), registry, max_prefill_inflight_tokens=10_000)
-    waiting = asyncio.create_task(off.submit(ranked("interactive-2", 3, num_prompt_tokens=150)))
+    waiting = asyncio.create_task(
+        off.submit(off.open(ranked("interactive-2", 3, num_prompt_tokens=150)))
+    )
     await settle()
     assert not waiting.done() and make_room.calls == []
     waiting.cancel()

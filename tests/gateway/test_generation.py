@@ -118,30 +118,101 @@ def _generation(
     )
 
 
-async def test_a_worker_that_fails_after_a_held_back_token_ends_the_request(
+async def test_a_worker_that_fails_mid_stream_moves_the_request_with_its_output_so_far(
     registry: WorkerRegistry, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A token whose text a stop string holds back reached the gateway, not the client; placing
-    the request again from its original prompt would send that token twice. So only a request
-    with no token from the failed placement is placed again."""
-    hello = tokenizer.encode("Hello")
-    calls: list[list[int]] = []
+    """The first placement sends "Hello" (held back: it may begin the stop string), then its
+    engine dies. The request goes on elsewhere from its output so far: the next placement gets
+    the prompt plus "Hello" as prior output, the same seed, and the stop string still matches
+    across the two placements. Nothing is sent twice, and usage counts every token once."""
+    hello, world = tokenizer.encode("Hello"), tokenizer.encode(" world and more")
+    calls: list[tuple[list[int], int, int | None]] = []
 
-    async def one_token_then_dead_engine(
+    async def dies_once(
+        prefill: Any, decode: Any, request_id: str, prompt: list[int], sampling: Any, **kwargs: Any
+    ) -> AsyncGenerator[TokenFrame]:
+        num_prior = kwargs["num_prior_output_tokens"]
+        calls.append((prompt, num_prior, sampling.seed))
+        if len(calls) == 1:
+            yield TokenFrame(hello, None, len(prompt), 0, len(hello))
+            raise EngineFailed(f"{PREFILL_URL}: the engine failed", worker_url=PREFILL_URL)
+        yield TokenFrame(world, "length", len(prompt) - num_prior, 0, num_prior + len(world))
+
+    monkeypatch.setattr(generation, "run_disaggregated", dies_once)
+    run = _generation(registry, tokenizer, stop=("Hello world",))
+    # The dead prefill worker is marked so; bring it back as the registry's next poll would.
+    registry.on_change = lambda: make_ready(registry.handles[0], "prefill")
+    events = [event async for event in run.events()]
+    assert events[-1] == Finished("stop", run.usage)
+    assert "".join(e for e in events if isinstance(e, str)) == ""  # all before the stop string
+    (first, _, seed), (second, num_prior, same_seed) = calls
+    assert first == PROMPT
+    assert (second, num_prior) == (PROMPT + hello, len(hello))
+    assert seed is not None and same_seed == seed
+    assert run.usage.completion_tokens == len(hello) + len(world)
+    assert run.dispatcher.num_waiting == 0
+
+
+async def test_a_request_whose_workers_keep_failing_ends_after_the_migration_bound(
+    registry: WorkerRegistry, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = 0
+
+    async def always_dies(
         prefill: Any, decode: Any, request_id: str, prompt: list[int], *args: Any, **kwargs: Any
     ) -> AsyncGenerator[TokenFrame]:
-        calls.append(prompt)
-        yield TokenFrame(hello, None, len(prompt), 0, len(hello))
-        raise EngineFailed(f"{PREFILL_URL}: the engine failed")
+        nonlocal calls
+        calls += 1
+        yield TokenFrame([5], None, len(prompt), 0, kwargs["num_prior_output_tokens"] + 1)
+        raise WorkerUnreachable(f"{DECODE_URL}: the stream broke", worker_url=DECODE_URL)
 
-    monkeypatch.setattr(generation, "run_disaggregated", one_token_then_dead_engine)
-    run = _generation(registry, tokenizer, stop=("Hello world",))
-    events: list[object] = []
-    with pytest.raises(EngineFailed):
-        async for event in run.events():
-            events.append(event)
-    assert events == []  # "Hello" was held back: it may begin the stop string
-    assert len(calls) == 1
+    monkeypatch.setattr(generation, "run_disaggregated", always_dies)
+    run = _generation(registry, tokenizer)
+    registry.on_change = lambda: make_ready(registry.handles[1], "decode")
+    with pytest.raises(WorkerUnreachable, match="failed 4 times; giving up"):
+        async for _ in run.events():
+            pass
+    assert calls == 1 + run.dispatcher.max_migrations
+    assert run.dispatcher.ledger("r") is None  # closed: nothing held anywhere
+    assert registry.handles[1].inflight_requests == 0
+    assert run.dispatcher.policy.queued() == 0
+
+
+async def test_a_lost_worker_stops_the_run_waiting_on_it_and_the_request_moves(
+    registry: WorkerRegistry, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hung decode worker sends nothing more; the registry finds it lost (``worker_lost``):
+    the run waiting on it is cancelled and the request goes on elsewhere."""
+    hung = asyncio.Event()
+    calls = 0
+
+    async def hangs_once(
+        prefill: Any, decode: Any, request_id: str, prompt: list[int], *args: Any, **kwargs: Any
+    ) -> AsyncGenerator[TokenFrame]:
+        nonlocal calls
+        calls += 1
+        num_prior = kwargs["num_prior_output_tokens"]
+        if calls == 1:
+            yield TokenFrame([5], None, len(prompt), 0, 1)
+            hung.set()
+            await asyncio.Event().wait()  # never answers again
+        yield TokenFrame([6], "length", len(prompt) - num_prior, 0, num_prior + 1)
+
+    monkeypatch.setattr(generation, "run_disaggregated", hangs_once)
+    run = _generation(registry, tokenizer)
+    task = asyncio.create_task(_collect(run))
+    await asyncio.wait_for(hung.wait(), 5.0)
+    decode = registry.handles[1]
+    registry.on_change = lambda: make_ready(decode, "decode")  # as a later health check would
+    run.dispatcher.worker_lost(decode, WorkerUnreachable("hung", worker_url=decode.url))
+    events = await asyncio.wait_for(task, 5.0)
+    assert isinstance(events[-1], Finished) and calls == 2
+    assert run.usage.completion_tokens == 2
+    assert task.cancelling() == 0
+
+
+async def _collect(run: Generation) -> list[object]:
+    return [event async for event in run.events()]
 
 
 async def test_a_worker_that_fails_before_any_token_is_left_for_another_placement(

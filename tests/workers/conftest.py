@@ -50,14 +50,12 @@ async def disaggregated(
 async def failure_code(
     prefill_url: str, decode_url: str, request_id: str, prompt: list[int], sampling: SamplingSpec
 ) -> str:
-    """The ``code`` of how a request that cannot complete ends: of the error raised, or of the
-    hand-back (``Preempted.error``) when the hand-off failed after its first token."""
+    """The ``code`` of the error a request that cannot complete ends with (before or after its
+    first token)."""
     async with PrefillClient(prefill_url) as prefill, DecodeClient(decode_url) as decode:
         try:
             async for frame in run_disaggregated(prefill, decode, request_id, prompt, sampling):
-                if isinstance(frame, Preempted):
-                    assert frame.error is not None, f"{request_id} was preempted: {frame}"
-                    return frame.error.code
+                assert not isinstance(frame, Preempted), f"{request_id} was preempted: {frame}"
         except FairgateError as exc:
             return exc.code
     raise AssertionError(f"{request_id} completed")

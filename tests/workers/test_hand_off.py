@@ -20,10 +20,15 @@ from tests.workers.conftest import (
     worker_load,
 )
 from transfer.client import DecodeClient, PrefillClient, run_disaggregated
-from transfer.errors import RequestTimeout, TransferError, TransferTimeout, WorkerUnreachable
+from transfer.errors import (
+    NoRoomError,
+    RequestTimeout,
+    TransferError,
+    TransferTimeout,
+    WorkerUnreachable,
+)
 from transfer.messages import (
     DecodeRequest,
-    Preempted,
     PrefillRequest,
     PrefillTarget,
     Reserved,
@@ -46,9 +51,9 @@ async def test_no_room_drops_the_kv_and_the_resumption_finds_the_prompt_cached(
     launch: Launch,
 ) -> None:
     """The decode worker has no room: the first token still comes from the prefill, then the
-    request is handed back (``Preempted`` with the no_room error), the prefill worker keeps
-    nothing but its prefix cache, and the resumption finds the prompt there and goes on token
-    for token."""
+    no_room error naming the decode worker (the caller resumes it elsewhere); the prefill
+    worker keeps nothing but its prefix cache, and the resumption finds the prompt there and
+    goes on token for token."""
     prefill, decode = launch(
         [WorkerSpec("prefill", "tiny", ARGS), WorkerSpec("decode", "tiny", DECODE_ARGS)]
     )
@@ -63,18 +68,17 @@ async def test_no_room_drops_the_kv_and_the_resumption_finds_the_prompt_cached(
                 decode_client.decode(DecodeRequest(f"hold-{index}", long_prompt))
             )
             assert isinstance(await stream.next(), Reserved)
-        frames = [
-            frame
+        frames = []
+        with pytest.raises(NoRoomError) as no_room:
             async for frame in run_disaggregated(
                 prefill_client, decode_client, "squeezed", PROMPT, SAMPLING
-            )
-        ]
+            ):
+                frames.append(frame)
         # No block is held for it on the prefill worker while the holds stand.
         await wait_for_idle(prefill, timeout_s=5)
-    first, handed_back = frames
-    assert isinstance(first, TokenFrame) and isinstance(handed_back, Preempted)
-    assert handed_back.error is not None and handed_back.error.code == "no_room"
-    assert handed_back.num_output_tokens == 1
+    (first,) = frames
+    assert isinstance(first, TokenFrame)
+    assert no_room.value.worker_url == decode.http_url  # the worker at fault, by identity
     await wait_for_idle(decode, timeout_s=5)
     async with (
         PrefillClient(prefill.http_url) as prefill_client,
@@ -87,7 +91,7 @@ async def test_no_room_drops_the_kv_and_the_resumption_finds_the_prompt_cached(
                 decode_client,
                 "squeezed",
                 [*PROMPT, *first.token_ids],
-                SamplingSpec(max_tokens=8, temperature=0, ignore_eos=True, seed=handed_back.seed),
+                SAMPLING,
                 num_prior_output_tokens=1,
             )
         ]
@@ -127,7 +131,7 @@ async def test_a_decode_worker_that_never_answers_leaves_the_prefill_worker_whol
 ) -> None:
     """The decode worker wedges after reserving (the target never reaches the prefill worker):
     the first token still comes, the held KV is released after ``kv_timeout_s``, and when the
-    decode worker dies the request is handed back with the reason."""
+    decode worker dies the error names it."""
     [prefill] = launch([WorkerSpec("prefill", "tiny", ARGS)])
     [decode] = launch(
         [WorkerSpec("decode", "tiny", DECODE_ARGS, env=_failpoint("decode.reserved"))]
@@ -144,10 +148,10 @@ async def test_a_decode_worker_that_never_answers_leaves_the_prefill_worker_whol
         await wait_for_idle(prefill, timeout_s=3 * KV_TIMEOUT_S)
         assert not rest.done()
         decode.kill()
-        handed_back = await asyncio.wait_for(rest, 10)
+        with pytest.raises(WorkerUnreachable) as lost:
+            await asyncio.wait_for(rest, 10)
         await frames.aclose()
-    assert isinstance(handed_back, Preempted) and handed_back.error is not None
-    assert handed_back.error.code == "worker_unreachable"
+    assert lost.value.worker_url == decode.http_url
     await wait_for_idle(prefill, timeout_s=1)
 
 
@@ -167,7 +171,6 @@ async def test_a_prefill_worker_killed_before_the_hand_off_frees_the_reservation
     assert (await worker_load(decode)).num_reserved == 1
     prefill.kill()
     started = time.monotonic()
-    # Raised if the prefill had not answered yet; else handed back, to resume elsewhere.
     assert await asyncio.wait_for(request, 10) == WorkerUnreachable.code
     await wait_for_idle(decode, timeout_s=3)
     assert time.monotonic() - started < 5
