@@ -26,7 +26,7 @@ import msgspec
 from opentelemetry.util.types import AttributeValue
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from gateway.admin import json_response
 from gateway.errors import (
@@ -52,6 +52,7 @@ from gateway.generation import Finished, Generation, TokenUsage
 from gateway.metrics import CLIENT_DISCONNECTED, RequestRecord
 from gateway.openai_api import (
     SSE_DONE,
+    SSE_KEEPALIVE,
     ChatCompletion,
     ChatCompletionChunk,
     Completion,
@@ -192,6 +193,7 @@ async def _serve(gateway: Gateway, request: Request, parse: _Parse) -> Response:
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache", "x-request-id": run.completion_id},
                 on_close=partial(_close, gateway, run, events),
+                keepalive_s=gateway.config.gateway.sse_keepalive_s,
             )
         answer = await until_disconnected(request, _collect(events))
     except BaseException as exc:
@@ -564,7 +566,10 @@ def _error_text(error: BaseException) -> str:
 class _DisconnectAwareStream(StreamingResponse):
     """A streaming response that stops (cancelling its body, which aborts the request on the
     workers) as soon as the client disconnects, even while no token is being written; then, in
-    every case, closes its body and calls ``on_close``."""
+    every case, closes its body and calls ``on_close``. While nothing has been written for
+    ``keepalive_s`` (the request waits in the queue again after its worker failed, say), an SSE
+    comment line goes out, so proxies and clients with idle timeouts keep the stream open;
+    clients ignore comments."""
 
     def __init__(
         self,
@@ -573,17 +578,44 @@ class _DisconnectAwareStream(StreamingResponse):
         media_type: str,
         headers: dict[str, str],
         on_close: Callable[[], Awaitable[None]],
+        keepalive_s: float,
     ) -> None:
         super().__init__(content, media_type=media_type, headers=headers)
         self._content = content
         self._on_close = on_close
+        self._keepalive_s = keepalive_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        lock = anyio.Lock()
+        started = anyio.Event()
+        last_sent = [time.monotonic()]
+        is_done = [False]
+
+        async def send_one(message: Message) -> None:
+            # One writer at a time: the body and the keep-alive comments share the stream.
+            async with lock:
+                if is_done[0]:
+                    return
+                await send(message)
+                last_sent[0] = time.monotonic()
+                if message["type"] == "http.response.start":
+                    started.set()
+                elif not message.get("more_body", False):
+                    is_done[0] = True
+
+        async def keep_alive() -> None:
+            await started.wait()
+            while True:
+                await anyio.sleep(last_sent[0] + self._keepalive_s - time.monotonic())
+                if time.monotonic() - last_sent[0] >= self._keepalive_s:
+                    keepalive = {"type": "http.response.body", "body": SSE_KEEPALIVE}
+                    await send_one({**keepalive, "more_body": True})
+
         try:
             async with anyio.create_task_group() as task_group:
 
                 async def stream_then_stop() -> None:
-                    await self.stream_response(send)
+                    await self.stream_response(send_one)
                     task_group.cancel_scope.cancel()
 
                 async def listen_then_stop() -> None:
@@ -591,6 +623,7 @@ class _DisconnectAwareStream(StreamingResponse):
                     task_group.cancel_scope.cancel()
 
                 task_group.start_soon(stream_then_stop)
+                task_group.start_soon(keep_alive)
                 await listen_then_stop()
         finally:
             with anyio.CancelScope(shield=True):

@@ -52,6 +52,7 @@ __all__ = [
     "INT64_MIN",
     "MAX_TOKENS_LIMIT",
     "SSE_DONE",
+    "SSE_KEEPALIVE",
     "ChatCompletion",
     "ChatCompletionChunk",
     "ChatCompletionRequest",
@@ -73,6 +74,7 @@ __all__ = [
 ]
 
 SSE_DONE = b"data: [DONE]\n\n"
+SSE_KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients skip it, idle timers restart
 _encoder = msgspec.json.Encoder()
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
