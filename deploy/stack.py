@@ -21,7 +21,7 @@ import shlex
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,8 @@ class StackConfig:
     decode_worker_args: Sequence[str] = ()  # and for decode workers only (e.g. --preemption)
     gateway_args: Sequence[str] = ()  # more `fairgate gateway` flags
     env: dict[str, str] | None = None  # added to every child's environment
+    # …and to one worker's, by ROLE-N (e.g. "decode-1": failpoints for one worker in a test)
+    worker_env: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     log_dir: Path | None = None  # each child's logs to ROLE-N.log there; None: our stderr
     ready_timeout_s: float = 600.0
     # torch threads per worker; None: this machine's cores shared among the workers
@@ -169,9 +171,19 @@ def worker_specs(config: StackConfig, env: dict[str, str]) -> list[WorkerSpec]:
     worker_args = list(config.worker_args)
     if not any(arg == "--threads" or arg.startswith("--threads=") for arg in worker_args):
         worker_args += ["--threads", str(config.worker_threads())]
+
+    def env_of(name: str) -> dict[str, str]:
+        return {**env, **config.worker_env.get(name, {})}
+
     return [
         *(
-            WorkerSpec("prefill", config.engine, worker_args, env, _log(config, "prefill", i))
+            WorkerSpec(
+                "prefill",
+                config.engine,
+                worker_args,
+                env_of(f"prefill-{i}"),
+                _log(config, "prefill", i),
+            )
             for i in range(config.num_prefill_workers)
         ),
         *(
@@ -179,7 +191,7 @@ def worker_specs(config: StackConfig, env: dict[str, str]) -> list[WorkerSpec]:
                 "decode",
                 config.engine,
                 [*worker_args, *config.decode_worker_args],
-                env,
+                env_of(f"decode-{i}"),
                 _log(config, "decode", i),
             )
             for i in range(config.num_decode_workers)

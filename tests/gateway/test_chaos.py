@@ -1,0 +1,261 @@
+"""The chaos suite (issue 18): worker faults at exact points under load, on real processes.
+
+Each test starts the tiny model on 2 prefill and 2 decode workers and the gateway, sends 40
+greedy requests at once (prompts of 150-250 tokens, up to 160 tokens out; every other one
+streamed), and injects one fault while they run. Then it checks what the README promises:
+
+- every request completes with the output of an uninterrupted run (the references: the same
+  requests sent again after the fault, to the workers left), or ends with a clean OpenAI-style
+  error (none here: every fault is within the migration bound);
+- none is still running 30 s after the fault (a hang);
+- the workers left hold no KV block and no request afterwards;
+- the usage ledger holds exactly what the clients were told they used.
+
+Each prints its row of the issue's table: fault, requests, completed identical, clean errors,
+hangs, and the longest pause a stream saw between two chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from deploy.launcher import WorkerProcess
+from deploy.stack import Stack
+from tests.gateway.conftest import start_test_stack
+from tests.workers.conftest import wait_for_idle
+
+NUM_REQUESTS = 40
+MAX_TOKENS = 160
+HANG_S = 30.0  # a request still running this long after the fault is a hang
+PREFILL_1, DECODE_1 = 1, 3  # indexes in Stack.workers: prefill-0, prefill-1, decode-0, decode-1
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How one request ended, as its client saw it."""
+
+    status: int = 0
+    text: str = ""
+    error: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None
+    chunk_times: list[float] = field(default_factory=list)
+    ended_at: float | None = None
+
+    @property
+    def max_pause_s(self) -> float:
+        times = self.chunk_times
+        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
+
+
+def _bodies(model: str) -> list[dict[str, Any]]:
+    rng = random.Random(18)
+    return [
+        {
+            "model": model,
+            "prompt": [rng.randrange(3, 500) for _ in range(rng.randrange(150, 250))],
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+            "stream": index % 2 == 1,
+        }
+        for index in range(NUM_REQUESTS)
+    ]
+
+
+async def _send(client: httpx.AsyncClient, body: dict[str, Any], outcome: Outcome) -> None:
+    if not body["stream"]:
+        answer = await client.post("/v1/completions", json=body)
+        outcome.status = answer.status_code
+        payload = answer.json()
+        if answer.status_code == 200:
+            outcome.text = payload["choices"][0]["text"]
+            outcome.usage = payload["usage"]
+        else:
+            outcome.error = payload["error"]
+        outcome.ended_at = time.monotonic()
+        return
+    body = body | {"stream_options": {"include_usage": True}}
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        outcome.status = response.status_code
+        if response.status_code != 200:
+            outcome.error = json.loads(await response.aread())["error"]
+        else:
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                outcome.chunk_times.append(time.monotonic())
+                event = json.loads(line.removeprefix("data: "))
+                if "error" in event:
+                    outcome.error = event["error"]
+                elif event["choices"]:
+                    outcome.text += event["choices"][0]["text"]
+                elif event.get("usage"):
+                    outcome.usage = event["usage"]
+    outcome.ended_at = time.monotonic()
+
+
+async def _tenant_key(stack: Stack) -> tuple[str, str, str]:
+    """(tenant id, key, model) of a fresh tenant."""
+    admin = {"authorization": f"Bearer {stack.admin_token}"}
+    async with httpx.AsyncClient(base_url=stack.base_url, headers=admin, timeout=30.0) as client:
+        tenant = await client.post("/admin/v1/tenants", json={"name": "chaos"})
+        assert tenant.status_code == 201, tenant.text
+        key = await client.post("/admin/v1/tenants/chaos/keys", json={"name": "k"})
+        secret = key.json()["secret"]
+        models = await client.get("/v1/models", headers={"authorization": f"Bearer {secret}"})
+    return tenant.json()["tenant_id"], secret, models.json()["data"][0]["id"]
+
+
+async def _ledger(stack: Stack, tenant_id: str) -> tuple[int, int, int]:
+    admin = {"authorization": f"Bearer {stack.admin_token}"}
+    async with httpx.AsyncClient(base_url=stack.base_url, headers=admin) as client:
+        response = await client.get(f"/admin/v1/tenants/{tenant_id}/usage")
+    [usage] = response.json()["data"]
+    return usage["requests"], usage["prompt_tokens"], usage["completion_tokens"]
+
+
+Fault = Callable[[Stack, list[Outcome]], Awaitable[None]]
+
+
+async def _run_with_fault(stack: Stack, fault: Fault, name: str) -> None:
+    tenant_id, key, model = await _tenant_key(stack)
+    bodies = _bodies(model)
+    outcomes = [Outcome() for _ in bodies]
+    headers = {"authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=stack.base_url, headers=headers, timeout=120.0) as client:
+        sends = [
+            asyncio.create_task(_send(client, b, o)) for b, o in zip(bodies, outcomes, strict=True)
+        ]
+        await fault(stack, outcomes)
+        faulted_at = time.monotonic()
+        done, pending = await asyncio.wait(sends, timeout=HANG_S)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*sends, return_exceptions=True)
+        for task in done:
+            task.result()  # a client-side failure is the test's, not the gateway's
+        references = [Outcome() for _ in bodies]
+        await asyncio.gather(
+            *(_send(client, b, r) for b, r in zip(bodies, references, strict=True))
+        )
+    assert all(r.status == 200 and r.error is None for r in references), [
+        (r.status, r.error) for r in references if r.error is not None
+    ]
+    identical = sum(
+        o.error is None and o.text == r.text for o, r in zip(outcomes, references, strict=True)
+    )
+    clean_errors = [o for o in outcomes if o.error is not None]
+    for outcome in clean_errors:
+        assert outcome.error is not None and outcome.error["type"] == "server_error"
+        assert "127.0.0.1" not in outcome.error["message"]
+    max_pause = max(o.max_pause_s for o in outcomes)
+    print(
+        f"\nchaos | {name} | requests {len(outcomes)} | completed identical {identical} | "
+        f"clean errors {len(clean_errors)} | hangs {len(pending)} | max pause {max_pause:.2f} s"
+    )
+    assert not pending, "requests still running 30 s after the fault"
+    assert all(o.ended_at is not None and o.ended_at - faulted_at < HANG_S for o in outcomes)
+    assert identical == len(outcomes), [
+        (o.status, o.error, o.text[:40], r.text[:40])
+        for o, r in zip(outcomes, references, strict=True)
+        if o.text != r.text
+    ]
+    # What the clients were told they used, every request once, is what the ledger holds.
+    told = [o.usage for o in (*outcomes, *references) if o.usage is not None]
+    expected = (
+        len(told),
+        sum(u["prompt_tokens"] for u in told),
+        sum(u["completion_tokens"] for u in told),
+    )
+    assert await _ledger(stack, tenant_id) == expected
+    for worker in _alive(stack):
+        await wait_for_idle(worker, timeout_s=15.0)
+
+
+def _alive(stack: Stack) -> list[WorkerProcess]:
+    return [w for w in stack.workers if w.process.poll() is None]
+
+
+def _chaos_stack(tmp_path: Path, worker_env: dict[str, dict[str, str]] | None = None) -> Stack:
+    return start_test_stack(
+        tmp_path / "state",
+        engine="tiny",
+        num_prefill_workers=2,
+        num_decode_workers=2,
+        log_dir=tmp_path / "logs",
+        worker_env=worker_env or {},
+        # The overload guard (503 when the gateway's loop lags) is not under test: on a
+        # shared 2-core machine it would refuse some of the 40 at once.
+        env={"FAIRGATE_GATEWAY_MAX_LOOP_LAG_S": "10"},
+    )
+
+
+@pytest.fixture
+def clean_stack(tmp_path: Path) -> Iterator[Stack]:
+    stack = _chaos_stack(tmp_path)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+async def _until_streams_run(outcomes: list[Outcome], num_chunks: int) -> None:
+    """Until every streamed request has received ``num_chunks`` chunks (mid-stream)."""
+    streamed = outcomes[1::2]
+    deadline = time.monotonic() + 60.0
+    while not all(len(o.chunk_times) >= num_chunks or o.ended_at for o in streamed):
+        assert time.monotonic() < deadline, "the streams never got going"
+        await asyncio.sleep(0.01)
+
+
+async def test_kill_9_of_a_decode_worker_mid_stream(clean_stack: Stack) -> None:
+    async def kill_decode(stack: Stack, outcomes: list[Outcome]) -> None:
+        await _until_streams_run(outcomes, 4)
+        stack.workers[DECODE_1].kill()
+
+    await _run_with_fault(clean_stack, kill_decode, "kill -9 decode mid-stream")
+
+
+async def _kill_at_failpoint(stack: Stack, index: int) -> None:
+    worker = stack.workers[index]
+    await asyncio.to_thread(worker.wait_event, "failpoint", 60.0)
+    worker.kill()
+
+
+async def test_kill_9_of_a_prefill_worker_mid_transfer(tmp_path: Path) -> None:
+    """prefill-1 wedges in the middle of its first KV transfer, then is killed."""
+    env = {"prefill-1": {"FAIRGATE_FAILPOINTS": "kv.send.mid_transfer=pause"}}
+    stack = _chaos_stack(tmp_path, env)
+    try:
+
+        async def kill_prefill(stack: Stack, outcomes: list[Outcome]) -> None:
+            await _kill_at_failpoint(stack, PREFILL_1)
+
+        await _run_with_fault(stack, kill_prefill, "kill -9 prefill mid-transfer")
+    finally:
+        stack.stop()
+
+
+async def test_kill_9_of_a_prefill_worker_mid_prefill(tmp_path: Path) -> None:
+    """prefill-1's engine wedges at its first step (prompts admitted, none computed), then the
+    worker is killed."""
+    env = {"prefill-1": {"FAIRGATE_FAILPOINTS": "engine.forward=pause"}}
+    stack = _chaos_stack(tmp_path, env)
+    try:
+
+        async def kill_prefill(stack: Stack, outcomes: list[Outcome]) -> None:
+            await _kill_at_failpoint(stack, PREFILL_1)
+
+        await _run_with_fault(stack, kill_prefill, "kill -9 prefill mid-prefill")
+    finally:
+        stack.stop()
