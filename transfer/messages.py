@@ -291,9 +291,8 @@ class Preempted(msgspec.Struct, frozen=True, tag="preempted"):
 
     num_output_tokens: int
     seed: int
-    # Set by the caller's own client (``run_disaggregated``), never by a worker: the first token
-    # went out, then the hand-off did not happen (the decode worker had no room or could not be
-    # reached, or the prefill worker died first), and this says why; resume it the same way.
+    # Never set by a worker, and no longer by the caller's client either (``run_disaggregated``
+    # raises the hand-off's error instead); kept because fields are only ever appended.
     error: ErrorBody | None = None
 
 
