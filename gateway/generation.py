@@ -147,6 +147,7 @@ class Generation:
         self._was_cancelled = False  # ``interrupt`` cancelled ``_task``
         self._lost: FairgateError | None = None  # set by ``_on_lost``, until the run fails
         self._lost_cancelled = False  # ``_on_lost`` cancelled ``_task``
+        self._is_on_pair = False  # inside ``_run_on``: a lost worker may cancel the task
 
     def interrupt(self, error: FairgateError) -> None:
         """End the request with ``error`` (see the module docstring). Safe at any time, once."""
@@ -231,7 +232,9 @@ class Generation:
             return
         self._lost = error
         task = self._task
-        if self._is_running and task is not None and not task.done():
+        # Only inside the run: placed but not yet there (the placement's future resolved, the
+        # task not yet resumed), the run raises it as it starts instead.
+        if self._is_on_pair and self._is_running and task is not None and not task.done():
             self._lost_cancelled = True
             task.cancel()
 
@@ -293,7 +296,10 @@ class Generation:
         the request back, and the workers' error when they fail."""
         handed_back = True
         started = time.monotonic()
+        self._is_on_pair = True
         try:
+            if self._lost is not None:
+                raise self._lost  # its worker was found lost before the run began
             async with contextlib.aclosing(self._frames(ledger, pair)) as frames:
                 async for frame in frames:
                     if isinstance(frame, Preempted):
@@ -347,6 +353,7 @@ class Generation:
                 handed_back = False  # cancelled from outside: the request ends
             raise
         finally:
+            self._is_on_pair = False
             self.timing.worker_s += time.monotonic() - started
             self.dispatcher.left(ledger, handed_back=handed_back)
             self.timing.finished = time.monotonic()

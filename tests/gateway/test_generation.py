@@ -276,3 +276,32 @@ async def test_an_interrupt_while_parked_at_an_event_ends_at_the_next_one(
     with pytest.raises(ShuttingDown):
         await anext(events)
     assert run.dispatcher.num_waiting == 0
+
+
+async def test_a_worker_lost_between_placement_and_run_moves_the_request(
+    registry: WorkerRegistry, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Placed, but the task has not resumed yet when the worker is found lost: the run raises
+    the loss as it starts (cancelling the task there would end the request with no answer)."""
+    calls = 0
+
+    async def one_token(
+        prefill: Any, decode: Any, request_id: str, prompt: list[int], *args: Any, **kwargs: Any
+    ) -> AsyncGenerator[TokenFrame]:
+        nonlocal calls
+        calls += 1
+        yield TokenFrame([5], "length", len(prompt), 0, 1)
+
+    monkeypatch.setattr(generation, "run_disaggregated", one_token)
+    run = _generation(registry, tokenizer)
+    decode = registry.handles[1]
+    registry.on_change = lambda: make_ready(decode, "decode")
+    task = asyncio.create_task(_collect(run))
+    while (ledger := run.dispatcher.ledger("r")) is None or ledger.stage != "prefill":
+        await asyncio.sleep(0)
+    assert calls == 0  # placed, the run not begun
+    run.dispatcher.worker_lost(decode, WorkerUnreachable("gone", worker_url=decode.url))
+    events = await asyncio.wait_for(task, 5.0)
+    assert isinstance(events[-1], Finished)
+    assert calls == 1  # the first placement never ran; the second did
+    assert ledger.num_placements == 2 and ledger.num_migrations == 1
