@@ -69,6 +69,8 @@ class GatewaySection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # (``gateway.liveness``); it comes back after a successful health check.
     progress_deadline_steps: Annotated[float, msgspec.Meta(gt=0.0)] = 50.0
     min_progress_deadline_s: Annotated[float, msgspec.Meta(gt=0.0)] = 5.0
+    # …and before its first step has been measured (a first prefill step has no time cap yet).
+    unmeasured_progress_deadline_s: Annotated[float, msgspec.Meta(gt=0.0)] = 120.0
     # Workers started with ``--gateway URL`` register themselves with this token; "" turns
     # self-registration off (only configured and admin-added workers are used).
     registration_token: str = ""
