@@ -87,7 +87,9 @@ class D2lpmPolicy(DlpmPolicy):
         # The choice is among the workers with router credit, or the least loaded with room.
         is_refilled = self._refill_route(entry, run)
         route = self._route[entry.request.tenant_id]
-        reachable = [w for w in run.locality if route[w.worker_id] > 0]
+        # (A worker it has no deficit at yet, one that came up or restarted under a new id
+        # since its last refill, has no credit there: reachable only as the least loaded.)
+        reachable = [w for w in run.locality if route.get(w.worker_id, 0.0) > 0]
         least = min(candidates, key=self._load_key)
         if least not in reachable:
             reachable.append(least)
@@ -106,7 +108,7 @@ class D2lpmPolicy(DlpmPolicy):
         document there, which then went elsewhere and missed too (prefix_heavy, 8 workers:
         hit rate 0.90, against 0.95 with it)."""
         route = self._route[entry.request.tenant_id]
-        with_credit = [w for w in run.locality if route[w.worker_id] > 0]  # A
+        with_credit = [w for w in run.locality if route.get(w.worker_id, 0.0) > 0]  # A
         cached = {w.worker_id: self._cached_tokens(entry, w.worker_id) for w in run.locality}
         longest = max(cached.values())
         local = [w for w in with_credit if cached[w.worker_id] == longest]  # C = G ∩ A

@@ -932,3 +932,17 @@ def test_requests_queued_before_the_workers_block_size_is_known_are_hashed_again
     assert isinstance(second, Placement) and second.num_cached_tokens == 64
     with pytest.raises(ValueError, match="block size changed"):
         policy.set_block_size(16)
+
+
+def test_d2lpm_a_worker_that_comes_up_between_refills_is_placed_on_not_a_key_error() -> None:
+    # A prefill worker restarted under a new id, while the tenant still has router credit at
+    # the others (so no refill adds it): every pass raised KeyError and nothing was placed
+    # until the queue timed out (the soak bench, a prefill worker killed and restarted).
+    policy = D2lpmPolicy(**_settings(slo_classes=ONE_CLASS))
+    for n in range(3):
+        policy.enqueue(_shared_prefix("a", n), 0.0)
+    two = [_prefill("p0"), _prefill("p1")]
+    assert len(_placed(policy.schedule(two, [_decode(free=1041)], 0.0))) == 1
+    restarted = [_prefill("p0", inflight=10**6, cap=10**6), _prefill("p1-new")]
+    placed = policy.schedule(restarted, [_decode(free=1041)], 1.0)
+    assert [p.prefill_worker_id for p in placed if isinstance(p, Placement)] == ["p1-new"]
