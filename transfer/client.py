@@ -441,7 +441,11 @@ async def run_disaggregated(
                 raise
             raise failure from None  # the hand-off's own (the prefill worker's, the transfer's)
     finally:
+        # What needs no await first: a caller cancelled inside an anyio cancel scope (the
+        # gateway's SSE response when its client leaves) has every later await cancelled too,
+        # and the decode worker must hear of it all the same.
         prefilling.cancel()  # aborts a prefill still computing
+        hand_off.break_off()
         await asyncio.gather(prefilling, return_exceptions=True)
         await hand_off.aclose()
 
@@ -467,6 +471,7 @@ class _HandOff:
         self._task: asyncio.Task[PrefillTargetResult] | None = None
         self._is_settled = False  # the prefill worker shipped or dropped the KV
         self.landed = False  # the decode worker sent tokens: the KV is there
+        self._opened: FrameStream | None = None  # the decode stream, once its call answered
 
     def start(self, request: DecodeRequest) -> None:
         self._task = asyncio.ensure_future(self._reserve_and_target(request))
@@ -476,6 +481,7 @@ class _HandOff:
         stream = await self._exits.enter_async_context(
             self.decode.decode(request, traceparent=self.traceparent)
         )
+        self._opened = stream
         reserved = await stream.next()
         if not isinstance(reserved, Reserved):
             raise WorkerUnreachable(
@@ -532,6 +538,17 @@ class _HandOff:
             logger.warning("dropping the KV of %s failed: %s", self.request_id, exc)
         else:
             self._is_settled = True
+
+    def break_off(self) -> None:
+        """Close an unfinished decode stream now, without awaiting anything: its connection
+        closing aborts the request on the decode worker (and frees its reservation). A
+        finished stream is left for ``aclose``, which reads its end so the connection is
+        reused."""
+        if self._task is not None:
+            self._task.cancel()
+        stream = self._opened
+        if stream is not None and not stream.is_finished:
+            stream.close()
 
     async def aclose(self) -> None:
         """Stop the hand-off; close the decode stream (freeing the reservation); abort a KV the
