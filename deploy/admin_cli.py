@@ -2,7 +2,8 @@
 
 Where the gateway is and its admin token come from ``--url`` / ``FAIRGATE_URL`` and
 ``FAIRGATE_ADMIN_TOKEN``, or else from the ``credentials.json`` that ``fairgate up`` wrote in
-``--state-dir``. The token is never taken as a flag (it would show in ``ps``). Torch-free.
+``--state-dir``. The token is never taken as a flag (it would show in ``ps``). A worker is named
+by its id or its URL (sent URL-encoded). Torch-free.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -34,7 +36,7 @@ class AdminCliError(RuntimeError):
 def add_admin_parser(commands: Any) -> None:
     admin = commands.add_parser(
         "admin",
-        help="administer tenants, keys and quotas; read usage and worker state",
+        help="administer tenants, keys, quotas and workers; read usage",
         description="Talks to the gateway's admin API. Gateway and token: --url / FAIRGATE_URL "
         "and FAIRGATE_ADMIN_TOKEN, else the credentials.json of `fairgate up` in --state-dir.",
     )
@@ -78,7 +80,36 @@ def add_admin_parser(commands: Any) -> None:
     usage.add_argument("--period", choices=["day", "month"], default="month")
     usage.add_argument("--at", default=None, help="one period: YYYY-MM-DD or YYYY-MM")
 
-    nouns.add_parser("workers", help="state and load of every worker")
+    workers = nouns.add_parser(
+        "workers",
+        help="list (the default), add, remove, drain, undrain workers",
+        description="Without ACTION: every worker with its state (ready, draining, drained, "
+        "not_ready, ejected, dead, incompatible, unknown), where it came from (config, admin, "
+        "registered) and its load. Only ready workers take new requests.",
+    )
+    actions = workers.add_subparsers(dest="action", required=False, metavar="ACTION")
+    actions.add_parser("list", help="every worker with its state and load (the default)")
+    worker_add = actions.add_parser(
+        "add",
+        help="add a worker by URL; it is polled at once and serves once found ready",
+        description="Add the worker at URL. Adding a URL the gateway knows with the same role "
+        "changes nothing; with another role it is refused. A worker that does not match the "
+        "others (role, model, block size, protocol) shows as incompatible and gets no requests.",
+    )
+    # Not dest "url": that is the gateway's (--url), in the same namespace.
+    worker_add.add_argument(
+        "worker_url", metavar="URL", help="its base URL, e.g. http://10.0.0.5:8201"
+    )
+    worker_add.add_argument(
+        "--role", required=True, choices=["prefill", "decode", "colocated"], help="its role"
+    )
+    for action, text in (
+        ("remove", "remove a worker; the requests running there move to other workers"),
+        ("drain", "stop sending a worker new requests; it is drained once its own are done"),
+        ("undrain", "send a drained or draining worker new requests again"),
+    ):
+        parser = actions.add_parser(action, help=text)
+        parser.add_argument("worker", help="its id or URL")
 
 
 def _add_tenant_flags(parser: argparse.ArgumentParser) -> None:
@@ -170,13 +201,27 @@ def _request(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any
 TENANT_COLUMNS = ["tenant_id", "name", "weight", "default_class", "over_quota", "quotas"]
 KEY_COLUMNS = ["key_id", "tenant_id", "prefix", "name", "created_at", "revoked_at"]
 USAGE_COLUMNS = ["period", "requests", "prompt_tokens", "cached_tokens", "completion_tokens"]
-WORKER_COLUMNS = ["url", "role", "state", "worker_id", "model_id", "inflight_requests", "load"]
+WORKER_COLUMNS = [
+    "url",
+    "role",
+    "state",
+    "source",
+    "worker_id",
+    "inflight_requests",
+    "last_error",
+    "load",
+]
 
 
 def _call(client: httpx.Client, args: argparse.Namespace) -> tuple[Any, list[str]]:
     noun, action = args.admin_noun, getattr(args, "action", None)
     if noun == "workers":
-        return _request(client, "GET", "/admin/v1/workers"), WORKER_COLUMNS
+        if action == "remove":
+            _request(client, "DELETE", _worker_path(args.worker))
+            if not args.json:
+                print(f"removed worker {args.worker}")
+            return {"removed": args.worker}, []
+        return _call_workers(client, args), WORKER_COLUMNS
     if noun == "usage":
         params = {"period": args.period, **({"at": args.at} if args.at else {})}
         path = f"/admin/v1/tenants/{args.tenant}/usage"
@@ -210,6 +255,21 @@ def _call(client: httpx.Client, args: argparse.Namespace) -> tuple[Any, list[str
         patch["name"] = args.new_name
     path = f"/admin/v1/tenants/{current['tenant_id']}"
     return _request(client, "PATCH", path, json=patch), TENANT_COLUMNS
+
+
+def _call_workers(client: httpx.Client, args: argparse.Namespace) -> Any:
+    action = args.action or "list"
+    if action == "list":
+        return _request(client, "GET", "/admin/v1/workers")
+    if action == "add":
+        return _request(
+            client, "POST", "/admin/v1/workers", json={"url": args.worker_url, "role": args.role}
+        )
+    return _request(client, "POST", f"{_worker_path(args.worker)}/{action}")  # drain, undrain
+
+
+def _worker_path(worker: str) -> str:
+    return "/admin/v1/workers/" + quote(worker, safe="")  # a URL's slashes too
 
 
 def _tenant_fields(args: argparse.Namespace, *, current_quotas: dict[str, Any]) -> dict[str, Any]:

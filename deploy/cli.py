@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,6 +17,9 @@ from typing import TYPE_CHECKING, Any
 from deploy.launcher import exit_when_stdin_closes
 
 if TYPE_CHECKING:
+    from engine.serving import WorkerService
+    from transfer.messages import WorkerRole
+    from transfer.registration import Registration
     from transfer.telemetry import LogFormat
 
 __all__ = ["main"]
@@ -343,6 +347,15 @@ def _build_parser() -> argparse.ArgumentParser:
     from bench.slo_bench import add_arguments as add_slo_arguments
 
     add_slo_arguments(bench_slo)
+    bench_soak = bench_commands.add_parser(
+        "soak",
+        help="the real stack (null engine): tenants' streamed and unstreamed requests with "
+        "client disconnects while workers are killed and restarted; lost, 5xx, and the usage "
+        "ledger against the clients' counts",
+    )
+    from bench.soak_bench import add_arguments as add_soak_arguments
+
+    add_soak_arguments(bench_soak)
     bench_fairness = bench_commands.add_parser(
         "fairness",
         help="the real stack (tiny model): weighted tenants' Jain index, and a tenant back "
@@ -568,6 +581,35 @@ def _add_worker_arguments(parser: argparse.ArgumentParser, *, default_port: int)
         action="store_true",
         help="shut down when standard input closes (for workers started by another process)",
     )
+    parser.add_argument(
+        "--gateway",
+        default=None,
+        metavar="URL",
+        help="register with the gateway at URL (it adds this worker and polls it), renew the "
+        "registration every --heartbeat-s seconds, and unregister on a graceful stop; needs "
+        "the gateway's registration token, from $FAIRGATE_REGISTRATION_TOKEN or "
+        "--registration-token",
+    )
+    parser.add_argument(
+        "--registration-token",
+        default=None,
+        metavar="TOKEN",
+        help="with --gateway: the gateway's registration token (prefer "
+        "$FAIRGATE_REGISTRATION_TOKEN: a flag shows in ps)",
+    )
+    parser.add_argument(
+        "--advertise-url",
+        default=None,
+        metavar="URL",
+        help="with --gateway: where the gateway reaches this worker (default: "
+        "http://HOST:PORT, with --kv-host as HOST when --host binds every address)",
+    )
+    parser.add_argument(
+        "--heartbeat-s",
+        type=float,
+        default=10.0,
+        help="with --gateway: seconds between registrations (default: %(default)s)",
+    )
 
 
 def _run_model(args: argparse.Namespace) -> int:
@@ -654,7 +696,6 @@ def _generate_disaggregated(
 
 def _run_worker(args: argparse.Namespace) -> int:
     from engine.serving import WorkerConfig, run_worker
-    from transfer.messages import WorkerRole
 
     if args.exit_with_parent:
         exit_when_stdin_closes()
@@ -691,13 +732,48 @@ def _run_worker(args: argparse.Namespace) -> int:
         preemption=getattr(args, "preemption", "recompute"),
         swap_space_gib=getattr(args, "swap_space_gb", None),
     )
+    service: WorkerService
     if role == "prefill":
         from prefill_worker.service import PrefillService
 
-        return run_worker(PrefillService(config))
-    from decode_worker.service import ColocatedService, DecodeService
+        service = PrefillService(config)
+    else:
+        from decode_worker.service import ColocatedService, DecodeService
 
-    return run_worker(ColocatedService(config) if role == "colocated" else DecodeService(config))
+        service = ColocatedService(config) if role == "colocated" else DecodeService(config)
+    if args.gateway is None:
+        return run_worker(service)
+    # The service knows its URL once its port is bound, inside ``run_worker``.
+    registration = _registration(args, role, lambda: args.advertise_url or service.http_url)
+    # uvicorn stops for SIGTERM, then raises it again with the handler it found: the default
+    # one would end the process there, before it unregisters. So the handler it finds records
+    # the signal, and the process ends by it once it has unregistered, as it would have.
+    terms: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: terms.append(signum))
+    registration.start()
+    try:
+        return run_worker(service)
+    finally:
+        registration.stop(unregister=True)
+        signal.signal(signal.SIGTERM, previous)
+        if terms:
+            signal.raise_signal(signal.SIGTERM)
+
+
+def _registration(
+    args: argparse.Namespace, role: WorkerRole, advertise_url: Callable[[], str]
+) -> Registration:
+    """The worker's registration with ``--gateway`` (``transfer.registration``), not started;
+    ``ValueError`` for a missing token or a URL that is not one."""
+    import os
+
+    from transfer.registration import TOKEN_ENV, Registration, is_worker_url
+
+    for flag, url in (("--gateway", args.gateway), ("--advertise-url", args.advertise_url)):
+        if url is not None and not is_worker_url(url):
+            raise ValueError(f"{flag} {url!r} is not an http(s)://HOST[:PORT][/PATH] URL")
+    token = args.registration_token or os.environ.get(TOKEN_ENV, "")
+    return Registration(args.gateway, token, role, advertise_url, heartbeat_s=args.heartbeat_s)
 
 
 def _run_gateway(args: argparse.Namespace) -> int:
@@ -787,6 +863,10 @@ def _run_bench(args: argparse.Namespace) -> int:
 
         run_hol_bench(plan_of(args), output=args.output)
         return 0
+    if args.bench_command == "soak":
+        from bench.soak_bench import run as run_soak_bench
+
+        return run_soak_bench(args)
     if args.bench_command == "slo":
         from bench.slo_bench import plan_of as slo_plan_of
         from bench.slo_bench import run_slo_bench

@@ -11,24 +11,48 @@ the admin token; a tenant key gets 403. JSON bodies are the structs of ``gateway
     POST   /admin/v1/keys/{key_id}/revoke         revoke            → ApiKey
     GET    /admin/v1/tenants/{tenant}/usage?period=day|month[&at=YYYY-MM(-DD)]
     GET    /admin/v1/workers                      state and load of every worker
+    POST   /admin/v1/workers                      add one by URL    NewWorker → 201 WorkerStatus
+                                                  (200: that URL is known already, same role)
+    DELETE /admin/v1/workers/{worker}             remove → 204
+    POST   /admin/v1/workers/{worker}/drain       no new requests  → 202 WorkerStatus (draining;
+                                                  200 when it is drained already)
+    POST   /admin/v1/workers/{worker}/undrain     new requests again → WorkerStatus
 
 Changes reach the running gateway at once: the key cache forgets the tenant or key, the scheduler
 gets the new weight, the quota manager reads the tenant's quotas on its next request. SLO classes
 must be configured ones (the document lists them); a tenant's default class is always among its
 allowed classes, added to them when a body leaves it out (JSON Schema cannot say "one of the
-other field's items", and the default class is one the tenant uses anyway). Torch-free.
+other field's items", and the default class is one the tenant uses anyway).
+
+Workers (``gateway.workers`` has their states): ``{worker}`` is a worker's id or its URL,
+URL-encoded (the server decodes the path before routing, so that parameter takes slashes). A
+worker added is polled at once; it takes requests once a poll finds it ready and compatible. A
+removed worker's requests move to other workers; a draining one's finish where they are.
+
+Workers register themselves on two more routes (``transfer.registration``), with the
+registration token (``gateway.registration_token``, compared in constant time; "" turns them
+off: 403) instead of the admin token. Workers call them, not operators, so they are not in the
+OpenAPI document:
+
+    POST   /v1/workers/register                   WorkerRegistration → 201 / 200 WorkerStatus
+    POST   /v1/workers/unregister                 WorkerDeregistration → 204
+
+Internal URLs appear in these answers only, never in a tenant's. Torch-free.
 """
 
 from __future__ import annotations
 
+import hmac
 import re
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 
-from gateway.errors import ClientError
+from gateway.auth import bearer_token
+from gateway.errors import ClientError, Conflict, InvalidApiKey, NotFound, PermissionDenied
 from gateway.openapi import Endpoint, PathParam, QueryParam, decode_json, error_param
 from gateway.tenants import (
     ApiKey,
@@ -41,12 +65,32 @@ from gateway.tenants import (
     Usage,
     with_default_allowed,
 )
-from gateway.workers import WorkerStatus
+from gateway.workers import WorkerHandle, WorkerStatus
+from transfer.messages import WorkerRole
+from transfer.registration import (
+    MAX_URL_LENGTH,
+    REGISTER_PATH,
+    UNREGISTER_PATH,
+    WORKER_URL_PATTERN,
+    WorkerDeregistration,
+    WorkerRegistration,
+)
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
-__all__ = ["KeyList", "TenantList", "UsageList", "WorkerList", "admin_endpoints", "json_response"]
+__all__ = [
+    "KeyList",
+    "NewWorker",
+    "TenantList",
+    "UsageList",
+    "WorkerList",
+    "add_other_successes",
+    "admin_endpoints",
+    "json_response",
+    "registration_routes",
+    "routing_path",
+]
 
 _T = TypeVar("_T")
 _encoder = msgspec.json.Encoder()
@@ -80,6 +124,38 @@ class UsageList(msgspec.Struct, frozen=True):
 class WorkerList(msgspec.Struct, frozen=True):
     data: list[WorkerStatus]
     object: str = "list"
+
+
+class NewWorker(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Admin → gateway: a worker to add, by its base URL and the role it must have."""
+
+    url: Annotated[str, msgspec.Meta(pattern=WORKER_URL_PATTERN, max_length=MAX_URL_LENGTH)]
+    role: WorkerRole
+
+
+_WORKERS = "/admin/v1/workers"
+_WORKER = _WORKERS + "/{worker}"
+# Success statuses beside an endpoint's own (``Endpoint.status``), with what they mean; the
+# document gets them from ``add_other_successes``.
+_OTHER_SUCCESSES = {
+    ("post", _WORKERS): (200, "That URL is known already, with this role: its status"),
+    ("post", _WORKER + "/drain"): (200, "Drained already: nothing is left on it"),
+}
+
+
+def routing_path(path: str) -> str:
+    """The path an endpoint is routed by: ``{worker}`` takes slashes (a URL-encoded URL, which
+    the server decodes before routing)."""
+    return path.replace("{worker}", "{worker:path}")
+
+
+def add_other_successes(document: dict[str, Any]) -> None:
+    """Document the second success status of the routes that have one (same body as the
+    first): ``gateway.openapi.Endpoint`` names only one."""
+    for (method, path), (status, description) in _OTHER_SUCCESSES.items():
+        responses = document["paths"][path][method]["responses"]
+        first = next(answer for code, answer in responses.items() if code.startswith("2"))
+        responses[str(status)] = {**first, "description": description}
 
 
 def json_response(message: Any, status: int = 200) -> Response:
@@ -203,8 +279,49 @@ def admin_endpoints(gateway: Gateway) -> list[Endpoint]:
         await gateway.auth.require_admin(request)
         return json_response(WorkerList(gateway.registry.statuses()))
 
+    def status_of(handle: WorkerHandle) -> WorkerStatus:
+        return handle.status(gateway.registry.clock())
+
+    def worker_named(request: Request) -> WorkerHandle:
+        name = request.path_params["worker"]
+        handle = gateway.registry.find(name)
+        if handle is None:
+            raise NotFound(f"no worker has the id or URL {name!r}")
+        return handle
+
+    async def add_worker(request: Request) -> Response:
+        await gateway.auth.require_admin(request)
+        spec = await _read_json(request, NewWorker)
+        handle, is_new = gateway.registry.add(spec.url, spec.role, source="admin")
+        return json_response(status_of(handle), 201 if is_new else 200)
+
+    async def remove_worker(request: Request) -> Response:
+        await gateway.auth.require_admin(request)
+        gateway.registry.remove(worker_named(request), reason="by the admin")
+        return Response(status_code=204)
+
+    async def drain_worker(request: Request) -> Response:
+        await gateway.auth.require_admin(request)
+        handle = worker_named(request)
+        gateway.registry.drain(handle)
+        await gateway.registry.refresh(handle)  # drained already? (a poll: seconds at most)
+        return json_response(status_of(handle), 200 if handle.state == "drained" else 202)
+
+    async def undrain_worker(request: Request) -> Response:
+        await gateway.auth.require_admin(request)
+        handle = worker_named(request)
+        gateway.registry.undrain(handle)
+        return json_response(status_of(handle))
+
     tenants, tenant = "/admin/v1/tenants", "/admin/v1/tenants/{tenant}"
     tenant_param = (PathParam("tenant", "the tenant's id or name", _ID_SCHEMA),)
+    worker_param = (
+        PathParam(
+            "worker",
+            "the worker's id, or its URL (URL-encoded)",
+            {"type": "string", "minLength": 1, "maxLength": MAX_URL_LENGTH},
+        ),
+    )
     read_errors = (401, 403, 404)
     write_errors = (400, 401, 403, 404)
     return [
@@ -321,11 +438,95 @@ def admin_endpoints(gateway: Gateway) -> list[Endpoint]:
         ),
         Endpoint(
             "GET",
-            "/admin/v1/workers",
+            _WORKERS,
             workers,
             "State and load of every worker",
             "admin",
             response=WorkerList,
             errors=(401, 403),
         ),
+        Endpoint(
+            "POST",
+            _WORKERS,
+            add_worker,
+            "Add a worker by URL (polled at once; it serves once it is found ready)",
+            "admin",
+            request_body=NewWorker,
+            response=WorkerStatus,
+            status=201,
+            errors=(400, 401, 403, 409),
+        ),
+        Endpoint(
+            "DELETE",
+            _WORKER,
+            remove_worker,
+            "Remove a worker (its requests move to other workers)",
+            "admin",
+            status=204,
+            errors=read_errors,
+            path_params=worker_param,
+        ),
+        Endpoint(
+            "POST",
+            _WORKER + "/drain",
+            drain_worker,
+            "Drain a worker: it takes no new requests, and is drained once its own are done",
+            "admin",
+            response=WorkerStatus,
+            status=202,
+            errors=read_errors,
+            path_params=worker_param,
+        ),
+        Endpoint(
+            "POST",
+            _WORKER + "/undrain",
+            undrain_worker,
+            "Undrain a worker: it takes new requests again",
+            "admin",
+            response=WorkerStatus,
+            errors=read_errors,
+            path_params=worker_param,
+        ),
+    ]
+
+
+def registration_routes(gateway: Gateway) -> list[Route]:
+    """The workers' own routes (module docstring)."""
+
+    def require_registration_token(request: Request) -> None:
+        token = gateway.config.gateway.registration_token
+        if not token:
+            raise PermissionDenied(
+                "self-registration is off on this gateway (gateway.registration_token)"
+            )
+        secret = bearer_token(request)
+        if secret is None:
+            raise InvalidApiKey("missing registration token: send it as 'Authorization: Bearer …'")
+        if not hmac.compare_digest(secret.encode(), token.encode()):
+            raise InvalidApiKey("invalid registration token")
+
+    async def register(request: Request) -> Response:
+        require_registration_token(request)
+        spec = await _read_json(request, WorkerRegistration)
+        handle, is_new = gateway.registry.add(
+            spec.url, spec.role, source="registered", heartbeat_s=spec.heartbeat_s
+        )
+        return json_response(handle.status(gateway.registry.clock()), 201 if is_new else 200)
+
+    async def unregister(request: Request) -> Response:
+        require_registration_token(request)
+        spec = await _read_json(request, WorkerDeregistration)
+        handle = gateway.registry.find_url(spec.url)
+        if handle is not None:  # one already gone is what it asks for
+            if handle.source != "registered":
+                raise Conflict(
+                    f"{handle.url} was not registered by itself ({handle.source}): only the "
+                    "admin removes it"
+                )
+            gateway.registry.remove(handle, reason="it unregistered", by_admin=False)
+        return Response(status_code=204)
+
+    return [
+        Route(REGISTER_PATH, register, methods=["POST"]),
+        Route(UNREGISTER_PATH, unregister, methods=["POST"]),
     ]

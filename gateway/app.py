@@ -4,7 +4,7 @@
     ├── store       TenantStore (SQLite)      tenants, keys, usage ledger
     ├── auth        Authenticator             bearer key → tenant (cached), admin token
     ├── quotas      QuotaManager              reserve at admission, settle at finish
-    ├── registry    WorkerRegistry            workers polled for state and load
+    ├── registry    WorkerRegistry            workers: membership, state, load, hung ones
     ├── policy      SchedulingPolicy          the queue and placement decisions
     ├── dispatcher  Dispatcher                carries decisions out, requests wait there
     ├── usage       UsageRecorder             finished requests' usage, batched to the store
@@ -13,8 +13,12 @@
     └── load_guard  LoadGuard                 the loop's lag; who is refused when it lags
 
 Routes: ``gateway.api`` (OpenAI-compatible, tenant keys; the cheap refusals of a generation
-request come first, in ``gateway.gatekeeper``'s middleware), ``gateway.admin`` (admin token),
-``/healthz``, ``/readyz``, ``/openapi.json``. One lifespan starts and stops everything.
+request come first, in ``gateway.gatekeeper``'s middleware), ``gateway.admin`` (admin token; and
+the workers' self-registration, with the registration token), ``/healthz``, ``/readyz``,
+``/openapi.json``. One lifespan starts and stops everything.
+
+A worker the registry finds lost (dead, hung, restarted, removed) is handed to the dispatcher
+(``Dispatcher.worker_lost``), which stops the requests running there so that they move on.
 
 Stopping (SIGTERM): the server stops taking connections and requests, ``/readyz`` says
 ``draining``, and ``Gateway.drain`` lets the requests in flight finish for up to
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -45,7 +50,13 @@ from engine.model_store import resolve_model, tokenizer_path
 from engine.process_events import emit_event
 from engine.process_heap import freeze_startup_heap
 from engine.tokenizer import Tokenizer
-from gateway.admin import admin_endpoints, json_response
+from gateway.admin import (
+    add_other_successes,
+    admin_endpoints,
+    json_response,
+    registration_routes,
+    routing_path,
+)
 from gateway.api import openai_endpoints
 from gateway.auth import Authenticator
 from gateway.config import Config
@@ -63,7 +74,7 @@ from gateway.scheduler import SchedulingPolicy
 from gateway.store import SQLiteStore
 from gateway.tenants import TenantStore
 from gateway.usage import UsageRecorder
-from gateway.workers import WorkerRegistry
+from gateway.workers import WorkerHandle, WorkerRegistry
 from transfer.errors import FairgateError
 from transfer.http import (
     CallerDisconnected,
@@ -113,6 +124,9 @@ class Gateway:
                 "no admin token: set gateway.admin_token in the config file or "
                 "FAIRGATE_GATEWAY_ADMIN_TOKEN"
             )
+        registration_token = config.gateway.registration_token
+        if registration_token and len(registration_token) < 16:
+            raise ValueError("the registration token must be at least 16 characters")
         self.config = config
         self.policy = policy_from_config(config)
         self.registry = WorkerRegistry(
@@ -122,6 +136,10 @@ class Gateway:
             poll_interval_s=config.gateway.poll_interval_s,
             on_change=self._on_workers_changed,
             on_evicted=lambda worker_id, hashes: self.policy.on_evicted(worker_id, hashes),
+            on_lost=self._on_worker_lost,
+            progress_deadline_steps=config.gateway.progress_deadline_steps,
+            min_progress_deadline_s=config.gateway.min_progress_deadline_s,
+            unmeasured_progress_deadline_s=config.gateway.unmeasured_progress_deadline_s,
         )
         self.dispatcher = Dispatcher(
             self.policy,
@@ -131,6 +149,7 @@ class Gateway:
             queue_timeout_s=config.scheduler.queue_timeout_s,
             max_queued_per_tenant=config.scheduler.max_queued_per_tenant,
             max_queue_wait_s={c.rank: c.queue_wait_limit_s for c in config.slo_classes},
+            max_migrations=config.gateway.max_migrations,
         )
         self.load_guard = LoadGuard(config.gateway.max_loop_lag_s)
         self.metrics = GatewayMetrics(
@@ -253,6 +272,9 @@ class Gateway:
         with contextlib.suppress(RuntimeError):  # no running loop yet (first poll in start)
             self.dispatcher.wake()
 
+    def _on_worker_lost(self, handle: WorkerHandle, error: FairgateError) -> None:
+        self.dispatcher.worker_lost(handle, error)
+
     def endpoints(self) -> list[Endpoint]:
         return [*openai_endpoints(self), *admin_endpoints(self)]
 
@@ -290,6 +312,7 @@ def create_app(gateway: Gateway, *, on_started: Callable[[], None] | None = None
                 vocab_size=gateway.tokenizer.vocab_size,
             )
             document.update(openapi_document(endpoints, version=VERSION, deployment=deployment))
+            add_other_successes(document)
         return json_response(document)
 
     async def metrics(request: Request) -> Response:
@@ -313,7 +336,8 @@ def create_app(gateway: Gateway, *, on_started: Callable[[], None] | None = None
             Route("/readyz", readyz),
             Route("/openapi.json", openapi),
             Route("/metrics", metrics),
-            *routes_of(endpoints),
+            *routes_of([dataclasses.replace(e, path=routing_path(e.path)) for e in endpoints]),
+            *registration_routes(gateway),
         ],
         lifespan=lifespan,
         middleware=[Middleware(Gatekeeper, gateway=gateway)],

@@ -207,9 +207,7 @@ class Dispatcher:
         """The prefill worker answered with the first token, ``num_cached_tokens`` found
         cached: its tokens leave the prefill worker's account."""
         assert ledger.pair is not None and ledger.stage == "prefill"
-        self.core.prefill_done(
-            ledger.pair.prefill, ledger.request, num_cached_tokens, self.clock()
-        )
+        self.core.prefill_done(ledger.pair.prefill, ledger.request, num_cached_tokens, self.clock())
         ledger.stage = "decode"
         self.wake()
 
