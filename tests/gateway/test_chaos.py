@@ -21,6 +21,7 @@ import asyncio
 import itertools
 import json
 import random
+import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -127,7 +128,14 @@ async def _ledger(stack: Stack, tenant_id: str) -> tuple[int, int, int]:
 Fault = Callable[[Stack, list[Outcome]], Awaitable[None]]
 
 
-async def _run_with_fault(stack: Stack, fault: Fault, name: str) -> None:
+async def _run_with_fault(
+    stack: Stack,
+    fault: Fault,
+    name: str,
+    *,
+    survivors: Callable[[Stack], list[WorkerProcess]] | None = None,
+) -> None:
+    """``survivors``: the workers that must be left idle (default: those alive)."""
     tenant_id, key, model = await _tenant_key(stack)
     bodies = _bodies(model)
     outcomes = [Outcome() for _ in bodies]
@@ -178,7 +186,7 @@ async def _run_with_fault(stack: Stack, fault: Fault, name: str) -> None:
         sum(u["completion_tokens"] for u in told),
     )
     assert await _ledger(stack, tenant_id) == expected
-    for worker in _alive(stack):
+    for worker in (survivors or _alive)(stack):
         await wait_for_idle(worker, timeout_s=15.0)
 
 
@@ -186,7 +194,11 @@ def _alive(stack: Stack) -> list[WorkerProcess]:
     return [w for w in stack.workers if w.process.poll() is None]
 
 
-def _chaos_stack(tmp_path: Path, worker_env: dict[str, dict[str, str]] | None = None) -> Stack:
+def _chaos_stack(
+    tmp_path: Path,
+    worker_env: dict[str, dict[str, str]] | None = None,
+    env: dict[str, str] | None = None,
+) -> Stack:
     return start_test_stack(
         tmp_path / "state",
         engine="tiny",
@@ -196,7 +208,7 @@ def _chaos_stack(tmp_path: Path, worker_env: dict[str, dict[str, str]] | None = 
         worker_env=worker_env or {},
         # The overload guard (503 when the gateway's loop lags) is not under test: on a
         # shared 2-core machine it would refuse some of the 40 at once.
-        env={"FAIRGATE_GATEWAY_MAX_LOOP_LAG_S": "10"},
+        env={"FAIRGATE_GATEWAY_MAX_LOOP_LAG_S": "10", **(env or {})},
     )
 
 
@@ -259,3 +271,75 @@ async def test_kill_9_of_a_prefill_worker_mid_prefill(tmp_path: Path) -> None:
         await _run_with_fault(stack, kill_prefill, "kill -9 prefill mid-prefill")
     finally:
         stack.stop()
+
+
+async def test_sigstop_of_a_decode_worker_past_its_deadline(clean_stack: Stack) -> None:
+    """decode-1 stops (SIGSTOP) mid-stream: its load poll times out, the gateway finds it lost
+    and its requests move; 10 s later it goes on (SIGCONT), finds its streams gone, frees
+    everything and is taken back."""
+
+    async def stop_decode(stack: Stack, outcomes: list[Outcome]) -> None:
+        await _until_streams_run(outcomes, 4)
+        process = stack.workers[DECODE_1].process
+        process.send_signal(signal.SIGSTOP)
+        asyncio.get_running_loop().call_later(10.0, process.send_signal, signal.SIGCONT)
+
+    await _run_with_fault(clean_stack, stop_decode, "SIGSTOP decode past its deadline")
+
+
+async def test_a_decode_worker_whose_engine_wedges_is_ejected(tmp_path: Path) -> None:
+    """decode-1's engine thread wedges at its first step while its HTTP server goes on
+    answering polls: no failed call, no failed poll. Its progress report shows work and no
+    step, so the gateway ejects it after its deadline (3 s here, before any measured step)
+    and the requests on it move."""
+    env = {"decode-1": {"FAIRGATE_FAILPOINTS": "engine.forward=pause"}}
+    deadlines = {
+        "FAIRGATE_GATEWAY_MIN_PROGRESS_DEADLINE_S": "2",
+        "FAIRGATE_GATEWAY_UNMEASURED_PROGRESS_DEADLINE_S": "3",
+    }
+    stack = _chaos_stack(tmp_path, env, deadlines)
+    try:
+
+        async def wedged(stack: Stack, outcomes: list[Outcome]) -> None:
+            await asyncio.to_thread(stack.workers[DECODE_1].wait_event, "failpoint", 60.0)
+
+        def healthy(stack: Stack) -> list[WorkerProcess]:
+            return [w for i, w in enumerate(stack.workers) if i != DECODE_1]
+
+        await _run_with_fault(stack, wedged, "decode engine wedged", survivors=healthy)
+        [decode_1] = [
+            w for w in await _workers(stack) if w["url"] == stack.workers[DECODE_1].http_url
+        ]
+        assert decode_1["state"] == "ejected", decode_1
+    finally:
+        stack.stop()
+
+
+async def test_a_drain_under_load_finishes_what_the_worker_holds(clean_stack: Stack) -> None:
+    """decode-1 is drained mid-stream: what runs there finishes there, nothing new goes there,
+    and it reports drained."""
+    decode_1 = clean_stack.workers[DECODE_1]
+
+    async def drain(stack: Stack, outcomes: list[Outcome]) -> None:
+        await _until_streams_run(outcomes, 4)
+        status = await _admin(stack, "POST", f"/admin/v1/workers/{decode_1.worker_id}/drain")
+        assert status["state"] in ("draining", "drained"), status
+
+    await _run_with_fault(clean_stack, drain, "drain decode under load")
+    [status] = [w for w in await _workers(clean_stack) if w["url"] == decode_1.http_url]
+    assert status["state"] == "drained", status
+    log = (clean_stack.state_dir.parent / "logs" / "gateway-0.log").read_text(encoding="utf-8")
+    assert "moved off a failed worker" not in log  # nothing had to move
+
+
+async def _admin(stack: Stack, method: str, path: str, **kwargs: Any) -> Any:
+    admin = {"authorization": f"Bearer {stack.admin_token}"}
+    async with httpx.AsyncClient(base_url=stack.base_url, headers=admin, timeout=30.0) as client:
+        response = await client.request(method, path, **kwargs)
+    assert response.is_success, response.text
+    return response.json() if response.content else None
+
+
+async def _workers(stack: Stack) -> list[dict[str, Any]]:
+    workers: list[dict[str, Any]] = (await _admin(stack, "GET", "/admin/v1/workers"))["data"]
+    return workers
