@@ -12,7 +12,8 @@ streamed), and injects one fault while they run. Then it checks what the README 
 - the usage ledger holds exactly what the clients were told they used.
 
 Each prints its row of the issue's table: fault, requests, completed identical, clean errors,
-hangs, and the longest pause a stream saw between two chunks.
+hangs, and the longest pause a stream saw between two chunks. The last test restarts every
+worker in turn (drain, remove, stop, start a new one, add) under constant load.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 import httpx
 import pytest
 
-from deploy.launcher import WorkerProcess
+from deploy.launcher import WorkerProcess, start_workers
 from deploy.stack import Stack
 from tests.gateway.conftest import start_test_stack
 from tests.workers.conftest import wait_for_idle
@@ -343,3 +344,77 @@ async def _admin(stack: Stack, method: str, path: str, **kwargs: Any) -> Any:
 async def _workers(stack: Stack) -> list[dict[str, Any]]:
     workers: list[dict[str, Any]] = (await _admin(stack, "GET", "/admin/v1/workers"))["data"]
     return workers
+
+
+async def test_a_rolling_restart_under_constant_load_fails_no_request(tmp_path: Path) -> None:
+    """Every worker in turn is drained, removed, stopped and replaced by a new process (a new
+    port) added through the admin API, while 16 clients keep sending streamed and whole
+    requests (null engine): not one request fails, and each completes whole."""
+    stack = start_test_stack(
+        tmp_path / "state",
+        num_prefill_workers=2,
+        num_decode_workers=2,
+        log_dir=tmp_path / "logs",
+        env={"FAIRGATE_GATEWAY_MAX_LOOP_LAG_S": "10"},
+    )
+    try:
+        _, key, model = await _tenant_key(stack)
+        outcomes: list[tuple[dict[str, Any], Outcome]] = []
+        is_done = asyncio.Event()
+        headers = {"authorization": f"Bearer {key}"}
+
+        async def client_loop(index: int, client: httpx.AsyncClient) -> None:
+            rng = random.Random(index)
+            while not is_done.is_set():
+                body = {
+                    "model": model,
+                    "prompt": [rng.randrange(3, 500) for _ in range(40)],
+                    "max_tokens": rng.randrange(8, 64),
+                    "stream": index % 2 == 1,
+                }
+                outcome = Outcome()
+                outcomes.append((body, outcome))
+                await _send(client, body, outcome)
+
+        async with httpx.AsyncClient(
+            base_url=stack.base_url, headers=headers, timeout=60.0
+        ) as client:
+            clients = [asyncio.create_task(client_loop(i, client)) for i in range(16)]
+            for index, old in enumerate(list(stack.workers)):
+                stack.workers[index] = await _replace(stack, old)
+            is_done.set()
+            await asyncio.gather(*clients)
+        failed = [(b, o) for b, o in outcomes if o.status != 200 or o.error is not None]
+        num_requests, num_failed = len(outcomes), len(failed)
+        print(f"\nchaos | rolling restart | requests {num_requests} | failed {num_failed}")
+        assert not failed, failed[:5]
+        assert all(o.usage and o.usage["completion_tokens"] == b["max_tokens"] for b, o in outcomes)
+        assert len(outcomes) > 100  # the load went on throughout
+        states = {w["url"]: w["state"] for w in await _workers(stack)}
+        assert states == {w.http_url: "ready" for w in stack.workers}
+    finally:
+        stack.stop()
+
+
+async def _replace(stack: Stack, old: WorkerProcess) -> WorkerProcess:
+    """Drain ``old`` until it is drained, remove it, stop it; start a new one like it and add
+    it; once it is ready, return it."""
+    role = old.spec.role
+    await _admin(stack, "POST", f"/admin/v1/workers/{old.worker_id}/drain")
+    await _until_state(stack, old.http_url, "drained")
+    await _admin(stack, "DELETE", f"/admin/v1/workers/{old.worker_id}")
+    await asyncio.to_thread(old.stop)
+    [new] = await asyncio.to_thread(start_workers, [old.spec], timeout_s=120.0)
+    await _admin(stack, "POST", "/admin/v1/workers", json={"url": new.http_url, "role": role})
+    await _until_state(stack, new.http_url, "ready")
+    return new
+
+
+async def _until_state(stack: Stack, url: str, state: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = {w["url"]: w["state"] for w in await _workers(stack)}
+        if states.get(url) == state:
+            return
+        assert time.monotonic() < deadline, f"{url} not {state}: {states}"
+        await asyncio.sleep(0.1)
