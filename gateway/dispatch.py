@@ -57,7 +57,13 @@ from gateway.scheduler import (
     Shed,
 )
 from gateway.workers import WorkerHandle, WorkerRegistry
-from transfer.errors import EngineFailed, FairgateError, NoRoomError, WorkerUnreachable
+from transfer.errors import (
+    EngineFailed,
+    FairgateError,
+    NoRoomError,
+    WorkerNotReady,
+    WorkerUnreachable,
+)
 from transfer.messages import Priority, WorkerRole
 
 __all__ = ["ROOM_RETRY_S", "Dispatcher", "RequestLedger", "WorkerPair"]
@@ -214,7 +220,9 @@ class Dispatcher:
     def tokens(self, ledger: RequestLedger, num_tokens: int) -> None:
         """``num_tokens`` more output tokens came from the request's workers."""
         ledger.num_output_tokens += num_tokens
-        self.core.tokens_generated(ledger.request, num_tokens, self.clock())
+        ledger.num_frames_here += 1
+        ledger.progressed_at = now = self.clock()
+        self.core.tokens_generated(ledger.request, num_tokens, now)
 
     def left(self, ledger: RequestLedger, *, handed_back: bool) -> None:
         """The request left its pair: it ended there (finished, or its client went away), or
@@ -239,16 +247,23 @@ class Dispatcher:
         module: which errors move a request; at most ``max_migrations`` moves)."""
         pair = ledger.pair
         handle = None if pair is None else pair.handle_of(error.worker_url)
+        if error is ledger.lost_error:
+            handle = None  # the registry found it lost: it is marked already
+        ledger.lost_error = None
         request_id = ledger.request.request_id
         if isinstance(error, NoRoomError):
             # The view of the decode worker was stale: no reservations there until it reports;
-            # the request waits its turn again, within the time it may wait for workers at all.
+            # the request waits its turn again, within the time it may wait for workers at all
+            # since it last made progress.
             if handle is not None:
                 self.registry.mark_full(handle)
-            return error if self.clock() - ledger.received > self.queue_timeout_s else None
+            waiting_since = ledger.progressed_at or ledger.received
+            return error if self.clock() - waiting_since > self.queue_timeout_s else None
         if not is_migratable(error):
             return error
-        if handle is not None and isinstance(error, WorkerUnreachable | EngineFailed):
+        if handle is not None and isinstance(
+            error, WorkerUnreachable | EngineFailed | WorkerNotReady
+        ):
             self.registry.mark_dead(handle, error)
         ledger.num_migrations += 1
         if ledger.num_migrations > self.max_migrations:
@@ -276,6 +291,7 @@ class Dispatcher:
         running there is stopped (``RequestLedger.on_lost``) and fails with ``error``."""
         for ledger in [ledger for ledger in self._ledgers.values() if ledger.runs_on(handle)]:
             if ledger.on_lost is not None:
+                ledger.lost_error = error
                 ledger.on_lost(error)
 
     async def submit(self, ledger: RequestLedger, *, requeue: bool = False) -> WorkerPair:
@@ -456,6 +472,7 @@ class Dispatcher:
         if ledger is not None:
             ledger.pair, ledger.stage = pair, "prefill"
             ledger.num_placements += 1
+            ledger.num_frames_here = 0
         future.set_result(pair)
 
 

@@ -329,7 +329,8 @@ class Generation:
                         handed_back = False  # (a client gone at the yield: the request ends)
                         yield text
                         handed_back = True
-                        if self._lost is not None:
+                        ends = frame.finish_reason is not None or self.text.is_stopped
+                        if self._lost is not None and not ends:
                             raise self._lost  # its worker was found lost meanwhile
                     if self.text.is_stopped:
                         handed_back = False

@@ -94,6 +94,18 @@ class RequestLedger:
     num_output_tokens: int = 0
     num_migrations: int = 0  # moves off a failed worker
     num_placements: int = 0
+    num_frames_here: int = 0  # token frames from the current pair (the first: the prefill's)
+    progressed_at: float | None = None  # monotonic time of its last token
+    # The registry's error when it found the request's worker lost (``Dispatcher.worker_lost``):
+    # the worker is marked already, so ``Dispatcher.failed`` leaves it alone.
+    lost_error: FairgateError | None = None
 
     def runs_on(self, handle: WorkerHandle) -> bool:
-        return self.stage in ("prefill", "decode") and self.pair is not None and handle in self.pair
+        """Whether losing ``handle`` stops the request: it is on the pair, and, for its prefill
+        worker, the KV has not landed on the decode worker yet (a token came from there)."""
+        pair = self.pair
+        if self.stage not in ("prefill", "decode") or pair is None:
+            return False
+        if handle is pair.prefill and handle is not pair.decode:
+            return self.stage == "prefill" or self.num_frames_here <= 1
+        return handle in pair

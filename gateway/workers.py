@@ -245,6 +245,7 @@ class WorkerRegistry:
         self._removed_by_admin: set[str] = set()  # refused when they register again
         self._task: asyncio.Task[None] | None = None
         self._checks: set[asyncio.Task[None]] = set()  # polls of single workers in flight
+        self._checking: set[WorkerHandle] = set()  # the workers those are for
 
     def _new_handle(self, url: str, role: WorkerRole, source: WorkerSource) -> WorkerHandle:
         client_type = PrefillClient if role == "prefill" else DecodeClient
@@ -437,10 +438,13 @@ class WorkerRegistry:
     def _check_soon(self, handle: WorkerHandle) -> None:
         """Poll one worker now, in the background (once started: on a loop, and stopped by
         ``stop``)."""
-        if self._task is not None:
-            check = asyncio.get_running_loop().create_task(self.refresh(handle))
-            self._checks.add(check)
-            check.add_done_callback(self._checks.discard)
+        if self._task is None or handle in self._checking:
+            return  # (one check at a time: a lost worker's requests each mark it dead)
+        self._checking.add(handle)
+        check = asyncio.get_running_loop().create_task(self.refresh(handle))
+        self._checks.add(check)
+        check.add_done_callback(self._checks.discard)
+        check.add_done_callback(lambda _: self._checking.discard(handle))
 
     async def refresh(self, handle: WorkerHandle) -> None:
         """Poll one worker now (its load changed in a way the gateway cannot count itself);
@@ -461,7 +465,11 @@ class WorkerRegistry:
 
     async def poll_once(self) -> None:
         self.expire_leases()
-        await asyncio.gather(*(self._poll(h) for h in list(self.handles)))
+        # A worker whose poll is still under way (one that stopped answering takes the whole
+        # poll timeout) is left to it: the round does not wait, so the others' reports stay
+        # fresh.
+        handles = [h for h in self.handles if not h.poll_lock.locked()]
+        await asyncio.gather(*(self._poll(h) for h in handles))
         self.on_change()
 
     async def _poll(self, handle: WorkerHandle) -> None:

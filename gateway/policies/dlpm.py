@@ -63,12 +63,20 @@ class _Deficits:
 
     def join(self, tenant_id: str, max_lead: float) -> None:
         """The tenant has a request of the class queued (again): an active one keeps its
-        deficit, a new one starts at 0, either at most ``max_lead`` over the best queued."""
+        deficit, a new one starts at 0, either at most ``max_lead`` over the best queued (or,
+        with none queued, the best of the other active tenants)."""
         if tenant_id in self.queued:
             return
         value = self.values.get(tenant_id, 0.0)
-        if self.queued:
-            value = min(value, self.best_queued() + max_lead)
+        # Against the best queued tenant; with none queued, the best of the others active (a
+        # closed-loop client whose requests the workers have all taken is still competing).
+        others = (
+            [self.values[t] for t in self.queued]
+            if self.queued
+            else [v for t, v in self.values.items() if t != tenant_id]
+        )
+        if others:
+            value = min(value, max(others) + max_lead)
         self._set(tenant_id, value)
         self.queued.add(tenant_id)
 

@@ -392,6 +392,10 @@ async def test_a_rolling_restart_under_constant_load_fails_no_request(tmp_path: 
         assert len(outcomes) > 100  # the load went on throughout
         states = {w["url"]: w["state"] for w in await _workers(stack)}
         assert states == {w.http_url: "ready" for w in stack.workers}
+        # Drained before it went, no worker had a request to move (a prefill worker's
+        # removal once moved the requests it had prefilled, decoding elsewhere).
+        log = (tmp_path / "logs" / "gateway-0.log").read_text(encoding="utf-8")
+        assert "moved off a failed worker" not in log
     finally:
         stack.stop()
 

@@ -305,3 +305,61 @@ async def test_a_worker_lost_between_placement_and_run_moves_the_request(
     assert isinstance(events[-1], Finished)
     assert calls == 1  # the first placement never ran; the second did
     assert ledger.num_placements == 2 and ledger.num_migrations == 1
+
+
+async def test_a_worker_lost_after_the_last_token_went_out_does_not_run_the_request_again(
+    registry: WorkerRegistry, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found lost while the gateway is parked at the text of the frame that finished the
+    request: it finishes; running it again would send the text twice and bill it twice."""
+    hello = tokenizer.encode("Hello")
+    calls: list[int] = []
+
+    async def finishes(
+        prefill: Any, decode: Any, request_id: str, prompt: list[int], *args: Any, **kwargs: Any
+    ) -> AsyncGenerator[TokenFrame]:
+        num_prior = kwargs["num_prior_output_tokens"]
+        calls.append(num_prior)
+        yield TokenFrame(hello, "stop", len(prompt), 0, len(hello) + num_prior)
+
+    monkeypatch.setattr(generation, "run_disaggregated", finishes)
+    run = _generation(registry, tokenizer)
+    decode = registry.handles[1]
+    registry.on_change = lambda: make_ready(decode, "decode")
+    events = run.events()
+    assert await anext(events) == "Hello"
+    run.dispatcher.worker_lost(decode, WorkerUnreachable("gone", worker_url=decode.url))
+    rest = [event async for event in events]
+    assert calls == [0]
+    assert rest == [Finished("stop", run.usage)] and run.usage.completion_tokens == len(hello)
+
+
+async def test_a_prefill_worker_lost_after_the_kv_landed_leaves_the_request_alone(
+    registry: WorkerRegistry, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a token came from the decode worker, the prefill worker has nothing of the request:
+    losing it (restarted, drained and removed) must not move a request decoding elsewhere."""
+    landed = asyncio.Event()
+    calls = 0
+
+    async def decoding(
+        prefill: Any, decode: Any, request_id: str, prompt: list[int], *args: Any, **kwargs: Any
+    ) -> AsyncGenerator[TokenFrame]:
+        nonlocal calls
+        calls += 1
+        yield TokenFrame([5], None, len(prompt), 0, 1)  # the prefill's first token
+        yield TokenFrame([6], None, len(prompt), 0, 2)  # from the decode worker: landed
+        landed.set()
+        await asyncio.sleep(0.2)
+        yield TokenFrame([7], "length", len(prompt), 0, 3)
+
+    monkeypatch.setattr(generation, "run_disaggregated", decoding)
+    run = _generation(registry, tokenizer)
+    prefill = registry.handles[0]
+    task = asyncio.create_task(_collect(run))
+    await asyncio.wait_for(landed.wait(), 5.0)
+    run.dispatcher.worker_lost(prefill, WorkerUnreachable("gone", worker_url=prefill.url))
+    prefill.state = "dead"  # and no other prefill worker: a move would end in no_worker
+    events = await asyncio.wait_for(task, 5.0)
+    assert isinstance(events[-1], Finished) and calls == 1
+    assert run.usage.completion_tokens == 3

@@ -946,3 +946,32 @@ def test_d2lpm_a_worker_that_comes_up_between_refills_is_placed_on_not_a_key_err
     restarted = [_prefill("p0", inflight=10**6, cap=10**6), _prefill("p1-new")]
     placed = policy.schedule(restarted, [_decode(free=1041)], 1.0)
     assert [p.prefill_worker_id for p in placed if isinstance(p, Placement)] == ["p1-new"]
+
+
+@pytest.mark.parametrize("name", ["dlpm", "d2lpm"])
+def test_credit_held_in_flight_buys_a_bounded_lead_when_the_others_queue_is_empty_too(
+    name: str,
+) -> None:
+    # As above, but when b comes back, all of a's requests are in flight (the workers took
+    # everything it sent), and b's backlog arrives first: the lead is bounded against the
+    # other active tenants, queued or not (a got 0 of 120 placements without that).
+    policy = make_policy(
+        name, **_settings(slo_classes=ONE_CLASS, quantum_tokens=1000, max_borrow_tokens=1000)
+    )
+    policy.enqueue(_request("b", 60, request_id="b-lingering"), 0.0)
+    assert _one_at_a_time(policy) == ["b-lingering"]
+    queued = [_request("a", 60, request_id="a0")]
+    policy.enqueue(queued[0], 0.0)
+    for i in range(1, 201):
+        queued.append(_request("a", 60, request_id=f"a{i}"))
+        policy.enqueue(queued[-1], float(i))
+        request = queued.pop(0)
+        assert _one_at_a_time(policy, now=float(i)) == [request.request_id]
+        policy.on_first_token(request, 0, float(i))
+        policy.on_finish(request, 16, float(i))
+    assert _one_at_a_time(policy, now=299.0) == [queued[0].request_id]  # a: all in flight
+    for i in range(120):
+        policy.enqueue(_request("b", 60, request_id=f"b-back{i}"), 300.0)
+        policy.enqueue(_request("a", 60, request_id=f"a-back{i}"), 300.0)
+    order = [_one_at_a_time(policy, now=300.0)[0][0] for _ in range(120)]
+    assert order.count("a") >= 30, "".join(order)

@@ -6,6 +6,8 @@ older report never lands after a newer one."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -18,6 +20,7 @@ from hypothesis import strategies as st
 from gateway import workers as gateway_workers
 from gateway.errors import ClientError, Conflict
 from gateway.workers import WorkerHandle, WorkerRegistry, WorkerState, check_worker_url
+from tests.gateway.test_dispatch import make_ready
 from transfer.errors import FairgateError, WorkerUnreachable
 from transfer.messages import MSGPACK_CONTENT_TYPE, WorkerInfo, WorkerLoad, encode_message
 from transfer.registration import WORKER_URL_PATTERN, is_worker_url
@@ -472,3 +475,28 @@ def test_every_url_the_pattern_takes_is_one_the_client_can_call(url: str) -> Non
     assert parsed.scheme in ("http", "https") and parsed.host
     assert is_worker_url(url)
     assert check_worker_url(url) == url.rstrip("/")
+
+
+async def test_a_worker_that_stopped_answering_does_not_hold_back_the_others_polls() -> None:
+    """A stopped worker (SIGSTOP: its socket listens, nothing answers) takes each poll's whole
+    timeout. Its lost requests each mark it dead: one check polls it, not one each, and a
+    round of polls does not wait for a poll of it still under way, so the other workers'
+    reports stay fresh (five checks in a row held every round for 10 s)."""
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(128)
+    registry = WorkerRegistry([], [f"http://127.0.0.1:{hung.getsockname()[1]}"])
+    [handle] = registry.handles
+    make_ready(handle, "decode")
+    await registry.start()
+    try:
+        for _ in range(5):  # five lost requests' Dispatcher.failed
+            registry.mark_dead(handle, WorkerUnreachable("gone", worker_url=handle.url))
+        await asyncio.sleep(0)
+        assert len(registry._checks) == 1
+        started = time.monotonic()
+        await registry.poll_once()
+        assert time.monotonic() - started < 1.0
+    finally:
+        await registry.stop()
+        hung.close()
