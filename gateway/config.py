@@ -7,6 +7,8 @@ comma-separated) and then by command-line flags. ``fairgate up`` needs no file a
     [model]       which tokenizer (the workers' model)
     [scheduler]   policy, queue timeout and bounds, prefill admission cap
     [telemetry]   OTLP endpoint, trace sampling ratio, log format, metrics window
+    [replicas]    Redis URL for what gateway replicas share, sync intervals, lease of quota
+                  reservations
     [[slo_classes]]  name, rank, TTFT / TPOT targets, sheddable, longest queue wait
 
 Torch-free.
@@ -27,6 +29,7 @@ __all__ = [
     "ConfigError",
     "GatewaySection",
     "ModelSection",
+    "ReplicasSection",
     "SchedulerSection",
     "SloClass",
     "StoreSection",
@@ -74,10 +77,32 @@ class GatewaySection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Workers started with ``--gateway URL`` register themselves with this token; "" turns
     # self-registration off (only configured and admin-added workers are used).
     registration_token: str = ""
+    # Workers found by DNS: "host:port" names resolved every ``dns_refresh_s`` (a Kubernetes
+    # headless Service resolves to one address per ready pod); each address is a worker.
+    prefill_dns: list[str] = []
+    decode_dns: list[str] = []
+    dns_refresh_s: Annotated[float, msgspec.Meta(gt=0.0)] = 5.0
 
 
 class StoreSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``url`` empty: SQLite at ``path`` (the embedded default); ``postgresql://…``: PostgreSQL,
+    which several gateway replicas share."""
+
     path: str = "fairgate.db"
+    url: str = ""
+
+
+class ReplicasSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What gateway replicas share, in Redis at ``redis_url`` ("" : one gateway, all in its
+    memory): quota reservations (each with a lease of ``reservation_lease_s``, renewed while its
+    request runs, so a replica that dies does not hold them forever), the fair policies'
+    per-tenant service, published and read every ``sync_interval_s``, and admin changes, which
+    reach every replica within ``admin_sync_s``."""
+
+    redis_url: str = ""
+    sync_interval_s: Annotated[float, msgspec.Meta(gt=0.0)] = 0.05
+    admin_sync_s: Annotated[float, msgspec.Meta(gt=0.0)] = 1.0
+    reservation_lease_s: Annotated[float, msgspec.Meta(gt=0.0)] = 30.0
 
 
 class ModelSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -168,6 +193,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     model: ModelSection = ModelSection()
     scheduler: SchedulerSection = SchedulerSection()
     telemetry: TelemetrySection = TelemetrySection()
+    replicas: ReplicasSection = ReplicasSection()
     slo_classes: list[SloClass] = msgspec.field(default_factory=lambda: list(DEFAULT_SLO_CLASSES))
 
     def slo_class(self, name: str) -> SloClass | None:
@@ -178,7 +204,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return min(self.slo_classes, key=lambda c: c.rank)
 
 
-_SECTIONS = ("gateway", "store", "model", "scheduler", "telemetry")
+_SECTIONS = ("gateway", "store", "model", "scheduler", "telemetry", "replicas")
 
 
 def load_config(
@@ -218,6 +244,7 @@ def _section_type(section: str) -> type[msgspec.Struct]:
         "model": ModelSection,
         "scheduler": SchedulerSection,
         "telemetry": TelemetrySection,
+        "replicas": ReplicasSection,
     }
     return types[section]
 
