@@ -1,7 +1,7 @@
 """The gateway process: its parts, wired together, and the Starlette app that serves them.
 
     Gateway
-    ├── store       TenantStore (SQLite)      tenants, keys, usage ledger
+    ├── store       GatewayStore              tenants, keys, usage ledger: SQLite or PostgreSQL
     ├── auth        Authenticator             bearer key → tenant (cached), admin token
     ├── quotas      QuotaManager              reserve at admission, settle at finish
     ├── registry    WorkerRegistry            workers: membership, state, load, hung ones
@@ -60,6 +60,7 @@ from gateway.admin import (
 from gateway.api import openai_endpoints
 from gateway.auth import Authenticator
 from gateway.config import Config
+from gateway.discovery import DnsDiscovery
 from gateway.dispatch import Dispatcher
 from gateway.errors import ClientError, ShuttingDown
 from gateway.gatekeeper import Gatekeeper, error_response
@@ -68,10 +69,12 @@ from gateway.metrics import GatewayMetrics
 from gateway.openapi import Deployment, Endpoint, openapi_document, routes_of
 from gateway.overload import LoadGuard
 from gateway.policies import make_policy
+from gateway.policies.base import FairPolicy
 from gateway.prompts import PromptEncoder, TenantTurns
 from gateway.quotas import QuotaManager
+from gateway.replica_sync import AdminChange, ReplicaSync
 from gateway.scheduler import SchedulingPolicy
-from gateway.store import SQLiteStore
+from gateway.stores import GatewayStore, open_store
 from gateway.tenants import TenantStore
 from gateway.usage import UsageRecorder
 from gateway.workers import WorkerHandle, WorkerRegistry
@@ -99,7 +102,9 @@ def policy_from_config(config: Config) -> SchedulingPolicy:
     workers' (``Dispatcher.submit`` tells it)."""
     name = config.scheduler.policy
     if name == "auto":
-        name = "d2lpm" if len(config.gateway.prefill_workers) > 1 else "dlpm"
+        # Several prefill workers, or a pool found by DNS (which may grow): D²LPM.
+        is_pool = len(config.gateway.prefill_workers) > 1 or bool(config.gateway.prefill_dns)
+        name = "d2lpm" if is_pool else "dlpm"
     return make_policy(name, config.scheduler, config.slo_classes)
 
 
@@ -107,7 +112,7 @@ def policy_from_config(config: Config) -> SchedulingPolicy:
 class _Started:
     """The parts that exist only once the gateway started (they need the loop or the disk)."""
 
-    store: SQLiteStore
+    store: GatewayStore
     auth: Authenticator
     quotas: QuotaManager
     usage: UsageRecorder
@@ -163,6 +168,8 @@ class Gateway:
         )
         self._sampler: asyncio.Task[None] | None = None
         self._parts: _Started | None = None
+        self.replica_sync: ReplicaSync | None = None  # with ``replicas.redis_url``
+        self.discovery: DnsDiscovery | None = None  # with ``gateway.*_dns``
         self.body_turns = TenantTurns()  # a tenant's large bodies, one at a time
         # Requests admitted and not finished (``gateway.api``), for ``drain``.
         self.requests_in_flight: set[Generation] = set()
@@ -201,17 +208,40 @@ class Gateway:
     async def start(self) -> None:
         spec = resolve_model(self.config.model.name, pull=False)
         tokenizer = await asyncio.to_thread(Tokenizer.load, tokenizer_path(spec))
-        store = await SQLiteStore.open(self.config.store.path)
+        store = await open_store(self.config.store)
         usage = UsageRecorder(store)
+        replicas = self.config.replicas
         self._parts = _Started(
             store=store,
-            auth=Authenticator(store, self.config.gateway.admin_token),
+            auth=Authenticator(
+                store,
+                self.config.gateway.admin_token,
+                max_age_s=replicas.admin_sync_s if replicas.redis_url else None,
+            ),
             quotas=QuotaManager(store.total_tokens),
             usage=usage,
             tokenizer=tokenizer,
             prompts=PromptEncoder(tokenizer),
         )
         await usage.start()
+        if replicas.redis_url:
+            sharing = self.policy if isinstance(self.policy, FairPolicy) else None
+            self.replica_sync = ReplicaSync(
+                replicas.redis_url,
+                sharing,
+                on_admin_change=self.apply_admin_change,
+                sync_interval_s=replicas.sync_interval_s,
+                admin_sync_s=replicas.admin_sync_s,
+            )
+            await self.replica_sync.start()
+        gateway = self.config.gateway
+        if gateway.prefill_dns or gateway.decode_dns:
+            self.discovery = DnsDiscovery(
+                self.registry,
+                {"prefill": gateway.prefill_dns, "decode": gateway.decode_dns},
+                refresh_s=gateway.dns_refresh_s,
+            )
+            await self.discovery.start()
         await self.registry.start()
         await self.load_guard.start()
         self._sampler = asyncio.create_task(self._sample_forever(), name="metrics-sampler")
@@ -262,7 +292,11 @@ class Gateway:
         await self.load_guard.stop()
         await self.dispatcher.stop()
         self.dispatcher.fail_all(ShuttingDown("the gateway is shutting down"))
+        if self.discovery is not None:
+            await self.discovery.stop()
         await self.registry.stop()
+        if self.replica_sync is not None:
+            await self.replica_sync.stop()
         if self._parts is not None:
             self._parts.prompts.close()
             await self.usage.stop()
@@ -274,6 +308,23 @@ class Gateway:
 
     def _on_worker_lost(self, handle: WorkerHandle, error: FairgateError) -> None:
         self.dispatcher.worker_lost(handle, error)
+
+    async def admin_changed(self, change: AdminChange) -> None:
+        """An admin route changed a tenant or key: apply it here, then on the other replicas."""
+        self.apply_admin_change(change)
+        if self.replica_sync is not None:
+            await self.replica_sync.publish_admin(change)
+
+    def apply_admin_change(self, change: AdminChange) -> None:
+        """Drop what this replica holds of the tenant or key (``gateway.replica_sync``)."""
+        if change.kind == "key":
+            self.auth.forget_key(change.key_id)
+            return
+        self.auth.forget_tenant(change.tenant_id)
+        if change.kind == "tenant":
+            self.policy.update_tenant(change.tenant_id, change.weight)
+        else:
+            self.quotas.forget(change.tenant_id)
 
     def endpoints(self) -> list[Endpoint]:
         return [*openai_endpoints(self), *admin_endpoints(self)]

@@ -3,14 +3,17 @@
 Keys arrive as ``Authorization: Bearer fg-…``. The store keeps only their SHA-256 and confirms a
 match in constant time (``gateway.store``); here a small cache, keyed by that digest, saves a
 store round trip per request. Admin changes to a tenant or key drop its cache entries at once
-(``forget_tenant`` / ``forget_key``), so a revoked key stops working on its next request. The
-admin token is compared with ``hmac.compare_digest``. Secrets are never logged. Torch-free.
+(``forget_tenant`` / ``forget_key``), so a revoked key stops working on its next request; with
+several gateway replicas the others hear of the change through ``gateway.replica_sync``, and
+an entry lives at most ``max_age_s`` (their ``admin_sync_s``) should they miss it. The admin
+token is compared with ``hmac.compare_digest``. Secrets are never logged. Torch-free.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 from collections.abc import Callable
 
 from starlette.requests import Request
@@ -32,12 +35,23 @@ def bearer_token(request: Request) -> str | None:
 
 
 class Authenticator:
-    def __init__(self, store: TenantStore, admin_token: str) -> None:
+    def __init__(
+        self,
+        store: TenantStore,
+        admin_token: str,
+        *,
+        max_age_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``max_age_s``: how long a cached key lives (None: until an admin change drops it)."""
         if len(admin_token) < 16:
             raise ValueError("the admin token must be at least 16 characters")
         self.store = store
         self._admin_token = admin_token.encode()
-        self._cache: dict[bytes, tuple[ApiKey, Tenant]] = {}
+        self._max_age_s = max_age_s
+        self._clock = clock
+        # digest -> (key, tenant, when it was read from the store)
+        self._cache: dict[bytes, tuple[ApiKey, Tenant, float]] = {}
 
     async def tenant(self, request: Request) -> tuple[ApiKey, Tenant]:
         """The calling tenant; ``InvalidApiKey`` (401) or ``KeyRevoked`` (403)."""
@@ -72,14 +86,18 @@ class Authenticator:
     async def _lookup(self, secret: str) -> tuple[ApiKey, Tenant] | None:
         digest = hashlib.sha256(secret.encode()).digest()
         cached = self._cache.get(digest)
+        now = self._clock()
         if cached is not None:
-            return cached
+            key, tenant, read_at = cached
+            if self._max_age_s is None or now - read_at < self._max_age_s:
+                return key, tenant
         found = await self.store.find_key(secret)
+        self._cache.pop(digest, None)
         if found is not None:
             if len(self._cache) >= MAX_CACHED_KEYS:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[digest] = found
+            self._cache[digest] = (*found, now)
         return found
 
     def _forget(self, matches: Callable[[ApiKey, Tenant], bool]) -> None:
-        self._cache = {d: e for d, e in self._cache.items() if not matches(*e)}
+        self._cache = {d: e for d, e in self._cache.items() if not matches(e[0], e[1])}

@@ -11,18 +11,17 @@ Schema: ``MIGRATIONS[i]`` moves the schema from version ``i`` to ``i + 1``; the 
 ``PRAGMA user_version``. ``open`` applies the missing ones, each in its own transaction, and
 refuses (``SchemaTooNew``) a file written by a newer fairgate. Migrations are only appended.
 
-Keys: the secret is shown once (``CreatedKey``) and stored only as its SHA-256. Torch-free.
+Keys: the secret is shown once (``CreatedKey``) and stored only as its SHA-256. What this store
+shares with ``PostgresStore`` (ids, keys, row conversion, usage sums) is in
+``gateway.store_common``. Torch-free.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import os
-import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -33,20 +32,33 @@ from typing import Any, TypeVar
 import msgspec
 
 from gateway.errors import Conflict, NotFound
+from gateway.store_common import (
+    KEY_COLUMNS,
+    TENANT_COLUMNS,
+    USAGE_COLUMNS,
+    SchemaTooNew,
+    api_key_from_row,
+    hash_secret,
+    hashes_match,
+    new_api_key,
+    new_secret,
+    new_tenant,
+    patched_tenant,
+    tenant_from_row,
+    tenant_values,
+    usage_totals,
+)
 from gateway.tenants import (
     ApiKey,
     BudgetPeriod,
     CreatedKey,
     KeySpec,
-    Quotas,
     Tenant,
     TenantPatch,
     TenantSpec,
     Usage,
     UsageDelta,
-    period_of,
 )
-from transfer.errors import FairgateError
 
 __all__ = ["BUSY_TIMEOUT_MS", "MIGRATIONS", "SQLiteStore", "SchemaTooNew"]
 
@@ -55,9 +67,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BUSY_TIMEOUT_MS = 5_000  # another process (e.g. a backup) holding the lock: wait this long
-SECRET_PREFIX = "fg-"
-DISPLAY_PREFIX_LEN = len(SECRET_PREFIX) + 8  # "fg-" + 8 characters, shown in listings
-PERIOD_KINDS: tuple[BudgetPeriod, ...] = ("day", "month")
 
 MIGRATIONS: list[str] = [
     # 0 -> 1: tenants, their keys, their usage per day and per month.
@@ -95,18 +104,6 @@ MIGRATIONS: list[str] = [
     );
     """,
 ]
-
-_TENANT_COLUMNS = (
-    "tenant_id, name, weight, default_class, allowed_classes, quotas, over_quota, created_at"
-)
-_KEY_COLUMNS = "key_id, tenant_id, prefix, name, created_at, revoked_at"  # ApiKey's fields
-_USAGE_COLUMNS = "period, requests, prompt_tokens, cached_tokens, completion_tokens"
-
-
-class SchemaTooNew(FairgateError):
-    """The database was written by a newer fairgate (its schema version is unknown here)."""
-
-    code = "store_schema_too_new"
 
 
 class SQLiteStore:
@@ -146,25 +143,16 @@ class SQLiteStore:
     # Tenants
 
     async def create_tenant(self, spec: TenantSpec) -> Tenant:
-        tenant = Tenant(
-            tenant_id="tn_" + secrets.token_hex(8),
-            name=spec.name,
-            weight=spec.weight,
-            default_class=spec.default_class,
-            allowed_classes=list(spec.allowed_classes),
-            quotas=spec.quotas,
-            over_quota=spec.over_quota,
-            created_at=time.time(),
-        )
+        tenant = new_tenant(spec)
 
         def work(db: sqlite3.Connection) -> Tenant:
             with _transaction(db):
                 _check_name_free(db, tenant.name, tenant.tenant_id)
                 db.execute(
-                    f"INSERT INTO tenants ({_TENANT_COLUMNS}) VALUES"
+                    f"INSERT INTO tenants ({TENANT_COLUMNS}) VALUES"
                     " (:tenant_id, :name, :weight, :default_class, :allowed_classes, :quotas,"
                     " :over_quota, :created_at)",
-                    _tenant_values(tenant),
+                    tenant_values(tenant),
                 )
             return tenant
 
@@ -176,8 +164,8 @@ class SQLiteStore:
 
     async def list_tenants(self) -> list[Tenant]:
         def work(db: sqlite3.Connection) -> list[Tenant]:
-            rows = db.execute(f"SELECT {_TENANT_COLUMNS} FROM tenants ORDER BY created_at, rowid")
-            return [_tenant(row) for row in rows]
+            rows = db.execute(f"SELECT {TENANT_COLUMNS} FROM tenants ORDER BY created_at, rowid")
+            return [tenant_from_row(row) for row in rows]
 
         return await self._run(work)
 
@@ -187,19 +175,14 @@ class SQLiteStore:
         def work(db: sqlite3.Connection) -> Tenant:
             with _transaction(db):
                 current = _find_tenant(db, tenant_id)
-                changes = {
-                    field: value
-                    for field in patch.__struct_fields__
-                    if (value := getattr(patch, field)) is not msgspec.UNSET
-                }
-                updated = msgspec.structs.replace(current, **changes)
+                updated = patched_tenant(current, patch)
                 if updated.name != current.name:
                     _check_name_free(db, updated.name, current.tenant_id)
                 db.execute(
                     "UPDATE tenants SET name = :name, weight = :weight,"
                     " default_class = :default_class, allowed_classes = :allowed_classes,"
                     " quotas = :quotas, over_quota = :over_quota WHERE tenant_id = :tenant_id",
-                    _tenant_values(updated),
+                    tenant_values(updated),
                 )
             return updated
 
@@ -219,21 +202,14 @@ class SQLiteStore:
 
     async def create_key(self, tenant_id: str, spec: KeySpec) -> CreatedKey:
         """A new key for the tenant with this id or name; the secret is returned only here."""
-        secret = SECRET_PREFIX + secrets.token_urlsafe(32)  # 256 random bits
-        key_hash = _hash(secret)
+        secret = new_secret()
+        key_hash = hash_secret(secret)
 
         def work(db: sqlite3.Connection) -> CreatedKey:
             with _transaction(db):
-                tenant = _find_tenant(db, tenant_id)
-                key = ApiKey(
-                    key_id="key_" + secrets.token_hex(8),
-                    tenant_id=tenant.tenant_id,
-                    prefix=secret[:DISPLAY_PREFIX_LEN],
-                    name=spec.name,
-                    created_at=time.time(),
-                )
+                key = new_api_key(_find_tenant(db, tenant_id).tenant_id, secret, spec)
                 db.execute(
-                    f"INSERT INTO api_keys (key_hash, {_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO api_keys (key_hash, {KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (key_hash, *msgspec.structs.astuple(key)),
                 )
             return CreatedKey(key=key, secret=secret)
@@ -258,9 +234,9 @@ class SQLiteStore:
                 params += [len(prefix), prefix]
             where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
             rows = db.execute(
-                f"SELECT {_KEY_COLUMNS} FROM api_keys {where} ORDER BY created_at, rowid", params
+                f"SELECT {KEY_COLUMNS} FROM api_keys {where} ORDER BY created_at, rowid", params
             )
-            return [_api_key(row) for row in rows]
+            return [api_key_from_row(row) for row in rows]
 
         return await self._run(work)
 
@@ -274,26 +250,25 @@ class SQLiteStore:
                     (time.time(), key_id),
                 )
                 row = db.execute(
-                    f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,)
+                    f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,)
                 ).fetchone()
             if row is None:
                 raise NotFound(f"API key {key_id!r} not found")
-            return _api_key(row)
+            return api_key_from_row(row)
 
         return await self._run(work)
 
     async def find_key(self, secret: str) -> tuple[ApiKey, Tenant] | None:
         """The key whose secret this is (revoked keys included) and its tenant, or None."""
-        digest = _hash(secret)
+        digest = hash_secret(secret)
 
         def work(db: sqlite3.Connection) -> tuple[ApiKey, Tenant] | None:
             row = db.execute(
-                f"SELECT {_KEY_COLUMNS}, key_hash FROM api_keys WHERE key_hash = ?", (digest,)
+                f"SELECT {KEY_COLUMNS}, key_hash FROM api_keys WHERE key_hash = ?", (digest,)
             ).fetchone()
-            # The index lookup is not constant-time; confirm the match in constant time.
-            if row is None or not hmac.compare_digest(row[-1], digest):
+            if row is None or not hashes_match(row[-1], digest):
                 return None
-            key = _api_key(row[:-1])
+            key = api_key_from_row(row[:-1])
             return key, _find_tenant(db, key.tenant_id)
 
         return await self._run(work)
@@ -306,17 +281,7 @@ class SQLiteStore:
         go (and failing the whole batch would lose the other tenants' usage)."""
 
         def work(db: sqlite3.Connection) -> None:
-            # Sum first: a batch holds many requests of few (tenant, period) rows.
-            totals: dict[tuple[str, BudgetPeriod, str], list[int]] = {}
-            for delta in deltas:
-                for kind in PERIOD_KINDS:
-                    row = totals.setdefault(
-                        (delta.tenant_id, kind, period_of(delta.at, kind)), [0] * 4
-                    )
-                    row[0] += delta.requests
-                    row[1] += delta.prompt_tokens
-                    row[2] += delta.cached_tokens
-                    row[3] += delta.completion_tokens
+            totals = usage_totals(deltas)
             with _transaction(db):
                 tenant_ids = {tenant_id for tenant_id, _, _ in totals}
                 marks = ", ".join("?" * len(tenant_ids))
@@ -328,7 +293,7 @@ class SQLiteStore:
                     )
                 }
                 db.executemany(
-                    f"INSERT INTO usage (tenant_id, period_kind, {_USAGE_COLUMNS})"
+                    f"INSERT INTO usage (tenant_id, period_kind, {USAGE_COLUMNS})"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT (tenant_id, period_kind, period) DO UPDATE SET"
                     " requests = requests + excluded.requests,"
@@ -349,7 +314,7 @@ class SQLiteStore:
 
         def work(db: sqlite3.Connection) -> list[Usage]:
             found = _find_tenant(db, tenant_id).tenant_id
-            query = f"SELECT {_USAGE_COLUMNS} FROM usage WHERE tenant_id = ? AND period_kind = ?"
+            query = f"SELECT {USAGE_COLUMNS} FROM usage WHERE tenant_id = ? AND period_kind = ?"
             params: list[Any] = [found, kind]
             if period is not None:
                 query += " AND period = ?"
@@ -429,22 +394,16 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("COMMIT")
 
 
-def _hash(secret: str) -> str:
-    # A fast hash is right here: secrets are 256 random bits, so there is nothing to brute-force
-    # and no salt or slow KDF (bcrypt, argon2) to add; SHA-256 also makes the lookup indexable.
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
 def _find_tenant(db: sqlite3.Connection, ref: str) -> Tenant:
     # An id match wins over a name match (a name may look like another tenant's id).
     row = db.execute(
-        f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE tenant_id = ? OR name = ?"
+        f"SELECT {TENANT_COLUMNS} FROM tenants WHERE tenant_id = ? OR name = ?"
         " ORDER BY tenant_id = ? DESC LIMIT 1",
         (ref, ref, ref),
     ).fetchone()
     if row is None:
         raise NotFound(f"tenant {ref!r} not found")
-    return _tenant(row)
+    return tenant_from_row(row)
 
 
 def _check_name_free(db: sqlite3.Connection, name: str, tenant_id: str) -> None:
@@ -453,30 +412,3 @@ def _check_name_free(db: sqlite3.Connection, name: str, tenant_id: str) -> None:
     ).fetchone()
     if row is not None:
         raise Conflict(f"a tenant named {name!r} already exists")
-
-
-def _tenant_values(tenant: Tenant) -> dict[str, Any]:
-    """The tenant as named SQL parameters, its lists and structs as JSON."""
-    values = msgspec.structs.asdict(tenant)
-    values["allowed_classes"] = msgspec.json.encode(tenant.allowed_classes).decode()
-    values["quotas"] = msgspec.json.encode(tenant.quotas).decode()
-    return values
-
-
-def _tenant(row: tuple[Any, ...]) -> Tenant:
-    tenant_id, name, weight, default_class, allowed, quotas, over_quota, created_at = row
-    return Tenant(
-        tenant_id=tenant_id,
-        name=name,
-        weight=weight,
-        default_class=default_class,
-        allowed_classes=msgspec.json.decode(allowed, type=list[str]),
-        quotas=msgspec.json.decode(quotas, type=Quotas),
-        over_quota=over_quota,
-        created_at=created_at,
-    )
-
-
-def _api_key(row: tuple[Any, ...]) -> ApiKey:
-    key_id, tenant_id, prefix, name, created_at, revoked_at = row
-    return ApiKey(key_id, tenant_id, prefix, name, created_at, revoked_at)

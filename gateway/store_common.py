@@ -1,0 +1,180 @@
+"""What the tenant stores share (``SQLiteStore`` in ``gateway.store``, ``PostgresStore`` in
+``gateway.store_postgres``), so that both make the same ids, keys and rows: new tenants and keys,
+a key's hash, a patch applied to a tenant, a tenant or key from a row and back, usage deltas
+summed per ledger row, and the errors both raise beyond ``NotFound`` and ``Conflict``.
+
+Both schemas name their columns alike and keep a tenant's ``allowed_classes`` and ``quotas`` as
+JSON text, so one conversion serves both. Torch-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+
+from gateway.errors import Unavailable
+from gateway.tenants import (
+    ApiKey,
+    BudgetPeriod,
+    KeySpec,
+    Quotas,
+    Tenant,
+    TenantPatch,
+    TenantSpec,
+    UsageDelta,
+    period_of,
+)
+from transfer.errors import FairgateError
+
+__all__ = [
+    "DISPLAY_PREFIX_LEN",
+    "KEY_COLUMNS",
+    "PERIOD_KINDS",
+    "SECRET_PREFIX",
+    "TENANT_COLUMNS",
+    "USAGE_COLUMNS",
+    "LedgerKey",
+    "LedgerSums",
+    "SchemaTooNew",
+    "StoreUnavailable",
+    "api_key_from_row",
+    "hash_secret",
+    "hashes_match",
+    "new_api_key",
+    "new_secret",
+    "new_tenant",
+    "patched_tenant",
+    "tenant_from_row",
+    "tenant_values",
+    "usage_totals",
+]
+
+SECRET_PREFIX = "fg-"
+DISPLAY_PREFIX_LEN = len(SECRET_PREFIX) + 8  # "fg-" + 8 characters, shown in listings
+PERIOD_KINDS: tuple[BudgetPeriod, ...] = ("day", "month")
+
+TENANT_COLUMNS = (
+    "tenant_id, name, weight, default_class, allowed_classes, quotas, over_quota, created_at"
+)
+KEY_COLUMNS = "key_id, tenant_id, prefix, name, created_at, revoked_at"  # ApiKey's fields
+USAGE_COLUMNS = "period, requests, prompt_tokens, cached_tokens, completion_tokens"
+
+# A ledger row's key, (tenant_id, period kind, period), and its sums: (requests, prompt_tokens,
+# cached_tokens, completion_tokens).
+LedgerKey = tuple[str, BudgetPeriod, str]
+LedgerSums = tuple[int, int, int, int]
+
+
+class SchemaTooNew(FairgateError):
+    """The database was written by a newer fairgate (its schema version is unknown here)."""
+
+    code = "store_schema_too_new"
+
+
+class StoreUnavailable(Unavailable):
+    """The tenant store's server did not answer, or not in time (PostgreSQL unreachable, its
+    connection lost, a pool with no free connection). The message is ours and names no address;
+    the driver's own error is logged where this is raised."""
+
+    code = "store_unavailable"
+
+
+def new_tenant(spec: TenantSpec) -> Tenant:
+    return Tenant(
+        tenant_id="tn_" + secrets.token_hex(8),
+        name=spec.name,
+        weight=spec.weight,
+        default_class=spec.default_class,
+        allowed_classes=list(spec.allowed_classes),
+        quotas=spec.quotas,
+        over_quota=spec.over_quota,
+        created_at=time.time(),
+    )
+
+
+def patched_tenant(current: Tenant, patch: TenantPatch) -> Tenant:
+    """``current`` with the fields ``patch`` sets."""
+    changes = {
+        field: value
+        for field in patch.__struct_fields__
+        if (value := getattr(patch, field)) is not msgspec.UNSET
+    }
+    return msgspec.structs.replace(current, **changes)
+
+
+def new_secret() -> str:
+    return SECRET_PREFIX + secrets.token_urlsafe(32)  # 256 random bits
+
+
+def new_api_key(tenant_id: str, secret: str, spec: KeySpec) -> ApiKey:
+    return ApiKey(
+        key_id="key_" + secrets.token_hex(8),
+        tenant_id=tenant_id,
+        prefix=secret[:DISPLAY_PREFIX_LEN],
+        name=spec.name,
+        created_at=time.time(),
+    )
+
+
+def hash_secret(secret: str) -> str:
+    # A fast hash is right here: secrets are 256 random bits, so there is nothing to brute-force
+    # and no salt or slow KDF (bcrypt, argon2) to add; SHA-256 also makes the lookup indexable.
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def hashes_match(stored: str, digest: str) -> bool:
+    """The index lookup that found ``stored`` is not constant-time; confirm the match in
+    constant time."""
+    return hmac.compare_digest(stored, digest)
+
+
+def tenant_values(tenant: Tenant) -> dict[str, Any]:
+    """The tenant as named SQL parameters, its lists and structs as JSON."""
+    values = msgspec.structs.asdict(tenant)
+    values["allowed_classes"] = msgspec.json.encode(tenant.allowed_classes).decode()
+    values["quotas"] = msgspec.json.encode(tenant.quotas).decode()
+    return values
+
+
+def tenant_from_row(row: tuple[Any, ...]) -> Tenant:
+    """A row of ``TENANT_COLUMNS``."""
+    tenant_id, name, weight, default_class, allowed, quotas, over_quota, created_at = row
+    return Tenant(
+        tenant_id=tenant_id,
+        name=name,
+        weight=weight,
+        default_class=default_class,
+        allowed_classes=msgspec.json.decode(allowed, type=list[str]),
+        quotas=msgspec.json.decode(quotas, type=Quotas),
+        over_quota=over_quota,
+        created_at=created_at,
+    )
+
+
+def api_key_from_row(row: tuple[Any, ...]) -> ApiKey:
+    """A row of ``KEY_COLUMNS``."""
+    key_id, tenant_id, prefix, name, created_at, revoked_at = row
+    return ApiKey(key_id, tenant_id, prefix, name, created_at, revoked_at)
+
+
+def usage_totals(deltas: Iterable[UsageDelta]) -> dict[LedgerKey, LedgerSums]:
+    """The deltas summed per ledger row (each delta goes to its day's and its month's): a batch
+    holds many requests of few rows, so the store upserts each row once."""
+    totals: dict[LedgerKey, LedgerSums] = {}
+    for delta in deltas:
+        for kind in PERIOD_KINDS:
+            key = (delta.tenant_id, kind, period_of(delta.at, kind))
+            requests, prompt, cached, completion = totals.get(key, (0, 0, 0, 0))
+            totals[key] = (
+                requests + delta.requests,
+                prompt + delta.prompt_tokens,
+                cached + delta.cached_tokens,
+                completion + delta.completion_tokens,
+            )
+    return totals
