@@ -58,6 +58,10 @@ class StackConfig:
     env: dict[str, str] | None = None  # added to every child's environment
     # …and to one worker's, by ROLE-N (e.g. "decode-1": failpoints for one worker in a test)
     worker_env: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # Gateway replicas, each on its own port (the first on ``port``, the others on free ones),
+    # all in front of the same workers; more than one needs what they share: a PostgreSQL store
+    # (``[store] url``) and Redis (``[replicas] redis_url``), given through ``env`` or a config.
+    num_gateways: int = 1
     log_dir: Path | None = None  # each child's logs to ROLE-N.log there; None: our stderr
     ready_timeout_s: float = 600.0
     # torch threads per worker; None: this machine's cores shared among the workers
@@ -92,15 +96,18 @@ class Stack:
     admin_token: str
     demo_key: str
     state_dir: Path
+    # Every gateway replica, ``gateway`` first (``StackConfig.num_gateways``).
+    gateways: list[WorkerProcess] = field(default_factory=list)
 
     @property
     def processes(self) -> list[WorkerProcess]:
-        return [self.gateway, *self.workers]
+        return [*(self.gateways or [self.gateway]), *self.workers]
 
     def stop(self) -> None:
-        """Gateway first (it stops taking requests and lets those in flight finish within its
-        grace period, while the workers still serve them), then the workers."""
-        self.gateway.stop(timeout_s=_gateway_stop_timeout_s(self.gateway.spec.env))
+        """Gateways first (each stops taking requests and lets those in flight finish within
+        its grace period, while the workers still serve them), then the workers."""
+        for gateway in self.gateways or [self.gateway]:
+            gateway.stop(timeout_s=_gateway_stop_timeout_s(gateway.spec.env))
         for worker in self.workers:
             worker.stop()
 
@@ -147,15 +154,24 @@ def start_stack(config: StackConfig) -> Stack:
             *config.gateway_args,
         ]
         env = {**(config.env or {}), "FAIRGATE_GATEWAY_ADMIN_TOKEN": admin_token}
-        gateway_spec = WorkerSpec(
-            "gateway", config.engine, gateway_args, env, _log(config, "gateway", 0), config.port
-        )
-        [gateway] = start_workers([gateway_spec], timeout_s=config.ready_timeout_s)
+        gateway_specs = [
+            WorkerSpec(
+                "gateway",
+                config.engine,
+                gateway_args,
+                env,
+                _log(config, "gateway", index),
+                config.port if index == 0 else 0,
+            )
+            for index in range(config.num_gateways)
+        ]
+        gateways = start_workers(gateway_specs, timeout_s=config.ready_timeout_s)
     except BaseException:
         for worker in workers:
             worker.stop()
         raise
-    stack = Stack(workers, gateway, gateway.http_url, admin_token, "", state_dir)
+    gateway = gateways[0]
+    stack = Stack(workers, gateway, gateway.http_url, admin_token, "", state_dir, gateways)
     try:
         stack.demo_key = credentials.get("demo_key") or _create_demo_tenant(stack)
         _write_credentials(stack)

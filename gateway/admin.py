@@ -54,6 +54,7 @@ from starlette.routing import Route
 from gateway.auth import bearer_token
 from gateway.errors import ClientError, Conflict, InvalidApiKey, NotFound, PermissionDenied
 from gateway.openapi import Endpoint, PathParam, QueryParam, decode_json, error_param
+from gateway.replica_sync import AdminChange
 from gateway.tenants import (
     ApiKey,
     BudgetPeriod,
@@ -189,9 +190,9 @@ def admin_endpoints(gateway: Gateway) -> list[Endpoint]:
             )
         return with_default_allowed(default_class, allowed)
 
-    def tenant_changed(tenant: Tenant) -> None:
-        gateway.auth.forget_tenant(tenant.tenant_id)
-        gateway.policy.update_tenant(tenant.tenant_id, tenant.weight)
+    async def tenant_changed(tenant: Tenant) -> None:
+        change = AdminChange("tenant", tenant.tenant_id, weight=tenant.weight)
+        await gateway.admin_changed(change)
 
     async def list_tenants(request: Request) -> Response:
         await gateway.auth.require_admin(request)
@@ -224,15 +225,14 @@ def admin_endpoints(gateway: Gateway) -> list[Endpoint]:
         if allowed != given:
             patch = msgspec.structs.replace(patch, allowed_classes=allowed)
         tenant = await gateway.store.update_tenant(current.tenant_id, patch)
-        tenant_changed(tenant)
+        await tenant_changed(tenant)
         return json_response(tenant)
 
     async def delete_tenant(request: Request) -> Response:
         await gateway.auth.require_admin(request)
         tenant = await gateway.store.get_tenant(request.path_params["tenant"])
         await gateway.store.delete_tenant(tenant.tenant_id)
-        gateway.auth.forget_tenant(tenant.tenant_id)
-        gateway.quotas.forget(tenant.tenant_id)
+        await gateway.admin_changed(AdminChange("tenant_deleted", tenant.tenant_id))
         return Response(status_code=204)
 
     async def create_key(request: Request) -> Response:
@@ -254,7 +254,7 @@ def admin_endpoints(gateway: Gateway) -> list[Endpoint]:
     async def revoke_key(request: Request) -> Response:
         await gateway.auth.require_admin(request)
         key = await gateway.store.revoke_key(request.path_params["key_id"])
-        gateway.auth.forget_key(key.key_id)
+        await gateway.admin_changed(AdminChange("key", key_id=key.key_id))
         return json_response(key)
 
     async def usage(request: Request) -> Response:

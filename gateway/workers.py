@@ -80,7 +80,7 @@ logger = logging.getLogger(__name__)
 WorkerState = Literal[
     "unknown", "ready", "draining", "drained", "not_ready", "ejected", "dead", "incompatible"
 ]
-WorkerSource = Literal["config", "admin", "registered"]
+WorkerSource = Literal["config", "admin", "registered", "dns"]
 
 POLL_TIMEOUT_S = 2.0  # a poll's calls together; a worker silent for longer is dead
 RECOVERY_POLLS = 3  # healthy polls in a row that bring an ejected worker back

@@ -260,6 +260,9 @@ class FairPolicy(Generic[LaneT, EntryT]):
         self._pending_cached: dict[str, int] = {}
         self._weights: dict[str, float] = {}  # set by update_tenant
         self._service: dict[str, float] = {}  # normalized service charged, for tenants()
+        # Normalized service charged here since ``take_service_deltas``, by (class, gate,
+        # tenant): what other gateway replicas add to theirs (``gateway.replica_sync``).
+        self._service_deltas: dict[tuple[str, str, str], float] = {}
         self._idle_since: dict[str, float] = {}
         self._next_sweep_s = -math.inf
         self._now = -math.inf
@@ -390,6 +393,39 @@ class FairPolicy(Generic[LaneT, EntryT]):
 
     def counter(self, tenant_id: str) -> float:
         return self._counter(tenant_id)
+
+    # ---- gateway replicas (``gateway.replica_sync``) ---------------------------------------
+
+    def take_service_deltas(self) -> dict[tuple[str, str, str], float]:
+        """The normalized service this policy charged since the last call, by (class name,
+        gate, tenant): the gate is where a deficit policy keeps it ("" for the pool, a worker
+        id for D²LPM). Other replicas apply it with ``apply_remote_service``."""
+        deltas, self._service_deltas = self._service_deltas, {}
+        return deltas
+
+    def apply_remote_service(self, deltas: dict[tuple[str, str, str], float]) -> None:
+        """Service other gateway replicas charged: counted as if charged here (to tenants this
+        replica knows; one it does not is lifted on arrival as any newcomer)."""
+        for (class_name, gate, tenant_id), cost in deltas.items():
+            lane = self._lanes.get(class_name)
+            if lane is not None:
+                self._remote_charge(lane, gate, tenant_id, cost)
+
+    def backlog_floors(self) -> dict[str, float]:
+        """By class, the least counter among this replica's backlogged tenants (classes with
+        none left out): what the other replicas' lift rule takes into account."""
+        return {}
+
+    def set_remote_floors(self, floors: dict[str, float]) -> None:
+        """The least of the other replicas' ``backlog_floors``, by class (the lift rule's
+        global backlog minimum); classes absent have no backlog elsewhere."""
+
+    def _share(self, lane: LaneT, gate: str, tenant_id: str, cost: float) -> None:
+        key = (lane.slo.name, gate, tenant_id)
+        self._service_deltas[key] = self._service_deltas.get(key, 0.0) + cost
+
+    def _remote_charge(self, lane: LaneT, gate: str, tenant_id: str, cost: float) -> None:
+        """Hook: apply another replica's normalized charge (nothing by default)."""
 
     # ---- hooks -----------------------------------------------------------------------------
 

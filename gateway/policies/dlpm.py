@@ -325,8 +325,15 @@ class DlpmPolicy(IndexedPolicy[LpmLane, DlpmEntry]):
     def _gate_charge(self, entry: Entry, worker_id: str | None, cost: float) -> None:
         lane = cast(LpmLane, entry.lane)
         key = self._gate_key(worker_id or "")
+        normalized = cost / self._weight(entry.request)
         if key in lane.gates:
-            lane.gates[key].charge(entry.request.tenant_id, cost / self._weight(entry.request))
+            lane.gates[key].charge(entry.request.tenant_id, normalized)
+        self._share(lane, key, entry.request.tenant_id, normalized)
+
+    def _remote_charge(self, lane: LpmLane, gate: str, tenant_id: str, cost: float) -> None:
+        deficits = lane.gates.get(gate)
+        if deficits is not None:
+            deficits.charge(tenant_id, cost)  # (a tenant not active here: nothing to charge)
 
     def _charge_prompt(self, entry: DlpmEntry, worker_id: str | None, num_cached: int) -> None:
         """The uncached prompt, and its output up to ``max_tokens`` in advance: the deficit

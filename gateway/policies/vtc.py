@@ -16,20 +16,30 @@ class _VtcLane(Lane):
     its counter (kept in ``last_left_counter`` once it is forgotten) is the lift when every
     queue is empty."""
 
-    __slots__ = ("counters", "last_left", "last_left_counter")
+    __slots__ = ("counters", "last_left", "last_left_counter", "remote_floor")
 
     def __init__(self, slo: SloClass) -> None:
         super().__init__(slo)
         self.counters: dict[str, float] = {}
         self.last_left: str | None = None
         self.last_left_counter = 0.0
+        # The least counter among the other gateway replicas' backlogged tenants, None when
+        # they have none (or there are no replicas).
+        self.remote_floor: float | None = None
+
+    def local_floor(self) -> float | None:
+        """The least counter among this replica's backlogged tenants."""
+        return min((self.counters[t] for t in self.queues), default=None)
 
     def floor(self) -> float:
         """What a tenant joining now is lifted to (at least): the least counter among the
-        backlogged tenants, or the last leaver's when none is. It never decreases, which is
-        what makes forgetting a tenant whose counter is at most this safe."""
-        if self.queues:
-            return min(self.counters[t] for t in self.queues)
+        backlogged tenants (of every replica), or the last leaver's when none is. Alone, it
+        never decreases, which is what makes forgetting a tenant whose counter is at most this
+        safe; with replicas, another's backlog may bring it down by what the counters drift
+        apart between syncs."""
+        floors = [f for f in (self.local_floor(), self.remote_floor) if f is not None]
+        if floors:
+            return min(floors)
         if self.last_left is None:
             return 0.0
         return self.counters.get(self.last_left, self.last_left_counter)
@@ -88,9 +98,22 @@ class VtcPolicy(FairPolicy[_VtcLane, Entry]):
     def _charge(self, entry: Entry, cost: float) -> None:
         request = entry.request
         cost /= self._weight(request)
-        counters = cast(_VtcLane, entry.lane).counters
-        counters[request.tenant_id] = counters.get(request.tenant_id, 0.0) + cost
+        lane = cast(_VtcLane, entry.lane)
+        lane.counters[request.tenant_id] = lane.counters.get(request.tenant_id, 0.0) + cost
         self._add_service(request.tenant_id, cost)
+        self._share(lane, "", request.tenant_id, cost)
+
+    def _remote_charge(self, lane: _VtcLane, gate: str, tenant_id: str, cost: float) -> None:
+        if tenant_id in lane.counters:
+            lane.counters[tenant_id] += cost
+
+    def backlog_floors(self) -> dict[str, float]:
+        floors = {name: lane.local_floor() for name, lane in self._lanes.items()}
+        return {name: floor for name, floor in floors.items() if floor is not None}
+
+    def set_remote_floors(self, floors: dict[str, float]) -> None:
+        for name, lane in self._lanes.items():
+            lane.remote_floor = floors.get(name)
 
     def _charge_prompt(self, entry: Entry, worker_id: str | None, num_cached: int) -> None:
         self._charge(entry, self.settings.w_in * entry.request.num_prompt_tokens)
