@@ -5,8 +5,9 @@ resolve to one address per worker (a Kubernetes headless Service: one per ready 
 the registry (source ``dns``) when it appears. One that is no longer in the answer (its pod
 terminating, or not ready) is drained, so it finishes what it holds, and removed once drained
 or once it stops answering; back in the answer, it is undrained. Every gateway replica resolves
-the same names, so they all see the same pool, with no restart and no registration. A name that
-does not resolve keeps the workers it had (a DNS outage is no reason to drain the pool).
+the same names, so they all see the same pool, with no restart and no registration. A name with
+no address (a headless Service whose last pod went) drains its workers; one that does not
+resolve for another reason keeps them (a DNS outage is no reason to drain the pool).
 Torch-free.
 """
 
@@ -26,6 +27,10 @@ from transfer.messages import WorkerRole
 __all__ = ["DnsDiscovery", "split_host_port"]
 
 logger = logging.getLogger(__name__)
+
+# The name exists with no address, or does not exist: the answer is "no worker" (a temporary
+# failure, EAI_AGAIN and the rest, keeps the workers known).
+_NO_ADDRESSES = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
 
 
 def split_host_port(name: str) -> tuple[str, int]:
@@ -100,8 +105,14 @@ class DnsDiscovery:
             infos = await asyncio.get_running_loop().getaddrinfo(
                 host, port, family=socket.AF_INET, type=socket.SOCK_STREAM
             )
+        except socket.gaierror as exc:
+            if exc.errno in _NO_ADDRESSES:
+                # A headless Service with no ready pod: an empty pool, not an outage.
+                return set()
+            logger.warning("DNS: %s does not resolve now: %s", host, exc)
+            return None
         except OSError as exc:
-            logger.warning("DNS: %s does not resolve: %s", host, exc)
+            logger.warning("DNS: %s does not resolve now: %s", host, exc)
             return None
         return {str(info[4][0]) for info in infos}
 

@@ -63,6 +63,15 @@ async def test_addresses_become_workers_and_leave_drained_then_removed() -> None
         await registry.stop()
 
 
+async def test_a_name_with_no_address_is_an_empty_pool() -> None:
+    registry = WorkerRegistry([], [])
+    try:
+        dns = DnsDiscovery(registry, {"decode": ["no-such-worker.invalid:8201"]})
+        assert await dns._resolve("no-such-worker.invalid", 8201) == set()
+    finally:
+        await registry.stop()
+
+
 async def test_a_real_name_resolves_to_its_addresses() -> None:
     registry = WorkerRegistry([], [])
     try:
