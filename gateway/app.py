@@ -41,6 +41,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -62,7 +63,7 @@ from gateway.auth import Authenticator
 from gateway.config import Config
 from gateway.discovery import DnsDiscovery
 from gateway.dispatch import Dispatcher
-from gateway.errors import ClientError, ShuttingDown
+from gateway.errors import ClientError, MethodNotAllowed, NotFound, ShuttingDown
 from gateway.gatekeeper import Gatekeeper, error_response
 from gateway.generation import Generation
 from gateway.metrics import GatewayMetrics
@@ -381,6 +382,16 @@ def create_app(gateway: Gateway, *, on_started: Callable[[], None] | None = None
         server-error middleware logged it before calling this)."""
         return error_response(FairgateError("the gateway failed to handle this request"))
 
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        """No route for the path (or not for the method): OpenAI's error body, as every other
+        answer of the gateway's, never Starlette's plain text."""
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 405:
+            return error_response(MethodNotAllowed(f"{request.method} is not allowed here"))
+        if exc.status_code == 404:
+            return error_response(NotFound("no such route"))
+        return error_response(ClientError(str(exc.detail)))
+
     return Starlette(
         routes=[
             Route("/healthz", healthz),
@@ -393,6 +404,7 @@ def create_app(gateway: Gateway, *, on_started: Callable[[], None] | None = None
         lifespan=lifespan,
         middleware=[Middleware(Gatekeeper, gateway=gateway)],
         exception_handlers={
+            HTTPException: on_http_error,
             FairgateError: on_error,
             CallerDisconnected: caller_disconnected_response,
             Exception: on_unexpected,

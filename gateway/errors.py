@@ -135,6 +135,11 @@ class NotFound(ClientError):
     type = "not_found_error"
 
 
+class MethodNotAllowed(ClientError):
+    status = 405
+    code = "method_not_allowed"
+
+
 class ModelNotFound(NotFound):
     code = "model_not_found"
 

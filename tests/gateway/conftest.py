@@ -19,6 +19,12 @@ from engine.tokenizer import Tokenizer
 AdminCli = Callable[..., Any]
 
 
+# The overload guard (503 overloaded while the gateway's loop lags over 50 ms) is off in test
+# stacks unless a test sets it: on a shared 2-core machine the lag of other tests' processes
+# made tests about other things fail with 503. test_overload.py tests the guard itself.
+TEST_STACK_ENV = {"FAIRGATE_GATEWAY_MAX_LOOP_LAG_S": "10"}
+
+
 def start_test_stack(state_dir: Path, **overrides: Any) -> Stack:
     settings: dict[str, Any] = {
         "engine": "null",
@@ -26,6 +32,7 @@ def start_test_stack(state_dir: Path, **overrides: Any) -> Stack:
         "worker_args": ["--log-level", "warning"],
         "ready_timeout_s": 120.0,
     }
+    overrides["env"] = TEST_STACK_ENV | (overrides.get("env") or {})
     return start_stack(StackConfig(state_dir=state_dir, **(settings | overrides)))
 
 

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from starlette.testclient import TestClient
 
 from deploy.stack import Stack
+from gateway.app import Gateway, create_app
+from gateway.config import load_config
 from tests.gateway.conftest import run_admin_cli
 
 NewTenant = Callable[..., tuple[dict[str, Any], str]]
@@ -267,3 +271,27 @@ def test_usage_period_names_are_checked(stack: Stack, at: str, status: int) -> N
         assert (row["period"], row["requests"]) == (at, 0)
     else:
         assert answer.json()["error"]["param"] == "at"
+
+
+def test_a_path_or_method_with_no_route_gets_a_json_error(tmp_path: Path) -> None:
+    """Starlette's own 404 and 405 are plain text; the gateway answers every request with
+    OpenAI's error body (the schema fuzz found a worker path with a newline in it)."""
+    config = load_config(
+        environ={},
+        overrides={
+            "gateway": {"admin_token": "a" * 32},
+            "store": {"path": str(tmp_path / "fairgate.db")},
+            "model": {"name": "null"},
+        },
+    )
+    admin = {"authorization": "Bearer " + "a" * 32}
+    with TestClient(create_app(Gateway(config))) as client:
+        for method, path, status in (
+            ("GET", "/no/such/route", 404),
+            ("POST", "/admin/v1/workers/a%0Ab/undrain", 404),
+            ("DELETE", "/v1/chat/completions", 405),
+        ):
+            answer = client.request(method, path, headers=admin)
+            assert answer.status_code == status, answer.text
+            assert answer.headers["content-type"] == "application/json"
+            assert answer.json()["error"]["type"] in ("not_found_error", "invalid_request_error")
