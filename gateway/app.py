@@ -3,7 +3,8 @@
     Gateway
     ├── store       GatewayStore              tenants, keys, usage ledger: SQLite or PostgreSQL
     ├── auth        Authenticator             bearer key → tenant (cached), admin token
-    ├── quotas      QuotaManager              reserve at admission, settle at finish
+    ├── quotas      QuotaManager              reserve at admission, settle at finish (in
+    │                                         memory, or in Redis with leases)
     ├── registry    WorkerRegistry            workers: membership, state, load, hung ones
     ├── policy      SchedulingPolicy          the queue and placement decisions
     ├── dispatcher  Dispatcher                carries decisions out, requests wait there
@@ -73,6 +74,8 @@ from gateway.policies import make_policy
 from gateway.policies.base import FairPolicy
 from gateway.prompts import PromptEncoder, TenantTurns
 from gateway.quotas import QuotaManager
+from gateway.quotas_memory import MemoryQuotaBackend
+from gateway.quotas_redis import RedisQuotaBackend
 from gateway.replica_sync import AdminChange, ReplicaSync
 from gateway.scheduler import SchedulingPolicy
 from gateway.stores import GatewayStore, open_store
@@ -219,12 +222,18 @@ class Gateway:
                 self.config.gateway.admin_token,
                 max_age_s=replicas.admin_sync_s if replicas.redis_url else None,
             ),
-            quotas=QuotaManager(store.total_tokens),
+            quotas=QuotaManager(
+                store.total_tokens,
+                RedisQuotaBackend(replicas.redis_url, lease_s=replicas.reservation_lease_s)
+                if replicas.redis_url
+                else MemoryQuotaBackend(),
+            ),
             usage=usage,
             tokenizer=tokenizer,
             prompts=PromptEncoder(tokenizer),
         )
         await usage.start()
+        await self._parts.quotas.start()  # with Redis: PING (unreachable: no start), renewals
         if replicas.redis_url:
             sharing = self.policy if isinstance(self.policy, FairPolicy) else None
             self.replica_sync = ReplicaSync(
@@ -301,6 +310,7 @@ class Gateway:
         if self._parts is not None:
             self._parts.prompts.close()
             await self.usage.stop()
+            await self._parts.quotas.close()  # stop renewing, land the last settles
             await self._parts.store.close()
 
     def _on_workers_changed(self) -> None:
