@@ -331,9 +331,8 @@ class DlpmPolicy(IndexedPolicy[LpmLane, DlpmEntry]):
         self._share(lane, key, entry.request.tenant_id, normalized)
 
     def _remote_charge(self, lane: LpmLane, gate: str, tenant_id: str, cost: float) -> None:
-        deficits = lane.gates.get(gate)
-        if deficits is not None:
-            deficits.charge(tenant_id, cost)  # (a tenant not active here: nothing to charge)
+        if tenant_id in lane.queues or tenant_id in lane.inflight:
+            lane.gate(gate).charge(tenant_id, cost)  # (a tenant not active here starts at 0)
 
     def _charge_prompt(self, entry: DlpmEntry, worker_id: str | None, num_cached: int) -> None:
         """The uncached prompt, and its output up to ``max_tokens`` in advance: the deficit

@@ -1,0 +1,123 @@
+"""Two "replicas" (two policies, each with its ``ReplicaSync``) on one real Redis: service charged
+on one reaches the other's counters and deficits within a few sync intervals, the lift rule
+takes the other replica's backlog into account, and admin changes reach the other replica."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from gateway.config import SchedulerSection, SloClass
+from gateway.policies import make_policy
+from gateway.replica_sync import AdminChange, ReplicaSync
+from gateway.scheduler import Placement, QueuedRequest, SchedulingPolicy, WorkerView
+from tests.redis_server import RedisServer
+from tests.redis_server import redis_server as redis_server
+from tests.redis_server import redis_url as redis_url
+
+ONE_CLASS = [SloClass("standard", rank=1, ttft_target_s=1e9)]
+INTERVAL_S = 0.02
+
+
+def _policy(name: str) -> Any:
+    return make_policy(name, SchedulerSection(), ONE_CLASS, block_size=16)
+
+
+def _request(request_id: str, tenant_id: str, num_prompt_tokens: int = 100) -> QueuedRequest:
+    return QueuedRequest(
+        request_id=request_id,
+        tenant_id=tenant_id,
+        slo_class="standard",
+        weight=1.0,
+        arrival=0.0,
+        num_prompt_tokens=num_prompt_tokens,
+        max_tokens=10,
+    )
+
+
+def _place_all(policy: SchedulingPolicy) -> list[str]:
+    decisions = policy.schedule(
+        [WorkerView("p0", inflight_tokens=0, max_inflight_tokens=10**6)],
+        [WorkerView("d0", free_kv_tokens=10**9)],
+        0.0,
+    )
+    return [d.request.request_id for d in decisions if isinstance(d, Placement)]
+
+
+async def _until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> float:
+    """Seconds until ``predicate`` holds."""
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout_s, "not within the time allowed"
+        await asyncio.sleep(0.005)
+    return time.monotonic() - started
+
+
+Pair = tuple[Any, Any, ReplicaSync, ReplicaSync, list[AdminChange]]
+
+
+@pytest.fixture(params=["vtc", "dlpm"])
+async def pair(
+    request: pytest.FixtureRequest,
+    redis_server: RedisServer,
+    redis_url: str,
+) -> AsyncIterator[Pair]:
+    a, b = _policy(request.param), _policy(request.param)
+    seen_by_b: list[AdminChange] = []
+    sync_a = ReplicaSync(redis_url, a, on_admin_change=lambda c: None, sync_interval_s=INTERVAL_S)
+    sync_b = ReplicaSync(redis_url, b, on_admin_change=seen_by_b.append, sync_interval_s=INTERVAL_S)
+    await sync_a.start()
+    await sync_b.start()
+    try:
+        yield a, b, sync_a, sync_b, seen_by_b
+    finally:
+        await sync_a.stop()
+        await sync_b.stop()
+
+
+async def test_service_charged_on_one_replica_reaches_the_other(pair: Pair) -> None:
+    a, b, *_ = pair
+    b.enqueue(_request("b-1", "t"), 0.0)  # t is active on b too
+    a.enqueue(_request("a-1", "t"), 0.0)
+    assert _place_all(a) == ["a-1"]  # charged on a: its prompt (VTC), prompt + output (DLPM)
+    if a.name == "vtc":
+        charged = a.counter("t")
+        assert charged > 0 and b.counter("t") == 0
+        waited_s = await _until(lambda: b.counter("t") == charged)
+    else:
+        [before] = [s.deficit for s in b.tenants() if s.tenant_id == "t"]
+        waited_s = await _until(
+            lambda: [s.deficit for s in b.tenants() if s.tenant_id == "t"] != [before]
+        )
+        [after] = [s.deficit for s in b.tenants() if s.tenant_id == "t"]
+        assert after == before - (100 + 2 * 10)  # a's prepaid charge, normalized
+    assert waited_s < 20 * INTERVAL_S + 0.5
+
+
+async def test_the_lift_rule_uses_the_least_counter_of_every_replicas_backlog(pair: Pair) -> None:
+    a, b, *_ = pair
+    if a.name != "vtc":
+        pytest.skip("the lift rule is VTC's")
+    # On b, a backlogged tenant far ahead (5000); on a, one at 1000.
+    b.enqueue(_request("y-0", "y", 5000), 0.0)
+    _place_all(b)
+    b.enqueue(_request("y-1", "y"), 0.0)
+    a.enqueue(_request("x-0", "x", 1000), 0.0)
+    _place_all(a)
+    a.enqueue(_request("x-1", "x"), 0.0)
+    await _until(lambda: b.backlog_floors() != {} and a.backlog_floors() != {})
+    await asyncio.sleep(10 * INTERVAL_S)  # b hears a's floor
+    b.enqueue(_request("z-0", "z"), 0.0)  # a newcomer on b
+    assert b.counter("z") == 1000.0  # lifted to a's backlog minimum, not to b's own 5000
+
+
+async def test_admin_changes_reach_the_other_replica(pair: Pair) -> None:
+    _, _, sync_a, _, seen_by_b = pair
+    change = AdminChange("key", key_id="key_123")
+    await sync_a.publish_admin(change)
+    waited_s = await _until(lambda: seen_by_b == [change])
+    assert waited_s < 1.0
