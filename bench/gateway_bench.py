@@ -19,6 +19,11 @@ ids, so no prefix-cache hits) with 16 output tokens.
   each request to a random stack and path, and ``tracing_overhead_p50_ms`` is what tracing
   adds to ``overhead_p50_ms``.
 
+- ``--redis``: a second stack whose gateway shares its state as a replica would
+  (``[replicas] redis_url``: quota reservations and settles in Redis, fair counters published
+  every 50 ms), against a Redis server of its own on this machine; side by side as with
+  ``--tracing``, ``redis_overhead_p50_ms`` / ``_p99_ms`` are what that adds.
+
 ``--overload`` and ``--prompt-flood`` are other benchmarks of the same stack, in
 ``bench.overload_bench`` and ``bench.prompt_flood_bench``; they share ``sustained_rps`` and
 ``StackLoad`` from here.
@@ -29,12 +34,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -262,7 +269,7 @@ def _figures(
 
 
 def run_gateway_bench(
-    *, quick: bool = False, tracing: bool = False, output: str | None = None
+    *, quick: bool = False, tracing: bool = False, redis: bool = False, output: str | None = None
 ) -> int:
     """With ``tracing``, two stacks side by side, one exporting every span of every process to
     an OTLP/HTTP receiver (its own process, ``bench.otlp_receiver``) and one not tracing; the
@@ -276,7 +283,26 @@ def run_gateway_bench(
         state_dir = Path(
             cleanup.enter_context(tempfile.TemporaryDirectory(prefix="fairgate-bench-"))
         )
-        if not tracing:
+        if redis:
+            redis_url = cleanup.enter_context(_redis_server())
+            stacks = {"memory": start_null_stack(state_dir / "memory", {})}
+            cleanup.callback(stacks["memory"].stop)
+            stacks["redis"] = start_null_stack(
+                state_dir / "redis", {"FAIRGATE_REPLICAS_REDIS_URL": redis_url}
+            )
+            cleanup.callback(stacks["redis"].stop)
+            figures = asyncio.run(_measure(stacks, quick))
+            result |= {
+                "without_redis": figures["memory"],
+                "with_redis": figures["redis"],
+                "redis_overhead_p50_ms": round(
+                    figures["redis"]["overhead_p50_ms"] - figures["memory"]["overhead_p50_ms"], 3
+                ),
+                "redis_overhead_p99_ms": round(
+                    figures["redis"]["overhead_p99_ms"] - figures["memory"]["overhead_p99_ms"], 3
+                ),
+            }
+        elif not tracing:
             stack = start_null_stack(state_dir, {})
             cleanup.callback(stack.stop)
             result |= asyncio.run(_measure({"off": stack}, quick))["off"]
@@ -335,3 +361,31 @@ class _ReceiverProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.child.stop()
+
+
+@contextlib.contextmanager
+def _redis_server() -> Iterator[str]:
+    """A ``redis-server`` of this benchmark's own (deploy/redis.sh finds or installs it) on a
+    free loopback port, without persistence; its URL."""
+    script = Path(__file__).resolve().parent.parent / "deploy" / "redis.sh"
+    found = subprocess.run([str(script)], check=True, capture_output=True, text=True)
+    binary = found.stdout.strip().splitlines()[-1]
+    with tempfile.TemporaryDirectory(prefix="fairgate-bench-redis-") as directory:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        command = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                   "--appendonly", "no", "--dir", directory]  # fmt: skip
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10.0
+            while True:
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
+                    break
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not start")
+                time.sleep(0.05)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            server.terminate()
+            server.wait(timeout=10)

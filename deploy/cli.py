@@ -285,6 +285,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "by side: the cost of tracing on the gateway's overhead",
     )
     gateway_modes.add_argument(
+        "--redis",
+        action="store_true",
+        help="also a second stack whose gateway keeps its quotas and fair counters in Redis "
+        "(a server of its own, deploy/redis.sh), side by side: the cost of replica state",
+    )
+    gateway_modes.add_argument(
         "--overload",
         nargs="?",
         const="1.5,3",
@@ -944,7 +950,9 @@ def _run_bench_gateway(args: argparse.Namespace) -> int:
         )
     from bench.gateway_bench import run_gateway_bench
 
-    return run_gateway_bench(quick=args.quick, tracing=args.tracing, output=args.output)
+    return run_gateway_bench(
+        quick=args.quick, tracing=args.tracing, redis=args.redis, output=args.output
+    )
 
 
 def _run_bench_sched(args: argparse.Namespace) -> int:
