@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -324,7 +325,12 @@ class Gateway:
         """An admin route changed a tenant or key: apply it here, then on the other replicas."""
         self.apply_admin_change(change)
         if self.replica_sync is not None:
-            await self.replica_sync.publish_admin(change)
+            try:
+                await self.replica_sync.publish_admin(change)
+            except RedisError as exc:
+                # The change is in the store: the other replicas' key caches expire within
+                # ``admin_sync_s`` and their next request of the tenant carries its weight.
+                logger.warning("admin change not sent to the other replicas: %r", exc)
 
     def apply_admin_change(self, change: AdminChange) -> None:
         """Drop what this replica holds of the tenant or key (``gateway.replica_sync``)."""

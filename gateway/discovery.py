@@ -59,6 +59,7 @@ class DnsDiscovery:
         self.names = {role: [split_host_port(n) for n in ns] for role, ns in names.items() if ns}
         self.refresh_s = refresh_s
         self._task: asyncio.Task[None] | None = None
+        self._drained: set[str] = set()  # the URLs this drained (gone from the answer)
 
     async def start(self) -> None:
         """One round now (the first workers are known before the gateway says it is ready),
@@ -94,7 +95,8 @@ class DnsDiscovery:
                 except (ClientError, Conflict) as exc:
                     logger.warning("worker %s from DNS not added: %s", url, exc)
                     continue
-                if not is_new and handle.source == "dns" and handle.drain_requested:
+                if not is_new and url in self._drained:
+                    self._drained.discard(url)
                     self.registry.undrain(handle)  # back in the answer (ready again)
             if answered:
                 self._retire(role, found)
@@ -122,6 +124,8 @@ class DnsDiscovery:
             if handle.source != "dns" or handle.expected_role != role or handle.url in found:
                 continue
             if handle.state in ("drained", "dead", "unknown", "incompatible"):
+                self._drained.discard(handle.url)
                 self.registry.remove(handle, reason="gone from DNS", by_admin=False)
-            else:
+            elif not handle.drain_requested:
+                self._drained.add(handle.url)  # (an admin's drain is the admin's to undo)
                 self.registry.drain(handle)

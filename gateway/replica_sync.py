@@ -51,6 +51,8 @@ STREAM_MAXLEN = 10_000
 FLOOR_TTL_INTERVALS = 20
 READ_BATCH = 1000
 RETRY_S = 1.0  # after Redis failed
+ROUND_TIMEOUT_S = 2.0  # one service round (write and read)
+SOCKET_TIMEOUT_MARGIN_S = 2.0
 
 
 class ServiceSharing(Protocol):
@@ -62,7 +64,9 @@ class ServiceSharing(Protocol):
 
     def backlog_floors(self) -> dict[str, float]: ...
 
-    def set_remote_floors(self, floors: dict[str, float]) -> None: ...
+    def idle_floors(self) -> dict[str, float]: ...
+
+    def set_remote_floors(self, floors: dict[str, float], idle: dict[str, float]) -> None: ...
 
 
 class AdminChange(msgspec.Struct, frozen=True):
@@ -79,6 +83,7 @@ class _ServiceMessage(msgspec.Struct, frozen=True, array_like=True):
     replica: str
     deltas: list[tuple[str, str, str, float]]
     floors: dict[str, float]
+    idle_floors: dict[str, float] = {}
 
 
 class _AdminMessage(msgspec.Struct, frozen=True, array_like=True):
@@ -104,14 +109,24 @@ class ReplicaSync:
         self.on_admin_change = on_admin_change
         self.sync_interval_s = sync_interval_s
         self.admin_sync_s = admin_sync_s
-        self._redis = redis.Redis.from_url(redis_url, protocol=2)
+        # Every call has a deadline (a blocking read's own block time included): a Redis that
+        # stops answering, or a half-open connection, is found and retried, never waited on.
+        self._redis = redis.Redis.from_url(
+            redis_url,
+            protocol=2,
+            socket_timeout=admin_sync_s + SOCKET_TIMEOUT_MARGIN_S,
+            socket_connect_timeout=SOCKET_TIMEOUT_MARGIN_S,
+            socket_keepalive=True,
+        )
         self._tasks: list[asyncio.Task[None]] = []
-        self._floors: dict[str, tuple[float, dict[str, float]]] = {}  # replica -> (seen, floors)
+        # replica -> (when last heard, its backlog floors, its idle floors)
+        self._floors: dict[str, tuple[float, dict[str, float], dict[str, float]]] = {}
         self._encoder = msgspec.msgpack.Encoder()
         self._service_decoder = msgspec.msgpack.Decoder(_ServiceMessage)
         self._admin_decoder = msgspec.msgpack.Decoder(_AdminMessage)
         self.num_synced = 0  # service rounds done (tests, metrics)
         self._unsent: dict[tuple[str, str, str], float] = {}
+        self._is_stopping = False
 
     async def start(self) -> None:
         """Check Redis answers (raises if not: a replica without its shared state would drift
@@ -124,6 +139,9 @@ class ReplicaSync:
         self._tasks.append(asyncio.create_task(self._follow_admin(admin_from)))
 
     async def stop(self) -> None:
+        # (redis-py turns a cancellation in the middle of a connect into a ConnectionError,
+        # which the loops retry: they also look at this.)
+        self._is_stopping = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -142,12 +160,19 @@ class ReplicaSync:
     # ---- service ---------------------------------------------------------------------------
 
     async def _sync_service(self, policy: ServiceSharing, last_id: str) -> None:
-        while True:
+        while not self._is_stopping:
             started = time.monotonic()
             try:
-                last_id = await self._service_round(policy, last_id)
-            except RedisError as exc:
-                logger.warning("replica sync: Redis failed: %s", exc)
+                async with asyncio.timeout(ROUND_TIMEOUT_S):
+                    last_id = await self._service_round(policy, last_id)
+            except (RedisError, TimeoutError) as exc:
+                if self._is_stopping:
+                    return
+                # Out of touch: the others' backlogs no longer count here (their charges come
+                # when Redis answers again; this replica's own wait in ``_unsent``).
+                logger.warning("replica sync: Redis failed: %r", exc)
+                self._floors.clear()
+                policy.set_remote_floors({}, {})
                 await asyncio.sleep(RETRY_S)
                 continue
             self.num_synced += 1
@@ -161,6 +186,7 @@ class ReplicaSync:
             self.replica_id,
             [(c, g, t, d) for (c, g, t), d in pending.items() if d],
             policy.backlog_floors(),
+            policy.idle_floors(),
         )
         await self._redis.xadd(
             SERVICE_STREAM,
@@ -176,45 +202,62 @@ class ReplicaSync:
             entries = _entries(read, SERVICE_STREAM)
             for entry_id, fields in entries:
                 last_id = entry_id.decode()
-                other = self._service_decoder.decode(fields[b"m"])
+                try:
+                    other = self._service_decoder.decode(fields[b"m"])
+                except (msgspec.DecodeError, KeyError):
+                    logger.warning("replica sync: skipped a service entry it cannot read")
+                    continue
                 if other.replica == self.replica_id:
                     continue
                 for class_name, gate, tenant_id, delta in other.deltas:
                     key = (class_name, gate, tenant_id)
                     remote[key] = remote.get(key, 0.0) + delta
-                self._floors[other.replica] = (now, other.floors)
+                self._floors[other.replica] = (now, other.floors, other.idle_floors)
             if len(entries) < READ_BATCH:
                 break
         if remote:
             policy.apply_remote_service(remote)
-        policy.set_remote_floors(self._remote_floors(now))
+        policy.set_remote_floors(*self._remote_floors(now))
         return last_id
 
-    def _remote_floors(self, now: float) -> dict[str, float]:
+    def _remote_floors(self, now: float) -> tuple[dict[str, float], dict[str, float]]:
+        """The least backlog floor and the highest idle floor of the replicas heard from
+        lately, by class."""
         fresh_s = FLOOR_TTL_INTERVALS * self.sync_interval_s
         floors: dict[str, float] = {}
-        for replica, (seen, by_class) in list(self._floors.items()):
+        idle: dict[str, float] = {}
+        for replica, (seen, backlog, idle_of) in list(self._floors.items()):
             if now - seen > fresh_s:
                 del self._floors[replica]  # gone, or out of touch: its backlog no longer counts
                 continue
-            for class_name, value in by_class.items():
+            for class_name, value in backlog.items():
                 floors[class_name] = min(value, floors.get(class_name, value))
-        return floors
+            for class_name, value in idle_of.items():
+                idle[class_name] = max(value, idle.get(class_name, value))
+        return floors, idle
 
     # ---- admin changes ---------------------------------------------------------------------
 
     async def _follow_admin(self, last_id: str) -> None:
         block_ms = max(1, int(self.admin_sync_s * 1000))
-        while True:
+        while not self._is_stopping:
             try:
                 read: Any = await self._redis.xread({ADMIN_STREAM: last_id}, block=block_ms)
             except RedisError as exc:
+                if self._is_stopping:
+                    return
                 logger.warning("replica sync: Redis failed: %s", exc)
                 await asyncio.sleep(RETRY_S)
                 continue
             for entry_id, fields in _entries(read, ADMIN_STREAM):
                 last_id = entry_id.decode()
-                message = self._admin_decoder.decode(fields[b"m"])
+                try:
+                    message = self._admin_decoder.decode(fields[b"m"])
+                except (msgspec.DecodeError, KeyError):
+                    # (A newer replica's change, say, in a rolling upgrade: the key cache's
+                    # max age still bounds what it would have dropped.)
+                    logger.warning("replica sync: skipped an admin change it cannot read")
+                    continue
                 if message.replica == self.replica_id:
                     continue
                 try:

@@ -263,6 +263,7 @@ class FairPolicy(Generic[LaneT, EntryT]):
         # Normalized service charged here since ``take_service_deltas``, by (class, gate,
         # tenant): what other gateway replicas add to theirs (``gateway.replica_sync``).
         self._service_deltas: dict[tuple[str, str, str], float] = {}
+        self._is_shared = False  # set by the first take_service_deltas
         self._idle_since: dict[str, float] = {}
         self._next_sweep_s = -math.inf
         self._now = -math.inf
@@ -273,6 +274,10 @@ class FairPolicy(Generic[LaneT, EntryT]):
     def enqueue(self, request: QueuedRequest, now: float) -> None:
         if request.request_id in self._entries:
             raise ValueError(f"request {request.request_id!r} is already queued")
+        if not request.demoted:
+            # The tenant's weight as its key was last read (at most ``admin_sync_s`` old with
+            # replicas): a replica that missed an admin change's message catches up here.
+            self._weights[request.tenant_id] = request.weight
         self._now = max(self._now, now)
         lane = self._lane_of(request)
         deadline = request.arrival + lane.slo.ttft_target_s
@@ -400,6 +405,7 @@ class FairPolicy(Generic[LaneT, EntryT]):
         """The normalized service this policy charged since the last call, by (class name,
         gate, tenant): the gate is where a deficit policy keeps it ("" for the pool, a worker
         id for D²LPM). Other replicas apply it with ``apply_remote_service``."""
+        self._is_shared = True
         deltas, self._service_deltas = self._service_deltas, {}
         return deltas
 
@@ -416,11 +422,19 @@ class FairPolicy(Generic[LaneT, EntryT]):
         none left out): what the other replicas' lift rule takes into account."""
         return {}
 
-    def set_remote_floors(self, floors: dict[str, float]) -> None:
-        """The least of the other replicas' ``backlog_floors``, by class (the lift rule's
-        global backlog minimum); classes absent have no backlog elsewhere."""
+    def idle_floors(self) -> dict[str, float]:
+        """By class, what this replica lifts a newcomer to with no backlog anywhere (VTC: its
+        last leaver's counter); classes with none left out."""
+        return {}
+
+    def set_remote_floors(self, floors: dict[str, float], idle: dict[str, float]) -> None:
+        """The least of the other replicas' ``backlog_floors`` and the highest of their
+        ``idle_floors``, by class: the lift rule's global backlog minimum, and what it lifts
+        to when no replica has a backlog."""
 
     def _share(self, lane: LaneT, gate: str, tenant_id: str, cost: float) -> None:
+        if not self._is_shared:
+            return  # one gateway: nobody takes them
         key = (lane.slo.name, gate, tenant_id)
         self._service_deltas[key] = self._service_deltas.get(key, 0.0) + cost
 

@@ -325,10 +325,16 @@ class DlpmPolicy(IndexedPolicy[LpmLane, DlpmEntry]):
     def _gate_charge(self, entry: Entry, worker_id: str | None, cost: float) -> None:
         lane = cast(LpmLane, entry.lane)
         key = self._gate_key(worker_id or "")
-        normalized = cost / self._weight(entry.request)
         if key in lane.gates:
-            lane.gates[key].charge(entry.request.tenant_id, normalized)
-        self._share(lane, key, entry.request.tenant_id, normalized)
+            lane.gates[key].charge(entry.request.tenant_id, cost / self._weight(entry.request))
+
+    def _share_realized(self, entry: Entry, worker_id: str | None, cost: float) -> None:
+        """Service computed (not prepaid, not refunded): what other replicas charge too. A
+        prepaid charge shared would reach a replica where the tenant is not active (and be
+        dropped) while its refund later reaches it where the tenant is (and be credit)."""
+        lane = cast(LpmLane, entry.lane)
+        key = self._gate_key(worker_id or "")
+        self._share(lane, key, entry.request.tenant_id, cost / self._weight(entry.request))
 
     def _remote_charge(self, lane: LpmLane, gate: str, tenant_id: str, cost: float) -> None:
         if tenant_id in lane.queues or tenant_id in lane.inflight:
@@ -348,6 +354,7 @@ class DlpmPolicy(IndexedPolicy[LpmLane, DlpmEntry]):
         self._prepaid[request.request_id] = (worker_id, num_prepaid)
         cost = self.settings.w_in * uncached + self.settings.w_out * num_prepaid
         self._gate_charge(entry, worker_id, cost)
+        self._share_realized(entry, worker_id, self.settings.w_in * uncached)
 
     def _charge_output(self, flight: Flight, num_tokens: int) -> None:
         super()._charge_output(flight, num_tokens)
@@ -360,6 +367,7 @@ class DlpmPolicy(IndexedPolicy[LpmLane, DlpmEntry]):
             self._gate_charge(
                 flight.entry, flight.worker_id, self.settings.w_out * (num_tokens - used)
             )
+        self._share_realized(flight.entry, flight.worker_id, self.settings.w_out * num_tokens)
 
     def _flight_finished(self, flight: Flight) -> None:
         self._refund(flight.entry)
@@ -385,6 +393,7 @@ class DlpmPolicy(IndexedPolicy[LpmLane, DlpmEntry]):
         missed = flight.num_expected_cached - num_cached_tokens
         super()._correct_prompt(flight, num_cached_tokens)
         self._gate_charge(flight.entry, flight.worker_id, self.settings.w_in * missed)
+        self._share_realized(flight.entry, flight.worker_id, self.settings.w_in * missed)
 
     def _deficit(self, tenant_id: str) -> float:
         return sum(

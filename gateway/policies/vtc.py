@@ -16,7 +16,7 @@ class _VtcLane(Lane):
     its counter (kept in ``last_left_counter`` once it is forgotten) is the lift when every
     queue is empty."""
 
-    __slots__ = ("counters", "last_left", "last_left_counter", "remote_floor")
+    __slots__ = ("counters", "last_left", "last_left_counter", "remote_floor", "remote_idle")
 
     def __init__(self, slo: SloClass) -> None:
         super().__init__(slo)
@@ -24,8 +24,10 @@ class _VtcLane(Lane):
         self.last_left: str | None = None
         self.last_left_counter = 0.0
         # The least counter among the other gateway replicas' backlogged tenants, None when
-        # they have none (or there are no replicas).
+        # they have none (or there are no replicas); and, of those with no backlog, the highest
+        # of their last leavers' counters (what they would lift a newcomer to).
         self.remote_floor: float | None = None
+        self.remote_idle: float | None = None
 
     def local_floor(self) -> float | None:
         """The least counter among this replica's backlogged tenants."""
@@ -40,8 +42,14 @@ class _VtcLane(Lane):
         floors = [f for f in (self.local_floor(), self.remote_floor) if f is not None]
         if floors:
             return min(floors)
+        idle = [f for f in (self.idle_floor(), self.remote_idle) if f is not None]
+        return max(idle, default=0.0)
+
+    def idle_floor(self) -> float | None:
+        """The last leaver's counter (what a newcomer is lifted to with no backlog anywhere);
+        None before anyone left."""
         if self.last_left is None:
-            return 0.0
+            return None
         return self.counters.get(self.last_left, self.last_left_counter)
 
 
@@ -72,8 +80,15 @@ class VtcPolicy(FairPolicy[_VtcLane, Entry]):
         heap = [(lane.counters[t], lane.head(t).request.arrival, t) for t in lane.queues]
         heapq.heapify(heap)
         blocked_counter = math.inf  # the least counter whose head could not be placed
+        # Backlogged tenants of other replicas wait for the same workers: one of ours further
+        # ahead of them than the borrowing limit waits too, so the room goes to them (without
+        # this, tenants each sending to their own replica got the same service whatever
+        # their weights).
+        elsewhere = math.inf if lane.remote_floor is None else lane.remote_floor
         while heap and run.has_room():
             counter, _, tenant_id = heapq.heappop(heap)
+            if counter - elsewhere > self.settings.max_borrow_tokens:
+                return
             if counter - blocked_counter > self.settings.max_borrow_tokens and self._flights:
                 return  # every tenant left is even further ahead: room is kept for the blocked
             entry = lane.head(tenant_id)
@@ -111,9 +126,14 @@ class VtcPolicy(FairPolicy[_VtcLane, Entry]):
         floors = {name: lane.local_floor() for name, lane in self._lanes.items()}
         return {name: floor for name, floor in floors.items() if floor is not None}
 
-    def set_remote_floors(self, floors: dict[str, float]) -> None:
+    def idle_floors(self) -> dict[str, float]:
+        floors = {name: lane.idle_floor() for name, lane in self._lanes.items()}
+        return {name: floor for name, floor in floors.items() if floor is not None}
+
+    def set_remote_floors(self, floors: dict[str, float], idle: dict[str, float]) -> None:
         for name, lane in self._lanes.items():
             lane.remote_floor = floors.get(name)
+            lane.remote_idle = idle.get(name)
 
     def _charge_prompt(self, entry: Entry, worker_id: str | None, num_cached: int) -> None:
         self._charge(entry, self.settings.w_in * entry.request.num_prompt_tokens)
