@@ -28,7 +28,6 @@ stop its server (SIGKILL, a CI timeout) leaves it running: the next session stop
 
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 import pwd
@@ -44,6 +43,8 @@ from typing import Any
 
 import psycopg
 import pytest
+
+from tests.deploy_scripts import require_path
 
 __all__ = [
     "PostgresError",
@@ -80,32 +81,10 @@ class PostgresError(RuntimeError):
     """The server could not be set up, started or stopped; the message carries its log."""
 
 
-@functools.cache
-def _find_binaries() -> tuple[Path | None, str]:
-    """``(bin directory, "")`` or ``(None, why)``: deploy/postgres.sh, run once per session."""
-    try:
-        done = subprocess.run(
-            ["bash", str(FETCH_SCRIPT)], capture_output=True, text=True, timeout=900, check=False
-        )
-    except subprocess.TimeoutExpired as exc:
-        return None, f"{FETCH_SCRIPT} did not finish within {exc.timeout:g} s"
-    except OSError as exc:
-        return None, f"cannot run bash {FETCH_SCRIPT}: {exc}"
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        return None, f"{FETCH_SCRIPT} exited with status {done.returncode}:\n{done.stderr.strip()}"
-    return Path(lines[-1]), ""
-
-
 def require_postgres() -> Path:
     """The directory of ``initdb``, ``pg_ctl`` and ``postgres``. Without them the calling test
     fails with the script's error, or is skipped with it where FAIRGATE_SKIP_POSTGRES=1."""
-    bin_dir, why = _find_binaries()
-    if bin_dir is not None:
-        return bin_dir
-    if os.environ.get(SKIP_ENV) == "1":
-        pytest.skip(f"{SKIP_ENV}=1 and no PostgreSQL: {why}")
-    pytest.fail(f"{why}\n(with {SKIP_ENV}=1 the tests that need PostgreSQL skip)", pytrace=False)
+    return require_path(FETCH_SCRIPT, SKIP_ENV, "PostgreSQL")
 
 
 class PostgresServer:

@@ -27,9 +27,7 @@ or kill its server.
 from __future__ import annotations
 
 import ctypes
-import functools
 import itertools
-import os
 import shutil
 import signal
 import socket
@@ -43,6 +41,8 @@ from typing import Self
 
 import pytest
 import redis
+
+from tests.deploy_scripts import require_path
 
 __all__ = [
     "RedisError",
@@ -67,32 +67,10 @@ class RedisError(RuntimeError):
     """The server could not be started, or died; the message carries its log."""
 
 
-@functools.cache
-def _find_binary() -> tuple[Path | None, str]:
-    """``(redis-server, "")`` or ``(None, why)``: deploy/redis.sh, run once per session."""
-    try:
-        done = subprocess.run(
-            ["bash", str(FETCH_SCRIPT)], capture_output=True, text=True, timeout=900, check=False
-        )
-    except subprocess.TimeoutExpired as exc:
-        return None, f"{FETCH_SCRIPT} did not finish within {exc.timeout:g} s"
-    except OSError as exc:
-        return None, f"cannot run bash {FETCH_SCRIPT}: {exc}"
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        return None, f"{FETCH_SCRIPT} exited with status {done.returncode}:\n{done.stderr.strip()}"
-    return Path(lines[-1]), ""
-
-
 def require_redis() -> Path:
     """The ``redis-server`` binary. Without one the calling test fails with the script's error,
     or is skipped with it where FAIRGATE_SKIP_REDIS=1."""
-    binary, why = _find_binary()
-    if binary is not None:
-        return binary
-    if os.environ.get(SKIP_ENV) == "1":
-        pytest.skip(f"{SKIP_ENV}=1 and no redis-server: {why}")
-    pytest.fail(f"{why}\n(with {SKIP_ENV}=1 the tests that need Redis skip)", pytrace=False)
+    return require_path(FETCH_SCRIPT, SKIP_ENV, "Redis")
 
 
 class RedisServer:

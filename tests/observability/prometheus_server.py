@@ -19,9 +19,7 @@ first ``wait_for`` at least that long (its default 15 s is).
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import re
 import subprocess
 import time
@@ -32,7 +30,8 @@ from types import TracebackType
 from typing import Any, Self
 
 import httpx
-import pytest
+
+from tests.deploy_scripts import require_path
 
 __all__ = ["PrometheusError", "PrometheusServer", "Result", "require_prometheus"]
 
@@ -51,32 +50,10 @@ class PrometheusError(RuntimeError):
     """Prometheus did not start, died, answered with an error, or a wait ran out of time."""
 
 
-@functools.cache
-def _fetch_binary() -> tuple[Path | None, str]:
-    """``(binary, "")`` or ``(None, why)``: deploy/prometheus.sh, run once per test session."""
-    try:
-        done = subprocess.run(
-            ["bash", str(FETCH_SCRIPT)], capture_output=True, text=True, timeout=600, check=False
-        )
-    except subprocess.TimeoutExpired as exc:
-        return None, f"{FETCH_SCRIPT} did not finish within {exc.timeout:g} s"
-    except OSError as exc:
-        return None, f"cannot run bash {FETCH_SCRIPT}: {exc}"
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        return None, f"{FETCH_SCRIPT} exited with status {done.returncode}:\n{done.stderr.strip()}"
-    return Path(lines[-1]), ""
-
-
 def require_prometheus() -> Path:
     """The prometheus binary. Without one the calling test fails with the script's error, or is
     skipped with it where FAIRGATE_SKIP_PROMETHEUS=1."""
-    binary, why = _fetch_binary()
-    if binary is not None:
-        return binary
-    if os.environ.get(SKIP_ENV) == "1":
-        pytest.skip(f"{SKIP_ENV}=1 and no prometheus: {why}")
-    pytest.fail(f"{why}\n(with {SKIP_ENV}=1 the tests that need Prometheus skip)", pytrace=False)
+    return require_path(FETCH_SCRIPT, SKIP_ENV, "Prometheus")
 
 
 def _non_empty(results: list[Result]) -> bool:
