@@ -80,14 +80,16 @@ def start_balancer(backends: Sequence[str], *, timeout_s: float = 20.0) -> Balan
     port = _free_port()
     config = Path(directory.name) / "haproxy.cfg"
     config.write_text(_config(port, backends), encoding="utf-8")
-    process = subprocess.Popen(
-        [binary, "-f", str(config), "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    log_path = Path(directory.name) / "haproxy.log"
+    with log_path.open("wb") as log:  # (the child keeps its own descriptor)
+        process = subprocess.Popen(
+            [binary, "-f", str(config), "-db"], stdout=subprocess.DEVNULL, stderr=log
+        )
     balancer = Balancer(f"http://127.0.0.1:{port}", process, directory)
     deadline = time.monotonic() + timeout_s
     while True:
         if process.poll() is not None:
-            error = process.stderr.read().decode() if process.stderr else ""
+            error = log_path.read_text(encoding="utf-8", errors="replace")
             directory.cleanup()
             raise RuntimeError(f"haproxy exited with status {process.returncode}: {error}")
         try:

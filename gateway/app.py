@@ -403,10 +403,13 @@ def create_app(gateway: Gateway, *, on_started: Callable[[], None] | None = None
         answer of the gateway's, never Starlette's plain text."""
         assert isinstance(exc, HTTPException)
         if exc.status_code == 405:
-            return error_response(MethodNotAllowed(f"{request.method} is not allowed here"))
-        if exc.status_code == 404:
-            return error_response(NotFound("no such route"))
-        return error_response(ClientError(str(exc.detail)))
+            response = error_response(MethodNotAllowed(f"{request.method} is not allowed here"))
+        elif exc.status_code == 404:
+            response = error_response(NotFound("no such route"))
+        else:
+            response = error_response(ClientError(str(exc.detail)))
+        response.headers.update(exc.headers or {})  # 405's Allow (RFC 9110)
+        return response
 
     return Starlette(
         routes=[

@@ -295,3 +295,5 @@ def test_a_path_or_method_with_no_route_gets_a_json_error(tmp_path: Path) -> Non
             assert answer.status_code == status, answer.text
             assert answer.headers["content-type"] == "application/json"
             assert answer.json()["error"]["type"] in ("not_found_error", "invalid_request_error")
+            if status == 405:
+                assert "POST" in answer.headers["allow"]
