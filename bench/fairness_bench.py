@@ -141,10 +141,17 @@ async def weighted_fairness(
     window_s: float = 12.0,
     prefix: str = "weighted",
     seed: int = 0,
+    pin_to: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Backlogged tenants of ``weights`` (see the module docstring). ``prefix`` names them
-    (``{prefix}-w{weight}``; new tenants each run)."""
-    loads = [TenantLoad(f"{prefix}-w{w:g}", w, concurrency) for w in weights]
+    (``{prefix}-w{weight}``; new tenants each run). ``pin_to``: gateway replicas' URLs, the
+    i-th tenant sending only to the (i mod n)-th (empty: every tenant to ``access``)."""
+    loads = [
+        TenantLoad(
+            f"{prefix}-w{w:g}", w, concurrency, base_url=pin_to[i % len(pin_to)] if pin_to else ""
+        )
+        for i, w in enumerate(weights)
+    ]
     end_s = warmup_s + window_s
     depths: dict[str, list[float]] = {}
     names = [load.name for load in loads]
@@ -162,6 +169,7 @@ async def weighted_fairness(
     )
     return {
         "weights": {load.name: load.weight for load in loads},
+        **({"sent_to": {load.name: load.base_url for load in loads}} if pin_to else {}),
         "concurrency": concurrency,
         "window_s": [warmup_s, end_s],
         "normalized_service": {t: round(s, 1) for t, s in normalized.items()},

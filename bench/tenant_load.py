@@ -109,12 +109,15 @@ class TenantLoad:
     """One tenant of a closed loop: ``concurrency`` requests in flight while it is active.
     ``active``: (start, end) seconds from the loop's start; empty: the whole run. At the end of
     an active interval its clients go away: what it has in flight then is cancelled (the
-    gateway aborts it), so that it is idle from that moment, however slow the stack."""
+    gateway aborts it), so that it is idle from that moment, however slow the stack.
+    ``base_url``: where it sends its requests ("": the stack's URL), e.g. one gateway replica
+    of several, as a client whose keep-alive connections stay on the replica it reached."""
 
     name: str
     weight: float = 1.0
     concurrency: int = 16
     active: tuple[tuple[float, float], ...] = ()
+    base_url: str = ""
 
     def is_active(self, t: float) -> bool:
         return not self.active or any(start <= t < end for start, end in self.active)
@@ -251,11 +254,24 @@ async def create_tenants(
 
 
 class Sender:
-    """Sends one request of a tenant and records its answer; times from ``origin``."""
+    """Sends one request of a tenant and records its answer; times from ``origin``.
+    ``urls``: where each tenant sends (the stack's URL for one not named)."""
 
-    def __init__(self, access: StackAccess, keys: Mapping[str, str], origin: float) -> None:
-        url = httpx.URL(access.base_url)
-        self.pool = ConnectionPool(url.host, url.port or 80)
+    def __init__(
+        self,
+        access: StackAccess,
+        keys: Mapping[str, str],
+        origin: float,
+        urls: Mapping[str, str] | None = None,
+    ) -> None:
+        self.pools: dict[str, ConnectionPool] = {}
+        self.pool_of: dict[str, ConnectionPool] = {}
+        for tenant in keys:
+            base_url = (urls or {}).get(tenant) or access.base_url
+            if base_url not in self.pools:
+                url = httpx.URL(base_url)
+                self.pools[base_url] = ConnectionPool(url.host, url.port or 80)
+            self.pool_of[tenant] = self.pools[base_url]
         self.keys = keys
         self.origin = origin
         self.run = LoadRun(refused=dict.fromkeys(keys, 0))
@@ -270,7 +286,7 @@ class Sender:
         sent_s = self.now()
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                status, _, answer = await self.pool.post(path, body, headers)
+                status, _, answer = await self.pool_of[tenant].post(path, body, headers)
         except TimeoutError:
             # not a TimeoutError: that is what a caller's own deadline raises
             raise RuntimeError(f"{tenant}: no answer within {REQUEST_TIMEOUT_S:g} s") from None
@@ -284,7 +300,8 @@ class Sender:
         return True
 
     def close(self) -> None:
-        self.pool.close()
+        for pool in self.pools.values():
+            pool.close()
 
 
 async def run_closed_loop(
@@ -303,7 +320,8 @@ async def run_closed_loop(
     ``sample_queue_depths``); ``now()`` gives the loop's clock."""
     keys, model = await create_tenants(access, {load.name: load.weight for load in loads})
     rng = random.Random(seed)
-    sender = Sender(access, keys, time.perf_counter())
+    urls = {load.name: load.base_url for load in loads if load.base_url}
+    sender = Sender(access, keys, time.perf_counter(), urls)
 
     async def client(load: TenantLoad) -> None:
         while (now := sender.now()) < duration_s:

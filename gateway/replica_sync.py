@@ -4,19 +4,22 @@ these keep fairness and configuration the same across them.
 
 **Service.** Every ``sync_interval_s`` a replica appends to the stream ``fairgate:service`` what
 its policy charged since the last time (``SchedulingPolicy.take_service_deltas``: normalized
-service by class, gate and tenant) with the least counter among its backlogged tenants by class
-(``backlog_floors``), and reads what the others appended since it last read: their charges go
-into its own counters and deficits (``apply_remote_service``), and the least of their floors is
-the lift rule's global backlog minimum (``set_remote_floors``; a replica's floors count while
-they are fresher than ``FLOOR_TTL_INTERVALS`` intervals, so a dead replica's stop counting).
+service by class, gate and tenant) with the least counter among the tenants backlogged there
+during the interval, by class (``backlog_floors``), and reads what the others appended since it
+last read: their charges go into its own counters, deficits and service books
+(``apply_remote_service``), and the least of their floors is the lift rule's global backlog
+minimum and what a tenant ahead is held back against (``set_remote_floors``;
+``gateway.policies.service_book``; a replica's floors count while they are fresher than
+``FLOOR_TTL_INTERVALS`` intervals, so a dead replica's stop counting).
 
-The bound this gives (VTC, ``scheduling.md`` §2): a replica sees every other replica's charges
-at most one interval plus a Redis round trip late, so a counter it compares lags the global
-one by at most what the other replicas served that tenant meanwhile: with R replicas each
-serving at most S normalized tokens per second, the difference between two backlogged tenants'
-global service stays within the single-gateway bound plus 2·(R − 1)·S·(sync_interval_s + RTT).
-At 50 ms and the tiny model's few thousand tokens per second that is a few hundred tokens, less
-than one quantum of DLPM.
+The bound this gives (``scheduling.md`` §2): a replica sees every other replica's charges at
+most one interval plus a Redis round trip late, so a counter it compares lags the global one by
+at most what the other replicas served that tenant meanwhile: with R replicas each serving at
+most S normalized tokens per second, the difference between two backlogged tenants' global
+service stays within the single-gateway bound plus 2·(R − 1)·S·(sync_interval_s + RTT), plus
+``max_borrow_tokens`` for tenants on different replicas (the hold-back's limit). At 50 ms and
+the tiny model's few thousand tokens per second the first is a few hundred tokens, less than one
+quantum of DLPM.
 
 **Admin changes** (a tenant's weight or quotas, a tenant deleted, a key revoked) are applied on
 the replica that made them and appended to ``fairgate:admin``, which every replica reads with a

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar, cast
 
 from gateway.config import DEFAULT_SLO_CLASSES, SchedulerSection, SloClass
+from gateway.policies.service_book import ServiceBook
 from gateway.scheduler import (
     Decision,
     Placement,
@@ -70,15 +71,17 @@ class Flight:
 class Lane:
     """One SLO class: a FIFO queue per backlogged tenant (an ``OrderedDict``: removal anywhere
     and a requeue at the front are O(1)), and its queued prompt tokens for wait estimates.
-    Subclasses add the policy's fairness state for the class."""
+    Subclasses add the policy's fairness state for the class; a fair one keeps a ``book``
+    (``ServiceBook``): the tenants' service, which gateway replicas compare."""
 
-    __slots__ = ("inflight", "num_queued_tokens", "queues", "slo")
+    __slots__ = ("book", "inflight", "num_queued_tokens", "queues", "slo")
 
     def __init__(self, slo: SloClass) -> None:
         self.slo = slo
         self.queues: dict[str, OrderedDict[str, Entry]] = {}
         self.num_queued_tokens = 0
         self.inflight: dict[str, int] = {}  # per tenant: its requests of the class in flight
+        self.book: ServiceBook | None = None
 
     def head(self, tenant_id: str) -> Entry:
         return next(iter(self.queues[tenant_id].values()))
@@ -418,19 +421,46 @@ class FairPolicy(Generic[LaneT, EntryT]):
                 self._remote_charge(lane, gate, tenant_id, cost)
 
     def backlog_floors(self) -> dict[str, float]:
-        """By class, the least counter among this replica's backlogged tenants (classes with
-        none left out): what the other replicas' lift rule takes into account."""
-        return {}
+        """By class, the least counter among this replica's tenants backlogged since the last
+        call (classes with none left out): what the other replicas' lift rule and hold-back
+        take into account."""
+        floors = {name: book.shared_floor() for name, book in self._books()}
+        return {name: floor for name, floor in floors.items() if floor is not None}
 
     def idle_floors(self) -> dict[str, float]:
-        """By class, what this replica lifts a newcomer to with no backlog anywhere (VTC: its
-        last leaver's counter); classes with none left out."""
-        return {}
+        """By class, what this replica lifts a newcomer to with no backlog anywhere (its last
+        leaver's counter); classes with none left out."""
+        floors = {name: book.idle_floor() for name, book in self._books()}
+        return {name: floor for name, floor in floors.items() if floor is not None}
 
     def set_remote_floors(self, floors: dict[str, float], idle: dict[str, float]) -> None:
         """The least of the other replicas' ``backlog_floors`` and the highest of their
         ``idle_floors``, by class: the lift rule's global backlog minimum, and what it lifts
         to when no replica has a backlog."""
+        for name, book in self._books():
+            book.remote_floor = floors.get(name)
+            book.remote_idle = idle.get(name)
+
+    def _books(self) -> Iterator[tuple[str, ServiceBook]]:
+        for name, lane in self._lanes.items():
+            if lane.book is not None:
+                yield name, lane.book
+
+    def _lift(self, lane: LaneT, tenant_id: str) -> None:
+        """The lift rule in the lane's service book, for a tenant joining its backlog: one with
+        requests of the class in flight may stay up to the borrowing limit below the other
+        replicas' floor (``gateway.policies.service_book``)."""
+        assert lane.book is not None
+        slack = self.settings.max_borrow_tokens if tenant_id in lane.inflight else 0.0
+        lane.book.lift(tenant_id, remote_slack=slack)
+
+    def _is_held_back_elsewhere(self, lane: LaneT, tenant_id: str) -> bool:
+        """Whether the tenant is further than the borrowing limit ahead of the least counter
+        backlogged on another replica (``ServiceBook``): it waits for that one."""
+        return (
+            lane.book is not None
+            and lane.book.lead_elsewhere(tenant_id) > self.settings.max_borrow_tokens
+        )
 
     def _share(self, lane: LaneT, gate: str, tenant_id: str, cost: float) -> None:
         if not self._is_shared:

@@ -143,4 +143,5 @@ class D2lpmPolicy(DlpmPolicy):
         self._route_charge(flight.entry, flight.worker_id, self.settings.w_out * num_tokens)
 
     def _forget(self, tenant_id: str) -> None:
+        super()._forget(tenant_id)
         self._route.pop(tenant_id, None)

@@ -12,6 +12,7 @@ from typing import cast
 from gateway.config import DEFAULT_SLO_CLASSES, SchedulerSection, SloClass
 from gateway.policies.base import DEFAULT_BLOCK_SIZE, Entry, Flight, Lane, Pass
 from gateway.policies.lpm import IndexedEntry, IndexedPolicy, LpmQueue
+from gateway.policies.service_book import ServiceBook
 from gateway.scheduler import QueuedRequest, WorkerView
 
 
@@ -114,8 +115,9 @@ class _Deficits:
 
 
 class LpmLane(Lane):
-    """DLPM state of one class: deficits per gate (the pool for DLPM, a worker for D²LPM), and
-    the class's queued entries in LPM order (``ordered``)."""
+    """DLPM state of one class: deficits per gate (the pool for DLPM, a worker for D²LPM), the
+    class's queued entries in LPM order (``ordered``), and the service book, which keeps the
+    weights across gateway replicas (``ServiceBook``; the deficits are only this replica's)."""
 
     __slots__ = ("gates", "ordered")
 
@@ -123,6 +125,7 @@ class LpmLane(Lane):
         super().__init__(slo)
         self.gates: dict[str, _Deficits] = {}
         self.ordered: LpmQueue[DlpmEntry] = LpmQueue()
+        self.book: ServiceBook = ServiceBook(self.queues)
 
     def gate(self, key: str) -> _Deficits:
         deficits = self.gates.get(key)
@@ -182,10 +185,12 @@ class DlpmPolicy(IndexedPolicy[LpmLane, DlpmEntry]):
         max_lead = self.settings.quantum_tokens + self.settings.max_borrow_tokens
         for deficits in lane.gates.values():
             deficits.join(tenant_id, max_lead)
+        self._lift(lane, tenant_id)
 
     def _left(self, lane: LpmLane, tenant_id: str) -> None:
         for deficits in lane.gates.values():
             deficits.leave(tenant_id)
+        lane.book.left(tenant_id)
 
     def _lane_idle(self, lane: LpmLane, tenant_id: str) -> None:
         for deficits in lane.gates.values():
@@ -243,6 +248,9 @@ class DlpmPolicy(IndexedPolicy[LpmLane, DlpmEntry]):
                 continue
             kind = entry.kind
             if held_back.get(kind) == version:  # (an earlier request was counted already)
+                continue
+            if self._is_held_back_elsewhere(lane, kind[0]):
+                held_back[kind] = version  # (not starved: borrowing does not lift this)
                 continue
             assert entry.path is not None  # queued
             choice = (kind, entry.path.frontier())
@@ -329,14 +337,19 @@ class DlpmPolicy(IndexedPolicy[LpmLane, DlpmEntry]):
             lane.gates[key].charge(entry.request.tenant_id, cost / self._weight(entry.request))
 
     def _share_realized(self, entry: Entry, worker_id: str | None, cost: float) -> None:
-        """Service computed (not prepaid, not refunded): what other replicas charge too. A
-        prepaid charge shared would reach a replica where the tenant is not active (and be
-        dropped) while its refund later reaches it where the tenant is (and be credit)."""
+        """Service computed (not prepaid, not refunded): into the service book, and what other
+        replicas charge too. A prepaid charge shared would reach a replica where the tenant is
+        not active (and be dropped) while its refund later reaches it where the tenant is (and
+        be credit)."""
         lane = cast(LpmLane, entry.lane)
         key = self._gate_key(worker_id or "")
-        self._share(lane, key, entry.request.tenant_id, cost / self._weight(entry.request))
+        tenant_id = entry.request.tenant_id
+        cost /= self._weight(entry.request)
+        lane.book.charge(tenant_id, cost)
+        self._share(lane, key, tenant_id, cost)
 
     def _remote_charge(self, lane: LpmLane, gate: str, tenant_id: str, cost: float) -> None:
+        lane.book.remote_charge(tenant_id, cost)
         if tenant_id in lane.queues or tenant_id in lane.inflight:
             lane.gate(gate).charge(tenant_id, cost)  # (a tenant not active here starts at 0)
 
@@ -394,6 +407,17 @@ class DlpmPolicy(IndexedPolicy[LpmLane, DlpmEntry]):
         super()._correct_prompt(flight, num_cached_tokens)
         self._gate_charge(flight.entry, flight.worker_id, self.settings.w_in * missed)
         self._share_realized(flight.entry, flight.worker_id, self.settings.w_in * missed)
+
+    def _can_forget(self, tenant_id: str) -> bool:
+        """Deficits restart at 0 on return; with replicas, the book's counter must be at most
+        what the lift gives back (VTC's rule)."""
+        return not self._is_shared or all(
+            lane.book.can_forget(tenant_id) for lane in self._lanes.values()
+        )
+
+    def _forget(self, tenant_id: str) -> None:
+        for lane in self._lanes.values():
+            lane.book.forget(tenant_id)
 
     def _deficit(self, tenant_id: str) -> float:
         return sum(
