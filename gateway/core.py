@@ -178,12 +178,20 @@ class SchedulingCore:
         )
 
     def schedule(
-        self, prefill: Sequence[WorkerAccount], decode: Sequence[WorkerAccount], now: float
+        self,
+        prefill: Sequence[WorkerAccount],
+        decode: Sequence[WorkerAccount],
+        now: float,
+        *,
+        model: str = "",
     ) -> list[Decision]:
-        """One pass of the policy over these workers (``prefill`` empty: ``decode`` are
-        colocated workers, which prefill themselves)."""
+        """One pass of the policy over these workers, ``model``'s pool (``prefill`` empty:
+        ``decode`` are colocated workers, which prefill themselves)."""
         return self.policy.schedule(
-            [self.prefill_view(a) for a in prefill], [self.decode_view(a, now) for a in decode], now
+            [self.prefill_view(a) for a in prefill],
+            [self.decode_view(a, now) for a in decode],
+            now,
+            model=model,
         )
 
     # ---- carrying out ----------------------------------------------------------------------

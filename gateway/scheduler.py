@@ -62,7 +62,9 @@ class QueuedRequest:
     ``num_output_tokens``: tokens already generated (non-zero for a request handed back by a
     ``recompute`` preemption, whose prompt then includes them). ``rank``: the rank of the SLO
     class it is served in (the lowest when demoted), which the workers order and preempt by; the
-    caller sets it, a policy only reads it."""
+    caller sets it, a policy only reads it. ``model``: the model whose pool serves it (""
+    where there is one); ``cost_factor``: what a token of that model costs in the reference
+    model's tokens, fixed at admission (the policies charge §1's cost times it)."""
 
     request_id: str
     tenant_id: str
@@ -77,6 +79,8 @@ class QueuedRequest:
     num_output_tokens: int = 0
     rank: int = 0
     tpot_target_s: float | None = None  # its class's, set by the caller like ``rank``
+    model: str = ""
+    cost_factor: float = 1.0
 
 
 @dataclass(slots=True)
@@ -192,9 +196,13 @@ class SchedulingPolicy(Protocol):
         prefill: Sequence[WorkerView],
         decode: Sequence[WorkerView],
         now: float,
+        *,
+        model: str = "",
     ) -> list[Decision]:
-        """Decisions for now. ``prefill`` empty means colocated decode workers prefill. A
-        ``MakeRoom`` leaves its request queued."""
+        """Decisions for now, for the requests of ``model`` on its pool's workers (a policy of
+        one pool ignores it: ``gateway.policies.per_model`` keeps one per model). ``prefill``
+        empty means colocated decode workers prefill. A ``MakeRoom`` leaves its request
+        queued."""
 
     def on_first_token(self, request: QueuedRequest, num_cached_tokens: int, now: float) -> None:
         """The prefill ended: the worker found ``num_cached_tokens`` of the prompt cached."""
@@ -217,6 +225,10 @@ class SchedulingPolicy(Protocol):
         known before the first request."""
 
     def queued(self) -> int: ...
+
+    def backlog_estimate(self) -> tuple[int, int, float | None]:
+        """Requests and prompt tokens queued, and the estimated wait of a request arriving
+        now (None: the policy has no estimate)."""
 
     def tenants(self) -> list[TenantState]:
         """Every tenant the policy knows."""

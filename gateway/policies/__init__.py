@@ -36,7 +36,8 @@ request's own (a demoted request keeps its own reduced weight).
 
 One module per policy (``vtc``, ``rr_lpm``, ``dlpm``, ``d2lpm``, ``fcfs``), the skeleton they
 share in ``base``, and what the prefix-locality ones share in ``lpm``; the prefix index is
-``gateway.prefix_index``.
+``gateway.prefix_index``. The tenants' service per class is ``service_book``; ``per_model``
+keeps a policy per model's pool, fair per tenant across them.
 
 Torch-free.
 """
@@ -51,7 +52,9 @@ from gateway.policies.base import DEFAULT_BLOCK_SIZE, FairPolicy
 from gateway.policies.d2lpm import D2lpmPolicy
 from gateway.policies.dlpm import DlpmPolicy
 from gateway.policies.fcfs import FcfsPolicy
+from gateway.policies.per_model import PerModelPolicy
 from gateway.policies.rr_lpm import RrLpmPolicy
+from gateway.policies.service_book import ServiceBook
 from gateway.policies.vtc import VtcPolicy
 from gateway.scheduler import SchedulingPolicy
 
@@ -60,8 +63,10 @@ __all__ = [
     "D2lpmPolicy",
     "DlpmPolicy",
     "FcfsPolicy",
+    "PerModelPolicy",
     "RrLpmPolicy",
     "VtcPolicy",
+    "make_per_model_policy",
     "make_policy",
 ]
 
@@ -81,14 +86,32 @@ def make_policy(
     slo_classes: Sequence[SloClass] = DEFAULT_SLO_CLASSES,
     *,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    books: dict[str, ServiceBook] | None = None,
 ) -> SchedulingPolicy:
     """The policy called ``name`` (one of ``POLICY_NAMES``), configured by the ``[scheduler]``
     section and the SLO classes; ``block_size``: the workers' KV block size, until the policy's
-    ``set_block_size`` says theirs."""
+    ``set_block_size`` says theirs; ``books``: service books shared with other models' pools'
+    policies (``make_per_model_policy``)."""
     settings = settings or SchedulerSection()
     if name == "fcfs":
         return FcfsPolicy(make_room=settings.make_room_for_higher_classes)
     factory = _FAIR_POLICIES.get(name)
     if factory is None:
         raise ValueError(f"unknown scheduling policy {name!r}; known: {', '.join(POLICY_NAMES)}")
-    return factory(settings, slo_classes, block_size=block_size)
+    return factory(settings, slo_classes, block_size=block_size, books=books)
+
+
+def make_per_model_policy(
+    name: str,
+    settings: SchedulerSection | None = None,
+    slo_classes: Sequence[SloClass] = DEFAULT_SLO_CLASSES,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> PerModelPolicy:
+    """``make_policy``'s policy for each model's pool, fair per tenant across them
+    (``gateway.policies.per_model``)."""
+    make_policy(name, settings, slo_classes, block_size=block_size)  # (an unknown name fails now)
+    return PerModelPolicy(
+        name,
+        lambda books: make_policy(name, settings, slo_classes, block_size=block_size, books=books),
+    )

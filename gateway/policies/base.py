@@ -19,7 +19,12 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar, cast
 
 from gateway.config import DEFAULT_SLO_CLASSES, SchedulerSection, SloClass
-from gateway.policies.service_book import ServiceBook
+from gateway.policies.service_book import (
+    ServiceBook,
+    idle_floors,
+    set_remote_floors,
+    shared_floors,
+)
 from gateway.scheduler import (
     Decision,
     Placement,
@@ -240,12 +245,16 @@ class FairPolicy(Generic[LaneT, EntryT]):
         slo_classes: Sequence[SloClass] = DEFAULT_SLO_CLASSES,
         *,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        books: dict[str, ServiceBook] | None = None,
     ) -> None:
-        """``block_size``: the workers' KV block size until ``set_block_size`` says theirs."""
+        """``block_size``: the workers' KV block size until ``set_block_size`` says theirs.
+        ``books``: the service books by class this policy shares with the policies of other
+        models' pools (``gateway.policies.per_model``); None: its own."""
         if not slo_classes:
             raise ValueError("at least one SLO class is needed")
         self.settings = settings = settings or SchedulerSection()
         self.block_size = block_size
+        self._class_books = books if books is not None else {}
         self._room = RoomAsks()
         self._tpot_active_until: dict[str, float] = {}  # by class name
         ranked = sorted(slo_classes, key=lambda c: -c.rank)
@@ -325,6 +334,8 @@ class FairPolicy(Generic[LaneT, EntryT]):
         prefill: Sequence[WorkerView],
         decode: Sequence[WorkerView],
         now: float,
+        *,
+        model: str = "",
     ) -> list[Decision]:
         self._now = max(self._now, now)
         top_rank = max((lane.slo.rank for lane in self._lanes.values() if lane.queues), default=0)
@@ -387,6 +398,17 @@ class FairPolicy(Generic[LaneT, EntryT]):
     def queued(self) -> int:
         return len(self._entries)
 
+    def backlog_estimate(self) -> tuple[int, int, float | None]:
+        """What admission's deadline estimate uses (§5): the queued prompt tokens at the pool's
+        measured prefill speed, after the least busy worker's own work."""
+        num_tokens = sum(lane.num_queued_tokens for lane in self._lanes.values())
+        throughput = self._throughput
+        return (
+            len(self._entries),
+            num_tokens,
+            throughput.wait_s + num_tokens / throughput.pool_tok_s,
+        )
+
     def tenants(self) -> list[TenantState]:
         known = self._service.keys() | self._num_queued.keys() | self._num_inflight.keys()
         return [
@@ -424,27 +446,31 @@ class FairPolicy(Generic[LaneT, EntryT]):
         """By class, the least counter among this replica's tenants backlogged since the last
         call (classes with none left out): what the other replicas' lift rule and hold-back
         take into account."""
-        floors = {name: book.shared_floor() for name, book in self._books()}
-        return {name: floor for name, floor in floors.items() if floor is not None}
+        return shared_floors(self._books())
 
     def idle_floors(self) -> dict[str, float]:
         """By class, what this replica lifts a newcomer to with no backlog anywhere (its last
         leaver's counter); classes with none left out."""
-        floors = {name: book.idle_floor() for name, book in self._books()}
-        return {name: floor for name, floor in floors.items() if floor is not None}
+        return idle_floors(self._books())
 
     def set_remote_floors(self, floors: dict[str, float], idle: dict[str, float]) -> None:
         """The least of the other replicas' ``backlog_floors`` and the highest of their
         ``idle_floors``, by class: the lift rule's global backlog minimum, and what it lifts
         to when no replica has a backlog."""
-        for name, book in self._books():
-            book.remote_floor = floors.get(name)
-            book.remote_idle = idle.get(name)
+        set_remote_floors(self._books(), floors, idle)
 
     def _books(self) -> Iterator[tuple[str, ServiceBook]]:
         for name, lane in self._lanes.items():
             if lane.book is not None:
                 yield name, lane.book
+
+    def _book_of(self, slo: SloClass) -> ServiceBook:
+        """The class's service book (shared with other pools' policies), for a new lane."""
+        book = self._class_books.get(slo.name)
+        if book is None:
+            book = self._class_books[slo.name] = ServiceBook()
+        book.num_pools += 1
+        return book
 
     def _lift(self, lane: LaneT, tenant_id: str) -> None:
         """The lift rule in the lane's service book, for a tenant joining its backlog: one with
@@ -627,6 +653,11 @@ class FairPolicy(Generic[LaneT, EntryT]):
         if not request.demoted:
             weight = self._weights.get(request.tenant_id, weight)
         return max(weight, MIN_WEIGHT)
+
+    def _unit(self, request: QueuedRequest) -> float:
+        """What one token of the §1 cost is in normalized service: the model's cost factor
+        over the tenant's weight."""
+        return request.cost_factor / self._weight(request)
 
     def _add_service(self, tenant_id: str, cost: float) -> None:
         self._service[tenant_id] = self._service.get(tenant_id, 0.0) + cost

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from gateway.config import DEFAULT_SLO_CLASSES, SchedulerSection, SloClass
 from gateway.policies.base import DEFAULT_BLOCK_SIZE, Entry, Flight, Pass
 from gateway.policies.dlpm import DlpmEntry, DlpmPolicy
+from gateway.policies.service_book import ServiceBook
 from gateway.scheduler import WorkerView
 
 
@@ -42,8 +43,9 @@ class D2lpmPolicy(DlpmPolicy):
         slo_classes: Sequence[SloClass] = DEFAULT_SLO_CLASSES,
         *,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        books: dict[str, ServiceBook] | None = None,
     ) -> None:
-        super().__init__(settings, slo_classes, block_size=block_size)
+        super().__init__(settings, slo_classes, block_size=block_size, books=books)
         self._route: dict[str, dict[str, float]] = {}  # tenant -> worker -> q[u][w]
 
     def _gate_key(self, worker_id: str) -> str:
@@ -126,7 +128,7 @@ class D2lpmPolicy(DlpmPolicy):
     def _route_charge(self, entry: Entry, worker_id: str | None, cost: float) -> None:
         route = self._route.get(entry.request.tenant_id)
         if route is not None and worker_id is not None:
-            route[worker_id] = route.get(worker_id, 0.0) - cost / self._weight(entry.request)
+            route[worker_id] = route.get(worker_id, 0.0) - cost * self._unit(entry.request)
 
     def _charge_prompt(self, entry: DlpmEntry, worker_id: str | None, num_cached: int) -> None:
         super()._charge_prompt(entry, worker_id, num_cached)

@@ -121,11 +121,11 @@ class LpmLane(Lane):
 
     __slots__ = ("gates", "ordered")
 
-    def __init__(self, slo: SloClass) -> None:
+    def __init__(self, slo: SloClass, book: ServiceBook) -> None:
         super().__init__(slo)
         self.gates: dict[str, _Deficits] = {}
         self.ordered: LpmQueue[DlpmEntry] = LpmQueue()
-        self.book: ServiceBook = ServiceBook(self.queues)
+        self.book: ServiceBook = book
 
     def gate(self, key: str) -> _Deficits:
         deficits = self.gates.get(key)
@@ -164,14 +164,15 @@ class DlpmPolicy(IndexedPolicy[LpmLane, DlpmEntry]):
         slo_classes: Sequence[SloClass] = DEFAULT_SLO_CLASSES,
         *,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        books: dict[str, ServiceBook] | None = None,
     ) -> None:
-        super().__init__(settings, slo_classes, block_size=block_size)
+        super().__init__(settings, slo_classes, block_size=block_size, books=books)
         # By request: the gate its output was prepaid at and the tokens prepaid and not yet
         # generated (``_charge_prompt``).
         self._prepaid: dict[str, tuple[str | None, int]] = {}
 
     def _new_lane(self, slo: SloClass) -> LpmLane:
-        return LpmLane(slo)
+        return LpmLane(slo, self._book_of(slo))
 
     def _new_entry(
         self, request: QueuedRequest, lane: LpmLane, deadline: float, *, is_charged: bool
@@ -235,6 +236,14 @@ class DlpmPolicy(IndexedPolicy[LpmLane, DlpmEntry]):
         # by (tenant, length) and by (tenant, length, frontier) for the version they were
         # reached in: the long queue of a tenant without credit costs a look-up per request.
         version = 0
+        # With several models' pools sharing the class's service book, a tenant further than
+        # the borrowing limit ahead of the least counter queued here waits: the deficits are
+        # this pool's, and one also served on another model would otherwise get its full share
+        # here too (``gateway.policies.per_model``). The least counter only rises as the pass
+        # charges, so the one taken now holds back at most a little more than needed.
+        book = lane.book
+        pool_floor = book.least_of(lane.queues) if book.num_pools > 1 else None
+        ahead_limit = self.settings.max_borrow_tokens
         held_back: dict[tuple[str, int], int] = {}  # kind -> version of the verdict
         chose_held_back: dict[tuple[tuple[str, int], object], int] = {}  # (kind, frontier)
         is_sheddable = lane.slo.sheddable
@@ -249,7 +258,9 @@ class DlpmPolicy(IndexedPolicy[LpmLane, DlpmEntry]):
             kind = entry.kind
             if held_back.get(kind) == version:  # (an earlier request was counted already)
                 continue
-            if self._is_held_back_elsewhere(lane, kind[0]):
+            if self._is_held_back_elsewhere(lane, kind[0]) or (
+                pool_floor is not None and book.counters[kind[0]] - pool_floor > ahead_limit
+            ):
                 held_back[kind] = version  # (not starved: borrowing does not lift this)
                 continue
             assert entry.path is not None  # queued
@@ -334,7 +345,7 @@ class DlpmPolicy(IndexedPolicy[LpmLane, DlpmEntry]):
         lane = cast(LpmLane, entry.lane)
         key = self._gate_key(worker_id or "")
         if key in lane.gates:
-            lane.gates[key].charge(entry.request.tenant_id, cost / self._weight(entry.request))
+            lane.gates[key].charge(entry.request.tenant_id, cost * self._unit(entry.request))
 
     def _share_realized(self, entry: Entry, worker_id: str | None, cost: float) -> None:
         """Service computed (not prepaid, not refunded): into the service book, and what other
@@ -344,7 +355,7 @@ class DlpmPolicy(IndexedPolicy[LpmLane, DlpmEntry]):
         lane = cast(LpmLane, entry.lane)
         key = self._gate_key(worker_id or "")
         tenant_id = entry.request.tenant_id
-        cost /= self._weight(entry.request)
+        cost *= self._unit(entry.request)
         lane.book.charge(tenant_id, cost)
         self._share(lane, key, tenant_id, cost)
 
@@ -409,10 +420,12 @@ class DlpmPolicy(IndexedPolicy[LpmLane, DlpmEntry]):
         self._share_realized(flight.entry, flight.worker_id, self.settings.w_in * missed)
 
     def _can_forget(self, tenant_id: str) -> bool:
-        """Deficits restart at 0 on return; with replicas, the book's counter must be at most
-        what the lift gives back (VTC's rule)."""
-        return not self._is_shared or all(
-            lane.book.can_forget(tenant_id) for lane in self._lanes.values()
+        """Deficits restart at 0 on return; with replicas or other models' pools, the book's
+        counter must be at most what the lift gives back (VTC's rule)."""
+        return all(
+            lane.book.can_forget(tenant_id)
+            for lane in self._lanes.values()
+            if self._is_shared or lane.book.num_pools > 1
         )
 
     def _forget(self, tenant_id: str) -> None:

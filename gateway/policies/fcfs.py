@@ -44,6 +44,8 @@ class FcfsPolicy:
         prefill: Sequence[WorkerView],
         decode: Sequence[WorkerView],
         now: float,
+        *,
+        model: str = "",
     ) -> list[Decision]:
         decisions: list[Decision] = []
         for queue in (self._queue, self._demoted):
@@ -83,6 +85,11 @@ class FcfsPolicy:
 
     def queued(self) -> int:
         return len(self._queue) + len(self._demoted)
+
+    def backlog_estimate(self) -> tuple[int, int, float | None]:
+        """(FCFS measures no speed: no wait estimate.)"""
+        num_tokens = sum(r.num_prompt_tokens for q in (self._queue, self._demoted) for r in q)
+        return self.queued(), num_tokens, None
 
     def tenants(self) -> list[TenantState]:
         counts: dict[str, int] = {}

@@ -21,6 +21,7 @@ from gateway.policies.base import (
     Pass,
     has_room,
 )
+from gateway.policies.service_book import ServiceBook
 from gateway.prefix_index import PrefixIndex, PrefixPath
 from gateway.scheduler import Placement, WorkerView, place
 
@@ -57,8 +58,9 @@ class IndexedPolicy(FairPolicy[LaneT, IndexedEntryT]):
         slo_classes: Sequence[SloClass] = DEFAULT_SLO_CLASSES,
         *,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        books: dict[str, ServiceBook] | None = None,
     ) -> None:
-        super().__init__(settings, slo_classes, block_size=block_size)
+        super().__init__(settings, slo_classes, block_size=block_size, books=books)
         self._index = PrefixIndex(
             self.settings.prefix_index_blocks, report_each_worker=self._orders_by_one_worker
         )
@@ -197,17 +199,17 @@ class IndexedPolicy(FairPolicy[LaneT, IndexedEntryT]):
     def _charge_prompt(self, entry: IndexedEntryT, worker_id: str | None, num_cached: int) -> None:
         request = entry.request
         cost = self.settings.w_in * (request.num_prompt_tokens - num_cached)
-        self._add_service(request.tenant_id, cost / self._weight(request))
+        self._add_service(request.tenant_id, cost * self._unit(request))
 
     def _charge_output(self, flight: Flight, num_tokens: int) -> None:
         request = flight.entry.request
         cost = self.settings.w_out * num_tokens
-        self._add_service(request.tenant_id, cost / self._weight(request))
+        self._add_service(request.tenant_id, cost * self._unit(request))
 
     def _correct_prompt(self, flight: Flight, num_cached_tokens: int) -> None:
         request = flight.entry.request
         cost = self.settings.w_in * (flight.num_expected_cached - num_cached_tokens)
-        self._add_service(request.tenant_id, cost / self._weight(request))
+        self._add_service(request.tenant_id, cost * self._unit(request))
         flight.num_expected_cached = num_cached_tokens
 
 

@@ -12,6 +12,7 @@ from typing import cast
 from gateway.config import DEFAULT_SLO_CLASSES, SchedulerSection, SloClass
 from gateway.policies.base import DEFAULT_BLOCK_SIZE, Lane, Pass, has_room, has_room_for_any
 from gateway.policies.lpm import IndexedEntry, IndexedPolicy, LpmQueue
+from gateway.policies.service_book import ServiceBook
 from gateway.scheduler import Decision, QueuedRequest, WorkerView
 
 
@@ -66,8 +67,9 @@ class RrLpmPolicy(IndexedPolicy[_RrLpmLane, _RoutedEntry]):
         slo_classes: Sequence[SloClass] = DEFAULT_SLO_CLASSES,
         *,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        books: dict[str, ServiceBook] | None = None,
     ) -> None:
-        super().__init__(settings, slo_classes, block_size=block_size)
+        super().__init__(settings, slo_classes, block_size=block_size, books=books)
         self._unrouted: list[_RoutedEntry] = []  # queued since the last pass, in arrival order
         self._num_routed = 0  # the round-robin cursor
         self._num_served = 0  # which worker's queue a pass serves first, round-robin too
@@ -85,9 +87,11 @@ class RrLpmPolicy(IndexedPolicy[_RrLpmLane, _RoutedEntry]):
         prefill: Sequence[WorkerView],
         decode: Sequence[WorkerView],
         now: float,
+        *,
+        model: str = "",
     ) -> list[Decision]:
         self._route(prefill or decode)
-        return super().schedule(prefill, decode, now)
+        return super().schedule(prefill, decode, now, model=model)
 
     def _route(self, workers: Sequence[WorkerView]) -> None:
         """Route what arrived since the last pass, and what was routed to a worker gone."""

@@ -27,19 +27,25 @@ replica): Jain 0.74 with neither rule (as with nothing shared), 0.95–0.98 with
 The replicas' figures come through ``gateway.replica_sync``: the charges of the others
 (``remote_charge``), the least counter backlogged on another replica (``remote_floor``) and the
 highest last leaver's counter there (``remote_idle``).
+
+Several models (``gateway.policies.per_model``): each model's pool has its own policy and
+queues, and the policies of one class share the class's book, so a tenant's counter counts its
+service on every model, in the models' cost units. A tenant is backlogged in the class while it
+has requests queued for any model (``backlog`` counts the pools it is queued in).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable
 
 
 class ServiceBook:
-    """Normalized service by tenant for one class. ``backlog``: the class's queues by tenant
-    (the lane's own mapping; a tenant with a key there is backlogged). ``last_left``: the
-    tenant that most recently left the backlog; its counter (kept in ``last_left_counter``
-    once it is forgotten) is the lift when every queue is empty."""
+    """Normalized service by tenant for one class. ``backlog``: the backlogged tenants, with
+    the number of model pools whose queue of the class holds their requests (``lift`` /
+    ``left``); ``num_pools``: how many pools' lanes share the book. ``last_left``: the tenant
+    that most recently left the backlog; its counter (kept in ``last_left_counter`` once it is
+    forgotten) is the lift when every queue is empty."""
 
     __slots__ = (
         "backlog",
@@ -47,12 +53,14 @@ class ServiceBook:
         "last_left",
         "last_left_counter",
         "left_since_shared",
+        "num_pools",
         "remote_floor",
         "remote_idle",
     )
 
-    def __init__(self, backlog: Mapping[str, object]) -> None:
-        self.backlog = backlog
+    def __init__(self) -> None:
+        self.backlog: dict[str, int] = {}
+        self.num_pools = 0
         self.counters: dict[str, float] = {}
         self.last_left: str | None = None
         self.last_left_counter = 0.0
@@ -65,13 +73,20 @@ class ServiceBook:
         self.remote_idle: float | None = None
 
     def lift(self, tenant_id: str, *, remote_slack: float = 0.0) -> None:
-        """The tenant joins the backlog: c[u] = max(c[u], the floor). ``remote_slack``: how far
-        below the other replicas' backlog it may stay (module docstring)."""
+        """The tenant's queue in a pool's lane is no longer empty: c[u] = max(c[u], the floor)
+        (nothing changes for a tenant backlogged already: the floor is at most its counter).
+        ``remote_slack``: how far below the other replicas' backlog it may stay (module
+        docstring)."""
         floor = self.floor(remote_slack)
         self.counters[tenant_id] = max(self.counters.get(tenant_id, 0.0), floor)
+        self.backlog[tenant_id] = self.backlog.get(tenant_id, 0) + 1
 
     def left(self, tenant_id: str) -> None:
-        """The tenant's queue is empty."""
+        """The tenant's queue in a pool's lane is empty."""
+        num_pools = self.backlog.pop(tenant_id) - 1
+        if num_pools:
+            self.backlog[tenant_id] = num_pools
+            return
         self.last_left = tenant_id
         self.left_since_shared.add(tenant_id)
 
@@ -93,7 +108,11 @@ class ServiceBook:
 
     def local_floor(self) -> float | None:
         """The least counter among this replica's backlogged tenants."""
-        return min((self.counters.get(t, 0.0) for t in self.backlog), default=None)
+        return min((self.counters[t] for t in self.backlog), default=None)
+
+    def least_of(self, tenant_ids: Iterable[str]) -> float | None:
+        """The least counter among ``tenant_ids`` (one pool's queue, say)."""
+        return min((self.counters[t] for t in tenant_ids), default=None)
 
     def shared_floor(self) -> float | None:
         """What the other replicas are told: the least counter among the tenants backlogged
@@ -124,10 +143,40 @@ class ServiceBook:
         return self.counters.get(self.last_left, self.last_left_counter)
 
     def can_forget(self, tenant_id: str) -> bool:
-        """Forgetting changes nothing it gets on return: its counter is at most the lift."""
-        return self.counters.get(tenant_id, -math.inf) <= self.floor()
+        """Forgetting changes nothing it gets on return: its counter is at most the lift (and
+        it is queued in no pool)."""
+        return (
+            tenant_id not in self.backlog
+            and self.counters.get(tenant_id, -math.inf) <= self.floor()
+        )
 
     def forget(self, tenant_id: str) -> None:
+        """Drop the tenant's counter, unless it is queued in some pool (the policy of another
+        model's pool may be forgetting it: that one still counts on it)."""
+        if tenant_id in self.backlog:
+            return
         counter = self.counters.pop(tenant_id, None)
         if counter is not None and self.last_left == tenant_id:
             self.last_left_counter = counter
+
+
+def shared_floors(books: Iterable[tuple[str, ServiceBook]]) -> dict[str, float]:
+    """By class, what the other replicas are told (``ServiceBook.shared_floor``); classes with
+    no backlog in the interval left out."""
+    floors = {name: book.shared_floor() for name, book in books}
+    return {name: floor for name, floor in floors.items() if floor is not None}
+
+
+def idle_floors(books: Iterable[tuple[str, ServiceBook]]) -> dict[str, float]:
+    """By class, the last leaver's counter; classes no one left yet left out."""
+    floors = {name: book.idle_floor() for name, book in books}
+    return {name: floor for name, floor in floors.items() if floor is not None}
+
+
+def set_remote_floors(
+    books: Iterable[tuple[str, ServiceBook]], floors: dict[str, float], idle: dict[str, float]
+) -> None:
+    """The other replicas' floors, by class (``gateway.replica_sync``)."""
+    for name, book in books:
+        book.remote_floor = floors.get(name)
+        book.remote_idle = idle.get(name)

@@ -17,9 +17,9 @@ class _VtcLane(Lane):
 
     __slots__ = ()
 
-    def __init__(self, slo: SloClass) -> None:
+    def __init__(self, slo: SloClass, book: ServiceBook) -> None:
         super().__init__(slo)
-        self.book: ServiceBook = ServiceBook(self.queues)
+        self.book: ServiceBook = book
 
 
 class VtcPolicy(FairPolicy[_VtcLane, Entry]):
@@ -31,7 +31,7 @@ class VtcPolicy(FairPolicy[_VtcLane, Entry]):
     name = "vtc"
 
     def _new_lane(self, slo: SloClass) -> _VtcLane:
-        return _VtcLane(slo)
+        return _VtcLane(slo, self._book_of(slo))
 
     def _new_entry(
         self, request: QueuedRequest, lane: _VtcLane, deadline: float, *, is_charged: bool
@@ -77,7 +77,7 @@ class VtcPolicy(FairPolicy[_VtcLane, Entry]):
 
     def _charge(self, entry: Entry, cost: float) -> None:
         request = entry.request
-        cost /= self._weight(request)
+        cost *= self._unit(request)
         lane = cast(_VtcLane, entry.lane)
         lane.book.charge(request.tenant_id, cost)
         self._add_service(request.tenant_id, cost)

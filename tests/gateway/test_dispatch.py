@@ -471,14 +471,19 @@ class SheddingFcfs(RecordingFcfs):
         super().enqueue(request, now)
 
     def schedule(
-        self, prefill: Sequence[WorkerView], decode: Sequence[WorkerView], now: float
+        self,
+        prefill: Sequence[WorkerView],
+        decode: Sequence[WorkerView],
+        now: float,
+        *,
+        model: str = "",
     ) -> list[Decision]:
         decisions: list[Decision] = []
         for queued in list(self._queue):
             if queued.request_id == "shed-later":
                 self._queue.remove(queued)
                 decisions.append(Rejection(queued, "its deadline passed"))
-        return decisions + super().schedule(prefill, decode, now)
+        return decisions + super().schedule(prefill, decode, now, model=model)
 
     def on_first_token(self, request: QueuedRequest, num_cached_tokens: int, now: float) -> None:
         self.events.append(("first_token", request.request_id, num_cached_tokens))
