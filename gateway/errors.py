@@ -129,6 +129,10 @@ class ClassNotAllowed(PermissionDenied):
     code = "slo_class_not_allowed"
 
 
+class ModelNotAllowed(PermissionDenied):
+    code = "model_not_allowed"
+
+
 class NotFound(ClientError):
     status = 404
     code = "not_found"
