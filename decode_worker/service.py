@@ -128,9 +128,10 @@ class DecodeService(WorkerService):
         self._thread = thread
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
+        self.kv_layout = layout_of(kv_cache, loaded.model_id)  # also announced by info()
         self.receiver = KvReceiver(
             kv_cache,
-            layout_of(kv_cache, loaded.model_id),
+            self.kv_layout,
             self,
             ReceiverConfig(
                 host=self.config.kv_host,

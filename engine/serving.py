@@ -1,6 +1,6 @@
 """What both worker processes share around their engine: configuration, start-up (the model
-loads in the background while ``/healthz`` already answers), the health, readiness, info and load
-routes, and serving with uvicorn.
+loads in the background while ``/healthz`` already answers), the health, readiness, info,
+tokenizer and load routes, and serving with uvicorn.
 
 A role (``prefill_worker.service``, ``decode_worker.service``) subclasses ``WorkerService`` and
 adds its routes; ``run_worker`` binds the port, serves until SIGTERM/SIGINT, and announces
@@ -48,7 +48,17 @@ from transfer.http import (
     read_message,
     serve_on,
 )
-from transfer.messages import AbortRequest, AbortResult, WorkerInfo, WorkerLoad, WorkerRole
+from transfer.messages import (
+    MSGPACK_CONTENT_TYPE,
+    AbortRequest,
+    AbortResult,
+    KvLayoutInfo,
+    WorkerInfo,
+    WorkerLoad,
+    WorkerRole,
+    encode_message,
+    tokenizer_digest,
+)
 from transfer.telemetry import setup_tracing, shutdown_tracing
 
 __all__ = ["EXIT_ENGINE_FAILED", "EXIT_LOAD_FAILED", "WorkerConfig", "WorkerService", "run_worker"]
@@ -104,6 +114,12 @@ class WorkerService:
         self.worker_id = config.worker_id
         self.http_url = ""
         self.loaded: LoadedEngine | None = None
+        # Set once the model is loaded, before the worker is ready: the tokenizer's
+        # ``TokenizerSpec`` as ``GET /v1/tokenizer`` answers it (encoded once: 1.5 MB for
+        # SmolLM2) and its digest; the KV layout, by the roles that have a KV data plane.
+        self._tokenizer_spec_body = b""
+        self.tokenizer_digest = ""
+        self.kv_layout: KvLayoutInfo | None = None
         self.engine_thread: EngineThread | None = None
         self.load_error: str | None = None
         self.engine_failure: EngineFailed | None = None  # set when the engine died of a failure
@@ -184,6 +200,8 @@ class WorkerService:
             ),
             swap_space_gib=config.swap_space_gib if is_swapping else 0.0,
         )
+        self._tokenizer_spec_body = encode_message(loaded.tokenizer.to_spec())
+        self.tokenizer_digest = tokenizer_digest(self._tokenizer_spec_body)
         thread = EngineThread(
             loaded.engine, name=f"{self.role}-engine", on_death=self._on_engine_death
         )
@@ -209,7 +227,7 @@ class WorkerService:
 
     def on_loaded(self, loaded: LoadedEngine, thread: EngineThread) -> None:
         """Role set-up once the model is loaded (runs in the loading thread, before the worker
-        counts as ready)."""
+        counts as ready). A role with a KV data plane sets ``kv_layout`` here."""
 
     def on_stop(self) -> None:
         """Role tear-down, before the engine thread stops."""
@@ -251,7 +269,14 @@ class WorkerService:
             max_model_len=loaded.engine.max_model_len,
             vocab_size=loaded.tokenizer.vocab_size,
             max_num_seqs=loaded.engine.config.max_num_seqs,
+            tokenizer_digest=self.tokenizer_digest,
+            kv_layout=self.kv_layout,
         )
+
+    def tokenizer_spec(self) -> bytes:
+        """The encoded ``TokenizerSpec`` whose digest ``info()`` announces."""
+        self.ready_thread()
+        return self._tokenizer_spec_body
 
     def load_report(self, evictions_since: int | None = None) -> WorkerLoad:
         """The load; with ``evictions_since``, the prefix-cache evictions from that number on
@@ -324,6 +349,9 @@ def _common_routes(service: WorkerService) -> list[BaseRoute]:
     async def info(request: Request) -> Response:
         return message_response(service.info())
 
+    async def tokenizer(request: Request) -> Response:
+        return Response(service.tokenizer_spec(), media_type=MSGPACK_CONTENT_TYPE)
+
     async def load(request: Request) -> Response:
         since = request.query_params.get("evictions_since")
         if since is None:
@@ -343,6 +371,7 @@ def _common_routes(service: WorkerService) -> list[BaseRoute]:
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/v1/info", info),
+        Route("/v1/tokenizer", tokenizer),
         Route("/v1/load", load),
         Route("/v1/abort", abort, methods=["POST"]),
         Route("/metrics", metrics),

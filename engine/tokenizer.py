@@ -33,6 +33,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
 from engine.config import ModelLoadError, open_gguf, read_json_object
+from transfer.messages import TokenizerSpec
 
 __all__ = ["BrokenChatTemplate", "IncrementalDetokenizer", "Tokenizer", "TokenizerError"]
 
@@ -111,6 +112,8 @@ class Tokenizer:
         "_backend",
         "_compiled_template",
         "_dropped_chars",
+        "_extra_stop_token_ids",
+        "_special_token_ids",
         "_template_tokens",
         "add_bos_token",
         "bos_token_id",
@@ -142,9 +145,12 @@ class Tokenizer:
         self.eos_token_id = eos_token_id
         self.add_bos_token = add_bos_token and bos_token_id is not None
         self.chat_template = chat_template
+        # Kept as given for ``to_spec``, which rebuilds this tokenizer through this method.
+        self._extra_stop_token_ids = tuple(extra_stop_token_ids)
         self.stop_token_ids: frozenset[int] = self._find_stop_token_ids(extra_stop_token_ids)
         # The named special tokens a chat template sees, as transformers passes them.
-        ids = special_token_ids or {"bos_token": bos_token_id, "eos_token": eos_token_id}
+        ids = dict(special_token_ids or {"bos_token": bos_token_id, "eos_token": eos_token_id})
+        self._special_token_ids = ids
         self._template_tokens: dict[str, str] = {
             name: token
             for name, token_id in ids.items()
@@ -262,6 +268,38 @@ class Tokenizer:
             special_token_ids={name: token_id(name) for name in _SPECIAL_TOKEN_NAMES},
             add_bos_token=add_bos_token,
             chat_template=chat_template,
+        )
+
+    @classmethod
+    def from_spec(cls, spec: TokenizerSpec) -> Tokenizer:
+        """The tokenizer a worker described with :meth:`to_spec` (``GET /v1/tokenizer``): built
+        the way the worker built its own, so ids, stop ids and chat prompts are the same."""
+        try:
+            backend = BackendTokenizer.from_str(spec.backend_json)
+        except Exception as exc:  # tokenizers raises a bare Exception for JSON it cannot read
+            raise TokenizerError(f"a tokenizer spec whose backend cannot load: {exc}") from exc
+        return cls(
+            backend,
+            bos_token_id=spec.bos_token_id,
+            eos_token_id=spec.eos_token_id,
+            extra_stop_token_ids=spec.extra_stop_token_ids,
+            special_token_ids=spec.special_token_ids,
+            add_bos_token=spec.add_bos_token,
+            chat_template=spec.chat_template,
+        )
+
+    def to_spec(self) -> TokenizerSpec:
+        """What :meth:`from_spec` rebuilds this tokenizer from: the backend's JSON and this
+        class's own arguments. Serializes the whole vocabulary (16 ms for SmolLM2): call it
+        once and keep the result."""
+        return TokenizerSpec(
+            backend_json=self._backend.to_str(),
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            extra_stop_token_ids=list(self._extra_stop_token_ids),
+            special_token_ids=dict(self._special_token_ids),
+            add_bos_token=self.add_bos_token,
+            chat_template=self.chat_template,
         )
 
     # --- encode / decode ---------------------------------------------------------------------

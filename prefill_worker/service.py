@@ -138,9 +138,10 @@ class PrefillService(WorkerService):
         self._lock = threading.Lock()
         self._transferring: set[str] = set()  # requests whose blocks a transfer owns
         self._hand_offs: dict[str, _HandOff] = {}
+        self.kv_layout = layout_of(kv_cache, loaded.model_id)  # also announced by info()
         self.sender = KvSender(
             kv_cache,
-            layout_of(kv_cache, loaded.model_id),
+            self.kv_layout,
             self.worker_id,
             SenderConfig(host=self.config.kv_host, timeout_s=self.config.kv_timeout_s),
         )

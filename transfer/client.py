@@ -49,6 +49,7 @@ from transfer.messages import (
     Reserved,
     SamplingSpec,
     TokenFrame,
+    TokenizerSpec,
     WorkerInfo,
     WorkerLoad,
     decode_message,
@@ -159,6 +160,12 @@ class WorkerClient:
 
     async def info(self) -> WorkerInfo:
         return await self._call("GET", "/v1/info", None, WorkerInfo)
+
+    async def tokenizer(self, *, timeout_s: float | None = None) -> TokenizerSpec:
+        """What the worker's tokenizer is built from (``Tokenizer.from_spec`` rebuilds it); its
+        digest is ``info().tokenizer_digest``. About 1.5 MB for SmolLM2: fetch it once per
+        digest."""
+        return await self._call("GET", "/v1/tokenizer", None, TokenizerSpec, timeout_s=timeout_s)
 
     async def load(
         self, *, timeout_s: float | None = None, evictions_since: int | None = None

@@ -74,10 +74,7 @@ def layout_mismatches(hello: KvHello, local: KvLayoutInfo) -> list[str]:
         problems.append(
             f"protocol_version {hello.protocol_version} (peer) != {PROTOCOL_VERSION} (here)"
         )
-    for field in KvLayoutInfo.__struct_fields__:
-        theirs, ours = getattr(hello.layout, field), getattr(local, field)
-        if theirs != ours:
-            problems.append(f"{field} {theirs!r} (peer) != {ours!r} (here)")
+    problems += hello.layout.differences(local, labels=("peer", "here"))
     return problems
 
 

@@ -9,6 +9,7 @@ Control plane (HTTP, msgpack bodies; the caller is the gateway, or ``fairgate ge
     caller ──GenerateRequest─▶ colocated worker POST /v1/generate  ◀──frame stream───
     caller ──────────────────▶ any worker       GET /v1/load       ◀──WorkerLoad─────
     caller ──────────────────▶ any worker       GET /v1/info       ◀──WorkerInfo─────
+    caller ──────────────────▶ any worker       GET /v1/tokenizer  ◀──TokenizerSpec──
     caller ──AbortRequest────▶ any worker       POST /v1/abort     ◀──AbortResult────
     caller ──MakeRoomRequest▶ decode/colocated POST /v1/make_room ◀──MakeRoomResult─
 
@@ -50,6 +51,7 @@ Rules: fields are only ever appended, each with a default; no pickle anywhere.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from typing import Literal, TypeVar
 
@@ -85,6 +87,7 @@ __all__ = [
     "Reserved",
     "SamplingSpec",
     "TokenFrame",
+    "TokenizerSpec",
     "TransferAck",
     "TransferHeader",
     "TransferReply",
@@ -94,6 +97,7 @@ __all__ = [
     "decode_message",
     "encode_frame",
     "encode_message",
+    "tokenizer_digest",
 ]
 
 PROTOCOL_VERSION = 1
@@ -395,6 +399,30 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     kv_port: int = 0
     protocol_version: int = PROTOCOL_VERSION
     max_num_seqs: int = 0  # requests running or reserved at once (0: not said)
+    # Which tokenizer turns its model's text into ids: ``tokenizer_digest`` of the worker's
+    # ``GET /v1/tokenizer`` body ("": not said). Equal digests, the same tokenizer.
+    tokenizer_digest: str = ""
+    # The KV layout its data plane pairs with (the very struct ``KvHello`` carries), so a caller
+    # can tell before any hand-off which workers could exchange KV; None: not said.
+    kv_layout: KvLayoutInfo | None = None
+
+
+class TokenizerSpec(msgspec.Struct, frozen=True):
+    """Worker → caller (``GET /v1/tokenizer``): everything ``engine.tokenizer.Tokenizer`` is
+    built from (``Tokenizer.to_spec`` / ``from_spec``), so a caller without the model's files
+    rebuilds the worker's tokenizer exactly: the same ids, stop ids and chat prompts.
+
+    ``backend_json`` is the ``tokenizers`` backend's own JSON (``tokenizers.Tokenizer.to_str``,
+    about 1.5 MB for SmolLM2); the other fields are ``Tokenizer.__init__``'s arguments.
+    Its digest (``tokenizer_digest``) is what ``WorkerInfo.tokenizer_digest`` announces."""
+
+    backend_json: str
+    bos_token_id: int | None
+    eos_token_id: int | None
+    extra_stop_token_ids: list[int]
+    special_token_ids: dict[str, int | None]  # chat-template name ("bos_token") → id
+    add_bos_token: bool
+    chat_template: str | None
 
 
 class KvLayoutInfo(msgspec.Struct, frozen=True):
@@ -407,6 +435,19 @@ class KvLayoutInfo(msgspec.Struct, frozen=True):
     num_layers: int
     num_kv_heads: int
     head_dim: int
+
+    def differences(
+        self, other: KvLayoutInfo, *, labels: tuple[str, str] = ("this", "other")
+    ) -> list[str]:
+        """One line per field that differs, naming it and both values (``labels`` say whose
+        each is); empty: the two can pair. The one rule for the handshake
+        (``transfer.kv_layout.layout_mismatches``) and for a caller comparing workers."""
+        mine, theirs = labels
+        return [
+            f"{field} {ours!r} ({mine}) != {other_value!r} ({theirs})"
+            for field in self.__struct_fields__
+            if (ours := getattr(self, field)) != (other_value := getattr(other, field))
+        ]
 
 
 class KvHello(msgspec.Struct, frozen=True):
@@ -474,6 +515,13 @@ def encode_message(message: msgspec.Struct) -> bytes:
 def decode_message(data: bytes, message_type: type[_T]) -> _T:
     """Raises ``msgspec.ValidationError`` / ``msgspec.DecodeError`` on a malformed message."""
     return msgspec.msgpack.decode(data, type=message_type)
+
+
+def tokenizer_digest(encoded_spec: bytes) -> str:
+    """``WorkerInfo.tokenizer_digest``: the SHA-256 (hex) of a ``TokenizerSpec`` as
+    ``encode_message`` writes it. Encoding is deterministic, so a caller that decoded a spec gets
+    the same digest from ``encode_message`` of it."""
+    return hashlib.sha256(encoded_spec).hexdigest()
 
 
 _LENGTH = struct.Struct(">I")

@@ -17,7 +17,7 @@ import pytest
 from engine.engine import LLMEngine
 from engine.sequence import SamplingParams, ScheduledRun, StepOutput
 from engine.serving import WorkerConfig, WorkerService, create_app
-from transfer.errors import FairgateError, RequestFailed
+from transfer.errors import ErrorBody, FairgateError, RequestFailed, WorkerNotReady
 from transfer.messages import WorkerLoad, WorkerRole, decode_message
 
 
@@ -104,3 +104,17 @@ async def test_readiness_follows_the_engine_and_a_dead_engine_stops_the_server(
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     [failed] = [event for event in events if event["event"] == "failed"]
     assert failed["role"] == "decode" and "3 steps in a row" in failed["reason"]
+
+
+async def test_the_tokenizer_route_answers_not_ready_until_the_model_is_loaded() -> None:
+    """A caller that asks a loading worker for its tokenizer is told to come back, as for
+    ``/v1/info``, never given an empty spec."""
+    service = _Service(WorkerConfig(role="decode", model="null", num_blocks=64))
+    service.bind(8202)
+    transport = httpx.ASGITransport(app=create_app(service))  # not started: still "loading"
+    async with httpx.AsyncClient(transport=transport, base_url="http://worker") as client:
+        for path in ("/v1/tokenizer", "/v1/info"):
+            response = await client.get(path)
+            assert response.status_code == 503, path
+            body = decode_message(response.content, ErrorBody)
+            assert body.code == WorkerNotReady.code and "loading" in body.message

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from transfer.kv_layout import layout_mismatches, layout_of, plan_transfer, receiver_plan
-from transfer.messages import PROTOCOL_VERSION, KvHello, TransferHeader
+from transfer.messages import PROTOCOL_VERSION, KvHello, KvLayoutInfo, TransferHeader
 
 
 def test_runs_contiguous_on_both_ends_travel_in_place() -> None:
@@ -66,3 +66,23 @@ def test_layout_mismatches_name_every_difference() -> None:
     assert layout_mismatches(KvHello(PROTOCOL_VERSION, "p", "s", ours), ours) == []
     with pytest.raises(ValueError, match="a KV cache is"):
         layout_of(torch.zeros(3, 8), "m")
+
+
+def test_layout_differences_name_each_differing_field_with_both_values() -> None:
+    """``KvLayoutInfo.differences``: the rule ``layout_mismatches`` applies in the handshake,
+    torch-free, so a caller comparing two workers' announced layouts judges as the handshake
+    would."""
+    ours = KvLayoutInfo("model-a", "gloo", "float32", 16, 30, 3, 64)
+    theirs = KvLayoutInfo("model-b", "gloo", "bfloat16", 16, 30, 3, 32)
+    assert theirs.differences(ours) == [
+        "model_id 'model-b' (this) != 'model-a' (other)",
+        "dtype 'bfloat16' (this) != 'float32' (other)",
+        "head_dim 32 (this) != 64 (other)",
+    ]
+    assert ours.differences(theirs, labels=("new worker", "pool"))[1] == (
+        "dtype 'float32' (new worker) != 'bfloat16' (pool)"
+    )
+    assert ours.differences(KvLayoutInfo("model-a", "gloo", "float32", 16, 30, 3, 64)) == []
+    # The handshake says the same, plus what only the handshake has (the protocol version).
+    hello = KvHello(PROTOCOL_VERSION, "p", "s", theirs)
+    assert layout_mismatches(hello, ours) == theirs.differences(ours, labels=("peer", "here"))

@@ -92,6 +92,7 @@ from transfer.messages import (
     Reserved,
     SamplingSpec,
     TokenFrame,
+    TokenizerSpec,
     TransferAck,
     TransferHeader,
     TransferReply,
@@ -120,6 +121,7 @@ COVERED_STRUCTS: tuple[type[msgspec.Struct], ...] = (
     AbortResult,
     WorkerLoad,
     WorkerInfo,
+    TokenizerSpec,
     ErrorBody,
     # frames (the tagged union ``Frame``)
     Reserved,
@@ -188,6 +190,8 @@ def strategy_for(tp: Any) -> st.SearchStrategy[Any]:
         return st.one_of(*(strategy_for(arg) for arg in args))
     if origin is list:
         return st.lists(strategy_for(args[0]), max_size=MAX_LIST)
+    if origin is dict:
+        return st.dictionaries(strategy_for(args[0]), strategy_for(args[1]), max_size=MAX_LIST)
     if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
         return st.tuples(*(strategy_for(arg) for arg in args))
     raise TypeError(f"no wire strategy for {tp!r}: add one to strategy_for")
@@ -370,6 +374,31 @@ def test_an_older_peers_message_without_trailing_fields_decodes_with_their_defau
         message, **{field.name: _default_of(field) for field in missing}
     )
     assert decoded == expected
+
+
+def test_a_worker_info_from_before_tokenizers_and_layouts_decodes_without_them() -> None:
+    """The fields a worker announces for per-model pools (issue 20) are absent from an older
+    worker's ``/v1/info``: "not said", never a made-up value."""
+    older = {
+        "worker_id": "w",
+        "instance_id": "i",
+        "role": "prefill",
+        "model_id": "m",
+        "block_size": 16,
+        "num_total_blocks": 8,
+        "max_model_len": 2048,
+        "vocab_size": 49152,
+        "kv_host": "127.0.0.1",
+        "kv_port": 0,
+        "protocol_version": 1,
+        "max_num_seqs": 4,
+    }
+    info = decode_message(msgspec.msgpack.encode(older), WorkerInfo)
+    assert (info.tokenizer_digest, info.kv_layout) == ("", None)
+    layout = KvLayoutInfo("m", "gloo", "float32", 16, 30, 3, 64)
+    newer = msgspec.structs.replace(info, tokenizer_digest="ab" * 32, kv_layout=layout)
+    assert _as_map(newer)["kv_layout"]["num_kv_heads"] == 3  # a nested map, by field name
+    assert decode_message(encode_message(newer), WorkerInfo) == newer
 
 
 # A name no field will ever have, with values of any msgpack kind.
