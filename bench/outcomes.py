@@ -42,8 +42,8 @@ class Outcome:
     started_at: float  # when it was sent
     ended_at: float  # when its answer was read (or the client gave up)
     has_retry_after: bool = False
-    # From a 200's ``Server-Timing`` (gateway.api): the gateway's own view, from when its
-    # handler began on the request: waiting in its queue for workers, and in all.
+    # From a 200's ``Server-Timing`` (gateway.openai_routes): the gateway's own view, from when
+    # its handler began on the request: waiting in its queue for workers, and in all.
     server_queue_s: float | None = None
     server_total_s: float | None = None
 

@@ -37,23 +37,27 @@ OpenAPI document:
     POST   /v1/workers/register                   WorkerRegistration → 201 / 200 WorkerStatus
     POST   /v1/workers/unregister                 WorkerDeregistration → 204
 
-Internal URLs appear in these answers only, never in a tenant's. Torch-free.
+Internal URLs appear in these answers only, never in a tenant's. The routes take the parts of the
+gateway they use (``AdminParts``). Torch-free.
 """
 
 from __future__ import annotations
 
 import hmac
 import re
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.auth import bearer_token
+from gateway.auth import Authenticator, bearer_token
+from gateway.config import Config
 from gateway.errors import ClientError, Conflict, InvalidApiKey, NotFound, PermissionDenied
-from gateway.openapi import Endpoint, PathParam, QueryParam, decode_json, error_param
+from gateway.openapi_document import Endpoint, PathParam, QueryParam, decode_json, error_param
 from gateway.replica_sync import AdminChange
 from gateway.tenants import (
     ApiKey,
@@ -63,10 +67,12 @@ from gateway.tenants import (
     Tenant,
     TenantPatch,
     TenantSpec,
+    TenantStore,
     Usage,
     with_default_allowed,
 )
-from gateway.workers import WorkerHandle, WorkerStatus
+from gateway.usage import UsageRecorder
+from gateway.workers import WorkerHandle, WorkerRegistry, WorkerStatus
 from transfer.messages import WorkerRole
 from transfer.registration import (
     MAX_URL_LENGTH,
@@ -77,10 +83,8 @@ from transfer.registration import (
     WorkerRegistration,
 )
 
-if TYPE_CHECKING:
-    from gateway.app import Gateway
-
 __all__ = [
+    "AdminParts",
     "KeyList",
     "NewWorker",
     "TenantList",
@@ -127,6 +131,19 @@ class WorkerList(msgspec.Struct, frozen=True):
     object: str = "list"
 
 
+@dataclass(frozen=True, slots=True)
+class AdminParts:
+    """What the admin routes use of the gateway."""
+
+    config: Config  # the SLO classes
+    auth: Authenticator
+    store: TenantStore
+    usage: UsageRecorder  # flushed before usage is read
+    registry: WorkerRegistry
+    # A tenant or key changed: applied on this replica, then sent to the others.
+    admin_changed: Callable[[AdminChange], Awaitable[None]]
+
+
 class NewWorker(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Admin → gateway: a worker to add, by its base URL and the role it must have."""
 
@@ -152,7 +169,7 @@ def routing_path(path: str) -> str:
 
 def add_other_successes(document: dict[str, Any]) -> None:
     """Document the second success status of the routes that have one (same body as the
-    first): ``gateway.openapi.Endpoint`` names only one."""
+    first): ``gateway.openapi_document.Endpoint`` names only one."""
     for (method, path), (status, description) in _OTHER_SUCCESSES.items():
         responses = document["paths"][path][method]["responses"]
         first = next(answer for code, answer in responses.items() if code.startswith("2"))
@@ -174,11 +191,11 @@ async def _read_json(request: Request, message_type: type[_T]) -> _T:
         raise ClientError(f"the body is not valid JSON: {exc}") from exc
 
 
-def admin_endpoints(gateway: Gateway) -> list[Endpoint]:
+def admin_endpoints(parts: AdminParts) -> list[Endpoint]:
     def allowed_classes(default_class: str, allowed: list[str]) -> list[str]:
         """``allowed`` with the default added (once each); 400 naming the field for a class
         that is not configured."""
-        known = [c.name for c in gateway.config.slo_classes]
+        known = [c.name for c in parts.config.slo_classes]
         for name in allowed:
             if name not in known:
                 raise ClientError(
@@ -192,27 +209,27 @@ def admin_endpoints(gateway: Gateway) -> list[Endpoint]:
 
     async def tenant_changed(tenant: Tenant) -> None:
         change = AdminChange("tenant", tenant.tenant_id, weight=tenant.weight)
-        await gateway.admin_changed(change)
+        await parts.admin_changed(change)
 
     async def list_tenants(request: Request) -> Response:
-        await gateway.auth.require_admin(request)
-        return json_response(TenantList(await gateway.store.list_tenants()))
+        await parts.auth.require_admin(request)
+        return json_response(TenantList(await parts.store.list_tenants()))
 
     async def create_tenant(request: Request) -> Response:
-        await gateway.auth.require_admin(request)
+        await parts.auth.require_admin(request)
         spec = await _read_json(request, TenantSpec)
         allowed = allowed_classes(spec.default_class, spec.allowed_classes)
         spec = msgspec.structs.replace(spec, allowed_classes=allowed)
-        return json_response(await gateway.store.create_tenant(spec), 201)
+        return json_response(await parts.store.create_tenant(spec), 201)
 
     async def get_tenant(request: Request) -> Response:
-        await gateway.auth.require_admin(request)
-        return json_response(await gateway.store.get_tenant(request.path_params["tenant"]))
+        await parts.auth.require_admin(request)
+        return json_response(await parts.store.get_tenant(request.path_params["tenant"]))
 
     async def update_tenant(request: Request) -> Response:
-        await gateway.auth.require_admin(request)
+        await parts.auth.require_admin(request)
         patch = await _read_json(request, TenantPatch)
-        current = await gateway.store.get_tenant(request.path_params["tenant"])
+        current = await parts.store.get_tenant(request.path_params["tenant"])
         default_class = (
             current.default_class if patch.default_class is msgspec.UNSET else patch.default_class
         )
@@ -224,41 +241,39 @@ def admin_endpoints(gateway: Gateway) -> list[Endpoint]:
         allowed = allowed_classes(default_class, given)
         if allowed != given:
             patch = msgspec.structs.replace(patch, allowed_classes=allowed)
-        tenant = await gateway.store.update_tenant(current.tenant_id, patch)
+        tenant = await parts.store.update_tenant(current.tenant_id, patch)
         await tenant_changed(tenant)
         return json_response(tenant)
 
     async def delete_tenant(request: Request) -> Response:
-        await gateway.auth.require_admin(request)
-        tenant = await gateway.store.get_tenant(request.path_params["tenant"])
-        await gateway.store.delete_tenant(tenant.tenant_id)
-        await gateway.admin_changed(AdminChange("tenant_deleted", tenant.tenant_id))
+        await parts.auth.require_admin(request)
+        tenant = await parts.store.get_tenant(request.path_params["tenant"])
+        await parts.store.delete_tenant(tenant.tenant_id)
+        await parts.admin_changed(AdminChange("tenant_deleted", tenant.tenant_id))
         return Response(status_code=204)
 
     async def create_key(request: Request) -> Response:
-        await gateway.auth.require_admin(request)
+        await parts.auth.require_admin(request)
         spec = await _read_json(request, KeySpec)
-        return json_response(
-            await gateway.store.create_key(request.path_params["tenant"], spec), 201
-        )
+        return json_response(await parts.store.create_key(request.path_params["tenant"], spec), 201)
 
     async def list_keys(request: Request) -> Response:
-        await gateway.auth.require_admin(request)
+        await parts.auth.require_admin(request)
         tenant = request.query_params.get("tenant")
-        tenant_id = None if tenant is None else (await gateway.store.get_tenant(tenant)).tenant_id
-        keys = await gateway.store.list_keys(
+        tenant_id = None if tenant is None else (await parts.store.get_tenant(tenant)).tenant_id
+        keys = await parts.store.list_keys(
             tenant_id=tenant_id, prefix=request.query_params.get("prefix")
         )
         return json_response(KeyList(keys))
 
     async def revoke_key(request: Request) -> Response:
-        await gateway.auth.require_admin(request)
-        key = await gateway.store.revoke_key(request.path_params["key_id"])
-        await gateway.admin_changed(AdminChange("key", key_id=key.key_id))
+        await parts.auth.require_admin(request)
+        key = await parts.store.revoke_key(request.path_params["key_id"])
+        await parts.admin_changed(AdminChange("key", key_id=key.key_id))
         return json_response(key)
 
     async def usage(request: Request) -> Response:
-        await gateway.auth.require_admin(request)
+        await parts.auth.require_admin(request)
         kind: BudgetPeriod
         match request.query_params.get("period", "month"):
             case "day":
@@ -270,47 +285,47 @@ def admin_endpoints(gateway: Gateway) -> list[Endpoint]:
         at = request.query_params.get("at")
         if at is not None and _PERIOD_NAME.fullmatch(at) is None:
             raise ClientError("at must be YYYY-MM-DD or YYYY-MM", param="at")
-        tenant = await gateway.store.get_tenant(request.path_params["tenant"])
-        await gateway.usage.flush()  # include requests that finished a moment ago
-        rows = await gateway.store.usage(tenant.tenant_id, kind, period=at)
+        tenant = await parts.store.get_tenant(request.path_params["tenant"])
+        await parts.usage.flush()  # include requests that finished a moment ago
+        rows = await parts.store.usage(tenant.tenant_id, kind, period=at)
         return json_response(UsageList(rows))
 
     async def workers(request: Request) -> Response:
-        await gateway.auth.require_admin(request)
-        return json_response(WorkerList(gateway.registry.statuses()))
+        await parts.auth.require_admin(request)
+        return json_response(WorkerList(parts.registry.statuses()))
 
     def status_of(handle: WorkerHandle) -> WorkerStatus:
-        return handle.status(gateway.registry.clock())
+        return handle.status(parts.registry.clock())
 
     def worker_named(request: Request) -> WorkerHandle:
         name = request.path_params["worker"]
-        handle = gateway.registry.find(name)
+        handle = parts.registry.find(name)
         if handle is None:
             raise NotFound(f"no worker has the id or URL {name!r}")
         return handle
 
     async def add_worker(request: Request) -> Response:
-        await gateway.auth.require_admin(request)
+        await parts.auth.require_admin(request)
         spec = await _read_json(request, NewWorker)
-        handle, is_new = gateway.registry.add(spec.url, spec.role, source="admin")
+        handle, is_new = parts.registry.add(spec.url, spec.role, source="admin")
         return json_response(status_of(handle), 201 if is_new else 200)
 
     async def remove_worker(request: Request) -> Response:
-        await gateway.auth.require_admin(request)
-        gateway.registry.remove(worker_named(request), reason="by the admin")
+        await parts.auth.require_admin(request)
+        parts.registry.remove(worker_named(request), reason="by the admin")
         return Response(status_code=204)
 
     async def drain_worker(request: Request) -> Response:
-        await gateway.auth.require_admin(request)
+        await parts.auth.require_admin(request)
         handle = worker_named(request)
-        gateway.registry.drain(handle)
-        await gateway.registry.refresh(handle)  # drained already? (a poll: seconds at most)
+        parts.registry.drain(handle)
+        await parts.registry.refresh(handle)  # drained already? (a poll: seconds at most)
         return json_response(status_of(handle), 200 if handle.state == "drained" else 202)
 
     async def undrain_worker(request: Request) -> Response:
-        await gateway.auth.require_admin(request)
+        await parts.auth.require_admin(request)
         handle = worker_named(request)
-        gateway.registry.undrain(handle)
+        parts.registry.undrain(handle)
         return json_response(status_of(handle))
 
     tenants, tenant = "/admin/v1/tenants", "/admin/v1/tenants/{tenant}"
@@ -490,11 +505,11 @@ def admin_endpoints(gateway: Gateway) -> list[Endpoint]:
     ]
 
 
-def registration_routes(gateway: Gateway) -> list[Route]:
-    """The workers' own routes (module docstring)."""
+def registration_routes(registration_token: str, registry: WorkerRegistry) -> list[Route]:
+    """The workers' own routes (module docstring), with this token ("": off)."""
 
     def require_registration_token(request: Request) -> None:
-        token = gateway.config.gateway.registration_token
+        token = registration_token
         if not token:
             raise PermissionDenied(
                 "self-registration is off on this gateway (gateway.registration_token)"
@@ -508,22 +523,22 @@ def registration_routes(gateway: Gateway) -> list[Route]:
     async def register(request: Request) -> Response:
         require_registration_token(request)
         spec = await _read_json(request, WorkerRegistration)
-        handle, is_new = gateway.registry.add(
+        handle, is_new = registry.add(
             spec.url, spec.role, source="registered", heartbeat_s=spec.heartbeat_s
         )
-        return json_response(handle.status(gateway.registry.clock()), 201 if is_new else 200)
+        return json_response(handle.status(registry.clock()), 201 if is_new else 200)
 
     async def unregister(request: Request) -> Response:
         require_registration_token(request)
         spec = await _read_json(request, WorkerDeregistration)
-        handle = gateway.registry.find_url(spec.url)
+        handle = registry.find_url(spec.url)
         if handle is not None:  # one already gone is what it asks for
             if handle.source != "registered":
                 raise Conflict(
                     f"{handle.url} was not registered by itself ({handle.source}): only the "
                     "admin removes it"
                 )
-            gateway.registry.remove(handle, reason="it unregistered", by_admin=False)
+            registry.remove(handle, reason="it unregistered", by_admin=False)
         return Response(status_code=204)
 
     return [

@@ -11,12 +11,18 @@
     ├── usage       UsageRecorder             finished requests' usage, batched to the store
     ├── tokenizer   Tokenizer                 chat template, encode, incremental decode
     ├── prompts     PromptEncoder             prompts tokenized off the loop, per tenant
-    └── load_guard  LoadGuard                 the loop's lag; who is refused when it lags
+    ├── load_guard  LoadGuard                 the loop's lag; who is refused when it lags
+    └── in_flight   RequestsInFlight          admitted requests; how far a shutdown has gone
 
-Routes: ``gateway.api`` (OpenAI-compatible, tenant keys; the cheap refusals of a generation
-request come first, in ``gateway.gatekeeper``'s middleware), ``gateway.admin`` (admin token; and
-the workers' self-registration, with the registration token), ``/healthz``, ``/readyz``,
-``/openapi.json``. One lifespan starts and stops everything.
+Routes: ``gateway.openai_routes`` (OpenAI-compatible, tenant keys; the cheap refusals of a
+generation request come first, in ``gateway.gatekeeper``'s middleware), ``gateway.admin`` (admin
+token; and the workers' self-registration, with the registration token), ``/healthz``,
+``/readyz``, ``/openapi.json`` (``gateway.openapi_document``), ``/metrics``. Each takes the parts
+it uses, not the ``Gateway``. Some parts exist only once the gateway has started (the store, the
+tokenizer: they need the loop or the disk), so the app that serves them is built in the
+lifespan, right after ``Gateway.start`` and before the server takes its first request
+(``GatewayApp``). One lifespan starts and stops everything. The workers are reached through
+``gateway.worker_transport`` (HTTP unless the ``Gateway`` is given another transport).
 
 A worker the registry finds lost (dead, hung, restarted, removed) is handed to the dispatcher
 (``Dispatcher.worker_lost``), which stops the requests running there so that they move on.
@@ -38,6 +44,7 @@ import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -47,29 +54,32 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, Router
+from starlette.types import Receive, Scope, Send
 
 from engine.model_store import resolve_model, tokenizer_path
 from engine.process_events import emit_event
 from engine.process_heap import freeze_startup_heap
 from engine.tokenizer import Tokenizer
 from gateway.admin import (
+    AdminParts,
     add_other_successes,
     admin_endpoints,
     json_response,
     registration_routes,
     routing_path,
 )
-from gateway.api import openai_endpoints
+from gateway.admission import AdmissionControl
 from gateway.auth import Authenticator
 from gateway.config import Config
 from gateway.discovery import DnsDiscovery
 from gateway.dispatch import Dispatcher
 from gateway.errors import ClientError, MethodNotAllowed, NotFound, ShuttingDown
-from gateway.gatekeeper import Gatekeeper, error_response
-from gateway.generation import Generation
+from gateway.gatekeeper import Gatekeeper, GatekeeperParts, error_response
+from gateway.in_flight import RequestsInFlight
 from gateway.metrics import GatewayMetrics
-from gateway.openapi import Deployment, Endpoint, openapi_document, routes_of
+from gateway.openai_routes import OpenAIParts, openai_endpoints
+from gateway.openapi_document import Deployment, Endpoint, Handler, openapi_document, routes_of
 from gateway.overload import LoadGuard
 from gateway.policies import make_policy
 from gateway.policies.base import FairPolicy
@@ -79,9 +89,10 @@ from gateway.quotas_memory import MemoryQuotaBackend
 from gateway.quotas_redis import RedisQuotaBackend
 from gateway.replica_sync import AdminChange, ReplicaSync
 from gateway.scheduler import SchedulingPolicy
+from gateway.settlement import Settlement
 from gateway.stores import GatewayStore, open_store
-from gateway.tenants import TenantStore
 from gateway.usage import UsageRecorder
+from gateway.worker_transport import WorkerTransport
 from gateway.workers import WorkerHandle, WorkerRegistry
 from transfer.errors import FairgateError
 from transfer.http import (
@@ -92,7 +103,7 @@ from transfer.http import (
 )
 from transfer.telemetry import setup_tracing, shutdown_tracing
 
-__all__ = ["Gateway", "create_app", "policy_from_config", "run_gateway"]
+__all__ = ["Gateway", "GatewayApp", "create_app", "policy_from_config", "run_gateway"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,9 +137,10 @@ class _Started:
 
 
 class Gateway:
-    """Everything one gateway process holds. ``start`` / ``stop`` run in the app's lifespan."""
+    """Everything one gateway process holds. ``start`` / ``stop`` run in the app's lifespan.
+    ``transport``: how the workers are called (default: HTTP, ``gateway.worker_transport``)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, transport: WorkerTransport | None = None) -> None:
         if not config.gateway.admin_token:
             raise ValueError(
                 "no admin token: set gateway.admin_token in the config file or "
@@ -150,6 +162,7 @@ class Gateway:
             progress_deadline_steps=config.gateway.progress_deadline_steps,
             min_progress_deadline_s=config.gateway.min_progress_deadline_s,
             unmeasured_progress_deadline_s=config.gateway.unmeasured_progress_deadline_s,
+            transport=transport,
         )
         self.dispatcher = Dispatcher(
             self.policy,
@@ -176,39 +189,12 @@ class Gateway:
         self.replica_sync: ReplicaSync | None = None  # with ``replicas.redis_url``
         self.discovery: DnsDiscovery | None = None  # with ``gateway.*_dns``
         self.body_turns = TenantTurns()  # a tenant's large bodies, one at a time
-        # Requests admitted and not finished (``gateway.api``), for ``drain``.
-        self.requests_in_flight: set[Generation] = set()
-        self.is_draining = False  # no new request is let in
-        self.is_ending = False  # the grace period is over: what is admitted now is ended
+        self.in_flight = RequestsInFlight()  # for ``drain``
 
     @property
     def started(self) -> _Started:
         assert self._parts is not None, "the gateway is not started"
         return self._parts
-
-    @property
-    def store(self) -> TenantStore:
-        return self.started.store
-
-    @property
-    def auth(self) -> Authenticator:
-        return self.started.auth
-
-    @property
-    def quotas(self) -> QuotaManager:
-        return self.started.quotas
-
-    @property
-    def usage(self) -> UsageRecorder:
-        return self.started.usage
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        return self.started.tokenizer
-
-    @property
-    def prompts(self) -> PromptEncoder:
-        return self.started.prompts
 
     async def start(self) -> None:
         spec = resolve_model(self.config.model.name, pull=False)
@@ -267,7 +253,7 @@ class Gateway:
         """Stop admitting; let the requests in the gateway (admitted, or past the gatekeeper
         and being admitted) finish within ``gateway.shutdown_grace_s``; end the rest (module
         docstring)."""
-        self.is_draining = True
+        self.in_flight.is_draining = True
         guard = self.load_guard
         loop = asyncio.get_running_loop()
         grace_s = self.config.gateway.shutdown_grace_s
@@ -278,24 +264,21 @@ class Gateway:
         deadline = loop.time() + grace_s
         while guard.num_requests and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        self.is_ending = True
+        self.in_flight.is_ending = True
         if not guard.num_requests:
             return
         logger.warning(
             "stopping: ending %d requests still running after %g s", guard.num_requests, grace_s
         )
-        for generation in list(self.requests_in_flight):
-            generation.interrupt(
-                ShuttingDown(
-                    "the gateway is shutting down and could not finish this request in time"
-                )
-            )
+        self.in_flight.end_all(
+            ShuttingDown("the gateway is shutting down and could not finish this request in time")
+        )
         deadline = loop.time() + DRAIN_END_S
         while guard.num_requests and loop.time() < deadline:
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
-        self.is_draining = self.is_ending = True
+        self.in_flight.is_draining = self.in_flight.is_ending = True
         if self._sampler is not None:
             self._sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -310,7 +293,7 @@ class Gateway:
             await self.replica_sync.stop()
         if self._parts is not None:
             self._parts.prompts.close()
-            await self.usage.stop()
+            await self._parts.usage.stop()
             await self._parts.quotas.close()  # stop renewing, land the last settles
             await self._parts.store.close()
 
@@ -334,101 +317,166 @@ class Gateway:
 
     def apply_admin_change(self, change: AdminChange) -> None:
         """Drop what this replica holds of the tenant or key (``gateway.replica_sync``)."""
+        auth = self.started.auth
         if change.kind == "key":
-            self.auth.forget_key(change.key_id)
+            auth.forget_key(change.key_id)
             return
-        self.auth.forget_tenant(change.tenant_id)
+        auth.forget_tenant(change.tenant_id)
         if change.kind == "tenant":
             self.policy.update_tenant(change.tenant_id, change.weight)
         else:
-            self.quotas.forget(change.tenant_id)
-
-    def endpoints(self) -> list[Endpoint]:
-        return [*openai_endpoints(self), *admin_endpoints(self)]
+            self.started.quotas.forget(change.tenant_id)
 
 
-def create_app(gateway: Gateway, *, on_started: Callable[[], None] | None = None) -> Starlette:
-    endpoints = gateway.endpoints()
-    document: dict[str, Any] = {}  # made on the first request: it needs the started tokenizer
+def create_app(gateway: Gateway, *, on_started: Callable[[], None] | None = None) -> GatewayApp:
+    """The gateway's app; ``on_started`` is called once it serves."""
+    return GatewayApp(gateway, on_started=on_started)
+
+
+class GatewayApp:
+    """The gateway's ASGI app (module docstring). Its lifespan starts the gateway and then builds
+    the Starlette app that serves every request (``serving``); there is none before."""
+
+    def __init__(self, gateway: Gateway, *, on_started: Callable[[], None] | None = None) -> None:
+        self.gateway = gateway
+        self.serving: Starlette | None = None
+        self._on_started = on_started
+        self._lifespan = Router(lifespan=lambda app: self.lifespan())  # the ASGI lifespan protocol
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await gateway.start()
-        if on_started is not None:
-            on_started()
+    async def lifespan(self) -> AsyncIterator[None]:
+        """Start the gateway and build ``serving``; at the end, stop the gateway."""
+        await self.gateway.start()
+        self.serving = _serving_app(self.gateway)
+        if self._on_started is not None:
+            self._on_started()
         try:
             yield
         finally:
-            await gateway.stop()
+            await self.gateway.stop()
             # Here, not after serving: uvicorn re-raises SIGTERM once it has stopped.
             shutdown_tracing()
 
-    async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        serving = self.serving
+        assert serving is not None, "the gateway is not started"
+        await serving(scope, receive, send)
 
-    async def readyz(request: Request) -> Response:
-        if gateway.is_draining:
-            return JSONResponse({"status": "draining"}, 503)
-        if gateway.registry.can_serve():
-            return JSONResponse({"status": "ready"})
-        return JSONResponse({"status": "not_ready", "workers": gateway.registry.summary()}, 503)
+
+def _serving_app(gateway: Gateway) -> Starlette:
+    """Every route, bound to the parts of the started gateway it uses, behind the gatekeeper."""
+    started = gateway.started
+    config = gateway.config
+    openai = OpenAIParts(
+        config=config,
+        auth=started.auth,
+        admission=AdmissionControl(
+            config, gateway.registry, gateway.dispatcher, started.prompts, started.quotas
+        ),
+        dispatcher=gateway.dispatcher,
+        registry=gateway.registry,
+        tokenizer=started.tokenizer,
+        body_turns=gateway.body_turns,
+        in_flight=gateway.in_flight,
+        settlement=Settlement(
+            gateway.in_flight, gateway.load_guard, started.quotas, started.usage, gateway.metrics
+        ),
+        load_guard=gateway.load_guard,
+        metrics=gateway.metrics,
+    )
+    admin = AdminParts(
+        config, started.auth, started.store, started.usage, gateway.registry, gateway.admin_changed
+    )
+    endpoints = [*openai_endpoints(openai), *admin_endpoints(admin)]
+    deployment = Deployment(
+        slo_classes=[c.name for c in config.slo_classes], vocab_size=started.tokenizer.vocab_size
+    )
+    gatekeeper = GatekeeperParts(
+        config,
+        gateway.in_flight,
+        started.auth,
+        gateway.load_guard,
+        gateway.dispatcher,
+        gateway.metrics,
+    )
+    return Starlette(
+        routes=[
+            Route("/healthz", _healthz),
+            Route("/readyz", partial(_readyz, gateway.in_flight, gateway.registry)),
+            Route("/openapi.json", _openapi_route(endpoints, deployment)),
+            Route("/metrics", partial(_metrics, started.auth, gateway.metrics)),
+            *routes_of([dataclasses.replace(e, path=routing_path(e.path)) for e in endpoints]),
+            *registration_routes(config.gateway.registration_token, gateway.registry),
+        ],
+        middleware=[Middleware(Gatekeeper, parts=gatekeeper)],
+        exception_handlers={
+            HTTPException: _on_http_error,
+            FairgateError: _on_error,
+            CallerDisconnected: caller_disconnected_response,
+            Exception: _on_unexpected,
+        },
+    )
+
+
+async def _healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def _readyz(
+    in_flight: RequestsInFlight, registry: WorkerRegistry, request: Request
+) -> Response:
+    if in_flight.is_draining:
+        return JSONResponse({"status": "draining"}, 503)
+    if registry.can_serve():
+        return JSONResponse({"status": "ready"})
+    return JSONResponse({"status": "not_ready", "workers": registry.summary()}, 503)
+
+
+def _openapi_route(endpoints: list[Endpoint], deployment: Deployment) -> Handler:
+    document: dict[str, Any] = {}  # made on the first request
 
     async def openapi(request: Request) -> Response:
-        if not document:  # the deployment's classes, and its tokenizer's token id bound
-            deployment = Deployment(
-                slo_classes=[c.name for c in gateway.config.slo_classes],
-                vocab_size=gateway.tokenizer.vocab_size,
-            )
+        if not document:
             document.update(openapi_document(endpoints, version=VERSION, deployment=deployment))
             add_other_successes(document)
         return json_response(document)
 
-    async def metrics(request: Request) -> Response:
-        await gateway.auth.require_admin(request)
-        return Response(gateway.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    return openapi
 
-    async def on_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, FairgateError)
-        if not isinstance(exc, ClientError):
-            logger.warning("request failed: %s (%s)", exc.message, exc.code)
-        return error_response(exc)
 
-    async def on_unexpected(request: Request, exc: Exception) -> Response:
-        """A bug: the client gets OpenAI's error body, the log the traceback (Starlette's
-        server-error middleware logged it before calling this)."""
-        return error_response(FairgateError("the gateway failed to handle this request"))
+async def _metrics(auth: Authenticator, metrics: GatewayMetrics, request: Request) -> Response:
+    await auth.require_admin(request)
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    async def on_http_error(request: Request, exc: Exception) -> Response:
-        """No route for the path (or not for the method): OpenAI's error body, as every other
-        answer of the gateway's, never Starlette's plain text."""
-        assert isinstance(exc, HTTPException)
-        if exc.status_code == 405:
-            response = error_response(MethodNotAllowed(f"{request.method} is not allowed here"))
-        elif exc.status_code == 404:
-            response = error_response(NotFound("no such route"))
-        else:
-            response = error_response(ClientError(str(exc.detail)))
-        response.headers.update(exc.headers or {})  # 405's Allow (RFC 9110)
-        return response
 
-    return Starlette(
-        routes=[
-            Route("/healthz", healthz),
-            Route("/readyz", readyz),
-            Route("/openapi.json", openapi),
-            Route("/metrics", metrics),
-            *routes_of([dataclasses.replace(e, path=routing_path(e.path)) for e in endpoints]),
-            *registration_routes(gateway),
-        ],
-        lifespan=lifespan,
-        middleware=[Middleware(Gatekeeper, gateway=gateway)],
-        exception_handlers={
-            HTTPException: on_http_error,
-            FairgateError: on_error,
-            CallerDisconnected: caller_disconnected_response,
-            Exception: on_unexpected,
-        },
-    )
+async def _on_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, FairgateError)
+    if not isinstance(exc, ClientError):
+        logger.warning("request failed: %s (%s)", exc.message, exc.code)
+    return error_response(exc)
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> Response:
+    """A bug: the client gets OpenAI's error body, the log the traceback (Starlette's
+    server-error middleware logged it before calling this)."""
+    return error_response(FairgateError("the gateway failed to handle this request"))
+
+
+async def _on_http_error(request: Request, exc: Exception) -> Response:
+    """No route for the path (or not for the method): OpenAI's error body, as every other
+    answer of the gateway's, never Starlette's plain text."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        response = error_response(MethodNotAllowed(f"{request.method} is not allowed here"))
+    elif exc.status_code == 404:
+        response = error_response(NotFound("no such route"))
+    else:
+        response = error_response(ClientError(str(exc.detail)))
+    response.headers.update(exc.headers or {})  # 405's Allow (RFC 9110)
+    return response
 
 
 def run_gateway(config: Config) -> int:

@@ -13,9 +13,10 @@ order:
 4. the tenant's queue for workers is full or standing in the class its header names (else its
    default class): 429 ``queue_full`` (``gateway.dispatch``).
 
-What passes goes on to the route (``gateway.api``) with its ``Seen``, the record of what is known
-of it so far, in ``scope["state"]``. The route takes it over; a request refused here or there is
-counted in the metrics and its span ended by ``refused``. Torch-free.
+What passes goes on to the route (``gateway.openai_routes``) with its ``Seen``, the record of what
+is known of it so far, in ``scope["state"]``. The route takes it over; a request refused here or
+there is counted in the metrics and its span ended by ``refused``. The gatekeeper takes the parts
+of the gateway it uses (``GatekeeperParts``). Torch-free.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import anyio
 from opentelemetry.util.types import AttributeValue
@@ -32,21 +32,24 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.admin import json_response
+from gateway.auth import Authenticator
+from gateway.config import Config
+from gateway.dispatch import Dispatcher
 from gateway.errors import ShuttingDown, openai_error_body, retry_after_header
-from gateway.metrics import CLIENT_DISCONNECTED, UNAUTHENTICATED
-from gateway.openai_api import GenerationRequest
+from gateway.in_flight import RequestsInFlight
+from gateway.metrics import CLIENT_DISCONNECTED, UNAUTHENTICATED, GatewayMetrics
+from gateway.openai_requests import GenerationRequest
+from gateway.overload import LoadGuard
 from gateway.tenants import Tenant
 from transfer.errors import FairgateError
 from transfer.http import CallerDisconnected
 from transfer.telemetry import SpanRecord, is_tracing, start_span
 
-if TYPE_CHECKING:
-    from gateway.app import Gateway
-
 __all__ = [
     "GENERATION_ROUTES",
     "SLO_CLASS_HEADER",
     "Gatekeeper",
+    "GatekeeperParts",
     "Seen",
     "class_rank",
     "end_span",
@@ -84,12 +87,24 @@ class Seen:
         return seen
 
 
+@dataclass(frozen=True, slots=True)
+class GatekeeperParts:
+    """What the gatekeeper uses of the gateway."""
+
+    config: Config  # the SLO classes
+    in_flight: RequestsInFlight  # whether the gateway drains
+    auth: Authenticator
+    load_guard: LoadGuard
+    dispatcher: Dispatcher  # the tenants' queues
+    metrics: GatewayMetrics
+
+
 class Gatekeeper:
     """ASGI middleware in front of the routes: see the module docstring."""
 
-    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+    def __init__(self, app: ASGIApp, parts: GatekeeperParts) -> None:
         self.app = app
-        self.gateway = gateway
+        self.parts = parts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         operation = None
@@ -102,7 +117,7 @@ class Gatekeeper:
         try:
             await self._check(seen, Request(scope))
         except FairgateError as exc:
-            refused(self.gateway, seen, exc)
+            refused(self.parts.load_guard, self.parts.metrics, seen, exc)
             await error_response(exc)(scope, receive, send)
             return
         scope.setdefault("state", {})[_SEEN] = seen
@@ -110,20 +125,21 @@ class Gatekeeper:
             await self.app(scope, receive, send)
         finally:
             if not seen.is_taken:  # the route never ran (its body never came): not counted
-                refused(self.gateway, seen, CallerDisconnected("the request never reached us"))
+                never_came = CallerDisconnected("the request never reached us")
+                refused(self.parts.load_guard, self.parts.metrics, seen, never_came)
 
     async def _check(self, seen: Seen, request: Request) -> None:
-        gateway = self.gateway
-        if gateway.is_draining:
+        parts = self.parts
+        if parts.in_flight.is_draining:
             raise ShuttingDown("the gateway is shutting down; try another replica or retry")
-        _, tenant = await gateway.auth.tenant(request)
+        _, tenant = await parts.auth.tenant(request)
         seen.tenant = tenant
-        gateway.metrics.tenant_seen(tenant.tenant_id, tenant.name)  # its series by its name
-        gateway.load_guard.enter(tenant.tenant_id, tenant.weight)
+        parts.metrics.tenant_seen(tenant.tenant_id, tenant.name)  # its series by its name
+        parts.load_guard.enter(tenant.tenant_id, tenant.weight)
         seen.is_counted = True
         # The body may name another class: the route checks that one.
         slo_class = request.headers.get(SLO_CLASS_HEADER) or tenant.default_class
-        gateway.dispatcher.check_backlog(tenant.tenant_id, class_rank(gateway, slo_class))
+        parts.dispatcher.check_backlog(tenant.tenant_id, class_rank(parts.config, slo_class))
 
 
 def error_response(error: FairgateError) -> Response:
@@ -133,11 +149,11 @@ def error_response(error: FairgateError) -> Response:
     return response
 
 
-def class_rank(gateway: Gateway, slo_class: str) -> int:
+def class_rank(config: Config, slo_class: str) -> int:
     """The rank of the class a request is served in (an unknown name: the lowest class's; the
     route refuses it)."""
-    served_in = gateway.config.slo_class(slo_class)
-    return (served_in or gateway.config.lowest_class).rank
+    served_in = config.slo_class(slo_class)
+    return (served_in or config.lowest_class).rank
 
 
 def server_span(seen: Seen, body: GenerationRequest | None) -> SpanRecord | None:
@@ -157,16 +173,18 @@ def server_span(seen: Seen, body: GenerationRequest | None) -> SpanRecord | None
     return start_span(name, attributes, start_time_ns=seen.received_ns)
 
 
-def refused(gateway: Gateway, seen: Seen, error: BaseException) -> None:
+def refused(
+    load_guard: LoadGuard, metrics: GatewayMetrics, seen: Seen, error: BaseException
+) -> None:
     """A request refused before it was queued: out of the load guard's count, counted in the
     metrics, its span ended."""
     if seen.is_counted:
         assert seen.tenant is not None
         seen.is_counted = False
-        gateway.load_guard.leave(seen.tenant.tenant_id)
+        load_guard.leave(seen.tenant.tenant_id)
     reason = outcome_of(error)
     tenant_name = UNAUTHENTICATED if seen.tenant is None else seen.tenant.name
-    gateway.metrics.rejected(tenant_name, seen.slo_class, reason)
+    metrics.rejected(tenant_name, seen.slo_class, reason)
     span = seen.span or server_span(seen, None)
     if span is not None:
         if isinstance(error, FairgateError):

@@ -1,7 +1,7 @@
 """One admitted request, run on its workers: wait for a placement, drive the prefill and decode
-workers (``transfer.client``), turn token ids into text with stop strings applied, and end with
-the usage. The OpenAI routes (``gateway.api``) format what this yields; this module knows nothing
-of HTTP bodies.
+workers (``gateway.worker_transport``), turn token ids into text with stop strings applied, and
+end with the usage. The OpenAI routes (``gateway.openai_routes``) format what this yields; this
+module knows nothing of HTTP bodies.
 
     Generation.events():   str (text delta) … str, Finished
 
@@ -46,7 +46,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.scheduler import QueuedRequest
 from gateway.streaming import TextStream
 from gateway.workers import WorkerRegistry
-from transfer.client import run_disaggregated
+from transfer.client import DecodeClient, run_disaggregated
 from transfer.errors import FairgateError, WorkerUnreachable
 from transfer.messages import GenerateRequest, Preempted, Priority, SamplingSpec, TokenFrame
 from transfer.telemetry import SpanRecord, start_child, traceparent_of
@@ -423,9 +423,12 @@ class Generation:
                     if isinstance(frame, TokenFrame | Preempted):
                         yield frame
             return
+        decode_client = pair.decode.decode_client
+        # The hand-off between the two is HTTP's own (``gateway.worker_transport``).
+        assert isinstance(decode_client, DecodeClient), "a disaggregated pair is reached by HTTP"
         frames = run_disaggregated(
             pair.prefill.prefill_client,
-            pair.decode.decode_client,
+            decode_client,
             request_id,
             prompt,
             self.sampling,

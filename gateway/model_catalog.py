@@ -8,7 +8,8 @@ may not be a model's id (409), and may point at a model no worker serves yet (it
 503 until one does, as a model whose pool has no live worker). Which models a tenant may use:
 ``allowed_models`` empty means every one; else the list names ids or aliases, and a request is
 allowed when it names one of them, or its model is one of them or one an alias there points at
-(a tenant allowed ``chat-small`` follows the alias when it moves). Refused: 403 ``model_not_allowed`` naming the model.
+(a tenant allowed ``chat-small`` follows the alias when it moves). Refused: 403
+``model_not_allowed`` naming the model.
 
 The aliases live in the store; the catalog holds them in memory, replaced whole on every
 change (``set_aliases``): an admin change takes effect on the replica that made it before it

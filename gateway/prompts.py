@@ -14,9 +14,9 @@ CPU), so ``PromptEncoder.encode``:
    for its own, and takes at most one of the pool's threads (and one core) from the others.
 
 ``TenantTurns`` is that rule (one at a time per tenant, the others wait their turn); the gateway
-also reads and decodes large bodies by it (``gateway.api``): meanwhile the next large body of
-the same tenant stays unread in its connection, so TCP's flow control holds its sender back at
-no cost to anyone.
+also reads and decodes large bodies by it (``gateway.openai_routes``): meanwhile the next large
+body of the same tenant stays unread in its connection, so TCP's flow control holds its sender
+back at no cost to anyone.
 
 Torch-free.
 """
@@ -31,7 +31,7 @@ from functools import partial
 
 from engine.tokenizer import BrokenChatTemplate, Tokenizer, TokenizerError
 from gateway.errors import ClientError, ContextLengthExceeded, EmptyPrompt
-from gateway.openai_api import GenerationRequest
+from gateway.openai_requests import GenerationRequest
 from transfer.errors import FairgateError
 
 __all__ = ["INLINE_MAX_CHARS", "PromptEncoder", "TenantTurns", "is_long_prompt"]

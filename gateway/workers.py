@@ -7,7 +7,8 @@ their work, how loaded they are, and which of them take new requests.
 comes up, may have restarted, or is on probation) on one background task, and keeps the
 gateway's own live count of what it sent each worker since (a load report is up to one poll
 interval old; the gateway's dispatches are not). Each handle's ``ProgressWatch``
-(``gateway.liveness``) judges its reports for a wedged engine.
+(``gateway.liveness``) judges its reports for a wedged engine. Workers are called through the
+registry's ``WorkerTransport`` (``gateway.worker_transport``: HTTP unless it is given another).
 
 States (``WorkerStatus.state``); only ``ready`` takes new requests:
 
@@ -61,7 +62,8 @@ import msgspec
 from gateway.core import WorkerAccount
 from gateway.errors import ClientError, Conflict
 from gateway.liveness import ProgressWatch
-from transfer.client import Connections, DecodeClient, PrefillClient, WorkerClient
+from gateway.worker_transport import DecodeCalls, HttpWorkerTransport, WorkerCalls, WorkerTransport
+from transfer.client import DecodeClient, PrefillClient
 from transfer.errors import FairgateError, WorkerUnreachable
 from transfer.messages import PROTOCOL_VERSION, WorkerInfo, WorkerLoad, WorkerRole
 from transfer.registration import is_worker_url
@@ -126,7 +128,7 @@ class WorkerHandle(WorkerAccount):
     it, and where it stands (module docstring)."""
 
     url: str
-    client: WorkerClient
+    client: WorkerCalls  # ``WorkerTransport.connect``'s
     expected_role: WorkerRole
     progress: ProgressWatch
     source: WorkerSource = "config"
@@ -161,12 +163,15 @@ class WorkerHandle(WorkerAccount):
 
     @property
     def prefill_client(self) -> PrefillClient:
+        """A prefill worker's HTTP client: a disaggregated run is HTTP's own
+        (``gateway.worker_transport``)."""
         assert isinstance(self.client, PrefillClient)
         return self.client
 
     @property
-    def decode_client(self) -> DecodeClient:
-        assert isinstance(self.client, DecodeClient)
+    def decode_client(self) -> DecodeCalls:
+        # The HTTP client's class first: checking a runtime protocol takes microseconds.
+        assert isinstance(self.client, DecodeClient | DecodeCalls)
         return self.client
 
     def status(self, now: float) -> WorkerStatus:
@@ -216,10 +221,12 @@ class WorkerRegistry:
         min_progress_deadline_s: float = 5.0,
         unmeasured_progress_deadline_s: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
+        transport: WorkerTransport | None = None,
     ) -> None:
         """``on_evicted(worker_id, block_hashes)``: a worker dropped these prefix-cache blocks
         since its last report (the policy corrects its prefix index). The progress deadline:
-        ``gateway.liveness.ProgressWatch``. ``clock``: monotonic seconds (leases, deadlines)."""
+        ``gateway.liveness.ProgressWatch``. ``clock``: monotonic seconds (leases, deadlines).
+        ``transport``: how the workers are called (default: HTTP); ``stop`` closes it."""
         self.poll_interval_s = poll_interval_s
         self.on_change = on_change
         self.on_evicted = on_evicted
@@ -228,8 +235,8 @@ class WorkerRegistry:
         self.min_progress_deadline_s = min_progress_deadline_s
         self.unmeasured_progress_deadline_s = unmeasured_progress_deadline_s
         self.clock = clock
-        # One pool for every worker call: connections are reused across requests.
-        self._connections = Connections()
+        # One pool for every worker call over HTTP: connections are reused across requests.
+        self.transport: WorkerTransport = HttpWorkerTransport() if transport is None else transport
         self.handles: list[WorkerHandle] = []
         roles: list[tuple[Sequence[str], WorkerRole]] = [
             (prefill_urls, "prefill"),
@@ -248,10 +255,9 @@ class WorkerRegistry:
         self._checking: set[WorkerHandle] = set()  # the workers those are for
 
     def _new_handle(self, url: str, role: WorkerRole, source: WorkerSource) -> WorkerHandle:
-        client_type = PrefillClient if role == "prefill" else DecodeClient
         return WorkerHandle(
             url=url,
-            client=client_type(url, connections=self._connections),
+            client=self.transport.connect(url, role),
             expected_role=role,
             source=source,
             progress=ProgressWatch(
@@ -277,7 +283,7 @@ class WorkerRegistry:
         for check in checks:
             check.cancel()
         await asyncio.gather(*checks, return_exceptions=True)
-        await self._connections.aclose()
+        await self.transport.aclose()
 
     async def wait_ready(self, timeout_s: float) -> None:
         """Until at least one worker of every needed role is ready; ``TimeoutError`` if not."""

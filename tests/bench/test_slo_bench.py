@@ -24,7 +24,7 @@ from bench.slo_bench import (
 )
 from gateway.config import DEFAULT_SLO_CLASSES
 from gateway.metrics import GatewayMetrics, RequestRecord
-from gateway.openai_api import SSE_DONE, ChatCompletionChunk
+from gateway.openai_responses import SSE_DONE, ChatCompletionChunk
 from transfer.messages import WorkerLoad, WorkerRole
 
 ARGS = ("chatcmpl-1", 0, "m")

@@ -14,7 +14,7 @@ import pytest
 from engine.model_store import resolve_model, tokenizer_path
 from engine.tokenizer import Tokenizer
 from gateway.errors import ClientError, ContextLengthExceeded, EmptyPrompt
-from gateway.openai_api import GenerationRequest
+from gateway.openai_requests import GenerationRequest
 from gateway.prompts import INLINE_MAX_CHARS, PromptEncoder
 from transfer.errors import FairgateError
 

@@ -38,7 +38,7 @@ from schemathesis.hooks import GLOBAL_HOOK_DISPATCHER
 
 from deploy.stack import Stack
 from engine.null_engine import NullEngineConfig
-from gateway.openapi import SLO_CLASS_NAME, TOKEN_ID
+from gateway.openapi_document import SLO_CLASS_NAME, TOKEN_ID
 
 MAX_EXAMPLES = 50  # random requests per route and generation mode, after the coverage phase
 # The null engine decodes a step in 5 ms: a request for thousands of tokens would take seconds
@@ -272,8 +272,8 @@ def _run(target: Target, tag: str, *, stateful: bool) -> None:
     for method, path in _NOT_FUZZED:
         schema = schema.exclude(method=method, path=path)
     components = schema.raw_schema["components"]["schemas"]
-    # The document lists this deployment's values (gateway.openapi.Deployment): without them,
-    # valid-looking SLO classes and token ids would be refused.
+    # The document lists this deployment's values (gateway.openapi_document.Deployment): without
+    # them, valid-looking SLO classes and token ids would be refused.
     deployment = (components[SLO_CLASS_NAME].get("enum"), components[TOKEN_ID].get("maximum"))
     expected = (["interactive", "standard", "batch"], NullEngineConfig().vocab_size - 1)
     assert deployment == expected, "the document does not list the deployment's values"

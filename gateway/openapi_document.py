@@ -32,6 +32,7 @@ __all__ = [
     "TOKEN_ID",
     "Deployment",
     "Endpoint",
+    "Handler",
     "PathParam",
     "QueryParam",
     "component_ref",
@@ -154,11 +155,13 @@ def decode_json(body: bytes, message_type: type[_T]) -> _T:
 
 def error_param(error: str) -> str | None:
     """The top-level field a ``msgspec.ValidationError``'s text names: ``… - at `$.stop[0]``` →
-    ``stop``, ``Object contains unknown field `foo``` → ``foo``, ``Object missing required field
-    `model``` → ``model``; None when it names none (the body is not an object)."""
-    if " - at `$." in error:
-        path = error.rsplit(" - at `$.", 1)[1].rstrip("`")
-        return re.split(r"[.\[]", path, maxsplit=1)[0]
+    ``stop`` (a key of it: ``… - at `key` in `$.model_quotas``` → ``model_quotas``), ``Object
+    contains unknown field `foo``` → ``foo``, ``Object missing required field `model``` →
+    ``model``; None when it names none (the body is not an object)."""
+    # A mapping's key is "… - at `key` in `$.model_quotas`".
+    located = re.search(r" - at `(?:key` in `)?\$\.([^`]*)`\Z", error)
+    if located is not None:
+        return re.split(r"[.\[]", located.group(1), maxsplit=1)[0]
     match = re.search(r"(?:unknown|missing required) field `([^`]*)`", error)
     return match.group(1) if match else None
 

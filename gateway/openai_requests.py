@@ -1,9 +1,10 @@
-"""OpenAI's Chat Completions and Completions bodies: requests decoded into a ``GenerationRequest``,
-answers (whole or as server-sent events) and the model list encoded as OpenAI sends them.
+"""The request bodies of OpenAI's Chat Completions and Completions APIs, decoded and checked into a
+``GenerationRequest`` (the answers are ``gateway.openai_responses``).
 
 The request structs name every parameter OpenAI accepts and the values we take, and refuse
-anything else (400 naming the parameter); the OpenAPI document (``gateway.openapi``) is generated
-from them, so what it says is valid is what is accepted. Each parameter is in one of three groups:
+anything else (400 naming the parameter); the OpenAPI document (``gateway.openapi_document``) is
+generated from them, so what it says is valid is what is accepted. Each parameter is in one of
+three groups:
 
 - **used**: ``model``, ``messages`` (roles system, developer → system, user, assistant; content a
   string or a non-empty list of text parts, joined with ``"\\n"``), ``prompt`` (one non-empty
@@ -35,47 +36,36 @@ that is not JSON is ``InvalidJson``. Torch-free.
 from __future__ import annotations
 
 import re
-import time
-import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import msgspec
 
 from gateway.errors import ClientError, UnsupportedParameter
-from gateway.openapi import TOKEN_ID, component_ref, decode_json, error_param, json_integers
+from gateway.openapi_document import (
+    TOKEN_ID,
+    component_ref,
+    decode_json,
+    error_param,
+    json_integers,
+)
 from gateway.tenants import SloClassName
 
 __all__ = [
     "INT64_MAX",
     "INT64_MIN",
     "MAX_TOKENS_LIMIT",
-    "SSE_DONE",
-    "SSE_KEEPALIVE",
-    "ChatCompletion",
-    "ChatCompletionChunk",
     "ChatCompletionRequest",
     "ChatMessage",
-    "Completion",
-    "CompletionChunk",
     "CompletionRequest",
     "GenerationRequest",
     "InvalidJson",
-    "Model",
-    "ModelList",
     "StreamOptions",
     "TextPart",
-    "UsageInfo",
-    "new_completion_id",
     "parse_chat_request",
     "parse_completion_request",
-    "sse_event",
 ]
-
-SSE_DONE = b"data: [DONE]\n\n"
-SSE_KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients skip it, idle timers restart
-_encoder = msgspec.json.Encoder()
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Far past any model's context: a larger limit asks for nothing a smaller one does not, and
@@ -164,7 +154,7 @@ class TextResponseFormat(msgspec.Struct, kw_only=True, forbid_unknown_fields=Tru
 
 class _RequestBase(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The parameters both APIs accept. ``json_schema_extra``: what the document adds to the
-    struct's own schema (``gateway.openapi``): rules between parameters."""
+    struct's own schema (``gateway.openapi_document``): rules between parameters."""
 
     json_schema_extra: ClassVar[dict[str, Any]] = {"allOf": [_STREAM_OPTIONS_NEED_STREAM]}
 
@@ -480,228 +470,3 @@ def _prompt_text(text: str) -> str:
 
 def _is_token_ids(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(type(t) is int and t >= 0 for t in value)
-
-
-# ---- responses ------------------------------------------------------------------------------
-
-
-def new_completion_id(kind: Literal["chat", "completion"]) -> str:
-    """``chatcmpl-…`` or ``cmpl-…``, as OpenAI names them."""
-    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
-
-
-def sse_event(message: msgspec.Struct) -> bytes:
-    """One server-sent event carrying ``message`` as JSON."""
-    return b"data: " + _encoder.encode(message) + b"\n\n"
-
-
-class PromptTokensDetails(msgspec.Struct, kw_only=True):
-    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
-
-
-class UsageInfo(msgspec.Struct, kw_only=True):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: PromptTokensDetails
-
-    @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> UsageInfo:
-        return cls(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
-        )
-
-
-class AssistantMessage(msgspec.Struct, kw_only=True):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(msgspec.Struct, kw_only=True):
-    index: int = 0
-    message: AssistantMessage
-    finish_reason: str  # "stop" or "length"
-    logprobs: None = None
-
-
-class Delta(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """What a chunk adds: ``{"role": "assistant", "content": ""}`` first, then ``{"content": …}``,
-    and ``{}`` with the finish reason (OpenAI omits what a chunk does not carry)."""
-
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(msgspec.Struct, kw_only=True):
-    index: int = 0
-    delta: Delta
-    finish_reason: str | None = None
-    logprobs: None = None
-
-
-class CompletionChoice(msgspec.Struct, kw_only=True):
-    index: int = 0
-    text: str
-    finish_reason: str | None  # None on a streamed chunk before the last
-    logprobs: None = None
-
-
-class _Answer(msgspec.Struct, kw_only=True):
-    """What the two whole answers share; each names its ``object`` and choice type."""
-
-    id: str
-    object: str = ""
-    created: int
-    model: str
-    choices: list[Any]
-    usage: UsageInfo
-    system_fingerprint: str | None = None
-
-    @classmethod
-    def of(
-        cls,
-        completion_id: str,
-        created: int,
-        model: str,
-        text: str,
-        finish_reason: str,
-        prompt_tokens: int,
-        completion_tokens: int,
-        cached_tokens: int = 0,
-    ) -> Self:
-        usage = UsageInfo.of(prompt_tokens, completion_tokens, cached_tokens)
-        choices = [cls._choice(text, finish_reason)]
-        return cls(id=completion_id, created=created, model=model, choices=choices, usage=usage)
-
-    @classmethod
-    def _choice(cls, text: str, finish_reason: str) -> Any:
-        raise NotImplementedError
-
-
-class ChatCompletion(_Answer, kw_only=True):
-    """A whole chat answer (``stream: false``)."""
-
-    object: Literal["chat.completion"] = "chat.completion"
-    choices: list[ChatChoice]
-
-    @classmethod
-    def _choice(cls, text: str, finish_reason: str) -> ChatChoice:
-        return ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason)
-
-
-class Completion(_Answer, kw_only=True):
-    """A whole text completion (``stream: false``)."""
-
-    object: Literal["text_completion"] = "text_completion"
-    choices: list[CompletionChoice]
-
-    @classmethod
-    def _choice(cls, text: str, finish_reason: str) -> CompletionChoice:
-        return CompletionChoice(text=text, finish_reason=finish_reason)
-
-
-class _Chunk(msgspec.Struct, kw_only=True):
-    """What the two streams' chunks share. The class methods give a stream's SSE events in
-    order: (chat only: ``role``), ``text`` …, ``finish``, then ``usage_only`` (``choices: []``)
-    if the client asked for usage. The other chunks carry ``"usage": null``, as OpenAI's do with
-    ``include_usage`` (without it OpenAI leaves the field out; clients read both as none)."""
-
-    id: str
-    object: str = ""
-    created: int
-    model: str
-    system_fingerprint: str | None = None
-    choices: list[Any]
-    usage: UsageInfo | None = None
-
-    @classmethod
-    def text(cls, completion_id: str, created: int, model: str, text: str) -> bytes:
-        return cls._event(completion_id, created, model, [cls._choice(text, None)])
-
-    @classmethod
-    def finish(cls, completion_id: str, created: int, model: str, finish_reason: str) -> bytes:
-        return cls._event(completion_id, created, model, [cls._choice(None, finish_reason)])
-
-    @classmethod
-    def usage_only(
-        cls,
-        completion_id: str,
-        created: int,
-        model: str,
-        prompt_tokens: int,
-        completion_tokens: int,
-        cached_tokens: int = 0,
-    ) -> bytes:
-        usage = UsageInfo.of(prompt_tokens, completion_tokens, cached_tokens)
-        return cls._event(completion_id, created, model, [], usage)
-
-    @classmethod
-    def _event(
-        cls,
-        completion_id: str,
-        created: int,
-        model: str,
-        choices: list[Any],
-        usage: UsageInfo | None = None,
-    ) -> bytes:
-        return sse_event(
-            cls(id=completion_id, created=created, model=model, choices=choices, usage=usage)
-        )
-
-    @classmethod
-    def _choice(cls, text: str | None, finish_reason: str | None) -> Any:
-        raise NotImplementedError
-
-
-class ChatCompletionChunk(_Chunk, kw_only=True):
-    """One event of a streamed chat answer."""
-
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    choices: list[ChatChunkChoice]
-
-    @classmethod
-    def role(cls, completion_id: str, created: int, model: str) -> bytes:
-        """The first event: the assistant's role and no text yet."""
-        choice = ChatChunkChoice(delta=Delta(role="assistant", content=""))
-        return cls._event(completion_id, created, model, [choice])
-
-    @classmethod
-    def _choice(cls, text: str | None, finish_reason: str | None) -> ChatChunkChoice:
-        return ChatChunkChoice(delta=Delta(content=text), finish_reason=finish_reason)
-
-
-class CompletionChunk(_Chunk, kw_only=True):
-    """One event of a streamed text completion; OpenAI's ``object`` is ``text_completion`` here
-    too."""
-
-    object: Literal["text_completion"] = "text_completion"
-    choices: list[CompletionChoice]
-
-    @classmethod
-    def _choice(cls, text: str | None, finish_reason: str | None) -> CompletionChoice:
-        return CompletionChoice(text=text or "", finish_reason=finish_reason)
-
-
-class Model(msgspec.Struct, kw_only=True):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str
-
-
-class ModelList(msgspec.Struct, kw_only=True):
-    """The body of ``GET /v1/models``."""
-
-    object: Literal["list"] = "list"
-    data: list[Model]
-
-    @classmethod
-    def of(
-        cls, model_ids: Sequence[str], *, created: int | None = None, owned_by: str = "fairgate"
-    ) -> ModelList:
-        """``created`` defaults to now."""
-        at = int(time.time()) if created is None else created
-        return cls(data=[Model(id=m, created=at, owned_by=owned_by) for m in model_ids])
