@@ -1,5 +1,5 @@
 """Per-tenant quotas: concurrent requests, requests and tokens per minute, and the token budget of
-a day or month.
+a day or month, for the tenant overall and, where its quotas name a model, for that model alone.
 
 **Reserve, then settle.** ``QuotaManager.admit`` charges a request before it runs, at its worst
 case (prompt tokens + ``max_tokens``): one concurrency slot, one request and ``estimated_tokens`` in
@@ -8,6 +8,12 @@ the sliding 60 s windows, and ``estimated_tokens`` against the budget of the cur
 estimate by the real usage, in the window and in that period's running total. Charging up front is
 what keeps streaming and concurrent requests from overshooting a limit (LiteLLM's lesson in
 ``architecture.md``): the backend checks and reserves every limit in one atomic step.
+
+**Per model.** An admission may also carry the tenant's quotas for the request's model
+(``model_quotas``, e.g. a tokens-per-minute limit on the large model alone): it is then charged in
+two scopes, the tenant's overall one and the (tenant, model) one, checked and reserved together
+(all or nothing; the overall scope is checked first, and the first breach wins) and settled
+together. A refusal by a model's limit names the model ("tokens_per_minute of model 'X' is ...").
 
 **Reject or demote.** Over a limit, the tenant's ``over_quota`` policy decides: ``reject`` raises
 ``RateLimited`` (with the seconds until the window frees enough) or, for the budget,
@@ -22,16 +28,20 @@ the request runs, so a replica that dies leaks nothing for longer than the lease
 the policy, the same for both: what to refuse, what to tell the tenant, when to load a budget.
 
 The budget starts from the usage the store has recorded for the period, loaded once per
-(tenant, period) and installed in the backend; from then on the backend keeps the running total
-(the gateway writes the usage ledger separately). The tenant is passed on every call, so quota
-changes apply at once. Torch-free.
+(tenant, scope, period) and installed in the backend; from then on the backend keeps the running
+total (the gateway writes the usage ledger separately). The overall scope's usage comes from
+``budget_usage``, a model scope's from ``model_budget_usage`` (the store's usage of that model
+alone). The tenant and its quotas are passed on every call, so quota changes apply at once.
+Torch-free.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from gateway.errors import QuotaExhausted, RateLimited, Unavailable
 from gateway.quotas_backend import (
@@ -46,16 +56,29 @@ from gateway.quotas_backend import (
 from gateway.quotas_memory import MemoryQuotaBackend
 from gateway.tenants import BudgetPeriod, Quotas, Tenant, period_bounds
 
-__all__ = ["Admission", "BudgetUsage", "QuotaManager", "QuotaState"]
+__all__ = ["Admission", "BudgetUsage", "ModelBudgetUsage", "QuotaManager", "QuotaState"]
+
+logger = logging.getLogger(__name__)
 
 CONCURRENCY_RETRY_AFTER_S = 1.0  # no way to know when a running request ends: a short hint
 MIN_RETRY_AFTER_S = 0.01
-# An admission orders at most this many times: the budget it needs is loaded in between, and
-# another replica or `forget` may drop it again; past this something is wrong with the state.
-MAX_ORDERS = 4
+# An admission orders at most this many times per scope: the budget it needs is loaded in
+# between, and another replica or `forget` may drop it again; past this something is wrong.
+MAX_ORDERS_PER_SCOPE = 4
 
 # (tenant_id, kind, period) -> tokens recorded in the store, e.g. ``SQLiteStore.total_tokens``.
 BudgetUsage = Callable[[str, BudgetPeriod, str], Awaitable[int]]
+
+
+class ModelBudgetUsage(Protocol):
+    """(tenant_id, kind, period, model_id=) -> the prompt + completion tokens the store recorded
+    for the tenant's requests to that one model in that period (0 if none). A store method
+    ``total_tokens(tenant_id, kind, period, *, model_id: str = "")`` (``""``: every model) is
+    both this and a ``BudgetUsage``."""
+
+    def __call__(
+        self, tenant_id: str, kind: BudgetPeriod, period: str, *, model_id: str
+    ) -> Awaitable[int]: ...
 
 
 @dataclass(slots=True)
@@ -63,13 +86,16 @@ class Admission:
     """A request let in, with what it reserved; hand it to ``QuotaManager.settle`` exactly when
     the request ends (more calls do nothing). ``admitted_at``: the backend's clock (the Redis
     server's with Redis). ``period``: the budget period it was charged to, or None when the
-    tenant has no budget. ``demoted``: over a limit under the ``demote`` policy,
-    ``demoted_reason`` says which."""
+    tenant has no budget. ``model_id``: the model it was admitted for (``""``: none given);
+    ``model_period``: the period of that model's budget it was charged to, or None when it has
+    none. ``demoted``: over a limit under the ``demote`` policy, ``demoted_reason`` says which."""
 
     tenant_id: str
     estimated_tokens: int
     admitted_at: float
     period: str | None
+    model_id: str
+    model_period: str | None
     demoted: bool
     demoted_reason: str | None
     _reservation: Reservation = field(repr=False, compare=False)
@@ -96,13 +122,25 @@ class QuotaManager:
     before the first admission and ``close`` at the end (with Redis: the lease renewals, the
     settles still on their way, the connection)."""
 
-    def __init__(self, budget_usage: BudgetUsage, backend: QuotaBackend | None = None) -> None:
+    def __init__(
+        self,
+        budget_usage: BudgetUsage,
+        backend: QuotaBackend | None = None,
+        *,
+        model_budget_usage: ModelBudgetUsage | None = None,
+    ) -> None:
+        """``budget_usage``: the store's usage of a tenant overall, to start a budget from.
+        ``model_budget_usage``: its usage of one model, for per-model budgets; without it a
+        per-model budget cannot be checked, and its admissions fail (``Unavailable``)."""
         self._budget_usage = budget_usage
+        self._model_budget_usage = model_budget_usage
         self._backend: QuotaBackend = MemoryQuotaBackend() if backend is None else backend
-        self._loading: dict[tuple[str, BudgetPeriod, str], asyncio.Event] = {}
-        # (tenant_id, kind) -> the period this manager installed last. Another admission's
-        # `BudgetMissing` may have been answered before that install: order once more first.
-        self._installed: dict[tuple[str, BudgetPeriod], str] = {}
+        # (tenant_id, model_id, kind, period): model_id "" is the tenant's overall scope.
+        self._loading: dict[tuple[str, str, BudgetPeriod, str], asyncio.Event] = {}
+        # (tenant_id, model_id, kind) -> the period this manager installed last. Another
+        # admission's `BudgetMissing` may have been answered before that install: order once
+        # more first.
+        self._installed: dict[tuple[str, str, BudgetPeriod], str] = {}
 
     async def start(self) -> None:
         await self._backend.start()
@@ -110,35 +148,46 @@ class QuotaManager:
     async def close(self) -> None:
         await self._backend.close()
 
-    async def admit(self, tenant: Tenant, *, estimated_tokens: int) -> Admission:
-        """Check and reserve; raises ``RateLimited`` / ``QuotaExhausted`` over a limit when the
-        tenant's policy is ``reject``, ``Unavailable`` when the quota state cannot be reached."""
+    async def admit(
+        self,
+        tenant: Tenant,
+        *,
+        estimated_tokens: int,
+        model_id: str = "",
+        model_quotas: Quotas | None = None,
+    ) -> Admission:
+        """Check and reserve, in the tenant's overall scope and, with ``model_quotas`` (the
+        tenant's quotas for ``model_id``), in that model's; raises ``RateLimited`` /
+        ``QuotaExhausted`` over a limit when the tenant's policy is ``reject``, ``Unavailable``
+        when the quota state cannot be reached."""
         if estimated_tokens < 0:
             raise ValueError(f"estimated_tokens must be >= 0, not {estimated_tokens}")
-        quotas = tenant.quotas
         order = ReserveOrder(
             tenant_id=tenant.tenant_id,
-            quotas=quotas,
+            quotas=tenant.quotas,
             estimated_tokens=estimated_tokens,
             reserve_over_limit=tenant.over_quota == "demote",
+            model_id=model_id,
+            model_quotas=model_quotas,
         )
-        is_reordered = False
-        for _ in range(MAX_ORDERS):
+        reordered: set[str] = set()  # the scopes ordered once more after this manager's install
+        for _ in range(MAX_ORDERS_PER_SCOPE * len(order.scopes())):
             outcome = await self._backend.reserve(order)
             if isinstance(outcome, Reserved):
                 break
-            installed = self._installed.get((tenant.tenant_id, outcome.kind))
-            if installed == outcome.period and not is_reordered:
-                is_reordered = True
+            scope = outcome.model_id
+            installed = self._installed.get((tenant.tenant_id, scope, outcome.kind))
+            if installed == outcome.period and scope not in reordered:
+                reordered.add(scope)
                 continue
-            await self._load_budget(tenant.tenant_id, outcome.kind, outcome.period)
+            await self._load_budget(tenant.tenant_id, scope, outcome.kind, outcome.period)
         else:
             raise Unavailable(
                 "this tenant's token budget could not be loaded; try again", retry_after_s=1.0
             )
         refusal = None
         if outcome.breach is not None:
-            refusal = _refusal(outcome, quotas, estimated_tokens)
+            refusal = _refusal(outcome, order, outcome.breach)
         if outcome.reservation is None:
             assert refusal is not None, "a backend refuses only over a limit"
             raise refusal.error()
@@ -147,6 +196,8 @@ class QuotaManager:
             estimated_tokens=estimated_tokens,
             admitted_at=outcome.at,
             period=outcome.period,
+            model_id=model_id,
+            model_period=outcome.model_period,
             demoted=refusal is not None,
             demoted_reason=None if refusal is None else refusal.message,
             _reservation=outcome.reservation,
@@ -163,49 +214,78 @@ class QuotaManager:
         admission._reservation.settle(actual_tokens)
 
     def forget(self, tenant_id: str) -> None:
-        """Drop a deleted tenant's state; its requests still running settle harmlessly."""
+        """Drop a deleted tenant's state, in every scope; its requests still running settle
+        harmlessly."""
         for key in [key for key in self._installed if key[0] == tenant_id]:
             del self._installed[key]
         self._backend.forget(tenant_id)
 
-    async def snapshot(self, tenant_id: str) -> QuotaState:
-        """The tenant's usage now, after this manager's own settles (with Redis: what every
-        replica reserved and settled)."""
-        return await self._backend.snapshot(tenant_id)
+    async def snapshot(self, tenant_id: str, *, model_id: str = "") -> QuotaState:
+        """The tenant's usage now, overall or (``model_id``) of that model's scope, after this
+        manager's own settles (with Redis: what every replica reserved and settled)."""
+        return await self._backend.snapshot(tenant_id, model_id=model_id)
 
-    async def _load_budget(self, tenant_id: str, kind: BudgetPeriod, period: str) -> None:
-        """Load the store's usage for the period once, however many admissions wait for it, and
-        install it. If the load fails, its caller sees the error and the waiters try again
-        themselves."""
-        key = (tenant_id, kind, period)
+    async def _load_budget(
+        self, tenant_id: str, model_id: str, kind: BudgetPeriod, period: str
+    ) -> None:
+        """Load the store's usage of the scope for the period once, however many admissions
+        wait for it, and install it. If the load fails, its caller sees the error and the
+        waiters try again themselves."""
+        key = (tenant_id, model_id, kind, period)
         loading = self._loading.get(key)
         if loading is not None:
             await loading.wait()  # Event.wait: cancelling one waiter leaves the others be
             return
         loading = self._loading[key] = asyncio.Event()
         try:
-            used = await self._budget_usage(tenant_id, kind, period)
-            await self._backend.install_budget(tenant_id, kind, period, used)
-            self._installed[(tenant_id, kind)] = period
+            used = await self._recorded_usage(tenant_id, model_id, kind, period)
+            await self._backend.install_budget(tenant_id, kind, period, used, model_id=model_id)
+            self._installed[(tenant_id, model_id, kind)] = period
         finally:
             del self._loading[key]
             loading.set()
 
+    async def _recorded_usage(
+        self, tenant_id: str, model_id: str, kind: BudgetPeriod, period: str
+    ) -> int:
+        if not model_id:
+            return await self._budget_usage(tenant_id, kind, period)
+        if self._model_budget_usage is None:
+            # Fail closed: starting from 0 would let the tenant spend the budget again after
+            # every restart. A wiring fault, not the tenant's: say so in the log.
+            logger.error(
+                "tenant %s has a token budget for model %r, but this gateway's quota manager "
+                "has no per-model usage to start it from (model_budget_usage)",
+                tenant_id,
+                model_id,
+            )
+            raise Unavailable(
+                f"this tenant's token budget for model {model_id!r} cannot be checked right now",
+                retry_after_s=60.0,
+            )
+        return await self._model_budget_usage(tenant_id, kind, period, model_id=model_id)
 
-def _refusal(outcome: Reserved, quotas: Quotas, estimated: int) -> _Refusal:
+
+def _refusal(outcome: Reserved, order: ReserveOrder, breach: Breach) -> _Refusal:
     """What the tenant is told about the outcome's breach, and when to try again."""
-    breach, now = outcome.breach, outcome.at
-    assert breach is not None
+    now, estimated = outcome.at, order.estimated_tokens
+    quotas = order.quotas
+    if breach.model_id:
+        assert order.model_quotas is not None, "only a model scope's limits name a model"
+        quotas = order.model_quotas
+    # The limit's name, and for a model scope the model's: "tokens_per_minute of model 'X'".
+    of_scope = f" of model {breach.model_id!r}" if breach.model_id else ""
     match breach.limit:
         case "max_concurrent_requests":
             return _Refusal(
-                "too many concurrent requests: max_concurrent_requests is "
+                f"too many concurrent requests: max_concurrent_requests{of_scope} is "
                 f"{quotas.max_concurrent_requests}",
                 CONCURRENCY_RETRY_AFTER_S,
             )
         case "requests_per_minute":
             return _Refusal(
-                f"rate limit reached: requests_per_minute is {quotas.requests_per_minute}",
+                f"rate limit reached: requests_per_minute{of_scope} is "
+                f"{quotas.requests_per_minute}",
                 _retry_after(breach.frees_at, now),
             )
         case "tokens_per_minute":
@@ -214,32 +294,36 @@ def _refusal(outcome: Reserved, quotas: Quotas, estimated: int) -> _Refusal:
             if estimated > limit:
                 return _Refusal(
                     f"this request needs up to {estimated} tokens (prompt + max_tokens), more "
-                    f"than tokens_per_minute ({limit}) allows at all; lower max_tokens",
+                    f"than tokens_per_minute{of_scope} ({limit}) allows at all; lower "
+                    "max_tokens",
                     WINDOW_S,
                 )
             return _Refusal(
-                f"rate limit reached: tokens_per_minute is {limit}; {breach.num_used} are used "
-                f"or reserved and this request needs up to {estimated}",
+                f"rate limit reached: tokens_per_minute{of_scope} is {limit}; "
+                f"{breach.num_used} are used or reserved and this request needs up to "
+                f"{estimated}",
                 _retry_after(breach.frees_at, now),
             )
         case "token_budget":
-            return _budget_refusal(breach, quotas, now, estimated, outcome.period)
+            period = outcome.model_period if breach.model_id else outcome.period
+            return _budget_refusal(breach, quotas, now, estimated, period, of_scope)
 
 
 def _budget_refusal(
-    breach: Breach, quotas: Quotas, now: float, estimated: int, period: str | None
+    breach: Breach, quotas: Quotas, now: float, estimated: int, period: str | None, of_scope: str
 ) -> _Refusal:
     limit, kind = quotas.token_budget, quotas.budget_period
     assert limit is not None, "a breached limit is set"
     if estimated > limit:
         message = (
             f"this request needs up to {estimated} tokens (prompt + max_tokens), more than the "
-            f"whole token_budget of {limit} per {kind}; lower max_tokens"
+            f"whole token_budget of {limit} per {kind}{of_scope}; lower max_tokens"
         )
     else:
         message = (
-            f"token budget exhausted: token_budget is {limit} per {kind}; {breach.num_used} "
-            f"are used or reserved in {period} and this request needs up to {estimated}"
+            f"token budget exhausted: token_budget{of_scope} is {limit} per {kind}; "
+            f"{breach.num_used} are used or reserved in {period} and this request needs up to "
+            f"{estimated}"
         )
     return _Refusal(message, _retry_after(period_bounds(now, kind)[1], now), is_budget=True)
 

@@ -1,7 +1,9 @@
 """The Lua scripts of the Redis quota backend (``gateway.quotas_redis``, which documents the keys
 and the rules): each is one atomic step, since Redis runs a script alone. Every key a script
-touches is passed in ``KEYS`` (all of one tenant: one hash tag). Times are float seconds from the
-server's ``TIME``, or from ``now`` when a test gives one. Torch-free.
+touches is passed in ``KEYS`` (all of one tenant, its model scopes' included: one hash tag).
+``ADMIT``, ``SETTLE`` and ``RENEW`` act on an order's one or two scopes (the tenant's, then a
+model's) in one call; ``INSTALL`` and ``SNAPSHOT`` take the keys of the one scope they read. Times
+are float seconds from the server's ``TIME``, or from ``now`` when a test gives one. Torch-free.
 """
 
 from __future__ import annotations
@@ -58,39 +60,56 @@ local function period_of(now, kind)
 end
 """
 
-# KEYS: leases, window, tokens, budget (the order's kind; any tenant key without a budget), meta
-# ARGV: id, estimated, max_concurrent, rpm, tpm, budget (-1: none), kind ('' : no budget),
-#       over ('1': reserve over a limit), lease_s, window_s, now ('' : the server's TIME)
-# Reply: {'missing', now, period} | {'reserved' | 'refused', now, period, limit, used, frees_at}
+# KEYS: per scope (the tenant's, then the model's if any): leases, window, tokens, budget (the
+#       scope's kind; any key of the scope without a budget), meta; then, with a model scope, the
+#       tenant's set of models
+# ARGV: id, estimated, over ('1': reserve over a limit), lease_s, window_s, now ('' : the
+#       server's TIME), model ('' : no model scope), models_ttl_s, then per scope:
+#       max_concurrent, rpm, tpm, budget (-1: none), kind ('' : no budget)
+# Reply: {outcome, now, limit, used, frees_at, scope, period of scope 1, period of scope 2}:
+#   outcome 'missing' (`scope` has no running total for its period: nothing was reserved),
+#   'refused' or 'reserved'; `scope` is the 1-based scope that broke `limit` (0: none broke).
 ADMIT = (
     _PRELUDE
     + r"""
-local id, estimated = ARGV[1], tonumber(ARGV[2])
-local max_concurrent, rpm, tpm = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local budget, kind, over = tonumber(ARGV[6]), ARGV[7], ARGV[8] == '1'
-local lease_s, window_s = tonumber(ARGV[9]), tonumber(ARGV[10])
-local now = clock(ARGV[11])
-local period, total = '', 0
-if kind ~= '' then
-  period = period_of(now, kind)
-  local value = redis.call('HGET', KEYS[4], period)
-  if not value then return {'missing', fmt(now), period} end
-  total = tonumber(value)
+local id, estimated, over = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
+local lease_s, window_s = tonumber(ARGV[4]), tonumber(ARGV[5])
+local now = clock(ARGV[6])
+local model, models_ttl_s = ARGV[7], tonumber(ARGV[8])
+local scopes, periods = {}, {'', ''}
+for s = 1, (#ARGV - 8) / 5 do
+  local k, a = 5 * (s - 1), 8 + 5 * (s - 1)
+  scopes[s] = {
+    leases = KEYS[k + 1], window = KEYS[k + 2], tokens = KEYS[k + 3], budget = KEYS[k + 4],
+    meta = KEYS[k + 5], max_concurrent = tonumber(ARGV[a + 1]), rpm = tonumber(ARGV[a + 2]),
+    tpm = tonumber(ARGV[a + 3]), budget_limit = tonumber(ARGV[a + 4]), kind = ARGV[a + 5],
+    total = 0,
+  }
 end
-drop_lapsed(KEYS[1], now)
-prune_window(KEYS[2], KEYS[3], now - window_s)
-local num_requests = redis.call('ZCARD', KEYS[2])
-local num_tokens = tonumber(redis.call('HGET', KEYS[3], SUM) or 0)
+if model ~= '' then  -- before anything else: `forget` finds every model scope through this set
+  redis.call('SADD', KEYS[#KEYS], model)
+  redis.call('EXPIRE', KEYS[#KEYS], models_ttl_s)
+end
 
--- Walk the window from its oldest entry until `excess` tokens have left.
-local function tokens_free_at(excess)
+-- Every scope's budget first: one that is missing reserves nothing anywhere.
+for s, scope in ipairs(scopes) do
+  if scope.kind ~= '' then
+    periods[s] = period_of(now, scope.kind)
+    local value = redis.call('HGET', scope.budget, periods[s])
+    if not value then return {'missing', fmt(now), '', 0, '0', s, periods[1], periods[2]} end
+    scope.total = tonumber(value)
+  end
+end
+
+-- Walk the scope's window from its oldest entry until `excess` tokens have left.
+local function tokens_free_at(scope, excess)
   local start = 0
   while true do
-    local batch = redis.call('ZRANGE', KEYS[2], start, start + BATCH - 1, 'WITHSCORES')
+    local batch = redis.call('ZRANGE', scope.window, start, start + BATCH - 1, 'WITHSCORES')
     if #batch == 0 then return now + window_s end
     local ids = {}
     for i = 1, #batch, 2 do ids[#ids + 1] = batch[i] end
-    local amounts = redis.call('HMGET', KEYS[3], unpack(ids))
+    local amounts = redis.call('HMGET', scope.tokens, unpack(ids))
     for i, amount in ipairs(amounts) do
       excess = excess - tonumber(amount or 0)
       if excess <= 0 then return tonumber(batch[2 * i]) + window_s end
@@ -99,86 +118,126 @@ local function tokens_free_at(excess)
   end
 end
 
-local limit, used, frees_at = '', 0, 0
-if max_concurrent >= 0 and redis.call('ZCARD', KEYS[1]) >= max_concurrent then
-  limit = 'max_concurrent_requests'
-elseif rpm >= 0 and num_requests >= rpm then
-  -- more than `rpm` (demoted ones, a lowered limit): this one fits once all but rpm - 1 left
-  limit = 'requests_per_minute'
-  local nth = redis.call('ZRANGE', KEYS[2], num_requests - rpm, num_requests - rpm, 'WITHSCORES')
-  frees_at = tonumber(nth[2]) + window_s
-elseif tpm >= 0 and num_tokens + estimated > tpm then
-  limit, used = 'tokens_per_minute', num_tokens
-  frees_at = tokens_free_at(num_tokens + estimated - tpm)
-elseif budget >= 0 and total + estimated > budget then
-  limit, used = 'token_budget', total
+-- The first limit of the scope this request would break: limit ('' : none), used, frees_at.
+local function first_breach(scope)
+  local num_requests = redis.call('ZCARD', scope.window)
+  local num_tokens = tonumber(redis.call('HGET', scope.tokens, SUM) or 0)
+  if scope.max_concurrent >= 0 and redis.call('ZCARD', scope.leases) >= scope.max_concurrent then
+    return 'max_concurrent_requests', 0, 0
+  elseif scope.rpm >= 0 and num_requests >= scope.rpm then
+    -- more than `rpm` (demoted ones, a lowered limit): this one fits once all but rpm - 1 left
+    local nth = num_requests - scope.rpm
+    local entry = redis.call('ZRANGE', scope.window, nth, nth, 'WITHSCORES')
+    return 'requests_per_minute', 0, tonumber(entry[2]) + window_s
+  elseif scope.tpm >= 0 and num_tokens + estimated > scope.tpm then
+    local excess = num_tokens + estimated - scope.tpm
+    return 'tokens_per_minute', num_tokens, tokens_free_at(scope, excess)
+  elseif scope.budget_limit >= 0 and scope.total + estimated > scope.budget_limit then
+    return 'token_budget', scope.total, 0
+  end
+  return '', 0, 0
 end
+
+local limit, used, frees_at, breached = '', 0, 0, 0
+for s, scope in ipairs(scopes) do
+  drop_lapsed(scope.leases, now)
+  prune_window(scope.window, scope.tokens, now - window_s)
+end
+for s, scope in ipairs(scopes) do  -- the first breach wins: the tenant's scope comes first
+  limit, used, frees_at = first_breach(scope)
+  if limit ~= '' then
+    breached = s
+    break
+  end
+end
+
 local outcome = 'reserved'
 if limit ~= '' and not over then
   outcome = 'refused'
 else
-  redis.call('ZADD', KEYS[1], now + lease_s, id)
-  redis.call('PEXPIRE', KEYS[1], math.ceil(2 * lease_s * 1000))
-  redis.call('ZADD', KEYS[2], now, id)
-  redis.call('HSET', KEYS[3], id, estimated)
-  redis.call('HINCRBY', KEYS[3], SUM, estimated)
-  -- One deadline for both, set here together: they expire together.
   local window_ttl_ms = math.ceil((window_s + 1) * 1000)
-  redis.call('PEXPIRE', KEYS[2], window_ttl_ms)
-  redis.call('PEXPIRE', KEYS[3], window_ttl_ms)
-  if kind ~= '' then
-    redis.call('HINCRBY', KEYS[4], period, estimated)
-    redis.call('HSET', KEYS[5], 'budget', kind)
-    local budget_ttl_s = redis.call('TTL', KEYS[4])
-    if budget_ttl_s > 0 then redis.call('EXPIRE', KEYS[5], budget_ttl_s) end
+  for s, scope in ipairs(scopes) do
+    redis.call('ZADD', scope.leases, now + lease_s, id)
+    redis.call('PEXPIRE', scope.leases, math.ceil(2 * lease_s * 1000))
+    redis.call('ZADD', scope.window, now, id)
+    redis.call('HSET', scope.tokens, id, estimated)
+    redis.call('HINCRBY', scope.tokens, SUM, estimated)
+    -- One deadline for both, set here together: they expire together.
+    redis.call('PEXPIRE', scope.window, window_ttl_ms)
+    redis.call('PEXPIRE', scope.tokens, window_ttl_ms)
+    if scope.kind ~= '' then
+      redis.call('HINCRBY', scope.budget, periods[s], estimated)
+      redis.call('HSET', scope.meta, 'budget', scope.kind)
+      local budget_ttl_s = redis.call('TTL', scope.budget)
+      if budget_ttl_s > 0 then redis.call('EXPIRE', scope.meta, budget_ttl_s) end
+    end
   end
 end
-return {outcome, fmt(now), period, limit, used, fmt(frees_at)}
+return {outcome, fmt(now), limit, used, fmt(frees_at), breached, periods[1], periods[2]}
 """
 )
 
-# KEYS: leases, tokens, budget (the reservation's kind; any tenant key without a budget)
-# ARGV: id, estimated, actual, period ('' : no budget), now
+# KEYS: per scope of the reservation (the tenant's, then the model's if any): leases, tokens,
+#       budget (the scope's kind; any key of the scope without a budget)
+# ARGV: id, estimated, actual, now, then per scope: period ('' : no budget)
 # Reply: 1 when this settled the reservation; 0 when it was not live (settled, lapsed, forgotten).
+# The tenant's lease decides: when it is not live, no scope is touched.
 SETTLE = (
     _PRELUDE
     + r"""
-drop_lapsed(KEYS[1], clock(ARGV[5]))
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
-local actual = tonumber(ARGV[3])
-local reserved = redis.call('HGET', KEYS[2], ARGV[1])
-if reserved then  -- still in the window
-  redis.call('HSET', KEYS[2], ARGV[1], actual)
-  redis.call('HINCRBY', KEYS[2], SUM, actual - tonumber(reserved))
-end
-if ARGV[4] ~= '' and redis.call('HEXISTS', KEYS[3], ARGV[4]) == 1 then
-  redis.call('HINCRBY', KEYS[3], ARGV[4], actual - tonumber(ARGV[2]))
+local id, estimated, actual = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local now = clock(ARGV[4])
+for s = 1, #KEYS / 3 do
+  local leases, tokens, budget, period = KEYS[3 * s - 2], KEYS[3 * s - 1], KEYS[3 * s], ARGV[4 + s]
+  drop_lapsed(leases, now)
+  if redis.call('ZREM', leases, id) == 1 then
+    local reserved = redis.call('HGET', tokens, id)
+    if reserved then  -- still in the window
+      redis.call('HSET', tokens, id, actual)
+      redis.call('HINCRBY', tokens, SUM, actual - tonumber(reserved))
+    end
+    if period ~= '' and redis.call('HEXISTS', budget, period) == 1 then
+      redis.call('HINCRBY', budget, period, actual - estimated)
+    end
+  elseif s == 1 then
+    return 0
+  end
 end
 return 1
 """
 )
 
-# KEYS: leases   ARGV: lease_s, now, id...
+# KEYS: the tenant's leases, then the leases of its model scopes that these ids hold
+# ARGV: lease_s, now, then per reservation: id, the index in KEYS of its model scope's leases
+#       (0: none)
 # Reply: the ids that were no longer live (lapsed, or settled meanwhile).
 RENEW = (
     _PRELUDE
     + r"""
 local lease_s, now = tonumber(ARGV[1]), clock(ARGV[2])
-drop_lapsed(KEYS[1], now)  -- first, so that a lapsed lease is not revived
+for _, leases in ipairs(KEYS) do
+  drop_lapsed(leases, now)  -- first, so that a lapsed lease is not revived
+end
+local deadline = now + lease_s
 local lost = {}
-for i = 3, #ARGV do
-  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
-    redis.call('ZADD', KEYS[1], 'XX', now + lease_s, ARGV[i])
+for i = 3, #ARGV, 2 do
+  local id, scope = ARGV[i], tonumber(ARGV[i + 1])
+  if redis.call('ZSCORE', KEYS[1], id) then
+    redis.call('ZADD', KEYS[1], 'XX', deadline, id)
+    -- XX: a model lease gone on its own (its scope forgotten) is not revived either
+    if scope > 0 then redis.call('ZADD', KEYS[scope], 'XX', deadline, id) end
   else
-    lost[#lost + 1] = ARGV[i]
+    lost[#lost + 1] = id
   end
 end
-redis.call('PEXPIRE', KEYS[1], math.ceil(2 * lease_s * 1000))
+for _, leases in ipairs(KEYS) do
+  redis.call('PEXPIRE', leases, math.ceil(2 * lease_s * 1000))
+end
 return lost
 """
 )
 
-# KEYS: budget   ARGV: period, recorded tokens, ttl_s
+# KEYS: budget (of one scope)   ARGV: period, recorded tokens, ttl_s
 # Reply: 1 when installed; 0 when there already was one, or a later period has begun.
 INSTALL = r"""
 local periods = redis.call('HKEYS', KEYS[1])
@@ -191,7 +250,8 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
-# KEYS: leases, window, tokens, meta, budget:day, budget:month   ARGV: window_s, now
+# KEYS: of one scope: leases, window, tokens, meta, budget:day, budget:month
+# ARGV: window_s, now
 # Reply: {concurrent, requests, tokens, period ('' : none), budget total}
 SNAPSHOT = (
     _PRELUDE

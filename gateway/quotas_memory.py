@@ -1,11 +1,12 @@
 """Quota state in the gateway's memory: one gateway, one event loop, no threads.
 
-Per tenant: the number of requests running, the sliding 60 s windows of requests and of tokens
-(each admitted request's reservation, replaced by its actual usage when it settles), and the
-running total of the budget period charged last. ``reserve`` never awaits, so a check and its
-reservation are one step on the loop: no other admission can slip in between. A period's total
-starts from the store's recorded usage (``install_budget``); a request charged to a period that
-has since been replaced settles into that old total, which nobody reads any more. Torch-free.
+Per scope (a tenant's overall, or one (tenant, model)): the number of requests running, the
+sliding 60 s windows of requests and of tokens (each admitted request's reservation, replaced by
+its actual usage when it settles), and the running total of the budget period charged last.
+``reserve`` never awaits, so a check and its reservation, in both of an order's scopes, are one
+step on the loop: no other admission can slip in between. A period's total starts from the
+store's recorded usage (``install_budget``); a request charged to a period that has since been
+replaced settles into that old total, which nobody reads any more. Torch-free.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class _WindowEntry:
 
 @dataclass(slots=True)
 class _Budget:
-    """One period's running total for one tenant."""
+    """One period's running total for one scope."""
 
     kind: BudgetPeriod
     period: str
@@ -52,7 +53,9 @@ class _Budget:
 
 
 @dataclass(slots=True)
-class _TenantState:
+class _ScopeState:
+    """What one scope holds: a tenant's overall, or one of its models'."""
+
     num_concurrent: int = 0
     entries: deque[_WindowEntry] = field(default_factory=deque)  # oldest first
     num_window_tokens: int = 0  # invariant: the sum of entries' tokens
@@ -68,23 +71,29 @@ class _TenantState:
 
 
 @dataclass(slots=True)
-class _MemoryReservation:
-    state: _TenantState
+class _ScopeCharge:
+    """What one reservation holds in one scope."""
+
+    state: _ScopeState
     entry: _WindowEntry
     budget: _Budget | None
+
+
+@dataclass(slots=True)
+class _MemoryReservation:
+    charges: list[_ScopeCharge]  # one per scope of the order
     estimated_tokens: int
 
     def settle(self, actual_tokens: int) -> None:
-        state = self.state
-        state.num_concurrent -= 1
-        entry = self.entry
-        if entry.is_in_window:
-            state.num_window_tokens += actual_tokens - entry.tokens
-        entry.tokens = actual_tokens
-        budget = self.budget
-        if budget is not None:  # the period it was charged to, even if a new one has begun
-            budget.reserved -= self.estimated_tokens
-            budget.used += actual_tokens
+        for charge in self.charges:
+            state, entry, budget = charge.state, charge.entry, charge.budget
+            state.num_concurrent -= 1
+            if entry.is_in_window:
+                state.num_window_tokens += actual_tokens - entry.tokens
+            entry.tokens = actual_tokens
+            if budget is not None:  # the period it was charged to, even if a new one has begun
+                budget.reserved -= self.estimated_tokens
+                budget.used += actual_tokens
 
 
 class MemoryQuotaBackend:
@@ -93,7 +102,8 @@ class MemoryQuotaBackend:
 
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        self._states: dict[str, _TenantState] = {}
+        # tenant_id -> model_id ("": the tenant's overall scope) -> its state
+        self._tenants: dict[str, dict[str, _ScopeState]] = {}
 
     async def start(self) -> None:
         pass
@@ -103,47 +113,66 @@ class MemoryQuotaBackend:
 
     async def reserve(self, order: ReserveOrder) -> Reserved | BudgetMissing:
         now = self._clock()
-        quotas = order.quotas
-        state = self._states.get(order.tenant_id)
-        budget = None
-        if quotas.token_budget is not None:
-            kind = quotas.budget_period
-            period = period_of(now, kind)
-            budget = None if state is None else state.budget
-            if budget is None or (budget.kind, budget.period) != (kind, period):
-                return BudgetMissing(kind, period)
-        if state is None:
-            state = self._states[order.tenant_id] = _TenantState()
-        state.prune(now)
+        scopes = self._tenants.get(order.tenant_id, {})
+        # Every scope's budget first: one that is missing reserves nothing anywhere.
+        budgets: list[_Budget | None] = []
+        for model_id, quotas in order.scopes():
+            budget = None
+            if quotas.token_budget is not None:
+                kind = quotas.budget_period
+                current = period_of(now, kind)
+                state = scopes.get(model_id)
+                budget = None if state is None else state.budget
+                if budget is None or (budget.kind, budget.period) != (kind, current):
+                    return BudgetMissing(kind, current, model_id)
+            budgets.append(budget)
+        scopes = self._tenants.setdefault(order.tenant_id, {})
         estimated = order.estimated_tokens
-        breach = _first_breach(state, budget, quotas, now, estimated)
-        period_charged = None if budget is None else budget.period
+        charged: list[tuple[_ScopeState, _Budget | None]] = []
+        breach = None
+        for (model_id, quotas), budget in zip(order.scopes(), budgets, strict=True):
+            state = scopes.setdefault(model_id, _ScopeState())
+            state.prune(now)
+            charged.append((state, budget))
+            if breach is None:  # the first breach wins: the tenant's scope is checked first
+                breach = _first_breach(state, budget, quotas, now, estimated, model_id)
+        period = _charged_period(budgets[0])
+        model_period = _charged_period(budgets[1]) if len(budgets) > 1 else None
         if breach is not None and not order.reserve_over_limit:
-            return Reserved(now, period_charged, breach, None)
-        entry = _WindowEntry(now, estimated)
-        state.num_concurrent += 1
-        state.entries.append(entry)
-        state.num_window_tokens += estimated
-        if budget is not None:
-            budget.reserved += estimated
-        return Reserved(
-            now, period_charged, breach, _MemoryReservation(state, entry, budget, estimated)
-        )
+            return Reserved(now, period, breach, None, model_period)
+        charges = []
+        for state, budget in charged:
+            entry = _WindowEntry(now, estimated)
+            state.num_concurrent += 1
+            state.entries.append(entry)
+            state.num_window_tokens += estimated
+            if budget is not None:
+                budget.reserved += estimated
+            charges.append(_ScopeCharge(state, entry, budget))
+        reservation = _MemoryReservation(charges, estimated)
+        return Reserved(now, period, breach, reservation, model_period)
 
     async def install_budget(
-        self, tenant_id: str, kind: BudgetPeriod, period: str, recorded_tokens: int
+        self,
+        tenant_id: str,
+        kind: BudgetPeriod,
+        period: str,
+        recorded_tokens: int,
+        *,
+        model_id: str = "",
     ) -> None:
-        state = self._states.setdefault(tenant_id, _TenantState())
+        scopes = self._tenants.setdefault(tenant_id, {})
+        state = scopes.setdefault(model_id, _ScopeState())
         budget = state.budget
         if budget is not None and budget.kind == kind and budget.period >= period:
             return  # loaded already, or a later period has begun
         state.budget = _Budget(kind, period, recorded_tokens)  # the old one lives on in admissions
 
     def forget(self, tenant_id: str) -> None:
-        self._states.pop(tenant_id, None)
+        self._tenants.pop(tenant_id, None)
 
-    async def snapshot(self, tenant_id: str) -> QuotaState:
-        state = self._states.get(tenant_id)
+    async def snapshot(self, tenant_id: str, *, model_id: str = "") -> QuotaState:
+        state = self._tenants.get(tenant_id, {}).get(model_id)
         if state is None:
             return QuotaState(0, 0, 0, 0, None)
         state.prune(self._clock())
@@ -157,35 +186,45 @@ class MemoryQuotaBackend:
         )
 
 
+def _charged_period(budget: _Budget | None) -> str | None:
+    return None if budget is None else budget.period
+
+
 def _first_breach(
-    state: _TenantState, budget: _Budget | None, quotas: Quotas, now: float, estimated: int
+    state: _ScopeState,
+    budget: _Budget | None,
+    quotas: Quotas,
+    now: float,
+    estimated: int,
+    model_id: str,
 ) -> Breach | None:
-    """The first limit this request would break, in the order the checks are documented."""
+    """The first limit of the scope this request would break, in the order the checks are
+    documented."""
     limit = quotas.max_concurrent_requests
     if limit is not None and state.num_concurrent >= limit:
-        return Breach("max_concurrent_requests")
+        return Breach("max_concurrent_requests", model_id=model_id)
     limit = quotas.requests_per_minute
     num_requests = len(state.entries)
     if limit is not None and num_requests >= limit:
         # Demoted requests or a lowered limit can leave more than `limit` in the window: this
         # one fits once all but limit - 1 have left.
-        return Breach(
-            "requests_per_minute", frees_at=state.entries[num_requests - limit].at + WINDOW_S
-        )
+        frees_at = state.entries[num_requests - limit].at + WINDOW_S
+        return Breach("requests_per_minute", frees_at=frees_at, model_id=model_id)
     limit = quotas.tokens_per_minute
     if limit is not None and state.num_window_tokens + estimated > limit:
         return Breach(
             "tokens_per_minute",
             num_used=state.num_window_tokens,
             frees_at=_tokens_free_at(state, state.num_window_tokens + estimated - limit, now),
+            model_id=model_id,
         )
     limit = quotas.token_budget
     if limit is not None and budget is not None and budget.total + estimated > limit:
-        return Breach("token_budget", num_used=budget.total)
+        return Breach("token_budget", num_used=budget.total, model_id=model_id)
     return None
 
 
-def _tokens_free_at(state: _TenantState, excess: int, now: float) -> float:
+def _tokens_free_at(state: _ScopeState, excess: int, now: float) -> float:
     """Walk the window from its oldest entry until ``excess`` tokens have left. Only on refusal,
     and an upper bound: a request settling below its reservation frees tokens sooner."""
     for entry in state.entries:

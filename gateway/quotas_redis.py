@@ -3,7 +3,8 @@
 Each admission is one round trip: a Lua script that checks every limit and reserves all of them
 at once (Redis runs a script alone, so two replicas' admissions never interleave), and each
 settle is one more, sent in the background. The scripts read the time from the Redis server
-(``TIME``), so the replicas' clocks do not matter. Per tenant, under one hash tag::
+(``TIME``), so the replicas' clocks do not matter. Per tenant, under one hash tag (so that every
+script touches one cluster slot)::
 
     {prefix}{tenant}:leases      ZSET  reservation id -> lease deadline: the requests running
     {prefix}{tenant}:window      ZSET  reservation id -> admitted at: the 60 s window
@@ -12,6 +13,12 @@ settle is one more, sent in the background. The scripts read the time from the R
     {prefix}{tenant}:budget:day  HASH  period ("2025-01-31") -> the period's running total
     {prefix}{tenant}:budget:month      (the same per month)
     {prefix}{tenant}:meta        HASH  "budget" -> the kind of budget charged last (snapshots)
+    {prefix}{tenant}:models      SET   the model ids that have a scope (for ``forget``)
+
+and the same six keys for each (tenant, model) scope, ``{prefix}{tenant}:m:{model}:leases`` and
+so on, the model id percent-encoded (``org%2Fmodel%3Av1``: no ``:``, ``{`` or ``}`` of its own,
+and one id gives one name). A reservation with a model scope has its id in both scopes' keys,
+under the same lease: it is reserved, renewed and settled in both by one script.
 
 **Leases.** A reservation's slot is held until its lease deadline; the replica that made it
 renews the leases of its running requests every third of the lease, all of them in one pipelined
@@ -44,6 +51,7 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -74,12 +82,16 @@ DEFAULT_TIMEOUT_S = 2.0
 SETTLE_RETRY_DELAYS_S = (0.05, 0.25, 1.0)
 # A budget's hash outlives its longest period by a day: after that only late settles need it.
 BUDGET_TTL_S: dict[BudgetPeriod, int] = {"day": 2 * 86400, "month": 32 * 86400}
+# The set of a tenant's model scopes outlives every key of theirs (renewed on each admission).
+MODELS_TTL_S = max(BUDGET_TTL_S.values())
 ERROR_LOG_INTERVAL_S = 10.0
 _UNLIMITED = -1
 
 
 @dataclass(frozen=True, slots=True)
-class _TenantKeys:
+class _ScopeKeys:
+    """The keys of one scope: a tenant's overall, or one of its models'."""
+
     leases: str
     window: str
     tokens: str
@@ -88,8 +100,10 @@ class _TenantKeys:
     budget_month: str
 
     @classmethod
-    def of(cls, prefix: str, tenant_id: str) -> _TenantKeys:
-        base = f"{prefix}{{{tenant_id}}}:"  # one hash tag: one cluster slot per tenant
+    def of(cls, prefix: str, tenant_id: str, model_id: str = "") -> _ScopeKeys:
+        base = _tenant_base(prefix, tenant_id)
+        if model_id:
+            base += f"m:{quote(model_id, safe='')}:"
         return cls(
             leases=f"{base}leases",
             window=f"{base}window",
@@ -100,7 +114,7 @@ class _TenantKeys:
         )
 
     def budget(self, kind: BudgetPeriod | None) -> str:
-        """The budget hash of ``kind``; without a budget, a key of the tenant's the script does
+        """The budget hash of ``kind``; without a budget, a key of the scope's the script does
         not touch (every key a script may touch is passed to it)."""
         return self.budget_day if kind == "day" else self.budget_month
 
@@ -116,9 +130,18 @@ class _TenantKeys:
         ]
 
 
+def _tenant_base(prefix: str, tenant_id: str) -> str:
+    return f"{prefix}{{{tenant_id}}}:"  # one hash tag: one cluster slot per tenant
+
+
+def _models_key(prefix: str, tenant_id: str) -> str:
+    return f"{_tenant_base(prefix, tenant_id)}models"
+
+
 @dataclass(slots=True)
 class RedisReservation:
-    """One admission's reservation in Redis: its id, and what its settle corrects."""
+    """One admission's reservation in Redis: its id, and what its settle corrects, in the
+    tenant's scope and (``model_id`` not ``""``) in its model's."""
 
     backend: RedisQuotaBackend
     tenant_id: str
@@ -126,6 +149,9 @@ class RedisReservation:
     estimated_tokens: int
     kind: BudgetPeriod | None
     period: str | None
+    model_id: str = ""
+    model_kind: BudgetPeriod | None = None
+    model_period: str | None = None
 
     def settle(self, actual_tokens: int) -> None:
         self.backend._settle_in_background(self, actual_tokens)
@@ -170,7 +196,8 @@ class RedisQuotaBackend:
         # Reservation ids: unique across replicas, and in admission order within one.
         self._replica_tag = secrets.token_hex(4)
         self._ids = itertools.count()
-        self._live: dict[str, set[str]] = {}  # tenant -> ids of its reservations running here
+        # tenant -> its reservations running here: id -> its model scope ("": none)
+        self._live: dict[str, dict[str, str]] = {}
         # Settles and forgets on their way to Redis, per tenant: this replica's later calls
         # for the tenant wait for them, so it reads its own writes.
         self._pending: dict[str, set[asyncio.Task[None]]] = {}
@@ -208,60 +235,94 @@ class RedisQuotaBackend:
         await self._client.aclose()
 
     async def reserve(self, order: ReserveOrder) -> Reserved | BudgetMissing:
-        tenant_id, quotas = order.tenant_id, order.quotas
+        tenant_id = order.tenant_id
         await self._after_pending(tenant_id)
-        keys = _TenantKeys.of(self._prefix, tenant_id)
-        kind = quotas.budget_period if quotas.token_budget is not None else None
         reservation_id = f"{next(self._ids):012x}.{self._replica_tag}"
-        reply = await self._call(
-            self._admit,
-            [keys.leases, keys.window, keys.tokens, keys.budget(kind), keys.meta],
-            [
-                reservation_id,
-                order.estimated_tokens,
+        scopes = order.scopes()
+        kinds = [q.budget_period if q.token_budget is not None else None for _, q in scopes]
+        model_id = order.model_id if order.model_quotas is not None else ""
+        keys: list[str] = []
+        args: list[Any] = [
+            reservation_id,
+            order.estimated_tokens,
+            "1" if order.reserve_over_limit else "0",
+            self.lease_s,
+            WINDOW_S,
+            self._now(),
+            model_id,
+            MODELS_TTL_S,
+        ]
+        for (scope, quotas), kind in zip(scopes, kinds, strict=True):
+            scope_keys = _ScopeKeys.of(self._prefix, tenant_id, scope)
+            keys += [
+                scope_keys.leases,
+                scope_keys.window,
+                scope_keys.tokens,
+                scope_keys.budget(kind),
+                scope_keys.meta,
+            ]
+            args += [
                 _limit(quotas.max_concurrent_requests),
                 _limit(quotas.requests_per_minute),
                 _limit(quotas.tokens_per_minute),
                 _limit(quotas.token_budget),
                 kind or "",
-                "1" if order.reserve_over_limit else "0",
-                self.lease_s,
-                WINDOW_S,
-                self._now(),
-            ],
-        )
-        outcome, at, period = reply[0], float(reply[1]), reply[2] or None
+            ]
+        if model_id:
+            keys.append(_models_key(self._prefix, tenant_id))
+        reply = await self._call(self._admit, keys, args)
+        outcome, at, scope_index = reply[0], float(reply[1]), int(reply[5])
+        periods: list[str | None] = [reply[6] or None, reply[7] or None]
         if outcome == "missing":
+            kind, period = kinds[scope_index - 1], periods[scope_index - 1]
             assert kind is not None and period is not None
-            return BudgetMissing(kind, period)
-        limit: BreachedLimit | None = reply[3] or None
+            return BudgetMissing(kind, period, scopes[scope_index - 1][0])
+        limit: BreachedLimit | None = reply[2] or None
         breach = None
         if limit is not None:
-            breach = Breach(limit, num_used=int(reply[4]), frees_at=float(reply[5]))
+            breach = Breach(
+                limit,
+                num_used=int(reply[3]),
+                frees_at=float(reply[4]),
+                model_id=scopes[scope_index - 1][0],
+            )
         if outcome == "refused":
-            return Reserved(at, period, breach, None)
-        self._live.setdefault(tenant_id, set()).add(reservation_id)
+            return Reserved(at, periods[0], breach, None, periods[1])
+        self._live.setdefault(tenant_id, {})[reservation_id] = model_id
         reservation = RedisReservation(
-            self, tenant_id, reservation_id, order.estimated_tokens, kind, period
+            self,
+            tenant_id,
+            reservation_id,
+            order.estimated_tokens,
+            kinds[0],
+            periods[0],
+            model_id,
+            kinds[1] if model_id else None,
+            periods[1],
         )
-        return Reserved(at, period, breach, reservation)
+        return Reserved(at, periods[0], breach, reservation, periods[1])
 
     async def install_budget(
-        self, tenant_id: str, kind: BudgetPeriod, period: str, recorded_tokens: int
+        self,
+        tenant_id: str,
+        kind: BudgetPeriod,
+        period: str,
+        recorded_tokens: int,
+        *,
+        model_id: str = "",
     ) -> None:
-        keys = _TenantKeys.of(self._prefix, tenant_id)
+        keys = _ScopeKeys.of(self._prefix, tenant_id, model_id)
         await self._call(
             self._install, [keys.budget(kind)], [period, recorded_tokens, BUDGET_TTL_S[kind]]
         )
 
     def forget(self, tenant_id: str) -> None:
         self._live.pop(tenant_id, None)
-        keys = _TenantKeys.of(self._prefix, tenant_id).all()
-        self._in_background(tenant_id, self._forget(tenant_id, keys))
+        self._in_background(tenant_id, self._forget(tenant_id))
 
-    async def snapshot(self, tenant_id: str) -> QuotaState:
+    async def snapshot(self, tenant_id: str, *, model_id: str = "") -> QuotaState:
         await self._after_pending(tenant_id)
-        keys = _TenantKeys.of(self._prefix, tenant_id)
+        keys = _ScopeKeys.of(self._prefix, tenant_id, model_id)
         reply = await self._call(
             self._snapshot,
             keys.all(),
@@ -273,35 +334,50 @@ class RedisQuotaBackend:
     async def settle_now(self, reservation: RedisReservation, actual_tokens: int) -> bool:
         """Settle in Redis now: True when this call settled it, False when it was not live any
         more (settled already, lapsed, or its tenant forgotten). Safe to repeat."""
-        keys = _TenantKeys.of(self._prefix, reservation.tenant_id)
-        settled = await self._settle(
-            [keys.leases, keys.tokens, keys.budget(reservation.kind)],
-            [
-                reservation.reservation_id,
-                reservation.estimated_tokens,
-                actual_tokens,
-                reservation.period or "",
-                self._now(),
-            ],
-        )
+        tenant_keys = _ScopeKeys.of(self._prefix, reservation.tenant_id)
+        keys = [tenant_keys.leases, tenant_keys.tokens, tenant_keys.budget(reservation.kind)]
+        args: list[str | int] = [
+            reservation.reservation_id,
+            reservation.estimated_tokens,
+            actual_tokens,
+            self._now(),
+            reservation.period or "",
+        ]
+        if reservation.model_id:
+            model_keys = _ScopeKeys.of(self._prefix, reservation.tenant_id, reservation.model_id)
+            keys += [
+                model_keys.leases,
+                model_keys.tokens,
+                model_keys.budget(reservation.model_kind),
+            ]
+            args.append(reservation.model_period or "")
+        settled = await self._settle(keys, args)
         return bool(settled)
 
     async def renew_now(self) -> int:
         """Renew the leases of every reservation running here, in one pipelined call; how many
         had lapsed already (they stay lapsed, and are no longer renewed)."""
-        live = {tenant: sorted(ids) for tenant, ids in self._live.items() if ids}
+        live = {tenant: dict(sorted(ids.items())) for tenant, ids in self._live.items() if ids}
         if not live:
             return 0
         async with self._client.pipeline(transaction=False) as pipe:
             for tenant_id, ids in live.items():
-                leases = _TenantKeys.of(self._prefix, tenant_id).leases
-                await self._renew([leases], [self.lease_s, self._now(), *ids], client=pipe)
+                keys = [_ScopeKeys.of(self._prefix, tenant_id).leases]
+                scope_index: dict[str, int] = {"": 0}  # model_id -> its leases' index in KEYS
+                args: list[Any] = [self.lease_s, self._now()]
+                for reservation_id, model_id in ids.items():
+                    if model_id not in scope_index:
+                        keys.append(_ScopeKeys.of(self._prefix, tenant_id, model_id).leases)
+                        scope_index[model_id] = len(keys)  # 1-based, as Lua counts
+                    args += [reservation_id, scope_index[model_id]]
+                await self._renew(keys, args, client=pipe)
             replies = await pipe.execute()
         num_lapsed = 0
         for tenant_id, lost in zip(live, replies, strict=True):
-            running = self._live.get(tenant_id, set())
-            lapsed = running.intersection(lost)  # not those settled since the renewal left
-            running.difference_update(lapsed)
+            running = self._live.get(tenant_id, {})
+            lapsed = running.keys() & set(lost)  # not those settled since the renewal left
+            for reservation_id in lapsed:
+                del running[reservation_id]
             num_lapsed += len(lapsed)
         if num_lapsed:
             logger.warning(
@@ -316,7 +392,7 @@ class RedisQuotaBackend:
     def _settle_in_background(self, reservation: RedisReservation, actual_tokens: int) -> None:
         running = self._live.get(reservation.tenant_id)
         if running is not None:
-            running.discard(reservation.reservation_id)
+            running.pop(reservation.reservation_id, None)
             if not running:
                 del self._live[reservation.tenant_id]
         self._in_background(
@@ -342,8 +418,17 @@ class RedisQuotaBackend:
                 self.lease_s,
             )
 
-    async def _forget(self, tenant_id: str, keys: list[str]) -> None:
+    async def _forget(self, tenant_id: str) -> None:
+        """Drop every key of the tenant's, its model scopes' included: two round trips, so a
+        model scope an admission adds in between (another replica's; this one's wait for this)
+        stays until it expires when idle."""
+        models_key = _models_key(self._prefix, tenant_id)
         try:
+            model_ids = await self._client.smembers(models_key)
+            keys = [*_ScopeKeys.of(self._prefix, tenant_id).all(), models_key]
+            for member in sorted(model_ids):  # str, as the client decodes responses
+                model_id = member.decode() if isinstance(member, bytes) else member
+                keys += _ScopeKeys.of(self._prefix, tenant_id, model_id).all()
             await self._client.unlink(*keys)
         except RedisError as exc:
             logger.warning(

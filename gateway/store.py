@@ -1,4 +1,5 @@
-"""``SQLiteStore``: tenants, API keys and the usage ledger in one SQLite file (``TenantStore``).
+"""``SQLiteStore``: tenants, API keys, the usage ledger (per tenant and per model), and the
+models' aliases and settings in one SQLite file (``TenantStore``).
 
 Threading: SQLite allows one writer at a time, and the stdlib ``sqlite3`` module blocks. So the
 store owns ONE connection, opened, used and closed by ONE dedicated thread (a single-worker
@@ -34,12 +35,16 @@ import msgspec
 from gateway.errors import Conflict, NotFound
 from gateway.store_common import (
     KEY_COLUMNS,
+    MODEL_USAGE_COLUMNS,
     TENANT_COLUMNS,
     USAGE_COLUMNS,
     SchemaTooNew,
     api_key_from_row,
+    checked_cost_factor,
     hash_secret,
     hashes_match,
+    model_usage_from_row,
+    model_usage_totals,
     new_api_key,
     new_secret,
     new_tenant,
@@ -53,6 +58,9 @@ from gateway.tenants import (
     BudgetPeriod,
     CreatedKey,
     KeySpec,
+    ModelAlias,
+    ModelSetting,
+    ModelUsage,
     Tenant,
     TenantPatch,
     TenantSpec,
@@ -103,7 +111,54 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (tenant_id, period_kind, period)
     );
     """,
+    # 1 -> 2: several models. The models a tenant may use and its quotas per model; usage also
+    # in normalised cost units (a model's cost factor times its tokens) and per model; the
+    # admins' aliases of models and their settings per model.
+    """
+    -- JSON list of model ids or aliases ([]: every model), JSON {model id: Quotas}
+    ALTER TABLE tenants ADD COLUMN allowed_models TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE tenants ADD COLUMN model_quotas TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE usage ADD COLUMN units REAL NOT NULL DEFAULT 0;
+    CREATE TABLE model_aliases (
+        alias      TEXT PRIMARY KEY,
+        model_id   TEXT NOT NULL,  -- a model id, which need not have a worker yet
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE model_settings (
+        model_id    TEXT PRIMARY KEY,
+        cost_factor REAL  -- NULL: measured
+    );
+    CREATE TABLE model_usage (
+        tenant_id         TEXT NOT NULL REFERENCES tenants (tenant_id) ON DELETE CASCADE,
+        period_kind       TEXT NOT NULL CHECK (period_kind IN ('day', 'month')),
+        period            TEXT NOT NULL,  -- YYYY-MM-DD or YYYY-MM (UTC)
+        model_id          TEXT NOT NULL,
+        requests          INTEGER NOT NULL DEFAULT 0,
+        prompt_tokens     INTEGER NOT NULL DEFAULT 0,
+        cached_tokens     INTEGER NOT NULL DEFAULT 0,
+        completion_tokens INTEGER NOT NULL DEFAULT 0,
+        units             REAL NOT NULL DEFAULT 0,
+        PRIMARY KEY (tenant_id, period_kind, period, model_id)
+    );
+    """,
 ]
+
+# Adds a batch's sums to the ledger rows, (tenant, kind, period[, model]) then the five sums.
+_ADD_SUMS = (
+    " DO UPDATE SET requests = requests + excluded.requests,"
+    " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+    " cached_tokens = cached_tokens + excluded.cached_tokens,"
+    " completion_tokens = completion_tokens + excluded.completion_tokens,"
+    " units = units + excluded.units"
+)
+_ADD_USAGE = (
+    f"INSERT INTO usage (tenant_id, period_kind, {USAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    f" ON CONFLICT (tenant_id, period_kind, period){_ADD_SUMS}"
+)
+_ADD_MODEL_USAGE = (
+    f"INSERT INTO model_usage ({MODEL_USAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f" ON CONFLICT (tenant_id, period_kind, period, model_id){_ADD_SUMS}"
+)
 
 
 class SQLiteStore:
@@ -151,7 +206,7 @@ class SQLiteStore:
                 db.execute(
                     f"INSERT INTO tenants ({TENANT_COLUMNS}) VALUES"
                     " (:tenant_id, :name, :weight, :default_class, :allowed_classes, :quotas,"
-                    " :over_quota, :created_at)",
+                    " :over_quota, :created_at, :allowed_models, :model_quotas)",
                     tenant_values(tenant),
                 )
             return tenant
@@ -181,7 +236,9 @@ class SQLiteStore:
                 db.execute(
                     "UPDATE tenants SET name = :name, weight = :weight,"
                     " default_class = :default_class, allowed_classes = :allowed_classes,"
-                    " quotas = :quotas, over_quota = :over_quota WHERE tenant_id = :tenant_id",
+                    " quotas = :quotas, over_quota = :over_quota,"
+                    " allowed_models = :allowed_models, model_quotas = :model_quotas"
+                    " WHERE tenant_id = :tenant_id",
                     tenant_values(updated),
                 )
             return updated
@@ -276,12 +333,14 @@ class SQLiteStore:
     # Usage
 
     async def record_usage(self, deltas: list[UsageDelta]) -> None:
-        """Adds each delta to its tenant's day and month rows, all in one transaction. Deltas of
-        a tenant deleted meanwhile are skipped: its ledger went with it, so they have nowhere to
-        go (and failing the whole batch would lose the other tenants' usage)."""
+        """Adds each delta to its tenant's day and month rows and, when it names a model, to
+        the tenant's rows of that model, all in one transaction. Deltas of a tenant deleted
+        meanwhile are skipped: its ledger went with it, so they have nowhere to go (and failing
+        the whole batch would lose the other tenants' usage)."""
 
         def work(db: sqlite3.Connection) -> None:
             totals = usage_totals(deltas)
+            model_totals = model_usage_totals(deltas)
             with _transaction(db):
                 tenant_ids = {tenant_id for tenant_id, _, _ in totals}
                 marks = ", ".join("?" * len(tenant_ids))
@@ -293,14 +352,12 @@ class SQLiteStore:
                     )
                 }
                 db.executemany(
-                    f"INSERT INTO usage (tenant_id, period_kind, {USAGE_COLUMNS})"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT (tenant_id, period_kind, period) DO UPDATE SET"
-                    " requests = requests + excluded.requests,"
-                    " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
-                    " cached_tokens = cached_tokens + excluded.cached_tokens,"
-                    " completion_tokens = completion_tokens + excluded.completion_tokens",
+                    _ADD_USAGE,
                     [(*key, *sums) for key, sums in totals.items() if key[0] in known],
+                )
+                db.executemany(
+                    _ADD_MODEL_USAGE,
+                    [(*key, *sums) for key, sums in model_totals.items() if key[0] in known],
                 )
 
         if deltas:
@@ -321,21 +378,128 @@ class SQLiteStore:
                 params.append(period)
             rows = db.execute(query + " ORDER BY period DESC", params).fetchall()
             if period is not None and not rows:
-                rows = [(period, 0, 0, 0, 0)]
+                rows = [(period, 0, 0, 0, 0, 0.0)]
             return [Usage(found, *row) for row in rows]
 
         return await self._run(work)
 
-    async def total_tokens(self, tenant_id: str, kind: BudgetPeriod, period: str) -> int:
-        """Prompt + completion tokens of the tenant (by id) in that one period; 0 if none."""
+    async def model_usage(
+        self,
+        tenant_id: str,
+        kind: BudgetPeriod,
+        *,
+        period: str | None = None,
+        model_id: str | None = None,
+    ) -> list[ModelUsage]:
+        """The tenant's (by id or name) usage per model and per ``kind``, newest first and by
+        model id within a period; only ``period``'s and ``model_id``'s rows when given. A model
+        with nothing recorded in a period has no row."""
+
+        def work(db: sqlite3.Connection) -> list[ModelUsage]:
+            found = _find_tenant(db, tenant_id).tenant_id
+            query = (
+                f"SELECT {MODEL_USAGE_COLUMNS} FROM model_usage"
+                " WHERE tenant_id = ? AND period_kind = ?"
+            )
+            params: list[Any] = [found, kind]
+            if period is not None:
+                query += " AND period = ?"
+                params.append(period)
+            if model_id is not None:
+                query += " AND model_id = ?"
+                params.append(model_id)
+            rows = db.execute(query + " ORDER BY period DESC, model_id", params)
+            return [model_usage_from_row(row) for row in rows]
+
+        return await self._run(work)
+
+    async def total_tokens(
+        self, tenant_id: str, kind: BudgetPeriod, period: str, *, model_id: str = ""
+    ) -> int:
+        """Prompt + completion tokens of the tenant (by id) in that one period, of every model
+        (``model_id`` "") or of that one model; 0 if none."""
 
         def work(db: sqlite3.Connection) -> int:
-            row = db.execute(
-                "SELECT prompt_tokens + completion_tokens FROM usage"
-                " WHERE tenant_id = ? AND period_kind = ? AND period = ?",
-                (tenant_id, kind, period),
-            ).fetchone()
+            if model_id:
+                row = db.execute(
+                    "SELECT prompt_tokens + completion_tokens FROM model_usage"
+                    " WHERE tenant_id = ? AND period_kind = ? AND period = ? AND model_id = ?",
+                    (tenant_id, kind, period, model_id),
+                ).fetchone()
+            else:
+                row = db.execute(
+                    "SELECT prompt_tokens + completion_tokens FROM usage"
+                    " WHERE tenant_id = ? AND period_kind = ? AND period = ?",
+                    (tenant_id, kind, period),
+                ).fetchone()
             return 0 if row is None else int(row[0])
+
+        return await self._run(work)
+
+    # Models
+
+    async def list_aliases(self) -> list[ModelAlias]:
+        """Every alias, by name."""
+
+        def work(db: sqlite3.Connection) -> list[ModelAlias]:
+            rows = db.execute(
+                "SELECT alias, model_id, updated_at FROM model_aliases ORDER BY alias"
+            )
+            return [ModelAlias(*row) for row in rows]
+
+        return await self._run(work)
+
+    async def set_alias(self, alias: str, model_id: str) -> tuple[ModelAlias, bool]:
+        """Points ``alias`` at ``model_id``: the alias as stored, and whether it is new."""
+        stored = ModelAlias(alias, model_id, time.time())
+
+        def work(db: sqlite3.Connection) -> tuple[ModelAlias, bool]:
+            with _transaction(db):
+                existed = db.execute(
+                    "SELECT 1 FROM model_aliases WHERE alias = ?", (alias,)
+                ).fetchone()
+                db.execute(
+                    "INSERT INTO model_aliases (alias, model_id, updated_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (alias) DO UPDATE SET model_id = excluded.model_id,"
+                    " updated_at = excluded.updated_at",
+                    msgspec.structs.astuple(stored),
+                )
+            return stored, existed is None
+
+        return await self._run(work)
+
+    async def delete_alias(self, alias: str) -> bool:
+        """Deletes the alias; False when there was none."""
+
+        def work(db: sqlite3.Connection) -> bool:
+            with _transaction(db):
+                cursor = db.execute("DELETE FROM model_aliases WHERE alias = ?", (alias,))
+            return cursor.rowcount > 0
+
+        return await self._run(work)
+
+    async def list_model_settings(self) -> list[ModelSetting]:
+        """Every model an admin set something for, by id."""
+
+        def work(db: sqlite3.Connection) -> list[ModelSetting]:
+            rows = db.execute("SELECT model_id, cost_factor FROM model_settings ORDER BY model_id")
+            return [ModelSetting(*row) for row in rows]
+
+        return await self._run(work)
+
+    async def set_cost_factor(self, model_id: str, factor: float | None) -> ModelSetting:
+        """Sets the model's cost factor (finite and > 0, else ``ValueError``), or with ``None``
+        clears it (the gateway measures it again)."""
+        setting = ModelSetting(model_id, checked_cost_factor(factor))
+
+        def work(db: sqlite3.Connection) -> ModelSetting:
+            with _transaction(db):
+                db.execute(
+                    "INSERT INTO model_settings (model_id, cost_factor) VALUES (?, ?)"
+                    " ON CONFLICT (model_id) DO UPDATE SET cost_factor = excluded.cost_factor",
+                    (setting.model_id, setting.cost_factor),
+                )
+            return setting
 
         return await self._run(work)
 

@@ -1,16 +1,18 @@
 """What the tenant stores share (``SQLiteStore`` in ``gateway.store``, ``PostgresStore`` in
 ``gateway.store_postgres``), so that both make the same ids, keys and rows: new tenants and keys,
 a key's hash, a patch applied to a tenant, a tenant or key from a row and back, usage deltas
-summed per ledger row, and the errors both raise beyond ``NotFound`` and ``Conflict``.
+summed per ledger row (the tenant's and, per model, ``model_usage``'s), a cost factor checked,
+and the errors both raise beyond ``NotFound`` and ``Conflict``.
 
-Both schemas name their columns alike and keep a tenant's ``allowed_classes`` and ``quotas`` as
-JSON text, so one conversion serves both. Torch-free.
+Both schemas name their columns alike and keep a tenant's ``allowed_classes``, ``quotas``,
+``allowed_models`` and ``model_quotas`` as JSON text, so one conversion serves both. Torch-free.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 import time
 from collections.abc import Iterable
@@ -23,29 +25,36 @@ from gateway.tenants import (
     ApiKey,
     BudgetPeriod,
     KeySpec,
+    ModelUsage,
     Quotas,
     Tenant,
     TenantPatch,
     TenantSpec,
     UsageDelta,
     period_of,
+    unique_models,
 )
 from transfer.errors import FairgateError
 
 __all__ = [
     "DISPLAY_PREFIX_LEN",
     "KEY_COLUMNS",
+    "MODEL_USAGE_COLUMNS",
     "PERIOD_KINDS",
     "SECRET_PREFIX",
     "TENANT_COLUMNS",
     "USAGE_COLUMNS",
     "LedgerKey",
     "LedgerSums",
+    "ModelLedgerKey",
     "SchemaTooNew",
     "StoreUnavailable",
     "api_key_from_row",
+    "checked_cost_factor",
     "hash_secret",
     "hashes_match",
+    "model_usage_from_row",
+    "model_usage_totals",
     "new_api_key",
     "new_secret",
     "new_tenant",
@@ -59,16 +68,23 @@ SECRET_PREFIX = "fg-"
 DISPLAY_PREFIX_LEN = len(SECRET_PREFIX) + 8  # "fg-" + 8 characters, shown in listings
 PERIOD_KINDS: tuple[BudgetPeriod, ...] = ("day", "month")
 
-TENANT_COLUMNS = (
-    "tenant_id, name, weight, default_class, allowed_classes, quotas, over_quota, created_at"
+TENANT_COLUMNS = (  # Tenant's fields, in order
+    "tenant_id, name, weight, default_class, allowed_classes, quotas, over_quota, created_at,"
+    " allowed_models, model_quotas"
 )
 KEY_COLUMNS = "key_id, tenant_id, prefix, name, created_at, revoked_at"  # ApiKey's fields
-USAGE_COLUMNS = "period, requests, prompt_tokens, cached_tokens, completion_tokens"
+USAGE_COLUMNS = "period, requests, prompt_tokens, cached_tokens, completion_tokens, units"
+MODEL_USAGE_COLUMNS = (  # ModelUsage's fields, in order
+    "tenant_id, period_kind, period, model_id, requests, prompt_tokens, cached_tokens,"
+    " completion_tokens, units"
+)
 
 # A ledger row's key, (tenant_id, period kind, period), and its sums: (requests, prompt_tokens,
-# cached_tokens, completion_tokens).
+# cached_tokens, completion_tokens, units).
 LedgerKey = tuple[str, BudgetPeriod, str]
-LedgerSums = tuple[int, int, int, int]
+LedgerSums = tuple[int, int, int, int, float]
+# A model ledger row's key: (tenant_id, period kind, period, model_id).
+ModelLedgerKey = tuple[str, BudgetPeriod, str, str]
 
 
 class SchemaTooNew(FairgateError):
@@ -95,6 +111,8 @@ def new_tenant(spec: TenantSpec) -> Tenant:
         quotas=spec.quotas,
         over_quota=spec.over_quota,
         created_at=time.time(),
+        allowed_models=unique_models(spec.allowed_models),
+        model_quotas=dict(spec.model_quotas),
     )
 
 
@@ -105,6 +123,8 @@ def patched_tenant(current: Tenant, patch: TenantPatch) -> Tenant:
         for field in patch.__struct_fields__
         if (value := getattr(patch, field)) is not msgspec.UNSET
     }
+    if "allowed_models" in changes:
+        changes["allowed_models"] = unique_models(changes["allowed_models"])
     return msgspec.structs.replace(current, **changes)
 
 
@@ -139,12 +159,25 @@ def tenant_values(tenant: Tenant) -> dict[str, Any]:
     values = msgspec.structs.asdict(tenant)
     values["allowed_classes"] = msgspec.json.encode(tenant.allowed_classes).decode()
     values["quotas"] = msgspec.json.encode(tenant.quotas).decode()
+    values["allowed_models"] = msgspec.json.encode(tenant.allowed_models).decode()
+    values["model_quotas"] = msgspec.json.encode(tenant.model_quotas).decode()
     return values
 
 
 def tenant_from_row(row: tuple[Any, ...]) -> Tenant:
     """A row of ``TENANT_COLUMNS``."""
-    tenant_id, name, weight, default_class, allowed, quotas, over_quota, created_at = row
+    (
+        tenant_id,
+        name,
+        weight,
+        default_class,
+        allowed,
+        quotas,
+        over_quota,
+        created_at,
+        allowed_models,
+        model_quotas,
+    ) = row
     return Tenant(
         tenant_id=tenant_id,
         name=name,
@@ -154,6 +187,8 @@ def tenant_from_row(row: tuple[Any, ...]) -> Tenant:
         quotas=msgspec.json.decode(quotas, type=Quotas),
         over_quota=over_quota,
         created_at=created_at,
+        allowed_models=msgspec.json.decode(allowed_models, type=list[str]),
+        model_quotas=msgspec.json.decode(model_quotas, type=dict[str, Quotas]),
     )
 
 
@@ -163,6 +198,19 @@ def api_key_from_row(row: tuple[Any, ...]) -> ApiKey:
     return ApiKey(key_id, tenant_id, prefix, name, created_at, revoked_at)
 
 
+def model_usage_from_row(row: tuple[Any, ...]) -> ModelUsage:
+    """A row of ``MODEL_USAGE_COLUMNS``."""
+    return ModelUsage(*row)
+
+
+def checked_cost_factor(factor: float | None) -> float | None:
+    """``factor`` if it can be stored as a cost factor: ``None`` (measured) or finite and > 0.
+    SQLite would store a NaN as NULL, which reads back as "measured"."""
+    if factor is not None and not (math.isfinite(factor) and factor > 0):
+        raise ValueError(f"a cost factor is finite and > 0, not {factor!r}")
+    return factor
+
+
 def usage_totals(deltas: Iterable[UsageDelta]) -> dict[LedgerKey, LedgerSums]:
     """The deltas summed per ledger row (each delta goes to its day's and its month's): a batch
     holds many requests of few rows, so the store upserts each row once."""
@@ -170,11 +218,32 @@ def usage_totals(deltas: Iterable[UsageDelta]) -> dict[LedgerKey, LedgerSums]:
     for delta in deltas:
         for kind in PERIOD_KINDS:
             key = (delta.tenant_id, kind, period_of(delta.at, kind))
-            requests, prompt, cached, completion = totals.get(key, (0, 0, 0, 0))
-            totals[key] = (
-                requests + delta.requests,
-                prompt + delta.prompt_tokens,
-                cached + delta.cached_tokens,
-                completion + delta.completion_tokens,
-            )
+            totals[key] = _added(totals.get(key), delta)
     return totals
+
+
+def model_usage_totals(deltas: Iterable[UsageDelta]) -> dict[ModelLedgerKey, LedgerSums]:
+    """As ``usage_totals``, per model ledger row: the deltas that name a model, summed per
+    (tenant, period, model)."""
+    totals: dict[ModelLedgerKey, LedgerSums] = {}
+    for delta in deltas:
+        if not delta.model_id:
+            continue
+        for kind in PERIOD_KINDS:
+            key = (delta.tenant_id, kind, period_of(delta.at, kind), delta.model_id)
+            totals[key] = _added(totals.get(key), delta)
+    return totals
+
+
+def _added(sums: LedgerSums | None, delta: UsageDelta) -> LedgerSums:
+    requests, prompt, cached, completion, units = sums or (0, 0, 0, 0, 0.0)
+    # A NaN or infinite figure would poison the row for good (SQLite even refuses it as NULL,
+    # failing the batch at every retry and so every tenant's usage): it counts as no units.
+    delta_units = delta.units if math.isfinite(delta.units) else 0.0
+    return (
+        requests + delta.requests,
+        prompt + delta.prompt_tokens,
+        cached + delta.cached_tokens,
+        completion + delta.completion_tokens,
+        units + delta_units,
+    )

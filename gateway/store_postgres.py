@@ -1,6 +1,7 @@
-"""``PostgresStore``: tenants, API keys and the usage ledger in PostgreSQL (``TenantStore``), the
-store that several gateway replicas share. It behaves as ``SQLiteStore`` does, error for error;
-what the two share is in ``gateway.store_common``.
+"""``PostgresStore``: tenants, API keys, the usage ledger (per tenant and per model), and the
+models' aliases and settings in PostgreSQL (``TenantStore``), the store that several gateway
+replicas share. It behaves as ``SQLiteStore`` does, error for error; what the two share is in
+``gateway.store_common``.
 
 Connections: psycopg 3's async driver through a pool (``psycopg_pool.AsyncConnectionPool``), in
 autocommit mode, so that the only transactions are the ones ``conn.transaction()`` opens. Every
@@ -13,7 +14,9 @@ name is unique by constraint (a lost race is a ``Conflict``), a patch locks its 
 it, usage is added with ``INSERT … ON CONFLICT DO UPDATE SET x = x + EXCLUDED.x`` (row locks make
 concurrent additions sum exactly) in a fixed row order (no deadlock between two batches), and the
 tenants of a batch are locked ``FOR KEY SHARE`` first, so a tenant deleted meanwhile is either
-deleted before (its deltas are skipped, as SQLite's store does) or after the batch.
+deleted before (its deltas are skipped, as SQLite's store does) or after the batch. Setting an
+alias tells a new one from a moved one by which of "insert if absent" and "update if present"
+changed a row, so two admins setting one alias at once get one "created" between them.
 
 Schema: ``MIGRATIONS[i]`` moves the schema from version ``i`` to ``i + 1`` and is SQLite's
 ``gateway.store.MIGRATIONS[i]`` in PostgreSQL's dialect: the two lists grow together. The version
@@ -42,13 +45,17 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from gateway.errors import Conflict, NotFound
 from gateway.store_common import (
     KEY_COLUMNS,
+    MODEL_USAGE_COLUMNS,
     TENANT_COLUMNS,
     USAGE_COLUMNS,
     SchemaTooNew,
     StoreUnavailable,
     api_key_from_row,
+    checked_cost_factor,
     hash_secret,
     hashes_match,
+    model_usage_from_row,
+    model_usage_totals,
     new_api_key,
     new_secret,
     new_tenant,
@@ -62,6 +69,9 @@ from gateway.tenants import (
     BudgetPeriod,
     CreatedKey,
     KeySpec,
+    ModelAlias,
+    ModelSetting,
+    ModelUsage,
     Tenant,
     TenantPatch,
     TenantSpec,
@@ -132,7 +142,57 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (tenant_id, period_kind, period)
     );
     """,
+    # 1 -> 2: several models. The models a tenant may use and its quotas per model; usage also
+    # in normalised cost units (a model's cost factor times its tokens) and per model; the
+    # admins' aliases of models and their settings per model.
+    """
+    -- JSON list of model ids or aliases ([]: every model), JSON {model id: Quotas}
+    ALTER TABLE tenants ADD COLUMN allowed_models TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE tenants ADD COLUMN model_quotas TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE usage ADD COLUMN units DOUBLE PRECISION NOT NULL DEFAULT 0;
+    CREATE TABLE model_aliases (
+        alias      TEXT PRIMARY KEY,
+        model_id   TEXT NOT NULL,  -- a model id, which need not have a worker yet
+        updated_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE model_settings (
+        model_id    TEXT PRIMARY KEY,
+        cost_factor DOUBLE PRECISION  -- NULL: measured
+    );
+    CREATE TABLE model_usage (
+        tenant_id         TEXT NOT NULL REFERENCES tenants (tenant_id) ON DELETE CASCADE,
+        period_kind       TEXT NOT NULL CHECK (period_kind IN ('day', 'month')),
+        period            TEXT NOT NULL,  -- YYYY-MM-DD or YYYY-MM (UTC)
+        model_id          TEXT NOT NULL,
+        requests          BIGINT NOT NULL DEFAULT 0,
+        prompt_tokens     BIGINT NOT NULL DEFAULT 0,
+        cached_tokens     BIGINT NOT NULL DEFAULT 0,
+        completion_tokens BIGINT NOT NULL DEFAULT 0,
+        units             DOUBLE PRECISION NOT NULL DEFAULT 0,
+        PRIMARY KEY (tenant_id, period_kind, period, model_id)
+    );
+    """,
 ]
+
+
+def _add_sums(table: str) -> str:
+    """Adds a batch's sums to ``table``'s ledger row that is already there."""
+    return " DO UPDATE SET " + ", ".join(
+        f"{column} = {table}.{column} + EXCLUDED.{column}"
+        for column in ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "units")
+    )
+
+
+# The ledger's upserts: (tenant, kind, period[, model]) then the five sums.
+_ADD_USAGE = (
+    f"INSERT INTO usage (tenant_id, period_kind, {USAGE_COLUMNS})"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+    f" ON CONFLICT (tenant_id, period_kind, period){_add_sums('usage')}"
+)
+_ADD_MODEL_USAGE = (
+    f"INSERT INTO model_usage ({MODEL_USAGE_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    f" ON CONFLICT (tenant_id, period_kind, period, model_id){_add_sums('model_usage')}"
+)
 
 # Created by the first migrating transaction, under the lock (a CREATE racing another would fail).
 _VERSION_TABLE = """
@@ -216,7 +276,7 @@ class PostgresStore:
                 await db.execute(
                     f"INSERT INTO tenants ({TENANT_COLUMNS}) VALUES (%(tenant_id)s, %(name)s,"
                     " %(weight)s, %(default_class)s, %(allowed_classes)s, %(quotas)s,"
-                    " %(over_quota)s, %(created_at)s)",
+                    " %(over_quota)s, %(created_at)s, %(allowed_models)s, %(model_quotas)s)",
                     tenant_values(tenant),
                 )
             return tenant
@@ -250,7 +310,8 @@ class PostgresStore:
                         "UPDATE tenants SET name = %(name)s, weight = %(weight)s,"
                         " default_class = %(default_class)s,"
                         " allowed_classes = %(allowed_classes)s, quotas = %(quotas)s,"
-                        " over_quota = %(over_quota)s WHERE tenant_id = %(tenant_id)s",
+                        " over_quota = %(over_quota)s, allowed_models = %(allowed_models)s,"
+                        " model_quotas = %(model_quotas)s WHERE tenant_id = %(tenant_id)s",
                         tenant_values(updated),
                     )
             return updated
@@ -353,13 +414,15 @@ class PostgresStore:
     # Usage
 
     async def record_usage(self, deltas: list[UsageDelta]) -> None:
-        """Adds each delta to its tenant's day and month rows, all in one transaction. Deltas of
-        a tenant deleted meanwhile are skipped: its ledger went with it, so they have nowhere to
-        go (and failing the whole batch would lose the other tenants' usage)."""
+        """Adds each delta to its tenant's day and month rows and, when it names a model, to
+        the tenant's rows of that model, all in one transaction. Deltas of a tenant deleted
+        meanwhile are skipped: its ledger went with it, so they have nowhere to go (and failing
+        the whole batch would lose the other tenants' usage)."""
         totals = usage_totals(deltas)
-        # Every writer upserts its rows in this one order, so two batches that share rows wait
-        # for each other instead of deadlocking.
+        # Every writer upserts its rows in this one order (the tenants' rows, then the models'),
+        # so two batches that share rows wait for each other instead of deadlocking.
         rows = sorted(totals.items())
+        model_rows = sorted(model_usage_totals(deltas).items())
 
         async def work(db: Connection) -> None:
             async with db.transaction():
@@ -370,20 +433,12 @@ class PostgresStore:
                 )
                 known = {row[0] for row in await cursor.fetchall()}
                 upserts = [(*key, *sums) for key, sums in rows if key[0] in known]
-                if not upserts:
-                    return
+                model_upserts = [(*key, *sums) for key, sums in model_rows if key[0] in known]
                 async with db.cursor() as upsert:
-                    await upsert.executemany(
-                        f"INSERT INTO usage (tenant_id, period_kind, {USAGE_COLUMNS})"
-                        " VALUES (%s, %s, %s, %s, %s, %s, %s)"
-                        " ON CONFLICT (tenant_id, period_kind, period) DO UPDATE SET"
-                        " requests = usage.requests + EXCLUDED.requests,"
-                        " prompt_tokens = usage.prompt_tokens + EXCLUDED.prompt_tokens,"
-                        " cached_tokens = usage.cached_tokens + EXCLUDED.cached_tokens,"
-                        " completion_tokens = usage.completion_tokens"
-                        " + EXCLUDED.completion_tokens",
-                        upserts,
-                    )
+                    if upserts:
+                        await upsert.executemany(_ADD_USAGE, upserts)
+                    if model_upserts:
+                        await upsert.executemany(_ADD_MODEL_USAGE, model_upserts)
 
         if deltas:
             await self._run("record_usage", work)
@@ -405,24 +460,144 @@ class PostgresStore:
             cursor = await db.execute(query + ' ORDER BY period COLLATE "C" DESC', params)
             rows: list[tuple[Any, ...]] = await cursor.fetchall()
             if period is not None and not rows:
-                rows = [(period, 0, 0, 0, 0)]
+                rows = [(period, 0, 0, 0, 0, 0.0)]
             return [Usage(found, *row) for row in rows]
 
         return await self._run("usage", work)
 
-    async def total_tokens(self, tenant_id: str, kind: BudgetPeriod, period: str) -> int:
-        """Prompt + completion tokens of the tenant (by id) in that one period; 0 if none."""
+    async def model_usage(
+        self,
+        tenant_id: str,
+        kind: BudgetPeriod,
+        *,
+        period: str | None = None,
+        model_id: str | None = None,
+    ) -> list[ModelUsage]:
+        """The tenant's (by id or name) usage per model and per ``kind``, newest first and by
+        model id within a period; only ``period``'s and ``model_id``'s rows when given. A model
+        with nothing recorded in a period has no row."""
+
+        async def work(db: Connection) -> list[ModelUsage]:
+            found = (await _find_tenant(db, tenant_id)).tenant_id
+            query = (
+                f"SELECT {MODEL_USAGE_COLUMNS} FROM model_usage"
+                " WHERE tenant_id = %s AND period_kind = %s"
+            )
+            params: list[Any] = [found, kind]
+            if period is not None:
+                query += " AND period = %s"
+                params.append(period)
+            if model_id is not None:
+                query += " AND model_id = %s"
+                params.append(model_id)
+            # COLLATE "C": by character, as SQLite orders them.
+            cursor = await db.execute(
+                query + ' ORDER BY period COLLATE "C" DESC, model_id COLLATE "C"', params
+            )
+            return [model_usage_from_row(row) for row in await cursor.fetchall()]
+
+        return await self._run("model_usage", work)
+
+    async def total_tokens(
+        self, tenant_id: str, kind: BudgetPeriod, period: str, *, model_id: str = ""
+    ) -> int:
+        """Prompt + completion tokens of the tenant (by id) in that one period, of every model
+        (``model_id`` "") or of that one model; 0 if none."""
 
         async def work(db: Connection) -> int:
-            cursor = await db.execute(
-                "SELECT prompt_tokens + completion_tokens FROM usage"
-                " WHERE tenant_id = %s AND period_kind = %s AND period = %s",
-                (tenant_id, kind, period),
-            )
+            if model_id:
+                cursor = await db.execute(
+                    "SELECT prompt_tokens + completion_tokens FROM model_usage WHERE"
+                    " tenant_id = %s AND period_kind = %s AND period = %s AND model_id = %s",
+                    (tenant_id, kind, period, model_id),
+                )
+            else:
+                cursor = await db.execute(
+                    "SELECT prompt_tokens + completion_tokens FROM usage"
+                    " WHERE tenant_id = %s AND period_kind = %s AND period = %s",
+                    (tenant_id, kind, period),
+                )
             row = await cursor.fetchone()
             return 0 if row is None else int(row[0])
 
         return await self._run("total_tokens", work)
+
+    # Models
+
+    async def list_aliases(self) -> list[ModelAlias]:
+        """Every alias, by name."""
+
+        async def work(db: Connection) -> list[ModelAlias]:
+            cursor = await db.execute(
+                'SELECT alias, model_id, updated_at FROM model_aliases ORDER BY alias COLLATE "C"'
+            )
+            return [ModelAlias(*row) for row in await cursor.fetchall()]
+
+        return await self._run("list_aliases", work)
+
+    async def set_alias(self, alias: str, model_id: str) -> tuple[ModelAlias, bool]:
+        """Points ``alias`` at ``model_id``: the alias as stored, and whether it is new. Of two
+        replicas creating one alias at once, one is told it is new; the other moved it."""
+        stored = ModelAlias(alias, model_id, time.time())
+        values = msgspec.structs.astuple(stored)
+
+        async def work(db: Connection) -> tuple[ModelAlias, bool]:
+            async with db.transaction():
+                # Each statement reads the latest committed rows: an insert waits for one in
+                # flight, then changes nothing; the update then finds that row. Only an admin
+                # deleting it in between makes both change nothing, and then the next round
+                # inserts it (the call's timeout bounds the rounds).
+                while True:
+                    cursor = await db.execute(
+                        "INSERT INTO model_aliases (alias, model_id, updated_at)"
+                        " VALUES (%s, %s, %s) ON CONFLICT (alias) DO NOTHING",
+                        values,
+                    )
+                    if cursor.rowcount > 0:
+                        return stored, True
+                    cursor = await db.execute(
+                        "UPDATE model_aliases SET model_id = %s, updated_at = %s WHERE alias = %s",
+                        (model_id, stored.updated_at, alias),
+                    )
+                    if cursor.rowcount > 0:
+                        return stored, False
+
+        return await self._run("set_alias", work)
+
+    async def delete_alias(self, alias: str) -> bool:
+        """Deletes the alias; False when there was none."""
+
+        async def work(db: Connection) -> bool:
+            cursor = await db.execute("DELETE FROM model_aliases WHERE alias = %s", (alias,))
+            return cursor.rowcount > 0
+
+        return await self._run("delete_alias", work)
+
+    async def list_model_settings(self) -> list[ModelSetting]:
+        """Every model an admin set something for, by id."""
+
+        async def work(db: Connection) -> list[ModelSetting]:
+            cursor = await db.execute(
+                'SELECT model_id, cost_factor FROM model_settings ORDER BY model_id COLLATE "C"'
+            )
+            return [ModelSetting(*row) for row in await cursor.fetchall()]
+
+        return await self._run("list_model_settings", work)
+
+    async def set_cost_factor(self, model_id: str, factor: float | None) -> ModelSetting:
+        """Sets the model's cost factor (finite and > 0, else ``ValueError``), or with ``None``
+        clears it (the gateway measures it again)."""
+        setting = ModelSetting(model_id, checked_cost_factor(factor))
+
+        async def work(db: Connection) -> ModelSetting:
+            await db.execute(
+                "INSERT INTO model_settings (model_id, cost_factor) VALUES (%s, %s)"
+                " ON CONFLICT (model_id) DO UPDATE SET cost_factor = EXCLUDED.cost_factor",
+                (setting.model_id, setting.cost_factor),
+            )
+            return setting
+
+        return await self._run("set_cost_factor", work)
 
 
 async def _migrate(db: Connection) -> None:

@@ -24,7 +24,9 @@ class GatewayStore(TenantStore, Protocol):
     """A ``TenantStore`` that also answers a tenant's tokens in one budget period
     (``gateway.quotas.BudgetUsage``)."""
 
-    async def total_tokens(self, tenant_id: str, kind: BudgetPeriod, period: str) -> int: ...
+    async def total_tokens(
+        self, tenant_id: str, kind: BudgetPeriod, period: str, *, model_id: str = ""
+    ) -> int: ...
 
 
 async def open_store(config: StoreSection) -> GatewayStore:

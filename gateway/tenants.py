@@ -1,10 +1,15 @@
-"""Tenants, their API keys and quotas, the usage ledger, and the repository interface that stores
-them (``TenantStore``; SQLite in ``gateway.store``).
+"""Tenants, their API keys and quotas, the usage ledger, the models' aliases and settings, and the
+repository interface that stores them (``TenantStore``; SQLite in ``gateway.store``, PostgreSQL in
+``gateway.store_postgres``).
 
 These structs are also the admin API's JSON bodies, so they are ``msgspec.Struct``s (the
 OpenAPI document is generated from them, and says exactly what they accept). A tenant's
 ``default_class`` is always one of its ``allowed_classes``: a class named as the default is allowed
-(``with_default_allowed``). Times are Unix seconds (UTC). Torch-free.
+(``with_default_allowed``). A tenant's ``allowed_models`` name models by id or by alias (empty:
+every model); its ``model_quotas`` are keyed by model id, so that moving an alias moves no quota.
+Usage is counted in tokens and in normalised cost units (a model's cost factor times its
+tokens); per model as well when the request named one (``ModelUsage``). Times are Unix seconds
+(UTC). Torch-free.
 """
 
 from __future__ import annotations
@@ -16,12 +21,18 @@ import msgspec
 
 __all__ = [
     "DEFAULT_SLO_CLASSES",
+    "MAX_MODELS_PER_TENANT",
+    "MAX_MODEL_NAME_LEN",
     "MAX_QUOTA",
     "MIN_WEIGHT",
     "ApiKey",
     "BudgetPeriod",
     "CreatedKey",
     "KeySpec",
+    "ModelAlias",
+    "ModelName",
+    "ModelSetting",
+    "ModelUsage",
     "OverQuotaPolicy",
     "Quotas",
     "SloClassName",
@@ -33,6 +44,7 @@ __all__ = [
     "UsageDelta",
     "period_bounds",
     "period_of",
+    "unique_models",
     "with_default_allowed",
 ]
 
@@ -54,8 +66,19 @@ TenantName = Annotated[
 # their differences NaN), so it is at least 1e-3 (a thousandth of the default share).
 MIN_WEIGHT = 1e-3
 Weight = Annotated[float, msgspec.Meta(ge=MIN_WEIGHT, le=1000)]
+# A model id or alias as tenants and admins write it: what a client may put in a request's
+# "model", so anything printable; control characters are refused (they would forge lines in the
+# logs and the CLI's tables). Bounded, like the lists of them, because they are stored per tenant.
+MAX_MODEL_NAME_LEN = 256
+MAX_MODELS_PER_TENANT = 256
+ModelName = Annotated[
+    str,
+    msgspec.Meta(min_length=1, max_length=MAX_MODEL_NAME_LEN, pattern=r"^[^\x00-\x1f\x7f-\x9f]+\Z"),
+]
+AllowedModels = Annotated[list[ModelName], msgspec.Meta(max_length=MAX_MODELS_PER_TENANT)]
 # One of the gateway's SLO classes: the admin API checks it against the configuration, and the
-# OpenAPI document defines the component from the configuration (``gateway.openapi.Deployment``).
+# OpenAPI document defines the component from the configuration
+# (``gateway.openapi_document.Deployment``).
 SloClassName = Annotated[
     str, msgspec.Meta(extra_json_schema={"$ref": "#/components/schemas/SloClassName"})
 ]
@@ -71,6 +94,10 @@ class Quotas(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     budget_period: BudgetPeriod = "month"
 
 
+# A tenant's quotas per model, keyed by model id (not alias).
+ModelQuotas = Annotated[dict[ModelName, Quotas], msgspec.Meta(max_length=MAX_MODELS_PER_TENANT)]
+
+
 class TenantSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Admin → gateway: a tenant to create. ``default_class`` is added to ``allowed_classes``
     when they do not name it."""
@@ -83,12 +110,14 @@ class TenantSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     )
     quotas: Quotas = Quotas()
     over_quota: OverQuotaPolicy = "reject"
+    allowed_models: AllowedModels = msgspec.field(default_factory=list)  # []: every model
+    model_quotas: ModelQuotas = msgspec.field(default_factory=dict)
 
 
 class TenantPatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Admin → gateway: the fields to change (absent fields stay as they are; ``quotas``
-    replaces the whole set). The tenant's default class, new or kept, is added to its allowed
-    classes when they do not name it."""
+    """Admin → gateway: the fields to change (absent fields stay as they are; ``quotas``,
+    ``allowed_models`` and ``model_quotas`` replace the whole set). The tenant's default class,
+    new or kept, is added to its allowed classes when they do not name it."""
 
     name: TenantName | msgspec.UnsetType = msgspec.UNSET
     weight: Weight | msgspec.UnsetType = msgspec.UNSET
@@ -96,9 +125,15 @@ class TenantPatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     allowed_classes: list[SloClassName] | msgspec.UnsetType = msgspec.UNSET
     quotas: Quotas | msgspec.UnsetType = msgspec.UNSET
     over_quota: OverQuotaPolicy | msgspec.UnsetType = msgspec.UNSET
+    allowed_models: AllowedModels | msgspec.UnsetType = msgspec.UNSET
+    model_quotas: ModelQuotas | msgspec.UnsetType = msgspec.UNSET
 
 
 class Tenant(msgspec.Struct, frozen=True):
+    """A tenant as stored. ``allowed_models``: model ids or aliases, each once (empty: every
+    model); ``model_quotas``: limits on the tenant's requests to one model, by model id, checked
+    beside ``quotas`` (which count every model's requests)."""
+
     tenant_id: str
     name: str
     weight: float
@@ -107,6 +142,8 @@ class Tenant(msgspec.Struct, frozen=True):
     quotas: Quotas
     over_quota: OverQuotaPolicy
     created_at: float
+    allowed_models: list[str] = msgspec.field(default_factory=list)
+    model_quotas: dict[str, Quotas] = msgspec.field(default_factory=dict)
 
 
 class KeySpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -134,7 +171,9 @@ class CreatedKey(msgspec.Struct, frozen=True):
 
 
 class UsageDelta(msgspec.Struct, frozen=True):
-    """One finished request's usage, to add to its tenant's ledger."""
+    """One finished request's usage, to add to its tenant's ledger and, when ``model_id`` is
+    set, to its ledger of that model. ``units``: normalised cost units, the model's cost factor
+    (frozen at admission) times its prompt + completion tokens."""
 
     tenant_id: str
     at: float
@@ -142,10 +181,13 @@ class UsageDelta(msgspec.Struct, frozen=True):
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
+    model_id: str = ""  # the resolved model id, never an alias; "": none
+    units: float = 0.0
 
 
 class Usage(msgspec.Struct, frozen=True):
-    """A tenant's usage in one period (``period`` is ``YYYY-MM-DD`` or ``YYYY-MM``)."""
+    """A tenant's usage in one period (``period`` is ``YYYY-MM-DD`` or ``YYYY-MM``), every
+    model's requests together."""
 
     tenant_id: str
     period: str
@@ -153,10 +195,47 @@ class Usage(msgspec.Struct, frozen=True):
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
+    units: float = 0.0
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+
+class ModelUsage(msgspec.Struct, frozen=True):
+    """A tenant's usage of one model (by id) in one period: its part of the tenant's ``Usage``
+    (requests recorded without a model are in no ``ModelUsage``)."""
+
+    tenant_id: str
+    period_kind: BudgetPeriod
+    period: str
+    model_id: str
+    requests: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    units: float
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class ModelAlias(msgspec.Struct, frozen=True):
+    """An admin's name for a model: requests naming ``alias`` go to ``model_id``, whatever
+    model it names when they arrive (moving an alias takes effect on the next request)."""
+
+    alias: str
+    model_id: str
+    updated_at: float
+
+
+class ModelSetting(msgspec.Struct, frozen=True):
+    """What an admin set for one model. ``cost_factor``: what one of its tokens costs in units
+    of the reference model's tokens; ``None``: the gateway measures it."""
+
+    model_id: str
+    cost_factor: float | None = None
 
 
 def with_default_allowed(default_class: str, allowed_classes: list[str]) -> list[str]:
@@ -164,6 +243,11 @@ def with_default_allowed(default_class: str, allowed_classes: list[str]) -> list
     a tenant may always use its default class."""
     allowed = list(dict.fromkeys(allowed_classes))
     return allowed if default_class in allowed else [*allowed, default_class]
+
+
+def unique_models(names: list[str]) -> list[str]:
+    """``names`` once each, in order: a tenant's ``allowed_models`` as stored."""
+    return list(dict.fromkeys(names))
 
 
 def period_of(at: float, kind: BudgetPeriod) -> str:
@@ -219,5 +303,34 @@ class TenantStore(Protocol):
     ) -> list[Usage]:
         """The tenant's usage per day or month, newest first; one period when ``period`` is
         given (an all-zero row when nothing was recorded)."""
+
+    async def model_usage(
+        self,
+        tenant_id: str,
+        kind: BudgetPeriod,
+        *,
+        period: str | None = None,
+        model_id: str | None = None,
+    ) -> list[ModelUsage]:
+        """The tenant's usage per model and per day or month, newest first and by model id
+        within a period; only ``period``'s and only ``model_id``'s rows when given. A model
+        with nothing recorded in a period has no row."""
+
+    async def list_aliases(self) -> list[ModelAlias]:
+        """Every alias, by name."""
+
+    async def set_alias(self, alias: str, model_id: str) -> tuple[ModelAlias, bool]:
+        """Points ``alias`` at ``model_id``: the alias as stored, and whether it is new (False:
+        it existed and now names ``model_id``)."""
+
+    async def delete_alias(self, alias: str) -> bool:
+        """Deletes the alias; False when there was none."""
+
+    async def list_model_settings(self) -> list[ModelSetting]:
+        """Every model an admin set something for, by id."""
+
+    async def set_cost_factor(self, model_id: str, factor: float | None) -> ModelSetting:
+        """Sets the model's cost factor (finite and > 0, else ``ValueError``), or with ``None``
+        clears it (the gateway measures it again)."""
 
     async def close(self) -> None: ...

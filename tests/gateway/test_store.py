@@ -42,6 +42,7 @@ from tests.postgres import postgres_url as postgres_url
 JAN_15 = dt.datetime(2025, 1, 15, 12, 0, tzinfo=dt.UTC).timestamp()
 JAN_16 = dt.datetime(2025, 1, 16, 9, 0, tzinfo=dt.UTC).timestamp()
 FEB_1 = dt.datetime(2025, 2, 1, 0, 30, tzinfo=dt.UTC).timestamp()
+NEW_TABLES = ("model_aliases", "model_settings", "model_usage")  # schema version 2's
 
 
 class Backend:
@@ -189,8 +190,8 @@ async def test_sqlite_wal_mode_and_schema_version(db_path: Path) -> None:
 
 
 async def test_schema_version(store: GatewayStore, backend: Backend) -> None:
-    assert backend.schema_version() == len(backend.module.MIGRATIONS) >= 1
-    for table in ("tenants", "api_keys", "usage"):
+    assert backend.schema_version() == len(backend.module.MIGRATIONS) >= 2
+    for table in ("tenants", "api_keys", "usage", *NEW_TABLES):
         assert backend.has_table(table), table
 
 
