@@ -158,12 +158,12 @@ class DecodeService(WorkerService):
     def routes(self) -> list[BaseRoute]:
         async def decode(request: Request) -> Response:
             body = await read_message(request, DecodeRequest)
-            trace = _Trace.of("decode", body, request)
+            trace = _Trace.of("decode", body, request, self.model_id)
             return FrameStreamResponse(await _ending_on_error(trace, self.decode(body, trace)))
 
         async def generate(request: Request) -> Response:
             body = await read_message(request, GenerateRequest)
-            trace = _Trace.of("generate", body, request)
+            trace = _Trace.of("generate", body, request, self.model_id)
             return FrameStreamResponse(await _ending_on_error(trace, self.generate(body, trace)))
 
         async def make_room(request: Request) -> Response:
@@ -578,12 +578,13 @@ class _Trace:
 
     @classmethod
     def of(
-        cls, name: str, body: DecodeRequest | GenerateRequest, request: Request
+        cls, name: str, body: DecodeRequest | GenerateRequest, request: Request, model_id: str
     ) -> _Trace | None:
         if not is_tracing():
             return None
         attributes: dict[str, AttributeValue] = {
             "fairgate.request_id": body.request_id,
+            "gen_ai.request.model": model_id,
             "fairgate.prompt_tokens": len(body.prompt_token_ids),
             "fairgate.resumed_output_tokens": body.num_prior_output_tokens,
         }

@@ -3,7 +3,8 @@
 Where the gateway is and its admin token come from ``--url`` / ``FAIRGATE_URL`` and
 ``FAIRGATE_ADMIN_TOKEN``, or else from the ``credentials.json`` that ``fairgate up`` wrote in
 ``--state-dir``. The token is never taken as a flag (it would show in ``ps``). A worker is named
-by its id or its URL (sent URL-encoded). Torch-free.
+by its id or its URL, a model by its id and an alias by its name (each sent URL-encoded: model
+ids hold slashes). Torch-free.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -27,6 +29,9 @@ QUOTA_FLAGS = {
     "concurrency": "max_concurrent_requests",
     "budget": "token_budget",
 }
+# ``--model-quota MODEL:FIELD=N``: a field of ``gateway.tenants.Quotas``, or its short flag.
+MODEL_QUOTA_FIELDS = [*QUOTA_FLAGS.values(), "budget_period"]
+MEASURED = "measured"  # ``models set-cost MODEL measured``: the gateway measures it again
 
 
 class AdminCliError(RuntimeError):
@@ -36,7 +41,7 @@ class AdminCliError(RuntimeError):
 def add_admin_parser(commands: Any) -> None:
     admin = commands.add_parser(
         "admin",
-        help="administer tenants, keys, quotas and workers; read usage",
+        help="administer tenants, keys, quotas, workers, models and aliases; read usage",
         description="Talks to the gateway's admin API. Gateway and token: --url / FAIRGATE_URL "
         "and FAIRGATE_ADMIN_TOKEN, else the credentials.json of `fairgate up` in --state-dir.",
     )
@@ -111,6 +116,50 @@ def add_admin_parser(commands: Any) -> None:
         parser = actions.add_parser(action, help=text)
         parser.add_argument("worker", help="its id or URL")
 
+    models = nouns.add_parser(
+        "models",
+        help="list models (the default); set a model's cost factor",
+        description="Without ACTION: every model a worker announced, and every model only an "
+        "alias names (no worker yet), with its aliases, context length (CTX: what its ready "
+        "workers all take), workers ready/total per role, queue (requests, prompt tokens, "
+        "estimated wait) and cost factor with where it comes from (admin; measured from its "
+        "workers' speeds; unmeasured: 1).",
+    )
+    actions = models.add_subparsers(dest="action", required=False, metavar="ACTION")
+    actions.add_parser("list", help="every model with its workers, queue and cost (the default)")
+    set_cost = actions.add_parser(
+        "set-cost",
+        help="set a model's cost factor, or measure it again",
+        description="What one token of MODEL costs in tokens of the reference model (the "
+        "gateway's own), from 0.01 to 100: tenants' fair shares and usage count its tokens "
+        f"times it. '{MEASURED}' drops the admin's factor: the gateway measures it again from "
+        "its workers' speeds. Takes effect for requests admitted from now on.",
+    )
+    set_cost.add_argument("model", help="the model's id")
+    set_cost.add_argument(
+        "factor", type=_cost_factor, metavar=f"FACTOR|{MEASURED}", help="0.01 to 100"
+    )
+
+    aliases = nouns.add_parser(
+        "aliases",
+        help="list (the default), set, delete model aliases",
+        description="An alias is a name tenants may use for a model (e.g. chat-small); moving "
+        "it moves their requests at once, with nothing changed on their side. A tenant allowed "
+        "an alias follows it when it moves.",
+    )
+    actions = aliases.add_subparsers(dest="action", required=False, metavar="ACTION")
+    actions.add_parser("list", help="every alias and the model it names (the default)")
+    alias_set = actions.add_parser(
+        "set",
+        help="point an alias at a model (create it, or move it)",
+        description="Point ALIAS at MODEL, a model a worker announced. An alias may not be a "
+        "model's id.",
+    )
+    alias_set.add_argument("alias")
+    alias_set.add_argument("model", help="the model's id")
+    alias_delete = actions.add_parser("delete", help="delete an alias")
+    alias_delete.add_argument("alias")
+
 
 def _add_tenant_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight", type=float, default=None, help="fair-share weight")
@@ -138,6 +187,55 @@ def _add_tenant_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="429, or serve at the lowest class and weight",
     )
+    parser.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated models (ids or aliases) the tenant may use; '' or 'all': every model",
+    )
+    parser.add_argument(
+        "--model-quota",
+        action="append",
+        default=[],
+        type=_model_quota,
+        metavar="MODEL:FIELD=N",
+        help="a limit on the tenant's requests to one model, by its id (repeatable; merged "
+        "with the tenant's); FIELD: "
+        + ", ".join(MODEL_QUOTA_FIELDS)
+        + " (or "
+        + ", ".join(QUOTA_FLAGS)
+        + "); N 'none' removes that limit, and a model left with no limit is removed",
+    )
+
+
+def _cost_factor(text: str) -> float | None:
+    if text == MEASURED:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or {MEASURED!r}") from None
+
+
+def _model_quota(text: str) -> tuple[str, str, int | str | None]:
+    """``MODEL:FIELD=N`` → (model, Quotas field, value). A model id may hold ``:``; a field
+    does not, so the last one splits."""
+    named, is_set, value = text.rpartition("=")
+    model, has_field, field = named.rpartition(":")
+    field = QUOTA_FLAGS.get(field, field)
+    if not (is_set and has_field and model) or field not in MODEL_QUOTA_FIELDS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not MODEL:FIELD=N with FIELD one of {', '.join(MODEL_QUOTA_FIELDS)}"
+        )
+    if field == "budget_period":
+        if value not in ("day", "month"):
+            raise argparse.ArgumentTypeError(f"{text!r}: budget_period is day or month")
+        return model, field, value
+    if value == "none":
+        return model, field, None
+    try:
+        return model, field, int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: N is an integer or 'none'") from None
 
 
 def run_admin(args: argparse.Namespace) -> int:
@@ -154,7 +252,8 @@ def run_admin(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     elif columns:
         rows = result["data"] if isinstance(result, dict) and "data" in result else [result]
-        print(format_table(rows, columns))
+        view = _ROW_VIEWS.get(args.admin_noun)
+        print(format_table([view(row) for row in rows] if view else rows, columns))
     return 0
 
 
@@ -198,14 +297,36 @@ def _request(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any
     return body
 
 
-TENANT_COLUMNS = ["tenant_id", "name", "weight", "default_class", "over_quota", "quotas"]
+TENANT_COLUMNS = [
+    "tenant_id",
+    "name",
+    "weight",
+    "default_class",
+    "over_quota",
+    "quotas",
+    "models",
+    "model_quotas",
+]
 KEY_COLUMNS = ["key_id", "tenant_id", "prefix", "name", "created_at", "revoked_at"]
 USAGE_COLUMNS = ["period", "requests", "prompt_tokens", "cached_tokens", "completion_tokens"]
+MODEL_COLUMNS = [
+    "model",
+    "aliases",
+    "ctx",
+    "workers",
+    "queued",
+    "queued_tokens",
+    "est_wait",
+    "factor",
+    "source",
+]
+ALIAS_COLUMNS = ["alias", "model_id", "updated_at"]
 WORKER_COLUMNS = [
     "url",
     "role",
     "state",
     "source",
+    "model_id",
     "worker_id",
     "inflight_requests",
     "last_error",
@@ -222,6 +343,13 @@ def _call(client: httpx.Client, args: argparse.Namespace) -> tuple[Any, list[str
                 print(f"removed worker {args.worker}")
             return {"removed": args.worker}, []
         return _call_workers(client, args), WORKER_COLUMNS
+    if noun == "models":
+        if action == "set-cost":
+            body = {"cost_factor": args.factor}
+            return _request(client, "PATCH", _model_path(args.model), json=body), MODEL_COLUMNS
+        return _request(client, "GET", "/admin/v1/models"), MODEL_COLUMNS
+    if noun == "aliases":
+        return _call_aliases(client, args)
     if noun == "usage":
         params = {"period": args.period, **({"at": args.at} if args.at else {})}
         path = f"/admin/v1/tenants/{args.tenant}/usage"
@@ -247,10 +375,15 @@ def _call(client: httpx.Client, args: argparse.Namespace) -> tuple[Any, list[str
             print(f"deleted tenant {args.tenant}")
         return {"deleted": args.tenant}, []
     if action == "create":
-        body = {"name": args.name, **_tenant_fields(args, current_quotas={})}
+        body = {
+            "name": args.name,
+            **_tenant_fields(args, current_quotas={}, current_model_quotas={}),
+        }
         return _request(client, "POST", "/admin/v1/tenants", json=body), TENANT_COLUMNS
     current = _request(client, "GET", f"/admin/v1/tenants/{args.tenant}")
-    patch = _tenant_fields(args, current_quotas=current["quotas"])
+    patch = _tenant_fields(
+        args, current_quotas=current["quotas"], current_model_quotas=current["model_quotas"]
+    )
     if args.new_name is not None:
         patch["name"] = args.new_name
     path = f"/admin/v1/tenants/{current['tenant_id']}"
@@ -268,11 +401,37 @@ def _call_workers(client: httpx.Client, args: argparse.Namespace) -> Any:
     return _request(client, "POST", f"{_worker_path(args.worker)}/{action}")  # drain, undrain
 
 
+def _call_aliases(client: httpx.Client, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    action = args.action or "list"
+    if action == "list":
+        return _request(client, "GET", "/admin/v1/aliases"), ALIAS_COLUMNS
+    if action == "set":
+        body = {"model": args.model}
+        return _request(client, "PUT", _alias_path(args.alias), json=body), ALIAS_COLUMNS
+    _request(client, "DELETE", _alias_path(args.alias))
+    if not args.json:
+        print(f"deleted alias {args.alias}")
+    return {"deleted": args.alias}, []
+
+
 def _worker_path(worker: str) -> str:
     return "/admin/v1/workers/" + quote(worker, safe="")  # a URL's slashes too
 
 
-def _tenant_fields(args: argparse.Namespace, *, current_quotas: dict[str, Any]) -> dict[str, Any]:
+def _model_path(model: str) -> str:
+    return "/admin/v1/models/" + quote(model, safe="")  # an id's slashes too
+
+
+def _alias_path(alias: str) -> str:
+    return "/admin/v1/aliases/" + quote(alias, safe="")
+
+
+def _tenant_fields(
+    args: argparse.Namespace,
+    *,
+    current_quotas: dict[str, Any],
+    current_model_quotas: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     if args.weight is not None:
         fields["weight"] = args.weight
@@ -292,7 +451,28 @@ def _tenant_fields(args: argparse.Namespace, *, current_quotas: dict[str, Any]) 
         quotas["budget_period"] = args.budget_period
     if quotas != current_quotas:
         fields["quotas"] = quotas
+    if args.models is not None:
+        names = [m.strip() for m in args.models.split(",") if m.strip()]
+        fields["allowed_models"] = [] if names == ["all"] else names
+    model_quotas = _merged_model_quotas(current_model_quotas, args.model_quota)
+    if model_quotas != current_model_quotas:
+        fields["model_quotas"] = model_quotas
     return fields
+
+
+def _merged_model_quotas(
+    current: dict[str, dict[str, Any]], changes: Sequence[tuple[str, str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """``current`` with each (model, field, value) of ``--model-quota`` set; a model left with
+    no limit is dropped."""
+    merged = {model: dict(quotas) for model, quotas in current.items()}
+    for model, field, value in changes:
+        merged.setdefault(model, {})[field] = value
+    return {
+        model: quotas
+        for model, quotas in merged.items()
+        if any(quotas.get(field) is not None for field in QUOTA_FLAGS.values())
+    }
 
 
 def _print_created_key(created: dict[str, Any]) -> list[str]:
@@ -300,6 +480,49 @@ def _print_created_key(created: dict[str, Any]) -> list[str]:
     print(f"key {key['key_id']} for tenant {key['tenant_id']}")
     print(f"secret (shown once, store it now): {created['secret']}")
     return []
+
+
+def _tenant_row(tenant: dict[str, Any]) -> dict[str, Any]:
+    by_model = tenant.get("model_quotas") or {}
+    return {
+        **tenant,
+        "models": ",".join(tenant.get("allowed_models") or []) or "all",
+        "model_quotas": ";".join(f"{m}:{_cell(q)}" for m, q in by_model.items()) or None,
+    }
+
+
+def _model_row(status: dict[str, Any]) -> dict[str, Any]:
+    """A ``ModelStatus`` as the table shows it: workers ready/total per role."""
+    by_role: dict[str, list[int]] = {}
+    for count in status["workers"]:
+        ready_total = by_role.setdefault(count["role"], [0, 0])
+        ready_total[0] += count["num_workers"] if count["state"] == "ready" else 0
+        ready_total[1] += count["num_workers"]
+    wait = status["est_wait_s"]
+    return {
+        "model": status["model"],
+        "aliases": status["aliases"] or None,
+        "ctx": status["max_model_len"],
+        "workers": ",".join(f"{role}={r}/{t}" for role, (r, t) in by_role.items()) or None,
+        "queued": status["num_queued"],
+        "queued_tokens": status["num_queued_tokens"],
+        "est_wait": None if wait is None else f"{wait:.1f}s",
+        "factor": status["cost_factor"],
+        "source": status["cost_source"],
+    }
+
+
+def _alias_row(alias: dict[str, Any]) -> dict[str, Any]:
+    updated = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(alias["updated_at"]))
+    return {**alias, "updated_at": updated}
+
+
+# How a noun's rows are shown in a table (the API's JSON as it is with ``--json``).
+_ROW_VIEWS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "tenants": _tenant_row,
+    "models": _model_row,
+    "aliases": _alias_row,
+}
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

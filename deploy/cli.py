@@ -173,7 +173,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     gateway.add_argument("--store", default=None, help="SQLite file (default: fairgate.db)")
     gateway.add_argument(
-        "--model", default=None, help=f"the workers' model, for the tokenizer: {MODEL_HELP}"
+        "--model",
+        default=None,
+        help=f"the gateway's own model: its tokenizer, and the unit of cost factors: {MODEL_HELP}",
     )
     gateway.add_argument("--policy", default=None, help=POLICY_HELP)
     gateway.add_argument(
@@ -210,8 +212,19 @@ def _build_parser() -> argparse.ArgumentParser:
         default="default",
         help=f"the workers' model: {MODEL_HELP}, or null (default: %(default)s)",
     )
-    up.add_argument("--prefill-workers", type=int, default=1, help="default: %(default)s")
-    up.add_argument("--decode-workers", type=int, default=1, help="default: %(default)s")
+    up.add_argument(
+        "--models",
+        default="",
+        help="several models, comma-separated (e.g. default,tiny), each with its own pool of "
+        "--prefill-workers and --decode-workers; the first is the reference model of the cost "
+        "factors. Instead of --engine",
+    )
+    up.add_argument(
+        "--prefill-workers", type=int, default=1, help="per model (default: %(default)s)"
+    )
+    up.add_argument(
+        "--decode-workers", type=int, default=1, help="per model (default: %(default)s)"
+    )
     up.add_argument("--port", type=int, default=8000, help="gateway port (default: %(default)s)")
     up.add_argument(
         "--host", default="127.0.0.1", help="gateway bind address (default: %(default)s)"
@@ -831,9 +844,13 @@ def _run_up(args: argparse.Namespace) -> int:
     # One line per worker exit and restart: the operator should see them at the default level.
     logging.getLogger("deploy.supervisor").setLevel(logging.INFO)
     gateway_args = [] if args.policy is None else ["--policy", args.policy]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if models and args.engine != "default":
+        raise SystemExit("fairgate up: give --engine or --models, not both")
     return run_up(
         StackConfig(
             engine=args.engine,
+            models=models,
             num_prefill_workers=args.prefill_workers,
             num_decode_workers=args.decode_workers,
             port=args.port,

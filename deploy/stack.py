@@ -47,6 +47,10 @@ def default_state_dir() -> Path:
 @dataclass(frozen=True, slots=True)
 class StackConfig:
     engine: str = "default"  # default | tiny | null | PATH
+    # Several models, each with its own pool of ``num_prefill_workers`` + ``num_decode_workers``
+    # (empty: ``engine`` alone). The first is the gateway's reference model (its ``[model]``):
+    # the unit of the other models' cost factors.
+    models: Sequence[str] = ()
     num_prefill_workers: int = 1
     num_decode_workers: int = 1
     port: int = 8000
@@ -73,6 +77,12 @@ class StackConfig:
     def __post_init__(self) -> None:
         if self.threads_per_worker is not None and self.threads_per_worker < 1:
             raise ValueError(f"--threads must be at least 1, got {self.threads_per_worker}")
+        if len(set(self.served_models())) != len(self.served_models()):
+            raise ValueError(f"--models names a model twice: {', '.join(self.models)}")
+
+    def served_models(self) -> list[str]:
+        """The models, each with its pool: ``models``, or ``engine`` alone."""
+        return list(self.models) or [self.engine]
 
     def worker_threads(self) -> int:
         """Torch threads for each worker. Every worker left to torch's default takes a thread
@@ -82,7 +92,9 @@ class StackConfig:
         completed 61-88 instead of 45-61 requests/s under the flood)."""
         if self.threads_per_worker is not None:
             return self.threads_per_worker
-        num_workers = self.num_prefill_workers + self.num_decode_workers
+        num_workers = (self.num_prefill_workers + self.num_decode_workers) * len(
+            self.served_models()
+        )
         return max(1, len(os.sched_getaffinity(0)) // max(1, num_workers))
 
 
@@ -157,7 +169,7 @@ def start_stack(config: StackConfig) -> Stack:
         gateway_specs = [
             WorkerSpec(
                 "gateway",
-                config.engine,
+                config.served_models()[0],
                 gateway_args,
                 env,
                 _log(config, "gateway", index),
@@ -182,8 +194,9 @@ def start_stack(config: StackConfig) -> Stack:
 
 
 def worker_specs(config: StackConfig, env: dict[str, str]) -> list[WorkerSpec]:
-    """The prefill and decode workers ``start_stack`` starts, with ``--threads`` from
-    ``StackConfig.worker_threads`` unless ``worker_args`` sets it."""
+    """The prefill and decode workers ``start_stack`` starts, a pool per model (named ROLE-N,
+    N counting across the models), with ``--threads`` from ``StackConfig.worker_threads``
+    unless ``worker_args`` sets it."""
     worker_args = list(config.worker_args)
     if not any(arg == "--threads" or arg.startswith("--threads=") for arg in worker_args):
         worker_args += ["--threads", str(config.worker_threads())]
@@ -191,26 +204,25 @@ def worker_specs(config: StackConfig, env: dict[str, str]) -> list[WorkerSpec]:
     def env_of(name: str) -> dict[str, str]:
         return {**env, **config.worker_env.get(name, {})}
 
+    models = config.served_models()
+    prefill = [(m, i) for m in models for i in range(config.num_prefill_workers)]
+    decode = [(m, i) for m in models for i in range(config.num_decode_workers)]
     return [
         *(
             WorkerSpec(
-                "prefill",
-                config.engine,
-                worker_args,
-                env_of(f"prefill-{i}"),
-                _log(config, "prefill", i),
+                "prefill", model, worker_args, env_of(f"prefill-{n}"), _log(config, "prefill", n)
             )
-            for i in range(config.num_prefill_workers)
+            for n, (model, _) in enumerate(prefill)
         ),
         *(
             WorkerSpec(
                 "decode",
-                config.engine,
+                model,
                 [*worker_args, *config.decode_worker_args],
-                env_of(f"decode-{i}"),
-                _log(config, "decode", i),
+                env_of(f"decode-{n}"),
+                _log(config, "decode", n),
             )
-            for i in range(config.num_decode_workers)
+            for n, (model, _) in enumerate(decode)
         ),
     ]
 

@@ -255,6 +255,11 @@ class WorkerService:
             "pid": os.getpid(),
         }
 
+    @property
+    def model_id(self) -> str:
+        """The served model's id ("" until it is loaded)."""
+        return "" if self.loaded is None else self.loaded.model_id
+
     def info(self) -> WorkerInfo:
         self.ready_thread()
         loaded = self.loaded

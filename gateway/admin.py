@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import hmac
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
@@ -167,10 +167,14 @@ def routing_path(path: str) -> str:
     return path.replace("{worker}", "{worker:path}")
 
 
-def add_other_successes(document: dict[str, Any]) -> None:
+def add_other_successes(
+    document: dict[str, Any],
+    successes: Mapping[tuple[str, str], tuple[int, str]] = _OTHER_SUCCESSES,
+) -> None:
     """Document the second success status of the routes that have one (same body as the
-    first): ``gateway.openapi_document.Endpoint`` names only one."""
-    for (method, path), (status, description) in _OTHER_SUCCESSES.items():
+    first): ``gateway.openapi_document.Endpoint`` names only one. ``successes``: by (method,
+    path), the status and what it means (default: this module's routes')."""
+    for (method, path), (status, description) in successes.items():
         responses = document["paths"][path][method]["responses"]
         first = next(answer for code, answer in responses.items() if code.startswith("2"))
         responses[str(status)] = {**first, "description": description}

@@ -9,7 +9,9 @@
     ├── policy      SchedulingPolicy          the queue and placement decisions
     ├── dispatcher  Dispatcher                carries decisions out, requests wait there
     ├── usage       UsageRecorder             finished requests' usage, batched to the store
-    ├── tokenizer   Tokenizer                 chat template, encode, incremental decode
+    ├── catalog     ModelCatalog              a request's model name → the model (ids, aliases)
+    ├── costs       CostBook                  each model's cost factor: admin's or measured
+    ├── tokenizers  TokenizerCache            one per tokenizer the models' workers announce
     ├── prompts     PromptEncoder             prompts tokenized off the loop, per tenant
     ├── load_guard  LoadGuard                 the loop's lag; who is refused when it lags
     └── in_flight   RequestsInFlight          admitted requests; how far a shutdown has gone
@@ -69,6 +71,12 @@ from gateway.admin import (
     registration_routes,
     routing_path,
 )
+from gateway.admin_models import (
+    MODEL_ADMIN_OTHER_SUCCESSES,
+    ModelAdminParts,
+    model_admin_endpoints,
+    model_routing_path,
+)
 from gateway.admission import AdmissionControl
 from gateway.auth import Authenticator
 from gateway.config import Config
@@ -78,19 +86,21 @@ from gateway.errors import ClientError, MethodNotAllowed, NotFound, ShuttingDown
 from gateway.gatekeeper import Gatekeeper, GatekeeperParts, error_response
 from gateway.in_flight import RequestsInFlight
 from gateway.metrics import GatewayMetrics
+from gateway.model_catalog import ModelCatalog
+from gateway.model_costs import CostBook, ModelSpeed
 from gateway.openai_routes import OpenAIParts, openai_endpoints
 from gateway.openapi_document import Deployment, Endpoint, Handler, openapi_document, routes_of
 from gateway.overload import LoadGuard
-from gateway.policies import make_policy
-from gateway.policies.base import FairPolicy
+from gateway.policies import make_per_model_policy
+from gateway.policies.per_model import PerModelPolicy
 from gateway.prompts import PromptEncoder, TenantTurns
 from gateway.quotas import QuotaManager
 from gateway.quotas_memory import MemoryQuotaBackend
 from gateway.quotas_redis import RedisQuotaBackend
 from gateway.replica_sync import AdminChange, ReplicaSync
-from gateway.scheduler import SchedulingPolicy
 from gateway.settlement import Settlement
 from gateway.stores import GatewayStore, open_store
+from gateway.tokenizers import TokenizerCache
 from gateway.usage import UsageRecorder
 from gateway.worker_transport import WorkerTransport
 from gateway.workers import WorkerHandle, WorkerRegistry
@@ -109,19 +119,21 @@ logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 METRICS_SAMPLE_S = 1.0
+COST_MEASURE_S = 10.0  # how often the models' cost factors take the workers' speeds
 # After the grace period: how long the requests ended then have to send their error.
 DRAIN_END_S = 5.0
 
 
-def policy_from_config(config: Config) -> SchedulingPolicy:
-    """The ``[scheduler]`` section's policy, with the SLO classes. Its KV block size is the
-    workers' (``Dispatcher.submit`` tells it)."""
+def policy_from_config(config: Config) -> PerModelPolicy:
+    """The ``[scheduler]`` section's policy, one per model's pool, with the SLO classes
+    (``gateway.policies.per_model``). Its KV block size is the workers' (``Dispatcher.submit``
+    tells it)."""
     name = config.scheduler.policy
     if name == "auto":
         # Several prefill workers, or a pool found by DNS (which may grow): D²LPM.
         is_pool = len(config.gateway.prefill_workers) > 1 or bool(config.gateway.prefill_dns)
         name = "d2lpm" if is_pool else "dlpm"
-    return make_policy(name, config.scheduler, config.slo_classes)
+    return make_per_model_policy(name, config.scheduler, config.slo_classes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +144,10 @@ class _Started:
     auth: Authenticator
     quotas: QuotaManager
     usage: UsageRecorder
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer  # the gateway's own model's (``[model] name``)
+    tokenizers: TokenizerCache
+    catalog: ModelCatalog
+    costs: CostBook
     prompts: PromptEncoder
 
 
@@ -150,6 +165,7 @@ class Gateway:
         if registration_token and len(registration_token) < 16:
             raise ValueError("the registration token must be at least 16 characters")
         self.config = config
+        self._parts: _Started | None = None  # from ``start`` on
         self.policy = policy_from_config(config)
         self.registry = WorkerRegistry(
             config.gateway.prefill_workers,
@@ -183,13 +199,15 @@ class Gateway:
             window_s=config.telemetry.metrics_window_s,
             requests_in_gateway=self.load_guard.requests_by_tenant,
             loop_lag_s=lambda: self.load_guard.lag_s,
+            model_backlogs=self.policy.backlogs,
+            cost_factors=self._cost_factors,
         )
         self._sampler: asyncio.Task[None] | None = None
-        self._parts: _Started | None = None
         self.replica_sync: ReplicaSync | None = None  # with ``replicas.redis_url``
         self.discovery: DnsDiscovery | None = None  # with ``gateway.*_dns``
         self.body_turns = TenantTurns()  # a tenant's large bodies, one at a time
         self.in_flight = RequestsInFlight()  # for ``drain``
+        self._reloads: set[asyncio.Task[None]] = set()  # of the models' settings
 
     @property
     def started(self) -> _Started:
@@ -199,6 +217,8 @@ class Gateway:
     async def start(self) -> None:
         spec = resolve_model(self.config.model.name, pull=False)
         tokenizer = await asyncio.to_thread(Tokenizer.load, tokenizer_path(spec))
+        tokenizers = TokenizerCache()
+        tokenizers.add(tokenizer)
         store = await open_store(self.config.store)
         usage = UsageRecorder(store)
         replicas = self.config.replicas
@@ -214,18 +234,25 @@ class Gateway:
                 RedisQuotaBackend(replicas.redis_url, lease_s=replicas.reservation_lease_s)
                 if replicas.redis_url
                 else MemoryQuotaBackend(),
+                model_budget_usage=store.total_tokens,
             ),
             usage=usage,
             tokenizer=tokenizer,
-            prompts=PromptEncoder(tokenizer),
+            tokenizers=tokenizers,
+            catalog=ModelCatalog(self.registry.model_ids),
+            # The gateway's own model's token is the unit (a single-model gateway: 1.0).
+            costs=CostBook(
+                spec.model_id, w_in=self.config.scheduler.w_in, w_out=self.config.scheduler.w_out
+            ),
+            prompts=PromptEncoder(),
         )
+        await self.load_model_settings()
         await usage.start()
         await self._parts.quotas.start()  # with Redis: PING (unreachable: no start), renewals
         if replicas.redis_url:
-            sharing = self.policy if isinstance(self.policy, FairPolicy) else None
             self.replica_sync = ReplicaSync(
                 replicas.redis_url,
-                sharing,
+                self.policy,
                 on_admin_change=self.apply_admin_change,
                 sync_interval_s=replicas.sync_interval_s,
                 admin_sync_s=replicas.admin_sync_s,
@@ -244,10 +271,60 @@ class Gateway:
         self._sampler = asyncio.create_task(self._sample_forever(), name="metrics-sampler")
 
     async def _sample_forever(self) -> None:
-        """The metrics' windows see who is backlogged about once a second."""
+        """The metrics' windows see who is backlogged about once a second; the models' cost
+        factors take the workers' measured speeds every ``COST_MEASURE_S``."""
+        num_samples = 0
+        replicas = self.config.replicas
+        reload_every = max(1, round(replicas.admin_sync_s / METRICS_SAMPLE_S))
         while True:
             await asyncio.sleep(METRICS_SAMPLE_S)
             self.metrics.sample()
+            num_samples += 1
+            if num_samples % round(COST_MEASURE_S / METRICS_SAMPLE_S) == 0:
+                self.measure_costs()
+            if replicas.redis_url and num_samples % reload_every == 0:
+                # Another replica's alias or factor, should its message have been lost.
+                await self._reload_model_settings()
+
+    def _cost_factors(self) -> dict[str, float]:
+        if self._parts is None:
+            return {}
+        return {m: self._parts.costs.factor(m) for m in self.registry.model_ids()}
+
+    def measure_costs(self) -> None:
+        """Each model's pool's ready workers' speeds, into the cost book."""
+        costs = self.started.costs
+        for model in self.registry.model_ids():
+            speeds = [
+                ModelSpeed(
+                    prefill_tok_s=h.load.prefill_tok_s or None,
+                    decode_base_s=h.load.decode_base_s or None,
+                    decode_token_s=h.load.decode_token_s,
+                )
+                for role in ("prefill", "decode", "colocated")
+                for h in self.registry.ready(role, model)
+                if h.load is not None
+            ]
+            costs.measure(model, speeds)
+
+    async def _reload_model_settings(self) -> None:
+        try:
+            await self.load_model_settings()
+        except FairgateError as exc:  # the store: the periodic reload tries again
+            logger.warning("models' aliases and cost factors not reloaded: %s", exc.message)
+
+    async def load_model_settings(self) -> None:
+        """The admins' aliases and cost factors, from the store (at start, and when another
+        replica changed them)."""
+        started = self.started
+        aliases = await started.store.list_aliases()
+        started.catalog.set_aliases({a.alias: a.model_id for a in aliases})
+        settings = await started.store.list_model_settings()
+        for model_id in started.costs.admin_models():
+            started.costs.set_admin(model_id, None)
+        for setting in settings:
+            if setting.cost_factor is not None:
+                started.costs.set_admin(setting.model_id, setting.cost_factor)
 
     async def drain(self) -> None:
         """Stop admitting; let the requests in the gateway (admitted, or past the gatekeeper
@@ -283,6 +360,9 @@ class Gateway:
             self._sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sampler
+        for task in list(self._reloads):
+            task.cancel()
+        await asyncio.gather(*self._reloads, return_exceptions=True)
         await self.load_guard.stop()
         await self.dispatcher.stop()
         self.dispatcher.fail_all(ShuttingDown("the gateway is shutting down"))
@@ -316,8 +396,14 @@ class Gateway:
                 logger.warning("admin change not sent to the other replicas: %r", exc)
 
     def apply_admin_change(self, change: AdminChange) -> None:
-        """Drop what this replica holds of the tenant or key (``gateway.replica_sync``)."""
+        """Drop what this replica holds of the tenant or key (``gateway.replica_sync``); read
+        the models' aliases and cost factors again."""
         auth = self.started.auth
+        if change.kind == "models":
+            task = asyncio.create_task(self._reload_model_settings(), name="model-settings")
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
+            return
         if change.kind == "key":
             auth.forget_key(change.key_id)
             return
@@ -374,11 +460,19 @@ def _serving_app(gateway: Gateway) -> Starlette:
         config=config,
         auth=started.auth,
         admission=AdmissionControl(
-            config, gateway.registry, gateway.dispatcher, started.prompts, started.quotas
+            config,
+            gateway.registry,
+            gateway.dispatcher,
+            started.catalog,
+            started.tokenizers,
+            started.costs,
+            started.prompts,
+            started.quotas,
+            own_tokenizer=started.tokenizer,
         ),
         dispatcher=gateway.dispatcher,
         registry=gateway.registry,
-        tokenizer=started.tokenizer,
+        catalog=started.catalog,
         body_turns=gateway.body_turns,
         in_flight=gateway.in_flight,
         settlement=Settlement(
@@ -390,7 +484,20 @@ def _serving_app(gateway: Gateway) -> Starlette:
     admin = AdminParts(
         config, started.auth, started.store, started.usage, gateway.registry, gateway.admin_changed
     )
-    endpoints = [*openai_endpoints(openai), *admin_endpoints(admin)]
+    models = ModelAdminParts(
+        auth=started.auth,
+        store=started.store,
+        registry=gateway.registry,
+        catalog=started.catalog,
+        costs=started.costs,
+        backlogs=gateway.policy.backlogs,
+        admin_changed=gateway.admin_changed,
+    )
+    endpoints = [
+        *openai_endpoints(openai),
+        *admin_endpoints(admin),
+        *model_admin_endpoints(models),
+    ]
     deployment = Deployment(
         slo_classes=[c.name for c in config.slo_classes], vocab_size=started.tokenizer.vocab_size
     )
@@ -408,7 +515,12 @@ def _serving_app(gateway: Gateway) -> Starlette:
             Route("/readyz", partial(_readyz, gateway.in_flight, gateway.registry)),
             Route("/openapi.json", _openapi_route(endpoints, deployment)),
             Route("/metrics", partial(_metrics, started.auth, gateway.metrics)),
-            *routes_of([dataclasses.replace(e, path=routing_path(e.path)) for e in endpoints]),
+            *routes_of(
+                [
+                    dataclasses.replace(e, path=routing_path(model_routing_path(e.path)))
+                    for e in endpoints
+                ]
+            ),
             *registration_routes(config.gateway.registration_token, gateway.registry),
         ],
         middleware=[Middleware(Gatekeeper, parts=gatekeeper)],
@@ -442,6 +554,7 @@ def _openapi_route(endpoints: list[Endpoint], deployment: Deployment) -> Handler
         if not document:
             document.update(openapi_document(endpoints, version=VERSION, deployment=deployment))
             add_other_successes(document)
+            add_other_successes(document, MODEL_ADMIN_OTHER_SUCCESSES)
         return json_response(document)
 
     return openapi

@@ -106,7 +106,9 @@ class ReplicasSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class ModelSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The model the workers serve, for the gateway's tokenizer: default, tiny, null or a path."""
+    """The gateway's own model: default, tiny, null or a path. Its tokenizer serves the pools
+    whose workers announce none, and its token is the unit of the models' cost factors
+    (``gateway.model_costs``). Each pool's own tokenizer comes from its workers."""
 
     name: str = "default"
 

@@ -49,6 +49,7 @@ from gateway.errors import NoWorkerAvailable, QueueFull, QueueTimeout, RequestSh
 from gateway.ledger import RequestLedger, WorkerPair, is_migratable
 from gateway.scheduler import (
     ROOM_RETRY_S,
+    Decision,
     MakeRoom,
     Placement,
     QueuedRequest,
@@ -108,13 +109,15 @@ class Dispatcher:
         self.clock = clock
         self._ledgers: dict[str, RequestLedger] = {}  # every request from ``open`` to ``close``
         self._waiting: dict[str, asyncio.Future[WorkerPair]] = {}
+        self._waiting_models: dict[str, str] = {}  # the same requests' models
         # The same requests by tenant, then rank: when each began to wait, oldest first
         # (``check_backlog``).
         self._waiting_by_tenant: dict[str, dict[int, dict[str, float]]] = {}
         self._pass_scheduled = False
         self._room_tasks: set[asyncio.Task[None]] = set()
         self._no_worker_logged_at = float("-inf")
-        self._unservable_since: float | None = None  # when no worker could serve, since
+        # By model: since when no worker of its pool could serve.
+        self._unservable_since: dict[str, float] = {}
 
     @property
     def num_waiting(self) -> int:
@@ -144,34 +147,34 @@ class Dispatcher:
                 retry_after_s=max_wait_s,
             )
 
-    def check_can_serve(self) -> None:
-        """``NoWorkerAvailable`` (with Retry-After) when no worker could serve for
-        ``NO_WORKER_GRACE_S``."""
-        if self._is_unservable():
-            raise self._no_worker()
+    def check_can_serve(self, model: str) -> None:
+        """``NoWorkerAvailable`` (with Retry-After) when no worker of ``model``'s pool could
+        serve for ``NO_WORKER_GRACE_S``."""
+        if self._is_unservable(model):
+            raise self._no_worker(model)
 
-    def _is_unservable(self) -> bool:
-        """Whether no worker of a role the requests need has been ready for
+    def _is_unservable(self, model: str) -> bool:
+        """Whether no worker of a role ``model``'s requests need has been ready for
         ``NO_WORKER_GRACE_S``. Shorter than that, it may be one failed call marking a live
         worker dead, which the registry's next poll undoes: meanwhile requests wait."""
-        if self.registry.can_serve():
-            self._unservable_since = None
+        if self.registry.can_serve(model):
+            self._unservable_since.pop(model, None)
             return False
         now = self.clock()
-        if self._unservable_since is None:
-            self._unservable_since = now
+        since = self._unservable_since.setdefault(model, now)
+        if since == now:
             asyncio.get_running_loop().call_later(NO_WORKER_GRACE_S, self.wake)
-        return now - self._unservable_since >= NO_WORKER_GRACE_S
+        return now - since >= NO_WORKER_GRACE_S
 
-    def _no_worker(self) -> NoWorkerAvailable:
+    def _no_worker(self, model: str) -> NoWorkerAvailable:
         # The registry's summary names internal addresses: the log gets it (at most once a
         # second: every request says the same), the tenant not.
         now = self.clock()
         if now - self._no_worker_logged_at >= 1.0:
             self._no_worker_logged_at = now
-            logger.warning("no worker can serve: %s", self.registry.summary())
+            logger.warning("no worker can serve model %r: %s", model, self.registry.summary())
         return NoWorkerAvailable(
-            "no worker can serve this request now; try again shortly",
+            f"no worker of model {model!r} can serve this request now; try again shortly",
             retry_after_s=NO_WORKER_RETRY_AFTER_S,
         )
 
@@ -300,9 +303,9 @@ class Dispatcher:
         can serve at all (now, or while it waits), ``QueueTimeout`` when none had room within
         the queue timeout."""
         request = ledger.request
-        self.check_can_serve()
-        if self.registry.reference is not None:
-            self.policy.set_block_size(self.registry.reference.block_size)
+        self.check_can_serve(request.model)
+        if self.registry.pools.block_size is not None:
+            self.policy.set_block_size(self.registry.pools.block_size)
         future: asyncio.Future[WorkerPair] = asyncio.get_running_loop().create_future()
         if requeue:
             self.policy.requeue(request, self.clock())
@@ -313,6 +316,7 @@ class Dispatcher:
                 raise RequestShed(exc.reason) from None
         ledger.stage = "queued"
         self._waiting[request.request_id] = future
+        self._waiting_models[request.request_id] = request.model
         by_rank = self._waiting_by_tenant.setdefault(request.tenant_id, {})
         by_rank.setdefault(request.rank, {})[request.request_id] = self.clock()
         self.wake()
@@ -343,6 +347,7 @@ class Dispatcher:
                 future.cancel()
 
     def _forget(self, request: QueuedRequest) -> None:
+        self._waiting_models.pop(request.request_id, None)
         by_rank = self._waiting_by_tenant.get(request.tenant_id)
         if by_rank is not None:
             since = by_rank.get(request.rank)
@@ -365,41 +370,71 @@ class Dispatcher:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def fail_all(self, error: FairgateError) -> None:
-        """Every waiting request ends with ``error`` (no worker left, or the gateway is
-        stopping); each waiter takes itself out of the queue as it wakes."""
-        for future in self._waiting.values():
-            if not future.done():
+    def fail_all(self, error: FairgateError, model: str | None = None) -> None:
+        """Every waiting request (of ``model`` only, unless None) ends with ``error`` (no
+        worker left, or the gateway is stopping); each waiter takes itself out of the queue as
+        it wakes."""
+        for request_id, future in self._waiting.items():
+            if not future.done() and model in (None, self._waiting_models.get(request_id)):
                 future.set_exception(error)
 
     # ---- one pass ---------------------------------------------------------------------------
 
     def _schedule_pass(self) -> None:
+        """One pass per model with requests waiting, over that model's pool only: its
+        requests are placed on its own workers, and an outage of one pool fails only its own
+        waiters."""
         self._pass_scheduled = False
-        if not self._waiting:
-            if self.registry.can_serve():
-                self._unservable_since = None  # a later outage gets its full grace
-            return
-        if self._is_unservable():
+        waiting = dict.fromkeys(self._waiting_models.values())  # in order of arrival
+        for model in list(self._unservable_since):
+            if model not in waiting and self.registry.can_serve(model):
+                del self._unservable_since[model]  # a later outage gets its full grace
+        for model in waiting:
+            self._schedule_model(model)
+
+    def _schedule_model(self, model: str) -> None:
+        if self._is_unservable(model):
             # Fail fast: waiting for a worker to come back would hold the clients for up to
             # the queue timeout; they can retry sooner than that (Retry-After).
-            self.fail_all(self._no_worker())
+            self.fail_all(self._no_worker(model), model)
             return
-        prefill_handles = {h.worker_id: h for h in self.registry.ready("prefill")}
+        prefill_handles = {h.worker_id: h for h in self.registry.ready("prefill", model)}
         decode_role: WorkerRole = "decode" if prefill_handles else "colocated"
-        decode_handles = {h.worker_id: h for h in self.registry.ready(decode_role)}
+        decode_handles = {h.worker_id: h for h in self.registry.ready(decode_role, model)}
         if not decode_handles:
             return
         decisions = self.core.schedule(
-            list(prefill_handles.values()), list(decode_handles.values()), self.clock()
+            list(prefill_handles.values()),
+            list(decode_handles.values()),
+            self.clock(),
+            model=model,
         )
         for decision in decisions:
-            if isinstance(decision, Rejection):
+            if decision.request.model != model:
+                # A policy of one pool given several models' requests: placing this one here
+                # would pair it with another model's workers. Loud, not silent.
+                self._misplaced(decision, model)
+            elif isinstance(decision, Rejection):
                 self._reject(decision)
             elif isinstance(decision, MakeRoom):
                 self._ask_for_room(decision, decode_handles[decision.decode_worker_id])
             else:
                 self._carry_out(decision, prefill_handles, decode_handles)
+
+    def _misplaced(self, decision: Decision, model: str) -> None:
+        request = decision.request
+        logger.error(
+            "the policy decided on a request of model %r in the pass of model %r: refused (a "
+            "policy per model is needed: gateway.policies.per_model)",
+            request.model,
+            model,
+        )
+        if isinstance(decision, Placement):
+            self.core.not_placed(decision, self.clock())  # dispatched by the policy: undo
+        future = self._waiting.get(request.request_id)
+        if future is not None and not future.done():
+            # Its waiter takes it out of the queue (a MakeRoom's request is still queued).
+            future.set_exception(self._no_worker(request.model))
 
     def _ask_for_room(self, room: MakeRoom, handle: WorkerHandle) -> None:
         request = room.request

@@ -75,6 +75,7 @@ class Seen:
     operation: str  # gen_ai.operation.name
     tenant: Tenant | None = None
     slo_class: str = ""
+    model_id: str = ""  # the model its name means, once resolved
     span: SpanRecord | None = None
     is_counted: bool = False  # in ``gateway.load_guard``'s count of requests
     is_taken: bool = False  # the route took it over (``take``)
@@ -156,9 +157,12 @@ def class_rank(config: Config, slo_class: str) -> int:
     return (served_in or config.lowest_class).rank
 
 
-def server_span(seen: Seen, body: GenerationRequest | None) -> SpanRecord | None:
+def server_span(
+    seen: Seen, body: GenerationRequest | None, model_id: str = ""
+) -> SpanRecord | None:
     """The request's span (None while tracing is off), named ``{operation} {model}`` by the
-    GenAI conventions; it began when the request arrived."""
+    GenAI conventions (the name the client used); it began when the request arrived.
+    ``model_id``: the model that name means (an alias's target), ``gen_ai.response.model``."""
     if not is_tracing():
         return None
     attributes: dict[str, AttributeValue] = {"gen_ai.operation.name": seen.operation}
@@ -170,6 +174,9 @@ def server_span(seen: Seen, body: GenerationRequest | None) -> SpanRecord | None
         attributes["gen_ai.request.model"] = body.model
         if body.max_tokens is not None:
             attributes["gen_ai.request.max_tokens"] = body.max_tokens
+    if model_id:
+        attributes["gen_ai.response.model"] = model_id
+        attributes["fairgate.model"] = model_id
     return start_span(name, attributes, start_time_ns=seen.received_ns)
 
 
@@ -184,7 +191,7 @@ def refused(
         load_guard.leave(seen.tenant.tenant_id)
     reason = outcome_of(error)
     tenant_name = UNAUTHENTICATED if seen.tenant is None else seen.tenant.name
-    metrics.rejected(tenant_name, seen.slo_class, reason)
+    metrics.rejected(tenant_name, seen.slo_class, reason, seen.model_id)
     span = seen.span or server_span(seen, None)
     if span is not None:
         if isinstance(error, FairgateError):

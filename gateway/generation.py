@@ -319,6 +319,7 @@ class Generation:
                             self.queued.weight,
                             self.usage.prompt_tokens - frame.num_cached_tokens if is_first else 0,
                             len(frame.token_ids),
+                            cost_factor=self.queued.cost_factor,
                         )
                     if self.num_resumptions == 0:  # a resumption's prompt is not the client's
                         self.usage.cached_tokens = frame.num_cached_tokens

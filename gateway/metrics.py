@@ -30,7 +30,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway.config import SloClass
-from gateway.scheduler import TenantState
+from gateway.scheduler import ModelBacklog, TenantState
 
 __all__ = ["CLIENT_DISCONNECTED", "GatewayMetrics", "RequestRecord", "jain_index"]
 
@@ -39,7 +39,9 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 UNAUTHENTICATED = ""
 CLIENT_DISCONNECTED = "client_disconnected"  # an outcome, never a rejection
-_LABELS = ("tenant", "slo_class")
+# ``model``: the model a request was served by, by id (an alias's target; "" before a request's
+# model was resolved): ids come from the workers and the admins, never from a client's text.
+_LABELS = ("tenant", "slo_class", "model")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +58,7 @@ class RequestRecord:
     ttft_s: float | None
     e2e_s: float
     num_preemptions: int
+    model: str = ""  # its model's id
 
 
 def jain_index(values: Sequence[float]) -> float | None:
@@ -82,9 +85,15 @@ class GatewayMetrics:
         clock: Callable[[], float] = time.monotonic,
         requests_in_gateway: Callable[[], Mapping[str, int]] = dict,
         loop_lag_s: Callable[[], float] = float,
+        model_backlogs: Callable[[], Sequence[ModelBacklog]] = list,
+        cost_factors: Callable[[], Mapping[str, float]] = dict,
     ) -> None:
         """``requests_in_gateway``: by tenant id, the requests between the gatekeeper and their
-        end; ``loop_lag_s``: how late the event loop's last lag sample was (``LoadGuard``)."""
+        end; ``loop_lag_s``: how late the event loop's last lag sample was (``LoadGuard``);
+        ``model_backlogs``: each model's queue and estimated wait (the scheduler's);
+        ``cost_factors``: by model id, what its token costs (``gateway.model_costs``)."""
+        self.model_backlogs = model_backlogs
+        self.cost_factors = cost_factors
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests_in_gateway = requests_in_gateway
         self.loop_lag_s = loop_lag_s
@@ -147,22 +156,30 @@ class GatewayMetrics:
         self._names[tenant_id] = name
 
     def served(
-        self, tenant_id: str, weight: float, num_computed_tokens: int, num_output_tokens: int
+        self,
+        tenant_id: str,
+        weight: float,
+        num_computed_tokens: int,
+        num_output_tokens: int,
+        *,
+        cost_factor: float = 1.0,
     ) -> None:
         """A request of the tenant running at ``weight`` received this much work: the prompt
-        tokens its prefill computed (at its first token), then output tokens."""
+        tokens its prefill computed (at its first token), then output tokens, of a model whose
+        token costs ``cost_factor`` (``gateway.model_costs``): service in normalised units."""
         amount = self.w_in * num_computed_tokens + self.w_out * num_output_tokens
-        self._service[tenant_id] = self._service.get(tenant_id, 0.0) + amount / weight
+        self._service[tenant_id] = self._service.get(tenant_id, 0.0) + amount * cost_factor / weight
 
-    def rejected(self, tenant: str, slo_class: str, reason: str) -> None:
+    def rejected(self, tenant: str, slo_class: str, reason: str, model: str = "") -> None:
         """A request refused before it ran (auth, validation, quota, shed, no worker), or whose
-        client left while it was admitted (counted, but refused by nobody)."""
+        client left while it was admitted (counted, but refused by nobody); ``model``: its
+        model's id, once resolved."""
         if reason != CLIENT_DISCONNECTED:
-            self.rejections.labels(tenant, slo_class, reason).inc()
-        self.requests.labels(tenant, slo_class, reason).inc()
+            self.rejections.labels(tenant, slo_class, model, reason).inc()
+        self.requests.labels(tenant, slo_class, model, reason).inc()
 
     def finished(self, record: RequestRecord) -> None:
-        labels = (record.tenant, record.slo_class)
+        labels = (record.tenant, record.slo_class, record.model)
         self.requests.labels(*labels, record.outcome).inc()
         if record.queue_s is None and record.outcome not in ("ok", CLIENT_DISCONNECTED):
             # Never placed: shed, or no worker had room in time.
@@ -285,6 +302,7 @@ class _SchedulerCollector(Collector):
         for tenant_id, count in sorted(metrics.requests_in_gateway().items()):
             in_gateway.add_metric([metrics.name_of(tenant_id)], count)
         yield in_gateway
+        yield from _model_series(metrics)
         yield GaugeMetricFamily(
             "fairgate_event_loop_lag_seconds",
             "How late the gateway's event loop ran its last lag sample (overloaded while over "
@@ -320,3 +338,35 @@ class _SchedulerCollector(Collector):
                 f"Jain's index of backlogged tenants' service, last {metrics.window_s:g} s",
                 value=jain,
             )
+
+
+def _model_series(metrics: GatewayMetrics) -> Iterator[Metric]:
+    """Per model (QLM's view): its queue, the wait a request arriving now would have, and its
+    cost factor."""
+    depth = GaugeMetricFamily(
+        "fairgate_model_queue_depth", "Requests waiting for the model's pool", labels=["model"]
+    )
+    tokens = GaugeMetricFamily(
+        "fairgate_model_queued_tokens",
+        "Prompt tokens waiting for the model's pool",
+        labels=["model"],
+    )
+    wait = GaugeMetricFamily(
+        "fairgate_model_estimated_wait_seconds",
+        "Estimated wait of a request of the model arriving now (queued prompt tokens at the "
+        "pool's measured prefill speed)",
+        labels=["model"],
+    )
+    for backlog in metrics.model_backlogs():
+        depth.add_metric([backlog.model], backlog.num_queued)
+        tokens.add_metric([backlog.model], backlog.num_queued_tokens)
+        if backlog.est_wait_s is not None:
+            wait.add_metric([backlog.model], backlog.est_wait_s)
+    factor = GaugeMetricFamily(
+        "fairgate_model_cost_factor",
+        "What a token of the model costs, in tokens of the reference model",
+        labels=["model"],
+    )
+    for model, value in sorted(metrics.cost_factors().items()):
+        factor.add_metric([model], value)
+    yield from (depth, tokens, wait, factor)

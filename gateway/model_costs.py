@@ -74,6 +74,10 @@ class CostBook:
             raise ValueError(f"a cost factor must be within [{MIN_FACTOR:g}, {MAX_FACTOR:g}]")
         self._admin[model] = factor
 
+    def admin_models(self) -> list[str]:
+        """The models whose factor the admin set."""
+        return list(self._admin)
+
     def measure(self, model: str, speeds: Sequence[ModelSpeed]) -> None:
         """The pool's workers' speeds now (a model whose speeds are not all known yet keeps
         what it had)."""

@@ -234,10 +234,16 @@ class CompletionChunk(_Chunk, kw_only=True):
 
 
 class Model(msgspec.Struct, kw_only=True):
+    """A model or an alias a tenant may use. Beyond OpenAI's fields, as vLLM's: ``root``, the
+    model's id (an alias's target), and ``max_model_len``, its context length (0 while no worker
+    of its pool is ready and none was ever seen)."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    root: str
+    max_model_len: int
 
 
 class ModelList(msgspec.Struct, kw_only=True):
@@ -248,8 +254,18 @@ class ModelList(msgspec.Struct, kw_only=True):
 
     @classmethod
     def of(
-        cls, model_ids: Sequence[str], *, created: int | None = None, owned_by: str = "fairgate"
+        cls,
+        names: Sequence[tuple[str, str, int]],
+        *,
+        created: int | None = None,
+        owned_by: str = "fairgate",
     ) -> ModelList:
-        """``created`` defaults to now."""
+        """``names``: (id or alias, its model's id, context length); ``created`` defaults to
+        now."""
         at = int(time.time()) if created is None else created
-        return cls(data=[Model(id=m, created=at, owned_by=owned_by) for m in model_ids])
+        return cls(
+            data=[
+                Model(id=name, created=at, owned_by=owned_by, root=root, max_model_len=length)
+                for name, root, length in names
+            ]
+        )

@@ -27,7 +27,6 @@ import msgspec
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from engine.tokenizer import Tokenizer
 from gateway.admin import json_response
 from gateway.admission import AdmissionControl, Admitted
 from gateway.auth import Authenticator
@@ -38,6 +37,7 @@ from gateway.gatekeeper import SLO_CLASS_HEADER, Seen, refused, server_span
 from gateway.generation import Finished, Generation
 from gateway.in_flight import RequestsInFlight
 from gateway.metrics import GatewayMetrics
+from gateway.model_catalog import ModelCatalog
 from gateway.openai_requests import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -82,7 +82,7 @@ class OpenAIParts:
     admission: AdmissionControl
     dispatcher: Dispatcher  # where a generation waits for its workers
     registry: WorkerRegistry
-    tokenizer: Tokenizer  # a generation's output as text
+    catalog: ModelCatalog  # GET /v1/models
     body_turns: TenantTurns  # a tenant's large bodies, one at a time
     in_flight: RequestsInFlight
     settlement: Settlement  # how each request admitted ends
@@ -127,8 +127,18 @@ def openai_endpoints(parts: OpenAIParts) -> list[Endpoint]:
 
 
 async def _models(parts: OpenAIParts, request: Request) -> Response:
-    await parts.auth.tenant(request)
-    return json_response(ModelList.of(parts.admission.served_models()))
+    """The models and aliases the tenant may use, each with its model's context length."""
+    _, tenant = await parts.auth.tenant(request)
+    names = parts.catalog.names(tenant.allowed_models)
+    return json_response(
+        ModelList.of([(n.name, n.model_id, _context_length(parts, n.model_id)) for n in names])
+    )
+
+
+def _context_length(parts: OpenAIParts, model_id: str) -> int:
+    pool = parts.registry.pools.get(model_id)
+    ready = parts.registry.max_model_len(model_id)
+    return ready or (0 if pool is None else pool.reference.max_model_len)
 
 
 # ---- one request ---------------------------------------------------------------------------
@@ -221,13 +231,18 @@ async def _admit(parts: OpenAIParts, request: Request, seen: Seen, body: Generat
     tenant = seen.tenant
     assert tenant is not None
     admission = parts.admission
-    admission.check_servable(body)
+    model = admission.check_servable(tenant, body)
+    seen.model_id = model.model_id
     # Named after the model once it is one we serve: a client's model string is its own text.
-    seen.span = server_span(seen, body)
+    seen.span = server_span(seen, body, model.model_id)
     seen.slo_class = admission.slo_class(tenant, request.headers.get(SLO_CLASS_HEADER), body)
     # A long prompt's wait (its tenant's turn, a thread) ends if its client leaves.
     admitted = await admission.admit(
-        tenant, body, seen.slo_class, wait_long=lambda work: until_disconnected(request, work)
+        tenant,
+        body,
+        seen.slo_class,
+        model,
+        wait_long=lambda work: until_disconnected(request, work),
     )
     seen.slo_class = admitted.slo_class  # the lowest class when demoted
     return _start(parts, seen, tenant, body, admitted)
@@ -262,6 +277,8 @@ def _start(
         cache_salt=admitted.cache_salt,
         rank=admitted.rank,
         tpot_target_s=admitted.tpot_target_s,
+        model=admitted.model.model_id,
+        cost_factor=admitted.cost_factor,
     )
     sampling = SamplingSpec(
         max_tokens=admitted.max_tokens,
@@ -274,7 +291,7 @@ def _start(
         prompt_token_ids,
         sampling,
         body.stop,
-        tokenizer=parts.tokenizer,
+        tokenizer=admitted.tokenizer,
         dispatcher=parts.dispatcher,
         registry=parts.registry,
         cache_salt=admitted.cache_salt,

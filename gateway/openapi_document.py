@@ -99,7 +99,7 @@ class PathParam:
 class Endpoint:
     """One route: how it is served and how it is documented."""
 
-    method: Literal["GET", "POST", "PATCH", "DELETE"]
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
     path: str  # Starlette syntax: /admin/v1/tenants/{tenant}
     handler: Handler
     summary: str

@@ -67,10 +67,10 @@ class TenantTurns:
 
 
 class PromptEncoder:
-    """Encodes prompts for one tokenizer; ``close`` ends its threads."""
+    """Encodes prompts, each with its model's tokenizer; ``close`` ends its threads (one pool,
+    and one long prompt at a time per tenant, whatever the model)."""
 
-    def __init__(self, tokenizer: Tokenizer, *, max_threads: int = 2) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, *, max_threads: int = 2) -> None:
         self._executor = ThreadPoolExecutor(max_threads, thread_name_prefix="tokenize")
         self._turns = TenantTurns()  # one long prompt at a time per tenant
 
@@ -78,25 +78,26 @@ class PromptEncoder:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def encode(
-        self, tenant_id: str, body: GenerationRequest, max_model_len: int
+        self, tenant_id: str, body: GenerationRequest, max_model_len: int, tokenizer: Tokenizer
     ) -> list[int]:
-        """The prompt's token ids; ``ClientError`` for an empty, unencodable or (by its
-        length alone) over-long prompt. The caller checks the exact length."""
+        """The prompt's token ids by ``tokenizer`` (its model's); ``ClientError`` for an empty,
+        unencodable or (by its length alone) over-long prompt. The caller checks the exact
+        length."""
         param = "messages" if body.kind == "chat" else "prompt"
         if body.prompt_token_ids is not None:
-            return self._checked_ids(body.prompt_token_ids, max_model_len)
+            return _checked_ids(body.prompt_token_ids, max_model_len, tokenizer.vocab_size)
         num_chars = _num_chars(body)
         if body.messages is not None:
-            work = partial(self.tokenizer.encode_chat, body.messages)
+            work = partial(tokenizer.encode_chat, body.messages)
         else:
             assert body.prompt is not None
-            work = partial(self.tokenizer.encode, body.prompt, add_special_tokens=True)
+            work = partial(tokenizer.encode, body.prompt, add_special_tokens=True)
         min_num_tokens = 0
-        max_bytes_per_token = self.tokenizer.max_bytes_per_token
+        max_bytes_per_token = tokenizer.max_bytes_per_token
         if max_bytes_per_token is not None and num_chars // max_bytes_per_token >= max_model_len:
             # Over the context by its length, unless enough of it is dropped: the exact bound.
             texts = [m["content"] for m in body.messages or ()] or [body.prompt or ""]
-            min_num_tokens = self.tokenizer.min_num_tokens(texts)
+            min_num_tokens = tokenizer.min_num_tokens(texts)
         if min_num_tokens >= max_model_len:
             raise ContextLengthExceeded(
                 f"the prompt has at least {min_num_tokens} tokens ({num_chars} characters); "
@@ -129,14 +130,14 @@ class PromptEncoder:
                 await asyncio.wait({future})
                 raise
 
-    def _checked_ids(self, prompt_token_ids: list[int], max_model_len: int) -> list[int]:
-        if len(prompt_token_ids) >= max_model_len:
-            raise ContextLengthExceeded(
-                f"the prompt has {len(prompt_token_ids)} tokens; this model's context length is "
-                f"{max_model_len}",
-                param="prompt",
-            )
-        vocab_size = self.tokenizer.vocab_size
-        if any(not 0 <= t < vocab_size for t in prompt_token_ids):
-            raise ClientError(f"prompt token ids must be in [0, {vocab_size})", param="prompt")
-        return list(prompt_token_ids)
+
+def _checked_ids(prompt_token_ids: list[int], max_model_len: int, vocab_size: int) -> list[int]:
+    if len(prompt_token_ids) >= max_model_len:
+        raise ContextLengthExceeded(
+            f"the prompt has {len(prompt_token_ids)} tokens; this model's context length is "
+            f"{max_model_len}",
+            param="prompt",
+        )
+    if any(not 0 <= t < vocab_size for t in prompt_token_ids):
+        raise ClientError(f"prompt token ids must be in [0, {vocab_size})", param="prompt")
+    return list(prompt_token_ids)

@@ -74,9 +74,10 @@ class ServiceSharing(Protocol):
 
 class AdminChange(msgspec.Struct, frozen=True):
     """An admin change every replica applies: ``tenant`` (its weight, and its quotas, which the
-    next request reads), ``tenant_deleted``, ``key`` (revoked)."""
+    next request reads), ``tenant_deleted``, ``key`` (revoked), ``models`` (an alias or a cost
+    factor: read them again from the store)."""
 
-    kind: Literal["tenant", "tenant_deleted", "key"]
+    kind: Literal["tenant", "tenant_deleted", "key", "models"]
     tenant_id: str = ""
     key_id: str = ""
     weight: float = 1.0

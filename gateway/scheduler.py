@@ -38,6 +38,7 @@ __all__ = [
     "ROOM_RETRY_S",
     "Decision",
     "MakeRoom",
+    "ModelBacklog",
     "Placement",
     "QueuedRequest",
     "Rejection",
@@ -173,6 +174,18 @@ class TenantState:
     num_queued: int
     counter: float
     deficit: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelBacklog:
+    """One model's queue: requests and prompt tokens waiting, and the estimated wait of a
+    request arriving now (what is queued ahead at the pool's measured prefill speed; None:
+    the policy has no estimate)."""
+
+    model: str
+    num_queued: int
+    num_queued_tokens: int
+    est_wait_s: float | None
 
 
 class SchedulingPolicy(Protocol):

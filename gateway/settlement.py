@@ -102,6 +102,8 @@ class Settlement:
                     prompt_tokens=usage.prompt_tokens,
                     cached_tokens=usage.cached_tokens,
                     completion_tokens=usage.completion_tokens,
+                    model_id=run.admitted.model.model_id,
+                    units=run.admitted.cost_factor * usage.total_tokens,
                 )
             )
         outcome = outcome_of(error)
@@ -134,6 +136,7 @@ def _record(run: Run, usage: TokenUsage, outcome: str) -> RequestRecord:
         ttft_s=None if timing.first_token is None else timing.first_token - timing.received,
         e2e_s=time.monotonic() - timing.received,
         num_preemptions=generation.num_preemptions,
+        model=run.admitted.model.model_id,
     )
 
 

@@ -1,6 +1,7 @@
 """How the gateway reaches its workers: the calls it makes on one worker, and what opens them.
 
-    WorkerTransport.connect(url, role) ──▶ WorkerCalls   every worker: load, info (the registry)
+    WorkerTransport.connect(url, role) ──▶ WorkerCalls   every worker: load, info (the registry),
+                                                         tokenizer (``gateway.tokenizers``)
                                            DecodeCalls   decode and colocated workers also:
                                                          make_room (the dispatcher), generate (a
                                                          colocated run, ``gateway.generation``)
@@ -29,6 +30,7 @@ from transfer.messages import (
     Priority,
     Reserved,
     TokenFrame,
+    TokenizerSpec,
     WorkerInfo,
     WorkerLoad,
     WorkerRole,
@@ -55,6 +57,10 @@ class WorkerCalls(Protocol):
         ...
 
     async def info(self) -> WorkerInfo: ...
+
+    async def tokenizer(self, *, timeout_s: float | None = None) -> TokenizerSpec:
+        """What its tokenizer is built from (its digest: ``WorkerInfo.tokenizer_digest``)."""
+        ...
 
 
 @runtime_checkable

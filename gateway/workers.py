@@ -25,8 +25,13 @@ States (``WorkerStatus.state``); only ``ready`` takes new requests:
                   ready and either completing steps or without work; then closed (ready)
     dead          a poll failed or timed out, or a call found it unreachable; back at the
                   first poll that finds it ready (one failed call may be a reset connection)
-    incompatible  wrong role, protocol, model or block size, or another worker's id; checked
-                  again on every poll, so a worker restarted right comes back
+    incompatible  wrong role, protocol or block size, another worker's id, or unlike the
+                  pool of its model (``gateway.pools``: KV layout, tokenizer); checked again on
+                  every poll, so a worker restarted right comes back
+
+Models: each worker is in the pool of the model it announces (``ModelPools``); the queries take
+a model (``ready(role, model)``, ``can_serve(model)``, ``max_model_len(model)``), so a prefill
+worker is only ever paired with a decode worker of its own model.
 
 A drain asked of a worker that is dead or not ready holds until it is back (it then comes back
 draining). Nothing but a successful poll brings a worker back.
@@ -62,6 +67,7 @@ import msgspec
 from gateway.core import WorkerAccount
 from gateway.errors import ClientError, Conflict
 from gateway.liveness import ProgressWatch
+from gateway.pools import ModelPools
 from gateway.worker_transport import DecodeCalls, HttpWorkerTransport, WorkerCalls, WorkerTransport
 from transfer.client import DecodeClient, PrefillClient
 from transfer.errors import FairgateError, WorkerUnreachable
@@ -248,7 +254,7 @@ class WorkerRegistry:
                 if self.find_url(url) is not None:
                     raise ValueError(f"worker {url} is configured twice")
                 self.handles.append(self._new_handle(url.rstrip("/"), role, "config"))
-        self.reference: WorkerInfo | None = None  # the first worker seen fixes model and shapes
+        self.pools = ModelPools()  # the models served, and what each was announced as
         self._removed_by_admin: set[str] = set()  # refused when they register again
         self._task: asyncio.Task[None] | None = None
         self._checks: set[asyncio.Task[None]] = set()  # polls of single workers in flight
@@ -295,24 +301,36 @@ class WorkerRegistry:
 
     # ---- queries ----------------------------------------------------------------------------
 
-    def ready(self, role: WorkerRole) -> list[WorkerHandle]:
-        """The workers of ``role`` that take new requests."""
-        return [h for h in self.handles if h.is_ready and h.role == role]
+    def ready(self, role: WorkerRole, model: str | None = None) -> list[WorkerHandle]:
+        """The workers of ``role`` that take new requests; of ``model`` only, unless None."""
+        return [
+            h
+            for h in self.handles
+            if h.is_ready
+            and h.role == role
+            and (model is None or (h.info is not None and h.info.model_id == model))
+        ]
 
-    def can_serve(self) -> bool:
-        """A prefill and a decode worker are ready, or a colocated one."""
-        return bool(self.ready("colocated")) or (
-            bool(self.ready("prefill")) and bool(self.ready("decode"))
+    def can_serve(self, model: str | None = None) -> bool:
+        """A prefill and a decode worker of ``model`` are ready, or a colocated one. ``None``:
+        of some model (the gateway can answer something)."""
+        if model is None:
+            return any(self.can_serve(known) for known in self.pools.model_ids())
+        return bool(self.ready("colocated", model)) or (
+            bool(self.ready("prefill", model)) and bool(self.ready("decode", model))
         )
 
-    @property
-    def model_id(self) -> str | None:
-        return None if self.reference is None else self.reference.model_id
+    def model_ids(self) -> list[str]:
+        """Every model a worker announced, live or not, in the order first seen."""
+        return self.pools.model_ids()
 
-    @property
-    def max_model_len(self) -> int:
-        """The longest sequence every ready worker takes (0 when none is ready)."""
-        lengths = [h.info.max_model_len for h in self.handles if h.is_ready and h.info]
+    def max_model_len(self, model: str) -> int:
+        """The longest sequence every ready worker of ``model`` takes (0 when none is ready)."""
+        lengths = [
+            h.info.max_model_len
+            for h in self.handles
+            if h.is_ready and h.info is not None and h.info.model_id == model
+        ]
         return min(lengths, default=0)
 
     def find_url(self, url: str) -> WorkerHandle | None:
@@ -644,15 +662,4 @@ class WorkerRegistry:
         if twin is not None:
             # The policy knows workers by id: two handles on one worker would double it.
             return f"worker id {info.worker_id!r} is already known at {twin.url}"
-        if self.reference is None:
-            self.reference = info
-            return None
-        if info.model_id != self.reference.model_id:
-            return f"serves {info.model_id!r}, the other workers {self.reference.model_id!r}"
-        if info.block_size != self.reference.block_size:
-            # The prefix index is kept in one block size (``SchedulingPolicy.set_block_size``).
-            return (
-                f"uses KV blocks of {info.block_size} tokens, the other workers "
-                f"{self.reference.block_size}"
-            )
-        return None
+        return self.pools.admit(info)

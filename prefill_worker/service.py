@@ -157,6 +157,7 @@ class PrefillService(WorkerService):
                 "prefill",
                 {
                     "fairgate.request_id": body.request_id,
+                    "gen_ai.request.model": self.model_id,
                     "fairgate.prompt_tokens": len(body.prompt_token_ids),
                     "fairgate.resumed_output_tokens": body.num_prior_output_tokens,
                 },

@@ -26,7 +26,6 @@ reload are not built.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 from gateway.policies.base import FairPolicy
 from gateway.policies.service_book import (
@@ -35,23 +34,18 @@ from gateway.policies.service_book import (
     set_remote_floors,
     shared_floors,
 )
-from gateway.scheduler import Decision, QueuedRequest, SchedulingPolicy, TenantState, WorkerView
+from gateway.scheduler import (
+    Decision,
+    ModelBacklog,
+    QueuedRequest,
+    SchedulingPolicy,
+    TenantState,
+    WorkerView,
+)
 
-__all__ = ["ModelBacklog", "PerModelPolicy"]
+__all__ = ["PerModelPolicy"]
 
 GATE_SEPARATOR = "\t"
-
-
-@dataclass(frozen=True, slots=True)
-class ModelBacklog:
-    """One model's queue: requests and prompt tokens waiting, and the estimated wait of a
-    request arriving now (what is queued ahead at the pool's measured prefill speed; None:
-    the policy has no estimate)."""
-
-    model: str
-    num_queued: int
-    num_queued_tokens: int
-    est_wait_s: float | None
 
 
 class PerModelPolicy:
@@ -159,6 +153,16 @@ class PerModelPolicy:
         if self._books:
             return sum(book.counters.get(tenant_id, 0.0) for book in self._books.values())
         return sum(policy.counter(tenant_id) for policy in self._policies.values())
+
+    def backlog_estimate(self) -> tuple[int, int, float | None]:
+        """Every model's queue together; the wait of the model whose queue waits longest."""
+        backlogs = self.backlogs()
+        waits = [b.est_wait_s for b in backlogs if b.est_wait_s is not None]
+        return (
+            sum(b.num_queued for b in backlogs),
+            sum(b.num_queued_tokens for b in backlogs),
+            max(waits) if waits else None,
+        )
 
     def backlogs(self) -> list[ModelBacklog]:
         """Each model's queue and estimated wait (QLM's per-model view)."""

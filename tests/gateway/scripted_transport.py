@@ -9,22 +9,26 @@ fails with ``RequestFailed``, which the test sees as a 500."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 from gateway.worker_transport import DecodeCalls, FrameSource, WorkerCalls
-from transfer.errors import FairgateError, RequestFailed
+from transfer.errors import FairgateError, RequestFailed, WorkerUnreachable
 from transfer.messages import (
     FinishReasonWire,
     GenerateRequest,
     MakeRoomResult,
     Priority,
     TokenFrame,
+    TokenizerSpec,
     WorkerInfo,
     WorkerLoad,
     WorkerRole,
+    encode_message,
+    tokenizer_digest,
 )
 
 __all__ = ["Answer", "ScriptedTransport", "ScriptedWorker"]
@@ -49,10 +53,21 @@ class ScriptedWorker:
     ``requests`` holds what it was sent, ``num_unfinished`` the streams left before their end (a
     client that went away, say)."""
 
-    def __init__(self, url: str, model_id: str, *, max_model_len: int = 2048) -> None:
+    def __init__(
+        self,
+        url: str,
+        model_id: str,
+        *,
+        max_model_len: int = 2048,
+        tokenizer: TokenizerSpec | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        """``tokenizer``: the one it announces and serves (None: it announces none)."""
         self.url = url
+        self.tokenizer_spec = tokenizer
+        self.num_tokenizer_calls = 0
         self.info_answer = WorkerInfo(
-            worker_id=f"scripted-{len(url)}",
+            worker_id=worker_id or f"scripted-{len(url)}",
             instance_id="instance-1",
             role="colocated",
             model_id=model_id,
@@ -60,6 +75,9 @@ class ScriptedWorker:
             num_total_blocks=NUM_BLOCKS,
             max_model_len=max_model_len,
             vocab_size=49152,
+            tokenizer_digest=""
+            if tokenizer is None
+            else tokenizer_digest(encode_message(tokenizer)),
         )
         self.answers: deque[Answer] = deque()
         self.requests: list[GenerateRequest] = []
@@ -83,6 +101,13 @@ class ScriptedWorker:
 
     async def info(self) -> WorkerInfo:
         return self.info_answer
+
+    async def tokenizer(self, *, timeout_s: float | None = None) -> TokenizerSpec:
+        self.num_tokenizer_calls += 1
+        await asyncio.sleep(0)  # an answer comes later than the call: callers may overlap
+        if self.tokenizer_spec is None:
+            raise WorkerUnreachable("it serves no tokenizer", worker_url=self.url)
+        return self.tokenizer_spec
 
     async def make_room(self, num_tokens: int, priority: Priority) -> MakeRoomResult:
         return MakeRoomResult(num_free_tokens=NUM_BLOCKS * BLOCK_SIZE, num_preempted=0)
@@ -149,3 +174,7 @@ class ScriptedTransport:
 
     async def aclose(self) -> None:
         self.is_closed = True
+
+
+def _digest(spec: TokenizerSpec) -> str:
+    return tokenizer_digest(encode_message(spec))

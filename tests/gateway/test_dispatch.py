@@ -80,6 +80,7 @@ def request(request_id: str, num_prompt_tokens: int = 100) -> QueuedRequest:
         arrival=0.0,
         num_prompt_tokens=num_prompt_tokens,
         max_tokens=16,
+        model="test-model",
     )
 
 
@@ -244,17 +245,19 @@ async def test_submit_without_a_ready_worker_fails_after_the_grace(
 ) -> None:
     dispatcher = Dispatcher(policy, registry, queue_timeout_s=60.0)
     started = time.monotonic()
-    with pytest.raises(NoWorkerAvailable, match="no worker can serve") as raised:
+    with pytest.raises(
+        NoWorkerAvailable, match="no worker of model 'test-model' can serve"
+    ) as raised:
         await asyncio.wait_for(dispatcher.submit(dispatcher.open(request("a"))), 5.0)
     assert time.monotonic() - started >= NO_WORKER_GRACE_S
     # Still none: the next one is refused at once.
     with pytest.raises(NoWorkerAvailable):
-        dispatcher.check_can_serve()
+        dispatcher.check_can_serve("test-model")
     assert retry_after_header(raised.value) == {"retry-after": "5"}
     assert "127.0.0.1" not in raised.value.message  # the tenant never sees internal addresses
     # A ready prefill worker alone cannot serve either: it needs a decode worker.
     make_ready(registry.handles[0], "prefill")
-    with pytest.raises(NoWorkerAvailable, match="no worker can serve"):
+    with pytest.raises(NoWorkerAvailable, match="no worker of model 'test-model' can serve"):
         await asyncio.wait_for(dispatcher.submit(dispatcher.open(request("b"))), 5.0)
     assert (policy.queued(), dispatcher.num_waiting) == (0, 0)
 
@@ -754,10 +757,10 @@ async def test_an_outage_that_ended_while_nobody_waited_leaves_the_next_one_its_
     dispatcher = Dispatcher(policy, registry, queue_timeout_s=60.0)
     registry.on_change = dispatcher.wake
     registry.mark_dead(prefill, WorkerUnreachable("gone"))
-    dispatcher.check_can_serve()  # the grace begins
+    dispatcher.check_can_serve("test-model")  # the grace begins
     make_ready(prefill, "prefill")  # back, with nobody waiting
     dispatcher.wake()
     await settle()
     await asyncio.sleep(NO_WORKER_GRACE_S)
     registry.mark_dead(prefill, WorkerUnreachable("gone again"))
-    dispatcher.check_can_serve()  # a new outage: its own grace, not the old one's
+    dispatcher.check_can_serve("test-model")  # a new outage: its own grace, not the old one's

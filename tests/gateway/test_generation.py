@@ -72,6 +72,7 @@ async def test_service_is_computed_prompt_tokens_and_output_over_the_admitted_we
             num_prompt_tokens=len(PROMPT),
             max_tokens=2,
             demoted=weight < 1.0,
+            model="test-model",  # make_ready's
         )
         run = Generation(
             queued,
@@ -103,6 +104,7 @@ def _generation(
         arrival=0.0,
         num_prompt_tokens=len(PROMPT),
         max_tokens=8,
+        model="test-model",  # make_ready's
     )
     dispatcher = Dispatcher(FcfsPolicy(), registry, max_prefill_inflight_tokens=10_000)
     return Generation(

@@ -20,9 +20,13 @@ class Clock:
 
 
 def samples(metrics: GatewayMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Each sample by name and sorted labels; an empty ``model`` label (a request recorded
+    without its model, as most here are) is left out of the key."""
     text = metrics.exposition().decode()
     return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
+        (s.name, tuple(sorted((k, v) for k, v in s.labels.items() if (k, v) != ("model", "")))): (
+            s.value
+        )
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
@@ -73,6 +77,28 @@ def test_a_finished_request_moves_its_tenant_and_class_series() -> None:
     # TPOT, 0.1 s against 0.25 s: both met
     assert got[("fairgate_tpot_requests_total", (("met", "true"), *labels))] == 2
     assert got[("fairgate_tpot_attainment", (("slo_class", "interactive"),))] == 1.0
+
+
+def test_each_models_requests_are_series_of_their_own() -> None:
+    metrics = GatewayMetrics(DEFAULT_SLO_CLASSES, lambda: [], clock=Clock())
+    metrics.finished(record("acme", "standard", model="small"))
+    metrics.finished(record("acme", "standard", model="large", completion_tokens=5))
+    metrics.rejected("acme", "standard", "rate_limited", "large")
+    got = samples(metrics)
+    of = {
+        m: (("model", m), ("slo_class", "standard"), ("tenant", "acme")) for m in ("small", "large")
+    }
+    assert got[("fairgate_completion_tokens_total", of["small"])] == 11
+    assert got[("fairgate_completion_tokens_total", of["large"])] == 5
+    assert (
+        got[
+            (
+                "fairgate_requests_total",
+                (*of["large"][:1], ("outcome", "rate_limited"), *of["large"][1:]),
+            )
+        ]
+        == 1
+    )
 
 
 def test_tpot_attainment_per_class_and_tenant() -> None:

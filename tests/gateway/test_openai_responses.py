@@ -213,20 +213,36 @@ def test_sdk_reads_whole_answers_and_the_model_list() -> None:
     with _sdk_serving(chat_body, "application/json") as client:
         answer = client.chat.completions.create(model="m", messages=[])
     assert answer.choices[0].message.content == "yes"
-    models_body = msgspec.json.encode(ModelList.of(["llama", "null"], created=1700000006))
+    names = [("llama", "llama", 8192), ("chat-small", "null", 2048)]
+    models_body = msgspec.json.encode(ModelList.of(names, created=1700000006))
     with _sdk_serving(models_body, "application/json") as client:
         models = client.models.list().data
     assert [(m.id, m.object, m.created, m.owned_by) for m in models] == [
         ("llama", "model", 1700000006, "fairgate"),
-        ("null", "model", 1700000006, "fairgate"),
+        ("chat-small", "model", 1700000006, "fairgate"),
+    ]
+    # vLLM's extra fields, which the SDK keeps: an alias's model, the context length.
+    assert [m.model_extra for m in models] == [
+        {"root": "llama", "max_model_len": 8192},
+        {"root": "null", "max_model_len": 2048},
     ]
 
 
 def test_model_list_body() -> None:
-    body = json.loads(msgspec.json.encode(ModelList.of(["null"], created=5, owned_by="acme")))
+    listed = ModelList.of([("null", "null", 512)], created=5, owned_by="acme")
+    body = json.loads(msgspec.json.encode(listed))
     assert body == {
         "object": "list",
-        "data": [{"id": "null", "object": "model", "created": 5, "owned_by": "acme"}],
+        "data": [
+            {
+                "id": "null",
+                "object": "model",
+                "created": 5,
+                "owned_by": "acme",
+                "root": "null",
+                "max_model_len": 512,
+            }
+        ],
     }
     sdk = SdkModel.model_validate(body["data"][0])
     assert (sdk.id, sdk.created, sdk.owned_by) == ("null", 5, "acme")
@@ -236,7 +252,7 @@ def test_model_list_created_defaults_to_now() -> None:
     import time
 
     before = int(time.time())
-    [model] = ModelList.of(["null"]).data
+    [model] = ModelList.of([("null", "null", 512)]).data
     assert before <= model.created <= int(time.time())
 
 
@@ -244,8 +260,11 @@ def test_model_list_created_defaults_to_now() -> None:
 
 
 def test_sse_event_framing() -> None:
-    event = sse_event(Model(id="m", created=1, owned_by="o"))
-    assert event == b'data: {"id":"m","object":"model","created":1,"owned_by":"o"}\n\n'
+    event = sse_event(Model(id="m", created=1, owned_by="o", root="m", max_model_len=4))
+    assert event == (
+        b'data: {"id":"m","object":"model","created":1,"owned_by":"o","root":"m",'
+        b'"max_model_len":4}\n\n'
+    )
     assert SSE_DONE == b"data: [DONE]\n\n"
 
 

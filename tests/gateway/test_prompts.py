@@ -8,6 +8,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -50,10 +51,24 @@ def tokenizer() -> CountingTokenizer:
     return counting
 
 
+class OneModel:
+    """A ``PromptEncoder`` used with one tokenizer, as the gateway does per model."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.prompts = PromptEncoder()
+        self.tokenizer = tokenizer
+
+    def encode(self, tenant_id: str, body: GenerationRequest, max_model_len: int) -> Any:
+        return self.prompts.encode(tenant_id, body, max_model_len, self.tokenizer)
+
+    def close(self) -> None:
+        self.prompts.close()
+
+
 @pytest.fixture
-def encoder(tokenizer: CountingTokenizer) -> Iterator[PromptEncoder]:
+def encoder(tokenizer: CountingTokenizer) -> Iterator[OneModel]:
     tokenizer.calls = tokenizer.most_concurrent = 0
-    prompts = PromptEncoder(tokenizer)
+    prompts = OneModel(tokenizer)
     yield prompts
     prompts.close()
 
@@ -90,7 +105,7 @@ def test_the_bound_never_exceeds_the_real_token_count(tokenizer: CountingTokeniz
 
 
 async def test_a_prompt_too_long_by_its_length_alone_is_refused_untokenized(
-    encoder: PromptEncoder, tokenizer: CountingTokenizer
+    encoder: OneModel, tokenizer: CountingTokenizer
 ) -> None:
     assert tokenizer.max_bytes_per_token is not None
     huge = "x" * (tokenizer.max_bytes_per_token * MAX_MODEL_LEN)
@@ -102,7 +117,7 @@ async def test_a_prompt_too_long_by_its_length_alone_is_refused_untokenized(
 
 
 async def test_token_ids_are_checked_against_the_context_and_vocabulary(
-    encoder: PromptEncoder,
+    encoder: OneModel,
 ) -> None:
     ids = GenerationRequest(kind="completion", model="m", prompt_token_ids=[1, 2, 3])
     assert await encoder.encode("t", ids, MAX_MODEL_LEN) == [1, 2, 3]
@@ -115,7 +130,7 @@ async def test_token_ids_are_checked_against_the_context_and_vocabulary(
 
 
 async def test_a_long_prompt_is_tokenized_while_the_loop_runs(
-    encoder: PromptEncoder, tokenizer: CountingTokenizer
+    encoder: OneModel, tokenizer: CountingTokenizer
 ) -> None:
     """The loop ticks on through the tokenizing (the old inline call, holding the GIL, let it
     tick a handful of times in seconds)."""
@@ -141,7 +156,7 @@ async def test_a_long_prompt_is_tokenized_while_the_loop_runs(
 
 
 async def test_a_tenant_tokenizes_one_long_prompt_at_a_time(
-    encoder: PromptEncoder, tokenizer: CountingTokenizer
+    encoder: OneModel, tokenizer: CountingTokenizer
 ) -> None:
     text = "lorem ipsum dolor sit amet " * 12000  # about 0.15 s each: two overlap
     assert len(text) > INLINE_MAX_CHARS
@@ -154,7 +169,7 @@ async def test_a_tenant_tokenizes_one_long_prompt_at_a_time(
     assert (tokenizer.calls, tokenizer.most_concurrent) == (4, 2)
 
 
-async def test_an_empty_prompt_and_broken_text_are_client_errors(encoder: PromptEncoder) -> None:
+async def test_an_empty_prompt_and_broken_text_are_client_errors(encoder: OneModel) -> None:
     with pytest.raises(EmptyPrompt, match="no token"):
         await encoder.encode("t", completion(""), MAX_MODEL_LEN)
     # Longer than the length bound, but every character is one the tokenizer drops: not over
@@ -177,7 +192,7 @@ async def test_a_chat_template_that_does_not_compile_is_the_servers_fault(
         setattr(broken, name, getattr(tokenizer, name))
     broken.chat_template = "{% for %}"
     broken._compiled_template = None
-    prompts = PromptEncoder(broken)
+    prompts = OneModel(broken)
     try:
         with pytest.raises(FairgateError) as raised:
             await prompts.encode("t", chat("hello"), MAX_MODEL_LEN)

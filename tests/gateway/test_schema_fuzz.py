@@ -69,6 +69,9 @@ _BY_DESIGN: dict[tuple[str, str], set[tuple[int, str]]] = {
     ("DELETE", "/admin/v1/workers/{worker}"): _LOOKUP,  # an id or URL no worker has
     ("POST", "/admin/v1/workers/{worker}/drain"): _LOOKUP,
     ("POST", "/admin/v1/workers/{worker}/undrain"): _LOOKUP,
+    ("PATCH", "/admin/v1/models/{model}"): _LOOKUP,  # a model no worker announced
+    ("DELETE", "/admin/v1/aliases/{alias}"): _LOOKUP,
+    ("PUT", "/admin/v1/aliases/{alias}"): {(409, "conflict")},  # the alias is a model's id
 }
 # Not fuzzed: adding a worker makes the gateway poll the URL it names, and generated URLs name
 # any host (test traffic goes only to loopback). ``tests/gateway/test_membership.py`` covers it.
@@ -134,11 +137,20 @@ def _sometimes_known(target: Target, case: Case[Any]) -> None:
     (random ones name nothing: a 404 by design); never for ``DELETE``, which would leave none."""
     if case.method.upper() == "DELETE":
         return
-    known = {"tenant": target.tenant_id, "key_id": target.key_id}
+    known = {"tenant": target.tenant_id, "key_id": target.key_id, "model": "null"}
     for values in (case.path_parameters, case.query):
         for name, value in list((values or {}).items()):
             if name in known and zlib.crc32(repr(value).encode()) % 2:
                 values[name] = known[name]
+
+
+def _served_target(case: Case[Any]) -> None:
+    """An alias's target as generated, but the served model: any string is a valid target to
+    the schema, and one no worker serves is a 400 that tests nothing else."""
+    body = case.body
+    is_target = isinstance(body, dict) and isinstance(body.get("model"), str)
+    if case.path == "/admin/v1/aliases/{alias}" and is_target:
+        body["model"] = "null"
 
 
 @pytest.fixture
@@ -150,6 +162,7 @@ def acting_as(target: Target) -> Iterator[None]:
     def before_call(context: Any, case: Case[Any], kwargs: dict[str, Any]) -> None:
         _fast_limits(case.body, case.path)
         _sometimes_known(target, case)
+        _served_target(case)
 
     GLOBAL_HOOK_DISPATCHER.register_hook_with_name(before_call, "before_call")
     _credentials.update(f"Bearer {t}" for t in (target.tenant_key, target.stack.admin_token))

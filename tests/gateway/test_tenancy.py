@@ -56,6 +56,8 @@ def test_admin_cli_tenant_lifecycle_with_tables(
         "DEFAULT_CLASS",
         "OVER_QUOTA",
         "QUOTAS",
+        "MODELS",
+        "MODEL_QUOTAS",
     ]
     assert "acme" in out and "demote" in out and "requests_per_minute=100" in out
     out = cli("keys", "create", "acme", "--name", "ci")

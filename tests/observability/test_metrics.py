@@ -162,16 +162,23 @@ def test_per_tenant_series_reach_prometheus(stack: Stack, tmp_path: Path) -> Non
 
 
 def test_the_gateway_exposition_parses_and_bounds_its_labels(stack: Stack) -> None:
-    """Every gateway series is labelled by tenant, class, outcome or reason only: never a
-    request id."""
+    """Every gateway series is labelled by tenant, class, model, outcome or reason only: never
+    a request id; a model label is a served model's id, never a client's text."""
     response = httpx.get(
         stack.base_url + "/metrics", headers={"authorization": f"Bearer {stack.admin_token}"}
     )
     response.raise_for_status()
-    allowed = {"tenant", "slo_class", "outcome", "reason", "met", "le"}
+    allowed = {"tenant", "slo_class", "model", "outcome", "reason", "met", "le"}
+    served = {
+        m["id"]
+        for m in httpx.get(
+            stack.base_url + "/v1/models", headers={"authorization": f"Bearer {stack.demo_key}"}
+        ).json()["data"]
+    }
     names = set()
     for family in text_string_to_metric_families(response.text):
         for sample in family.samples:
             names.add(sample.name)
             assert set(sample.labels) <= allowed, (sample.name, sample.labels)
+            assert sample.labels.get("model", "") in served | {""}, sample.labels
     assert {"fairgate_requests_total", "fairgate_queue_depth"} <= names
