@@ -64,6 +64,7 @@ from gateway.tenants import (
     BudgetPeriod,
     CreatedKey,
     KeySpec,
+    Quotas,
     Tenant,
     TenantPatch,
     TenantSpec,
@@ -142,6 +143,8 @@ class AdminParts:
     registry: WorkerRegistry
     # A tenant or key changed: applied on this replica, then sent to the others.
     admin_changed: Callable[[AdminChange], Awaitable[None]]
+    # The admins' aliases now (alias -> model id): a model quota is keyed by a model's id.
+    aliases: Callable[[], Mapping[str, str]] = dict
 
 
 class NewWorker(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -211,6 +214,20 @@ def admin_endpoints(parts: AdminParts) -> list[Endpoint]:
             )
         return with_default_allowed(default_class, allowed)
 
+    def check_model_quotas(model_quotas: Mapping[str, Quotas] | msgspec.UnsetType) -> None:
+        """400 for a quota keyed by an alias: it would never apply (a request's quota is its
+        model's, by id, so that moving an alias moves no quota)."""
+        if isinstance(model_quotas, msgspec.UnsetType):
+            return
+        aliases = parts.aliases()
+        for name in model_quotas:
+            if name in aliases:
+                raise ClientError(
+                    f"{name!r} is an alias (of {aliases[name]!r}): a model quota is keyed by "
+                    "the model's id",
+                    param="model_quotas",
+                )
+
     async def tenant_changed(tenant: Tenant) -> None:
         change = AdminChange("tenant", tenant.tenant_id, weight=tenant.weight)
         await parts.admin_changed(change)
@@ -222,6 +239,7 @@ def admin_endpoints(parts: AdminParts) -> list[Endpoint]:
     async def create_tenant(request: Request) -> Response:
         await parts.auth.require_admin(request)
         spec = await _read_json(request, TenantSpec)
+        check_model_quotas(spec.model_quotas)
         allowed = allowed_classes(spec.default_class, spec.allowed_classes)
         spec = msgspec.structs.replace(spec, allowed_classes=allowed)
         return json_response(await parts.store.create_tenant(spec), 201)
@@ -233,6 +251,7 @@ def admin_endpoints(parts: AdminParts) -> list[Endpoint]:
     async def update_tenant(request: Request) -> Response:
         await parts.auth.require_admin(request)
         patch = await _read_json(request, TenantPatch)
+        check_model_quotas(patch.model_quotas)
         current = await parts.store.get_tenant(request.path_params["tenant"])
         default_class = (
             current.default_class if patch.default_class is msgspec.UNSET else patch.default_class

@@ -28,6 +28,7 @@ request ends (``QuotaManager.settle``). Torch-free.
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -131,10 +132,11 @@ class AdmissionControl:
         wait_long: PromptWait,
     ) -> Admitted:
         """The rest of admission (module docstring), the quota reserved last."""
-        # Cheap refusals first: a tenant whose queue is full or standing is told so before its
-        # prompt costs any tokenizing.
-        self.dispatcher.check_backlog(tenant.tenant_id, class_rank(self.config, slo_class))
+        # Cheap refusals first: a tenant whose queue is full, or standing for this model, is
+        # told so before its prompt costs any tokenizing.
         model_id = model.model_id
+        rank = class_rank(self.config, slo_class)
+        self.dispatcher.check_backlog(tenant.tenant_id, rank, model_id)
         pool = self.registry.pools.get(model_id)
         if pool is None:  # an alias of a model no worker has announced yet
             raise NoWorkerAvailable(
@@ -205,7 +207,10 @@ class AdmissionControl:
                 raise NoWorkerAvailable(
                     "no worker of the model is ready", retry_after_s=NO_POOL_RETRY_AFTER_S
                 )
-            return await ready[0].client.tokenizer(timeout_s=self.tokenizers.timeout_s)
+            # Any of them: after a failure (a worker serving another tokenizer than it
+            # announces, say), the next try may reach another.
+            worker = random.choice(ready)
+            return await worker.client.tokenizer(timeout_s=self.tokenizers.timeout_s)
 
         return await self.tokenizers.get(digest, fetch, pool.model_id)
 

@@ -208,6 +208,7 @@ class Gateway:
         self.body_turns = TenantTurns()  # a tenant's large bodies, one at a time
         self.in_flight = RequestsInFlight()  # for ``drain``
         self._reloads: set[asyncio.Task[None]] = set()  # of the models' settings
+        self._reload_lock = asyncio.Lock()
 
     @property
     def started(self) -> _Started:
@@ -296,11 +297,7 @@ class Gateway:
         costs = self.started.costs
         for model in self.registry.model_ids():
             speeds = [
-                ModelSpeed(
-                    prefill_tok_s=h.load.prefill_tok_s or None,
-                    decode_base_s=h.load.decode_base_s or None,
-                    decode_token_s=h.load.decode_token_s,
-                )
+                ModelSpeed.of(h.load)
                 for role in ("prefill", "decode", "colocated")
                 for h in self.registry.ready(role, model)
                 if h.load is not None
@@ -308,10 +305,16 @@ class Gateway:
             costs.measure(model, speeds)
 
     async def _reload_model_settings(self) -> None:
-        try:
-            await self.load_model_settings()
-        except FairgateError as exc:  # the store: the periodic reload tries again
-            logger.warning("models' aliases and cost factors not reloaded: %s", exc.message)
+        """``load_model_settings``, one at a time (a slow one finishing after a newer one would
+        bring old aliases back); a failure is logged, and the next reload tries again."""
+        async with self._reload_lock:
+            try:
+                await self.load_model_settings()
+            except FairgateError as exc:
+                logger.warning("models' aliases and cost factors not reloaded: %s", exc.message)
+            except Exception as exc:  # the sampler and the cost measures must go on
+                # The type only: a driver's text may hold the store's URL.
+                logger.warning("models' aliases and cost factors not reloaded: %s", type(exc))
 
     async def load_model_settings(self) -> None:
         """The admins' aliases and cost factors, from the store (at start, and when another
@@ -482,7 +485,13 @@ def _serving_app(gateway: Gateway) -> Starlette:
         metrics=gateway.metrics,
     )
     admin = AdminParts(
-        config, started.auth, started.store, started.usage, gateway.registry, gateway.admin_changed
+        config,
+        started.auth,
+        started.store,
+        started.usage,
+        gateway.registry,
+        gateway.admin_changed,
+        aliases=started.catalog.aliases,
     )
     models = ModelAdminParts(
         auth=started.auth,

@@ -15,16 +15,16 @@ by asking the decode worker to ``make_room``: it preempts what is less important
 request (least important first, so lower classes before any of the request's own) until KV and
 a batch slot are free for it, and holds the room a while for this request's priority.
 
-Overload (``faults.md``): what the workers cannot serve in time is refused at once, not left
-to wait for a client's timeout. ``check_backlog`` (called at admission, before the prompt is
+Overload (``faults.md``): what the workers cannot serve in time is refused at once, not left to
+wait for a client's timeout. ``check_backlog`` (called at admission, before the prompt is
 tokenized) refuses a tenant's request with 429 ``queue_full`` while that tenant already has
-``max_queued_per_tenant`` requests waiting, or while the oldest of its waiting requests of the
-same class has waited longer than the class's ``max_queue_wait_s``: a standing queue, which new
-arrivals would only lengthen. Both are per tenant, so a flooding tenant is refused its own excess
-while the others, whose queues the fair policy keeps short, are not. A request that still waits
-``queue_timeout_s`` ends with 503 ``queue_timeout``. When no worker can serve at all (the last of
-a role died, for ``NO_WORKER_GRACE_S``), every waiting request ends with 503 ``no_worker``; each
-of these answers carries ``Retry-After``.
+``max_queued_per_tenant`` requests waiting, or while the oldest of its waiting requests of the same
+class and model has waited longer than the class's ``max_queue_wait_s``: a standing queue, which
+new arrivals would only lengthen. Both are per tenant, so a flooding tenant is refused its own
+excess while the others, whose queues the fair policy keeps short, are not. A request that still
+waits ``queue_timeout_s`` ends with 503 ``queue_timeout``. When no worker can serve at all (the
+last of a role died, for ``NO_WORKER_GRACE_S``), every waiting request ends with 503 ``no_worker``;
+each of these answers carries ``Retry-After``.
 
 Each request has one ledger here (``gateway.ledger.RequestLedger``), from ``open`` to
 ``close``: its ``Generation`` reports what happens on its workers (``first_token``, ``tokens``,
@@ -112,7 +112,7 @@ class Dispatcher:
         self._waiting_models: dict[str, str] = {}  # the same requests' models
         # The same requests by tenant, then rank: when each began to wait, oldest first
         # (``check_backlog``).
-        self._waiting_by_tenant: dict[str, dict[int, dict[str, float]]] = {}
+        self._waiting_by_tenant: dict[str, dict[tuple[str, int], dict[str, float]]] = {}
         self._pass_scheduled = False
         self._room_tasks: set[asyncio.Task[None]] = set()
         self._no_worker_logged_at = float("-inf")
@@ -123,9 +123,12 @@ class Dispatcher:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
-    def check_backlog(self, tenant_id: str, rank: int) -> None:
+    def check_backlog(self, tenant_id: str, rank: int, model: str | None = None) -> None:
         """Refuse (``QueueFull``) a new request of this tenant and class rank while the tenant's
-        queue is full or standing (module docstring); cheap, so it runs before any heavy work."""
+        queue is full (all its models' requests together) or, for ``model``, standing (module
+        docstring): a standing queue for a full large model does not refuse the tenant's
+        requests for an idle small one. Cheap, so it runs before any heavy work (the gatekeeper
+        calls it before the model is known: the count only)."""
         by_rank = self._waiting_by_tenant.get(tenant_id)
         if not by_rank:
             return
@@ -136,7 +139,7 @@ class Dispatcher:
                 retry_after_s=1.0,
             )
         max_wait_s = self.max_queue_wait_s.get(rank)
-        same_rank = by_rank.get(rank)
+        same_rank = None if model is None else by_rank.get((model, rank))
         if max_wait_s is None or not same_rank:
             return
         waited_s = self.clock() - next(iter(same_rank.values()))
@@ -318,7 +321,7 @@ class Dispatcher:
         self._waiting[request.request_id] = future
         self._waiting_models[request.request_id] = request.model
         by_rank = self._waiting_by_tenant.setdefault(request.tenant_id, {})
-        by_rank.setdefault(request.rank, {})[request.request_id] = self.clock()
+        by_rank.setdefault((request.model, request.rank), {})[request.request_id] = self.clock()
         self.wake()
         try:
             # Not wait_for: on 3.11 it returns the result of a future that completed in the tick
@@ -350,11 +353,11 @@ class Dispatcher:
         self._waiting_models.pop(request.request_id, None)
         by_rank = self._waiting_by_tenant.get(request.tenant_id)
         if by_rank is not None:
-            since = by_rank.get(request.rank)
+            since = by_rank.get((request.model, request.rank))
             if since is not None:
                 since.pop(request.request_id, None)
                 if not since:
-                    del by_rank[request.rank]
+                    del by_rank[(request.model, request.rank)]
             if not by_rank:
                 del self._waiting_by_tenant[request.tenant_id]
 

@@ -77,15 +77,19 @@ class ModelCatalog:
         return resolved
 
     def names(self, allowed: Sequence[str]) -> list[ModelName]:
-        """Every name the tenant may use, models first, then aliases, each sorted."""
-        models = [ModelName(m, m) for m in sorted(self.known_models())]
-        aliases = [ModelName(a, m) for a, m in sorted(self._aliases.items())]
+        """Every name the tenant may use, models first, then aliases, each sorted (an alias
+        that a model's id took since, which ``resolve`` no longer reaches, is left out)."""
+        known = self.known_models()
+        models = [ModelName(m, m) for m in sorted(known)]
+        aliases = [ModelName(a, m) for a, m in sorted(self._aliases.items()) if a not in known]
         return [n for n in [*models, *aliases] if self.is_allowed(n, allowed)]
 
     def is_allowed(self, name: ModelName, allowed: Sequence[str]) -> bool:
         """Whether a tenant allowed ``allowed`` may use ``name``: it is named there, or its
-        model is, or an alias named there now points at its model."""
+        model is, or an alias named there now points at its model (a name there that is a
+        model's id means that model, whatever alias has the same name)."""
         if not allowed:
             return True
-        models = {self._aliases.get(a, a) for a in allowed}
+        known = self.known_models()
+        models = {a if a in known else self._aliases.get(a, a) for a in allowed}
         return name.name in allowed or name.model_id in models

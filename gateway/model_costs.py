@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from transfer.messages import WorkerLoad
+
 __all__ = ["CostBook", "ModelCost", "ModelSpeed"]
 
 REFERENCE_BATCH = 16
@@ -42,6 +44,17 @@ class ModelSpeed:
     prefill_tok_s: float | None = None
     decode_base_s: float | None = None
     decode_token_s: float = 0.0
+
+    @classmethod
+    def of(cls, load: WorkerLoad) -> ModelSpeed:
+        """What a load report says (its figures are 0 until measured; the decode step fit is
+        measured once either of its two is not 0: a fitted base may be 0 alone)."""
+        is_fitted = load.decode_base_s > 0 or load.decode_token_s > 0
+        return cls(
+            prefill_tok_s=load.prefill_tok_s or None,
+            decode_base_s=load.decode_base_s if is_fitted else None,
+            decode_token_s=load.decode_token_s,
+        )
 
 
 @dataclass(frozen=True, slots=True)

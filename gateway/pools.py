@@ -1,10 +1,12 @@
 """``ModelPools``: the models the workers serve, one pool per model, and who may join which.
 
 A worker joins the pool of the model it announces (``WorkerInfo.model_id``); the first worker
-of a model fixes the pool's reference: its KV layout (the very struct the KV handshake compares,
-``KvLayoutInfo.differences``) and its tokenizer (``tokenizer_digest``). A later worker of that
-model with another layout or tokenizer is incompatible, with the differing fields named: its KV
-would not pair with the pool's, or its token ids would mean other text. Workers of another model
+of a model fixes the pool's tokenizer (``tokenizer_digest``), and the first prefill or decode
+worker its KV layout (the very struct the KV handshake compares, ``KvLayoutInfo.differences``).
+A later worker of that model with another tokenizer, or a prefill or decode worker with another
+layout, is incompatible, with the differing fields named: its token ids would mean other text,
+or its KV would not pair with the pool's. Colocated workers never exchange KV: a CPU one and a
+GPU one may serve the same model side by side. Workers of another model
 are not incompatible: they make their own pool, and the dispatcher pairs a prefill worker only
 with a decode worker of its own pool (``WorkerRegistry.ready(role, model)``); the handshake's
 refusal stays the last line of defence.
@@ -27,12 +29,17 @@ from transfer.messages import WorkerInfo
 __all__ = ["ModelPool", "ModelPools"]
 
 
-@dataclass(frozen=True, slots=True)
+_PAIRED_ROLES = ("prefill", "decode")  # the roles whose KV moves between workers
+
+
+@dataclass(slots=True)
 class ModelPool:
-    """One model as its first worker announced it."""
+    """One model as its workers announced it: its first worker (``reference``: tokenizer,
+    context length) and its first prefill or decode worker (``kv_reference``: KV layout)."""
 
     model_id: str
-    reference: WorkerInfo  # its KV layout and tokenizer are the pool's
+    reference: WorkerInfo
+    kv_reference: WorkerInfo | None = None
 
     @property
     def tokenizer_digest(self) -> str:
@@ -41,13 +48,15 @@ class ModelPool:
     def differences(self, info: WorkerInfo) -> list[str]:
         """What keeps a worker of this model (``info``) out of the pool; empty: it may join."""
         problems: list[str] = []
-        ours, theirs = self.reference.kv_layout, info.kv_layout
+        if info.tokenizer_digest != self.reference.tokenizer_digest:
+            problems.append("another tokenizer than the pool's")
+        if info.role not in _PAIRED_ROLES or self.kv_reference is None:
+            return problems
+        ours, theirs = self.kv_reference.kv_layout, info.kv_layout
         if ours is not None and theirs is not None:
             problems += ours.differences(theirs, labels=("the pool", "this worker"))
         elif ours is not theirs:  # one announced no layout: an older worker beside a newer one
             problems.append("KV layout announced by only one of it and the pool")
-        if info.tokenizer_digest != self.reference.tokenizer_digest:
-            problems.append("another tokenizer than the pool's")
         return problems
 
 
@@ -67,13 +76,14 @@ class ModelPools:
                 f"{self.block_size} (one block size for every model: the prefix index's)"
             )
         pool = self._pools.get(info.model_id)
-        if pool is not None:
-            problems = pool.differences(info)
-            if problems:
-                return f"serves {info.model_id!r} unlike its pool: " + "; ".join(problems)
-            return None
-        self.block_size = info.block_size
-        self._pools[info.model_id] = ModelPool(info.model_id, info)
+        if pool is None:
+            self.block_size = info.block_size
+            pool = self._pools[info.model_id] = ModelPool(info.model_id, info)
+        problems = pool.differences(info)
+        if problems:
+            return f"serves {info.model_id!r} unlike its pool: " + "; ".join(problems)
+        if pool.kv_reference is None and info.role in _PAIRED_ROLES:
+            pool.kv_reference = info
         return None
 
     def get(self, model_id: str) -> ModelPool | None:

@@ -7,12 +7,15 @@ other is fetched from a worker of its pool (``GET /v1/tokenizer``, ``TokenizerSp
 against the digest the worker announced, and rebuilt in a thread (about 0.1 s for SmolLM2's, so
 never on the event loop). One fetch per tokenizer at a time: requests that need it meanwhile wait
 for that one. A fetch that fails or takes longer than ``timeout_s`` is the model's 503 for those
-requests (the next request tries again). Torch-free.
+requests, and for the model's requests in the next ``RETRY_AFTER_S`` (a worker that announces one
+tokenizer and serves another would otherwise cost a 1.5 MB fetch and a hash per request); the
+caller fetches from any of the pool's workers, so the next try may reach another. Torch-free.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -30,10 +33,17 @@ RETRY_AFTER_S = 2.0
 class TokenizerCache:
     """Tokenizers by digest (module docstring)."""
 
-    def __init__(self, *, timeout_s: float = FETCH_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        *,
+        timeout_s: float = FETCH_TIMEOUT_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.timeout_s = timeout_s
+        self.clock = clock
         self._loaded: dict[str, Tokenizer] = {}
         self._loading: dict[str, asyncio.Future[Tokenizer]] = {}
+        self._failed_until: dict[str, float] = {}  # by digest: no new fetch before then
 
     def add(self, tokenizer: Tokenizer) -> str:
         """A tokenizer loaded here (the gateway's own model's); its digest."""
@@ -52,6 +62,11 @@ class TokenizerCache:
         tokenizer = self._loaded.get(digest)
         if tokenizer is not None:
             return tokenizer
+        if self.clock() < self._failed_until.get(digest, float("-inf")):
+            raise Unavailable(
+                f"the tokenizer of the model {model!r} could not be loaded from its workers",
+                retry_after_s=RETRY_AFTER_S,
+            )
         loading = self._loading.get(digest)
         if loading is None:
             loading = self._loading[digest] = asyncio.ensure_future(self._load(digest, fetch))
@@ -72,8 +87,10 @@ class TokenizerCache:
 
     def _loaded_or_failed(self, digest: str, loading: asyncio.Future[Tokenizer]) -> None:
         self._loading.pop(digest, None)
-        if not loading.cancelled():
-            loading.exception()  # (retrieved: every waiter was told, or none was left)
+        if loading.cancelled() or loading.exception() is not None:  # (retrieved: all told)
+            self._failed_until[digest] = self.clock() + RETRY_AFTER_S
+        else:
+            self._failed_until.pop(digest, None)
 
     async def _load(self, digest: str, fetch: Callable[[], Awaitable[TokenizerSpec]]) -> Tokenizer:
         async with asyncio.timeout(self.timeout_s):

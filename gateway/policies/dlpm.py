@@ -5,7 +5,7 @@ Torch-free.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -54,9 +54,12 @@ class _Deficits:
         self.queued: set[str] = set(queued)
         self.num_positive = 0
 
-    def has_credit(self) -> bool:
-        """Whether an active tenant has credit (no refill is due)."""
-        return self.num_positive > 0
+    def has_credit(self, aside: Collection[str] = ()) -> bool:
+        """Whether an active tenant has credit (no refill is due), not counting the tenants
+        ``aside`` (held back by something else than their deficit: their credit, which they
+        cannot spend now, must not hold the others' refill)."""
+        num_aside = sum(1 for t in aside if self.values.get(t, 0.0) > 0)
+        return self.num_positive - num_aside > 0
 
     def best_queued(self) -> float:
         """The highest deficit among the tenants with a request queued (0 when none)."""
@@ -96,9 +99,9 @@ class _Deficits:
         if value is not None:
             self._set(tenant_id, value - cost)
 
-    def rounds_to_credit(self, quantum: float) -> int:
-        """Refill rounds until the first tenant has credit."""
-        value = max(self.values.values(), default=1.0)
+    def rounds_to_credit(self, quantum: float, aside: Collection[str] = ()) -> int:
+        """Refill rounds until the first tenant (not ``aside``) has credit."""
+        value = max((v for t, v in self.values.items() if t not in aside), default=1.0)
         return 0 if value > 0 else math.floor(-value / quantum) + 1
 
     def refill(self, quantum: float, num_rounds: int) -> None:
@@ -244,6 +247,13 @@ class DlpmPolicy(IndexedPolicy[LpmLane, DlpmEntry]):
         book = lane.book
         pool_floor = book.least_of(lane.queues) if book.num_pools > 1 else None
         ahead_limit = self.settings.max_borrow_tokens
+        # Those the floor holds back now: their credit here does not hold the others' refill
+        # (it would leave the others only borrowing, the pool nearly idle).
+        aside = (
+            frozenset(t for t in lane.queues if book.counters[t] - pool_floor > ahead_limit)
+            if pool_floor is not None
+            else frozenset()
+        )
         held_back: dict[tuple[str, int], int] = {}  # kind -> version of the verdict
         chose_held_back: dict[tuple[tuple[str, int], object], int] = {}  # (kind, frontier)
         is_sheddable = lane.slo.sheddable
@@ -277,7 +287,7 @@ class DlpmPolicy(IndexedPolicy[LpmLane, DlpmEntry]):
             reachable, is_changed = self._reachable(entry, candidates, run)
             version += is_changed
             if all(
-                self._is_held_back(lane, tenant_id, worker, is_forced=is_forced)
+                self._is_held_back(lane, tenant_id, worker, is_forced=is_forced, aside=aside)
                 for worker in reachable
             ):
                 held_back[kind] = version
@@ -290,8 +300,8 @@ class DlpmPolicy(IndexedPolicy[LpmLane, DlpmEntry]):
             key = self._gate_key(worker.worker_id)
             version += key not in lane.gates  # a new gate: deficits start at 0
             deficits = lane.gate(key)
-            if deficits.values[tenant_id] <= 0 and not deficits.has_credit():
-                deficits.refill(quantum, deficits.rounds_to_credit(quantum))
+            if deficits.values[tenant_id] <= 0 and not deficits.has_credit(aside):
+                deficits.refill(quantum, deficits.rounds_to_credit(quantum, aside))
                 version += 1
             deficit = deficits.values[tenant_id]
             may_borrow = self._may_borrow(deficits, deficit)
@@ -307,7 +317,13 @@ class DlpmPolicy(IndexedPolicy[LpmLane, DlpmEntry]):
         return num_placed, num_starved
 
     def _is_held_back(
-        self, lane: LpmLane, tenant_id: str, worker: WorkerView, *, is_forced: bool
+        self,
+        lane: LpmLane,
+        tenant_id: str,
+        worker: WorkerView,
+        *,
+        is_forced: bool,
+        aside: Collection[str] = (),
     ) -> bool:
         """Whether the sweep would hold the tenant's request back if it chose ``worker``: no
         credit at its gate, no refill due (another tenant there has credit), no borrowing."""
@@ -315,7 +331,7 @@ class DlpmPolicy(IndexedPolicy[LpmLane, DlpmEntry]):
         if deficits is None:  # a new gate starts everyone at 0: a refill would follow
             return False
         deficit = deficits.values[tenant_id]
-        if deficit > 0 or not deficits.has_credit():
+        if deficit > 0 or not deficits.has_credit(aside):
             return False
         return not (is_forced and self._may_borrow(deficits, deficit))
 

@@ -184,6 +184,11 @@ class PerModelPolicy:
     def apply_remote_service(self, deltas: dict[tuple[str, str, str], float]) -> None:
         by_model: dict[str, dict[tuple[str, str, str], float]] = {}
         for (class_name, model_gate, tenant_id), cost in deltas.items():
+            if GATE_SEPARATOR not in model_gate:
+                # A replica of a version without models: which pool it served is unknown, and
+                # a policy made for "" would count as a second pool here. Its deltas wait for
+                # its upgrade; the counters meet again through the floors meanwhile.
+                continue
             model, _, gate = model_gate.rpartition(GATE_SEPARATOR)
             by_model.setdefault(model, {})[(class_name, gate, tenant_id)] = cost
         for model, of_model in by_model.items():

@@ -72,12 +72,19 @@ class ServiceBook:
         self.remote_floor: float | None = None
         self.remote_idle: float | None = None
 
-    def lift(self, tenant_id: str, *, remote_slack: float = 0.0) -> None:
+    def lift(self, tenant_id: str, *, remote_slack: float = 0.0, pool: Iterable[str] = ()) -> None:
         """The tenant's queue in a pool's lane is no longer empty: c[u] = max(c[u], the floor)
         (nothing changes for a tenant backlogged already: the floor is at most its counter).
         ``remote_slack``: how far below the other replicas' backlog it may stay (module
-        docstring)."""
+        docstring). ``pool``: the tenants queued in that lane. With several pools, the floor is
+        at least their least counter: a tenant alone on a pool earned its lead from capacity
+        nobody else wanted, and a newcomer lifted only to another pool's floor would take this
+        pool over until it caught up."""
         floor = self.floor(remote_slack)
+        if self.num_pools > 1:
+            here = self.least_of(t for t in pool if t != tenant_id and t in self.counters)
+            if here is not None:
+                floor = max(floor, here)
         self.counters[tenant_id] = max(self.counters.get(tenant_id, 0.0), floor)
         self.backlog[tenant_id] = self.backlog.get(tenant_id, 0) + 1
 

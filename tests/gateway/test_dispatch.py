@@ -346,17 +346,23 @@ async def test_a_tenant_whose_oldest_request_waited_too_long_is_refused_in_that_
     )
     await settle()
     now[0] += 10.0
-    dispatcher.check_backlog("flood", 2)  # waited exactly the limit: still taken
-    dispatcher.check_backlog("flood", 3)  # nothing of rank 3 waits
+    model = "test-model"
+    dispatcher.check_backlog("flood", 2, model)  # waited exactly the limit: still taken
+    dispatcher.check_backlog("flood", 3, model)  # nothing of rank 3 waits
     now[0] += 0.5
     with pytest.raises(QueueFull, match=r"waited 10\.5 s") as raised:
-        dispatcher.check_backlog("flood", 2)
+        dispatcher.check_backlog("flood", 2, model)
     assert retry_after_header(raised.value) == {"retry-after": "10"}
-    dispatcher.check_backlog("flood", 3)
-    dispatcher.check_backlog("other", 2)
+    dispatcher.check_backlog("flood", 3, model)
+    dispatcher.check_backlog("other", 2, model)
+    # Another model's queue is its own: a standing queue for a full large model does not
+    # refuse the tenant's requests for an idle small one (nor does the gatekeeper's check,
+    # which comes before the model is known).
+    dispatcher.check_backlog("flood", 2, "small-model")
+    dispatcher.check_backlog("flood", 2)
     task.cancel()
     await asyncio.wait({task})
-    dispatcher.check_backlog("flood", 2)  # its queue is empty again
+    dispatcher.check_backlog("flood", 2, model)  # its queue is empty again
 
 
 async def test_cancelling_a_waiting_submit_takes_it_out_of_the_queue(

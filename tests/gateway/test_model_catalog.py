@@ -69,3 +69,17 @@ def test_an_alias_may_not_take_a_models_id() -> None:
     with pytest.raises(Conflict):
         _catalog().check_alias("tiny-random-llama")
     _catalog().check_alias("chat-large")  # a free name
+
+
+def test_a_model_that_takes_an_aliass_name_later_wins_and_widens_nothing() -> None:
+    """An alias made before a worker announced a model of that id (a restart, another replica):
+    the model's id wins, the names are listed once, and a tenant allowed that model by its id
+    is not given the alias's target too."""
+    known = {"tiny-random-llama"}
+    catalog = ModelCatalog(lambda: known)
+    catalog.set_aliases({"big": "tiny-random-llama"})
+    known.add("big")  # a model called "big" comes up
+    assert catalog.resolve("big", []) == ModelName("big", "big")
+    assert [n.name for n in catalog.names([])] == ["big", "tiny-random-llama"]
+    with pytest.raises(ModelNotAllowed):
+        catalog.resolve("tiny-random-llama", ["big"])

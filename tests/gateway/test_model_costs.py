@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.model_costs import CostBook, ModelSpeed
+from transfer.messages import WorkerLoad
 
 
 def _pool(prefill_tok_s: float, decode_base_s: float, decode_token_s: float) -> list[ModelSpeed]:
@@ -60,3 +61,22 @@ def test_a_new_measurement_moves_the_factor_by_a_fifth() -> None:
     assert book.factor("large") == 1.0
     book.measure("large", _pool(1000.0 / 6, 0.06, 0.0))  # six times slower now
     assert book.factor("large") == pytest.approx(2.0)  # 1 + 0.2 · (6 − 1)
+
+
+def test_a_load_report_whose_step_fit_has_no_base_is_measured() -> None:
+    """The decode step fit often has a base of 0 (clamped, or before the contexts spread): it is
+    a measurement all the same, not "unmeasured" (every factor was 1.0 before)."""
+    small = [
+        ModelSpeed.of(WorkerLoad("p", "prefill", True, prefill_tok_s=4000.0)),
+        ModelSpeed.of(WorkerLoad("d", "decode", True, decode_token_s=4e-6)),
+    ]
+    large = [
+        ModelSpeed.of(WorkerLoad("p", "prefill", True, prefill_tok_s=1000.0)),
+        ModelSpeed.of(WorkerLoad("d", "decode", True, decode_token_s=1.6e-5)),
+    ]
+    book = CostBook("small")
+    book.measure("small", small)
+    book.measure("large", large)
+    assert (book.cost("large").factor, book.cost("large").source) == (4.0, "measured")
+    unmeasured = ModelSpeed.of(WorkerLoad("d", "decode", True))
+    assert unmeasured.decode_base_s is None and unmeasured.prefill_tok_s is None

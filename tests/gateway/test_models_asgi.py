@@ -210,3 +210,22 @@ async def test_usage_and_service_are_in_the_models_cost_units(served: Served) ->
     by_model = {u.model_id: u for u in await store.model_usage(tenant_id, "day")}
     assert by_model[LARGE].units == pytest.approx(4.0 * large["total_tokens"])
     assert by_model[SMALL].completion_tokens == small["completion_tokens"]
+
+
+async def test_a_model_quota_keyed_by_an_alias_is_refused(served: Served) -> None:
+    """A request's quota is its model's, by id: one keyed by an alias would never apply."""
+    made = await served.client.put(
+        "/admin/v1/aliases/chat-large", json={"model": LARGE}, headers=ADMIN
+    )
+    assert made.status_code == 201, made.text
+    try:
+        refused = await served.client.post(
+            "/admin/v1/tenants",
+            json={"name": "q-alias", "model_quotas": {"chat-large": {"requests_per_minute": 1}}},
+            headers=ADMIN,
+        )
+        assert refused.status_code == 400
+        assert refused.json()["error"]["param"] == "model_quotas"
+        assert "chat-large" in refused.json()["error"]["message"]
+    finally:
+        await served.client.delete("/admin/v1/aliases/chat-large", headers=ADMIN)

@@ -101,6 +101,57 @@ def test_a_tenant_served_on_two_models_gets_no_more_than_its_share_of_one(name: 
 
 
 @pytest.mark.parametrize("name", FAIR)
+def test_a_pool_uses_its_room_while_a_tenant_ahead_elsewhere_waits(name: str) -> None:
+    """x is backlogged on both models, y only on "a", and each pool has room for 5 requests a
+    pass: x held back on "a" (ahead by its service on "b") must not keep y from filling "a".
+    (DLPM placed 1.2 a pass there while x's unspendable credit held y's refill.)"""
+    policy = _policy(name)
+    for _ in range(2000):
+        policy.enqueue(_request("x", "a"), 0.0)
+        policy.enqueue(_request("x", "b"), 0.0)
+        policy.enqueue(_request("y", "a"), 0.0)
+    num_placed = {"a": 0, "b": 0}
+    for _ in range(200):
+        for model in ("a", "b"):
+            for placement in _placed(policy, model, slots=4):
+                request = placement.request
+                policy.on_first_token(request, 0, 0.0)
+                policy.on_finish(request, 10, 0.0)
+                num_placed[model] += 1
+    assert num_placed == {"a": 5 * 200, "b": 5 * 200}
+
+
+@pytest.mark.parametrize("name", FAIR)
+def test_a_newcomer_shares_a_pool_with_the_tenant_alone_there_at_once(name: str) -> None:
+    """t1 alone on "a" (room for 5 a pass) and t2 alone on "b" (room for 2): t1's counter runs
+    ahead of t2's on capacity nobody else wanted. t3 joining "a" is lifted to "a"'s least
+    counter, not to the least of every pool (t2's), or it would take "a" over until it caught
+    up (1225 requests to t1's 25 in 250 passes, before the fix)."""
+    policy = _policy(name)
+    for _ in range(3000):
+        policy.enqueue(_request("t1", "a"), 0.0)
+        policy.enqueue(_request("t2", "b"), 0.0)
+
+    def one_pass(served: dict[str, int]) -> None:
+        for model, slots in (("a", 4), ("b", 1)):
+            for placement in _placed(policy, model, slots=slots):
+                request = placement.request
+                policy.on_first_token(request, 0, 0.0)
+                policy.on_finish(request, 10, 0.0)
+                served[request.tenant_id] = served.get(request.tenant_id, 0) + 1
+
+    for _ in range(300):
+        one_pass({})
+    for _ in range(3000):
+        policy.enqueue(_request("t3", "a"), 0.0)
+    served: dict[str, int] = {}
+    for _ in range(100):
+        one_pass(served)
+    assert served["t1"] + served["t3"] == 500
+    assert 0.9 <= served["t3"] / served["t1"] <= 1.1, served
+
+
+@pytest.mark.parametrize("name", FAIR)
 def test_service_is_counted_in_the_models_cost_units(name: str) -> None:
     policy = _policy(name)
     request = _request("x", "large", cost_factor=4.0, num_prompt_tokens=100)

@@ -212,3 +212,18 @@ async def test_a_policy_of_one_pool_given_two_models_requests_pairs_none_across(
             await asyncio.wait_for(small, 5.0)
         pair: WorkerPair = await asyncio.wait_for(large, 5.0)
         assert pair.decode.worker_id == "cb"
+
+
+async def test_colocated_workers_of_one_model_may_differ_in_kv_layout() -> None:
+    """They never exchange KV (a CPU one and a GPU one, say); a decode worker pairs with the
+    pool's prefill workers, so its layout must match theirs."""
+    async with started(
+        info("c1", "colocated", "small"),
+        info("c2", "colocated", "small", dtype="bfloat16"),
+        info("p1", "prefill", "small", dtype="bfloat16"),
+        info("d1", "decode", "small"),
+    ) as registry:
+        states = {h.url.rsplit("/", 1)[1]: h.state for h in registry.handles}
+        assert states == {"c1": "ready", "c2": "ready", "p1": "ready", "d1": "incompatible"}
+        [decode] = [h for h in registry.handles if h.role == "decode"]
+        assert "dtype" in (decode.last_error or "")

@@ -10,7 +10,7 @@ import pytest
 from engine.model_store import resolve_model, tokenizer_path
 from engine.tokenizer import Tokenizer
 from gateway.errors import Unavailable
-from gateway.tokenizers import TokenizerCache
+from gateway.tokenizers import RETRY_AFTER_S, TokenizerCache
 from transfer.errors import WorkerUnreachable
 from transfer.messages import TokenizerSpec, encode_message, tokenizer_digest
 
@@ -55,10 +55,11 @@ async def test_a_tokenizer_loaded_here_is_never_fetched(spec: TokenizerSpec) -> 
     assert await cache.get(digest, fetch, "m") is cache.loaded(digest)
 
 
-async def test_a_failed_fetch_is_a_503_and_the_next_request_tries_again(
+async def test_a_failed_fetch_is_a_503_and_a_request_after_the_retry_time_tries_again(
     spec: TokenizerSpec,
 ) -> None:
-    cache = TokenizerCache()
+    now = [0.0]
+    cache = TokenizerCache(clock=lambda: now[0])
     answers: list[Exception | TokenizerSpec] = [WorkerUnreachable("down"), spec]
 
     async def fetch() -> TokenizerSpec:
@@ -70,6 +71,12 @@ async def test_a_failed_fetch_is_a_503_and_the_next_request_tries_again(
     with pytest.raises(Unavailable, match="tokenizer of the model 'm'") as raised:
         await cache.get(_digest(spec), fetch, "m")
     assert raised.value.status == 503 and raised.value.retry_after_s
+    # Within the retry time: refused without a fetch (a worker announcing one tokenizer and
+    # serving another would cost a 1.5 MB fetch per request).
+    with pytest.raises(Unavailable):
+        await cache.get(_digest(spec), fetch, "m")
+    assert len(answers) == 1
+    now[0] += RETRY_AFTER_S
     assert (await cache.get(_digest(spec), fetch, "m")).vocab_size == Tokenizer.from_spec(
         spec
     ).vocab_size
