@@ -268,6 +268,7 @@ class Generation:
         attributes: dict[str, AttributeValue] = {
             "fairgate.tenant_id": queued.tenant_id,
             "fairgate.slo_class": queued.slo_class,
+            "fairgate.model": queued.model,
             "fairgate.policy": self.dispatcher.policy.name,
             "fairgate.requeued": requeue,
         }

@@ -368,6 +368,7 @@ class PrefillService(WorkerService):
                 "kv_transfer",
                 {
                     "fairgate.request_id": result.request_id,
+                    "gen_ai.request.model": self.model_id,
                     "fairgate.kv.blocks": traced.num_blocks,
                     "fairgate.kv.bytes": result.num_bytes,
                     "fairgate.kv.seconds": result.seconds,

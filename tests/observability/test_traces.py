@@ -174,6 +174,12 @@ async def test_a_request_is_one_trace_across_three_services(
     assert transfer.attributes["fairgate.kv.blocks"] >= 1
     [decode] = [s for s in trace if s.name == "decode"]
     assert decode.attributes["fairgate.output_tokens"] == body["usage"]["completion_tokens"]
+    # The model on every span: the client's name and the model it meant at the root, the
+    # model's id on the others.
+    assert (attributes["gen_ai.response.model"], attributes["fairgate.model"]) == (model, model)
+    assert queue.attributes["fairgate.model"] == model
+    for span in (prefill, transfer, decode):
+        assert span.attributes["gen_ai.request.model"] == model, span.name
     _assert_no_text(trace, MARKER, stack.demo_key)
 
     # The request log's one line leads to the trace, and holds no prompt text either.
