@@ -478,7 +478,10 @@ class FairPolicy(Generic[LaneT, EntryT]):
         replicas' floor (``gateway.policies.service_book``)."""
         assert lane.book is not None
         slack = self.settings.max_borrow_tokens if tenant_id in lane.inflight else 0.0
-        lane.book.lift(tenant_id, remote_slack=slack, pool=lane.queues)
+        # With several models' pools, the same slack against this replica's floors too: a
+        # closed-loop tenant whose queue one pool emptied is lifted at most to within it.
+        local_slack = slack if lane.book.num_pools > 1 else 0.0
+        lane.book.lift(tenant_id, remote_slack=slack, pool=lane.queues, local_slack=local_slack)
 
     def _is_held_back_elsewhere(self, lane: LaneT, tenant_id: str) -> bool:
         """Whether the tenant is further than the borrowing limit ahead of the least counter

@@ -72,19 +72,29 @@ class ServiceBook:
         self.remote_floor: float | None = None
         self.remote_idle: float | None = None
 
-    def lift(self, tenant_id: str, *, remote_slack: float = 0.0, pool: Iterable[str] = ()) -> None:
+    def lift(
+        self,
+        tenant_id: str,
+        *,
+        remote_slack: float = 0.0,
+        pool: Iterable[str] = (),
+        local_slack: float = 0.0,
+    ) -> None:
         """The tenant's queue in a pool's lane is no longer empty: c[u] = max(c[u], the floor)
         (nothing changes for a tenant backlogged already: the floor is at most its counter).
         ``remote_slack``: how far below the other replicas' backlog it may stay (module
         docstring). ``pool``: the tenants queued in that lane. With several pools, the floor is
         at least their least counter: a tenant alone on a pool earned its lead from capacity
         nobody else wanted, and a newcomer lifted only to another pool's floor would take this
-        pool over until it caught up."""
-        floor = self.floor(remote_slack)
+        pool over until it caught up. ``local_slack``: how far below this replica's floors it
+        may stay: a tenant with requests in flight whose queue emptied for a moment (the pool
+        took all of it) is no newcomer, and lifting it to a tenant ahead by its service on
+        another model would release that one here."""
+        floor = self.floor(remote_slack, local_slack)
         if self.num_pools > 1:
             here = self.least_of(t for t in pool if t != tenant_id and t in self.counters)
             if here is not None:
-                floor = max(floor, here)
+                floor = max(floor, here - local_slack)
         self.counters[tenant_id] = max(self.counters.get(tenant_id, 0.0), floor)
         self.backlog[tenant_id] = self.backlog.get(tenant_id, 0) + 1
 
@@ -129,14 +139,16 @@ class ServiceBook:
         local = self.local_floor()
         return min(counters + ([] if local is None else [local]), default=None)
 
-    def floor(self, remote_slack: float = 0.0) -> float:
+    def floor(self, remote_slack: float = 0.0, local_slack: float = 0.0) -> float:
         """What a tenant joining now is lifted to (at least): the least counter among the
         backlogged tenants (of every replica; those of the others less ``remote_slack``), or
         the last leaver's when none is. Alone, it never decreases, which is what makes
         forgetting a tenant whose counter is at most this safe; with replicas, another's
         backlog may bring it down by what the counters drift apart between syncs."""
         remote = None if self.remote_floor is None else self.remote_floor - remote_slack
-        floors = [f for f in (self.local_floor(), remote) if f is not None]
+        local = self.local_floor()
+        local = None if local is None else local - local_slack
+        floors = [f for f in (local, remote) if f is not None]
         if floors:
             return min(floors)
         idle = [f for f in (self.idle_floor(), self.remote_idle) if f is not None]
