@@ -111,13 +111,16 @@ class TenantLoad:
     an active interval its clients go away: what it has in flight then is cancelled (the
     gateway aborts it), so that it is idle from that moment, however slow the stack.
     ``base_url``: where it sends its requests ("": the stack's URL), e.g. one gateway replica
-    of several, as a client whose keep-alive connections stay on the replica it reached."""
+    of several, as a client whose keep-alive connections stay on the replica it reached.
+    ``model``: the model its requests name ("": the first ``/v1/models`` lists); a tenant
+    sending to several models is one load per model, of the same name and weight."""
 
     name: str
     weight: float = 1.0
     concurrency: int = 16
     active: tuple[tuple[float, float], ...] = ()
     base_url: str = ""
+    model: str = ""
 
     def is_active(self, t: float) -> bool:
         return not self.active or any(start <= t < end for start, end in self.active)
@@ -134,7 +137,8 @@ class TenantLoad:
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    """One answered request; times in seconds from the loop's start."""
+    """One answered request; times in seconds from the loop's start; ``model``: the model the
+    answer names ("": not known)."""
 
     tenant: str
     sent_s: float
@@ -142,6 +146,7 @@ class Completion:
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
+    model: str = ""
 
     def service(self, w_in: float = 1.0, w_out: float = 2.0) -> float:
         return w_in * (self.prompt_tokens - self.cached_tokens) + w_out * self.completion_tokens
@@ -159,7 +164,8 @@ class LoadRun:
 def completion_from_answer(
     tenant: str, sent_s: float, finished_s: float, body: bytes
 ) -> Completion:
-    usage = json.loads(body)["usage"]
+    answer = json.loads(body)
+    usage = answer["usage"]
     details = usage.get("prompt_tokens_details") or {}
     return Completion(
         tenant,
@@ -168,6 +174,7 @@ def completion_from_answer(
         usage["prompt_tokens"],
         details.get("cached_tokens") or 0,
         usage["completion_tokens"],
+        answer.get("model") or "",
     )
 
 
@@ -331,7 +338,7 @@ async def run_closed_loop(
                     return
                 await asyncio.sleep(resume - now)
                 continue
-            body = chat_body(model, rng, num_words, max_tokens)
+            body = chat_body(load.model or model, rng, num_words, max_tokens)
             try:
                 end = load.active_end(now)
                 async with asyncio.timeout(None if math.isinf(end) else end - now):

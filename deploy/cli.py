@@ -391,6 +391,58 @@ def _build_parser() -> argparse.ArgumentParser:
     bench_fairness.add_argument("--off-s", type=float, default=30.0)
     bench_fairness.add_argument("--seed", type=int, default=0)
     bench_fairness.add_argument("--output", default=None, help="also write the JSON result here")
+    bench_models = bench_commands.add_parser(
+        "models",
+        help="the real stack with two models (SmolLM2 and the tiny model, a prefill and a decode "
+        "worker each): two tenants of equal weight on the expensive and the cheap model, Jain's "
+        "index of their service normalised by the models' cost factors, per policy",
+    )
+    bench_models.add_argument(
+        "--policy", default="vtc,dlpm", help="comma-separated (default: %(default)s)"
+    )
+    bench_models.add_argument(
+        "--scenarios",
+        default="disjoint,shared",
+        help="disjoint: P on the expensive model, Q on the cheap one; shared: P on both, Q on "
+        "the cheap one (default: %(default)s)",
+    )
+    bench_models.add_argument(
+        "--seconds", type=float, default=60.0, help="the measurement window (default: 60)"
+    )
+    bench_models.add_argument(
+        "--warmup-s", type=float, default=15.0, help="before each window (default: 15)"
+    )
+    bench_models.add_argument(
+        "--calibrate-s",
+        type=float,
+        default=30.0,
+        help="load before the scenarios, so that the cost factors are measured (default: 30)",
+    )
+    bench_models.add_argument(
+        "--factors",
+        choices=("measured", "pinned"),
+        default="measured",
+        help="pinned: set by the admin API at the end of the warm-up (default: %(default)s)",
+    )
+    bench_models.add_argument(
+        "--cheap-factor",
+        type=float,
+        default=None,
+        help="with --factors pinned: the tiny model's factor (default: its measured one at the "
+        "end of the warm-up)",
+    )
+    bench_models.add_argument(
+        "--concurrency", type=int, default=160, help="in flight on the cheap model (default: 160)"
+    )
+    bench_models.add_argument(
+        "--reference-concurrency",
+        type=int,
+        default=48,
+        help="in flight on the expensive model (default: 48)",
+    )
+    bench_models.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    bench_models.add_argument("--output", default=None, help="also write the JSON result here")
+
     bench_fidelity = bench_commands.add_parser(
         "fidelity",
         help="the same traces through the real stack (tiny model) and the simulator: "
@@ -907,6 +959,22 @@ def _run_bench(args: argparse.Namespace) -> int:
             warmup_s=args.warmup_s,
             window_s=args.window_s,
             off_s=args.off_s,
+            seed=args.seed,
+            output=args.output,
+        )
+    if args.bench_command == "models":
+        from bench.model_fairness_bench import run_model_fairness_bench, scenarios_of
+
+        return run_model_fairness_bench(
+            policies=_names(args.policy),
+            scenarios=scenarios_of(_names(args.scenarios)),
+            concurrency=args.concurrency,
+            reference_concurrency=args.reference_concurrency,
+            warmup_s=args.warmup_s,
+            window_s=args.seconds,
+            factors=args.factors,
+            cheap_factor=args.cheap_factor,
+            calibrate_s=args.calibrate_s,
             seed=args.seed,
             output=args.output,
         )
