@@ -10,8 +10,8 @@ order:
 2. the key: 401 ``invalid_api_key`` / 403 ``key_revoked``;
 3. the gateway itself is overloaded and this tenant holds its share of it: 503 ``overloaded``
    (``gateway.overload``);
-4. the tenant's queue for workers is full or standing in the class its header names (else its
-   default class): 429 ``queue_full`` (``gateway.dispatch``).
+4. the tenant's queue for workers is full, or (where one model is served) standing in the class
+   its header names (else its default class): 429 ``queue_full`` (``gateway.dispatch``).
 
 What passes goes on to the route (``gateway.openai_routes``) with its ``Seen``, the record of what
 is known of it so far, in ``scope["state"]``. The route takes it over; a request refused here or
@@ -138,9 +138,15 @@ class Gatekeeper:
         parts.metrics.tenant_seen(tenant.tenant_id, tenant.name)  # its series by its name
         parts.load_guard.enter(tenant.tenant_id, tenant.weight)
         seen.is_counted = True
-        # The body may name another class: the route checks that one.
+        # The body may name another class: the route checks that one. The model is in the body
+        # too: a standing queue refuses here, unread, only where one model is served (with
+        # several, the tenant's queue for one says nothing of its request for another; the
+        # route checks the model's, after reading the body and before tokenizing it).
         slo_class = request.headers.get(SLO_CLASS_HEADER) or tenant.default_class
-        parts.dispatcher.check_backlog(tenant.tenant_id, class_rank(parts.config, slo_class))
+        models = parts.dispatcher.registry.model_ids()
+        only_model = models[0] if len(models) == 1 else None
+        rank = class_rank(parts.config, slo_class)
+        parts.dispatcher.check_backlog(tenant.tenant_id, rank, only_model)
 
 
 def error_response(error: FairgateError) -> Response:
