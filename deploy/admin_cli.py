@@ -98,8 +98,9 @@ def add_admin_parser(commands: Any) -> None:
         "add",
         help="add a worker by URL; it is polled at once and serves once found ready",
         description="Add the worker at URL. Adding a URL the gateway knows with the same role "
-        "changes nothing; with another role it is refused. A worker that does not match the "
-        "others (role, model, block size, protocol) shows as incompatible and gets no requests.",
+        "changes nothing; with another role it is refused. A worker of another model joins that "
+        "model's pool; one that does not match (its role, protocol or block size, or its "
+        "model's pool: tokenizer, KV layout) shows as incompatible and gets no requests.",
     )
     # Not dest "url": that is the gateway's (--url), in the same namespace.
     worker_add.add_argument(
