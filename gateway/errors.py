@@ -9,6 +9,7 @@ They extend ``transfer.errors``' hierarchy (``FairgateError`` carries the HTTP s
         ├── ContextLengthExceeded        400                        context_length_exceeded
         ├── EmptyPrompt                  400                        empty_prompt
         ├── InvalidApiKey                401 authentication_error   invalid_api_key
+        │   └── KeyExpired               401                        key_expired
         ├── PermissionDenied             403 permission_error       permission_denied
         │   ├── KeyRevoked               403                        key_revoked
         │   └── ClassNotAllowed          403                        slo_class_not_allowed
@@ -35,11 +36,14 @@ addresses; that goes to the log with the request id. Torch-free.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
 
 from transfer.errors import FairgateError
+
+if TYPE_CHECKING:  # a type only: gateway.quotas_backend need not load with the errors
+    from gateway.quotas_backend import RateLimitState
 
 __all__ = [
     "ClassNotAllowed",
@@ -48,6 +52,7 @@ __all__ = [
     "ContextLengthExceeded",
     "EmptyPrompt",
     "InvalidApiKey",
+    "KeyExpired",
     "KeyRevoked",
     "ModelNotFound",
     "NoWorkerAvailable",
@@ -115,6 +120,13 @@ class InvalidApiKey(ClientError):
     type = "authentication_error"
 
 
+class KeyExpired(InvalidApiKey):
+    """The key is past its ``expires_at``: no longer a credential (401, as an unknown key is),
+    and the message says so and when, so that its owner knows to ask for a new one."""
+
+    code = "key_expired"
+
+
 class PermissionDenied(ClientError):
     status = 403
     code = "permission_denied"
@@ -162,15 +174,25 @@ class RequestTooLarge(ClientError):
 
 
 class RateLimited(ClientError):
-    """Over a limit that frees up with time: ``retry_after_s`` says when to try again."""
+    """Over a limit that frees up with time: ``retry_after_s`` says when to try again.
+    ``rate_limit``: the quota state behind OpenAI's ``x-ratelimit-*`` headers when the quota
+    manager raised it (None otherwise)."""
 
     status = 429
     code = "rate_limit_exceeded"
     type = "rate_limit_error"
 
-    def __init__(self, message: str, *, retry_after_s: float, param: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float,
+        param: str | None = None,
+        rate_limit: RateLimitState | None = None,
+    ) -> None:
         super().__init__(message, param=param)
         self.retry_after_s = retry_after_s
+        self.rate_limit = rate_limit
 
 
 class QuotaExhausted(RateLimited):

@@ -1,14 +1,15 @@
 """The Lua scripts of the Redis quota backend (``gateway.quotas_redis``, which documents the keys
 and the rules): each is one atomic step, since Redis runs a script alone. Every key a script
-touches is passed in ``KEYS`` (all of one tenant, its model scopes' included: one hash tag).
-``ADMIT``, ``SETTLE`` and ``RENEW`` act on an order's one or two scopes (the tenant's, then a
-model's) in one call; ``INSTALL`` and ``SNAPSHOT`` take the keys of the one scope they read. Times
-are float seconds from the server's ``TIME``, or from ``now`` when a test gives one. Torch-free.
+touches is passed in ``KEYS`` (all of one tenant, its model and key scopes' included: one hash
+tag). ``ADMIT``, ``SETTLE``, ``RENEW`` and ``PEEK`` act on an order's scopes (the tenant's, then a
+model's and a key's, each if any) in one call; ``INSTALL`` and ``SNAPSHOT`` take the keys of the
+one scope they read. Times are float seconds from the server's ``TIME``, or from ``now`` when a
+test gives one. Torch-free.
 """
 
 from __future__ import annotations
 
-__all__ = ["ADMIT", "INSTALL", "RENEW", "SETTLE", "SNAPSHOT"]
+__all__ = ["ADMIT", "INSTALL", "PEEK", "RENEW", "SETTLE", "SNAPSHOT"]
 
 # Shared by every script. Times are float seconds; a reply carries them as strings (Redis turns
 # a Lua number into an integer), with %.17g, which round-trips a double.
@@ -43,6 +44,35 @@ local function prune_window(window, tokens, horizon)
   end
 end
 
+-- The x-ratelimit-* state across `scopes` (each with window, tokens, rpm, tpm; -1: no limit;
+-- windows pruned): {limit, remaining, reset_s} of requests, then of tokens, each of the scope
+-- with the least remaining (the first on a tie), '' for all three when no scope has the limit.
+-- `gateway.quotas_backend.rate_limit_of` is the same in Python.
+local function rate_limit(scopes, now, window_s)
+  local best = {}
+  for _, scope in ipairs(scopes) do
+    local newest = redis.call('ZRANGE', scope.window, -1, -1, 'WITHSCORES')
+    local reset_s = 0
+    if #newest > 0 then reset_s = math.max(0, tonumber(newest[2]) + window_s - now) end
+    local used = {redis.call('ZCARD', scope.window),
+      tonumber(redis.call('HGET', scope.tokens, SUM) or 0)}
+    local limits = {scope.rpm, scope.tpm}
+    for i = 1, 2 do
+      if limits[i] >= 0 then
+        local remaining = math.max(0, limits[i] - used[i])
+        if best[i] == nil or remaining < best[i][2] then
+          best[i] = {limits[i], remaining, reset_s}
+        end
+      end
+    end
+  end
+  local reply = {}
+  for i = 1, 2 do
+    for j = 1, 3 do reply[#reply + 1] = best[i] and fmt(best[i][j]) or '' end
+  end
+  return reply
+end
+
 -- The UTC day or month of `now` ("2025-01-31", "2025-01"): civil_from_days, H. Hinnant.
 local function period_of(now, kind)
   local z = math.floor(now / 86400) + 719468
@@ -60,35 +90,41 @@ local function period_of(now, kind)
 end
 """
 
-# KEYS: per scope (the tenant's, then the model's if any): leases, window, tokens, budget (the
-#       scope's kind; any key of the scope without a budget), meta; then, with a model scope, the
-#       tenant's set of models
+# KEYS: per scope (the tenant's, then the model's and the key's, each if any): leases, window,
+#       tokens, budget (the scope's kind; any key of the scope without a budget), meta, registry
+#       (the tenant's set of model or key scopes that lists this one; the tenant's own: any key)
 # ARGV: id, estimated, over ('1': reserve over a limit), lease_s, window_s, now ('' : the
-#       server's TIME), model ('' : no model scope), models_ttl_s, then per scope:
-#       max_concurrent, rpm, tpm, budget (-1: none), kind ('' : no budget)
-# Reply: {outcome, now, limit, used, frees_at, scope, period of scope 1, period of scope 2}:
+#       server's TIME), registry_ttl_s, then per scope: member (its id in the registry; '' : the
+#       tenant's own scope), max_concurrent, rpm, tpm, budget (-1: none), kind ('' : no budget)
+# Reply: {outcome, now, limit, used, frees_at, scope, periods, rate_limit}:
 #   outcome 'missing' (`scope` has no running total for its period: nothing was reserved),
-#   'refused' or 'reserved'; `scope` is the 1-based scope that broke `limit` (0: none broke).
+#   'refused' or 'reserved'; `scope` is the 1-based scope that broke `limit` (0: none broke);
+#   `periods` the budget period of each scope ('' : no budget); `rate_limit` (`rate_limit` in
+#   the prelude) after this admission; empty when 'missing'.
 ADMIT = (
     _PRELUDE
     + r"""
 local id, estimated, over = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
 local lease_s, window_s = tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = clock(ARGV[6])
-local model, models_ttl_s = ARGV[7], tonumber(ARGV[8])
-local scopes, periods = {}, {'', ''}
-for s = 1, (#ARGV - 8) / 5 do
-  local k, a = 5 * (s - 1), 8 + 5 * (s - 1)
+local registry_ttl_s = tonumber(ARGV[7])
+local scopes, periods = {}, {}
+for s = 1, (#ARGV - 7) / 6 do
+  local k, a = 6 * (s - 1), 7 + 6 * (s - 1)
   scopes[s] = {
     leases = KEYS[k + 1], window = KEYS[k + 2], tokens = KEYS[k + 3], budget = KEYS[k + 4],
-    meta = KEYS[k + 5], max_concurrent = tonumber(ARGV[a + 1]), rpm = tonumber(ARGV[a + 2]),
-    tpm = tonumber(ARGV[a + 3]), budget_limit = tonumber(ARGV[a + 4]), kind = ARGV[a + 5],
+    meta = KEYS[k + 5], registry = KEYS[k + 6], member = ARGV[a + 1],
+    max_concurrent = tonumber(ARGV[a + 2]), rpm = tonumber(ARGV[a + 3]),
+    tpm = tonumber(ARGV[a + 4]), budget_limit = tonumber(ARGV[a + 5]), kind = ARGV[a + 6],
     total = 0,
   }
+  periods[s] = ''
 end
-if model ~= '' then  -- before anything else: `forget` finds every model scope through this set
-  redis.call('SADD', KEYS[#KEYS], model)
-  redis.call('EXPIRE', KEYS[#KEYS], models_ttl_s)
+for _, scope in ipairs(scopes) do  -- before anything else: `forget` finds the scopes this way
+  if scope.member ~= '' then
+    redis.call('SADD', scope.registry, scope.member)
+    redis.call('EXPIRE', scope.registry, registry_ttl_s)
+  end
 end
 
 -- Every scope's budget first: one that is missing reserves nothing anywhere.
@@ -96,7 +132,7 @@ for s, scope in ipairs(scopes) do
   if scope.kind ~= '' then
     periods[s] = period_of(now, scope.kind)
     local value = redis.call('HGET', scope.budget, periods[s])
-    if not value then return {'missing', fmt(now), '', 0, '0', s, periods[1], periods[2]} end
+    if not value then return {'missing', fmt(now), '', 0, '0', s, periods, {}} end
     scope.total = tonumber(value)
   end
 end
@@ -173,12 +209,13 @@ else
     end
   end
 end
-return {outcome, fmt(now), limit, used, fmt(frees_at), breached, periods[1], periods[2]}
+return {outcome, fmt(now), limit, used, fmt(frees_at), breached, periods,
+  rate_limit(scopes, now, window_s)}
 """
 )
 
-# KEYS: per scope of the reservation (the tenant's, then the model's if any): leases, tokens,
-#       budget (the scope's kind; any key of the scope without a budget)
+# KEYS: per scope of the reservation (the tenant's, then the model's and the key's, each if any):
+#       leases, tokens, budget (the scope's kind; any key of the scope without a budget)
 # ARGV: id, estimated, actual, now, then per scope: period ('' : no budget)
 # Reply: 1 when this settled the reservation; 0 when it was not live (settled, lapsed, forgotten).
 # The tenant's lease decides: when it is not live, no scope is touched.
@@ -207,9 +244,9 @@ return 1
 """
 )
 
-# KEYS: the tenant's leases, then the leases of its model scopes that these ids hold
-# ARGV: lease_s, now, then per reservation: id, the index in KEYS of its model scope's leases
-#       (0: none)
+# KEYS: the tenant's leases, then the leases of its other scopes (models', keys') these ids hold
+# ARGV: lease_s, now, then per reservation: id, n, and the n indices in KEYS of its other
+#       scopes' leases
 # Reply: the ids that were no longer live (lapsed, or settled meanwhile).
 RENEW = (
     _PRELUDE
@@ -220,15 +257,19 @@ for _, leases in ipairs(KEYS) do
 end
 local deadline = now + lease_s
 local lost = {}
-for i = 3, #ARGV, 2 do
-  local id, scope = ARGV[i], tonumber(ARGV[i + 1])
+local i = 3
+while i <= #ARGV do
+  local id, n = ARGV[i], tonumber(ARGV[i + 1])
   if redis.call('ZSCORE', KEYS[1], id) then
     redis.call('ZADD', KEYS[1], 'XX', deadline, id)
-    -- XX: a model lease gone on its own (its scope forgotten) is not revived either
-    if scope > 0 then redis.call('ZADD', KEYS[scope], 'XX', deadline, id) end
+    -- XX: a scope's lease gone on its own (the scope forgotten) is not revived either
+    for j = i + 2, i + 1 + n do
+      redis.call('ZADD', KEYS[tonumber(ARGV[j])], 'XX', deadline, id)
+    end
   else
     lost[#lost + 1] = id
   end
+  i = i + 2 + n
 end
 for _, leases in ipairs(KEYS) do
   redis.call('PEXPIRE', leases, math.ceil(2 * lease_s * 1000))
@@ -269,5 +310,22 @@ if kind then
 end
 return {redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2]),
   tonumber(redis.call('HGET', KEYS[3], SUM) or 0), period, total}
+"""
+)
+
+# KEYS: per scope (the tenant's, then the model's and the key's, each if any): window, tokens
+# ARGV: window_s, now, then per scope: rpm, tpm (-1: no limit)
+# Reply: `rate_limit` (in the prelude) of these scopes now; nothing is reserved.
+PEEK = (
+    _PRELUDE
+    + r"""
+local window_s, now = tonumber(ARGV[1]), clock(ARGV[2])
+local scopes = {}
+for s = 1, #KEYS / 2 do
+  scopes[s] = {window = KEYS[2 * s - 1], tokens = KEYS[2 * s], rpm = tonumber(ARGV[1 + 2 * s]),
+    tpm = tonumber(ARGV[2 + 2 * s])}
+  prune_window(scopes[s].window, scopes[s].tokens, now - window_s)
+end
+return rate_limit(scopes, now, window_s)
 """
 )

@@ -1,9 +1,10 @@
 """Quota state in the gateway's memory: one gateway, one event loop, no threads.
 
-Per scope (a tenant's overall, or one (tenant, model)): the number of requests running, the
-sliding 60 s windows of requests and of tokens (each admitted request's reservation, replaced by
-its actual usage when it settles), and the running total of the budget period charged last.
-``reserve`` never awaits, so a check and its reservation, in both of an order's scopes, are one
+Per scope (a tenant's overall, one (tenant, model) or one (tenant, API key)): the number of
+requests running, the sliding 60 s windows of requests and of tokens (each admitted request's
+reservation, replaced by its actual usage when it settles), and the running total of the budget
+period charged last.
+``reserve`` never awaits, so a check and its reservation, in all of an order's scopes, are one
 step on the loop: no other admission can slip in between. A period's total starts from the
 store's recorded usage (``install_budget``); a request charged to a period that has since been
 replaced settles into that old total, which nobody reads any more. Torch-free.
@@ -17,12 +18,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.quotas_backend import (
+    TENANT_SCOPE,
     WINDOW_S,
     Breach,
     BudgetMissing,
     QuotaState,
+    RateLimitState,
     Reserved,
     ReserveOrder,
+    ScopeName,
+    WindowUse,
+    rate_limit_of,
 )
 from gateway.tenants import BudgetPeriod, Quotas, period_of
 
@@ -54,7 +60,7 @@ class _Budget:
 
 @dataclass(slots=True)
 class _ScopeState:
-    """What one scope holds: a tenant's overall, or one of its models'."""
+    """What one scope holds: a tenant's overall, one of its models' or one of its keys'."""
 
     num_concurrent: int = 0
     entries: deque[_WindowEntry] = field(default_factory=deque)  # oldest first
@@ -68,6 +74,11 @@ class _ScopeState:
             entry = self.entries.popleft()
             entry.is_in_window = False
             self.num_window_tokens -= entry.tokens
+
+    def use(self) -> WindowUse:
+        """What the window holds (prune it first)."""
+        newest_at = self.entries[-1].at if self.entries else None
+        return WindowUse(len(self.entries), self.num_window_tokens, newest_at)
 
 
 @dataclass(slots=True)
@@ -102,8 +113,8 @@ class MemoryQuotaBackend:
 
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        # tenant_id -> model_id ("": the tenant's overall scope) -> its state
-        self._tenants: dict[str, dict[str, _ScopeState]] = {}
+        # tenant_id -> scope -> its state
+        self._tenants: dict[str, dict[ScopeName, _ScopeState]] = {}
 
     async def start(self) -> None:
         pass
@@ -116,41 +127,41 @@ class MemoryQuotaBackend:
         scopes = self._tenants.get(order.tenant_id, {})
         # Every scope's budget first: one that is missing reserves nothing anywhere.
         budgets: list[_Budget | None] = []
-        for model_id, quotas in order.scopes():
+        for scope in order.scopes():
             budget = None
-            if quotas.token_budget is not None:
-                kind = quotas.budget_period
+            if scope.quotas.token_budget is not None:
+                kind = scope.quotas.budget_period
                 current = period_of(now, kind)
-                state = scopes.get(model_id)
+                state = scopes.get(scope.name)
                 budget = None if state is None else state.budget
                 if budget is None or (budget.kind, budget.period) != (kind, current):
-                    return BudgetMissing(kind, current, model_id)
+                    return BudgetMissing(kind, current, scope.name)
             budgets.append(budget)
         scopes = self._tenants.setdefault(order.tenant_id, {})
         estimated = order.estimated_tokens
-        charged: list[tuple[_ScopeState, _Budget | None]] = []
+        states: list[_ScopeState] = []
         breach = None
-        for (model_id, quotas), budget in zip(order.scopes(), budgets, strict=True):
-            state = scopes.setdefault(model_id, _ScopeState())
+        for scope, budget in zip(order.scopes(), budgets, strict=True):
+            state = scopes.setdefault(scope.name, _ScopeState())
             state.prune(now)
-            charged.append((state, budget))
-            if breach is None:  # the first breach wins: the tenant's scope is checked first
-                breach = _first_breach(state, budget, quotas, now, estimated, model_id)
-        period = _charged_period(budgets[0])
-        model_period = _charged_period(budgets[1]) if len(budgets) > 1 else None
-        if breach is not None and not order.reserve_over_limit:
-            return Reserved(now, period, breach, None, model_period)
-        charges = []
-        for state, budget in charged:
-            entry = _WindowEntry(now, estimated)
-            state.num_concurrent += 1
-            state.entries.append(entry)
-            state.num_window_tokens += estimated
-            if budget is not None:
-                budget.reserved += estimated
-            charges.append(_ScopeCharge(state, entry, budget))
-        reservation = _MemoryReservation(charges, estimated)
-        return Reserved(now, period, breach, reservation, model_period)
+            states.append(state)
+            if breach is None:  # the first breach wins, in the order of the scopes
+                breach = _first_breach(state, budget, scope.quotas, now, estimated, scope.name)
+        periods = tuple(None if budget is None else budget.period for budget in budgets)
+        reservation = None
+        if breach is None or order.reserve_over_limit:
+            charges = []
+            for state, budget in zip(states, budgets, strict=True):
+                entry = _WindowEntry(now, estimated)
+                state.num_concurrent += 1
+                state.entries.append(entry)
+                state.num_window_tokens += estimated
+                if budget is not None:
+                    budget.reserved += estimated
+                charges.append(_ScopeCharge(state, entry, budget))
+            reservation = _MemoryReservation(charges, estimated)
+        rate_limit = _rate_limit(order, states, now)
+        return Reserved(now, periods, breach, reservation, rate_limit)
 
     async def install_budget(
         self,
@@ -158,11 +169,10 @@ class MemoryQuotaBackend:
         kind: BudgetPeriod,
         period: str,
         recorded_tokens: int,
-        *,
-        model_id: str = "",
+        scope: ScopeName = TENANT_SCOPE,
     ) -> None:
         scopes = self._tenants.setdefault(tenant_id, {})
-        state = scopes.setdefault(model_id, _ScopeState())
+        state = scopes.setdefault(scope, _ScopeState())
         budget = state.budget
         if budget is not None and budget.kind == kind and budget.period >= period:
             return  # loaded already, or a later period has begun
@@ -171,8 +181,8 @@ class MemoryQuotaBackend:
     def forget(self, tenant_id: str) -> None:
         self._tenants.pop(tenant_id, None)
 
-    async def snapshot(self, tenant_id: str, *, model_id: str = "") -> QuotaState:
-        state = self._tenants.get(tenant_id, {}).get(model_id)
+    async def snapshot(self, tenant_id: str, scope: ScopeName = TENANT_SCOPE) -> QuotaState:
+        state = self._tenants.get(tenant_id, {}).get(scope)
         if state is None:
             return QuotaState(0, 0, 0, 0, None)
         state.prune(self._clock())
@@ -185,9 +195,23 @@ class MemoryQuotaBackend:
             budget_period=None if budget is None else budget.period,
         )
 
+    async def peek(self, order: ReserveOrder) -> RateLimitState:
+        now = self._clock()
+        scopes = self._tenants.get(order.tenant_id, {})
+        states = []
+        for scope in order.scopes():
+            state = scopes.get(scope.name)
+            if state is None:
+                state = _ScopeState()  # not kept: a peek leaves no state behind
+            state.prune(now)
+            states.append(state)
+        return _rate_limit(order, states, now)
 
-def _charged_period(budget: _Budget | None) -> str | None:
-    return None if budget is None else budget.period
+
+def _rate_limit(order: ReserveOrder, states: list[_ScopeState], now: float) -> RateLimitState:
+    """The rate-limit state of the order's scopes, whose windows are ``states`` (pruned)."""
+    scopes = zip(order.scopes(), states, strict=True)
+    return rate_limit_of([(scope.quotas, state.use()) for scope, state in scopes], now)
 
 
 def _first_breach(
@@ -196,31 +220,31 @@ def _first_breach(
     quotas: Quotas,
     now: float,
     estimated: int,
-    model_id: str,
+    scope: ScopeName,
 ) -> Breach | None:
     """The first limit of the scope this request would break, in the order the checks are
     documented."""
     limit = quotas.max_concurrent_requests
     if limit is not None and state.num_concurrent >= limit:
-        return Breach("max_concurrent_requests", model_id=model_id)
+        return Breach("max_concurrent_requests", scope=scope)
     limit = quotas.requests_per_minute
     num_requests = len(state.entries)
     if limit is not None and num_requests >= limit:
         # Demoted requests or a lowered limit can leave more than `limit` in the window: this
         # one fits once all but limit - 1 have left.
         frees_at = state.entries[num_requests - limit].at + WINDOW_S
-        return Breach("requests_per_minute", frees_at=frees_at, model_id=model_id)
+        return Breach("requests_per_minute", frees_at=frees_at, scope=scope)
     limit = quotas.tokens_per_minute
     if limit is not None and state.num_window_tokens + estimated > limit:
         return Breach(
             "tokens_per_minute",
             num_used=state.num_window_tokens,
             frees_at=_tokens_free_at(state, state.num_window_tokens + estimated - limit, now),
-            model_id=model_id,
+            scope=scope,
         )
     limit = quotas.token_budget
     if limit is not None and budget is not None and budget.total + estimated > limit:
-        return Breach("token_budget", num_used=budget.total, model_id=model_id)
+        return Breach("token_budget", num_used=budget.total, scope=scope)
     return None
 
 

@@ -14,11 +14,18 @@ script touches one cluster slot)::
     {prefix}{tenant}:budget:month      (the same per month)
     {prefix}{tenant}:meta        HASH  "budget" -> the kind of budget charged last (snapshots)
     {prefix}{tenant}:models      SET   the model ids that have a scope (for ``forget``)
+    {prefix}{tenant}:keys        SET   the API key ids that have a scope (for ``forget``)
 
 and the same six keys for each (tenant, model) scope, ``{prefix}{tenant}:m:{model}:leases`` and
-so on, the model id percent-encoded (``org%2Fmodel%3Av1``: no ``:``, ``{`` or ``}`` of its own,
-and one id gives one name). A reservation with a model scope has its id in both scopes' keys,
-under the same lease: it is reserved, renewed and settled in both by one script.
+so on, and for each (tenant, API key) scope, ``{prefix}{tenant}:k:{key}:leases`` and so on, the
+id percent-encoded (``org%2Fmodel%3Av1``: no ``:``, ``{`` or ``}`` of its own, and one id gives
+one name; ``m:`` and ``k:`` keep a model and a key of the same id apart). A reservation with
+model or key scopes has its id in every scope's keys, under the same lease: it is reserved,
+renewed and settled in all of them by one script.
+
+**Rate-limit state.** The admission script also reads, after it reserved, what the answer's
+``x-ratelimit-*`` headers say (``RateLimitState``): admitting stays one round trip. A ``peek``
+(for answers that fail before admission) is one more script, which reserves nothing.
 
 **Leases.** A reservation's slot is held until its lease deadline; the replica that made it
 renews the leases of its running requests every third of the lease, all of them in one pipelined
@@ -61,16 +68,20 @@ from redis.exceptions import RedisError
 
 from gateway.errors import Unavailable
 from gateway.quotas_backend import (
+    TENANT_SCOPE,
     WINDOW_S,
     Breach,
     BreachedLimit,
     BudgetMissing,
     QuotaState,
+    RateLimitState,
     Reserved,
     ReserveOrder,
+    ScopeKind,
+    ScopeName,
 )
-from gateway.quotas_lua import ADMIT, INSTALL, RENEW, SETTLE, SNAPSHOT
-from gateway.tenants import BudgetPeriod
+from gateway.quotas_lua import ADMIT, INSTALL, PEEK, RENEW, SETTLE, SNAPSHOT
+from gateway.tenants import BudgetPeriod, Quotas
 
 __all__ = ["DEFAULT_KEY_PREFIX", "RedisQuotaBackend", "RedisReservation"]
 
@@ -82,15 +93,19 @@ DEFAULT_TIMEOUT_S = 2.0
 SETTLE_RETRY_DELAYS_S = (0.05, 0.25, 1.0)
 # A budget's hash outlives its longest period by a day: after that only late settles need it.
 BUDGET_TTL_S: dict[BudgetPeriod, int] = {"day": 2 * 86400, "month": 32 * 86400}
-# The set of a tenant's model scopes outlives every key of theirs (renewed on each admission).
-MODELS_TTL_S = max(BUDGET_TTL_S.values())
+# The sets of a tenant's model and key scopes outlive every key of theirs (renewed on each
+# admission).
+REGISTRY_TTL_S = max(BUDGET_TTL_S.values())
+# The namespace of a model's or a key's scope under its tenant's, and the set that lists them.
+_SCOPE_NAMESPACE: dict[ScopeKind, str] = {"tenant": "", "model": "m:", "key": "k:"}
+_REGISTRY: dict[ScopeKind, str] = {"model": "models", "key": "keys"}
 ERROR_LOG_INTERVAL_S = 10.0
 _UNLIMITED = -1
 
 
 @dataclass(frozen=True, slots=True)
 class _ScopeKeys:
-    """The keys of one scope: a tenant's overall, or one of its models'."""
+    """The keys of one scope: a tenant's overall, one of its models' or one of its keys'."""
 
     leases: str
     window: str
@@ -100,10 +115,10 @@ class _ScopeKeys:
     budget_month: str
 
     @classmethod
-    def of(cls, prefix: str, tenant_id: str, model_id: str = "") -> _ScopeKeys:
+    def of(cls, prefix: str, tenant_id: str, scope: ScopeName = TENANT_SCOPE) -> _ScopeKeys:
         base = _tenant_base(prefix, tenant_id)
-        if model_id:
-            base += f"m:{quote(model_id, safe='')}:"
+        if scope.kind != "tenant":
+            base += f"{_SCOPE_NAMESPACE[scope.kind]}{quote(scope.scope_id, safe='')}:"
         return cls(
             leases=f"{base}leases",
             window=f"{base}window",
@@ -134,24 +149,30 @@ def _tenant_base(prefix: str, tenant_id: str) -> str:
     return f"{prefix}{{{tenant_id}}}:"  # one hash tag: one cluster slot per tenant
 
 
-def _models_key(prefix: str, tenant_id: str) -> str:
-    return f"{_tenant_base(prefix, tenant_id)}models"
+def _registry_key(prefix: str, tenant_id: str, kind: ScopeKind) -> str:
+    """The set of the tenant's scopes of ``kind`` ("model" or "key"), for ``forget``."""
+    return f"{_tenant_base(prefix, tenant_id)}{_REGISTRY[kind]}"
+
+
+@dataclass(frozen=True, slots=True)
+class _ChargedScope:
+    """One scope a reservation is charged in, and the budget its settle corrects there."""
+
+    name: ScopeName
+    kind: BudgetPeriod | None
+    period: str | None
 
 
 @dataclass(slots=True)
 class RedisReservation:
-    """One admission's reservation in Redis: its id, and what its settle corrects, in the
-    tenant's scope and (``model_id`` not ``""``) in its model's."""
+    """One admission's reservation in Redis: its id, and what its settle corrects, in each scope
+    it is charged in (``scopes``: the tenant's first, then its model's and key's, if any)."""
 
     backend: RedisQuotaBackend
     tenant_id: str
     reservation_id: str
     estimated_tokens: int
-    kind: BudgetPeriod | None
-    period: str | None
-    model_id: str = ""
-    model_kind: BudgetPeriod | None = None
-    model_period: str | None = None
+    scopes: tuple[_ChargedScope, ...]
 
     def settle(self, actual_tokens: int) -> None:
         self.backend._settle_in_background(self, actual_tokens)
@@ -193,11 +214,12 @@ class RedisQuotaBackend:
         self._renew = self._client.register_script(RENEW)
         self._install = self._client.register_script(INSTALL)
         self._snapshot = self._client.register_script(SNAPSHOT)
+        self._peek = self._client.register_script(PEEK)
         # Reservation ids: unique across replicas, and in admission order within one.
         self._replica_tag = secrets.token_hex(4)
         self._ids = itertools.count()
-        # tenant -> its reservations running here: id -> its model scope ("": none)
-        self._live: dict[str, dict[str, str]] = {}
+        # tenant -> its reservations running here: id -> its scopes besides the tenant's
+        self._live: dict[str, dict[str, tuple[ScopeName, ...]]] = {}
         # Settles and forgets on their way to Redis, per tenant: this replica's later calls
         # for the tenant wait for them, so it reads its own writes.
         self._pending: dict[str, set[asyncio.Task[None]]] = {}
@@ -239,8 +261,43 @@ class RedisQuotaBackend:
         await self._after_pending(tenant_id)
         reservation_id = f"{next(self._ids):012x}.{self._replica_tag}"
         scopes = order.scopes()
-        kinds = [q.budget_period if q.token_budget is not None else None for _, q in scopes]
-        model_id = order.model_id if order.model_quotas is not None else ""
+        kinds = [_budget_kind(scope.quotas) for scope in scopes]
+        keys, args = self._admit_arguments(order, reservation_id, kinds)
+        reply = await self._call(self._admit, keys, args)
+        outcome, at, scope_index = reply[0], float(reply[1]), int(reply[5])
+        periods = tuple(period or None for period in reply[6])
+        if outcome == "missing":
+            kind, period = kinds[scope_index - 1], periods[scope_index - 1]
+            assert kind is not None and period is not None
+            return BudgetMissing(kind, period, scopes[scope_index - 1].name)
+        rate_limit = _rate_limit_state(reply[7])
+        limit: BreachedLimit | None = reply[2] or None
+        breach = None
+        if limit is not None:
+            breach = Breach(
+                limit,
+                num_used=int(reply[3]),
+                frees_at=float(reply[4]),
+                scope=scopes[scope_index - 1].name,
+            )
+        if outcome == "refused":
+            return Reserved(at, periods, breach, None, rate_limit)
+        charged = tuple(
+            _ChargedScope(scope.name, kind, period)
+            for scope, kind, period in zip(scopes, kinds, periods, strict=True)
+        )
+        self._live.setdefault(tenant_id, {})[reservation_id] = tuple(
+            scope.name for scope in scopes[1:]
+        )
+        reservation = RedisReservation(
+            self, tenant_id, reservation_id, order.estimated_tokens, charged
+        )
+        return Reserved(at, periods, breach, reservation, rate_limit)
+
+    def _admit_arguments(
+        self, order: ReserveOrder, reservation_id: str, kinds: list[BudgetPeriod | None]
+    ) -> tuple[list[str], list[Any]]:
+        """The admission script's KEYS and ARGV (``gateway.quotas_lua.ADMIT``)."""
         keys: list[str] = []
         args: list[Any] = [
             reservation_id,
@@ -249,58 +306,34 @@ class RedisQuotaBackend:
             self.lease_s,
             WINDOW_S,
             self._now(),
-            model_id,
-            MODELS_TTL_S,
+            REGISTRY_TTL_S,
         ]
-        for (scope, quotas), kind in zip(scopes, kinds, strict=True):
-            scope_keys = _ScopeKeys.of(self._prefix, tenant_id, scope)
+        for scope, kind in zip(order.scopes(), kinds, strict=True):
+            scope_keys = _ScopeKeys.of(self._prefix, order.tenant_id, scope.name)
+            is_tenant = scope.name.kind == "tenant"
+            registry = (
+                scope_keys.meta  # the tenant's own scope is in no registry: any key of its own
+                if is_tenant
+                else _registry_key(self._prefix, order.tenant_id, scope.name.kind)
+            )
             keys += [
                 scope_keys.leases,
                 scope_keys.window,
                 scope_keys.tokens,
                 scope_keys.budget(kind),
                 scope_keys.meta,
+                registry,
             ]
+            quotas = scope.quotas
             args += [
+                "" if is_tenant else scope.name.scope_id,
                 _limit(quotas.max_concurrent_requests),
                 _limit(quotas.requests_per_minute),
                 _limit(quotas.tokens_per_minute),
                 _limit(quotas.token_budget),
                 kind or "",
             ]
-        if model_id:
-            keys.append(_models_key(self._prefix, tenant_id))
-        reply = await self._call(self._admit, keys, args)
-        outcome, at, scope_index = reply[0], float(reply[1]), int(reply[5])
-        periods: list[str | None] = [reply[6] or None, reply[7] or None]
-        if outcome == "missing":
-            kind, period = kinds[scope_index - 1], periods[scope_index - 1]
-            assert kind is not None and period is not None
-            return BudgetMissing(kind, period, scopes[scope_index - 1][0])
-        limit: BreachedLimit | None = reply[2] or None
-        breach = None
-        if limit is not None:
-            breach = Breach(
-                limit,
-                num_used=int(reply[3]),
-                frees_at=float(reply[4]),
-                model_id=scopes[scope_index - 1][0],
-            )
-        if outcome == "refused":
-            return Reserved(at, periods[0], breach, None, periods[1])
-        self._live.setdefault(tenant_id, {})[reservation_id] = model_id
-        reservation = RedisReservation(
-            self,
-            tenant_id,
-            reservation_id,
-            order.estimated_tokens,
-            kinds[0],
-            periods[0],
-            model_id,
-            kinds[1] if model_id else None,
-            periods[1],
-        )
-        return Reserved(at, periods[0], breach, reservation, periods[1])
+        return keys, args
 
     async def install_budget(
         self,
@@ -308,10 +341,9 @@ class RedisQuotaBackend:
         kind: BudgetPeriod,
         period: str,
         recorded_tokens: int,
-        *,
-        model_id: str = "",
+        scope: ScopeName = TENANT_SCOPE,
     ) -> None:
-        keys = _ScopeKeys.of(self._prefix, tenant_id, model_id)
+        keys = _ScopeKeys.of(self._prefix, tenant_id, scope)
         await self._call(
             self._install, [keys.budget(kind)], [period, recorded_tokens, BUDGET_TTL_S[kind]]
         )
@@ -320,9 +352,9 @@ class RedisQuotaBackend:
         self._live.pop(tenant_id, None)
         self._in_background(tenant_id, self._forget(tenant_id))
 
-    async def snapshot(self, tenant_id: str, *, model_id: str = "") -> QuotaState:
+    async def snapshot(self, tenant_id: str, scope: ScopeName = TENANT_SCOPE) -> QuotaState:
         await self._after_pending(tenant_id)
-        keys = _ScopeKeys.of(self._prefix, tenant_id, model_id)
+        keys = _ScopeKeys.of(self._prefix, tenant_id, scope)
         reply = await self._call(
             self._snapshot,
             keys.all(),
@@ -331,26 +363,33 @@ class RedisQuotaBackend:
         concurrent, requests, tokens, period, total = reply
         return QuotaState(int(concurrent), int(requests), int(tokens), int(total), period or None)
 
+    async def peek(self, order: ReserveOrder) -> RateLimitState:
+        await self._after_pending(order.tenant_id)
+        keys: list[str] = []
+        args: list[Any] = [WINDOW_S, self._now()]
+        for scope in order.scopes():
+            scope_keys = _ScopeKeys.of(self._prefix, order.tenant_id, scope.name)
+            keys += [scope_keys.window, scope_keys.tokens]
+            args += [
+                _limit(scope.quotas.requests_per_minute),
+                _limit(scope.quotas.tokens_per_minute),
+            ]
+        return _rate_limit_state(await self._call(self._peek, keys, args))
+
     async def settle_now(self, reservation: RedisReservation, actual_tokens: int) -> bool:
         """Settle in Redis now: True when this call settled it, False when it was not live any
         more (settled already, lapsed, or its tenant forgotten). Safe to repeat."""
-        tenant_keys = _ScopeKeys.of(self._prefix, reservation.tenant_id)
-        keys = [tenant_keys.leases, tenant_keys.tokens, tenant_keys.budget(reservation.kind)]
+        keys: list[str] = []
         args: list[str | int] = [
             reservation.reservation_id,
             reservation.estimated_tokens,
             actual_tokens,
             self._now(),
-            reservation.period or "",
         ]
-        if reservation.model_id:
-            model_keys = _ScopeKeys.of(self._prefix, reservation.tenant_id, reservation.model_id)
-            keys += [
-                model_keys.leases,
-                model_keys.tokens,
-                model_keys.budget(reservation.model_kind),
-            ]
-            args.append(reservation.model_period or "")
+        for scope in reservation.scopes:
+            scope_keys = _ScopeKeys.of(self._prefix, reservation.tenant_id, scope.name)
+            keys += [scope_keys.leases, scope_keys.tokens, scope_keys.budget(scope.kind)]
+            args.append(scope.period or "")
         settled = await self._settle(keys, args)
         return bool(settled)
 
@@ -363,13 +402,15 @@ class RedisQuotaBackend:
         async with self._client.pipeline(transaction=False) as pipe:
             for tenant_id, ids in live.items():
                 keys = [_ScopeKeys.of(self._prefix, tenant_id).leases]
-                scope_index: dict[str, int] = {"": 0}  # model_id -> its leases' index in KEYS
+                scope_index: dict[ScopeName, int] = {}  # scope -> its leases' index in KEYS
                 args: list[Any] = [self.lease_s, self._now()]
-                for reservation_id, model_id in ids.items():
-                    if model_id not in scope_index:
-                        keys.append(_ScopeKeys.of(self._prefix, tenant_id, model_id).leases)
-                        scope_index[model_id] = len(keys)  # 1-based, as Lua counts
-                    args += [reservation_id, scope_index[model_id]]
+                for reservation_id, others in ids.items():
+                    args += [reservation_id, len(others)]
+                    for scope in others:
+                        if scope not in scope_index:
+                            keys.append(_ScopeKeys.of(self._prefix, tenant_id, scope).leases)
+                            scope_index[scope] = len(keys)  # 1-based, as Lua counts
+                        args.append(scope_index[scope])
                 await self._renew(keys, args, client=pipe)
             replies = await pipe.execute()
         num_lapsed = 0
@@ -419,16 +460,22 @@ class RedisQuotaBackend:
             )
 
     async def _forget(self, tenant_id: str) -> None:
-        """Drop every key of the tenant's, its model scopes' included: two round trips, so a
-        model scope an admission adds in between (another replica's; this one's wait for this)
+        """Drop every key of the tenant's, its model and key scopes' included: two round trips,
+        so a scope an admission adds in between (another replica's; this one's wait for this)
         stays until it expires when idle."""
-        models_key = _models_key(self._prefix, tenant_id)
+        registries: dict[ScopeKind, str] = {
+            kind: _registry_key(self._prefix, tenant_id, kind) for kind in _REGISTRY
+        }
         try:
-            model_ids = await self._client.smembers(models_key)
-            keys = [*_ScopeKeys.of(self._prefix, tenant_id).all(), models_key]
-            for member in sorted(model_ids):  # str, as the client decodes responses
-                model_id = member.decode() if isinstance(member, bytes) else member
-                keys += _ScopeKeys.of(self._prefix, tenant_id, model_id).all()
+            async with self._client.pipeline(transaction=False) as pipe:
+                for registry in registries.values():
+                    pipe.smembers(registry)
+                members = await pipe.execute()
+            keys = [*_ScopeKeys.of(self._prefix, tenant_id).all(), *registries.values()]
+            for kind, scope_ids in zip(registries, members, strict=True):
+                for member in sorted(scope_ids):  # str, as the client decodes responses
+                    scope_id = member.decode() if isinstance(member, bytes) else member
+                    keys += _ScopeKeys.of(self._prefix, tenant_id, ScopeName(kind, scope_id)).all()
             await self._client.unlink(*keys)
         except RedisError as exc:
             logger.warning(
@@ -491,3 +538,31 @@ class RedisQuotaBackend:
 
 def _limit(value: int | None) -> int:
     return _UNLIMITED if value is None else value
+
+
+def _budget_kind(quotas: Quotas) -> BudgetPeriod | None:
+    return quotas.budget_period if quotas.token_budget is not None else None
+
+
+def _rate_limit_state(reply: list[str]) -> RateLimitState:
+    """The scripts' ``rate_limit`` (``gateway.quotas_lua``): limit, remaining, reset_s of
+    requests, then of tokens, as strings ('' : no such limit; %.17g, so counts are read as
+    floats first)."""
+    limit_requests, remaining_requests, reset_requests_s = reply[:3]
+    limit_tokens, remaining_tokens, reset_tokens_s = reply[3:]
+    return RateLimitState(
+        limit_requests=_count(limit_requests),
+        remaining_requests=_count(remaining_requests),
+        reset_requests_s=_seconds(reset_requests_s),
+        limit_tokens=_count(limit_tokens),
+        remaining_tokens=_count(remaining_tokens),
+        reset_tokens_s=_seconds(reset_tokens_s),
+    )
+
+
+def _count(value: str) -> int | None:
+    return None if value == "" else int(float(value))
+
+
+def _seconds(value: str) -> float | None:
+    return None if value == "" else float(value)

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 
 from gateway.errors import QuotaExhausted, RateLimited, Unavailable
 from gateway.quotas import Admission, QuotaManager, QuotaState
-from gateway.quotas_backend import QuotaBackend, Reserved, ReserveOrder
+from gateway.quotas_backend import TENANT_SCOPE, QuotaBackend, Reserved, ReserveOrder, ScopeName
 from gateway.quotas_redis import RedisQuotaBackend, RedisReservation
 from gateway.tenants import BudgetPeriod, OverQuotaPolicy, Quotas, Tenant
 from tests.gateway.test_quotas import JAN_15, JAN_16, FakeClock, FakeLedger, tenant
@@ -435,13 +435,20 @@ async def test_lapsed_model_reservation_frees_its_slot_and_stays_charged(
     second = await backend.reserve(order)
     assert isinstance(second, Reserved) and second.reservation is None
     assert second.breach is not None
-    assert (second.breach.limit, second.breach.model_id) == ("max_concurrent_requests", BIG)
+    assert (second.breach.limit, second.breach.scope) == (
+        "max_concurrent_requests",
+        ScopeName("model", BIG),
+    )
     await asyncio.sleep(0.4)
     lapsed = [QuotaState(0, 1, 1000, 0, None)] * 2
-    assert [await backend.snapshot("t-1", model_id=m) for m in ("", BIG)] == lapsed
+    assert [
+        await backend.snapshot("t-1", s) for s in (TENANT_SCOPE, ScopeName("model", BIG))
+    ] == lapsed
     assert isinstance(first.reservation, RedisReservation)
     assert await backend.settle_now(first.reservation, 10) is False
-    assert [await backend.snapshot("t-1", model_id=m) for m in ("", BIG)] == lapsed
+    assert [
+        await backend.snapshot("t-1", s) for s in (TENANT_SCOPE, ScopeName("model", BIG))
+    ] == lapsed
     third = await backend.reserve(order)
     assert isinstance(third, Reserved) and third.breach is None
 
