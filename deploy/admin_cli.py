@@ -4,7 +4,8 @@ Where the gateway is and its admin token come from ``--url`` / ``FAIRGATE_URL`` 
 ``FAIRGATE_ADMIN_TOKEN``, or else from the ``credentials.json`` that ``fairgate up`` wrote in
 ``--state-dir``. The token is never taken as a flag (it would show in ``ps``). A worker is named
 by its id or its URL, a model by its id and an alias by its name (each sent URL-encoded: model
-ids hold slashes). Torch-free.
+ids hold slashes). A key's limits and expiry are ``deploy.admin_cli_keys``'; the audit log's
+table is ``deploy.admin_cli_audit``'s. Torch-free.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+
+from deploy.admin_cli_audit import AUDIT_COLUMNS, add_audit_parser, audit_params, audit_row
+from deploy.admin_cli_keys import add_key_parsers, key_fields, key_row
 
 __all__ = ["AdminCliError", "add_admin_parser", "format_table", "run_admin"]
 
@@ -41,7 +45,8 @@ class AdminCliError(RuntimeError):
 def add_admin_parser(commands: Any) -> None:
     admin = commands.add_parser(
         "admin",
-        help="administer tenants, keys, quotas, workers, models and aliases; read usage",
+        help="administer tenants, keys, quotas, workers, models and aliases; read usage and "
+        "the audit log",
         description="Talks to the gateway's admin API. Gateway and token: --url / FAIRGATE_URL "
         "and FAIRGATE_ADMIN_TOKEN, else the credentials.json of `fairgate up` in --state-dir.",
     )
@@ -69,11 +74,9 @@ def add_admin_parser(commands: Any) -> None:
     delete = actions.add_parser("delete", help="a tenant with its keys and usage")
     delete.add_argument("tenant")
 
-    keys = nouns.add_parser("keys", help="create, list, revoke API keys")
+    keys = nouns.add_parser("keys", help="create, list, update, revoke API keys")
     actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
-    key_create = actions.add_parser("create", help="a key for a tenant; the secret shows once")
-    key_create.add_argument("tenant")
-    key_create.add_argument("--name", default="", help="a label for the key")
+    add_key_parsers(actions)
     key_list = actions.add_parser("list", help="keys, optionally of one tenant or prefix")
     key_list.add_argument("--tenant", default=None)
     key_list.add_argument("--prefix", default=None, help="e.g. fg-Ab3d")
@@ -161,6 +164,8 @@ def add_admin_parser(commands: Any) -> None:
     alias_delete = actions.add_parser("delete", help="delete an alias")
     alias_delete.add_argument("alias")
 
+    add_audit_parser(nouns)
+
 
 def _add_tenant_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight", type=float, default=None, help="fair-share weight")
@@ -241,12 +246,14 @@ def _model_quota(text: str) -> tuple[str, str, int | str | None]:
 
 def run_admin(args: argparse.Namespace) -> int:
     try:
+        if args.admin_noun == "keys" and args.action in ("create", "update"):
+            key_fields(args, {})  # refuse conflicting flags before calling the gateway
         url, token = _connection(args)
         with httpx.Client(
             base_url=url, timeout=30.0, headers={"authorization": f"Bearer {token}"}
         ) as client:
             result, columns = _call(client, args)
-    except AdminCliError as exc:
+    except (AdminCliError, argparse.ArgumentTypeError) as exc:
         print(f"fairgate admin: error: {exc}", file=sys.stderr)
         return 1
     if args.json:
@@ -308,7 +315,16 @@ TENANT_COLUMNS = [
     "models",
     "model_quotas",
 ]
-KEY_COLUMNS = ["key_id", "tenant_id", "prefix", "name", "created_at", "revoked_at"]
+KEY_COLUMNS = [
+    "key_id",
+    "tenant_id",
+    "prefix",
+    "name",
+    "quotas",
+    "expires_at",
+    "created_at",
+    "revoked_at",
+]
 USAGE_COLUMNS = ["period", "requests", "prompt_tokens", "cached_tokens", "completion_tokens"]
 MODEL_COLUMNS = [
     "model",
@@ -355,12 +371,18 @@ def _call(client: httpx.Client, args: argparse.Namespace) -> tuple[Any, list[str
         params = {"period": args.period, **({"at": args.at} if args.at else {})}
         path = f"/admin/v1/tenants/{args.tenant}/usage"
         return _request(client, "GET", path, params=params), USAGE_COLUMNS
+    if noun == "audit":
+        return _request(client, "GET", "/admin/v1/audit", params=audit_params(args)), AUDIT_COLUMNS
     if noun == "keys":
         if action == "create":
-            created = _request(
-                client, "POST", f"/admin/v1/tenants/{args.tenant}/keys", json={"name": args.name}
-            )
+            path = f"/admin/v1/tenants/{args.tenant}/keys"
+            created = _request(client, "POST", path, json=key_fields(args, {}))
             return created, [] if args.json else _print_created_key(created)
+        if action == "update":
+            path = f"/admin/v1/keys/{quote(args.key_id, safe='')}"
+            current = _request(client, "GET", path)
+            patch = key_fields(args, current["quotas"])
+            return _request(client, "PATCH", path, json=patch), KEY_COLUMNS
         if action == "revoke":
             return _request(client, "POST", f"/admin/v1/keys/{args.key_id}/revoke"), KEY_COLUMNS
         params = {k: v for k, v in (("tenant", args.tenant), ("prefix", args.prefix)) if v}
@@ -479,6 +501,9 @@ def _merged_model_quotas(
 def _print_created_key(created: dict[str, Any]) -> list[str]:
     key = created["key"]
     print(f"key {key['key_id']} for tenant {key['tenant_id']}")
+    limits = _cell(key.get("quotas") or {})
+    if limits != "-" or key.get("expires_at") is not None:
+        print(f"limits: {limits}; expires: {key_row(key)['expires_at']}")
     print(f"secret (shown once, store it now): {created['secret']}")
     return []
 
@@ -523,6 +548,8 @@ _ROW_VIEWS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "tenants": _tenant_row,
     "models": _model_row,
     "aliases": _alias_row,
+    "keys": key_row,
+    "audit": audit_row,
 }
 
 

@@ -6,9 +6,6 @@ the admin token; a tenant key gets 403. JSON bodies are the structs of ``gateway
     GET    /admin/v1/tenants/{tenant}             read (id or name)
     PATCH  /admin/v1/tenants/{tenant}             update            TenantPatch → Tenant
     DELETE /admin/v1/tenants/{tenant}             delete, with its keys and usage → 204
-    POST   /admin/v1/tenants/{tenant}/keys        create a key      KeySpec → 201 CreatedKey
-    GET    /admin/v1/keys?tenant=&prefix=         list keys
-    POST   /admin/v1/keys/{key_id}/revoke         revoke            → ApiKey
     GET    /admin/v1/tenants/{tenant}/usage?period=day|month[&at=YYYY-MM(-DD)]
     GET    /admin/v1/workers                      state and load of every worker
     POST   /admin/v1/workers                      add one by URL    NewWorker → 201 WorkerStatus
@@ -17,6 +14,11 @@ the admin token; a tenant key gets 403. JSON bodies are the structs of ``gateway
     POST   /admin/v1/workers/{worker}/drain       no new requests  → 202 WorkerStatus (draining;
                                                   200 when it is drained already)
     POST   /admin/v1/workers/{worker}/undrain     new requests again → WorkerStatus
+
+Keys (``gateway.admin_keys``) and the audit log (``gateway.admin_audit``) have routes of their
+own, over the same ``AdminParts``. Every route here that changes something writes one record to
+the audit log (``gateway.audit``) once the change is made, naming the credential that made it;
+one that fails writes none.
 
 Changes reach the running gateway at once: the key cache forgets the tenant or key, the scheduler
 gets the new weight, the quota manager reads the tenant's quotas on its next request. SLO classes
@@ -37,6 +39,9 @@ OpenAPI document:
     POST   /v1/workers/register                   WorkerRegistration → 201 / 200 WorkerStatus
     POST   /v1/workers/unregister                 WorkerDeregistration → 204
 
+A registration is audited when it adds the worker (201), not when it renews one (200: the
+heartbeat, every few seconds, changes nothing); an unregistration when it removes one.
+
 Internal URLs appear in these answers only, never in a tenant's. The routes take the parts of the
 gateway they use (``AdminParts``). Torch-free.
 """
@@ -54,6 +59,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.audit import AuditLog, CredentialKind, actor_of
 from gateway.auth import Authenticator, bearer_token
 from gateway.config import Config
 from gateway.errors import ClientError, Conflict, InvalidApiKey, NotFound, PermissionDenied
@@ -62,8 +68,6 @@ from gateway.replica_sync import AdminChange
 from gateway.tenants import (
     ApiKey,
     BudgetPeriod,
-    CreatedKey,
-    KeySpec,
     Quotas,
     Tenant,
     TenantPatch,
@@ -92,10 +96,12 @@ __all__ = [
     "UsageList",
     "WorkerList",
     "add_other_successes",
+    "admin_actor",
     "admin_endpoints",
     "json_response",
     "registration_routes",
     "routing_path",
+    "worker_view",
 ]
 
 _T = TypeVar("_T")
@@ -187,6 +193,33 @@ def json_response(message: Any, status: int = 200) -> Response:
     return Response(_encoder.encode(message), status, media_type="application/json")
 
 
+async def admin_actor(auth: Authenticator, request: Request) -> str:
+    """Returns for the admin token (else ``require_admin``'s 401 or 403) how the audit log names
+    it (``gateway.audit.actor_of``)."""
+    await auth.require_admin(request)
+    return _actor(request, "admin-token")
+
+
+def _actor(request: Request, kind: CredentialKind) -> str:
+    token = bearer_token(request)
+    assert token is not None, "checked by the caller"
+    return actor_of(kind, token)
+
+
+def worker_view(handle: WorkerHandle, now: float) -> dict[str, Any]:
+    """What the audit log keeps of a worker: who and where it is, and its state."""
+    status = handle.status(now)
+    return {
+        "url": status.url,
+        "role": handle.expected_role,
+        "state": status.state,
+        "source": status.source,
+        "worker_id": status.worker_id,
+        "model_id": status.model_id,
+        "drain_requested": status.drain_requested,
+    }
+
+
 async def _read_json(request: Request, message_type: type[_T]) -> _T:
     body = await request.body()
     try:
@@ -199,6 +232,8 @@ async def _read_json(request: Request, message_type: type[_T]) -> _T:
 
 
 def admin_endpoints(parts: AdminParts) -> list[Endpoint]:
+    audit = AuditLog(parts.store)
+
     def allowed_classes(default_class: str, allowed: list[str]) -> list[str]:
         """``allowed`` with the default added (once each); 400 naming the field for a class
         that is not configured."""
@@ -237,19 +272,23 @@ def admin_endpoints(parts: AdminParts) -> list[Endpoint]:
         return json_response(TenantList(await parts.store.list_tenants()))
 
     async def create_tenant(request: Request) -> Response:
-        await parts.auth.require_admin(request)
+        actor = await admin_actor(parts.auth, request)
         spec = await _read_json(request, TenantSpec)
         check_model_quotas(spec.model_quotas)
         allowed = allowed_classes(spec.default_class, spec.allowed_classes)
         spec = msgspec.structs.replace(spec, allowed_classes=allowed)
-        return json_response(await parts.store.create_tenant(spec), 201)
+        tenant = await parts.store.create_tenant(spec)
+        await audit.record(
+            actor, "tenant.create", tenant.tenant_id, tenant_id=tenant.tenant_id, after=tenant
+        )
+        return json_response(tenant, 201)
 
     async def get_tenant(request: Request) -> Response:
         await parts.auth.require_admin(request)
         return json_response(await parts.store.get_tenant(request.path_params["tenant"]))
 
     async def update_tenant(request: Request) -> Response:
-        await parts.auth.require_admin(request)
+        actor = await admin_actor(parts.auth, request)
         patch = await _read_json(request, TenantPatch)
         check_model_quotas(patch.model_quotas)
         current = await parts.store.get_tenant(request.path_params["tenant"])
@@ -266,34 +305,25 @@ def admin_endpoints(parts: AdminParts) -> list[Endpoint]:
             patch = msgspec.structs.replace(patch, allowed_classes=allowed)
         tenant = await parts.store.update_tenant(current.tenant_id, patch)
         await tenant_changed(tenant)
+        await audit.record(
+            actor,
+            "tenant.update",
+            tenant.tenant_id,
+            tenant_id=tenant.tenant_id,
+            before=current,
+            after=tenant,
+        )
         return json_response(tenant)
 
     async def delete_tenant(request: Request) -> Response:
-        await parts.auth.require_admin(request)
+        actor = await admin_actor(parts.auth, request)
         tenant = await parts.store.get_tenant(request.path_params["tenant"])
         await parts.store.delete_tenant(tenant.tenant_id)
         await parts.admin_changed(AdminChange("tenant_deleted", tenant.tenant_id))
-        return Response(status_code=204)
-
-    async def create_key(request: Request) -> Response:
-        await parts.auth.require_admin(request)
-        spec = await _read_json(request, KeySpec)
-        return json_response(await parts.store.create_key(request.path_params["tenant"], spec), 201)
-
-    async def list_keys(request: Request) -> Response:
-        await parts.auth.require_admin(request)
-        tenant = request.query_params.get("tenant")
-        tenant_id = None if tenant is None else (await parts.store.get_tenant(tenant)).tenant_id
-        keys = await parts.store.list_keys(
-            tenant_id=tenant_id, prefix=request.query_params.get("prefix")
+        await audit.record(
+            actor, "tenant.delete", tenant.tenant_id, tenant_id=tenant.tenant_id, before=tenant
         )
-        return json_response(KeyList(keys))
-
-    async def revoke_key(request: Request) -> Response:
-        await parts.auth.require_admin(request)
-        key = await parts.store.revoke_key(request.path_params["key_id"])
-        await parts.admin_changed(AdminChange("key", key_id=key.key_id))
-        return json_response(key)
+        return Response(status_code=204)
 
     async def usage(request: Request) -> Response:
         await parts.auth.require_admin(request)
@@ -327,28 +357,41 @@ def admin_endpoints(parts: AdminParts) -> list[Endpoint]:
             raise NotFound(f"no worker has the id or URL {name!r}")
         return handle
 
+    def view(handle: WorkerHandle) -> dict[str, Any]:
+        return worker_view(handle, parts.registry.clock())
+
     async def add_worker(request: Request) -> Response:
-        await parts.auth.require_admin(request)
+        actor = await admin_actor(parts.auth, request)
         spec = await _read_json(request, NewWorker)
+        known = parts.registry.find_url(spec.url)
+        before = None if known is None else view(known)
         handle, is_new = parts.registry.add(spec.url, spec.role, source="admin")
+        await audit.record(actor, "worker.add", handle.url, before=before, after=view(handle))
         return json_response(status_of(handle), 201 if is_new else 200)
 
     async def remove_worker(request: Request) -> Response:
-        await parts.auth.require_admin(request)
-        parts.registry.remove(worker_named(request), reason="by the admin")
+        actor = await admin_actor(parts.auth, request)
+        handle = worker_named(request)
+        before = view(handle)
+        parts.registry.remove(handle, reason="by the admin")
+        await audit.record(actor, "worker.remove", handle.url, before=before)
         return Response(status_code=204)
 
     async def drain_worker(request: Request) -> Response:
-        await parts.auth.require_admin(request)
+        actor = await admin_actor(parts.auth, request)
         handle = worker_named(request)
+        before = view(handle)
         parts.registry.drain(handle)
         await parts.registry.refresh(handle)  # drained already? (a poll: seconds at most)
+        await audit.record(actor, "worker.drain", handle.url, before=before, after=view(handle))
         return json_response(status_of(handle), 200 if handle.state == "drained" else 202)
 
     async def undrain_worker(request: Request) -> Response:
-        await parts.auth.require_admin(request)
+        actor = await admin_actor(parts.auth, request)
         handle = worker_named(request)
+        before = view(handle)
         parts.registry.undrain(handle)
+        await audit.record(actor, "worker.undrain", handle.url, before=before, after=view(handle))
         return json_response(status_of(handle))
 
     tenants, tenant = "/admin/v1/tenants", "/admin/v1/tenants/{tenant}"
@@ -413,43 +456,6 @@ def admin_endpoints(parts: AdminParts) -> list[Endpoint]:
             status=204,
             errors=read_errors,
             path_params=tenant_param,
-        ),
-        Endpoint(
-            "POST",
-            tenant + "/keys",
-            create_key,
-            "Create an API key (the secret is shown only in this answer)",
-            "admin",
-            request_body=KeySpec,
-            response=CreatedKey,
-            status=201,
-            errors=write_errors,
-            path_params=tenant_param,
-        ),
-        Endpoint(
-            "GET",
-            "/admin/v1/keys",
-            list_keys,
-            "List API keys",
-            "admin",
-            response=KeyList,
-            errors=read_errors,
-            query=(
-                QueryParam("tenant", "only this tenant's keys (id or name)", {"type": "string"}),
-                QueryParam(
-                    "prefix", "only keys whose display prefix starts with this", {"type": "string"}
-                ),
-            ),
-        ),
-        Endpoint(
-            "POST",
-            "/admin/v1/keys/{key_id}/revoke",
-            revoke_key,
-            "Revoke an API key",
-            "admin",
-            response=ApiKey,
-            errors=read_errors,
-            path_params=(PathParam("key_id", "the key's id (key_…)", _ID_SCHEMA),),
         ),
         Endpoint(
             "GET",
@@ -528,8 +534,12 @@ def admin_endpoints(parts: AdminParts) -> list[Endpoint]:
     ]
 
 
-def registration_routes(registration_token: str, registry: WorkerRegistry) -> list[Route]:
-    """The workers' own routes (module docstring), with this token ("": off)."""
+def registration_routes(
+    registration_token: str, registry: WorkerRegistry, store: TenantStore
+) -> list[Route]:
+    """The workers' own routes (module docstring), with this token ("": off), audited in
+    ``store``."""
+    audit = AuditLog(store)
 
     def require_registration_token(request: Request) -> None:
         token = registration_token
@@ -549,6 +559,10 @@ def registration_routes(registration_token: str, registry: WorkerRegistry) -> li
         handle, is_new = registry.add(
             spec.url, spec.role, source="registered", heartbeat_s=spec.heartbeat_s
         )
+        if is_new:  # a renewal (the heartbeat) changes nothing
+            after = worker_view(handle, registry.clock())
+            actor = _actor(request, "registration-token")
+            await audit.record(actor, "worker.register", handle.url, after=after)
         return json_response(handle.status(registry.clock()), 201 if is_new else 200)
 
     async def unregister(request: Request) -> Response:
@@ -561,7 +575,10 @@ def registration_routes(registration_token: str, registry: WorkerRegistry) -> li
                     f"{handle.url} was not registered by itself ({handle.source}): only the "
                     "admin removes it"
                 )
+            before = worker_view(handle, registry.clock())
             registry.remove(handle, reason="it unregistered", by_admin=False)
+            actor = _actor(request, "registration-token")
+            await audit.record(actor, "worker.unregister", handle.url, before=before)
         return Response(status_code=204)
 
     return [

@@ -20,20 +20,24 @@ reference model, within [0.01, 100]; ``null`` hands it back to the measurement. 
 model a worker announced (else 400 naming the known ones), and is never a model's id (409). A
 change is in the store before the answer, applied on this replica (the catalog resolves a moved
 alias at the next request) and sent to the others (``AdminChange("models")``: they read the
-aliases and factors again from the store). Torch-free.
+aliases and factors again from the store); then it is written to the audit log
+(``gateway.audit``): a model's admin cost factor (``null``: measured) before and after, an
+alias's target before and after. A route that fails writes none. Torch-free.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.admin import _read_json, json_response
+from gateway.admin import _read_json, admin_actor, json_response
+from gateway.audit import AuditLog
 from gateway.auth import Authenticator
 from gateway.errors import ClientError, NotFound
 from gateway.model_catalog import ModelCatalog
@@ -158,12 +162,33 @@ MODEL_ADMIN_OTHER_SUCCESSES = {
 }
 
 
+class _AnyTextConvertor(PathConvertor):
+    """A path parameter that takes any text, slashes and control characters included
+    (Starlette's ``path`` stops at a newline): the handler, not the router, refuses a bad
+    name, as the document says (400 for a new alias's name, 404 for a name nothing has)."""
+
+    regex = r"[\s\S]*"
+
+
+register_url_convertor("any_text", _AnyTextConvertor())
+
+
 def model_routing_path(path: str) -> str:
-    """The path an endpoint is routed by: ``{model}`` and ``{alias}`` take slashes."""
-    return path.replace("{model}", "{model:path}").replace("{alias}", "{alias:path}")
+    """The path an endpoint is routed by: ``{model}`` and ``{alias}`` take any text."""
+    return path.replace("{model}", "{model:any_text}").replace("{alias}", "{alias:any_text}")
 
 
 def model_admin_endpoints(parts: ModelAdminParts) -> list[Endpoint]:
+    audit = AuditLog(parts.store)
+
+    def setting_view(model: str) -> dict[str, Any]:
+        """What the audit log keeps of a model: the admin's cost factor (None: measured)."""
+        cost = parts.costs.cost(model)
+        return {"model": model, "cost_factor": cost.factor if cost.source == "admin" else None}
+
+    async def stored_alias(alias: str) -> ModelAlias | None:
+        return next((a for a in await parts.store.list_aliases() if a.alias == alias), None)
+
     async def model_statuses(only: str | None = None) -> list[ModelStatus]:
         """Every model (module docstring), by id; only ``only`` when given."""
         aliases: dict[str, list[str]] = {}
@@ -222,15 +247,17 @@ def model_admin_endpoints(parts: ModelAdminParts) -> list[Endpoint]:
         return json_response(ModelList(await model_statuses()))
 
     async def update_model(request: Request) -> Response:
-        await parts.auth.require_admin(request)
+        actor = await admin_actor(parts.auth, request)
         patch = await _read_json(request, ModelPatch)
         model = served_model(request)
+        before = setting_view(model)
         if patch.cost_factor is not msgspec.UNSET:
             # In the store first: a replica that reloads it must see what this one applies.
             await parts.store.set_cost_factor(model, patch.cost_factor)
             parts.costs.set_admin(model, patch.cost_factor)  # (in bounds: the type's)
             await parts.admin_changed(AdminChange("models"))
         [status] = await model_statuses(only=model)
+        await audit.record(actor, "model.update", model, before=before, after=setting_view(model))
         return json_response(status)
 
     async def list_aliases(request: Request) -> Response:
@@ -238,7 +265,7 @@ def model_admin_endpoints(parts: ModelAdminParts) -> list[Endpoint]:
         return json_response(AliasList(await parts.store.list_aliases()))
 
     async def set_alias(request: Request) -> Response:
-        await parts.auth.require_admin(request)
+        actor = await admin_actor(parts.auth, request)
         target = await _read_json(request, AliasTarget)
         alias = request.path_params["alias"]
         try:
@@ -253,16 +280,20 @@ def model_admin_endpoints(parts: ModelAdminParts) -> list[Endpoint]:
                 f"{', '.join(known) or 'none yet'}",
                 param="model",
             )
+        before = await stored_alias(alias)
         stored, is_new = await parts.store.set_alias(alias, target.model)
         await aliases_changed()
+        await audit.record(actor, "alias.set", alias, before=before, after=stored)
         return json_response(stored, 201 if is_new else 200)
 
     async def delete_alias(request: Request) -> Response:
-        await parts.auth.require_admin(request)
+        actor = await admin_actor(parts.auth, request)
         alias = request.path_params["alias"]
+        before = await stored_alias(alias)
         if not await parts.store.delete_alias(alias):
             raise NotFound(f"no alias {alias!r}")
         await aliases_changed()
+        await audit.record(actor, "alias.delete", alias, before=before)
         return Response(status_code=204)
 
     model_param = (PathParam("model", "the model's id (URL-encoded)", _NAME_SCHEMA),)

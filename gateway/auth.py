@@ -1,12 +1,14 @@
 """Who is calling: a tenant's API key, or the operator's admin token.
 
 Keys arrive as ``Authorization: Bearer fg-…``. The store keeps only their SHA-256 and confirms a
-match in constant time (``gateway.store``); here a small cache, keyed by that digest, saves a
-store round trip per request. Admin changes to a tenant or key drop its cache entries at once
-(``forget_tenant`` / ``forget_key``), so a revoked key stops working on its next request; with
-several gateway replicas the others hear of the change through ``gateway.replica_sync``, and
-an entry lives at most ``max_age_s`` (their ``admin_sync_s``) should they miss it. The admin
-token is compared with ``hmac.compare_digest``. Secrets are never logged. Torch-free.
+match in constant time (``gateway.store``); here a small cache, keyed by that digest, saves a store
+round trip per request. A key past its ``expires_at`` is refused (401 ``key_expired``) on every
+request, cached or not: expiry is read against the wall clock (``wall_clock``), while the cache's
+ages are on the monotonic one (``clock``). Admin changes to a tenant or key drop its cache entries
+at once (``forget_tenant`` / ``forget_key``), so a revoked key stops working on its next request;
+with several gateway replicas the others hear of the change through ``gateway.replica_sync``, and
+an entry lives at most ``max_age_s`` (their ``admin_sync_s``) should they miss it. The admin token
+is compared with ``hmac.compare_digest``. Secrets are never logged. Torch-free.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from collections.abc import Callable
 
 from starlette.requests import Request
 
-from gateway.errors import InvalidApiKey, KeyRevoked, PermissionDenied
-from gateway.tenants import ApiKey, Tenant, TenantStore
+from gateway.errors import InvalidApiKey, KeyExpired, KeyRevoked, PermissionDenied
+from gateway.tenants import ApiKey, Tenant, TenantStore, format_time
 
 __all__ = ["Authenticator", "bearer_token"]
 
@@ -42,19 +44,23 @@ class Authenticator:
         *,
         max_age_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        """``max_age_s``: how long a cached key lives (None: until an admin change drops it)."""
+        """``max_age_s``: how long a cached key lives (None: until an admin change drops it);
+        ``clock`` measures it; ``wall_clock`` (Unix seconds) tells whether a key expired."""
         if len(admin_token) < 16:
             raise ValueError("the admin token must be at least 16 characters")
         self.store = store
         self._admin_token = admin_token.encode()
         self._max_age_s = max_age_s
         self._clock = clock
+        self._wall_clock = wall_clock
         # digest -> (key, tenant, when it was read from the store)
         self._cache: dict[bytes, tuple[ApiKey, Tenant, float]] = {}
 
     async def tenant(self, request: Request) -> tuple[ApiKey, Tenant]:
-        """The calling tenant; ``InvalidApiKey`` (401) or ``KeyRevoked`` (403)."""
+        """The calling key and tenant; ``InvalidApiKey`` (401), ``KeyExpired`` (401) or
+        ``KeyRevoked`` (403)."""
         secret = bearer_token(request)
         if secret is None:
             raise InvalidApiKey("missing API key: send it as 'Authorization: Bearer fg-…'")
@@ -64,6 +70,8 @@ class Authenticator:
         key, tenant = found
         if key.revoked_at is not None:
             raise KeyRevoked(f"API key {key.prefix}… was revoked")
+        if key.expires_at is not None and key.is_expired(self._wall_clock()):
+            raise KeyExpired(f"API key {key.prefix}… expired at {format_time(key.expires_at)}")
         return key, tenant
 
     async def require_admin(self, request: Request) -> None:

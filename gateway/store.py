@@ -1,5 +1,6 @@
-"""``SQLiteStore``: tenants, API keys, the usage ledger (per tenant and per model), and the
-models' aliases and settings in one SQLite file (``TenantStore``).
+"""``SQLiteStore``: tenants, API keys, the usage ledger (per tenant, per model and per key), the
+models' aliases and settings, and the audit log of admin changes in one SQLite file
+(``TenantStore``).
 
 Threading: SQLite allows one writer at a time, and the stdlib ``sqlite3`` module blocks. So the
 store owns ONE connection, opened, used and closed by ONE dedicated thread (a single-worker
@@ -32,22 +33,29 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from gateway.audit import AuditRecord
 from gateway.errors import Conflict, NotFound
 from gateway.store_common import (
+    AUDIT_COLUMNS,
     KEY_COLUMNS,
     MODEL_USAGE_COLUMNS,
     TENANT_COLUMNS,
     USAGE_COLUMNS,
     SchemaTooNew,
     api_key_from_row,
+    audit_from_row,
+    audit_values,
     checked_cost_factor,
     hash_secret,
     hashes_match,
+    key_usage_totals,
+    key_values,
     model_usage_from_row,
     model_usage_totals,
     new_api_key,
     new_secret,
     new_tenant,
+    patched_key,
     patched_tenant,
     tenant_from_row,
     tenant_values,
@@ -57,6 +65,7 @@ from gateway.tenants import (
     ApiKey,
     BudgetPeriod,
     CreatedKey,
+    KeyPatch,
     KeySpec,
     ModelAlias,
     ModelSetting,
@@ -141,6 +150,37 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (tenant_id, period_kind, period, model_id)
     );
     """,
+    # 2 -> 3: keys' own limits and expiry; usage per key; the audit log of admin changes (kept
+    # when its tenant is deleted: no reference to tenants).
+    """
+    ALTER TABLE api_keys ADD COLUMN quotas TEXT NOT NULL DEFAULT '{}';  -- JSON of Quotas
+    ALTER TABLE api_keys ADD COLUMN expires_at REAL;  -- NULL: never
+    CREATE TABLE key_usage (
+        tenant_id         TEXT NOT NULL REFERENCES tenants (tenant_id) ON DELETE CASCADE,
+        period_kind       TEXT NOT NULL CHECK (period_kind IN ('day', 'month')),
+        period            TEXT NOT NULL,  -- YYYY-MM-DD or YYYY-MM (UTC)
+        key_id            TEXT NOT NULL REFERENCES api_keys (key_id) ON DELETE CASCADE,
+        requests          INTEGER NOT NULL DEFAULT 0,
+        prompt_tokens     INTEGER NOT NULL DEFAULT 0,
+        cached_tokens     INTEGER NOT NULL DEFAULT 0,
+        completion_tokens INTEGER NOT NULL DEFAULT 0,
+        units             REAL NOT NULL DEFAULT 0,
+        PRIMARY KEY (key_id, period_kind, period)
+    );
+    CREATE INDEX key_usage_tenant ON key_usage (tenant_id);
+    CREATE TABLE audit_log (
+        audit_id  TEXT PRIMARY KEY,
+        at        REAL NOT NULL,
+        actor     TEXT NOT NULL,  -- e.g. admin-token:3f9a1c2b, never the credential
+        action    TEXT NOT NULL,
+        target    TEXT NOT NULL,
+        tenant_id TEXT NOT NULL,  -- '' for none
+        before    TEXT,           -- JSON object; NULL: it did not exist
+        after     TEXT            -- JSON object; NULL: it is gone
+    );
+    CREATE INDEX audit_log_at ON audit_log (at);
+    CREATE INDEX audit_log_tenant ON audit_log (tenant_id, at);
+    """,
 ]
 
 # Adds a batch's sums to the ledger rows, (tenant, kind, period[, model]) then the five sums.
@@ -159,6 +199,12 @@ _ADD_MODEL_USAGE = (
     f"INSERT INTO model_usage ({MODEL_USAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
     f" ON CONFLICT (tenant_id, period_kind, period, model_id){_ADD_SUMS}"
 )
+_ADD_KEY_USAGE = (
+    "INSERT INTO key_usage (tenant_id, period_kind, period, key_id, requests, prompt_tokens,"
+    " cached_tokens, completion_tokens, units) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f" ON CONFLICT (key_id, period_kind, period){_ADD_SUMS}"
+)
+_KEY_MARKS = ", ".join("?" * len(KEY_COLUMNS.split(", ")))
 
 
 class SQLiteStore:
@@ -266,8 +312,8 @@ class SQLiteStore:
             with _transaction(db):
                 key = new_api_key(_find_tenant(db, tenant_id).tenant_id, secret, spec)
                 db.execute(
-                    f"INSERT INTO api_keys (key_hash, {KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (key_hash, *msgspec.structs.astuple(key)),
+                    f"INSERT INTO api_keys (key_hash, {KEY_COLUMNS}) VALUES (?, {_KEY_MARKS})",
+                    (key_hash, *key_values(key)),
                 )
             return CreatedKey(key=key, secret=secret)
 
@@ -297,6 +343,28 @@ class SQLiteStore:
 
         return await self._run(work)
 
+    async def get_key(self, key_id: str) -> ApiKey:
+        return await self._run(lambda db: _find_key(db, key_id))
+
+    async def update_key(self, key_id: str, patch: KeyPatch) -> ApiKey:
+        """Applies ``patch`` to the key; unset fields stay. A revoked key stays revoked."""
+
+        def work(db: sqlite3.Connection) -> ApiKey:
+            with _transaction(db):
+                updated = patched_key(_find_key(db, key_id), patch)
+                db.execute(
+                    "UPDATE api_keys SET name = ?, quotas = ?, expires_at = ? WHERE key_id = ?",
+                    (
+                        updated.name,
+                        msgspec.json.encode(updated.quotas).decode(),
+                        updated.expires_at,
+                        key_id,
+                    ),
+                )
+            return updated
+
+        return await self._run(work)
+
     async def revoke_key(self, key_id: str) -> ApiKey:
         """Revokes the key; revoking it again keeps the first ``revoked_at``."""
 
@@ -306,12 +374,7 @@ class SQLiteStore:
                     "UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) WHERE key_id = ?",
                     (time.time(), key_id),
                 )
-                row = db.execute(
-                    f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,)
-                ).fetchone()
-            if row is None:
-                raise NotFound(f"API key {key_id!r} not found")
-            return api_key_from_row(row)
+                return _find_key(db, key_id)
 
         return await self._run(work)
 
@@ -333,14 +396,16 @@ class SQLiteStore:
     # Usage
 
     async def record_usage(self, deltas: list[UsageDelta]) -> None:
-        """Adds each delta to its tenant's day and month rows and, when it names a model, to
-        the tenant's rows of that model, all in one transaction. Deltas of a tenant deleted
-        meanwhile are skipped: its ledger went with it, so they have nowhere to go (and failing
-        the whole batch would lose the other tenants' usage)."""
+        """Adds each delta to its tenant's day and month rows and, when it names a model or a
+        key, to the tenant's rows of that model and the key's rows, all in one transaction.
+        Deltas of a tenant deleted meanwhile are skipped: its ledger went with it, so they have
+        nowhere to go (and failing the whole batch would lose the other tenants' usage); so is
+        the key part of a delta whose key is not the tenant's."""
 
         def work(db: sqlite3.Connection) -> None:
             totals = usage_totals(deltas)
             model_totals = model_usage_totals(deltas)
+            key_totals = key_usage_totals(deltas)
             with _transaction(db):
                 tenant_ids = {tenant_id for tenant_id, _, _ in totals}
                 marks = ", ".join("?" * len(tenant_ids))
@@ -358,6 +423,22 @@ class SQLiteStore:
                 db.executemany(
                     _ADD_MODEL_USAGE,
                     [(*key, *sums) for key, sums in model_totals.items() if key[0] in known],
+                )
+                key_ids = {key_id for _, _, _, key_id in key_totals}
+                marks = ", ".join("?" * len(key_ids))
+                known_keys = set(
+                    db.execute(
+                        f"SELECT tenant_id, key_id FROM api_keys WHERE key_id IN ({marks})",
+                        list(key_ids),
+                    ).fetchall()
+                )
+                db.executemany(
+                    _ADD_KEY_USAGE,
+                    [
+                        (*key, *sums)
+                        for key, sums in key_totals.items()
+                        if (key[0], key[3]) in known_keys
+                    ],
                 )
 
         if deltas:
@@ -414,13 +495,28 @@ class SQLiteStore:
         return await self._run(work)
 
     async def total_tokens(
-        self, tenant_id: str, kind: BudgetPeriod, period: str, *, model_id: str = ""
+        self,
+        tenant_id: str,
+        kind: BudgetPeriod,
+        period: str,
+        *,
+        model_id: str = "",
+        key_id: str = "",
     ) -> int:
-        """Prompt + completion tokens of the tenant (by id) in that one period, of every model
-        (``model_id`` "") or of that one model; 0 if none."""
+        """Prompt + completion tokens of the tenant (by id) in that one period: of every model
+        and key, of one model (``model_id``), or of one of its keys (``key_id``; not both:
+        ``ValueError``); 0 if none."""
+        if model_id and key_id:
+            raise ValueError("total_tokens: a model's or a key's, not both")
 
         def work(db: sqlite3.Connection) -> int:
-            if model_id:
+            if key_id:
+                row = db.execute(
+                    "SELECT prompt_tokens + completion_tokens FROM key_usage"
+                    " WHERE tenant_id = ? AND period_kind = ? AND period = ? AND key_id = ?",
+                    (tenant_id, kind, period, key_id),
+                ).fetchone()
+            elif model_id:
                 row = db.execute(
                     "SELECT prompt_tokens + completion_tokens FROM model_usage"
                     " WHERE tenant_id = ? AND period_kind = ? AND period = ? AND model_id = ?",
@@ -433,6 +529,45 @@ class SQLiteStore:
                     (tenant_id, kind, period),
                 ).fetchone()
             return 0 if row is None else int(row[0])
+
+        return await self._run(work)
+
+    # Audit
+
+    async def record_audit(self, record: AuditRecord) -> None:
+        """Appends an admin change to the audit log."""
+
+        def work(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                db.execute(
+                    f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    audit_values(record),
+                )
+
+        await self._run(work)
+
+    async def list_audit(
+        self, *, since: float | None = None, tenant_id: str | None = None, limit: int = 100
+    ) -> list[AuditRecord]:
+        """The audit log, newest first: records at or after ``since``, of one tenant (by id)
+        when given, at most ``limit``."""
+
+        def work(db: sqlite3.Connection) -> list[AuditRecord]:
+            clauses: list[str] = []
+            params: list[Any] = []
+            if since is not None:
+                clauses.append("at >= ?")
+                params.append(since)
+            if tenant_id is not None:
+                clauses.append("tenant_id = ?")
+                params.append(tenant_id)
+            where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+            rows = db.execute(
+                f"SELECT {AUDIT_COLUMNS} FROM audit_log {where}"
+                " ORDER BY at DESC, rowid DESC LIMIT ?",
+                [*params, max(0, limit)],
+            )
+            return [audit_from_row(row) for row in rows]
 
         return await self._run(work)
 
@@ -568,6 +703,13 @@ def _find_tenant(db: sqlite3.Connection, ref: str) -> Tenant:
     if row is None:
         raise NotFound(f"tenant {ref!r} not found")
     return tenant_from_row(row)
+
+
+def _find_key(db: sqlite3.Connection, key_id: str) -> ApiKey:
+    row = db.execute(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"API key {key_id!r} not found")
+    return api_key_from_row(row)
 
 
 def _check_name_free(db: sqlite3.Connection, name: str, tenant_id: str) -> None:

@@ -1,11 +1,13 @@
 """What the tenant stores share (``SQLiteStore`` in ``gateway.store``, ``PostgresStore`` in
 ``gateway.store_postgres``), so that both make the same ids, keys and rows: new tenants and keys,
-a key's hash, a patch applied to a tenant, a tenant or key from a row and back, usage deltas
-summed per ledger row (the tenant's and, per model, ``model_usage``'s), a cost factor checked,
-and the errors both raise beyond ``NotFound`` and ``Conflict``.
+a key's hash, a patch applied to a tenant or a key, a tenant, key or audit record from a row and
+back, usage deltas summed per ledger row (the tenant's and, per model, ``model_usage``'s, per
+key, ``key_usage``'s), a cost factor checked, and the errors both raise beyond ``NotFound`` and
+``Conflict``.
 
 Both schemas name their columns alike and keep a tenant's ``allowed_classes``, ``quotas``,
-``allowed_models`` and ``model_quotas`` as JSON text, so one conversion serves both. Torch-free.
+``allowed_models`` and ``model_quotas``, a key's ``quotas`` and an audit record's ``before`` and
+``after`` as JSON text, so one conversion serves both. Torch-free.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ import math
 import secrets
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
+from gateway.audit import AuditRecord
 from gateway.errors import Unavailable
 from gateway.tenants import (
     ApiKey,
     BudgetPeriod,
+    KeyPatch,
     KeySpec,
     ModelUsage,
     Quotas,
@@ -37,6 +41,7 @@ from gateway.tenants import (
 from transfer.errors import FairgateError
 
 __all__ = [
+    "AUDIT_COLUMNS",
     "DISPLAY_PREFIX_LEN",
     "KEY_COLUMNS",
     "MODEL_USAGE_COLUMNS",
@@ -44,20 +49,26 @@ __all__ = [
     "SECRET_PREFIX",
     "TENANT_COLUMNS",
     "USAGE_COLUMNS",
+    "KeyLedgerKey",
     "LedgerKey",
     "LedgerSums",
     "ModelLedgerKey",
     "SchemaTooNew",
     "StoreUnavailable",
     "api_key_from_row",
+    "audit_from_row",
+    "audit_values",
     "checked_cost_factor",
     "hash_secret",
     "hashes_match",
+    "key_usage_totals",
+    "key_values",
     "model_usage_from_row",
     "model_usage_totals",
     "new_api_key",
     "new_secret",
     "new_tenant",
+    "patched_key",
     "patched_tenant",
     "tenant_from_row",
     "tenant_values",
@@ -72,7 +83,8 @@ TENANT_COLUMNS = (  # Tenant's fields, in order
     "tenant_id, name, weight, default_class, allowed_classes, quotas, over_quota, created_at,"
     " allowed_models, model_quotas"
 )
-KEY_COLUMNS = "key_id, tenant_id, prefix, name, created_at, revoked_at"  # ApiKey's fields
+# ApiKey's fields, in order
+KEY_COLUMNS = "key_id, tenant_id, prefix, name, created_at, revoked_at, quotas, expires_at"
 USAGE_COLUMNS = "period, requests, prompt_tokens, cached_tokens, completion_tokens, units"
 MODEL_USAGE_COLUMNS = (  # ModelUsage's fields, in order
     "tenant_id, period_kind, period, model_id, requests, prompt_tokens, cached_tokens,"
@@ -85,6 +97,11 @@ LedgerKey = tuple[str, BudgetPeriod, str]
 LedgerSums = tuple[int, int, int, int, float]
 # A model ledger row's key: (tenant_id, period kind, period, model_id).
 ModelLedgerKey = tuple[str, BudgetPeriod, str, str]
+# A key ledger row's key: (tenant_id, period kind, period, key_id).
+KeyLedgerKey = tuple[str, BudgetPeriod, str, str]
+AUDIT_COLUMNS = (  # AuditRecord's fields, in order
+    "audit_id, at, actor, action, target, tenant_id, before, after"
+)
 
 
 class SchemaTooNew(FairgateError):
@@ -139,7 +156,26 @@ def new_api_key(tenant_id: str, secret: str, spec: KeySpec) -> ApiKey:
         prefix=secret[:DISPLAY_PREFIX_LEN],
         name=spec.name,
         created_at=time.time(),
+        quotas=spec.quotas,
+        expires_at=spec.expires_at,
     )
+
+
+def patched_key(current: ApiKey, patch: KeyPatch) -> ApiKey:
+    """``current`` with the fields ``patch`` sets."""
+    changes = {
+        field: value
+        for field in patch.__struct_fields__
+        if (value := getattr(patch, field)) is not msgspec.UNSET
+    }
+    return msgspec.structs.replace(current, **changes)
+
+
+def key_values(key: ApiKey) -> tuple[Any, ...]:
+    """The key as SQL parameters in ``KEY_COLUMNS``' order, its quotas as JSON."""
+    values = list(msgspec.structs.astuple(key))
+    values[KEY_COLUMNS.split(", ").index("quotas")] = msgspec.json.encode(key.quotas).decode()
+    return tuple(values)
 
 
 def hash_secret(secret: str) -> str:
@@ -194,8 +230,45 @@ def tenant_from_row(row: tuple[Any, ...]) -> Tenant:
 
 def api_key_from_row(row: tuple[Any, ...]) -> ApiKey:
     """A row of ``KEY_COLUMNS``."""
-    key_id, tenant_id, prefix, name, created_at, revoked_at = row
-    return ApiKey(key_id, tenant_id, prefix, name, created_at, revoked_at)
+    key_id, tenant_id, prefix, name, created_at, revoked_at, quotas, expires_at = row
+    return ApiKey(
+        key_id,
+        tenant_id,
+        prefix,
+        name,
+        created_at,
+        revoked_at,
+        msgspec.json.decode(quotas, type=Quotas),
+        expires_at,
+    )
+
+
+def audit_values(record: AuditRecord) -> tuple[Any, ...]:
+    """The record as SQL parameters in ``AUDIT_COLUMNS``' order, before and after as JSON."""
+    return (
+        *msgspec.structs.astuple(record)[:-2],
+        _json_or_none(record.before),
+        _json_or_none(record.after),
+    )
+
+
+def audit_from_row(row: tuple[Any, ...]) -> AuditRecord:
+    """A row of ``AUDIT_COLUMNS``."""
+    audit_id, at, actor, action, target, tenant_id, before, after = row
+    return AuditRecord(
+        audit_id,
+        at,
+        actor,
+        action,
+        target,
+        tenant_id,
+        None if before is None else msgspec.json.decode(before, type=dict[str, Any]),
+        None if after is None else msgspec.json.decode(after, type=dict[str, Any]),
+    )
+
+
+def _json_or_none(thing: dict[str, Any] | None) -> str | None:
+    return None if thing is None else msgspec.json.encode(thing).decode()
 
 
 def model_usage_from_row(row: tuple[Any, ...]) -> ModelUsage:
@@ -225,12 +298,25 @@ def usage_totals(deltas: Iterable[UsageDelta]) -> dict[LedgerKey, LedgerSums]:
 def model_usage_totals(deltas: Iterable[UsageDelta]) -> dict[ModelLedgerKey, LedgerSums]:
     """As ``usage_totals``, per model ledger row: the deltas that name a model, summed per
     (tenant, period, model)."""
-    totals: dict[ModelLedgerKey, LedgerSums] = {}
+    return _totals_by(deltas, "model_id")
+
+
+def key_usage_totals(deltas: Iterable[UsageDelta]) -> dict[KeyLedgerKey, LedgerSums]:
+    """As ``usage_totals``, per key ledger row: the deltas that name a key, summed per
+    (tenant, period, key)."""
+    return _totals_by(deltas, "key_id")
+
+
+def _totals_by(
+    deltas: Iterable[UsageDelta], field: Literal["model_id", "key_id"]
+) -> dict[tuple[str, BudgetPeriod, str, str], LedgerSums]:
+    totals: dict[tuple[str, BudgetPeriod, str, str], LedgerSums] = {}
     for delta in deltas:
-        if not delta.model_id:
+        name = getattr(delta, field)
+        if not name:
             continue
         for kind in PERIOD_KINDS:
-            key = (delta.tenant_id, kind, period_of(delta.at, kind), delta.model_id)
+            key = (delta.tenant_id, kind, period_of(delta.at, kind), name)
             totals[key] = _added(totals.get(key), delta)
     return totals
 

@@ -1,7 +1,7 @@
-"""``PostgresStore``: tenants, API keys, the usage ledger (per tenant and per model), and the
-models' aliases and settings in PostgreSQL (``TenantStore``), the store that several gateway
-replicas share. It behaves as ``SQLiteStore`` does, error for error; what the two share is in
-``gateway.store_common``.
+"""``PostgresStore``: tenants, API keys, the usage ledger (per tenant, per model and per key), the
+models' aliases and settings, and the audit log of admin changes in PostgreSQL (``TenantStore``),
+the store that several gateway replicas share. It behaves as ``SQLiteStore`` does, error for
+error; what the two share is in ``gateway.store_common``.
 
 Connections: psycopg 3's async driver through a pool (``psycopg_pool.AsyncConnectionPool``), in
 autocommit mode, so that the only transactions are the ones ``conn.transaction()`` opens. Every
@@ -10,13 +10,14 @@ reached, it raises ``StoreUnavailable`` (503) and logs the driver's error. A wri
 way after its COMMIT was sent may or may not have been applied: nothing can tell.
 
 Replicas write at once, so every write is safe against the others at READ COMMITTED: a tenant's
-name is unique by constraint (a lost race is a ``Conflict``), a patch locks its row before reading
-it, usage is added with ``INSERT … ON CONFLICT DO UPDATE SET x = x + EXCLUDED.x`` (row locks make
-concurrent additions sum exactly) in a fixed row order (no deadlock between two batches), and the
-tenants of a batch are locked ``FOR KEY SHARE`` first, so a tenant deleted meanwhile is either
-deleted before (its deltas are skipped, as SQLite's store does) or after the batch. Setting an
-alias tells a new one from a moved one by which of "insert if absent" and "update if present"
-changed a row, so two admins setting one alias at once get one "created" between them.
+name is unique by constraint (a lost race is a ``Conflict``), a patch (of a tenant or a key) locks
+its row before reading it, usage is added with ``INSERT … ON CONFLICT DO UPDATE SET x = x +
+EXCLUDED.x`` (row locks make concurrent additions sum exactly) in a fixed row order (no deadlock
+between two batches), and the tenants of a batch are locked ``FOR KEY SHARE`` first, so a tenant
+deleted meanwhile is either deleted before (its deltas are skipped, as SQLite's store does) or
+after the batch. Setting an alias tells a new one from a moved one by which of "insert if absent"
+and "update if present" changed a row, so two admins setting one alias at once get one "created"
+between them.
 
 Schema: ``MIGRATIONS[i]`` moves the schema from version ``i`` to ``i + 1`` and is SQLite's
 ``gateway.store.MIGRATIONS[i]`` in PostgreSQL's dialect: the two lists grow together. The version
@@ -42,8 +43,10 @@ import psycopg
 from psycopg import AsyncConnection, errors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from gateway.audit import AuditRecord
 from gateway.errors import Conflict, NotFound
 from gateway.store_common import (
+    AUDIT_COLUMNS,
     KEY_COLUMNS,
     MODEL_USAGE_COLUMNS,
     TENANT_COLUMNS,
@@ -51,14 +54,19 @@ from gateway.store_common import (
     SchemaTooNew,
     StoreUnavailable,
     api_key_from_row,
+    audit_from_row,
+    audit_values,
     checked_cost_factor,
     hash_secret,
     hashes_match,
+    key_usage_totals,
+    key_values,
     model_usage_from_row,
     model_usage_totals,
     new_api_key,
     new_secret,
     new_tenant,
+    patched_key,
     patched_tenant,
     tenant_from_row,
     tenant_values,
@@ -68,6 +76,7 @@ from gateway.tenants import (
     ApiKey,
     BudgetPeriod,
     CreatedKey,
+    KeyPatch,
     KeySpec,
     ModelAlias,
     ModelSetting,
@@ -172,6 +181,38 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (tenant_id, period_kind, period, model_id)
     );
     """,
+    # 2 -> 3: keys' own limits and expiry; usage per key; the audit log of admin changes (kept
+    # when its tenant is deleted: no reference to tenants).
+    """
+    ALTER TABLE api_keys ADD COLUMN quotas TEXT NOT NULL DEFAULT '{}';  -- JSON of Quotas
+    ALTER TABLE api_keys ADD COLUMN expires_at DOUBLE PRECISION;  -- NULL: never
+    CREATE TABLE key_usage (
+        tenant_id         TEXT NOT NULL REFERENCES tenants (tenant_id) ON DELETE CASCADE,
+        period_kind       TEXT NOT NULL CHECK (period_kind IN ('day', 'month')),
+        period            TEXT NOT NULL,  -- YYYY-MM-DD or YYYY-MM (UTC)
+        key_id            TEXT NOT NULL REFERENCES api_keys (key_id) ON DELETE CASCADE,
+        requests          BIGINT NOT NULL DEFAULT 0,
+        prompt_tokens     BIGINT NOT NULL DEFAULT 0,
+        cached_tokens     BIGINT NOT NULL DEFAULT 0,
+        completion_tokens BIGINT NOT NULL DEFAULT 0,
+        units             DOUBLE PRECISION NOT NULL DEFAULT 0,
+        PRIMARY KEY (key_id, period_kind, period)
+    );
+    CREATE INDEX key_usage_tenant ON key_usage (tenant_id);
+    CREATE TABLE audit_log (
+        audit_id  TEXT PRIMARY KEY,
+        at        DOUBLE PRECISION NOT NULL,
+        actor     TEXT NOT NULL,  -- e.g. admin-token:3f9a1c2b, never the credential
+        action    TEXT NOT NULL,
+        target    TEXT NOT NULL,
+        tenant_id TEXT NOT NULL,  -- '' for none
+        before    TEXT,           -- JSON object; NULL: it did not exist
+        after     TEXT,           -- JSON object; NULL: it is gone
+        seq       BIGINT GENERATED ALWAYS AS IDENTITY
+    );
+    CREATE INDEX audit_log_at ON audit_log (at);
+    CREATE INDEX audit_log_tenant ON audit_log (tenant_id, at);
+    """,
 ]
 
 
@@ -193,6 +234,12 @@ _ADD_MODEL_USAGE = (
     f"INSERT INTO model_usage ({MODEL_USAGE_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
     f" ON CONFLICT (tenant_id, period_kind, period, model_id){_add_sums('model_usage')}"
 )
+_ADD_KEY_USAGE = (
+    "INSERT INTO key_usage (tenant_id, period_kind, period, key_id, requests, prompt_tokens,"
+    " cached_tokens, completion_tokens, units) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    f" ON CONFLICT (key_id, period_kind, period){_add_sums('key_usage')}"
+)
+_KEY_MARKS = ", ".join(["%s"] * len(KEY_COLUMNS.split(", ")))
 
 # Created by the first migrating transaction, under the lock (a CREATE racing another would fail).
 _VERSION_TABLE = """
@@ -341,9 +388,8 @@ class PostgresStore:
                 tenant = await _find_tenant(db, tenant_id, lock="FOR KEY SHARE")
                 key = new_api_key(tenant.tenant_id, secret, spec)
                 await db.execute(
-                    f"INSERT INTO api_keys (key_hash, {KEY_COLUMNS})"
-                    " VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                    (key_hash, *msgspec.structs.astuple(key)),
+                    f"INSERT INTO api_keys (key_hash, {KEY_COLUMNS}) VALUES (%s, {_KEY_MARKS})",
+                    (key_hash, *key_values(key)),
                 )
             return CreatedKey(key=key, secret=secret)
 
@@ -372,6 +418,45 @@ class PostgresStore:
             return [api_key_from_row(row) for row in await cursor.fetchall()]
 
         return await self._run("list_keys", work)
+
+    async def get_key(self, key_id: str) -> ApiKey:
+        async def work(db: Connection) -> ApiKey:
+            cursor = await db.execute(
+                f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_id = %s", (key_id,)
+            )
+            row = await cursor.fetchone()
+            if row is None:
+                raise NotFound(f"API key {key_id!r} not found")
+            return api_key_from_row(row)
+
+        return await self._run("get_key", work)
+
+    async def update_key(self, key_id: str, patch: KeyPatch) -> ApiKey:
+        """Applies ``patch`` to the key; unset fields stay. A revoked key stays revoked. The row
+        is locked from read to write, so patches from two replicas both apply."""
+
+        async def work(db: Connection) -> ApiKey:
+            async with db.transaction():
+                cursor = await db.execute(
+                    f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_id = %s FOR NO KEY UPDATE",
+                    (key_id,),
+                )
+                row = await cursor.fetchone()
+                if row is None:
+                    raise NotFound(f"API key {key_id!r} not found")
+                updated = patched_key(api_key_from_row(row), patch)
+                await db.execute(
+                    "UPDATE api_keys SET name = %s, quotas = %s, expires_at = %s WHERE key_id = %s",
+                    (
+                        updated.name,
+                        msgspec.json.encode(updated.quotas).decode(),
+                        updated.expires_at,
+                        key_id,
+                    ),
+                )
+            return updated
+
+        return await self._run("update_key", work)
 
     async def revoke_key(self, key_id: str) -> ApiKey:
         """Revokes the key; revoking it again keeps the first ``revoked_at``."""
@@ -414,15 +499,17 @@ class PostgresStore:
     # Usage
 
     async def record_usage(self, deltas: list[UsageDelta]) -> None:
-        """Adds each delta to its tenant's day and month rows and, when it names a model, to
-        the tenant's rows of that model, all in one transaction. Deltas of a tenant deleted
-        meanwhile are skipped: its ledger went with it, so they have nowhere to go (and failing
-        the whole batch would lose the other tenants' usage)."""
+        """Adds each delta to its tenant's day and month rows and, when it names a model or a
+        key, to the tenant's rows of that model and the key's rows, all in one transaction.
+        Deltas of a tenant deleted meanwhile are skipped: its ledger went with it, so they have
+        nowhere to go (and failing the whole batch would lose the other tenants' usage); so is
+        the key part of a delta whose key is not the tenant's."""
         totals = usage_totals(deltas)
-        # Every writer upserts its rows in this one order (the tenants' rows, then the models'),
-        # so two batches that share rows wait for each other instead of deadlocking.
+        # Every writer upserts its rows in this one order (the tenants' rows, the models', then
+        # the keys'), so two batches that share rows wait for each other instead of deadlocking.
         rows = sorted(totals.items())
         model_rows = sorted(model_usage_totals(deltas).items())
+        key_rows = sorted(key_usage_totals(deltas).items())
 
         async def work(db: Connection) -> None:
             async with db.transaction():
@@ -434,11 +521,24 @@ class PostgresStore:
                 known = {row[0] for row in await cursor.fetchall()}
                 upserts = [(*key, *sums) for key, sums in rows if key[0] in known]
                 model_upserts = [(*key, *sums) for key, sums in model_rows if key[0] in known]
+                # A key goes only with its tenant (a cascade), which is locked above.
+                cursor = await db.execute(
+                    "SELECT tenant_id, key_id FROM api_keys WHERE key_id = ANY(%s)",
+                    (sorted({key_id for (_, _, _, key_id), _ in key_rows}),),
+                )
+                known_keys = {(row[0], row[1]) for row in await cursor.fetchall()}
+                key_upserts = [
+                    (*key, *sums)
+                    for key, sums in key_rows
+                    if key[0] in known and (key[0], key[3]) in known_keys
+                ]
                 async with db.cursor() as upsert:
                     if upserts:
                         await upsert.executemany(_ADD_USAGE, upserts)
                     if model_upserts:
                         await upsert.executemany(_ADD_MODEL_USAGE, model_upserts)
+                    if key_upserts:
+                        await upsert.executemany(_ADD_KEY_USAGE, key_upserts)
 
         if deltas:
             await self._run("record_usage", work)
@@ -499,13 +599,28 @@ class PostgresStore:
         return await self._run("model_usage", work)
 
     async def total_tokens(
-        self, tenant_id: str, kind: BudgetPeriod, period: str, *, model_id: str = ""
+        self,
+        tenant_id: str,
+        kind: BudgetPeriod,
+        period: str,
+        *,
+        model_id: str = "",
+        key_id: str = "",
     ) -> int:
-        """Prompt + completion tokens of the tenant (by id) in that one period, of every model
-        (``model_id`` "") or of that one model; 0 if none."""
+        """Prompt + completion tokens of the tenant (by id) in that one period: of every model
+        and key, of one model (``model_id``), or of one of its keys (``key_id``; not both:
+        ``ValueError``); 0 if none."""
+        if model_id and key_id:
+            raise ValueError("total_tokens: a model's or a key's, not both")
 
         async def work(db: Connection) -> int:
-            if model_id:
+            if key_id:
+                cursor = await db.execute(
+                    "SELECT prompt_tokens + completion_tokens FROM key_usage WHERE"
+                    " tenant_id = %s AND period_kind = %s AND period = %s AND key_id = %s",
+                    (tenant_id, kind, period, key_id),
+                )
+            elif model_id:
                 cursor = await db.execute(
                     "SELECT prompt_tokens + completion_tokens FROM model_usage WHERE"
                     " tenant_id = %s AND period_kind = %s AND period = %s AND model_id = %s",
@@ -521,6 +636,44 @@ class PostgresStore:
             return 0 if row is None else int(row[0])
 
         return await self._run("total_tokens", work)
+
+    # Audit
+
+    async def record_audit(self, record: AuditRecord) -> None:
+        """Appends an admin change to the audit log."""
+
+        async def work(db: Connection) -> None:
+            await db.execute(
+                f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                audit_values(record),
+            )
+
+        await self._run("record_audit", work)
+
+    async def list_audit(
+        self, *, since: float | None = None, tenant_id: str | None = None, limit: int = 100
+    ) -> list[AuditRecord]:
+        """The audit log, newest first: records at or after ``since``, of one tenant (by id)
+        when given, at most ``limit``."""
+
+        async def work(db: Connection) -> list[AuditRecord]:
+            clauses: list[str] = []
+            params: list[Any] = []
+            if since is not None:
+                clauses.append("at >= %s")
+                params.append(since)
+            if tenant_id is not None:
+                clauses.append("tenant_id = %s")
+                params.append(tenant_id)
+            where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+            cursor = await db.execute(
+                f"SELECT {AUDIT_COLUMNS} FROM audit_log {where}"
+                " ORDER BY at DESC, seq DESC LIMIT %s",
+                [*params, max(0, limit)],
+            )
+            return [audit_from_row(row) for row in await cursor.fetchall()]
+
+        return await self._run("list_audit", work)
 
     # Models
 

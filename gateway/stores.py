@@ -25,7 +25,13 @@ class GatewayStore(TenantStore, Protocol):
     (``gateway.quotas.BudgetUsage``)."""
 
     async def total_tokens(
-        self, tenant_id: str, kind: BudgetPeriod, period: str, *, model_id: str = ""
+        self,
+        tenant_id: str,
+        kind: BudgetPeriod,
+        period: str,
+        *,
+        model_id: str = "",
+        key_id: str = "",
     ) -> int: ...
 
 

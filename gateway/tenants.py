@@ -8,26 +8,33 @@ OpenAPI document is generated from them, and says exactly what they accept). A t
 (``with_default_allowed``). A tenant's ``allowed_models`` name models by id or by alias (empty:
 every model); its ``model_quotas`` are keyed by model id, so that moving an alias moves no quota.
 Usage is counted in tokens and in normalised cost units (a model's cost factor times its
-tokens); per model as well when the request named one (``ModelUsage``). Times are Unix seconds
-(UTC). Torch-free.
+tokens); per model as well when the request named one (``ModelUsage``), and per key when the
+request's key is known (``UsageDelta.key_id``). A key has limits of its own (``Quotas``, each
+within its tenant's: ``gateway.admin`` checks that) and may expire (``expires_at``). Times are
+Unix seconds (UTC). Torch-free.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Literal, Protocol
+from typing import TYPE_CHECKING, Annotated, Literal, Protocol
 
 import msgspec
+
+if TYPE_CHECKING:
+    from gateway.audit import AuditRecord
 
 __all__ = [
     "DEFAULT_SLO_CLASSES",
     "MAX_MODELS_PER_TENANT",
     "MAX_MODEL_NAME_LEN",
     "MAX_QUOTA",
+    "MAX_TIME",
     "MIN_WEIGHT",
     "ApiKey",
     "BudgetPeriod",
     "CreatedKey",
+    "KeyPatch",
     "KeySpec",
     "ModelAlias",
     "ModelName",
@@ -42,6 +49,7 @@ __all__ = [
     "TenantStore",
     "Usage",
     "UsageDelta",
+    "format_time",
     "period_bounds",
     "period_of",
     "unique_models",
@@ -66,6 +74,9 @@ TenantName = Annotated[
 # their differences NaN), so it is at least 1e-3 (a thousandth of the default share).
 MIN_WEIGHT = 1e-3
 Weight = Annotated[float, msgspec.Meta(ge=MIN_WEIGHT, le=1000)]
+# A moment as Unix seconds, within what a UTC date can name (years 1970 to 9999): a key's expiry.
+MAX_TIME = 253_402_300_799.0  # 9999-12-31T23:59:59Z
+Time = Annotated[float, msgspec.Meta(ge=0, le=MAX_TIME)]
 # A model id or alias as tenants and admins write it: what a client may put in a request's
 # "model", so anything printable; control characters are refused (they would forge lines in the
 # logs and the CLI's tables). Bounded, like the lists of them, because they are stored per tenant.
@@ -147,13 +158,28 @@ class Tenant(msgspec.Struct, frozen=True):
 
 
 class KeySpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Admin → gateway: a key to create for a tenant."""
+    """Admin → gateway: a key to create for a tenant. ``quotas``: the key's own limits, checked
+    beside its tenant's (each at most the tenant's same limit); ``expires_at``: when it stops
+    working (Unix seconds; ``None``: never)."""
 
     name: str = ""
+    quotas: Quotas = Quotas()
+    expires_at: Time | None = None
+
+
+class KeyPatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Admin → gateway: what to change of a key (absent fields stay as they are; ``quotas``
+    replaces the whole set; ``expires_at`` ``null``: it never expires)."""
+
+    name: str | msgspec.UnsetType = msgspec.UNSET
+    quotas: Quotas | msgspec.UnsetType = msgspec.UNSET
+    expires_at: Time | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class ApiKey(msgspec.Struct, frozen=True):
-    """A key as the admin API shows it: never the secret, only its first characters."""
+    """A key as the admin API shows it: never the secret, only its first characters.
+    ``quotas``: its own limits (beside its tenant's); ``expires_at``: when it stops working
+    (``None``: never)."""
 
     key_id: str
     tenant_id: str
@@ -161,6 +187,12 @@ class ApiKey(msgspec.Struct, frozen=True):
     name: str
     created_at: float
     revoked_at: float | None = None
+    quotas: Quotas = Quotas()
+    expires_at: float | None = None
+
+    def is_expired(self, now: float) -> bool:
+        """Whether the key has expired at ``now`` (Unix seconds, the wall clock)."""
+        return self.expires_at is not None and now >= self.expires_at
 
 
 class CreatedKey(msgspec.Struct, frozen=True):
@@ -172,8 +204,9 @@ class CreatedKey(msgspec.Struct, frozen=True):
 
 class UsageDelta(msgspec.Struct, frozen=True):
     """One finished request's usage, to add to its tenant's ledger and, when ``model_id`` is
-    set, to its ledger of that model. ``units``: normalised cost units, the model's cost factor
-    (frozen at admission) times its prompt + completion tokens."""
+    set, to its ledger of that model; when ``key_id`` is set, to that key's ledger too.
+    ``units``: normalised cost units, the model's cost factor (frozen at admission) times its
+    prompt + completion tokens."""
 
     tenant_id: str
     at: float
@@ -183,6 +216,7 @@ class UsageDelta(msgspec.Struct, frozen=True):
     completion_tokens: int = 0
     model_id: str = ""  # the resolved model id, never an alias; "": none
     units: float = 0.0
+    key_id: str = ""  # the key the request came with; "": none (no key ledger)
 
 
 class Usage(msgspec.Struct, frozen=True):
@@ -250,6 +284,11 @@ def unique_models(names: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def format_time(at: float) -> str:
+    """``at`` (Unix seconds) as UTC ISO 8601 to the second, e.g. ``2026-12-07T10:00:00Z``."""
+    return dt.datetime.fromtimestamp(at, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def period_of(at: float, kind: BudgetPeriod) -> str:
     """The name of the UTC day or month ``at`` falls in."""
     day = dt.datetime.fromtimestamp(at, dt.UTC)
@@ -290,13 +329,19 @@ class TenantStore(Protocol):
         self, *, tenant_id: str | None = None, prefix: str | None = None
     ) -> list[ApiKey]: ...
 
+    async def get_key(self, key_id: str) -> ApiKey: ...
+
+    async def update_key(self, key_id: str, patch: KeyPatch) -> ApiKey:
+        """Applies ``patch`` to the key; unset fields stay. A revoked key stays revoked."""
+
     async def revoke_key(self, key_id: str) -> ApiKey: ...
 
     async def find_key(self, secret: str) -> tuple[ApiKey, Tenant] | None:
         """The key whose secret this is (revoked keys included) and its tenant, or None."""
 
     async def record_usage(self, deltas: list[UsageDelta]) -> None:
-        """Add to the day and the month ledgers of each delta's tenant, in one transaction."""
+        """Add to the day and the month ledgers of each delta's tenant (and of its model and
+        its key, when it names them), in one transaction."""
 
     async def usage(
         self, tenant_id: str, kind: BudgetPeriod, *, period: str | None = None
@@ -315,6 +360,28 @@ class TenantStore(Protocol):
         """The tenant's usage per model and per day or month, newest first and by model id
         within a period; only ``period``'s and only ``model_id``'s rows when given. A model
         with nothing recorded in a period has no row."""
+
+    async def total_tokens(
+        self,
+        tenant_id: str,
+        kind: BudgetPeriod,
+        period: str,
+        *,
+        model_id: str = "",
+        key_id: str = "",
+    ) -> int:
+        """Prompt + completion tokens of the tenant (by id) in that one period: of every model
+        and key, of one model (``model_id``), or of one of its keys (``key_id``; not both:
+        ``ValueError``); 0 if none."""
+
+    async def record_audit(self, record: AuditRecord) -> None:
+        """Appends an admin change to the audit log."""
+
+    async def list_audit(
+        self, *, since: float | None = None, tenant_id: str | None = None, limit: int = 100
+    ) -> list[AuditRecord]:
+        """The audit log, newest first: records at or after ``since``, of one tenant (by id)
+        when given, at most ``limit``."""
 
     async def list_aliases(self) -> list[ModelAlias]:
         """Every alias, by name."""

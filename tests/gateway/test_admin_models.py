@@ -413,6 +413,7 @@ async def test_an_alias_of_a_model_no_worker_announced_is_refused_naming_the_kno
         ("ok", {"model": MODEL_A, "extra": 1}, "extra"),
         ("ok", {}, "model"),
         ("a\x01b", {"model": MODEL_A}, "alias"),  # a control character
+        ("\n\x8dab/c", {"model": MODEL_A}, "alias"),  # a newline: the router must pass it on
         ("..", {"model": MODEL_A}, "alias"),  # only dots: a URL would lose it
         ("x" * 257, {"model": MODEL_A}, "alias"),
     ],

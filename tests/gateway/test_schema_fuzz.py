@@ -62,10 +62,14 @@ _BY_DESIGN: dict[tuple[str, str], set[tuple[int, str]]] = {
     ("GET", "/admin/v1/tenants/{tenant}"): _LOOKUP,
     ("PATCH", "/admin/v1/tenants/{tenant}"): _LOOKUP | {(409, "conflict")},  # renamed onto one
     ("DELETE", "/admin/v1/tenants/{tenant}"): _LOOKUP,
-    ("POST", "/admin/v1/tenants/{tenant}/keys"): _LOOKUP,
+    # A key's limit over its tenant's (which another generated request may have set).
+    ("POST", "/admin/v1/tenants/{tenant}/keys"): _LOOKUP | {(400, "key_quota_over_tenant")},
     ("GET", "/admin/v1/keys"): _LOOKUP,  # ?tenant= names none
+    ("GET", "/admin/v1/keys/{key_id}"): _LOOKUP,
+    ("PATCH", "/admin/v1/keys/{key_id}"): _LOOKUP | {(400, "key_quota_over_tenant")},
     ("POST", "/admin/v1/keys/{key_id}/revoke"): _LOOKUP,
     ("GET", "/admin/v1/tenants/{tenant}/usage"): _LOOKUP,
+    ("GET", "/admin/v1/tenants/{tenant}/fairness"): _LOOKUP,
     ("DELETE", "/admin/v1/workers/{worker}"): _LOOKUP,  # an id or URL no worker has
     ("POST", "/admin/v1/workers/{worker}/drain"): _LOOKUP,
     ("POST", "/admin/v1/workers/{worker}/undrain"): _LOOKUP,
