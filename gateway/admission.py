@@ -16,8 +16,9 @@ the cheap refusals first:
                                   fit the context with max_tokens (a long prompt tokenized off
                                   the loop, ``gateway.prompts``, with the model's tokenizer:
                                   503 when it cannot be loaded, ``gateway.tokenizers``); 429 /
-                                  503 quotas, overall and the model's (reserved,
-                                  ``gateway.quotas``): the only step that holds anything
+                                  503 quotas, overall, the model's and the API key's
+                                  (reserved, ``gateway.quotas``): the only step that holds
+                                  anything
 
 Three steps rather than one so that the route can record what each established: the request's
 span is named after its model once that is one we serve, and a refusal is counted in the class
@@ -48,7 +49,7 @@ from gateway.openai_requests import GenerationRequest
 from gateway.pools import ModelPool
 from gateway.prompts import PromptEncoder, is_long_prompt
 from gateway.quotas import Admission, QuotaManager
-from gateway.tenants import Tenant
+from gateway.tenants import ApiKey, Tenant
 from gateway.tokenizers import TokenizerCache
 from gateway.workers import WorkerRegistry
 from transfer.messages import TokenizerSpec
@@ -79,6 +80,7 @@ class Admitted:
     max_tokens: int  # the request's, or what the context leaves after the prompt
     cache_salt: bytes  # the tenant's prefix-cache scope
     quota: Admission  # what it reserved: settle it exactly once, when the request ends
+    key_id: str = ""  # the API key it came with: its usage is that key's too
 
     @property
     def is_demoted(self) -> bool:
@@ -130,6 +132,7 @@ class AdmissionControl:
         model: ModelName,
         *,
         wait_long: PromptWait,
+        key: ApiKey | None = None,
     ) -> Admitted:
         """The rest of admission (module docstring), the quota reserved last."""
         # Cheap refusals first: a tenant whose queue is full, or standing for this model, is
@@ -168,6 +171,9 @@ class AdmissionControl:
             estimated_tokens=num_prompt_tokens + max_tokens,
             model_id=model_id,
             model_quotas=tenant.model_quotas.get(model_id),
+            key_id="" if key is None else key.key_id,
+            key_quotas=None if key is None else key.quotas,
+            key_label="" if key is None else f"{key.prefix}…",
         )
         weight = tenant.weight
         if quota.demoted:
@@ -186,6 +192,7 @@ class AdmissionControl:
             max_tokens=max_tokens,
             cache_salt=_cache_salt(tenant),
             quota=quota,
+            key_id="" if key is None else key.key_id,
         )
 
     async def _tokenizer(self, pool: ModelPool) -> Tokenizer:

@@ -13,6 +13,12 @@ order:
 4. the tenant's queue for workers is full, or (where one model is served) standing in the class
    its header names (else its default class): 429 ``queue_full`` (``gateway.dispatch``).
 
+Every answer to a request whose key is known, these refusals and the route's answers alike
+(streams included, 429s above all), carries OpenAI's ``x-ratelimit-*`` headers
+(``gateway.rate_limit_headers``): from the quota the route reserved or was refused by, else from
+a look at the quota state that reserves nothing (``QuotaManager.peek``). They are added as the
+answer's headers go out, in this middleware.
+
 What passes goes on to the route (``gateway.openai_routes``) with its ``Seen``, the record of what
 is known of it so far, in ``scope["state"]``. The route takes it over; a request refused here or
 there is counted in the metrics and its span ended by ``refused``. The gatekeeper takes the parts
@@ -22,6 +28,7 @@ of the gateway it uses (``GatekeeperParts``). Torch-free.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
@@ -29,7 +36,7 @@ import anyio
 from opentelemetry.util.types import AttributeValue
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.admin import json_response
 from gateway.auth import Authenticator
@@ -40,7 +47,10 @@ from gateway.in_flight import RequestsInFlight
 from gateway.metrics import CLIENT_DISCONNECTED, UNAUTHENTICATED, GatewayMetrics
 from gateway.openai_requests import GenerationRequest
 from gateway.overload import LoadGuard
-from gateway.tenants import Tenant
+from gateway.quotas import QuotaManager
+from gateway.quotas_backend import RateLimitState
+from gateway.rate_limit_headers import rate_limit_headers
+from gateway.tenants import ApiKey, Tenant
 from transfer.errors import FairgateError
 from transfer.http import CallerDisconnected
 from transfer.telemetry import SpanRecord, is_tracing, start_span
@@ -64,6 +74,11 @@ SLO_CLASS_HEADER = "x-fairgate-class"
 GENERATION_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "text_completion"}
 _SEEN = "fairgate.seen"  # the key of a request's ``Seen`` in its ``scope["state"]``
 
+logger = logging.getLogger(__name__)
+# The longest an answer waits for its rate-limit headers when nothing was reserved (a Redis
+# round trip; the quota backend's own timeout is longer).
+PEEK_TIMEOUT_S = 0.5
+
 
 @dataclass(slots=True)
 class Seen:
@@ -74,11 +89,14 @@ class Seen:
     received_ns: int  # 0 while tracing is off
     operation: str  # gen_ai.operation.name
     tenant: Tenant | None = None
+    key: ApiKey | None = None  # the tenant's key the request came with
     slo_class: str = ""
     model_id: str = ""  # the model its name means, once resolved
     span: SpanRecord | None = None
     is_counted: bool = False  # in ``gateway.load_guard``'s count of requests
     is_taken: bool = False  # the route took it over (``take``)
+    # What the quota reserved for it, or the limit that refused it (its x-ratelimit-* headers).
+    rate_limit: RateLimitState | None = None
 
     @classmethod
     def take(cls, request: Request) -> Seen:
@@ -98,6 +116,7 @@ class GatekeeperParts:
     load_guard: LoadGuard
     dispatcher: Dispatcher  # the tenants' queues
     metrics: GatewayMetrics
+    quotas: QuotaManager  # the rate-limit headers of answers that reserved nothing
 
 
 class Gatekeeper:
@@ -115,15 +134,23 @@ class Gatekeeper:
             await self.app(scope, receive, send)
             return
         seen = Seen(time.monotonic(), time.time_ns() if is_tracing() else 0, operation)
+
+        async def send_with_limits(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                extra = [(k.encode(), v.encode()) for k, v in (await self._limits(seen)).items()]
+                if extra:
+                    message = {**message, "headers": [*message.get("headers", ()), *extra]}
+            await send(message)
+
         try:
             await self._check(seen, Request(scope))
         except FairgateError as exc:
             refused(self.parts.load_guard, self.parts.metrics, seen, exc)
-            await error_response(exc)(scope, receive, send)
+            await error_response(exc)(scope, receive, send_with_limits)
             return
         scope.setdefault("state", {})[_SEEN] = seen
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_with_limits)
         finally:
             if not seen.is_taken:  # the route never ran (its body never came): not counted
                 never_came = CallerDisconnected("the request never reached us")
@@ -133,8 +160,8 @@ class Gatekeeper:
         parts = self.parts
         if parts.in_flight.is_draining:
             raise ShuttingDown("the gateway is shutting down; try another replica or retry")
-        _, tenant = await parts.auth.tenant(request)
-        seen.tenant = tenant
+        key, tenant = await parts.auth.tenant(request)
+        seen.tenant, seen.key = tenant, key
         parts.metrics.tenant_seen(tenant.tenant_id, tenant.name)  # its series by its name
         parts.load_guard.enter(tenant.tenant_id, tenant.weight)
         seen.is_counted = True
@@ -147,6 +174,30 @@ class Gatekeeper:
         only_model = models[0] if len(models) == 1 else None
         rank = class_rank(parts.config, slo_class)
         parts.dispatcher.check_backlog(tenant.tenant_id, rank, only_model)
+
+    async def _limits(self, seen: Seen) -> dict[str, str]:
+        """The request's x-ratelimit-* headers: what its quota reserved or was refused by, else
+        a look that reserves nothing (none without a known key, or when the quota state cannot
+        be read: the answer goes out without them rather than waiting or failing)."""
+        state = seen.rate_limit
+        tenant, key = seen.tenant, seen.key
+        if state is None and tenant is not None and key is not None:
+            model_id = seen.model_id
+            try:
+                state = await asyncio.wait_for(
+                    self.parts.quotas.peek(
+                        tenant,
+                        model_id=model_id,
+                        model_quotas=tenant.model_quotas.get(model_id) if model_id else None,
+                        key_id=key.key_id,
+                        key_quotas=key.quotas,
+                    ),
+                    PEEK_TIMEOUT_S,
+                )
+            except (FairgateError, TimeoutError) as exc:
+                logger.debug("no rate-limit headers for tenant %s: %s", tenant.tenant_id, exc)
+                return {}
+        return {} if state is None else rate_limit_headers(state)
 
 
 def error_response(error: FairgateError) -> Response:

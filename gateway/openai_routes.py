@@ -32,7 +32,7 @@ from gateway.admission import AdmissionControl, Admitted
 from gateway.auth import Authenticator
 from gateway.config import Config
 from gateway.dispatch import Dispatcher
-from gateway.errors import RequestTooLarge, openai_error_body, public_error
+from gateway.errors import RateLimited, RequestTooLarge, openai_error_body, public_error
 from gateway.gatekeeper import SLO_CLASS_HEADER, Seen, refused, server_span
 from gateway.generation import Finished, Generation
 from gateway.in_flight import RequestsInFlight
@@ -152,6 +152,8 @@ async def _serve(parts: OpenAIParts, parse: _Parse, request: Request) -> Respons
         generation_request = await _parsed_body(parts, request, seen.tenant, parse)
         run = await _admit(parts, request, seen, generation_request)
     except BaseException as exc:
+        if isinstance(exc, RateLimited) and exc.rate_limit is not None:
+            seen.rate_limit = exc.rate_limit  # the limit that refused it, in its headers
         refused(parts.load_guard, parts.metrics, seen, exc)
         if isinstance(exc, CallerDisconnected | ClientDisconnect):
             return caller_disconnected_response(request, exc)
@@ -243,7 +245,9 @@ async def _admit(parts: OpenAIParts, request: Request, seen: Seen, body: Generat
         seen.slo_class,
         model,
         wait_long=lambda work: until_disconnected(request, work),
+        key=seen.key,
     )
+    seen.rate_limit = admitted.quota.rate_limit  # its x-ratelimit-* headers
     seen.slo_class = admitted.slo_class  # the lowest class when demoted
     return _start(parts, seen, tenant, body, admitted)
 

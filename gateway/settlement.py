@@ -103,6 +103,7 @@ class Settlement:
                     cached_tokens=usage.cached_tokens,
                     completion_tokens=usage.completion_tokens,
                     model_id=run.admitted.model.model_id,
+                    key_id=run.admitted.key_id,
                     units=run.admitted.cost_factor * usage.total_tokens,
                 )
             )

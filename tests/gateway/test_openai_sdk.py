@@ -201,3 +201,25 @@ def test_unknown_model_is_404(stack: Stack) -> None:
         _chat(_client(stack), "gpt-17", max_tokens=1)
     assert caught.value.code == "model_not_found"
     assert caught.value.param == "model"
+
+
+def test_rate_limit_headers_count_down_per_request(stack: Stack, new_tenant: NewTenant) -> None:
+    """OpenAI's x-ratelimit-* headers on the real stack, read through the SDK: the remaining
+    requests go down by one per request, a 429 carries them at 0 (its reset: when the window is
+    full again, which ``test_rate_limit_headers.py`` waits out on a fake clock)."""
+    _, secret = new_tenant("--rpm", "3", "--tpm", "100000")
+    client, model = _client(stack, secret), _model(stack)
+    remaining = []
+    for _ in range(3):
+        raw = client.chat.completions.with_raw_response.create(
+            model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+        )
+        assert raw.headers["x-ratelimit-limit-requests"] == "3"
+        assert raw.headers["x-ratelimit-limit-tokens"] == "100000"
+        remaining.append(int(raw.headers["x-ratelimit-remaining-requests"]))
+    assert remaining == [2, 1, 0]
+    with pytest.raises(openai.RateLimitError) as refused:
+        _chat(client, model, max_tokens=2)
+    headers = refused.value.response.headers
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert headers["x-ratelimit-reset-requests"].endswith("s")
