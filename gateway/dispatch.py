@@ -123,6 +123,15 @@ class Dispatcher:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    def waiting_by_rank(self) -> dict[tuple[str, int], int]:
+        """By (tenant id, class rank): its requests waiting for workers, every model's."""
+        counts: dict[tuple[str, int], int] = {}
+        for tenant_id, by_rank in self._waiting_by_tenant.items():
+            for (_, rank), waiting in by_rank.items():
+                key = (tenant_id, rank)
+                counts[key] = counts.get(key, 0) + len(waiting)
+        return counts
+
     def check_backlog(self, tenant_id: str, rank: int, model: str | None = None) -> None:
         """Refuse (``QueueFull``) a new request of this tenant and class rank while the tenant's
         queue is full (all its models' requests together) or, for ``model``, standing (module

@@ -42,7 +42,7 @@ from opentelemetry.util.types import AttributeValue
 from engine.tokenizer import Tokenizer
 from gateway.dispatch import Dispatcher
 from gateway.ledger import RequestLedger, WorkerPair
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import GatewayMetrics, worker_labels
 from gateway.scheduler import QueuedRequest
 from gateway.streaming import TextStream
 from gateway.workers import WorkerRegistry
@@ -185,6 +185,9 @@ class Generation:
             self._is_running = False
 
     async def _events(self) -> AsyncGenerator[str | Finished]:
+        if self.metrics is not None and not self.queued.demoted:
+            # The weight its policy takes from it (``FairPolicy.enqueue``), for the metrics.
+            self.metrics.tenant_weight(self.queued.tenant_id, self.queued.weight)
         ledger = self.dispatcher.open(
             self.queued, received=self.timing.received, on_lost=self._on_lost
         )
@@ -306,6 +309,13 @@ class Generation:
                     if isinstance(frame, Preempted):
                         raise _Preempted(frame)
                     if ledger.stage == "prefill":
+                        if self.metrics is not None:
+                            # On the worker that ran the prefill: the prompt it was sent.
+                            self.metrics.worker_prefilled(
+                                worker_labels(pair.prefill or pair.decode),
+                                self.queued.num_prompt_tokens,
+                                frame.num_cached_tokens,
+                            )
                         self.dispatcher.first_token(ledger, frame.num_cached_tokens)
                         if self.timing.first_token is None:
                             self.timing.first_token = time.monotonic()

@@ -15,6 +15,21 @@ counts from the tenant's next request, where the policies apply it at once). Lab
 tenant names and configured class names only (a request that fails authentication counts under
 tenant ``""``): the number of series is bounded by the tenants.
 
+For the fairness views (``gateway.fairness_history``, the dashboard, the alert rules): per
+tenant, its service so far in service units (``fairgate_tenant_service_units_total``, the
+quantity Jain's index is computed over), its weight, whether it is backlogged (requests queued
+now), its entitled share now (its weight over the backlogged tenants' weights) and its received
+share over the window (``FairnessHistory.received_shares``), and its queue by class. A tenant's
+weight is the fair policies' (``gateway.policies``): the weight of its last request that was not
+demoted (``tenant_weight``, from ``gateway.generation`` as a policy's ``enqueue`` takes it), or
+an admin's change (``Gateway.apply_admin_change``, beside the policy's ``update_tenant``).
+
+Per worker, from the registry's handles (``WorkerSnapshot``; labels: the worker's id, or its
+URL before it said one, its role and its model's id): its state (one series per worker, at 1),
+its batch, its KV blocks used and in all (from its last load report), and the prompt tokens its
+prefills computed and found cached (``worker_prefilled``: prefix hit rate = cached / prompt).
+Only workers the registry knows now are exposed: a removed one's series go with it.
+
 Everything is called on the gateway's event loop; the scrape runs there too. Torch-free.
 """
 
@@ -26,13 +41,22 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway.config import SloClass
+from gateway.fairness_history import FairnessHistory, TenantPoint
 from gateway.scheduler import ModelBacklog, TenantState
+from gateway.workers import WorkerHandle
 
-__all__ = ["CLIENT_DISCONNECTED", "GatewayMetrics", "RequestRecord", "jain_index"]
+__all__ = [
+    "CLIENT_DISCONNECTED",
+    "GatewayMetrics",
+    "RequestRecord",
+    "WorkerSnapshot",
+    "jain_index",
+    "worker_labels",
+]
 
 # Seconds; TTFT and latency span a cached short prompt to a long queue wait.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -61,6 +85,40 @@ class RequestRecord:
     model: str = ""  # its model's id
 
 
+def worker_labels(handle: WorkerHandle) -> tuple[str, str, str]:
+    """A worker's labels: its id (its URL until it said one), its role, its model's id ("" until
+    it said one). The admins, the configuration and the workers name them, never a client."""
+    info = handle.info
+    return handle.worker_id, handle.role, "" if info is None else info.model_id
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSnapshot:
+    """A worker as its series show it (``of``: from the registry's handle); the load figures
+    are None until its first load report."""
+
+    worker: str
+    role: str
+    model: str
+    state: str
+    num_running: int | None = None
+    num_kv_blocks_used: int | None = None
+    num_kv_blocks_total: int | None = None
+
+    @classmethod
+    def of(cls, handle: WorkerHandle) -> WorkerSnapshot:
+        load = handle.load
+        worker, role, model = worker_labels(handle)
+        if load is None:
+            return cls(worker, role, model, handle.state)
+        used = load.num_total_blocks - load.num_free_blocks
+        return cls(worker, role, model, handle.state, load.num_running, used, load.num_total_blocks)
+
+    @property
+    def labels(self) -> tuple[str, str, str]:
+        return self.worker, self.role, self.model
+
+
 def jain_index(values: Sequence[float]) -> float | None:
     """(Σx)² / (n·Σx²); 1 when everyone got the same, 1/n when one got everything. None for
     no values or all zero."""
@@ -87,13 +145,19 @@ class GatewayMetrics:
         loop_lag_s: Callable[[], float] = float,
         model_backlogs: Callable[[], Sequence[ModelBacklog]] = list,
         cost_factors: Callable[[], Mapping[str, float]] = dict,
+        queued_by_class: Callable[[], Mapping[tuple[str, str], int]] = dict,
+        workers: Callable[[], Iterable[WorkerSnapshot]] = list,
     ) -> None:
         """``requests_in_gateway``: by tenant id, the requests between the gatekeeper and their
         end; ``loop_lag_s``: how late the event loop's last lag sample was (``LoadGuard``);
         ``model_backlogs``: each model's queue and estimated wait (the scheduler's);
-        ``cost_factors``: by model id, what its token costs (``gateway.model_costs``)."""
+        ``cost_factors``: by model id, what its token costs (``gateway.model_costs``);
+        ``queued_by_class``: by (tenant id, class name), the requests waiting for workers;
+        ``workers``: every worker the registry knows now."""
         self.model_backlogs = model_backlogs
         self.cost_factors = cost_factors
+        self.queued_by_class = queued_by_class
+        self.workers = workers
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests_in_gateway = requests_in_gateway
         self.loop_lag_s = loop_lag_s
@@ -104,6 +168,12 @@ class GatewayMetrics:
         self._clock = clock
         self._names: dict[str, str] = {}  # tenant id → name, for the scheduler's series
         self._service: dict[str, float] = {}  # tenant id → normalized service so far
+        self._cost: dict[str, float] = {}  # … and in cost units (not divided by the weight)
+        self._weights: dict[str, float] = {}  # tenant id → its weight (module docstring)
+        # Per worker's labels: [prompt tokens its prefills computed or found cached, cached]
+        self._prefilled: dict[tuple[str, str, str], list[int]] = {}
+        # The received shares over the window (``fairgate_tenant_service_share``).
+        self._shares = FairnessHistory(horizon_s=window_s, clock=clock)
         # (time, {tenant id: service so far}) for tenants backlogged at that time
         self._samples: deque[tuple[float, dict[str, float]]] = deque()
         # (time, tenant id, class, TTFT met, TPOT met or None: no target or too few tokens)
@@ -155,6 +225,19 @@ class GatewayMetrics:
         """A request of this tenant was admitted (names its scheduler series)."""
         self._names[tenant_id] = name
 
+    def tenant_weight(self, tenant_id: str, weight: float) -> None:
+        """The tenant's weight now (module docstring: where it comes from)."""
+        self._weights[tenant_id] = weight
+
+    def worker_prefilled(
+        self, labels: tuple[str, str, str], num_prompt_tokens: int, num_cached_tokens: int
+    ) -> None:
+        """A prefill ran on the worker of ``labels`` (``worker_labels``): the prompt it was
+        given, and how much of it its prefix cache held."""
+        counts = self._prefilled.setdefault(labels, [0, 0])
+        counts[0] += num_prompt_tokens
+        counts[1] += num_cached_tokens
+
     def served(
         self,
         tenant_id: str,
@@ -167,8 +250,9 @@ class GatewayMetrics:
         """A request of the tenant running at ``weight`` received this much work: the prompt
         tokens its prefill computed (at its first token), then output tokens, of a model whose
         token costs ``cost_factor`` (``gateway.model_costs``): service in normalised units."""
-        amount = self.w_in * num_computed_tokens + self.w_out * num_output_tokens
-        self._service[tenant_id] = self._service.get(tenant_id, 0.0) + amount * cost_factor / weight
+        cost = (self.w_in * num_computed_tokens + self.w_out * num_output_tokens) * cost_factor
+        self._service[tenant_id] = self._service.get(tenant_id, 0.0) + cost / weight
+        self._cost[tenant_id] = self._cost.get(tenant_id, 0.0) + cost
 
     def rejected(self, tenant: str, slo_class: str, reason: str, model: str = "") -> None:
         """A request refused before it ran (auth, validation, quota, shed, no worker), or whose
@@ -215,11 +299,11 @@ class GatewayMetrics:
         """Note which tenants are backlogged now and the service they have had (called about
         once a second, and at each scrape)."""
         now = self._clock()
+        states = self._tenants()
         backlogged = {
-            t.tenant_id: self._service.get(t.tenant_id, 0.0)
-            for t in self._tenants()
-            if t.num_queued > 0
+            t.tenant_id: self._service.get(t.tenant_id, 0.0) for t in states if t.num_queued > 0
         }
+        self._shares.sample(self.fairness_points(states))
         self._samples.append((now, backlogged))
         while self._samples and self._samples[0][0] < now - self.window_s:
             self._samples.popleft()
@@ -265,6 +349,39 @@ class GatewayMetrics:
             counts[1] += 1
         return {key: hits / total for key, (hits, total) in met.items()}
 
+    def fairness_points(self, states: Iterable[TenantState] | None = None) -> list[TenantPoint]:
+        """Every tenant the scheduler or the service books know, now (``FairnessHistory``'s
+        samples); ``states``: the scheduler's, when the caller has just read them."""
+        queued = {
+            s.tenant_id: s.num_queued for s in (self._tenants() if states is None else states)
+        }
+        return [
+            TenantPoint(
+                tenant_id,
+                self.name_of(tenant_id),
+                self.weight_of(tenant_id),
+                self._service.get(tenant_id, 0.0),
+                self._cost.get(tenant_id, 0.0),
+                queued.get(tenant_id, 0),
+            )
+            for tenant_id in sorted(queued.keys() | self._service.keys())
+        ]
+
+    def received_shares(self) -> dict[str, float]:
+        """By tenant id, of the tenants backlogged in the window: its received share
+        (``gateway.fairness_history``)."""
+        return self._shares.received_shares(self.window_s)
+
+    def weight_of(self, tenant_id: str) -> float:
+        return self._weights.get(tenant_id, 1.0)
+
+    def prefilled(self) -> dict[tuple[str, str, str], tuple[int, int]]:
+        """By worker labels, of the workers known now: (prompt tokens, cached tokens) their
+        prefills had. Forgets the workers the registry no longer knows."""
+        known = {w.labels for w in self.workers()}
+        self._prefilled = {k: v for k, v in self._prefilled.items() if k in known}
+        return {k: (v[0], v[1]) for k, v in self._prefilled.items()}
+
     def name_of(self, tenant_id: str) -> str:
         return self._names.get(tenant_id, tenant_id)
 
@@ -294,6 +411,8 @@ class _SchedulerCollector(Collector):
             counter.add_metric([name], state.counter)
         yield depth
         yield counter
+        yield from _fairness_series(metrics)
+        yield from _worker_series(metrics)
         in_gateway = GaugeMetricFamily(
             "fairgate_requests_in_gateway",
             "Requests past the gatekeeper and not yet ended (being admitted, queued or running)",
@@ -370,3 +489,94 @@ def _model_series(metrics: GatewayMetrics) -> Iterator[Metric]:
     for model, value in sorted(metrics.cost_factors().items()):
         factor.add_metric([model], value)
     yield from (depth, tokens, wait, factor)
+
+
+def _fairness_series(metrics: GatewayMetrics) -> Iterator[Metric]:
+    """Per tenant (module docstring): service, weight, backlogged, shares, queue by class."""
+    points = metrics.fairness_points()
+    service = CounterMetricFamily(
+        "fairgate_tenant_service_units",
+        "Normalized service received: (w_in x computed prompt + w_out x output tokens) x the "
+        "model's cost factor / the weight the request ran at",
+        labels=["tenant"],
+    )
+    weight = GaugeMetricFamily("fairgate_tenant_weight", "The tenant's weight", labels=["tenant"])
+    backlogged = GaugeMetricFamily(
+        "fairgate_tenant_backlogged",
+        "1 while the tenant has requests waiting for workers, else 0",
+        labels=["tenant"],
+    )
+    entitled = GaugeMetricFamily(
+        "fairgate_tenant_entitled_share",
+        "The backlogged tenant's weight over the sum of the backlogged tenants' weights",
+        labels=["tenant"],
+    )
+    share = GaugeMetricFamily(
+        "fairgate_tenant_service_share",
+        "The tenant's share of the service (cost units) received by the tenants backlogged "
+        f"with it, over the intervals it was backlogged in the last {metrics.window_s:g} s",
+        labels=["tenant"],
+    )
+    total_weight = sum(p.weight for p in points if p.num_queued > 0)
+    for point in points:
+        name = [point.name]
+        service.add_metric(name, point.service_units)
+        weight.add_metric(name, point.weight)
+        backlogged.add_metric(name, 1.0 if point.num_queued > 0 else 0.0)
+        if point.num_queued > 0:
+            entitled.add_metric(name, point.weight / total_weight)
+    for tenant_id, value in sorted(metrics.received_shares().items()):
+        share.add_metric([metrics.name_of(tenant_id)], value)
+    by_class = GaugeMetricFamily(
+        "fairgate_tenant_queue_depth",
+        "Requests of the tenant waiting for workers, by SLO class",
+        labels=["tenant", "slo_class"],
+    )
+    for (tenant_id, slo_class), count in sorted(metrics.queued_by_class().items()):
+        by_class.add_metric([metrics.name_of(tenant_id), slo_class], count)
+    yield from (service, weight, backlogged, entitled, share, by_class)
+
+
+def _worker_series(metrics: GatewayMetrics) -> Iterator[Metric]:
+    """Per worker the registry knows (module docstring); one series per worker's labels."""
+    labels = ["worker", "role", "model"]
+    state = GaugeMetricFamily(
+        "fairgate_backend_worker_state",
+        "The worker's state as the gateway sees it (1 for its current state)",
+        labels=[*labels, "state"],
+    )
+    batch = GaugeMetricFamily(
+        "fairgate_backend_batch_size", "Requests running on the worker", labels=labels
+    )
+    used = GaugeMetricFamily(
+        "fairgate_backend_kv_blocks_used", "KV cache blocks in use on the worker", labels=labels
+    )
+    total = GaugeMetricFamily(
+        "fairgate_backend_kv_blocks_total", "KV cache blocks of the worker", labels=labels
+    )
+    seen: set[tuple[str, str, str]] = set()
+    for worker in metrics.workers():
+        if worker.labels in seen:
+            continue  # two handles of one worker (a URL and its id): one series
+        seen.add(worker.labels)
+        state.add_metric([*worker.labels, worker.state], 1.0)
+        if worker.num_running is not None:
+            batch.add_metric(list(worker.labels), worker.num_running)
+        if worker.num_kv_blocks_used is not None:
+            used.add_metric(list(worker.labels), worker.num_kv_blocks_used)
+        if worker.num_kv_blocks_total is not None:
+            total.add_metric(list(worker.labels), worker.num_kv_blocks_total)
+    prompt = CounterMetricFamily(
+        "fairgate_backend_prompt_tokens",
+        "Prompt tokens of the prefills the worker ran (computed or found cached)",
+        labels=labels,
+    )
+    cached = CounterMetricFamily(
+        "fairgate_backend_cached_tokens",
+        "Prompt tokens the worker's prefills found in its prefix cache",
+        labels=labels,
+    )
+    for labels_of, (num_prompt, num_cached) in sorted(metrics.prefilled().items()):
+        prompt.add_metric(list(labels_of), num_prompt)
+        cached.add_metric(list(labels_of), num_cached)
+    yield from (state, batch, used, total, prompt, cached)
