@@ -1,24 +1,39 @@
 #!/usr/bin/env bash
-# Print the absolute path of a working `prometheus` binary as the last line of stdout, fetching
-# Debian's `prometheus` package without root when there is none. The observability tests run it.
+# Print the absolute path of a working `prometheus` binary (or, asked for it, `promtool`) as the
+# last line of stdout, fetching Debian's `prometheus` package without root when there is none. The
+# observability tests run both: prometheus scrapes, promtool checks and tests the alerting rules of
+# deploy/observability/.
 #
-#   deploy/prometheus.sh
+#   deploy/prometheus.sh [prometheus|promtool]     (default: prometheus)
 #
-# Where the binary comes from, first that works (`prometheus --version` runs):
-#   1. `prometheus` on PATH (how to use another build: put it first on PATH);
-#   2. the copy fetched earlier: $FAIRGATE_HOME/prometheus/bin/prometheus, by default
-#      ~/.cache/fairgate/prometheus/bin/prometheus (the same cache as the default model);
-#   3. `apt-get download prometheus` into that directory and `dpkg-deb -x` the package there.
-#      Neither needs root. When apt's own package lists do not know the package (a slim image with
-#      an emptied /var/lib/apt/lists, or lists too old for the mirror), the lists are fetched into
+# Where the binary comes from, first that works (`BINARY --version` runs):
+#   1. that binary on PATH (how to use another build: put it first on PATH);
+#   2. the copy fetched earlier: $FAIRGATE_HOME/prometheus/bin/BINARY, by default
+#      ~/.cache/fairgate/prometheus/bin/BINARY (the same cache as the default model);
+#   3. `apt-get download prometheus` into that directory and `dpkg-deb -x` the package there; the
+#      package ships both binaries, and both are kept (a cache from before promtool was kept has
+#      only prometheus: asked for promtool, it is fetched again). Neither step needs root. When
+#      apt's own package lists do not know the package (a slim image with an emptied
+#      /var/lib/apt/lists, or lists too old for the mirror), the lists are fetched into
 #      $FAIRGATE_HOME/prometheus/apt with `apt-get update -o Dir::State::Lists=... -o Dir::Cache=...`,
 #      which needs no root either.
-# The package's binary is Go and needs only libc. apt's output and any error go to stderr; without
-# apt-get and dpkg-deb, or when the download fails, the script says why and exits with status 1.
+# The package's binaries are Go and need only libc. apt's output and any error go to stderr;
+# without apt-get and dpkg-deb, or when the download fails, the script says why and exits with
+# status 1 (2 for an argument it does not know).
 set -euo pipefail
 
 cache="${FAIRGATE_HOME:-${HOME:?deploy/prometheus.sh: set FAIRGATE_HOME or HOME}/.cache/fairgate}/prometheus"
-cached_bin="$cache/bin/prometheus"
+binary=${1:-prometheus}
+case "$#:$binary" in
+    [01]:prometheus | [01]:promtool) ;;
+    *)
+        echo "usage: deploy/prometheus.sh [prometheus|promtool]" >&2
+        exit 2
+        ;;
+esac
+# Both binaries of the package, kept side by side; $binary is the one asked for.
+binaries=(prometheus promtool)
+cached_bin="$cache/bin/$binary"
 
 runs() {
     "$1" --version >/dev/null 2>&1
@@ -34,7 +49,7 @@ absolute() {
     echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"
 }
 
-if on_path=$(command -v prometheus) && runs "$on_path"; then
+if on_path=$(command -v "$binary") && runs "$on_path"; then
     absolute "$on_path"
     exit 0
 fi
@@ -44,8 +59,9 @@ if runs "$cached_bin"; then
 fi
 
 for tool in apt-get dpkg-deb; do
-    command -v "$tool" >/dev/null 2>&1 || fail "no prometheus on PATH, and no $tool to fetch" \
-        "Debian's prometheus package with; install Prometheus (2.x or later) and put it on PATH," \
+    command -v "$tool" >/dev/null 2>&1 || fail "no $binary on PATH, and no $tool to fetch" \
+        "Debian's prometheus package with; install Prometheus (2.x or later) and put $binary" \
+        "on PATH," \
         "or set FAIRGATE_SKIP_PROMETHEUS=1 to skip the tests that need it"
 done
 
@@ -54,6 +70,7 @@ mkdir -p "$cache"
 if command -v flock >/dev/null 2>&1; then
     exec 9>"$cache/.lock"
     flock -w 600 9 || fail "waited 600 s for $cache/.lock (another fetch of prometheus)"
+    # Another run may have fetched the package while this one waited.
     if runs "$cached_bin"; then
         echo "$cached_bin"
         exit 0
@@ -85,14 +102,19 @@ fi
 debs=("$work"/prometheus_*.deb)
 [ -f "${debs[0]}" ] || fail "apt-get download prometheus left no prometheus_*.deb in $work"
 dpkg-deb -x "${debs[0]}" "$work/root" || fail "dpkg-deb -x ${debs[0]} failed"
-fetched="$work/root/usr/bin/prometheus"
-if ! runs "$fetched"; then
-    "$fetched" --version >&2 || true
-    fail "the binary in ${debs[0]##*/} does not run on this machine (its error above)"
-fi
+for name in "${binaries[@]}"; do
+    fetched="$work/root/usr/bin/$name"
+    [ -f "$fetched" ] || fail "${debs[0]##*/} has no usr/bin/$name"
+    if ! runs "$fetched"; then
+        "$fetched" --version >&2 || true
+        fail "the $name binary in ${debs[0]##*/} does not run on this machine (its error above)"
+    fi
+done
 mkdir -p "$cache/bin"
-# Renamed into place: a concurrent reader sees the old state or a complete binary.
-mv "$fetched" "$cache/bin/.prometheus.$$"
-mv -f "$cache/bin/.prometheus.$$" "$cached_bin"
+# Each renamed into place: a concurrent reader sees the old state or a complete binary.
+for name in "${binaries[@]}"; do
+    mv "$work/root/usr/bin/$name" "$cache/bin/.$name.$$"
+    mv -f "$cache/bin/.$name.$$" "$cache/bin/$name"
+done
 echo "deploy/prometheus.sh: $("$cached_bin" --version 2>&1 | head -n 1)" >&2
 echo "$cached_bin"

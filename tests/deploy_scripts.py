@@ -18,11 +18,11 @@ SCRIPT_TIMEOUT_S = 900.0  # an apt-get install of the package included
 
 
 @functools.cache
-def _run(script: Path) -> tuple[Path | None, str]:
+def _run(script: Path, *args: str) -> tuple[Path | None, str]:
     """``(path, "")`` or ``(None, why)``."""
     try:
         done = subprocess.run(
-            ["bash", str(script)],
+            ["bash", str(script), *args],
             capture_output=True,
             text=True,
             timeout=SCRIPT_TIMEOUT_S,
@@ -38,10 +38,11 @@ def _run(script: Path) -> tuple[Path | None, str]:
     return Path(lines[-1]), ""
 
 
-def require_path(script: Path, skip_env: str, what: str) -> Path:
-    """The path ``script`` prints; without one the calling test fails with the script's error,
-    or is skipped with it where ``skip_env`` is 1 (``what`` names the server in messages)."""
-    path, why = _run(script)
+def require_path(script: Path, skip_env: str, what: str, *args: str) -> Path:
+    """The path ``script`` (given ``args``) prints; without one the calling test fails with the
+    script's error, or is skipped with it where ``skip_env`` is 1 (``what`` names the server in
+    messages)."""
+    path, why = _run(script, *args)
     if path is not None:
         return path
     if os.environ.get(skip_env) == "1":
