@@ -14,12 +14,18 @@
     ├── tokenizers  TokenizerCache            one per tokenizer the models' workers announce
     ├── prompts     PromptEncoder             prompts tokenized off the loop, per tenant
     ├── load_guard  LoadGuard                 the loop's lag; who is refused when it lags
-    └── in_flight   RequestsInFlight          admitted requests; how far a shutdown has gone
+    ├── in_flight   RequestsInFlight          admitted requests; how far a shutdown has gone
+    ├── metrics     GatewayMetrics            what /metrics and the dashboard show
+    └── fairness    FairnessHistory           per-tenant service over the last hour: the
+                                              dashboard's charts, the fairness receipts
 
 Routes: ``gateway.openai_routes`` (OpenAI-compatible, tenant keys; the cheap refusals of a
-generation request come first, in ``gateway.gatekeeper``'s middleware), ``gateway.admin`` (admin
-token; and the workers' self-registration, with the registration token), ``/healthz``,
-``/readyz``, ``/openapi.json`` (``gateway.openapi_document``), ``/metrics``. Each takes the parts
+generation request come first, in ``gateway.gatekeeper``'s middleware, which also adds the
+``x-ratelimit-*`` headers), ``gateway.admin`` and its siblings ``admin_keys``, ``admin_models``,
+``admin_audit``, ``admin_fairness`` (admin token; every change audited, ``gateway.audit``; and
+the workers' self-registration, with the registration token), ``/healthz``, ``/readyz``,
+``/openapi.json`` (``gateway.openapi_document``), ``/metrics``, ``/dashboard``
+(``gateway.dashboard``: its own login form and session). Each takes the parts
 it uses, not the ``Gateway``. Some parts exist only once the gateway has started (the store, the
 tokenizer: they need the loop or the disk), so the app that serves them is built in the
 lifespan, right after ``Gateway.start`` and before the server takes its first request
@@ -44,6 +50,7 @@ import dataclasses
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -71,6 +78,9 @@ from gateway.admin import (
     registration_routes,
     routing_path,
 )
+from gateway.admin_audit import audit_endpoints
+from gateway.admin_fairness import FairnessParts, fairness_endpoints, gap_bound
+from gateway.admin_keys import key_admin_endpoints
 from gateway.admin_models import (
     MODEL_ADMIN_OTHER_SUCCESSES,
     ModelAdminParts,
@@ -80,12 +90,14 @@ from gateway.admin_models import (
 from gateway.admission import AdmissionControl
 from gateway.auth import Authenticator
 from gateway.config import Config
+from gateway.dashboard import DashboardParts, dashboard_routes
 from gateway.discovery import DnsDiscovery
 from gateway.dispatch import Dispatcher
 from gateway.errors import ClientError, MethodNotAllowed, NotFound, ShuttingDown
+from gateway.fairness_history import FairnessHistory
 from gateway.gatekeeper import Gatekeeper, GatekeeperParts, error_response
 from gateway.in_flight import RequestsInFlight
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import GatewayMetrics, WorkerSnapshot
 from gateway.model_catalog import ModelCatalog
 from gateway.model_costs import CostBook, ModelSpeed
 from gateway.openai_routes import OpenAIParts, openai_endpoints
@@ -155,7 +167,16 @@ class Gateway:
     """Everything one gateway process holds. ``start`` / ``stop`` run in the app's lifespan.
     ``transport``: how the workers are called (default: HTTP, ``gateway.worker_transport``)."""
 
-    def __init__(self, config: Config, *, transport: WorkerTransport | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        transport: WorkerTransport | None = None,
+        quota_clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``transport``: how workers are called (default HTTP); ``quota_clock``: the in-memory
+        quota state's clock, seconds since the epoch (tests pass a fake one; with Redis the
+        server's time counts)."""
         if not config.gateway.admin_token:
             raise ValueError(
                 "no admin token: set gateway.admin_token in the config file or "
@@ -165,6 +186,7 @@ class Gateway:
         if registration_token and len(registration_token) < 16:
             raise ValueError("the registration token must be at least 16 characters")
         self.config = config
+        self._quota_clock = quota_clock
         self._parts: _Started | None = None  # from ``start`` on
         self.policy = policy_from_config(config)
         self.registry = WorkerRegistry(
@@ -201,7 +223,11 @@ class Gateway:
             loop_lag_s=lambda: self.load_guard.lag_s,
             model_backlogs=self.policy.backlogs,
             cost_factors=self._cost_factors,
+            queued_by_class=self._queued_by_class,
+            workers=lambda: [WorkerSnapshot.of(h) for h in self.registry.handles],
         )
+        # Per-tenant samples over the last hour: the dashboard's charts, the fairness receipts.
+        self.fairness = FairnessHistory()
         self._sampler: asyncio.Task[None] | None = None
         self.replica_sync: ReplicaSync | None = None  # with ``replicas.redis_url``
         self.discovery: DnsDiscovery | None = None  # with ``gateway.*_dns``
@@ -234,8 +260,9 @@ class Gateway:
                 store.total_tokens,
                 RedisQuotaBackend(replicas.redis_url, lease_s=replicas.reservation_lease_s)
                 if replicas.redis_url
-                else MemoryQuotaBackend(),
+                else MemoryQuotaBackend(clock=self._quota_clock),
                 model_budget_usage=store.total_tokens,
+                key_budget_usage=store.total_tokens,
             ),
             usage=usage,
             tokenizer=tokenizer,
@@ -280,6 +307,7 @@ class Gateway:
         while True:
             await asyncio.sleep(METRICS_SAMPLE_S)
             self.metrics.sample()
+            self.fairness.sample(self.metrics.fairness_points())
             num_samples += 1
             if num_samples % round(COST_MEASURE_S / METRICS_SAMPLE_S) == 0:
                 self.measure_costs()
@@ -291,6 +319,14 @@ class Gateway:
         if self._parts is None:
             return {}
         return {m: self._parts.costs.factor(m) for m in self.registry.model_ids()}
+
+    def _queued_by_class(self) -> dict[tuple[str, str], int]:
+        """By (tenant id, class name): its requests waiting for workers, for the metrics."""
+        names = {c.rank: c.name for c in self.config.slo_classes}
+        return {
+            (tenant_id, names.get(rank, str(rank))): count
+            for (tenant_id, rank), count in self.dispatcher.waiting_by_rank().items()
+        }
 
     def measure_costs(self) -> None:
         """Each model's pool's ready workers' speeds, into the cost book."""
@@ -413,6 +449,7 @@ class Gateway:
         auth.forget_tenant(change.tenant_id)
         if change.kind == "tenant":
             self.policy.update_tenant(change.tenant_id, change.weight)
+            self.metrics.tenant_weight(change.tenant_id, change.weight)
         else:
             self.started.quotas.forget(change.tenant_id)
 
@@ -505,7 +542,19 @@ def _serving_app(gateway: Gateway) -> Starlette:
     endpoints = [
         *openai_endpoints(openai),
         *admin_endpoints(admin),
+        *key_admin_endpoints(admin),
+        *audit_endpoints(admin),
         *model_admin_endpoints(models),
+        *fairness_endpoints(
+            FairnessParts(
+                auth=started.auth,
+                store=started.store,
+                history=gateway.fairness,
+                bound=lambda: gap_bound(
+                    gateway.policy.name, config.scheduler, gateway.registry, started.costs
+                ),
+            )
+        ),
     ]
     deployment = Deployment(
         slo_classes=[c.name for c in config.slo_classes], vocab_size=started.tokenizer.vocab_size
@@ -517,6 +566,7 @@ def _serving_app(gateway: Gateway) -> Starlette:
         gateway.load_guard,
         gateway.dispatcher,
         gateway.metrics,
+        started.quotas,
     )
     return Starlette(
         routes=[
@@ -524,13 +574,25 @@ def _serving_app(gateway: Gateway) -> Starlette:
             Route("/readyz", partial(_readyz, gateway.in_flight, gateway.registry)),
             Route("/openapi.json", _openapi_route(endpoints, deployment)),
             Route("/metrics", partial(_metrics, started.auth, gateway.metrics)),
+            # The live dashboard: its own login and session (``gateway.dashboard``).
+            *dashboard_routes(
+                DashboardParts.of(
+                    config.gateway.admin_token,
+                    gateway.metrics,
+                    [c.name for c in config.slo_classes],
+                    history=gateway.fairness.series,
+                    is_stopping=lambda: gateway.in_flight.is_draining,
+                )
+            ),
             *routes_of(
                 [
                     dataclasses.replace(e, path=routing_path(model_routing_path(e.path)))
                     for e in endpoints
                 ]
             ),
-            *registration_routes(config.gateway.registration_token, gateway.registry),
+            *registration_routes(
+                config.gateway.registration_token, gateway.registry, started.store
+            ),
         ],
         middleware=[Middleware(Gatekeeper, parts=gatekeeper)],
         exception_handlers={
