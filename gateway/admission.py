@@ -172,7 +172,7 @@ class AdmissionControl:
             model_id=model_id,
             model_quotas=tenant.model_quotas.get(model_id),
             key_id="" if key is None else key.key_id,
-            key_quotas=None if key is None else key.quotas,
+            key_quotas=None if key is None else key.own_quotas(),
             key_label="" if key is None else f"{key.prefix}…",
         )
         weight = tenant.weight

@@ -28,8 +28,10 @@ of the gateway it uses (``GatekeeperParts``). Torch-free.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import anyio
@@ -46,7 +48,7 @@ from gateway.errors import ShuttingDown, openai_error_body, retry_after_header
 from gateway.in_flight import RequestsInFlight
 from gateway.metrics import CLIENT_DISCONNECTED, UNAUTHENTICATED, GatewayMetrics
 from gateway.openai_requests import GenerationRequest
-from gateway.overload import LoadGuard
+from gateway.overload import LoadGuard, Overloaded
 from gateway.quotas import QuotaManager
 from gateway.quotas_backend import RateLimitState
 from gateway.rate_limit_headers import rate_limit_headers
@@ -78,6 +80,11 @@ logger = logging.getLogger(__name__)
 # The longest an answer waits for its rate-limit headers when nothing was reserved (a Redis
 # round trip; the quota backend's own timeout is longer).
 PEEK_TIMEOUT_S = 0.5
+# An answer that reserved nothing reuses the state an answer of the same key showed this
+# recently rather than looking again: a flood of refused requests costs the shared quota state
+# at most one look per key per this long.
+RECENT_LIMITS_S = 1.0
+MAX_RECENT_LIMITS = 10_000  # keys remembered (least recently shown dropped first)
 
 
 @dataclass(slots=True)
@@ -95,8 +102,14 @@ class Seen:
     span: SpanRecord | None = None
     is_counted: bool = False  # in ``gateway.load_guard``'s count of requests
     is_taken: bool = False  # the route took it over (``take``)
-    # What the quota reserved for it, or the limit that refused it (its x-ratelimit-* headers).
+    # What the quota reserved for it, or the limit that refused it (its x-ratelimit-* headers),
+    # and when (monotonic): its resets count down from then until the headers go out.
     rate_limit: RateLimitState | None = None
+    rate_limit_at: float = 0.0
+
+    def limits_known(self, state: RateLimitState | None) -> None:
+        if state is not None:
+            self.rate_limit, self.rate_limit_at = state, time.monotonic()
 
     @classmethod
     def take(cls, request: Request) -> Seen:
@@ -125,6 +138,10 @@ class Gatekeeper:
     def __init__(self, app: ASGIApp, parts: GatekeeperParts) -> None:
         self.app = app
         self.parts = parts
+        # (tenant id, key id, model id) -> the last rate-limit state an answer showed, and when.
+        self._recent: OrderedDict[tuple[str, str, str], tuple[RateLimitState, float]] = (
+            OrderedDict()
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         operation = None
@@ -135,9 +152,12 @@ class Gatekeeper:
             return
         seen = Seen(time.monotonic(), time.time_ns() if is_tracing() else 0, operation)
 
+        may_look = True
+
         async def send_with_limits(message: Message) -> None:
             if message["type"] == "http.response.start":
-                extra = [(k.encode(), v.encode()) for k, v in (await self._limits(seen)).items()]
+                limits = await self._limits(seen, may_look=may_look)
+                extra = [(k.encode(), v.encode()) for k, v in limits.items()]
                 if extra:
                     message = {**message, "headers": [*message.get("headers", ()), *extra]}
             await send(message)
@@ -146,6 +166,8 @@ class Gatekeeper:
             await self._check(seen, Request(scope))
         except FairgateError as exc:
             refused(self.parts.load_guard, self.parts.metrics, seen, exc)
+            # Shedding load or stopping: no wait for the quota state, only what is known.
+            may_look = not isinstance(exc, Overloaded | ShuttingDown)
             await error_response(exc)(scope, receive, send_with_limits)
             return
         scope.setdefault("state", {})[_SEEN] = seen
@@ -175,29 +197,70 @@ class Gatekeeper:
         rank = class_rank(parts.config, slo_class)
         parts.dispatcher.check_backlog(tenant.tenant_id, rank, only_model)
 
-    async def _limits(self, seen: Seen) -> dict[str, str]:
+    async def _limits(self, seen: Seen, *, may_look: bool) -> dict[str, str]:
         """The request's x-ratelimit-* headers: what its quota reserved or was refused by, else
-        a look that reserves nothing (none without a known key, or when the quota state cannot
-        be read: the answer goes out without them rather than waiting or failing)."""
-        state = seen.rate_limit
+        what an answer of the same key showed within ``RECENT_LIMITS_S``, else (``may_look``)
+        a look that reserves nothing. None without a known key, or when the state cannot be
+        read in time: the answer goes out without them rather than waiting or failing. Resets
+        count down from when the state was read."""
         tenant, key = seen.tenant, seen.key
-        if state is None and tenant is not None and key is not None:
-            model_id = seen.model_id
-            try:
-                state = await asyncio.wait_for(
-                    self.parts.quotas.peek(
-                        tenant,
-                        model_id=model_id,
-                        model_quotas=tenant.model_quotas.get(model_id) if model_id else None,
-                        key_id=key.key_id,
-                        key_quotas=key.quotas,
-                    ),
-                    PEEK_TIMEOUT_S,
-                )
-            except (FairgateError, TimeoutError) as exc:
-                logger.debug("no rate-limit headers for tenant %s: %s", tenant.tenant_id, exc)
+        if tenant is None or key is None:
+            return {}
+        now = time.monotonic()
+        recent_key = (tenant.tenant_id, key.key_id, seen.model_id)
+        if seen.rate_limit is not None:
+            state, at = seen.rate_limit, seen.rate_limit_at
+        else:
+            recent = self._recent.get(recent_key)
+            if recent is not None and now - recent[1] <= RECENT_LIMITS_S:
+                state, at = recent
+            elif may_look:
+                looked = await self._look(seen)
+                if looked is None:
+                    return {}
+                state, at = looked, time.monotonic()
+            else:
                 return {}
-        return {} if state is None else rate_limit_headers(state)
+        self._recent[recent_key] = (state, at)
+        self._recent.move_to_end(recent_key)
+        if len(self._recent) > MAX_RECENT_LIMITS:
+            self._recent.popitem(last=False)
+        return rate_limit_headers(_aged(state, time.monotonic() - at))
+
+    async def _look(self, seen: Seen) -> RateLimitState | None:
+        tenant, key = seen.tenant, seen.key
+        assert tenant is not None and key is not None
+        model_id = seen.model_id
+        try:
+            return await asyncio.wait_for(
+                self.parts.quotas.peek(
+                    tenant,
+                    model_id=model_id,
+                    model_quotas=tenant.model_quotas.get(model_id) if model_id else None,
+                    key_id=key.key_id,
+                    key_quotas=key.own_quotas(),
+                ),
+                PEEK_TIMEOUT_S,
+            )
+        except (FairgateError, TimeoutError) as exc:
+            logger.debug("no rate-limit headers for tenant %s: %s", tenant.tenant_id, exc)
+            return None
+
+
+def _aged(state: RateLimitState, elapsed_s: float) -> RateLimitState:
+    """``state`` as it stands ``elapsed_s`` later: its resets that much nearer (its remaining
+    counts are what they were: the window's other requests are unknown here)."""
+    if elapsed_s <= 0:
+        return state
+    return dataclasses.replace(
+        state,
+        reset_requests_s=None
+        if state.reset_requests_s is None
+        else max(0.0, state.reset_requests_s - elapsed_s),
+        reset_tokens_s=None
+        if state.reset_tokens_s is None
+        else max(0.0, state.reset_tokens_s - elapsed_s),
+    )
 
 
 def error_response(error: FairgateError) -> Response:

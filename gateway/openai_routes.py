@@ -152,8 +152,8 @@ async def _serve(parts: OpenAIParts, parse: _Parse, request: Request) -> Respons
         generation_request = await _parsed_body(parts, request, seen.tenant, parse)
         run = await _admit(parts, request, seen, generation_request)
     except BaseException as exc:
-        if isinstance(exc, RateLimited) and exc.rate_limit is not None:
-            seen.rate_limit = exc.rate_limit  # the limit that refused it, in its headers
+        if isinstance(exc, RateLimited):
+            seen.limits_known(exc.rate_limit)  # the limit that refused it, in its headers
         refused(parts.load_guard, parts.metrics, seen, exc)
         if isinstance(exc, CallerDisconnected | ClientDisconnect):
             return caller_disconnected_response(request, exc)
@@ -247,7 +247,7 @@ async def _admit(parts: OpenAIParts, request: Request, seen: Seen, body: Generat
         wait_long=lambda work: until_disconnected(request, work),
         key=seen.key,
     )
-    seen.rate_limit = admitted.quota.rate_limit  # its x-ratelimit-* headers
+    seen.limits_known(admitted.quota.rate_limit)  # its x-ratelimit-* headers
     seen.slo_class = admitted.slo_class  # the lowest class when demoted
     return _start(parts, seen, tenant, body, admitted)
 

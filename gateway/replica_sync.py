@@ -74,8 +74,8 @@ class ServiceSharing(Protocol):
 
 class AdminChange(msgspec.Struct, frozen=True):
     """An admin change every replica applies: ``tenant`` (its weight, and its quotas, which the
-    next request reads), ``tenant_deleted``, ``key`` (revoked), ``models`` (an alias or a cost
-    factor: read them again from the store)."""
+    next request reads), ``tenant_deleted``, ``key`` (revoked, or its limits or expiry changed:
+    caches forget it), ``models`` (an alias or a cost factor: read them again from the store)."""
 
     kind: Literal["tenant", "tenant_deleted", "key", "models"]
     tenant_id: str = ""

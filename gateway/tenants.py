@@ -194,6 +194,20 @@ class ApiKey(msgspec.Struct, frozen=True):
         """Whether the key has expired at ``now`` (Unix seconds, the wall clock)."""
         return self.expires_at is not None and now >= self.expires_at
 
+    def own_quotas(self) -> Quotas | None:
+        """Its limits for the quota manager's key scope, or None when it has none (no scope:
+        a key without limits costs its requests nothing more; like a model scope, a limit set
+        later counts the requests admitted after it)."""
+        limits = self.quotas
+        if (
+            limits.requests_per_minute is None
+            and limits.tokens_per_minute is None
+            and limits.max_concurrent_requests is None
+            and limits.token_budget is None
+        ):
+            return None
+        return limits
+
 
 class CreatedKey(msgspec.Struct, frozen=True):
     """The answer to creating a key: the only time the secret is shown."""

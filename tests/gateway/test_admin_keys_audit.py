@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import socket
 import sqlite3
 import threading
@@ -294,7 +295,7 @@ def _mutating_routes(app: GatewayApp) -> set[tuple[str, str]]:
     for route in app.serving.routes:
         if not isinstance(route, Route) or route.methods is None:
             continue
-        path = route.path.replace(":path}", "}")
+        path = re.sub(r"\{(\w+):\w+\}", r"{\1}", route.path)  # {worker:path} -> {worker}
         if not (path.startswith("/admin/") or path in (REGISTER_PATH, UNREGISTER_PATH)):
             continue
         found |= {(method, path) for method in route.methods - {"GET", "HEAD"}}
