@@ -16,9 +16,11 @@ the admin token; a tenant key gets 403. JSON bodies are the structs of ``gateway
     POST   /admin/v1/workers/{worker}/undrain     new requests again → WorkerStatus
 
 Keys (``gateway.admin_keys``) and the audit log (``gateway.admin_audit``) have routes of their
-own, over the same ``AdminParts``. Every route here that changes something writes one record to
-the audit log (``gateway.audit``) once the change is made, naming the credential that made it;
-one that fails writes none.
+own, over the same ``AdminParts``. Every route here that changes something leaves one record in
+the audit log (``gateway.audit``), naming the credential that made it; one that fails leaves
+none. A tenant's record is written by the store in the change's own transaction (an audit write
+that fails fails the change, before anything is applied or sent to the other replicas); a
+worker's after the registry's change, retried, and logged as an ERROR if it cannot be written.
 
 Changes reach the running gateway at once: the key cache forgets the tenant or key, the scheduler
 gets the new weight, the quota manager reads the tenant's quotas on its next request. SLO classes
@@ -59,7 +61,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.audit import AuditLog, CredentialKind, actor_of
+from gateway.audit import AuditDraft, AuditLog, CredentialKind, actor_of
 from gateway.auth import Authenticator, bearer_token
 from gateway.config import Config
 from gateway.errors import ClientError, Conflict, InvalidApiKey, NotFound, PermissionDenied
@@ -277,10 +279,7 @@ def admin_endpoints(parts: AdminParts) -> list[Endpoint]:
         check_model_quotas(spec.model_quotas)
         allowed = allowed_classes(spec.default_class, spec.allowed_classes)
         spec = msgspec.structs.replace(spec, allowed_classes=allowed)
-        tenant = await parts.store.create_tenant(spec)
-        await audit.record(
-            actor, "tenant.create", tenant.tenant_id, tenant_id=tenant.tenant_id, after=tenant
-        )
+        tenant = await parts.store.create_tenant(spec, audit=AuditDraft(actor, "tenant.create"))
         return json_response(tenant, 201)
 
     async def get_tenant(request: Request) -> Response:
@@ -291,6 +290,8 @@ def admin_endpoints(parts: AdminParts) -> list[Endpoint]:
         actor = await admin_actor(parts.auth, request)
         patch = await _read_json(request, TenantPatch)
         check_model_quotas(patch.model_quotas)
+        # Read for the classes' check only: the record's ``before`` is read under the write's
+        # lock, by the store.
         current = await parts.store.get_tenant(request.path_params["tenant"])
         default_class = (
             current.default_class if patch.default_class is msgspec.UNSET else patch.default_class
@@ -303,26 +304,18 @@ def admin_endpoints(parts: AdminParts) -> list[Endpoint]:
         allowed = allowed_classes(default_class, given)
         if allowed != given:
             patch = msgspec.structs.replace(patch, allowed_classes=allowed)
-        tenant = await parts.store.update_tenant(current.tenant_id, patch)
-        await tenant_changed(tenant)
-        await audit.record(
-            actor,
-            "tenant.update",
-            tenant.tenant_id,
-            tenant_id=tenant.tenant_id,
-            before=current,
-            after=tenant,
+        tenant = await parts.store.update_tenant(
+            current.tenant_id, patch, audit=AuditDraft(actor, "tenant.update")
         )
+        await tenant_changed(tenant)
         return json_response(tenant)
 
     async def delete_tenant(request: Request) -> Response:
         actor = await admin_actor(parts.auth, request)
-        tenant = await parts.store.get_tenant(request.path_params["tenant"])
-        await parts.store.delete_tenant(tenant.tenant_id)
-        await parts.admin_changed(AdminChange("tenant_deleted", tenant.tenant_id))
-        await audit.record(
-            actor, "tenant.delete", tenant.tenant_id, tenant_id=tenant.tenant_id, before=tenant
+        tenant = await parts.store.delete_tenant(
+            request.path_params["tenant"], audit=AuditDraft(actor, "tenant.delete")
         )
+        await parts.admin_changed(AdminChange("tenant_deleted", tenant.tenant_id))
         return Response(status_code=204)
 
     async def usage(request: Request) -> Response:

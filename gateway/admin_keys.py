@@ -16,10 +16,11 @@ tenant's limits changed later are not checked against its keys': the tenant's li
 anyway. An ``expires_at`` in the past is taken (the key does not work: 401 ``key_expired``), so
 that a patch can stop a key at once; ``null`` makes it never expire.
 
-A change is in the store before the answer, then this replica's key cache forgets the key and
-the other replicas are told (``AdminChange("key")``), then the change is written to the audit
-log (``gateway.audit``: the key's id, prefix, name, limits and expiry, never its secret). The
-routes take the admin API's parts (``gateway.admin.AdminParts``). Torch-free.
+A change is in the store before the answer, with its audit record in the same transaction
+(``gateway.audit``: the key's id, prefix, name, limits and expiry, never its secret; both are
+kept or neither), then this replica's key cache forgets the key and the other replicas are told
+(``AdminChange("key")``). The routes take the admin API's parts (``gateway.admin.AdminParts``).
+Torch-free.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.admin import _ID_SCHEMA, AdminParts, KeyList, _read_json, admin_actor, json_response
-from gateway.audit import AuditLog, key_view
+from gateway.audit import AuditDraft
 from gateway.errors import ClientError
 from gateway.openapi_document import Endpoint, PathParam, QueryParam
 from gateway.replica_sync import AdminChange
@@ -76,17 +77,13 @@ def check_key_quotas(key: Quotas, tenant: Quotas) -> None:
 
 
 def key_admin_endpoints(parts: AdminParts) -> list[Endpoint]:
-    audit = AuditLog(parts.store)
-
     async def create_key(request: Request) -> Response:
         actor = await admin_actor(parts.auth, request)
         spec = await _read_json(request, KeySpec)
         tenant = await parts.store.get_tenant(request.path_params["tenant"])
         check_key_quotas(spec.quotas, tenant.quotas)
-        created: CreatedKey = await parts.store.create_key(tenant.tenant_id, spec)
-        key = created.key
-        await audit.record(
-            actor, "key.create", key.key_id, tenant_id=key.tenant_id, after=key_view(key)
+        created: CreatedKey = await parts.store.create_key(
+            tenant.tenant_id, spec, audit=AuditDraft(actor, "key.create")
         )
         return json_response(created, 201)
 
@@ -110,31 +107,18 @@ def key_admin_endpoints(parts: AdminParts) -> list[Endpoint]:
         if not isinstance(patch.quotas, msgspec.UnsetType):
             tenant = await parts.store.get_tenant(current.tenant_id)
             check_key_quotas(patch.quotas, tenant.quotas)
-        key = await parts.store.update_key(current.key_id, patch)
-        await parts.admin_changed(AdminChange("key", key_id=key.key_id))
-        await audit.record(
-            actor,
-            "key.update",
-            key.key_id,
-            tenant_id=key.tenant_id,
-            before=key_view(current),
-            after=key_view(key),
+        key = await parts.store.update_key(
+            current.key_id, patch, audit=AuditDraft(actor, "key.update")
         )
+        await parts.admin_changed(AdminChange("key", key_id=key.key_id))
         return json_response(key)
 
     async def revoke_key(request: Request) -> Response:
         actor = await admin_actor(parts.auth, request)
-        current = await parts.store.get_key(request.path_params["key_id"])
-        key = await parts.store.revoke_key(current.key_id)
-        await parts.admin_changed(AdminChange("key", key_id=key.key_id))
-        await audit.record(
-            actor,
-            "key.revoke",
-            key.key_id,
-            tenant_id=key.tenant_id,
-            before=key_view(current),
-            after=key_view(key),
+        key = await parts.store.revoke_key(
+            request.path_params["key_id"], audit=AuditDraft(actor, "key.revoke")
         )
+        await parts.admin_changed(AdminChange("key", key_id=key.key_id))
         return json_response(key)
 
     tenant_param = (PathParam("tenant", "the tenant's id or name", _ID_SCHEMA),)

@@ -18,18 +18,20 @@ before routing: ``model_routing_path``).
 A cost factor (``gateway.model_costs``) is what one token of the model costs in tokens of the
 reference model, within [0.01, 100]; ``null`` hands it back to the measurement. An alias names a
 model a worker announced (else 400 naming the known ones), and is never a model's id (409). A
-change is in the store before the answer, applied on this replica (the catalog resolves a moved
-alias at the next request) and sent to the others (``AdminChange("models")``: they read the
-aliases and factors again from the store); then it is written to the audit log
-(``gateway.audit``): a model's admin cost factor (``null``: measured) before and after, an
-alias's target before and after. A route that fails writes none. Torch-free.
+change is in the store before the answer, with its record in the audit log (``gateway.audit``)
+in the same transaction (both are kept or neither: an audit write that fails fails the change):
+a model's admin cost factor (``null``: measured) before and after, an alias before and after.
+Then it is applied on this replica (the catalog resolves a moved alias at the next request) and
+sent to the others (``AdminChange("models")``: they read the aliases and factors again from the
+store). A patch that changes nothing is recorded too (before = after); a route that fails
+writes no record. Torch-free.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import msgspec
 from starlette.convertors import PathConvertor, register_url_convertor
@@ -37,7 +39,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.admin import _read_json, admin_actor, json_response
-from gateway.audit import AuditLog
+from gateway.audit import AuditDraft
 from gateway.auth import Authenticator
 from gateway.errors import ClientError, NotFound
 from gateway.model_catalog import ModelCatalog
@@ -45,7 +47,7 @@ from gateway.model_costs import MAX_FACTOR, MIN_FACTOR, CostBook
 from gateway.openapi_document import Endpoint, PathParam
 from gateway.replica_sync import AdminChange
 from gateway.scheduler import ModelBacklog
-from gateway.tenants import MAX_MODEL_NAME_LEN, ModelAlias, ModelName, TenantStore
+from gateway.tenants import MAX_MODEL_NAME_LEN, ModelAlias, ModelName, ModelSetting, TenantStore
 from gateway.workers import WorkerRegistry, WorkerState
 from transfer.messages import WorkerRole
 
@@ -179,15 +181,9 @@ def model_routing_path(path: str) -> str:
 
 
 def model_admin_endpoints(parts: ModelAdminParts) -> list[Endpoint]:
-    audit = AuditLog(parts.store)
-
-    def setting_view(model: str) -> dict[str, Any]:
-        """What the audit log keeps of a model: the admin's cost factor (None: measured)."""
-        cost = parts.costs.cost(model)
-        return {"model": model, "cost_factor": cost.factor if cost.source == "admin" else None}
-
-    async def stored_alias(alias: str) -> ModelAlias | None:
-        return next((a for a in await parts.store.list_aliases() if a.alias == alias), None)
+    async def stored_setting(model: str) -> ModelSetting:
+        settings = await parts.store.list_model_settings()
+        return next((s for s in settings if s.model_id == model), ModelSetting(model))
 
     async def model_statuses(only: str | None = None) -> list[ModelStatus]:
         """Every model (module docstring), by id; only ``only`` when given."""
@@ -250,14 +246,16 @@ def model_admin_endpoints(parts: ModelAdminParts) -> list[Endpoint]:
         actor = await admin_actor(parts.auth, request)
         patch = await _read_json(request, ModelPatch)
         model = served_model(request)
-        before = setting_view(model)
+        draft = AuditDraft(actor, "model.update")
         if patch.cost_factor is not msgspec.UNSET:
             # In the store first: a replica that reloads it must see what this one applies.
-            await parts.store.set_cost_factor(model, patch.cost_factor)
+            await parts.store.set_cost_factor(model, patch.cost_factor, audit=draft)
             parts.costs.set_admin(model, patch.cost_factor)  # (in bounds: the type's)
             await parts.admin_changed(AdminChange("models"))
+        else:  # nothing to change, and so nothing to write with the record
+            setting = await stored_setting(model)
+            await parts.store.record_audit(draft.record(setting, setting))
         [status] = await model_statuses(only=model)
-        await audit.record(actor, "model.update", model, before=before, after=setting_view(model))
         return json_response(status)
 
     async def list_aliases(request: Request) -> Response:
@@ -280,20 +278,18 @@ def model_admin_endpoints(parts: ModelAdminParts) -> list[Endpoint]:
                 f"{', '.join(known) or 'none yet'}",
                 param="model",
             )
-        before = await stored_alias(alias)
-        stored, is_new = await parts.store.set_alias(alias, target.model)
+        stored, is_new = await parts.store.set_alias(
+            alias, target.model, audit=AuditDraft(actor, "alias.set")
+        )
         await aliases_changed()
-        await audit.record(actor, "alias.set", alias, before=before, after=stored)
         return json_response(stored, 201 if is_new else 200)
 
     async def delete_alias(request: Request) -> Response:
         actor = await admin_actor(parts.auth, request)
         alias = request.path_params["alias"]
-        before = await stored_alias(alias)
-        if not await parts.store.delete_alias(alias):
+        if not await parts.store.delete_alias(alias, audit=AuditDraft(actor, "alias.delete")):
             raise NotFound(f"no alias {alias!r}")
         await aliases_changed()
-        await audit.record(actor, "alias.delete", alias, before=before)
         return Response(status_code=204)
 
     model_param = (PathParam("model", "the model's id (URL-encoded)", _NAME_SCHEMA),)

@@ -7,7 +7,8 @@ store owns ONE connection, opened, used and closed by ONE dedicated thread (a si
 ``ThreadPoolExecutor``); every coroutine hands its work to that thread with
 ``loop.run_in_executor`` and awaits it. The event loop never waits on disk or on a lock, and the
 writes are serialized by the thread's queue instead of contending for SQLite's write lock (no
-``SQLITE_BUSY`` between our own calls). Each unit of work that writes is one transaction.
+``SQLITE_BUSY`` between our own calls). Each unit of work that writes is one transaction, and
+an admin change's audit record (``audit=``, ``gateway.audit``) is written in it.
 
 Schema: ``MIGRATIONS[i]`` moves the schema from version ``i`` to ``i + 1``; the version lives in
 ``PRAGMA user_version``. ``open`` applies the missing ones, each in its own transaction, and
@@ -33,14 +34,17 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from gateway.audit import AuditRecord
+from gateway.audit import AuditDraft, Audited, AuditRecord
 from gateway.errors import Conflict, NotFound
 from gateway.store_common import (
     AUDIT_COLUMNS,
+    AUDIT_FAILED,
     KEY_COLUMNS,
     MODEL_USAGE_COLUMNS,
+    RECORD_FAILED,
     TENANT_COLUMNS,
     USAGE_COLUMNS,
+    AuditWriteFailed,
     SchemaTooNew,
     api_key_from_row,
     audit_from_row,
@@ -205,6 +209,7 @@ _ADD_KEY_USAGE = (
     f" ON CONFLICT (key_id, period_kind, period){_ADD_SUMS}"
 )
 _KEY_MARKS = ", ".join("?" * len(KEY_COLUMNS.split(", ")))
+_INSERT_AUDIT = f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 
 
 class SQLiteStore:
@@ -243,7 +248,7 @@ class SQLiteStore:
 
     # Tenants
 
-    async def create_tenant(self, spec: TenantSpec) -> Tenant:
+    async def create_tenant(self, spec: TenantSpec, *, audit: AuditDraft | None = None) -> Tenant:
         tenant = new_tenant(spec)
 
         def work(db: sqlite3.Connection) -> Tenant:
@@ -255,6 +260,7 @@ class SQLiteStore:
                     " :over_quota, :created_at, :allowed_models, :model_quotas)",
                     tenant_values(tenant),
                 )
+                _audit(db, audit, None, tenant)
             return tenant
 
         return await self._run(work)
@@ -270,7 +276,9 @@ class SQLiteStore:
 
         return await self._run(work)
 
-    async def update_tenant(self, tenant_id: str, patch: TenantPatch) -> Tenant:
+    async def update_tenant(
+        self, tenant_id: str, patch: TenantPatch, *, audit: AuditDraft | None = None
+    ) -> Tenant:
         """Applies ``patch`` to the tenant with this id or name; unset fields stay."""
 
         def work(db: sqlite3.Connection) -> Tenant:
@@ -287,23 +295,29 @@ class SQLiteStore:
                     " WHERE tenant_id = :tenant_id",
                     tenant_values(updated),
                 )
+                _audit(db, audit, current, updated)
             return updated
 
         return await self._run(work)
 
-    async def delete_tenant(self, tenant_id: str) -> None:
-        """Deletes the tenant with this id or name, its keys and its usage (by cascade)."""
+    async def delete_tenant(self, tenant_id: str, *, audit: AuditDraft | None = None) -> Tenant:
+        """Deletes the tenant with this id or name, its keys and its usage (by cascade); the
+        tenant as it was."""
 
-        def work(db: sqlite3.Connection) -> None:
+        def work(db: sqlite3.Connection) -> Tenant:
             with _transaction(db):
                 tenant = _find_tenant(db, tenant_id)
                 db.execute("DELETE FROM tenants WHERE tenant_id = ?", (tenant.tenant_id,))
+                _audit(db, audit, tenant, None)
+            return tenant
 
-        await self._run(work)
+        return await self._run(work)
 
     # Keys
 
-    async def create_key(self, tenant_id: str, spec: KeySpec) -> CreatedKey:
+    async def create_key(
+        self, tenant_id: str, spec: KeySpec, *, audit: AuditDraft | None = None
+    ) -> CreatedKey:
         """A new key for the tenant with this id or name; the secret is returned only here."""
         secret = new_secret()
         key_hash = hash_secret(secret)
@@ -315,6 +329,7 @@ class SQLiteStore:
                     f"INSERT INTO api_keys (key_hash, {KEY_COLUMNS}) VALUES (?, {_KEY_MARKS})",
                     (key_hash, *key_values(key)),
                 )
+                _audit(db, audit, None, key)
             return CreatedKey(key=key, secret=secret)
 
         return await self._run(work)
@@ -346,12 +361,15 @@ class SQLiteStore:
     async def get_key(self, key_id: str) -> ApiKey:
         return await self._run(lambda db: _find_key(db, key_id))
 
-    async def update_key(self, key_id: str, patch: KeyPatch) -> ApiKey:
+    async def update_key(
+        self, key_id: str, patch: KeyPatch, *, audit: AuditDraft | None = None
+    ) -> ApiKey:
         """Applies ``patch`` to the key; unset fields stay. A revoked key stays revoked."""
 
         def work(db: sqlite3.Connection) -> ApiKey:
             with _transaction(db):
-                updated = patched_key(_find_key(db, key_id), patch)
+                current = _find_key(db, key_id)
+                updated = patched_key(current, patch)
                 db.execute(
                     "UPDATE api_keys SET name = ?, quotas = ?, expires_at = ? WHERE key_id = ?",
                     (
@@ -361,20 +379,24 @@ class SQLiteStore:
                         key_id,
                     ),
                 )
+                _audit(db, audit, current, updated)
             return updated
 
         return await self._run(work)
 
-    async def revoke_key(self, key_id: str) -> ApiKey:
+    async def revoke_key(self, key_id: str, *, audit: AuditDraft | None = None) -> ApiKey:
         """Revokes the key; revoking it again keeps the first ``revoked_at``."""
 
         def work(db: sqlite3.Connection) -> ApiKey:
             with _transaction(db):
+                current = _find_key(db, key_id)
                 db.execute(
                     "UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) WHERE key_id = ?",
                     (time.time(), key_id),
                 )
-                return _find_key(db, key_id)
+                revoked = _find_key(db, key_id)
+                _audit(db, audit, current, revoked)
+            return revoked
 
         return await self._run(work)
 
@@ -535,14 +557,11 @@ class SQLiteStore:
     # Audit
 
     async def record_audit(self, record: AuditRecord) -> None:
-        """Appends an admin change to the audit log."""
+        """Appends a record to the audit log, on its own (``TenantStore.record_audit``)."""
 
         def work(db: sqlite3.Connection) -> None:
             with _transaction(db):
-                db.execute(
-                    f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    audit_values(record),
-                )
+                _insert_audit(db, record, RECORD_FAILED)
 
         await self._run(work)
 
@@ -584,32 +603,37 @@ class SQLiteStore:
 
         return await self._run(work)
 
-    async def set_alias(self, alias: str, model_id: str) -> tuple[ModelAlias, bool]:
+    async def set_alias(
+        self, alias: str, model_id: str, *, audit: AuditDraft | None = None
+    ) -> tuple[ModelAlias, bool]:
         """Points ``alias`` at ``model_id``: the alias as stored, and whether it is new."""
         stored = ModelAlias(alias, model_id, time.time())
 
         def work(db: sqlite3.Connection) -> tuple[ModelAlias, bool]:
             with _transaction(db):
-                existed = db.execute(
-                    "SELECT 1 FROM model_aliases WHERE alias = ?", (alias,)
-                ).fetchone()
+                current = _find_alias(db, alias)
                 db.execute(
                     "INSERT INTO model_aliases (alias, model_id, updated_at) VALUES (?, ?, ?)"
                     " ON CONFLICT (alias) DO UPDATE SET model_id = excluded.model_id,"
                     " updated_at = excluded.updated_at",
                     msgspec.structs.astuple(stored),
                 )
-            return stored, existed is None
+                _audit(db, audit, current, stored)
+            return stored, current is None
 
         return await self._run(work)
 
-    async def delete_alias(self, alias: str) -> bool:
-        """Deletes the alias; False when there was none."""
+    async def delete_alias(self, alias: str, *, audit: AuditDraft | None = None) -> bool:
+        """Deletes the alias; False when there was none (and no record is written)."""
 
         def work(db: sqlite3.Connection) -> bool:
             with _transaction(db):
-                cursor = db.execute("DELETE FROM model_aliases WHERE alias = ?", (alias,))
-            return cursor.rowcount > 0
+                current = _find_alias(db, alias)
+                if current is None:
+                    return False
+                db.execute("DELETE FROM model_aliases WHERE alias = ?", (alias,))
+                _audit(db, audit, current, None)
+            return True
 
         return await self._run(work)
 
@@ -622,18 +646,24 @@ class SQLiteStore:
 
         return await self._run(work)
 
-    async def set_cost_factor(self, model_id: str, factor: float | None) -> ModelSetting:
+    async def set_cost_factor(
+        self, model_id: str, factor: float | None, *, audit: AuditDraft | None = None
+    ) -> ModelSetting:
         """Sets the model's cost factor (finite and > 0, else ``ValueError``), or with ``None``
         clears it (the gateway measures it again)."""
         setting = ModelSetting(model_id, checked_cost_factor(factor))
 
         def work(db: sqlite3.Connection) -> ModelSetting:
             with _transaction(db):
+                row = db.execute(
+                    "SELECT cost_factor FROM model_settings WHERE model_id = ?", (model_id,)
+                ).fetchone()
                 db.execute(
                     "INSERT INTO model_settings (model_id, cost_factor) VALUES (?, ?)"
                     " ON CONFLICT (model_id) DO UPDATE SET cost_factor = excluded.cost_factor",
                     (setting.model_id, setting.cost_factor),
                 )
+                _audit(db, audit, ModelSetting(model_id, None if row is None else row[0]), setting)
             return setting
 
         return await self._run(work)
@@ -710,6 +740,32 @@ def _find_key(db: sqlite3.Connection, key_id: str) -> ApiKey:
     if row is None:
         raise NotFound(f"API key {key_id!r} not found")
     return api_key_from_row(row)
+
+
+def _find_alias(db: sqlite3.Connection, alias: str) -> ModelAlias | None:
+    row = db.execute(
+        "SELECT alias, model_id, updated_at FROM model_aliases WHERE alias = ?", (alias,)
+    ).fetchone()
+    return None if row is None else ModelAlias(*row)
+
+
+def _audit(
+    db: sqlite3.Connection,
+    audit: AuditDraft | None,
+    before: Audited | None,
+    after: Audited | None,
+) -> None:
+    """Writes the change's record, when it is audited, in the change's transaction."""
+    if audit is not None:
+        _insert_audit(db, audit.record(before, after), AUDIT_FAILED)
+
+
+def _insert_audit(db: sqlite3.Connection, record: AuditRecord, message: str) -> None:
+    try:
+        db.execute(_INSERT_AUDIT, audit_values(record))
+    except sqlite3.Error as exc:
+        logger.warning("tenant store: the audit record of %s failed: %s", record.action, exc)
+        raise AuditWriteFailed(message) from exc
 
 
 def _check_name_free(db: sqlite3.Connection, name: str, tenant_id: str) -> None:

@@ -3,7 +3,7 @@
 a key's hash, a patch applied to a tenant or a key, a tenant, key or audit record from a row and
 back, usage deltas summed per ledger row (the tenant's and, per model, ``model_usage``'s, per
 key, ``key_usage``'s), a cost factor checked, and the errors both raise beyond ``NotFound`` and
-``Conflict``.
+``Conflict`` (``AuditWriteFailed``: a change refused because its audit record failed).
 
 Both schemas name their columns alike and keep a tenant's ``allowed_classes``, ``quotas``,
 ``allowed_models`` and ``model_quotas``, a key's ``quotas`` and an audit record's ``before`` and
@@ -42,13 +42,16 @@ from transfer.errors import FairgateError
 
 __all__ = [
     "AUDIT_COLUMNS",
+    "AUDIT_FAILED",
     "DISPLAY_PREFIX_LEN",
     "KEY_COLUMNS",
     "MODEL_USAGE_COLUMNS",
     "PERIOD_KINDS",
+    "RECORD_FAILED",
     "SECRET_PREFIX",
     "TENANT_COLUMNS",
     "USAGE_COLUMNS",
+    "AuditWriteFailed",
     "KeyLedgerKey",
     "LedgerKey",
     "LedgerSums",
@@ -108,6 +111,20 @@ class SchemaTooNew(FairgateError):
     """The database was written by a newer fairgate (its schema version is unknown here)."""
 
     code = "store_schema_too_new"
+
+
+class AuditWriteFailed(Unavailable):
+    """An audit record could not be written. Of a change in the store, the change was not
+    made either: the record is written in the change's own transaction (``gateway.audit``),
+    which fails with it. The message is ours; the driver's error is logged where this is
+    raised."""
+
+    code = "audit_write_failed"
+
+
+# AuditWriteFailed's messages: of a change refused with its record, of a record on its own.
+AUDIT_FAILED = "the audit log could not record this change, so it was not made; try again"
+RECORD_FAILED = "the audit log could not write this record; try again"
 
 
 class StoreUnavailable(Unavailable):

@@ -15,9 +15,11 @@ its row before reading it, usage is added with ``INSERT … ON CONFLICT DO UPDAT
 EXCLUDED.x`` (row locks make concurrent additions sum exactly) in a fixed row order (no deadlock
 between two batches), and the tenants of a batch are locked ``FOR KEY SHARE`` first, so a tenant
 deleted meanwhile is either deleted before (its deltas are skipped, as SQLite's store does) or
-after the batch. Setting an alias tells a new one from a moved one by which of "insert if absent"
-and "update if present" changed a row, so two admins setting one alias at once get one "created"
-between them.
+after the batch. Setting an alias or a cost factor locks the row if it is there, else inserts
+it if it is still absent (``_lock_or_insert``), so two admins setting one alias at once get one
+"created" between them, and each change's ``before`` is what the one before it wrote. An admin
+change's audit record (``audit=``, ``gateway.audit``) is written in the change's transaction:
+a change cut off as above was applied with its record or not at all.
 
 Schema: ``MIGRATIONS[i]`` moves the schema from version ``i`` to ``i + 1`` and is SQLite's
 ``gateway.store.MIGRATIONS[i]`` in PostgreSQL's dialect: the two lists grow together. The version
@@ -43,14 +45,17 @@ import psycopg
 from psycopg import AsyncConnection, errors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from gateway.audit import AuditRecord
+from gateway.audit import AuditDraft, Audited, AuditRecord
 from gateway.errors import Conflict, NotFound
 from gateway.store_common import (
     AUDIT_COLUMNS,
+    AUDIT_FAILED,
     KEY_COLUMNS,
     MODEL_USAGE_COLUMNS,
+    RECORD_FAILED,
     TENANT_COLUMNS,
     USAGE_COLUMNS,
+    AuditWriteFailed,
     SchemaTooNew,
     StoreUnavailable,
     api_key_from_row,
@@ -240,6 +245,7 @@ _ADD_KEY_USAGE = (
     f" ON CONFLICT (key_id, period_kind, period){_add_sums('key_usage')}"
 )
 _KEY_MARKS = ", ".join(["%s"] * len(KEY_COLUMNS.split(", ")))
+_INSERT_AUDIT = f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
 
 # Created by the first migrating transaction, under the lock (a CREATE racing another would fail).
 _VERSION_TABLE = """
@@ -315,17 +321,19 @@ class PostgresStore:
 
     # Tenants
 
-    async def create_tenant(self, spec: TenantSpec) -> Tenant:
+    async def create_tenant(self, spec: TenantSpec, *, audit: AuditDraft | None = None) -> Tenant:
         tenant = new_tenant(spec)
 
         async def work(db: Connection) -> Tenant:
-            with _name_conflict(tenant.name):  # taken, maybe by another replica just now
-                await db.execute(
-                    f"INSERT INTO tenants ({TENANT_COLUMNS}) VALUES (%(tenant_id)s, %(name)s,"
-                    " %(weight)s, %(default_class)s, %(allowed_classes)s, %(quotas)s,"
-                    " %(over_quota)s, %(created_at)s, %(allowed_models)s, %(model_quotas)s)",
-                    tenant_values(tenant),
-                )
+            async with db.transaction():
+                with _name_conflict(tenant.name):  # taken, maybe by another replica just now
+                    await db.execute(
+                        f"INSERT INTO tenants ({TENANT_COLUMNS}) VALUES (%(tenant_id)s, %(name)s,"
+                        " %(weight)s, %(default_class)s, %(allowed_classes)s, %(quotas)s,"
+                        " %(over_quota)s, %(created_at)s, %(allowed_models)s, %(model_quotas)s)",
+                        tenant_values(tenant),
+                    )
+                await _audit(db, audit, None, tenant)
             return tenant
 
         return await self._run("create_tenant", work)
@@ -343,7 +351,9 @@ class PostgresStore:
 
         return await self._run("list_tenants", work)
 
-    async def update_tenant(self, tenant_id: str, patch: TenantPatch) -> Tenant:
+    async def update_tenant(
+        self, tenant_id: str, patch: TenantPatch, *, audit: AuditDraft | None = None
+    ) -> Tenant:
         """Applies ``patch`` to the tenant with this id or name; unset fields stay. The row is
         locked from read to write, so patches from two replicas both apply."""
 
@@ -361,23 +371,29 @@ class PostgresStore:
                         " model_quotas = %(model_quotas)s WHERE tenant_id = %(tenant_id)s",
                         tenant_values(updated),
                     )
+                await _audit(db, audit, current, updated)
             return updated
 
         return await self._run("update_tenant", work)
 
-    async def delete_tenant(self, tenant_id: str) -> None:
-        """Deletes the tenant with this id or name, its keys and its usage (by cascade)."""
+    async def delete_tenant(self, tenant_id: str, *, audit: AuditDraft | None = None) -> Tenant:
+        """Deletes the tenant with this id or name, its keys and its usage (by cascade); the
+        tenant as it was."""
 
-        async def work(db: Connection) -> None:
+        async def work(db: Connection) -> Tenant:
             async with db.transaction():
                 tenant = await _find_tenant(db, tenant_id, lock="FOR UPDATE")
                 await db.execute("DELETE FROM tenants WHERE tenant_id = %s", (tenant.tenant_id,))
+                await _audit(db, audit, tenant, None)
+            return tenant
 
-        await self._run("delete_tenant", work)
+        return await self._run("delete_tenant", work)
 
     # Keys
 
-    async def create_key(self, tenant_id: str, spec: KeySpec) -> CreatedKey:
+    async def create_key(
+        self, tenant_id: str, spec: KeySpec, *, audit: AuditDraft | None = None
+    ) -> CreatedKey:
         """A new key for the tenant with this id or name; the secret is returned only here."""
         secret = new_secret()
         key_hash = hash_secret(secret)
@@ -391,6 +407,7 @@ class PostgresStore:
                     f"INSERT INTO api_keys (key_hash, {KEY_COLUMNS}) VALUES (%s, {_KEY_MARKS})",
                     (key_hash, *key_values(key)),
                 )
+                await _audit(db, audit, None, key)
             return CreatedKey(key=key, secret=secret)
 
         return await self._run("create_key", work)
@@ -420,31 +437,18 @@ class PostgresStore:
         return await self._run("list_keys", work)
 
     async def get_key(self, key_id: str) -> ApiKey:
-        async def work(db: Connection) -> ApiKey:
-            cursor = await db.execute(
-                f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_id = %s", (key_id,)
-            )
-            row = await cursor.fetchone()
-            if row is None:
-                raise NotFound(f"API key {key_id!r} not found")
-            return api_key_from_row(row)
+        return await self._run("get_key", lambda db: _find_key(db, key_id))
 
-        return await self._run("get_key", work)
-
-    async def update_key(self, key_id: str, patch: KeyPatch) -> ApiKey:
+    async def update_key(
+        self, key_id: str, patch: KeyPatch, *, audit: AuditDraft | None = None
+    ) -> ApiKey:
         """Applies ``patch`` to the key; unset fields stay. A revoked key stays revoked. The row
         is locked from read to write, so patches from two replicas both apply."""
 
         async def work(db: Connection) -> ApiKey:
             async with db.transaction():
-                cursor = await db.execute(
-                    f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_id = %s FOR NO KEY UPDATE",
-                    (key_id,),
-                )
-                row = await cursor.fetchone()
-                if row is None:
-                    raise NotFound(f"API key {key_id!r} not found")
-                updated = patched_key(api_key_from_row(row), patch)
+                current = await _find_key(db, key_id, lock="FOR NO KEY UPDATE")
+                updated = patched_key(current, patch)
                 await db.execute(
                     "UPDATE api_keys SET name = %s, quotas = %s, expires_at = %s WHERE key_id = %s",
                     (
@@ -454,25 +458,30 @@ class PostgresStore:
                         key_id,
                     ),
                 )
+                await _audit(db, audit, current, updated)
             return updated
 
         return await self._run("update_key", work)
 
-    async def revoke_key(self, key_id: str) -> ApiKey:
+    async def revoke_key(self, key_id: str, *, audit: AuditDraft | None = None) -> ApiKey:
         """Revokes the key; revoking it again keeps the first ``revoked_at``."""
 
         async def work(db: Connection) -> ApiKey:
-            # One statement: the row lock orders two revocations, and the second one's coalesce
-            # sees the first one's time. The time is ours, as created_at is (not the server's).
-            cursor = await db.execute(
-                "UPDATE api_keys SET revoked_at = coalesce(revoked_at, %s) WHERE key_id = %s"
-                f" RETURNING {KEY_COLUMNS}",
-                (time.time(), key_id),
-            )
-            row = await cursor.fetchone()
-            if row is None:
-                raise NotFound(f"API key {key_id!r} not found")
-            return api_key_from_row(row)
+            async with db.transaction():
+                # The row lock orders two revocations: the second one reads the first one's
+                # time, and its coalesce keeps it. The time is ours, as created_at is (not the
+                # server's).
+                current = await _find_key(db, key_id, lock="FOR NO KEY UPDATE")
+                cursor = await db.execute(
+                    "UPDATE api_keys SET revoked_at = coalesce(revoked_at, %s) WHERE key_id = %s"
+                    f" RETURNING {KEY_COLUMNS}",
+                    (time.time(), key_id),
+                )
+                row = await cursor.fetchone()
+                assert row is not None, "locked above"
+                revoked = api_key_from_row(row)
+                await _audit(db, audit, current, revoked)
+            return revoked
 
         return await self._run("revoke_key", work)
 
@@ -640,13 +649,10 @@ class PostgresStore:
     # Audit
 
     async def record_audit(self, record: AuditRecord) -> None:
-        """Appends an admin change to the audit log."""
+        """Appends a record to the audit log, on its own (``TenantStore.record_audit``)."""
 
         async def work(db: Connection) -> None:
-            await db.execute(
-                f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                audit_values(record),
-            )
+            await _insert_audit(db, record, RECORD_FAILED)
 
         await self._run("record_audit", work)
 
@@ -688,41 +694,48 @@ class PostgresStore:
 
         return await self._run("list_aliases", work)
 
-    async def set_alias(self, alias: str, model_id: str) -> tuple[ModelAlias, bool]:
+    async def set_alias(
+        self, alias: str, model_id: str, *, audit: AuditDraft | None = None
+    ) -> tuple[ModelAlias, bool]:
         """Points ``alias`` at ``model_id``: the alias as stored, and whether it is new. Of two
         replicas creating one alias at once, one is told it is new; the other moved it."""
         stored = ModelAlias(alias, model_id, time.time())
-        values = msgspec.structs.astuple(stored)
 
         async def work(db: Connection) -> tuple[ModelAlias, bool]:
             async with db.transaction():
-                # Each statement reads the latest committed rows: an insert waits for one in
-                # flight, then changes nothing; the update then finds that row. Only an admin
-                # deleting it in between makes both change nothing, and then the next round
-                # inserts it (the call's timeout bounds the rounds).
-                while True:
-                    cursor = await db.execute(
-                        "INSERT INTO model_aliases (alias, model_id, updated_at)"
-                        " VALUES (%s, %s, %s) ON CONFLICT (alias) DO NOTHING",
-                        values,
-                    )
-                    if cursor.rowcount > 0:
-                        return stored, True
-                    cursor = await db.execute(
+                row = await _lock_or_insert(
+                    db,
+                    "SELECT alias, model_id, updated_at FROM model_aliases WHERE alias = %s",
+                    (alias,),
+                    "INSERT INTO model_aliases (alias, model_id, updated_at) VALUES (%s, %s, %s)",
+                    msgspec.structs.astuple(stored),
+                )
+                current = None if row is None else ModelAlias(*row)
+                if current is not None:
+                    await db.execute(
                         "UPDATE model_aliases SET model_id = %s, updated_at = %s WHERE alias = %s",
                         (model_id, stored.updated_at, alias),
                     )
-                    if cursor.rowcount > 0:
-                        return stored, False
+                await _audit(db, audit, current, stored)
+            return stored, current is None
 
         return await self._run("set_alias", work)
 
-    async def delete_alias(self, alias: str) -> bool:
-        """Deletes the alias; False when there was none."""
+    async def delete_alias(self, alias: str, *, audit: AuditDraft | None = None) -> bool:
+        """Deletes the alias; False when there was none (and no record is written)."""
 
         async def work(db: Connection) -> bool:
-            cursor = await db.execute("DELETE FROM model_aliases WHERE alias = %s", (alias,))
-            return cursor.rowcount > 0
+            async with db.transaction():
+                cursor = await db.execute(
+                    "DELETE FROM model_aliases WHERE alias = %s"
+                    " RETURNING alias, model_id, updated_at",
+                    (alias,),
+                )
+                row = await cursor.fetchone()
+                if row is None:
+                    return False
+                await _audit(db, audit, ModelAlias(*row), None)
+            return True
 
         return await self._run("delete_alias", work)
 
@@ -737,17 +750,29 @@ class PostgresStore:
 
         return await self._run("list_model_settings", work)
 
-    async def set_cost_factor(self, model_id: str, factor: float | None) -> ModelSetting:
+    async def set_cost_factor(
+        self, model_id: str, factor: float | None, *, audit: AuditDraft | None = None
+    ) -> ModelSetting:
         """Sets the model's cost factor (finite and > 0, else ``ValueError``), or with ``None``
         clears it (the gateway measures it again)."""
         setting = ModelSetting(model_id, checked_cost_factor(factor))
 
         async def work(db: Connection) -> ModelSetting:
-            await db.execute(
-                "INSERT INTO model_settings (model_id, cost_factor) VALUES (%s, %s)"
-                " ON CONFLICT (model_id) DO UPDATE SET cost_factor = EXCLUDED.cost_factor",
-                (setting.model_id, setting.cost_factor),
-            )
+            async with db.transaction():
+                row = await _lock_or_insert(
+                    db,
+                    "SELECT cost_factor FROM model_settings WHERE model_id = %s",
+                    (model_id,),
+                    "INSERT INTO model_settings (model_id, cost_factor) VALUES (%s, %s)",
+                    (setting.model_id, setting.cost_factor),
+                )
+                if row is not None:
+                    await db.execute(
+                        "UPDATE model_settings SET cost_factor = %s WHERE model_id = %s",
+                        (setting.cost_factor, model_id),
+                    )
+                before = ModelSetting(model_id, None if row is None else row[0])
+                await _audit(db, audit, before, setting)
             return setting
 
         return await self._run("set_cost_factor", work)
@@ -795,6 +820,57 @@ async def _find_tenant(db: Connection, ref: str, *, lock: RowLock = "") -> Tenan
     if row is None:
         raise NotFound(f"tenant {ref!r} not found")
     return tenant_from_row(row)
+
+
+async def _find_key(db: Connection, key_id: str, *, lock: RowLock = "") -> ApiKey:
+    """The key with this id, its row locked with ``lock`` until the transaction ends."""
+    cursor = await db.execute(
+        f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_id = %s {lock}", (key_id,)
+    )
+    row = await cursor.fetchone()
+    if row is None:
+        raise NotFound(f"API key {key_id!r} not found")
+    return api_key_from_row(row)
+
+
+async def _lock_or_insert(
+    db: Connection,
+    select: str,
+    key: tuple[Any, ...],
+    insert: str,
+    values: tuple[Any, ...],
+) -> tuple[Any, ...] | None:
+    """The row ``select`` finds by ``key``, locked (FOR UPDATE) until the transaction ends; or,
+    where there is none, ``None`` once ``insert`` has inserted ``values`` (the caller then has
+    nothing to update). Each statement reads the latest committed rows: an insert that meets a
+    row inserted meanwhile (committed, or in flight: it waits for that one) changes nothing, and
+    the next round locks that row (the call's timeout bounds the rounds)."""
+    while True:
+        cursor = await db.execute(select + " FOR UPDATE", key)
+        row = await cursor.fetchone()
+        if row is not None:
+            return row
+        cursor = await db.execute(insert + " ON CONFLICT DO NOTHING", values)
+        if cursor.rowcount > 0:
+            return None
+
+
+async def _audit(
+    db: Connection, audit: AuditDraft | None, before: Audited | None, after: Audited | None
+) -> None:
+    """Writes the change's record, when it is audited, in the change's transaction."""
+    if audit is not None:
+        await _insert_audit(db, audit.record(before, after), AUDIT_FAILED)
+
+
+async def _insert_audit(db: Connection, record: AuditRecord, message: str) -> None:
+    try:
+        await db.execute(_INSERT_AUDIT, audit_values(record))
+    except psycopg.OperationalError:
+        raise  # the server is gone: StoreUnavailable (``_run``)
+    except psycopg.Error as exc:
+        logger.warning("tenant store: the audit record of %s failed: %s", record.action, exc)
+        raise AuditWriteFailed(message) from exc
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Literal, Protocol
 import msgspec
 
 if TYPE_CHECKING:
-    from gateway.audit import AuditRecord
+    from gateway.audit import AuditDraft, AuditRecord
 
 __all__ = [
     "DEFAULT_SLO_CLASSES",
@@ -324,20 +324,31 @@ def period_bounds(at: float, kind: BudgetPeriod) -> tuple[float, float]:
 class TenantStore(Protocol):
     """Where tenants, keys and usage live. Every method is a coroutine that never blocks the event
     loop; it is safe to call from any task. Errors: ``gateway.errors.NotFound`` for an unknown
-    tenant or key, ``Conflict`` for a duplicate tenant name."""
+    tenant or key, ``Conflict`` for a duplicate tenant name.
 
-    async def create_tenant(self, spec: TenantSpec) -> Tenant: ...
+    The methods that change a tenant, a key, an alias or a model's setting take ``audit``: when
+    given, the store writes its record of the change (``AuditDraft.record``: ``before`` as read
+    under the change's lock, ``after`` as written) in the change's own transaction, so that both
+    are kept or neither is (``gateway.audit``). A call that fails writes no record."""
+
+    async def create_tenant(
+        self, spec: TenantSpec, *, audit: AuditDraft | None = None
+    ) -> Tenant: ...
 
     async def get_tenant(self, tenant_id: str) -> Tenant: ...
 
     async def list_tenants(self) -> list[Tenant]: ...
 
-    async def update_tenant(self, tenant_id: str, patch: TenantPatch) -> Tenant: ...
+    async def update_tenant(
+        self, tenant_id: str, patch: TenantPatch, *, audit: AuditDraft | None = None
+    ) -> Tenant: ...
 
-    async def delete_tenant(self, tenant_id: str) -> None:
-        """Deletes the tenant, its keys and its usage."""
+    async def delete_tenant(self, tenant_id: str, *, audit: AuditDraft | None = None) -> Tenant:
+        """Deletes the tenant, its keys and its usage; the tenant as it was."""
 
-    async def create_key(self, tenant_id: str, spec: KeySpec) -> CreatedKey: ...
+    async def create_key(
+        self, tenant_id: str, spec: KeySpec, *, audit: AuditDraft | None = None
+    ) -> CreatedKey: ...
 
     async def list_keys(
         self, *, tenant_id: str | None = None, prefix: str | None = None
@@ -345,10 +356,13 @@ class TenantStore(Protocol):
 
     async def get_key(self, key_id: str) -> ApiKey: ...
 
-    async def update_key(self, key_id: str, patch: KeyPatch) -> ApiKey:
+    async def update_key(
+        self, key_id: str, patch: KeyPatch, *, audit: AuditDraft | None = None
+    ) -> ApiKey:
         """Applies ``patch`` to the key; unset fields stay. A revoked key stays revoked."""
 
-    async def revoke_key(self, key_id: str) -> ApiKey: ...
+    async def revoke_key(self, key_id: str, *, audit: AuditDraft | None = None) -> ApiKey:
+        """Revokes the key; revoking it again keeps the first ``revoked_at``."""
 
     async def find_key(self, secret: str) -> tuple[ApiKey, Tenant] | None:
         """The key whose secret this is (revoked keys included) and its tenant, or None."""
@@ -389,7 +403,8 @@ class TenantStore(Protocol):
         ``ValueError``); 0 if none."""
 
     async def record_audit(self, record: AuditRecord) -> None:
-        """Appends an admin change to the audit log."""
+        """Appends a record to the audit log, on its own: for a change the store does not hold
+        (``gateway.audit``), or one that changed nothing."""
 
     async def list_audit(
         self, *, since: float | None = None, tenant_id: str | None = None, limit: int = 100
@@ -400,17 +415,21 @@ class TenantStore(Protocol):
     async def list_aliases(self) -> list[ModelAlias]:
         """Every alias, by name."""
 
-    async def set_alias(self, alias: str, model_id: str) -> tuple[ModelAlias, bool]:
+    async def set_alias(
+        self, alias: str, model_id: str, *, audit: AuditDraft | None = None
+    ) -> tuple[ModelAlias, bool]:
         """Points ``alias`` at ``model_id``: the alias as stored, and whether it is new (False:
         it existed and now names ``model_id``)."""
 
-    async def delete_alias(self, alias: str) -> bool:
-        """Deletes the alias; False when there was none."""
+    async def delete_alias(self, alias: str, *, audit: AuditDraft | None = None) -> bool:
+        """Deletes the alias; False when there was none (and no record is written)."""
 
     async def list_model_settings(self) -> list[ModelSetting]:
         """Every model an admin set something for, by id."""
 
-    async def set_cost_factor(self, model_id: str, factor: float | None) -> ModelSetting:
+    async def set_cost_factor(
+        self, model_id: str, factor: float | None, *, audit: AuditDraft | None = None
+    ) -> ModelSetting:
         """Sets the model's cost factor (finite and > 0, else ``ValueError``), or with ``None``
         clears it (the gateway measures it again)."""
 

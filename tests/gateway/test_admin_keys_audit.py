@@ -451,6 +451,38 @@ def test_a_failed_admin_call_writes_no_record(live: Live) -> None:
         assert len(_audit(admin)) == count
 
 
+def test_a_change_whose_audit_write_fails_is_not_made(live: Live) -> None:
+    """The reviewer's reproducer, through the whole gateway: an audit write fails (as a full
+    disk, a locked database or a lost connection would make it fail) while the tenant's own
+    write would not. The admin is told it failed, and it did: the weight is as it was, and the
+    log has no record of a change that was not made (``test_audit_atomic.py`` has every route,
+    on both backends)."""
+    with live.client() as admin:
+        tenant = _new_tenant(admin)
+        tenant_id = admin.get(f"/admin/v1/tenants/{tenant}").json()["tenant_id"]
+        db = sqlite3.connect(live.db_path)
+        db.execute(
+            "CREATE TRIGGER audit_fails BEFORE INSERT ON audit_log"
+            " BEGIN SELECT RAISE(ABORT, 'audit write failed'); END"
+        )
+        db.commit()
+        try:
+            answer = admin.patch(f"/admin/v1/tenants/{tenant_id}", json={"weight": 5.0})
+        finally:
+            db.execute("DROP TRIGGER audit_fails")
+            db.commit()
+            db.close()
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "audit_write_failed"
+        assert admin.get(f"/admin/v1/tenants/{tenant_id}").json()["weight"] == 1.0
+        assert [r["action"] for r in _audit(admin, tenant=tenant_id)] == ["tenant.create"]
+
+        answer = admin.patch(f"/admin/v1/tenants/{tenant_id}", json={"weight": 5.0})
+        assert answer.status_code == 200 and answer.json()["weight"] == 5.0
+        actions = [r["action"] for r in _audit(admin, tenant=tenant_id)]
+        assert actions == ["tenant.update", "tenant.create"]
+
+
 def test_the_audit_route_checks_its_parameters(live: Live) -> None:
     with live.client() as admin:
         for since in ("yesterday", "2026-01-31T12:00:00Z", "nan", "1_000", "-1", "1e400"):
