@@ -15,9 +15,13 @@ The bound (``scheduling.md``): VTC ``2U``, DLPM ``2(U + Q_u)``, D²LPM ``2·|W|�
 request may have: the model's context length (its ready workers', else what its first worker
 announced) less one, as admission refuses a prompt that fills it; ``M``, the most tokens one
 decode batch can hold: the largest KV cache of the model's decode (or colocated) workers,
-blocks × block size; ``|W|``: the model's ready prefill workers (at least one). Each model's
-``U`` is in cost units (times its cost factor); the largest model's is taken. FCFS and RR-LPM
-promise no bound: the receipt says so. Torch-free.
+blocks × block size; ``|W|``: the workers D²LPM keeps deficits for, those that prefill the
+model's requests: its ready prefill workers, or, with none, its ready colocated ones (as
+``Dispatcher`` places them), at least one. Each model's ``U`` is in cost units (times its
+cost factor); the largest model's is taken. FCFS and RR-LPM promise no bound: the receipt says
+so. The gap the bound is checked against is of the service the policy charges
+(``gateway.metrics.service_measure``: VTC the whole prompt, the others the computed one);
+the receipt names it (``measure``). Torch-free.
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ from gateway.auth import Authenticator
 from gateway.config import SchedulerSection
 from gateway.errors import ClientError
 from gateway.fairness_history import FairnessHistory, FairnessReceipt, GapBound
+from gateway.metrics import service_measure
 from gateway.model_costs import CostBook
 from gateway.openapi_document import Endpoint, PathParam, QueryParam
 from gateway.tenants import TenantStore
 from gateway.workers import WorkerRegistry
+from transfer.messages import WorkerRole
 
 __all__ = [
     "DEFAULT_WINDOW",
@@ -110,15 +116,17 @@ def gap_bound(
     policy: str, scheduler: SchedulerSection, registry: WorkerRegistry, costs: CostBook
 ) -> GapBound:
     """The policy's bound on the gap (module docstring), from the workers known now."""
+    measure = service_measure(policy)
     if policy not in _BOUNDED:
         return GapBound(
             policy,
             None,
             formula=f"{policy} promises no bound on the service gap (scheduling.md: only VTC, "
             "DLPM and D²LPM do)",
+            measure=measure,
         )
     w_in, w_out = scheduler.w_in, scheduler.w_out
-    best: tuple[float, str, int] | None = None  # U, how it was made, |W|
+    best: tuple[float, str, int, str] | None = None  # U, how it was made, |W|, their role
     for model in registry.model_ids():
         pool = registry.pools.get(model)
         max_model_len = registry.max_model_len(model) or (
@@ -134,14 +142,16 @@ def gap_bound(
         l_input, m = max_model_len - 1, max(kv_tokens)
         factor = costs.factor(model)
         u = factor * (w_in * l_input + w_out * m)
-        num_workers = max(1, len(registry.ready("prefill", model)))
+        # D²LPM's deficits are per worker that prefills: prefill ones, else colocated ones.
+        role: WorkerRole = "prefill" if registry.ready("prefill", model) else "colocated"
+        num_workers = max(1, len(registry.ready(role, model)))
         how = (
             f"{model}: U = ({w_in:g}·{l_input} + {w_out:g}·{m}) × cost factor {factor:g} = "
             f"{u:g} (L_input: context length {max_model_len} − 1; M: the largest decode KV "
             f"cache, {m} tokens)"
         )
         if best is None or u > best[0]:
-            best = (u, how, num_workers)
+            best = (u, how, num_workers, role)
     name = _BOUNDED[policy]
     if best is None:
         return GapBound(
@@ -149,13 +159,14 @@ def gap_bound(
             None,
             formula=f"{name}'s bound is not known yet: no worker has said its context length "
             "and KV cache size",
+            measure=measure,
         )
-    u, how, num_workers = best
+    u, how, num_workers, prefilling = best
     quantum = scheduler.quantum_tokens
     shape = {
         "vtc": "2·U",
         "dlpm": f"2·(U + Q_u), Q_u = {quantum:g}",
-        "d2lpm": f"2·|W|·(U + Q_u), |W| = {num_workers} prefill workers, Q_u = {quantum:g}",
+        "d2lpm": f"2·|W|·(U + Q_u), |W| = {num_workers} {prefilling} workers, Q_u = {quantum:g}",
     }[policy]
     return GapBound(
         policy,
@@ -163,7 +174,8 @@ def gap_bound(
         quantum=quantum,
         num_workers=num_workers,
         formula=f"{name}: {shape}; U divided by the smaller weight of the two tenants (service "
-        f"units); {how}",
+        f"units); {how}; service: {measure}",
+        measure=measure,
     )
 
 

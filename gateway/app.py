@@ -225,6 +225,7 @@ class Gateway:
             cost_factors=self._cost_factors,
             queued_by_class=self._queued_by_class,
             workers=lambda: [WorkerSnapshot.of(h) for h in self.registry.handles],
+            policy=self.policy.name,  # how service is measured: as the policy charges it
         )
         # Per-tenant samples over the last hour: the dashboard's charts, the fairness receipts.
         self.fairness = FairnessHistory()
@@ -233,7 +234,7 @@ class Gateway:
         self.discovery: DnsDiscovery | None = None  # with ``gateway.*_dns``
         self.body_turns = TenantTurns()  # a tenant's large bodies, one at a time
         self.in_flight = RequestsInFlight()  # for ``drain``
-        self._reloads: set[asyncio.Task[None]] = set()  # of the models' settings
+        self._reloads: set[asyncio.Task[None]] = set()  # models' settings, tenants' names
         self._reload_lock = asyncio.Lock()
 
     @property
@@ -450,8 +451,28 @@ class Gateway:
         if change.kind == "tenant":
             self.policy.update_tenant(change.tenant_id, change.weight)
             self.metrics.tenant_weight(change.tenant_id, change.weight)
+            # Its name may have changed: the change does not say, the store does.
+            task = asyncio.create_task(self._rename_in_metrics(change.tenant_id), name="rename")
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
         else:
             self.started.quotas.forget(change.tenant_id)
+            # Its series go with it (a new tenant may take its name).
+            self.metrics.forget_tenant(change.tenant_id)
+
+    async def _rename_in_metrics(self, tenant_id: str) -> None:
+        """The metrics' series of the tenant take its name in the store (gone: nothing)."""
+        try:
+            tenant = await self.started.store.get_tenant(tenant_id)
+        except FairgateError as exc:
+            if exc.status != 404:
+                logger.warning("tenant %s's name not read again: %s", tenant_id, exc.message)
+            return
+        except Exception as exc:  # a store's driver: the type only (its text may hold a URL)
+            logger.warning("tenant %s's name not read again: %s", tenant_id, type(exc))
+            return
+        if tenant.tenant_id == tenant_id:  # (not another tenant named as its id)
+            self.metrics.rename_tenant(tenant_id, tenant.name)
 
 
 def create_app(gateway: Gateway, *, on_started: Callable[[], None] | None = None) -> GatewayApp:

@@ -133,6 +133,8 @@ class Generation:
         self.output_token_ids: list[int] = []  # every output token so far, over preemptions
         self.num_preemptions = 0  # hand-backs by a decode worker
         self.num_resumptions = 0  # those, and requests a decode worker did not take
+        self._num_sent_tokens = 0  # the tokens the current placement sent its workers
+        self._is_prompt_served = False  # its prompt counted in the metrics' service
         self.usage = TokenUsage(prompt_tokens=len(prompt_token_ids))
         self.timing = Timing(received=received)
         self.pair: WorkerPair | None = None
@@ -310,10 +312,11 @@ class Generation:
                         raise _Preempted(frame)
                     if ledger.stage == "prefill":
                         if self.metrics is not None:
-                            # On the worker that ran the prefill: the prompt it was sent.
+                            # On the worker that ran the prefill: what it was sent (a
+                            # resumption's prompt and output so far), and found cached of it.
                             self.metrics.worker_prefilled(
                                 worker_labels(pair.prefill or pair.decode),
-                                self.queued.num_prompt_tokens,
+                                self._num_sent_tokens,
                                 frame.num_cached_tokens,
                             )
                         self.dispatcher.first_token(ledger, frame.num_cached_tokens)
@@ -323,13 +326,17 @@ class Generation:
                                 self.span.add_event("first_token")
                     self.dispatcher.tokens(ledger, len(frame.token_ids))
                     if self.metrics is not None:
-                        # A resumption's prompt is computed again at nobody's charge.
-                        is_first = not self.output_token_ids
+                        # The prompt once, at the first token (a resumption's is computed
+                        # again at nobody's charge); as the policy charges it (``served``).
+                        is_first = not self._is_prompt_served
+                        self._is_prompt_served = True
+                        num_prompt = self.usage.prompt_tokens if is_first else 0
                         self.metrics.served(
                             self.queued.tenant_id,
                             self.queued.weight,
-                            self.usage.prompt_tokens - frame.num_cached_tokens if is_first else 0,
+                            num_prompt - frame.num_cached_tokens if is_first else 0,
                             len(frame.token_ids),
+                            num_prompt_tokens=num_prompt,
                             cost_factor=self.queued.cost_factor,
                         )
                     if self.num_resumptions == 0:  # a resumption's prompt is not the client's
@@ -417,6 +424,7 @@ class Generation:
         if ledger.num_placements > 1:
             request_id = f"{request_id}.{ledger.num_placements}"
         prompt = self.queued.prompt_token_ids or self.prompt_token_ids
+        self._num_sent_tokens = len(prompt)
         num_prior = len(self.output_token_ids)
         if pair.prefill is None:
             request = GenerateRequest(

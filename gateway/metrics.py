@@ -8,27 +8,40 @@ counter per tenant; over a sliding window (``window_s``): SLO attainment per cla
 and class, of the TTFT target and, for a class that has one, of the TPOT target (the mean time
 per output token after the first, over requests with at least two), and
 Jain's fairness index over the tenants that stayed backlogged the whole window, of the service
-each received in it: ``w_in`` × computed prompt tokens (a prefix-cache hit costs the workers
-nothing, and the simulator's figures count the same) + ``w_out`` × output tokens, divided by the
-weight the request was admitted at (a demoted one's is lowered; a weight the admin changes later
-counts from the tenant's next request, where the policies apply it at once). Label values are
-tenant names and configured class names only (a request that fails authentication counts under
-tenant ``""``): the number of series is bounded by the tenants.
+each received in it.
+
+Service is measured as the active policy charges it (``policy``; ``scheduling.md`` §1-§2), so
+that the figures, the receipts and the policy's bounds speak of one quantity: ``w_in`` × prompt
+tokens + ``w_out`` × output tokens, times the model's cost factor, divided by the weight the
+request was admitted at (a demoted one's is lowered; a weight the admin changes later counts
+from the tenant's next request, where the policies apply it at once). The prompt tokens are,
+under VTC, the whole prompt (VTC charges it in full, cached or not); under DLPM, D²LPM and the
+others, those its prefill computed (a prefix-cache hit costs the workers nothing, and those
+policies and the simulator's figures count the same). A resumption's prompt is charged by no
+policy, and counts nowhere here. The prompt is counted at the first token (VTC charges it at
+placement: a request that fails before its first token is in VTC's counters and not here).
+Label values are tenant names and configured class names only (a request that fails
+authentication counts under tenant ``""``): the number of series is bounded by the tenants.
 
 For the fairness views (``gateway.fairness_history``, the dashboard, the alert rules): per
 tenant, its service so far in service units (``fairgate_tenant_service_units_total``, the
 quantity Jain's index is computed over), its weight, whether it is backlogged (requests queued
-now), its entitled share now (its weight over the backlogged tenants' weights) and its received
-share over the window (``FairnessHistory.received_shares``), and its queue by class. A tenant's
-weight is the fair policies' (``gateway.policies``): the weight of its last request that was not
-demoted (``tenant_weight``, from ``gateway.generation`` as a policy's ``enqueue`` takes it), or
-an admin's change (``Gateway.apply_admin_change``, beside the policy's ``update_tenant``).
+now), its entitled share now (its weight over the backlogged tenants' weights), and over the
+window, of the intervals it was backlogged in, its entitled share and its received share
+(``FairnessHistory.shares``; the pair the starvation alert compares), and its queue by class. A
+tenant's weight is the fair policies' (``gateway.policies``): the weight of its last request
+that was not demoted (``tenant_weight``, from ``gateway.generation`` as a policy's ``enqueue``
+takes it), or an admin's change (``Gateway.apply_admin_change``, beside the policy's
+``update_tenant``). A deleted tenant is forgotten (``forget_tenant``), a renamed one's series
+take its new name (``rename_tenant``): no two series of one name.
 
 Per worker, from the registry's handles (``WorkerSnapshot``; labels: the worker's id, or its
 URL before it said one, its role and its model's id): its state (one series per worker, at 1),
-its batch, its KV blocks used and in all (from its last load report), and the prompt tokens its
-prefills computed and found cached (``worker_prefilled``: prefix hit rate = cached / prompt).
-Only workers the registry knows now are exposed: a removed one's series go with it.
+its batch, its KV blocks used and in all (from its last load report, and only while the
+worker's state is neither ``dead`` nor ``unknown``: a report from before it stopped answering
+says nothing of it now), and the tokens its prefills were sent and found cached
+(``worker_prefilled``: prefix hit rate = cached / prompt). Only workers the registry knows now
+are exposed: a removed one's series go with it.
 
 Everything is called on the gateway's event loop; the scrape runs there too. Torch-free.
 """
@@ -45,7 +58,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from gateway.config import SloClass
-from gateway.fairness_history import FairnessHistory, TenantPoint
+from gateway.fairness_history import FairnessHistory, TenantPoint, WindowShares
 from gateway.scheduler import ModelBacklog, TenantState
 from gateway.workers import WorkerHandle
 
@@ -54,7 +67,9 @@ __all__ = [
     "GatewayMetrics",
     "RequestRecord",
     "WorkerSnapshot",
+    "charges_full_prompt",
     "jain_index",
+    "service_measure",
     "worker_labels",
 ]
 
@@ -66,6 +81,24 @@ CLIENT_DISCONNECTED = "client_disconnected"  # an outcome, never a rejection
 # ``model``: the model a request was served by, by id (an alias's target; "" before a request's
 # model was resolved): ids come from the workers and the admins, never from a client's text.
 _LABELS = ("tenant", "slo_class", "model")
+# A worker in these states has no load now: its last report is not shown (module docstring).
+_SILENT_STATES = frozenset({"dead", "unknown"})
+
+
+def charges_full_prompt(policy: str) -> bool:
+    """Whether the policy charges a request's whole prompt, cached or not (VTC), rather than
+    the prompt tokens its prefill computed (``scheduling.md`` §1-§2)."""
+    return policy == "vtc"
+
+
+def service_measure(policy: str) -> str:
+    """What service counts under the policy, for people (receipts, documents)."""
+    prompt = (
+        "all prompt tokens, cached or not (VTC's charge)"
+        if charges_full_prompt(policy)
+        else "the prompt tokens its prefill computed (a prefix-cache hit is free)"
+    )
+    return f"w_in x {prompt} + w_out x output tokens, x the model's cost factor"
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,13 +180,15 @@ class GatewayMetrics:
         cost_factors: Callable[[], Mapping[str, float]] = dict,
         queued_by_class: Callable[[], Mapping[tuple[str, str], int]] = dict,
         workers: Callable[[], Iterable[WorkerSnapshot]] = list,
+        policy: str = "",
     ) -> None:
-        """``requests_in_gateway``: by tenant id, the requests between the gatekeeper and their
-        end; ``loop_lag_s``: how late the event loop's last lag sample was (``LoadGuard``);
-        ``model_backlogs``: each model's queue and estimated wait (the scheduler's);
-        ``cost_factors``: by model id, what its token costs (``gateway.model_costs``);
-        ``queued_by_class``: by (tenant id, class name), the requests waiting for workers;
-        ``workers``: every worker the registry knows now."""
+        """``policy``: the scheduling policy's name, which says how service is measured
+        (``charges_full_prompt``); ``requests_in_gateway``: by tenant id, the requests between
+        the gatekeeper and their end; ``loop_lag_s``: how late the event loop's last lag
+        sample was (``LoadGuard``); ``model_backlogs``: each model's queue and estimated wait
+        (the scheduler's); ``cost_factors``: by model id, what its token costs
+        (``gateway.model_costs``); ``queued_by_class``: by (tenant id, class name), the
+        requests waiting for workers; ``workers``: every worker the registry knows now."""
         self.model_backlogs = model_backlogs
         self.cost_factors = cost_factors
         self.queued_by_class = queued_by_class
@@ -164,6 +199,9 @@ class GatewayMetrics:
         self._classes = {c.name: c for c in slo_classes}
         self._tenants = tenants
         self.w_in, self.w_out = w_in, w_out
+        self.policy = policy
+        self.measure = service_measure(policy)
+        self._charges_full_prompt = charges_full_prompt(policy)
         self.window_s = window_s
         self._clock = clock
         self._names: dict[str, str] = {}  # tenant id → name, for the scheduler's series
@@ -172,7 +210,8 @@ class GatewayMetrics:
         self._weights: dict[str, float] = {}  # tenant id → its weight (module docstring)
         # Per worker's labels: [prompt tokens its prefills computed or found cached, cached]
         self._prefilled: dict[tuple[str, str, str], list[int]] = {}
-        # The received shares over the window (``fairgate_tenant_service_share``).
+        # The shares over the window (``fairgate_tenant_service_share``, ``…_entitled_share_
+        # window``). A sample at each scrape too: closer than 0.5 s, the history skips it.
         self._shares = FairnessHistory(horizon_s=window_s, clock=clock)
         # (time, {tenant id: service so far}) for tenants backlogged at that time
         self._samples: deque[tuple[float, dict[str, float]]] = deque()
@@ -229,11 +268,25 @@ class GatewayMetrics:
         """The tenant's weight now (module docstring: where it comes from)."""
         self._weights[tenant_id] = weight
 
+    def rename_tenant(self, tenant_id: str, name: str) -> None:
+        """The tenant's name changed (an admin's): its series take the new one. A tenant the
+        metrics never named stays unnamed (its first request names it)."""
+        if tenant_id in self._names:
+            self._names[tenant_id] = name
+
+    def forget_tenant(self, tenant_id: str) -> None:
+        """The tenant was deleted: its service, weight and name go, and with them its series
+        (a new tenant of its name starts its own). Requests of it still queued show under its
+        id until they end."""
+        for book in (self._service, self._cost, self._weights, self._names):
+            book.pop(tenant_id, None)
+
     def worker_prefilled(
         self, labels: tuple[str, str, str], num_prompt_tokens: int, num_cached_tokens: int
     ) -> None:
-        """A prefill ran on the worker of ``labels`` (``worker_labels``): the prompt it was
-        given, and how much of it its prefix cache held."""
+        """A prefill ran on the worker of ``labels`` (``worker_labels``): the tokens it was
+        sent (a resumption's: the prompt and the output so far), and how many of them its
+        prefix cache held."""
         counts = self._prefilled.setdefault(labels, [0, 0])
         counts[0] += num_prompt_tokens
         counts[1] += num_cached_tokens
@@ -245,12 +298,18 @@ class GatewayMetrics:
         num_computed_tokens: int,
         num_output_tokens: int,
         *,
+        num_prompt_tokens: int | None = None,
         cost_factor: float = 1.0,
     ) -> None:
-        """A request of the tenant running at ``weight`` received this much work: the prompt
-        tokens its prefill computed (at its first token), then output tokens, of a model whose
-        token costs ``cost_factor`` (``gateway.model_costs``): service in normalised units."""
-        cost = (self.w_in * num_computed_tokens + self.w_out * num_output_tokens) * cost_factor
+        """A request of the tenant running at ``weight`` received this much work: at its first
+        token, its prompt (``num_prompt_tokens``, of which its prefill computed
+        ``num_computed_tokens``; None: all of it was computed), then output tokens, of a model
+        whose token costs ``cost_factor`` (``gateway.model_costs``). Counted as the policy
+        charges it (module docstring): service in normalised units."""
+        num_charged = num_computed_tokens
+        if self._charges_full_prompt and num_prompt_tokens is not None:
+            num_charged = num_prompt_tokens
+        cost = (self.w_in * num_charged + self.w_out * num_output_tokens) * cost_factor
         self._service[tenant_id] = self._service.get(tenant_id, 0.0) + cost / weight
         self._cost[tenant_id] = self._cost.get(tenant_id, 0.0) + cost
 
@@ -367,10 +426,11 @@ class GatewayMetrics:
             for tenant_id in sorted(queued.keys() | self._service.keys())
         ]
 
-    def received_shares(self) -> dict[str, float]:
-        """By tenant id, of the tenants backlogged in the window: its received share
-        (``gateway.fairness_history``)."""
-        return self._shares.received_shares(self.window_s)
+    def window_shares(self) -> dict[str, WindowShares]:
+        """By tenant id, of the tenants backlogged in the window and known now (a deleted
+        one is not): its entitled and received shares over the window."""
+        known = self._names.keys() | self._service.keys()
+        return {t: s for t, s in self._shares.shares(self.window_s).items() if t in known}
 
     def weight_of(self, tenant_id: str) -> float:
         return self._weights.get(tenant_id, 1.0)
@@ -496,8 +556,8 @@ def _fairness_series(metrics: GatewayMetrics) -> Iterator[Metric]:
     points = metrics.fairness_points()
     service = CounterMetricFamily(
         "fairgate_tenant_service_units",
-        "Normalized service received: (w_in x computed prompt + w_out x output tokens) x the "
-        "model's cost factor / the weight the request ran at",
+        f"Normalized service received, as the {metrics.policy or 'scheduling'} policy charges "
+        f"it: ({metrics.measure}) / the weight the request ran at",
         labels=["tenant"],
     )
     weight = GaugeMetricFamily("fairgate_tenant_weight", "The tenant's weight", labels=["tenant"])
@@ -517,6 +577,13 @@ def _fairness_series(metrics: GatewayMetrics) -> Iterator[Metric]:
         f"with it, over the intervals it was backlogged in the last {metrics.window_s:g} s",
         labels=["tenant"],
     )
+    entitled_window = GaugeMetricFamily(
+        "fairgate_tenant_entitled_share_window",
+        "The tenant's entitled share (its weight over the backlogged tenants' weights), "
+        f"averaged over the intervals it was backlogged in the last {metrics.window_s:g} s "
+        "(what fairgate_tenant_service_share is measured against)",
+        labels=["tenant"],
+    )
     total_weight = sum(p.weight for p in points if p.num_queued > 0)
     for point in points:
         name = [point.name]
@@ -525,8 +592,10 @@ def _fairness_series(metrics: GatewayMetrics) -> Iterator[Metric]:
         backlogged.add_metric(name, 1.0 if point.num_queued > 0 else 0.0)
         if point.num_queued > 0:
             entitled.add_metric(name, point.weight / total_weight)
-    for tenant_id, value in sorted(metrics.received_shares().items()):
-        share.add_metric([metrics.name_of(tenant_id)], value)
+    for tenant_id, shares in sorted(metrics.window_shares().items()):
+        entitled_window.add_metric([metrics.name_of(tenant_id)], shares.entitled)
+        if shares.received is not None:
+            share.add_metric([metrics.name_of(tenant_id)], shares.received)
     by_class = GaugeMetricFamily(
         "fairgate_tenant_queue_depth",
         "Requests of the tenant waiting for workers, by SLO class",
@@ -534,7 +603,7 @@ def _fairness_series(metrics: GatewayMetrics) -> Iterator[Metric]:
     )
     for (tenant_id, slo_class), count in sorted(metrics.queued_by_class().items()):
         by_class.add_metric([metrics.name_of(tenant_id), slo_class], count)
-    yield from (service, weight, backlogged, entitled, share, by_class)
+    yield from (service, weight, backlogged, entitled, share, entitled_window, by_class)
 
 
 def _worker_series(metrics: GatewayMetrics) -> Iterator[Metric]:
@@ -560,6 +629,8 @@ def _worker_series(metrics: GatewayMetrics) -> Iterator[Metric]:
             continue  # two handles of one worker (a URL and its id): one series
         seen.add(worker.labels)
         state.add_metric([*worker.labels, worker.state], 1.0)
+        if worker.state in _SILENT_STATES:
+            continue  # its last load report is old news (module docstring)
         if worker.num_running is not None:
             batch.add_metric(list(worker.labels), worker.num_running)
         if worker.num_kv_blocks_used is not None:

@@ -13,6 +13,7 @@ from gateway.config import SchedulerSection
 from gateway.errors import ClientError
 from gateway.model_costs import CostBook
 from gateway.workers import WorkerRegistry
+from tests.gateway.scripted_transport import ScriptedTransport, ScriptedWorker
 from tests.gateway.test_dispatch import make_ready
 
 # make_ready's workers: context 4096, 1000 KV blocks of 16 tokens.
@@ -103,3 +104,32 @@ async def test_without_workers_the_bound_is_not_known() -> None:
         await registry.stop()
     assert bound.u_cost_units is None
     assert "not known yet" in bound.formula
+
+
+async def test_d2lpm_over_colocated_workers_counts_them_as_its_w() -> None:
+    """r2_d2lpm_w.py: with no prefill workers the colocated ones prefill (``Dispatcher``), and
+    D²LPM keeps a deficit per each: |W| is the four of them, not one."""
+    urls = [f"http://worker-{'x' * i}:8201" for i in range(1, 5)]  # ids differ by URL length
+    workers = [ScriptedWorker(url, "m") for url in urls]
+    registry = WorkerRegistry([], [], colocated_urls=urls, transport=ScriptedTransport(*workers))
+    try:
+        await registry.poll_once()
+        assert len(registry.ready("colocated", "m")) == 4
+        bound = gap_bound("d2lpm", SchedulerSection(), registry, CostBook())
+    finally:
+        await registry.stop()
+    assert bound.num_workers == 4
+    assert "|W| = 4 colocated workers" in bound.formula
+    assert bound.u_cost_units is not None
+    assert bound.between(1.0, 1.0) == 2 * 4 * (bound.u_cost_units + 4096)
+
+
+@pytest.mark.parametrize(
+    ("policy", "prompt"), [("vtc", "all prompt tokens"), ("dlpm", "prompt tokens its prefill")]
+)
+async def test_the_bound_names_the_service_it_bounds(
+    registry: WorkerRegistry, policy: str, prompt: str
+) -> None:
+    bound = gap_bound(policy, SchedulerSection(), registry, CostBook())
+    assert prompt in bound.measure
+    assert bound.measure in bound.formula

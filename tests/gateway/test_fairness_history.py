@@ -3,6 +3,10 @@ clock; the dashboard's series; the ring's bounds."""
 
 from __future__ import annotations
 
+import math
+import random
+import time
+
 import pytest
 
 from gateway.fairness_history import FairnessHistory, GapBound, TenantPoint
@@ -250,3 +254,155 @@ def test_series_points_average_their_intervals() -> None:
     assert b.points[0].entitled_share == pytest.approx(0.75)
     assert b.points[1].entitled_share is None and b.points[1].received_share is None
     assert len(books.history.series(60.0)[0].points) == 8  # one per interval by default
+
+
+# ---- the gap against a plain reference; time and memory bounds ---------------------------------
+
+
+def reference_gaps(
+    samples: list[dict[str, tuple[float, float, int]]], f: str, bound: GapBound
+) -> dict[str, tuple[float, int, int, bool, float | None, bool | None]]:
+    """The module docstring's gap, pair by pair and run by run, over samples of (cumulative
+    service units, weight, requests queued) per tenant: per other tenant, (units, start sample,
+    end sample, f ahead, the bound of that run, every run within its bound)."""
+    found = {}
+    others = sorted({t for s in samples for t in s} - {f})
+    for g in others:
+        runs: list[tuple[list[tuple[int, float]], float]] = []
+        run: list[tuple[int, float]] | None = None
+        min_weight = math.inf
+        for k in range(1, len(samples)):
+            before, after = samples[k - 1], samples[k]
+            both = all(
+                t in before and t in after and before[t][2] > 0 and after[t][2] > 0 for t in (f, g)
+            )
+            if not both:
+                if run is not None:
+                    runs.append((run, min_weight))
+                run = None
+                continue
+            if run is None:
+                run, min_weight = [(k - 1, 0.0)], math.inf
+            diff = (after[f][0] - before[f][0]) - (after[g][0] - before[g][0])
+            run.append((k, run[-1][1] + diff))
+            min_weight = min(min_weight, after[f][1], after[g][1])
+        if run is not None:
+            runs.append((run, min_weight))
+        if not runs:
+            continue
+        results = []
+        for points, weight in runs:
+            values = [v for _, v in points]
+            low, high = values.index(min(values)), values.index(max(values))
+            first, last = sorted((low, high))
+            limit = bound.between(weight, weight)
+            results.append(
+                (values[high] - values[low], points[first][0], points[last][0], high > low, limit)
+            )
+        best = max(results, key=lambda r: r[0])
+        within = None
+        if bound.u_cost_units is not None:
+            within = all(r[4] is not None and r[0] <= r[4] for r in results)
+        found[g] = (*best, within)
+    return found
+
+
+def test_the_gaps_of_every_tenant_at_once_match_the_pairwise_definition() -> None:
+    """Random service, weights, backlogs coming and going: each tenant's receipt has the
+    largest gap, its stretch and verdict that the definition gives pair by pair."""
+    rng = random.Random(7)
+    books = Books()
+    tenants = [f"t{i}" for i in range(6)]
+    for tenant_id in tenants:
+        books.tenant(tenant_id, rng.choice([0.5, 1.0, 2.0]))
+    history: list[dict[str, tuple[float, float, int]]] = []
+
+    def note() -> None:
+        history.append({t: (books.service[t], books.weights[t], books.queued[t]) for t in tenants})
+
+    books.sample()
+    note()
+    for _ in range(80):
+        for tenant_id in tenants:
+            if rng.random() < 0.15:
+                books.queued[tenant_id] = 0 if books.queued[tenant_id] else 3
+            if rng.random() < 0.05:
+                books.weights[tenant_id] = rng.choice([0.5, 1.0, 2.0])
+        served = {t: float(rng.randrange(0, 400)) for t in tenants if rng.random() < 0.8}
+        books.step(**served)
+        note()
+    bound = GapBound("dlpm", 300.0, quantum=50.0)
+    for f in tenants:
+        receipt = books.history.receipt(f, 3600.0, bound)
+        expected = reference_gaps(history, f, bound)
+        got = receipt.max_gap
+        if not expected:
+            assert got is None
+            continue
+        name, (units, first, last, is_ahead, limit, _) = max(
+            expected.items(), key=lambda item: item[1][0]
+        )
+        assert got is not None
+        assert got.tenant_id == name
+        assert got.units == pytest.approx(units)
+        assert (got.start, got.end) == (
+            WALL_START + 100.0 + first,
+            WALL_START + 100.0 + last,
+        )
+        assert got.is_ahead is is_ahead
+        assert got.bound == pytest.approx(limit)
+        assert receipt.within_bound is all(e[5] for e in expected.values())
+
+
+def busy_hour(num_tenants: int, *, seconds: int = 3600) -> Books:
+    """``num_tenants`` tenants backlogged and served for an hour, sampled every second."""
+    books = Books()
+    for i in range(num_tenants):
+        books.tenant(f"t{i:03d}", 1.0 + i % 3)
+    books.sample()
+    served = {f"t{i:03d}": 10.0 + i % 7 for i in range(num_tenants)}
+    for _ in range(seconds):
+        books.step(**served)
+    return books
+
+
+def test_a_receipt_over_an_hour_of_200_tenants_is_fast_and_the_history_small() -> None:
+    """Reviewer's case: 200 tenants, an hour at 1 Hz. The receipt runs on the event loop, so
+    it must take well under 100 ms (a limit of 250 ms here, for a shared machine); the history
+    keeps about 300 + 330 rows per tenant, not 3600."""
+    books = busy_hour(200)
+    started = time.perf_counter()
+    receipt = books.history.receipt("t000", 3600.0, VTC)
+    took_s = time.perf_counter() - started
+    assert took_s < 0.25, f"a receipt took {took_s * 1000:.0f} ms"
+    assert receipt.seconds == pytest.approx(3600.0, abs=10.0)
+    # Merged intervals keep the sums: t000 got 10 a second, over its weight 1.
+    assert receipt.service_units == pytest.approx(10.0 * receipt.seconds)
+    assert receipt.backlogged_s == pytest.approx(receipt.seconds)
+    assert receipt.max_gap is not None
+    # t014 (weight 3, 10 a second: 10/3 service units) falls behind t000 fastest, over the
+    # whole hour (one run).
+    assert receipt.max_gap.tenant_id == "t014"
+    assert receipt.max_gap.units == pytest.approx((10.0 - 10.0 / 3) * receipt.seconds)
+    assert receipt.max_gap.is_ahead is True
+    assert "merged" in receipt.note
+    assert books.history.num_rows <= 200 * (300 + 3600 / 10 + 2)
+    started = time.perf_counter()
+    series = books.history.series(3600.0)
+    assert time.perf_counter() - started < 0.5
+    assert len(series) == 200 and len(series[0].points) <= 300
+
+
+def test_samples_closer_than_half_a_second_are_folded_into_the_next() -> None:
+    """A scrape a second besides the sampler (r2_ring.py): the window still spans its
+    seconds, and the service of a skipped sample goes into the next."""
+    books = Books(horizon_s=60.0)
+    books.tenant("a", 1.0)
+    books.tenant("b", 1.0)
+    books.sample()
+    for tick in range(4 * 60):  # 60 s at 4 Hz
+        books.step(0.25, a=25.0 if tick < 120 else 0.0, b=0.0 if tick < 120 else 25.0)
+    receipt = books.history.receipt("a", 60.0, VTC)
+    assert receipt.seconds == pytest.approx(60.0, abs=0.5)
+    assert receipt.received_share == pytest.approx(0.5, abs=0.01)
+    assert books.history.num_samples <= 60 / 0.5 + 2

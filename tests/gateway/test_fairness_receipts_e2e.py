@@ -38,6 +38,7 @@ NEW_FAMILIES = (
     "fairgate_tenant_backlogged",
     "fairgate_tenant_entitled_share",
     "fairgate_tenant_service_share",
+    "fairgate_tenant_entitled_share_window",
     "fairgate_tenant_queue_depth",
     "fairgate_backend_worker_state",
     "fairgate_backend_batch_size",
@@ -115,6 +116,7 @@ def test_the_receipts_show_the_weights_shares_and_a_gap_within_the_bound(
         assert receipt["service_units"] > 0
         assert receipt["policy"] == "vtc"
         assert receipt["bound_formula"].startswith("VTC: 2·U")
+        assert "all prompt tokens" in receipt["measure"]  # VTC's charge, which its bound is in
     gap = w1["max_gap"]
     assert gap["tenant"] == "rcpt-w2"
     assert w2["max_gap"]["tenant"] == "rcpt-w1"
@@ -142,6 +144,10 @@ def test_the_metrics_agree_with_the_receipts(measured: dict[str, Any], stack: St
     assert by_tenant("fairgate_tenant_backlogged") == {"rcpt-w1": 1.0, "rcpt-w2": 1.0}
     assert by_tenant("fairgate_tenant_entitled_share") == pytest.approx(
         {"rcpt-w1": 1 / 3, "rcpt-w2": 2 / 3}
+    )
+    # Both backlogged over the whole window: the window's entitled share is the weight's.
+    assert by_tenant("fairgate_tenant_entitled_share_window") == pytest.approx(
+        {"rcpt-w1": 1 / 3, "rcpt-w2": 2 / 3}, abs=0.02
     )
     shares = by_tenant("fairgate_tenant_service_share")
     assert shares["rcpt-w1"] == pytest.approx(1 / 3, abs=0.08)
@@ -226,3 +232,55 @@ async def test_the_window_is_checked_and_the_route_is_documented(stack: Stack) -
     route = document["paths"]["/admin/v1/tenants/{tenant}/fairness"]["get"]
     assert [p["name"] for p in route["parameters"]] == ["tenant", "window"]
     assert "FairnessReceipt" in document["components"]["schemas"]
+
+
+async def test_a_renamed_tenants_series_follow_it_and_a_deleted_ones_go(
+    measured: dict[str, Any], stack: Stack
+) -> None:
+    """Through the admin API: a rename moves the tenant's series to its new name (the
+    gateway reads it from the store); a deleted tenant's go, and a new tenant of its name has
+    one series per name."""
+
+    async def serve_one(client: httpx.AsyncClient, tenant: str) -> None:
+        key = await client.post(f"/admin/v1/tenants/{tenant}/keys", json={})
+        assert key.status_code == 201, key.text
+        model = (await client.get("/admin/v1/models")).json()["data"][0]["model"]
+        answer = await client.post(
+            "/v1/completions",
+            json={"model": model, "prompt": "hello", "max_tokens": 2},
+            headers={"authorization": f"Bearer {key.json()['secret']}"},
+        )
+        assert answer.status_code == 200, answer.text
+
+    async def service_lines(client: httpx.AsyncClient) -> list[str]:
+        text = (await client.get("/metrics")).text
+        return [
+            line.rsplit(" ", 1)[0]
+            for line in text.splitlines()
+            if line.startswith("fairgate_tenant_service_units_total{")
+        ]
+
+    async with admin(stack) as client:
+        created = await client.post("/admin/v1/tenants", json={"name": "rcpt-old"})
+        assert created.status_code == 201, created.text
+        await serve_one(client, "rcpt-old")
+        assert 'fairgate_tenant_service_units_total{tenant="rcpt-old"}' in await service_lines(
+            client
+        )
+        renamed = await client.patch("/admin/v1/tenants/rcpt-old", json={"name": "rcpt-new"})
+        assert renamed.status_code == 200, renamed.text
+        for _ in range(50):  # the name is read from the store in a task: at once, nearly
+            lines = await service_lines(client)
+            if 'fairgate_tenant_service_units_total{tenant="rcpt-new"}' in lines:
+                break
+            await asyncio.sleep(0.1)
+        assert 'fairgate_tenant_service_units_total{tenant="rcpt-new"}' in lines
+        assert 'fairgate_tenant_service_units_total{tenant="rcpt-old"}' not in lines
+        deleted = await client.delete("/admin/v1/tenants/rcpt-new")
+        assert deleted.status_code in (200, 204), deleted.text
+        again = await client.post("/admin/v1/tenants", json={"name": "rcpt-new"})
+        assert again.status_code == 201, again.text
+        await serve_one(client, "rcpt-new")
+        lines = await service_lines(client)
+    assert lines.count('fairgate_tenant_service_units_total{tenant="rcpt-new"}') == 1, lines
+    assert len(lines) == len(set(lines)), lines

@@ -100,3 +100,24 @@ async def test_a_prefill_counts_on_its_prefill_worker_and_the_weight_is_the_poli
     assert metrics.weight_of("acme") == 3.0
     assert metrics.prefilled() == {prefill: (2 * len(PROMPT), 2 * NUM_CACHED)}
     assert decode not in metrics.prefilled()
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        ("vtc", len(PROMPT) + 2 * 2),  # VTC charges the whole prompt, cached or not
+        ("dlpm", len(PROMPT) - NUM_CACHED + 2 * 2),  # DLPM the tokens its prefill computed
+    ],
+)
+async def test_the_service_counted_is_what_the_policy_charges(
+    registry: WorkerRegistry,
+    tokenizer: Tokenizer,
+    monkeypatch: pytest.MonkeyPatch,
+    policy: str,
+    expected: int,
+) -> None:
+    monkeypatch.setattr(generation, "run_disaggregated", two_tokens)
+    metrics = GatewayMetrics(DEFAULT_SLO_CLASSES, list, policy=policy)
+    await run(registry, tokenizer, metrics, queued("r1", 1.0))
+    [point] = metrics.fairness_points()
+    assert (point.service_units, point.cost_units) == (expected, expected)

@@ -358,6 +358,15 @@ def test_each_alert_names_only_series_and_labels_the_gateway_exposes(
         assert_exposed(rule["expr"], gateway_series, rule["alert"])
 
 
+def test_the_starvation_alert_compares_shares_over_one_window() -> None:
+    """The received share is over the gateway's window: it is held to the entitled share over
+    that window, not to the one of the moment (which moves as other tenants come and go)."""
+    [rule] = [r for r in _alert_rules() if r["alert"] == "FairgateTenantStarved"]
+    names = metric_names(rule["expr"])
+    assert {"fairgate_tenant_service_share", "fairgate_tenant_entitled_share_window"} <= names
+    assert "fairgate_tenant_entitled_share" not in names
+
+
 def test_the_quota_alert_counts_the_quota_error_codes() -> None:
     """The reasons fairgate_rejections_total has for a tenant over its quotas are the codes of
     ``RateLimited`` and its kinds (``gateway.gatekeeper.outcome_of``), less ``QueueFull``: the
@@ -432,6 +441,7 @@ def test_the_dashboard_shows_what_the_issue_asks_for() -> None:
     assert {
         "fairgate_tenant_service_units_total",
         "fairgate_tenant_entitled_share",
+        "fairgate_tenant_entitled_share_window",
         "fairgate_tenant_service_share",
         "fairgate_jain_index",
         "fairgate_slo_attainment",

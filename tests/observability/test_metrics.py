@@ -162,13 +162,20 @@ def test_per_tenant_series_reach_prometheus(stack: Stack, tmp_path: Path) -> Non
 
 
 def test_the_gateway_exposition_parses_and_bounds_its_labels(stack: Stack) -> None:
-    """Every gateway series is labelled by tenant, class, model, outcome or reason only: never
-    a request id; a model label is a served model's id, never a client's text."""
+    """Every gateway series is labelled by tenant, class, model, outcome or reason, or (the
+    per-worker series) worker, role and state only: never a request id; a model label is a
+    served model's id, never a client's text; a worker label is one the admin API lists."""
     response = httpx.get(
         stack.base_url + "/metrics", headers={"authorization": f"Bearer {stack.admin_token}"}
     )
     response.raise_for_status()
     allowed = {"tenant", "slo_class", "model", "outcome", "reason", "met", "le"}
+    allowed |= {"worker", "role", "state"}
+    workers = httpx.get(
+        stack.base_url + "/admin/v1/workers",
+        headers={"authorization": f"Bearer {stack.admin_token}"},
+    ).json()["data"]
+    known_workers = {w["worker_id"] or w["url"] for w in workers}
     served = {
         m["id"]
         for m in httpx.get(
@@ -181,4 +188,5 @@ def test_the_gateway_exposition_parses_and_bounds_its_labels(stack: Stack) -> No
             names.add(sample.name)
             assert set(sample.labels) <= allowed, (sample.name, sample.labels)
             assert sample.labels.get("model", "") in served | {""}, sample.labels
+            assert sample.labels.get("worker", "") in known_workers | {""}, sample.labels
     assert {"fairgate_requests_total", "fairgate_queue_depth"} <= names
