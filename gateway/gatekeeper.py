@@ -50,7 +50,7 @@ from gateway.metrics import CLIENT_DISCONNECTED, UNAUTHENTICATED, GatewayMetrics
 from gateway.openai_requests import GenerationRequest
 from gateway.overload import LoadGuard, Overloaded
 from gateway.quotas import QuotaManager
-from gateway.quotas_backend import RateLimitState
+from gateway.quotas_backend import NO_RATE_LIMIT, RateLimitState
 from gateway.rate_limit_headers import rate_limit_headers
 from gateway.tenants import ApiKey, Tenant
 from transfer.errors import FairgateError
@@ -231,14 +231,21 @@ class Gatekeeper:
         tenant, key = seen.tenant, seen.key
         assert tenant is not None and key is not None
         model_id = seen.model_id
+        model_quotas = tenant.model_quotas.get(model_id) if model_id else None
+        key_quotas = key.own_quotas()
+        if not any(
+            q is not None and (q.requests_per_minute is not None or q.tokens_per_minute is not None)
+            for q in (tenant.quotas, model_quotas, key_quotas)
+        ):
+            return NO_RATE_LIMIT  # no per-minute limit anywhere: nothing to look at
         try:
             return await asyncio.wait_for(
                 self.parts.quotas.peek(
                     tenant,
                     model_id=model_id,
-                    model_quotas=tenant.model_quotas.get(model_id) if model_id else None,
+                    model_quotas=model_quotas,
                     key_id=key.key_id,
-                    key_quotas=key.own_quotas(),
+                    key_quotas=key_quotas,
                 ),
                 PEEK_TIMEOUT_S,
             )
