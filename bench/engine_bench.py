@@ -2,13 +2,16 @@
 
 Both sides are measured in this process, alternating round by round and keeping each side's best
 time, so that the ratios hold on a shared, noisy machine:
-- prefill: one 512-token prompt (time to first token);
+- prefill: one prompt of 512, 2k, 4k and 8k tokens (time to first token; the longest is one short
+  of the model's context length when that is 8k; ``--quick``: 512 and 2k only, the long ones in
+  fewer rounds), and the 4k and 8k figures per token against the 512 one;
 - decode at batch 1 and 16: tokens per second after the prompt, greedy, EOS ignored;
 - memory read bandwidth: a pre-filled 1 GiB buffer summed, best of several passes taken just
   before and just after the batch-1 decode rounds that the roofline fraction compares it with.
-transformers runs in its ordinary configuration: fp32, ``generate()`` with its default cache,
-greedy, the same thread count. Decode rates on both sides come from the difference of two
-generation lengths, so the prompt's cost cancels out.
+Ours runs with the precision ``--precision`` gives (``auto``: the plan measured at load, see
+``engine.precision``; it is in the result). transformers runs in its ordinary configuration:
+fp32, ``generate()`` with its default cache, greedy, the same thread count. Decode rates on both
+sides come from the difference of two generation lengths, so the prompt's cost cancels out.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from engine.sequence import SamplingParams
 __all__ = ["measure_mem_read_gbps", "run_engine_bench"]
 
 PREFILL_TOKENS = 512
+LONG_PREFILL_TOKENS = (2048, 4096, 8192)
+QUICK_LONG_PREFILL_TOKENS = (2048,)
 DECODE_PROMPT_TOKENS = 64
 
 
@@ -81,16 +86,27 @@ Generate = Callable[[list[list[int]], int], None]
 @dataclass(frozen=True, slots=True)
 class _BenchPrompts:
     prefill: list[list[int]]
+    long_prefills: list[list[list[int]]]  # one prompt each, longest last
     batch_1: list[list[int]]
     batch_16: list[list[int]]
 
 
+def _label(num_tokens: int) -> str:
+    """2048 -> "2k"; 8191 (8k less the one token the context must keep free) -> "8k"."""
+    return f"{round(num_tokens / 1024)}k"
+
+
 def _interleaved_best(
-    sides: dict[str, Generate], prompts: list[list[int]], new_tokens: int, repeats: int
+    sides: dict[str, Generate],
+    prompts: list[list[int]],
+    new_tokens: int,
+    repeats: int,
+    *,
+    warm_up: bool = True,
 ) -> dict[str, float]:
     """Best wall time of each side. The sides alternate inside every round, so a slow spell of
     the shared machine falls on both rather than on whichever ran during it."""
-    for generate in sides.values():
+    for generate in sides.values() if warm_up else ():
         generate(prompts, new_tokens)  # warm-up: allocations and kernel selection
     best = dict.fromkeys(sides, float("inf"))
     for _ in range(repeats):
@@ -108,6 +124,13 @@ def _measure(
     prefill_s = _interleaved_best(sides, prompts.prefill, 1, repeats)
     for name in sides:
         figures[f"{name}_prefill_tok_s"] = PREFILL_TOKENS / prefill_s[name]
+    for prompt in prompts.long_prefills:
+        # Seconds each: two rounds, and no warm-up (the 512-token rounds made the kernels).
+        num_tokens = len(prompt[0])
+        long_s = _interleaved_best(sides, prompt, 1, repeats=2, warm_up=False)
+        for name in sides:
+            figures[f"{name}_prefill_tok_s_{_label(num_tokens)}"] = num_tokens / long_s[name]
+        log(", ".join(f"{k} {v:.1f}" for k, v in figures.items() if "prefill" in k))
     bandwidths: list[float] = []
     for label, batch in (("b1", prompts.batch_1), ("b16", prompts.batch_16)):
         if label == "b1":  # the roofline compares batch-1 decode with bandwidth of the same spell
@@ -169,14 +192,22 @@ def run_engine_bench(
     assert isinstance(runner, ModelRunner)
     vocab_size = runner.config.vocab_size
     prompts_b16 = _random_prompts(16, DECODE_PROMPT_TOKENS, vocab_size, seed=2)
+    long_lengths = QUICK_LONG_PREFILL_TOKENS if quick else LONG_PREFILL_TOKENS
     prompts = _BenchPrompts(
-        _random_prompts(1, PREFILL_TOKENS, vocab_size, seed=1), prompts_b16[:1], prompts_b16
+        _random_prompts(1, PREFILL_TOKENS, vocab_size, seed=1),
+        [
+            _random_prompts(1, min(length, runner.max_model_len - 1), vocab_size, seed=length)
+            for length in long_lengths
+        ],
+        prompts_b16[:1],
+        prompts_b16,
     )
     result: dict[str, Any] = {
         "model": spec.model_id,
         "threads": threads,
         "quick": quick,
-        "precision": f"{runner.dtype}, batched {runner.batched_dtype or runner.dtype}",
+        "precision": f"{str(runner.dtype).removeprefix('torch.')} weights; "
+        f"{runner.plan.describe()}",
         "weights_bytes": runner.weights_bytes,
     }
     sides: dict[str, Generate] = {
@@ -187,7 +218,14 @@ def run_engine_bench(
     result["roofline_fraction_b1"] = (
         result["weights_bytes"] * result["ours_decode_tok_s_b1"] / result["mem_read_gbps"] / 1e9
     )
-    for name in ("prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_b16"):
+    labels = [_label(len(prompt[0])) for prompt in prompts.long_prefills]
+    names = ["prefill_tok_s", *(f"prefill_tok_s_{label}" for label in labels)]
+    for name in (*names, "decode_tok_s_b1", "decode_tok_s_b16"):
         result[f"ratio_{name}"] = result[f"ours_{name}"] / result[f"hf_{name}"]
+    for label in labels:  # what a token of a long prompt costs against one of 512 (1: no more)
+        for side in sides:
+            result[f"{side}_prefill_cost_per_token_{label}_vs_512"] = (
+                result[f"{side}_prefill_tok_s"] / result[f"{side}_prefill_tok_s_{label}"]
+            )
     print_result(result, output)
     return 0

@@ -17,7 +17,7 @@ from engine.tiny import tiny_config, tiny_state_dict
 from engine.tokenizer import Tokenizer
 from engine.weights import load_weights
 
-__all__ = ["LoadedEngine", "Precision", "load_engine", "resolve_precision"]
+__all__ = ["LoadedEngine", "Precision", "load_engine", "probe_dtype", "resolve_precision"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,23 +40,25 @@ Precision = Literal["auto", "float32", "bfloat16", "float16"]
 def resolve_precision(
     precision: Precision, device: torch.device
 ) -> tuple[torch.dtype, torch.dtype | None]:
-    """(dtype, batched_dtype) for a ``--precision`` choice.
+    """(dtype, low_dtype) for a ``--precision`` choice, as far as it is known before the model
+    is loaded: the weights' dtype, and a lower one some products run in (None: none known).
 
-    ``auto``: bf16 (fp16 without bf16 support) on CUDA. On CPU fp32, plus bf16 copies of the
-    projections for multi-row products when the CPU has AMX-BF16: there, batch-1 decode streams
-    fp32 weights at memory speed while bf16 single-row kernels are compute-bound at less than half
-    of it, and prefill and batched decode run several times faster on AMX tiles than in fp32.
+    ``auto``: bf16 (fp16 without bf16 support) on CUDA. On CPU fp32 weights, and what runs in
+    bf16 is measured once the model is loaded (``probe_dtype``; ``engine.precision``): whether
+    bf16 pays depends on more than the CPU's flags. A named dtype runs everything in it;
+    ``float32`` is the reference path of the logit tests.
     """
     if precision != "auto":
         return getattr(torch, precision), None
     if device.type == "cuda":
         return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), None
-    return torch.float32, (torch.bfloat16 if _cpu_has_amx_bf16() else None)
+    return torch.float32, None
 
 
-def _cpu_has_amx_bf16() -> bool:
-    capability: dict[str, object] = torch._C._cpu._get_cpu_capability()
-    return bool(capability.get("amx_bf16", False))
+def probe_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
+    """The dtype timed against the weights' at load for each use (``engine.runner.measure_plan``):
+    bf16 for ``auto`` on CPU, on every CPU; None elsewhere."""
+    return torch.bfloat16 if precision == "auto" and device.type == "cpu" else None
 
 
 def load_engine(
@@ -75,39 +77,43 @@ def load_engine(
     as the device cache, whichever is smaller; 0: none)."""
     spec = model if isinstance(model, ModelSpec) else resolve_model(model)
     torch_device = torch.device(device)
-    dtype, batched_dtype = resolve_precision(precision, torch_device)
+    dtype, _ = resolve_precision(precision, torch_device)
+    low_dtype = probe_dtype(precision, torch_device)
     tokenizer = Tokenizer.load(tokenizer_path(spec))
     if spec.kind == "null":
         return _load_null_engine(
             spec, tokenizer, block_size, num_blocks, engine_config, swap_space_gib
         )
     if spec.kind == "tiny":
+        # The test model: its products are too small for a timing to mean anything, and tests
+        # want the reference arithmetic.
         config = tiny_config(tokenizer.vocab_size)
         state_dict = tiny_state_dict(config)
+        low_dtype = None
     else:
         assert spec.path is not None
         config, state_dict = load_weights(spec.path, dtype=dtype)
-    block_bytes = kv_bytes_per_token(config, batched_dtype or dtype) * block_size
-    if num_blocks is None:
-        num_blocks = max(1, int(kv_cache_gib * 2**30) // block_bytes)
     runner = ModelRunner(
         config,
         state_dict,
-        num_blocks=num_blocks,
+        num_blocks=1,  # sized below, once the plan says the KV cache's dtype
         block_size=block_size,
         device=torch_device,
         dtype=dtype,
-        batched_dtype=batched_dtype,
-        num_host_blocks=_num_host_blocks(swap_space_gib, block_bytes, num_blocks),
+        precision=low_dtype,
     )
+    block_bytes = kv_bytes_per_token(config, runner.kv_dtype) * block_size
+    if num_blocks is None:
+        num_blocks = max(1, int(kv_cache_gib * 2**30) // block_bytes)
+    runner.allocate_kv_cache(num_blocks, _num_host_blocks(swap_space_gib, block_bytes, num_blocks))
     eos_token_ids = set(tokenizer.stop_token_ids) | set(config.eos_token_ids)
     engine = LLMEngine(runner, engine_config, eos_token_ids=eos_token_ids)
     logger.info(
-        "loaded %s: %d layers, %s (batched products in %s) on %s, %d KV blocks of %d tokens",
+        "loaded %s: %d layers, %s weights (%s) on %s, %d KV blocks of %d tokens",
         spec.model_id,
         config.num_layers,
-        dtype,
-        batched_dtype or dtype,
+        str(dtype).removeprefix("torch."),
+        runner.plan.describe(),
         torch_device,
         num_blocks,
         block_size,

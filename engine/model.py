@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.precision import PrecisionPlan, Product, Use, use_of_rows
 
 __all__ = ["AttentionBatch", "LlamaModel", "SequenceSlice", "rope_inv_freq"]
 
@@ -100,63 +101,102 @@ _PACKED_BATCH_ROWS = 16  # the batch size oneDNN's packed layout is tuned for
 
 
 class Linear(nn.Module):
-    """``y = x @ weight.T + bias`` with the kernel chosen by the number of rows.
+    """``y = x @ weight.T + bias``, in the dtype the precision plan gives its use.
 
-    One row (batch-1 decode) is memory-bound: ``mv`` on the weight in the model's dtype streams it
-    at close to memory speed. Several rows (prefill, batched decode) are compute-bound: when a
-    ``batched_weight`` copy in a lower precision is attached (bf16 on CPUs with AMX), the product
-    runs on it, with activations cast in and the result cast back. On CPU that copy is packed in
-    oneDNN's blocked layout for a 16-row batch: batched decode's products run ~25% faster than
-    on a plain bf16 matrix, long prompts ~15% slower (still several times faster than fp32).
+    The use follows from the number of rows (``engine.precision.use_of_rows``): one row (batch-1
+    decode), a few (batched decode) or many (prefill). Uses in ``low_uses`` run on
+    ``low_weight``, a copy in the plan's low dtype, with activations cast in and the result cast
+    back; the others on ``weight``. One row in the model's dtype is ``mv``, which on CPU streams a
+    column-major weight (``LlamaModel.store_weights_column_major``) at close to memory speed. On
+    CPU a bf16 copy is packed in oneDNN's blocked layout for a 16-row batch, which serves every
+    row count: on AVX-512 BF16 it ran as fast at one row and at 512 as a layout packed for those,
+    and faster than a plain bf16 matrix at all three (on AMX, ~15% slower than plain at 512).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.batched_weight: torch.Tensor | None = None
-        self.batched_dtype: torch.dtype | None = None
-        self.is_batched_weight_packed = False
+        self.low_weight: torch.Tensor | None = None
+        self.low_bias: torch.Tensor | None = None
+        self.is_low_weight_packed = False
+        self.low_uses: frozenset[Use] = frozenset()
 
-    def forward(self, x: torch.Tensor, *, keep_batched_dtype: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, keep_low_dtype: bool = False) -> torch.Tensor:
         """x [num_tokens, in_features]. The result is in x's dtype, or, with
-        ``keep_batched_dtype``, in the batched dtype when the batched weight was used (for a
-        consumer that casts to it anyway)."""
+        ``keep_low_dtype``, in the low dtype when the low weight was used (for a consumer that
+        casts to it anyway)."""
+        if use_of_rows(x.shape[0]) in self.low_uses:
+            return self.low_product(x, keep_low_dtype=keep_low_dtype)
+        return self.product(x)
+
+    def row_product(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch-1 product of one row x [in_features] -> [out_features], without the
+        module call (``engine.single_decode``)."""
+        if "single_row" in self.low_uses:
+            return self.low_product(x.unsqueeze(0))[0]
+        y = torch.mv(self.weight, x)
+        return y if self.bias is None else y + self.bias
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """On the model's own weight."""
         if x.shape[0] == 1 and x.device.type == "cpu":
             y = torch.mv(self.weight, x[0])
             if self.bias is not None:
                 y = y + self.bias
             return y.unsqueeze(0)
-        if self.batched_weight is not None and self.batched_dtype is not None:
-            dtype = self.batched_dtype
-            bias = None if self.bias is None else self.bias.to(dtype)
-            if self.is_batched_weight_packed:
-                y = torch.ops.mkldnn._linear_pointwise(
-                    x.to(dtype), self.batched_weight, bias, "none", [], ""
-                )
-            else:
-                y = F.linear(x.to(dtype), self.batched_weight, bias)
-            return y if keep_batched_dtype else y.to(self.weight.dtype)
         return F.linear(x, self.weight, self.bias)
 
-    def attach_batched_weight(self, dtype: torch.dtype) -> None:
+    def low_product(self, x: torch.Tensor, *, keep_low_dtype: bool = False) -> torch.Tensor:
+        """On the low-precision copy (``attach_low_weight`` first)."""
+        assert self.low_weight is not None
+        low_x = x.to(self.low_weight.dtype)
+        y: torch.Tensor
+        if self.is_low_weight_packed:
+            y = torch.ops.mkldnn._linear_pointwise(
+                low_x, self.low_weight, self.low_bias, "none", [], ""
+            )
+        else:
+            y = F.linear(low_x, self.low_weight, self.low_bias)
+        return y if keep_low_dtype else y.to(x.dtype)
+
+    @torch.no_grad()
+    def attach_low_weight(self, dtype: torch.dtype) -> None:
         weight = self.weight.detach().to(dtype).contiguous()
-        self.batched_dtype = dtype
-        self.is_batched_weight_packed = (
+        self.low_bias = None if self.bias is None else self.bias.detach().to(dtype)
+        self.is_low_weight_packed = (
             weight.device.type == "cpu"
             and dtype == torch.bfloat16
             and torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
             and _cpu_packs_bf16()
         )
-        if self.is_batched_weight_packed:
+        if self.is_low_weight_packed:
             weight = torch.ops.mkldnn._reorder_linear_weight(weight, _PACKED_BATCH_ROWS)
-        self.batched_weight = weight
+        self.low_weight = weight
+
+    def apply_plan(self, plan: PrecisionPlan) -> None:
+        """Route each use the plan puts in its low dtype to the low copy; drop the copy when
+        none is."""
+        uses: tuple[Use, ...] = ("single_row", "decode", "prefill")
+        self.low_uses = frozenset(use for use in uses if plan.of(use) != plan.dtype)
+        if self.low_uses and self.low_weight is None:
+            assert plan.low_dtype is not None
+            self.attach_low_weight(plan.low_dtype)
+        if not self.low_uses:
+            self.low_weight = self.low_bias = None
+            self.is_low_weight_packed = False
+
+    def probe(self, x: torch.Tensor, use: Use, is_low: bool) -> torch.Tensor:
+        """The product ``use`` would run, on the low copy or not (``engine.precision``)."""
+        if is_low:
+            return self.low_product(x)
+        return self.product(x)
 
 
 @functools.cache
 def _cpu_packs_bf16() -> bool:
     """Whether oneDNN can pack bf16 weights on this CPU (it needs AVX-512 BW/VL/DQ or
-    AVX-NE-CONVERT; elsewhere the batched copy stays a plain bf16 matrix)."""
+    AVX-NE-CONVERT; elsewhere the low copy stays a plain bf16 matrix)."""
     capability: dict[str, object] = torch._C._cpu._get_cpu_capability()
     avx512 = all(capability.get(f"avx512_{name}", False) for name in ("bw", "vl", "dq"))
     return avx512 or bool(capability.get("avx_ne_convert", False))
@@ -216,8 +256,9 @@ class DecoderLayer(nn.Module):
 
         hidden = hidden + self.o_proj(out.view(num_tokens, -1))
         x = F.rms_norm(hidden, (hidden.shape[-1],), self.post_attention_norm, self.eps)
-        # The MLP's inner activations may stay in the batched dtype: down_proj casts to it anyway.
-        gate, up = self.gate_up_proj(x, keep_batched_dtype=True).chunk(2, dim=-1)
+        # The MLP's inner activations may stay in the low dtype: down_proj casts to it anyway
+        # (when it runs in it: a 1-row product may not, and casts them back).
+        gate, up = self.gate_up_proj(x, keep_low_dtype=True).chunk(2, dim=-1)
         mlp_out: torch.Tensor = self.down_proj(F.silu(gate) * up)
         return hidden + mlp_out
 
@@ -243,7 +284,7 @@ class DecoderLayer(nn.Module):
             # Bottom-right aligned causal mask: query i sits at context_len - num_query + i.
             query_pos = torch.arange(run.context_len - num_query, run.context_len).unsqueeze(1)
             mask = torch.arange(run.context_len).unsqueeze(0) <= query_pos  # [num_query, context]
-        # Attention runs in the cache's dtype (bf16 on AMX CPUs: the flash kernel is ~2.5x faster).
+        # Attention runs in the cache's dtype, the precision plan's choice for it.
         dtype = kv_cache.dtype
         # 4-d inputs (a batch of 1): the CPU flash kernel takes no others, and with them it
         # handles grouped kv heads itself.
@@ -343,11 +384,40 @@ class LlamaModel(nn.Module):
             if isinstance(module, Linear):
                 module.weight.data = module.weight.data.t().contiguous().t()
 
-    def attach_batched_weights(self, dtype: torch.dtype) -> None:
-        """Keep ``dtype`` copies of every projection for multi-row products (see ``Linear``)."""
-        for module in self.modules():
+    def attach_low_weights(self, dtype: torch.dtype) -> None:
+        """Keep ``dtype`` copies of every layer projection (see ``Linear``), for the precision
+        probe."""
+        for module in self.layers.modules():
             if isinstance(module, Linear):
-                module.attach_batched_weight(dtype)
+                module.attach_low_weight(dtype)
+
+    def apply_plan(self, plan: PrecisionPlan) -> None:
+        """Run each layer projection's uses in the plan's dtypes (see ``Linear.apply_plan``).
+        The output projection stays in the model's dtype: a bf16 product also rounds its output,
+        and logits of magnitude ~20 rounded to bf16's steps of 0.125 flipped greedy choices
+        between near ties (on SmolLM2, two of five chat prompts' greedy outputs differed from
+        fp32 within 10 tokens; with fp32 logits, 2 of 10 runs differed, later). It costs batch
+        1 ~2 ms a token on SmolLM2-135M (57 MB more read) and prefill nothing (one row)."""
+        for module in self.layers.modules():
+            if isinstance(module, Linear):
+                module.apply_plan(plan)
+        self.lm_head.apply_plan(PrecisionPlan.uniform(plan.dtype))
+
+    def probe_products(self) -> tuple[list[list[Product]], list[int]]:
+        """Each layer's four projections as ``engine.precision.measure`` times them, and their
+        input widths."""
+        products: list[list[Product]] = []
+        for layer in self.layers:
+            assert isinstance(layer, DecoderLayer)
+            linears = (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)
+            products.append([linear.probe for linear in linears])
+        layer = self.layers[0]
+        assert isinstance(layer, DecoderLayer)
+        in_features = [
+            linear.weight.shape[1]
+            for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)
+        ]
+        return products, in_features
 
     @torch.no_grad()
     def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:

@@ -15,20 +15,66 @@ consecutive blocks moves as one slice copy across every layer, keys and values.
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 
 from engine.config import ModelConfig
-from engine.model import AttentionBatch, DecodeGroup, LlamaModel, SequenceSlice, rope_inv_freq
+from engine.model import (
+    AttentionBatch,
+    DecodeGroup,
+    Linear,
+    LlamaModel,
+    SequenceSlice,
+    rope_inv_freq,
+)
+from engine.precision import PrecisionPlan, choose_plan, measure
 from engine.sampler import sample
 from engine.sequence import ScheduledRun
 from engine.single_decode import SingleDecoder
 from engine.swap import BlockRun
 
-__all__ = ["ModelRunner", "kv_bytes_per_token"]
+__all__ = ["ModelRunner", "kv_bytes_per_token", "measure_plan"]
+
+logger = logging.getLogger(__name__)
 
 SCRUB_BLOCKS = 16  # blocks ``scrub`` copies and checks at once
 # Decodes attended in one padded call: the longest context at most this many times the shortest.
 DECODE_GROUP_SPREAD = 2
+
+
+def measure_plan(model: LlamaModel, low_dtype: torch.dtype) -> PrecisionPlan:
+    """Time ``model``'s products and attention in its dtype and in ``low_dtype`` and plan by the
+    result (``engine.precision``); logged once, with what the probe cost."""
+    start = time.perf_counter()
+    dtype = model.embed_tokens.weight.dtype
+    model.attach_low_weights(low_dtype)
+    products, in_features = model.probe_products()
+    config = model.config
+    timings = measure(
+        products,
+        in_features,
+        (config.num_heads, config.num_kv_heads, config.head_dim),
+        dtype,
+        low_dtype,
+    )
+    plan = choose_plan(dtype, low_dtype, timings)
+    ratios = ", ".join(
+        f"{use} {timings.high_s[use] / timings.low_s[use]:.2f}x" for use in timings.high_s
+    )
+    untimed = {"single_row", "decode", "prefill"} - set(timings.high_s)
+    if untimed:
+        ratios += f"; out of time before {', '.join(sorted(untimed))}"
+    logger.info(
+        "precision by measurement (%s over %s: %s; probe %.2f s): %s",
+        str(low_dtype).removeprefix("torch."),
+        str(dtype).removeprefix("torch."),
+        ratios,
+        time.perf_counter() - start,
+        plan.describe(),
+    )
+    return plan
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
@@ -48,13 +94,14 @@ class ModelRunner:
         block_size: int,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
-        batched_dtype: torch.dtype | None = None,
+        precision: PrecisionPlan | torch.dtype | None = None,
         num_host_blocks: int = 0,
     ) -> None:
-        """``dtype`` is the weights' and activations'; ``batched_dtype``, when given, adds copies of
-        the projections in that dtype for products of several rows (see ``engine.model.Linear``)
-        and is the dtype of the KV cache and of attention. ``num_host_blocks``: the host pool
-        swapped-out KV goes to (0: none)."""
+        """``dtype`` is the weights' and activations'. ``precision``: the dtype of each use's
+        products and of attention and the KV cache (``engine.precision``): a plan; a low dtype
+        to time against ``dtype`` here and plan by (``measure_plan``); or None, everything in
+        ``dtype`` (the reference path). ``num_host_blocks``: the host pool swapped-out KV goes to
+        (0: none)."""
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
@@ -65,19 +112,33 @@ class ModelRunner:
         model = model.to_empty(device=self.device)
         model.load_hf_state_dict(state_dict)
         self.model = model.to(dtype=dtype).eval()
-        self.batched_dtype = batched_dtype if batched_dtype != dtype else None
-        # Keys and values are read by attention only, which runs in the batched dtype too.
-        self.kv_dtype = self.batched_dtype or dtype
-        if self.batched_dtype is not None:
-            self.model.attach_batched_weights(self.batched_dtype)
         if self.device.type == "cpu":
             self.model.store_weights_column_major()
+        if isinstance(precision, torch.dtype) and precision != dtype:
+            if self.device.type != "cpu":
+                raise ValueError("a precision measured at load is for CPU; pass a plan")
+            with torch.inference_mode():
+                precision = measure_plan(self.model, precision)
+        elif isinstance(precision, torch.dtype):
+            precision = None
+        self.plan = precision or PrecisionPlan.uniform(dtype)
+        self.model.apply_plan(self.plan)
+        # Keys and values are read by attention only, which runs in the plan's dtype for it.
+        self.kv_dtype = self.plan.attention
         self.model.inv_freq = rope_inv_freq(config).to(self.device)  # angles stay fp32, as in HF
+        self.num_swap_copies = 0  # slice copies made by swap_out and swap_in, for tests
+        self.allocate_kv_cache(num_blocks, num_host_blocks)
+
+    def allocate_kv_cache(self, num_blocks: int, num_host_blocks: int) -> None:
+        """(Re)make the cache and the host pool, empty, in the plan's KV dtype: the loader sizes
+        them once the plan (measured at construction) says how many bytes a block takes."""
+        config = self.config
+        self.num_blocks = num_blocks
         self.kv_cache = torch.zeros(
             2,
             config.num_layers,
             num_blocks,
-            block_size,
+            self.block_size,
             config.num_kv_heads,
             config.head_dim,
             dtype=self.kv_dtype,
@@ -88,7 +149,6 @@ class ModelRunner:
             dtype=self.kv_dtype,
             pin_memory=self.device.type == "cuda" and num_host_blocks > 0,
         )
-        self.num_swap_copies = 0  # slice copies made by swap_out and swap_in, for tests
         # Batch-1 decode on CPU skips the general path's overhead (see engine.single_decode).
         self.single_decoder = (
             SingleDecoder(self.model, self.kv_cache) if self.device.type == "cpu" else None
@@ -163,14 +223,21 @@ class ModelRunner:
 
     @property
     def weights_bytes(self) -> int:
-        """Bytes of weights one batch-1 decode step reads: every parameter in the model's dtype
-        except the embedding table, whose rows are gathered (and which is read whole again when
-        it doubles as the output projection). Batched copies are not read at batch 1."""
-        embedding = self.model.embed_tokens.weight
-        total = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        if not self.config.tie_word_embeddings:
-            total -= embedding.numel() * embedding.element_size()
-        return total
+        """Bytes of weights one batch-1 decode step reads: each projection's weight in the
+        dtype the plan gives batch 1 (its low copy, or its own), the norms, never the embedding
+        table, whose rows are gathered (it is read whole when it doubles as the output
+        projection, as that projection)."""
+        total = 0
+        for module in self.model.modules():
+            if isinstance(module, Linear):
+                is_low = "single_row" in module.low_uses and module.low_weight is not None
+                weight = module.low_weight if is_low else module.weight
+                assert weight is not None
+                total += module.weight.numel() * weight.element_size()
+                if module.bias is not None:
+                    total += module.bias.numel() * weight.element_size()
+        norms = [p for name, p in self.model.named_parameters() if "norm" in name]
+        return total + sum(p.numel() * p.element_size() for p in norms)
 
     @torch.inference_mode()
     def execute(self, runs: list[ScheduledRun]) -> torch.Tensor:

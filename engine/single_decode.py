@@ -3,8 +3,9 @@
 One token of one sequence is memory-bound: its cost should be the time to stream the weights. In
 ``LlamaModel.forward`` the module calls, the batch bookkeeping and the general attention paths add
 ~300 µs per layer around ~60 small ops, which on SmolLM2's 30 layers is a third of the step. This
-path runs the same arithmetic (HF's RMSNorm formula, RoPE with the sign folded into ``sin``, fp32
-GEMVs, attention in the cache's dtype) over weights and cache views gathered once, and takes ~150 µs
+path runs the same arithmetic (HF's RMSNorm formula, RoPE with the sign folded into ``sin``, the
+projections' batch-1 products in the precision plan's dtype for them (``Linear.row_product``),
+attention in the cache's dtype) over weights and cache views gathered once, and takes ~150 µs
 per layer less. ``ModelRunner`` uses it whenever a step is a single decode on CPU.
 """
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.model import DecoderLayer, LlamaModel
+from engine.model import DecoderLayer, Linear, LlamaModel
 
 __all__ = ["SingleDecoder"]
 
@@ -23,12 +24,11 @@ __all__ = ["SingleDecoder"]
 @dataclass(frozen=True, slots=True)
 class _LayerParts:
     input_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [q_size + 2 * kv_size, hidden]
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor  # [hidden, q_size]
+    qkv: Linear  # [q_size + 2 * kv_size, hidden], with the bias where the model has one
+    o: Linear  # [hidden, q_size]
     post_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down: torch.Tensor  # [hidden, intermediate]
+    gate_up: Linear  # [2 * intermediate, hidden]
+    down: Linear  # [hidden, intermediate]
     keys: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim] (a view of the cache)
     values: torch.Tensor
 
@@ -50,12 +50,11 @@ class SingleDecoder:
             self.layers.append(
                 _LayerParts(
                     input_norm=layer.input_norm.detach(),
-                    qkv=layer.qkv_proj.weight.detach(),
-                    qkv_bias=None if layer.qkv_proj.bias is None else layer.qkv_proj.bias.detach(),
-                    o=layer.o_proj.weight.detach(),
+                    qkv=layer.qkv_proj,
+                    o=layer.o_proj,
                     post_norm=layer.post_attention_norm.detach(),
-                    gate_up=layer.gate_up_proj.weight.detach(),
-                    down=layer.down_proj.weight.detach(),
+                    gate_up=layer.gate_up_proj,
+                    down=layer.down_proj,
                     keys=kv_cache[0, index],
                     values=kv_cache[1, index],
                 )
@@ -94,9 +93,7 @@ class SingleDecoder:
     ) -> torch.Tensor:
         num_heads, num_kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         x = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps) * parts.input_norm
-        qkv = torch.mv(parts.qkv, x)
-        if parts.qkv_bias is not None:
-            qkv = qkv + parts.qkv_bias
+        qkv = parts.qkv.row_product(x)
         qk = qkv[: self.qk_size].view(num_heads + num_kv_heads, head_dim)
         qk = qk * cos + qk.roll(head_dim // 2, dims=-1) * sin
         v = qkv[self.qk_size :].view(1, num_kv_heads, head_dim)
@@ -118,7 +115,7 @@ class SingleDecoder:
             context_values.transpose(0, 1)[None],
             enable_gqa=True,
         )
-        hidden = hidden + torch.mv(parts.o, attention.reshape(-1).to(hidden.dtype))
+        hidden = hidden + parts.o.row_product(attention.reshape(-1).to(hidden.dtype))
         x = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps) * parts.post_norm
-        gate, up = torch.mv(parts.gate_up, x).chunk(2)
-        return hidden + torch.mv(parts.down, F.silu(gate) * up)
+        gate, up = parts.gate_up.row_product(x).chunk(2)
+        return hidden + parts.down.row_product(F.silu(gate) * up)

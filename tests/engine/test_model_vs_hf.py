@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from engine.config import ModelConfig, RopeScaling
+from engine.precision import PrecisionPlan
 from engine.runner import ModelRunner, ScheduledRun
 from engine.sequence import SamplingParams, Sequence
 
@@ -209,19 +210,36 @@ def test_chunked_prefill_equals_unchunked(pair: tuple[torch.nn.Module, ModelRunn
     torch.testing.assert_close(whole_kv, chunked_kv, atol=1e-5, rtol=0)
 
 
-def test_bf16_batched_products_stay_close(pair: tuple[torch.nn.Module, ModelRunner]) -> None:
-    """The CPU default on AMX machines: fp32 model, bf16 copies for multi-row products."""
+BF16_EVERYWHERE = PrecisionPlan(
+    torch.float32,
+    single_row=torch.bfloat16,
+    decode=torch.bfloat16,
+    prefill=torch.bfloat16,
+    attention=torch.bfloat16,
+)
+
+
+def test_bf16_products_stay_close(pair: tuple[torch.nn.Module, ModelRunner]) -> None:
+    """fp32 weights with every use's products, attention and the KV cache in bf16: the plan
+    ``engine.precision`` makes where bf16 wins everywhere."""
     hf, fp32_runner = pair
     runner = ModelRunner(
         fp32_runner.config,
         hf.state_dict(),
         num_blocks=NUM_BLOCKS,
         block_size=BLOCK_SIZE,
-        batched_dtype=torch.bfloat16,
+        precision=BF16_EVERYWHERE,
     )
-    assert runner.weights_bytes == fp32_runner.weights_bytes  # batch 1 still reads fp32
-    batched_weight = runner.model.layers[0].qkv_proj.batched_weight
-    assert batched_weight is not None and batched_weight.dtype == torch.bfloat16
+    # Batch 1 reads the layers' bf16 copies: half their bytes in the reference path; the norms
+    # and the output projection (fp32 logits) as they are.
+    model = runner.model
+    as_is = sum(p.numel() * 4 for name, p in model.named_parameters() if "norm" in name)
+    as_is += model.lm_head.weight.numel() * 4
+    assert runner.weights_bytes - as_is == (fp32_runner.weights_bytes - as_is) // 2
+    assert model.lm_head.low_weight is None and not model.lm_head.low_uses
+    low_weight = runner.model.layers[0].qkv_proj.low_weight
+    assert low_weight is not None and low_weight.dtype == torch.bfloat16
+    assert runner.kv_cache.dtype == torch.bfloat16
     blocks = _Blocks()
     seqs = [_new_seq(str(n), n, seed=n) for n in (9, 30)]
     logits = _step(runner, blocks, [ScheduledRun(s, s.num_tokens) for s in seqs])
@@ -232,3 +250,10 @@ def test_bf16_batched_products_stay_close(pair: tuple[torch.nn.Module, ModelRunn
             torch.testing.assert_close(logits[row], reference, atol=0.1, rtol=0.02)
             seq.output_token_ids.append(int(reference.argmax()))
         logits = _step(runner, blocks, [ScheduledRun(s, 1) for s in seqs])
+    # Batch-1 decode (the lean path, engine.single_decode) on the bf16 copies.
+    seq = seqs[0]
+    for _ in range(4):
+        reference = _hf_last_logits(hf, seq.token_ids)
+        torch.testing.assert_close(logits[0], reference, atol=0.1, rtol=0.02)
+        seq.output_token_ids.append(int(reference.argmax()))
+        logits = _step(runner, blocks, [ScheduledRun(seq, 1)])

@@ -1,0 +1,122 @@
+"""The precision plan: chosen per use from timings, and carried out by row count."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from engine.loader import probe_dtype, resolve_precision
+from engine.model import Linear
+from engine.precision import MAX_DECODE_ROWS, PrecisionPlan, ProbeTimings, choose_plan
+from engine.runner import ModelRunner
+from engine.tiny import tiny_config, tiny_state_dict
+
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+def _timings(high: dict[str, float], low: dict[str, float]) -> ProbeTimings:
+    return ProbeTimings(high_s=high, low_s=low)
+
+
+def test_each_use_takes_the_dtype_that_ran_faster_by_a_margin() -> None:
+    timings = _timings(
+        high={"single_row": 10.0, "decode": 10.0, "prefill": 10.0, "attention": 10.0},
+        # bf16 wins batch 1 and prefill clearly, ties batched decode (within MIN_GAIN), loses
+        # attention.
+        low={"single_row": 4.0, "decode": 9.5, "prefill": 2.5, "attention": 30.0},
+    )
+    plan = choose_plan(F32, BF16, timings)
+    assert plan == PrecisionPlan(F32, single_row=BF16, decode=F32, prefill=BF16, attention=F32)
+    assert plan.low_dtype == BF16
+    # Only attention pays in bf16: the KV cache is bf16 and no product needs a weight copy.
+    swapped = choose_plan(F32, BF16, _timings(timings.low_s, timings.high_s))
+    assert swapped.attention == BF16 and swapped.low_dtype is None
+    # The KV cache's dtype, which a model's workers must share, takes a wider margin.
+    assert (
+        choose_plan(F32, BF16, _timings({"attention": 13.0}, {"attention": 10.0})).attention == F32
+    )
+    # A use the probe had no time left for stays in the model's dtype.
+    cut_short = _timings({"attention": 10.0, "decode": 10.0}, {"attention": 30.0, "decode": 2.0})
+    assert choose_plan(F32, BF16, cut_short) == PrecisionPlan(
+        F32, single_row=F32, decode=BF16, prefill=F32, attention=F32
+    )
+    slow = _timings(timings.high_s, dict.fromkeys(timings.high_s, 100.0))
+    assert choose_plan(F32, BF16, slow) == PrecisionPlan.uniform(F32)
+
+
+def test_auto_times_bf16_on_every_cpu_and_named_dtypes_are_taken_as_they_are() -> None:
+    # Before, auto ran bf16 only where the CPU has AMX-BF16 (not on AVX-512 BF16 alone).
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == (F32, None) and probe_dtype("auto", cpu) == BF16
+    assert resolve_precision("float32", cpu) == (F32, None)
+    assert probe_dtype("float32", cpu) is None
+    assert resolve_precision("bfloat16", cpu) == (BF16, None)
+    assert probe_dtype("bfloat16", cpu) is None
+
+
+def _linear(bias: bool) -> Linear:
+    linear = Linear(32, 48, bias=bias)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(48, 32, generator=generator))
+        if linear.bias is not None:
+            linear.bias.copy_(torch.randn(48, generator=generator))
+    return linear
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_runs_each_row_count_in_its_uses_dtype(bias: bool) -> None:
+    linear = _linear(bias)
+    plan = PrecisionPlan(F32, single_row=F32, decode=BF16, prefill=F32, attention=F32)
+    linear.apply_plan(plan)
+    assert linear.low_weight is not None and linear.low_uses == {"decode"}
+    weight = linear.weight.detach()
+    low_weight = weight.to(BF16)
+    bias_f32 = None if linear.bias is None else linear.bias.detach()
+    bias_low = None if bias_f32 is None else bias_f32.to(BF16)
+    with torch.inference_mode():
+        for rows in (1, 2, 16, MAX_DECODE_ROWS, MAX_DECODE_ROWS + 1, 200):
+            x = torch.randn(rows, 32)
+            fp32 = torch.nn.functional.linear(x, weight, bias_f32)
+            bf16 = torch.nn.functional.linear(x.to(BF16), low_weight, bias_low).float()
+            assert not torch.allclose(fp32, bf16, atol=1e-4, rtol=0)  # the two are told apart
+            expected = bf16 if 2 <= rows <= MAX_DECODE_ROWS else fp32
+            torch.testing.assert_close(linear(x), expected, atol=1e-4, rtol=1e-3)
+            assert linear(x).dtype == F32
+        # The batch-1 entry point of the lean decode path follows the same plan.
+        x = torch.randn(32)
+        torch.testing.assert_close(
+            linear.row_product(x), torch.nn.functional.linear(x, weight, bias_f32)
+        )
+    # A plan with no low use drops the copy.
+    linear.apply_plan(PrecisionPlan.uniform(F32))
+    assert linear.low_weight is None and not linear.low_uses
+
+
+def test_a_measured_plan_is_carried_out_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    config = tiny_config(256)
+    with caplog.at_level(logging.INFO, logger="engine.runner"):
+        runner = ModelRunner(
+            config, tiny_state_dict(config), num_blocks=8, block_size=4, precision=BF16
+        )
+    lines = [r.getMessage() for r in caplog.records if "precision by measurement" in r.message]
+    assert len(lines) == 1 and runner.plan.describe() in lines[0]
+    plan = runner.plan
+    assert runner.kv_cache.dtype == plan.attention
+    low = {use for use in ("single_row", "decode", "prefill") if plan.of(use) == BF16}
+    for module in runner.model.layers.modules():
+        if isinstance(module, Linear):
+            assert module.low_uses == low
+            assert (module.low_weight is None) == (not low)
+    # Logits come from the fp32 output projection whatever the plan.
+    assert runner.model.lm_head.low_weight is None and not runner.model.lm_head.low_uses
+
+
+def test_the_reference_path_has_no_low_copies() -> None:
+    config = tiny_config(256)
+    runner = ModelRunner(config, tiny_state_dict(config), num_blocks=8, block_size=4)
+    assert runner.plan == PrecisionPlan.uniform(F32)
+    assert runner.kv_cache.dtype == F32
+    assert all(m.low_weight is None for m in runner.model.modules() if isinstance(m, Linear))
