@@ -38,8 +38,9 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
         "--precision",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto: fp32 on CPU with bf16 copies for batched products where the CPU has AMX, "
-        "bf16 on CUDA (default: %(default)s)",
+        help="auto: on CPU, each kind of product (batch-1 decode, batched decode, prefill, "
+        "attention) in fp32 or bf16, whichever is faster when timed at load; bf16 on CUDA "
+        "(default: %(default)s)",
     )
 
 
