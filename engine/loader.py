@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 
 from engine.engine import EngineConfig, LLMEngine, Runner
-from engine.model_store import ModelSpec, resolve_model, tokenizer_path
+from engine.model_store import ModelSpec, cache_dir, resolve_model, tokenizer_path
 from engine.null_engine import NullEngineConfig, create_null_engine
 from engine.runner import ModelRunner, kv_bytes_per_token
 from engine.tiny import tiny_config, tiny_state_dict
@@ -101,6 +101,8 @@ def load_engine(
         device=torch_device,
         dtype=dtype,
         precision=low_dtype,
+        # One plan per host for this model: its workers run the same arithmetic.
+        plan_cache_dir=cache_dir() / "precision",
     )
     block_bytes = kv_bytes_per_token(config, runner.kv_dtype) * block_size
     if num_blocks is None:

@@ -37,6 +37,7 @@ __all__ = [
     "Product",
     "Use",
     "choose_plan",
+    "host_kv_dtype",
     "measure",
     "use_of_rows",
 ]
@@ -60,6 +61,18 @@ MIN_GAIN = 1.1
 # blocks (``transfer.kv_layout``), while each measures for itself: it takes a margin no busy spell
 # bridges (bf16 attention ran 0.4x fp32 on AVX-512 BF16, ~2.5x on AMX).
 ATTENTION_MIN_GAIN = 1.5
+
+
+def host_kv_dtype(dtype: torch.dtype, low_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's (and attention's) dtype on this CPU: ``low_dtype`` where the CPU has
+    AMX-BF16, else ``dtype``. Not measured, unlike the products: every worker of a model must
+    hold its KV in one dtype to exchange blocks, and independent timings, each on a machine as
+    busy as it happens to be while its workers start, cannot be made to agree (a worker on the
+    other dtype is refused as incompatible, and the first one a pool admits locks the others
+    out). A rule of the CPU's kind gives the same answer on every worker of that kind (bf16
+    attention measured ~2.5x fp32 with AMX, 0.35-0.45x on AVX-512 BF16 without it)."""
+    capability: dict[str, object] = torch._C._cpu._get_cpu_capability()
+    return low_dtype if capability.get("amx_bf16", False) else dtype
 
 
 def use_of_rows(num_rows: int) -> Use:

@@ -15,8 +15,15 @@ consecutive blocks moves as one slice copy across every layer, keys and values.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
 import logging
+import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,7 +36,7 @@ from engine.model import (
     SequenceSlice,
     rope_inv_freq,
 )
-from engine.precision import PrecisionPlan, choose_plan, measure
+from engine.precision import PrecisionPlan, choose_plan, host_kv_dtype, measure
 from engine.sampler import sample
 from engine.sequence import ScheduledRun
 from engine.single_decode import SingleDecoder
@@ -44,9 +51,83 @@ SCRUB_BLOCKS = 16  # blocks ``scrub`` copies and checks at once
 DECODE_GROUP_SPREAD = 2
 
 
-def measure_plan(model: LlamaModel, low_dtype: torch.dtype) -> PrecisionPlan:
-    """Time ``model``'s products and attention in its dtype and in ``low_dtype`` and plan by the
-    result (``engine.precision``); logged once, with what the probe cost."""
+def measure_plan(
+    model: LlamaModel, low_dtype: torch.dtype, *, cache_dir: Path | None = None
+) -> PrecisionPlan:
+    """Time ``model``'s products in its dtype and in ``low_dtype`` and plan by the result
+    (``engine.precision``; attention, the KV cache's dtype, by the CPU's kind:
+    ``host_kv_dtype``); logged once, with what the probe cost.
+
+    ``cache_dir``: plans measured on this host, one file per (CPU, torch, threads, model shape,
+    dtypes). The first process measures and writes it under a lock while the others wait, and
+    every later one (a prefill and a decode worker starting together, a restarted worker)
+    reads it: workers of one model on one host run the same arithmetic, so a disaggregated
+    answer is the colocated one, and a worker started on a busy machine does not keep a plan
+    picked by the noise. Delete the directory to measure again."""
+    if cache_dir is None:
+        return _measured_plan(model, low_dtype)
+    dtype = model.embed_tokens.weight.dtype
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"{_plan_key(model, low_dtype)}.json"
+    with open(cache_dir / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        try:
+            known = json.loads(path.read_text())
+            plan = PrecisionPlan(dtype, *(getattr(torch, known[use]) for use in _PLAN_FIELDS))
+            if {plan.single_row, plan.decode, plan.prefill} - {dtype, low_dtype}:
+                raise ValueError(f"{path} names another dtype")
+            # The KV dtype is the host's rule's, whatever an older file says.
+            plan = dataclasses.replace(plan, attention=host_kv_dtype(dtype, low_dtype))
+            logger.info(
+                "precision from %s (measured earlier on this host): %s", path, plan.describe()
+            )
+            return plan
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
+            pass  # none yet, or unreadable: measure
+        plan = _measured_plan(model, low_dtype)
+        fields = {use: str(getattr(plan, use)).removeprefix("torch.") for use in _PLAN_FIELDS}
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(fields))
+        partial.replace(path)
+        return plan
+
+
+_PLAN_FIELDS = ("single_row", "decode", "prefill", "attention")
+
+
+def _plan_key(model: LlamaModel, low_dtype: torch.dtype) -> str:
+    """What a measured plan depends on: the CPU (its model name and torch's view of its
+    capabilities), torch, the threads, the model's shape and the two dtypes."""
+    cpu_name = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_name = line.split(":", 1)[1].strip()
+                break
+    capability = sorted(torch._C._cpu._get_cpu_capability().items())
+    config = model.config
+    shape = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_layers,
+        config.num_heads,
+        config.num_kv_heads,
+        config.head_dim,
+        config.vocab_size,
+    )
+    parts = (
+        cpu_name,
+        repr(capability),
+        torch.__version__,
+        torch.get_num_threads(),
+        shape,
+        str(model.embed_tokens.weight.dtype),
+        str(low_dtype),
+    )
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
+
+
+def _measured_plan(model: LlamaModel, low_dtype: torch.dtype) -> PrecisionPlan:
     start = time.perf_counter()
     dtype = model.embed_tokens.weight.dtype
     model.attach_low_weights(low_dtype)
@@ -59,7 +140,9 @@ def measure_plan(model: LlamaModel, low_dtype: torch.dtype) -> PrecisionPlan:
         dtype,
         low_dtype,
     )
-    plan = choose_plan(dtype, low_dtype, timings)
+    plan = dataclasses.replace(
+        choose_plan(dtype, low_dtype, timings), attention=host_kv_dtype(dtype, low_dtype)
+    )
     ratios = ", ".join(
         f"{use} {timings.high_s[use] / timings.low_s[use]:.2f}x" for use in timings.high_s
     )
@@ -96,12 +179,14 @@ class ModelRunner:
         dtype: torch.dtype = torch.float32,
         precision: PrecisionPlan | torch.dtype | None = None,
         num_host_blocks: int = 0,
+        plan_cache_dir: Path | None = None,
     ) -> None:
         """``dtype`` is the weights' and activations'. ``precision``: the dtype of each use's
         products and of attention and the KV cache (``engine.precision``): a plan; a low dtype
         to time against ``dtype`` here and plan by (``measure_plan``); or None, everything in
         ``dtype`` (the reference path). ``num_host_blocks``: the host pool swapped-out KV goes to
-        (0: none)."""
+        (0: none). ``plan_cache_dir``: where plans measured on this host are kept
+        (``measure_plan``; None: measure every time)."""
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
@@ -118,7 +203,7 @@ class ModelRunner:
             if self.device.type != "cpu":
                 raise ValueError("a precision measured at load is for CPU; pass a plan")
             with torch.inference_mode():
-                precision = measure_plan(self.model, precision)
+                precision = measure_plan(self.model, precision, cache_dir=plan_cache_dir)
         elif isinstance(precision, torch.dtype):
             precision = None
         self.plan = precision or PrecisionPlan.uniform(dtype)

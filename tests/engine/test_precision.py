@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 
 from engine.loader import probe_dtype, resolve_precision
 from engine.model import Linear
-from engine.precision import MAX_DECODE_ROWS, PrecisionPlan, ProbeTimings, choose_plan
+from engine.precision import (
+    MAX_DECODE_ROWS,
+    PrecisionPlan,
+    ProbeTimings,
+    choose_plan,
+    host_kv_dtype,
+)
 from engine.runner import ModelRunner
 from engine.tiny import tiny_config, tiny_state_dict
 
@@ -120,3 +128,52 @@ def test_the_reference_path_has_no_low_copies() -> None:
     assert runner.plan == PrecisionPlan.uniform(F32)
     assert runner.kv_cache.dtype == F32
     assert all(m.low_weight is None for m in runner.model.modules() if isinstance(m, Linear))
+
+
+def test_the_kv_dtype_is_the_hosts_rule_not_a_timing(caplog: pytest.LogCaptureFixture) -> None:
+    """Every worker of a model must hold its KV in one dtype: attention's is not measured (two
+    workers timing it on a busy machine could disagree, and the pool would refuse one)."""
+    config = tiny_config(256)
+    for _ in range(2):
+        runner = ModelRunner(
+            config, tiny_state_dict(config), num_blocks=8, block_size=4, precision=BF16
+        )
+        assert runner.plan.attention == host_kv_dtype(F32, BF16)
+        assert runner.kv_cache.dtype == host_kv_dtype(F32, BF16)
+
+
+def test_a_plan_is_measured_once_per_host_and_read_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Workers of one model on one host (a prefill and a decode worker, a restarted one) run
+    the plan the first of them measured: the same arithmetic, so disaggregated output is the
+    colocated one."""
+    config = tiny_config(256)
+
+    def runner() -> ModelRunner:
+        return ModelRunner(
+            config,
+            tiny_state_dict(config),
+            num_blocks=8,
+            block_size=4,
+            precision=BF16,
+            plan_cache_dir=tmp_path,
+        )
+
+    with caplog.at_level(logging.INFO, logger="engine.runner"):
+        first = runner()
+        [saved] = list(tmp_path.glob("*.json"))
+        # Another plan on file (as if measured so): the next runner takes it, measuring nothing.
+        forced = {"single_row": "bfloat16", "decode": "float32", "prefill": "bfloat16"}
+        saved.write_text(json.dumps({**forced, "attention": "float32"}))
+        second = runner()
+    measured = [r for r in caplog.records if "precision by measurement" in r.getMessage()]
+    read = [r for r in caplog.records if "measured earlier on this host" in r.getMessage()]
+    assert len(measured) == 1 and len(read) == 1
+    assert first.plan.attention == second.plan.attention == host_kv_dtype(F32, BF16)
+    assert (second.plan.single_row, second.plan.decode, second.plan.prefill) == (BF16, F32, BF16)
+    # An unreadable file is measured again, and replaced.
+    saved.write_text("{not json")
+    third = runner()
+    assert json.loads(saved.read_text())["single_row"] in ("float32", "bfloat16")
+    assert third.plan.attention == host_kv_dtype(F32, BF16)
