@@ -102,10 +102,16 @@ class RequestLedger:
 
     def runs_on(self, handle: WorkerHandle) -> bool:
         """Whether losing ``handle`` stops the request: it is on the pair, and, for its prefill
-        worker, the KV has not landed on the decode worker yet (a token came from there)."""
+        worker, the KV has not landed on the decode worker yet (a token came from there) while
+        the prefill worker may still be sending it. A drained prefill worker is sending nothing
+        (its own report and the gateway's count agree: ``gateway.workers``): the KV of every
+        request it prefilled has left it, so its removal stops none of them, even before their
+        decode worker's first token says so."""
         pair = self.pair
         if self.stage not in ("prefill", "decode") or pair is None:
             return False
         if handle is pair.prefill and handle is not pair.decode:
-            return self.stage == "prefill" or self.num_frames_here <= 1
+            if self.stage == "prefill":
+                return True
+            return self.num_frames_here <= 1 and handle.state != "drained"
         return handle in pair

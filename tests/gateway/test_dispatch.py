@@ -770,3 +770,27 @@ async def test_an_outage_that_ended_while_nobody_waited_leaves_the_next_one_its_
     await asyncio.sleep(NO_WORKER_GRACE_S)
     registry.mark_dead(prefill, WorkerUnreachable("gone again"))
     dispatcher.check_can_serve("test-model")  # a new outage: its own grace, not the old one's
+
+
+async def test_removing_a_drained_prefill_worker_stops_no_request_it_prefilled() -> None:
+    """A request whose prefill is done and whose first token came (its KV on its way from the
+    prefill worker to the decode worker) depends on the prefill worker until the decode worker
+    says the KV landed, unless that prefill worker is drained: then it is sending nothing, and
+    removing it (a rolling restart's drain, then remove) must not move the request."""
+    workers = WorkerRegistry([PREFILL_URL], [DECODE_URL])
+    try:
+        prefill, decode = workers.handles
+        make_ready(prefill, "prefill")
+        make_ready(decode, "decode")
+        ledger = RequestLedger(request("r1"), received=time.monotonic())
+        ledger.pair = WorkerPair(prefill, decode)
+        ledger.stage = "decode"
+        ledger.num_frames_here = 1  # the prefill's first token only
+        assert ledger.runs_on(prefill)  # its KV may still be on the way
+        prefill.state = "drained"
+        assert not ledger.runs_on(prefill)
+        assert ledger.runs_on(decode)
+        ledger.stage = "prefill"  # still prefilling (a drained worker has none: belt and braces)
+        assert ledger.runs_on(prefill)
+    finally:
+        await workers.stop()
