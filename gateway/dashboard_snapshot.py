@@ -238,6 +238,25 @@ class SnapshotBuilder:
         )
 
 
+# One figure per tenant or worker, copied as /metrics has it: sample name -> the view's field.
+_TENANT_GAUGES = {
+    "fairgate_tenant_weight": "weight",
+    "fairgate_tenant_entitled_share": "entitled_share",
+    "fairgate_tenant_service_share": "service_share",
+    "fairgate_tenant_service_units_total": "service_units",
+    "fairgate_fair_counter": "fair_counter",
+    "fairgate_queue_depth": "queue_depth",
+    "fairgate_requests_in_gateway": "in_gateway",
+}
+_WORKER_GAUGES = {
+    "fairgate_backend_batch_size": "batch",
+    "fairgate_backend_kv_blocks_used": "kv_blocks_used",
+    "fairgate_backend_kv_blocks_total": "kv_blocks_total",
+    "fairgate_backend_prompt_tokens_total": "prompt_tokens",
+    "fairgate_backend_cached_tokens_total": "cached_tokens",
+}
+
+
 def _tenants(families: FamilyValues) -> dict[str, TenantView]:
     views: dict[str, TenantView] = {}
 
@@ -253,22 +272,11 @@ def _tenants(families: FamilyValues) -> dict[str, TenantView]:
             if tenant is not None:
                 yield tenant, labels, value
 
-    for tenant, _, value in each("fairgate_tenant_weight"):
-        tenant.weight = value
+    for sample_name, attribute in _TENANT_GAUGES.items():
+        for tenant, _, value in each(sample_name):
+            setattr(tenant, attribute, value)
     for tenant, _, value in each("fairgate_tenant_backlogged"):
         tenant.is_backlogged = value > 0
-    for tenant, _, value in each("fairgate_tenant_entitled_share"):
-        tenant.entitled_share = value
-    for tenant, _, value in each("fairgate_tenant_service_share"):
-        tenant.service_share = value
-    for tenant, _, value in each("fairgate_tenant_service_units_total"):
-        tenant.service_units = value
-    for tenant, _, value in each("fairgate_fair_counter"):
-        tenant.fair_counter = value
-    for tenant, _, value in each("fairgate_queue_depth"):
-        tenant.queue_depth = value
-    for tenant, _, value in each("fairgate_requests_in_gateway"):
-        tenant.in_gateway = value
     for tenant, labels, value in each("fairgate_tenant_queue_depth"):
         by_class = tenant.queue_by_class
         by_class[labels["slo_class"]] = by_class.get(labels["slo_class"], 0.0) + value
@@ -314,16 +322,9 @@ def _workers(families: FamilyValues) -> dict[tuple[str, str, str], WorkerView]:
     for worker, labels, value in each("fairgate_backend_worker_state"):
         if value > 0:
             worker.state = labels.get("state", "unknown")
-    for worker, _, value in each("fairgate_backend_batch_size"):
-        worker.batch = value
-    for worker, _, value in each("fairgate_backend_kv_blocks_used"):
-        worker.kv_blocks_used = value
-    for worker, _, value in each("fairgate_backend_kv_blocks_total"):
-        worker.kv_blocks_total = value
-    for worker, _, value in each("fairgate_backend_prompt_tokens_total"):
-        worker.prompt_tokens = value
-    for worker, _, value in each("fairgate_backend_cached_tokens_total"):
-        worker.cached_tokens = value
+    for sample_name, attribute in _WORKER_GAUGES.items():
+        for worker, _, value in each(sample_name):
+            setattr(worker, attribute, value)
     for worker in views.values():
         if worker.prompt_tokens > 0:
             worker.prefix_hit_rate = worker.cached_tokens / worker.prompt_tokens
