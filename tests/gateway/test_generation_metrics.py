@@ -3,12 +3,11 @@ prefill, on the worker that ran it, and the tenant's weight as its policy takes 
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import pytest
 
-from engine.model_store import resolve_model, tokenizer_path
 from engine.tokenizer import Tokenizer
 from gateway import generation
 from gateway.config import DEFAULT_SLO_CLASSES
@@ -18,27 +17,12 @@ from gateway.metrics import GatewayMetrics, WorkerSnapshot, worker_labels
 from gateway.policies import FcfsPolicy
 from gateway.scheduler import QueuedRequest
 from gateway.workers import WorkerRegistry
-from tests.gateway.test_dispatch import DECODE_URL, PREFILL_URL, make_ready
+from tests.gateway.test_generation import registry as registry
+from tests.gateway.test_generation import tokenizer as tokenizer
 from transfer.messages import SamplingSpec, TokenFrame
 
 PROMPT = list(range(1000, 1100))  # 100 tokens
 NUM_CACHED = 64
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return Tokenizer.load(tokenizer_path(resolve_model("default")))
-
-
-@pytest.fixture
-async def registry() -> AsyncIterator[WorkerRegistry]:
-    workers = WorkerRegistry([PREFILL_URL], [DECODE_URL])
-    make_ready(workers.handles[0], "prefill")
-    make_ready(workers.handles[1], "decode")
-    try:
-        yield workers
-    finally:
-        await workers.stop()
 
 
 async def two_tokens(
