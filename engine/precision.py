@@ -3,21 +3,21 @@
 A CPU's flags do not say whether bf16 pays. With AMX tiles bf16 products of many rows run several
 times faster than fp32 while a bf16 single-row product is compute-bound; on an AMD EPYC with
 AVX-512 BF16 and no AMX the model's bf16 products (oneDNN-packed) ran 3.9x fp32 at 16 rows, 4.4x
-at 512 and, streaming all 30 layers' weights, 3.1x at one row, while attention ran no faster in
-bf16; an AVX2-only CPU has no bf16 arithmetic at all. So ``engine.runner.measure_plan`` times
-the model's own products, in the model's dtype and in the low one, once per use:
+at 512 and, streaming all 30 layers' weights, 3.1x at one row; an AVX2-only CPU has no bf16
+arithmetic at all. So ``engine.runner.measure_plan`` times the model's own products, in the
+model's dtype and in the low one, once per use:
 
 - ``single_row``: batch-1 decode, memory-bound: the weights of enough layers to stream them from
   memory (``SINGLE_ROW_PROBE_LAYERS``);
 - ``decode``: batched decode, up to ``MAX_DECODE_ROWS`` rows (timed at 16);
 - ``prefill``: prompt chunks and mixed steps, more rows (timed at 128);
-- ``attention``: the KV cache's dtype: a causal prompt chunk and a padded decode batch;
 
 and ``choose_plan`` (pure) keeps the faster dtype for each (the model's where the low one is
-within noise of it or was not timed). The probe, copies included, takes ~0.2-0.3 s on
+within noise of it or was not timed). Attention, and so the KV cache, is not timed: its dtype is
+the CPU kind's rule (``host_kv_dtype``). The probe, copies included, takes ~0.2-0.3 s on
 SmolLM2-135M on 2 quiet cores and is cut short on a busy machine (``PROBE_BUDGET_S``). The plan
-is the single place that decides: ``engine.model.Linear`` picks its kernel from it by row count,
-``engine.runner.ModelRunner`` the KV cache's dtype.
+is the single place that decides: ``engine.model.Linear`` picks its kernel from it by row count
+(the output projection too), ``engine.runner.ModelRunner`` the KV cache's dtype.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "MAX_DECODE_ROWS",
@@ -48,7 +47,6 @@ Use = Literal["single_row", "decode", "prefill"]
 MAX_DECODE_ROWS = 64
 DECODE_PROBE_ROWS = 16
 PREFILL_PROBE_ROWS = 128
-ATTENTION_PROBE_TOKENS = 256
 SINGLE_ROW_PROBE_LAYERS = 16
 # Wall time after which no further use is timed: quiet, the probe takes ~0.1-0.2 s on
 # SmolLM2-135M and 2 cores; with every core busy each call can wait a scheduler quantum, and
@@ -57,10 +55,6 @@ PROBE_BUDGET_S = 0.5
 # A choice of the low dtype must win by this much: within noise, the model's dtype (exact
 # reference arithmetic, no extra copies) is kept.
 MIN_GAIN = 1.1
-# Attention's choice is the KV cache's dtype, which every worker of a model must share to exchange
-# blocks (``transfer.kv_layout``), while each measures for itself: it takes a margin no busy spell
-# bridges (bf16 attention ran 0.4x fp32 on AVX-512 BF16, ~2.5x on AMX).
-ATTENTION_MIN_GAIN = 1.5
 
 
 def host_kv_dtype(dtype: torch.dtype, low_dtype: torch.dtype) -> torch.dtype:
@@ -123,26 +117,27 @@ class PrecisionPlan:
 class ProbeTimings:
     """Best seconds of each use's probe, in the model's dtype and in the low dtype."""
 
-    high_s: dict[str, float]  # keys: "attention" and the ``Use``s timed
+    high_s: dict[str, float]  # keys: the ``Use``s timed
     low_s: dict[str, float]
 
 
-def choose_plan(dtype: torch.dtype, low_dtype: torch.dtype, timings: ProbeTimings) -> PrecisionPlan:
-    """For each use, ``low_dtype`` where it ran at least ``MIN_GAIN`` times faster
-    (attention: ``ATTENTION_MIN_GAIN``), else ``dtype``."""
+def choose_plan(
+    dtype: torch.dtype, low_dtype: torch.dtype, timings: ProbeTimings, kv_dtype: torch.dtype
+) -> PrecisionPlan:
+    """For each use, ``low_dtype`` where it ran at least ``MIN_GAIN`` times faster, else
+    ``dtype``; attention in ``kv_dtype`` (``host_kv_dtype``)."""
 
-    def pick(use: str) -> torch.dtype:
+    def pick(use: Use) -> torch.dtype:
         if use not in timings.high_s:  # not timed: the probe ran out of time
             return dtype
-        gain = ATTENTION_MIN_GAIN if use == "attention" else MIN_GAIN
-        return low_dtype if timings.high_s[use] >= gain * timings.low_s[use] else dtype
+        return low_dtype if timings.high_s[use] >= MIN_GAIN * timings.low_s[use] else dtype
 
     return PrecisionPlan(
         dtype,
         single_row=pick("single_row"),
         decode=pick("decode"),
         prefill=pick("prefill"),
-        attention=pick("attention"),
+        attention=kv_dtype,
     )
 
 
@@ -152,7 +147,6 @@ Product = Callable[[torch.Tensor, Use, bool], torch.Tensor]
 def measure(
     projections: list[list[Product]],
     in_features: list[int],
-    attention_shape: tuple[int, int, int],
     dtype: torch.dtype,
     low_dtype: torch.dtype,
     *,
@@ -160,14 +154,13 @@ def measure(
     budget_s: float = PROBE_BUDGET_S,
 ) -> ProbeTimings:
     """Time each use both ways. ``projections[layer]``: the layer's products, each called as
-    ``product(x, use, is_low)`` with ``x`` of ``in_features[i]`` columns; ``attention_shape``:
-    (num_heads, num_kv_heads, head_dim).
+    ``product(x, use, is_low)`` with ``x`` of ``in_features[i]`` columns.
 
     A use's time is the sum over its layers of each layer's best round, the two dtypes timed
     one after the other layer by layer: on a shared machine a busy spell then spoils one
     layer's figure in one round, not a whole dtype's. A use not started within ``budget_s``
     (a machine so busy that every call waits for a core) is left out of the timings, and so
-    stays in the model's dtype."""
+    stays in the model's dtype; one started keeps the rounds it finished before then."""
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(0)
     high: dict[str, float] = {}
@@ -176,12 +169,6 @@ def measure(
     def inputs(num_rows: int) -> list[torch.Tensor]:
         return [torch.randn(num_rows, n, generator=generator, dtype=dtype) for n in in_features]
 
-    attention_calls = _attention_probe(*attention_shape, generator=generator)
-    high["attention"] = low["attention"] = 0.0
-    for call in attention_calls:
-        call(dtype), call(low_dtype)  # warm-up
-        high["attention"] += min(_timed(lambda: call(dtype)) for _ in range(rounds))  # noqa: B023
-        low["attention"] += min(_timed(lambda: call(low_dtype)) for _ in range(rounds))  # noqa: B023
     # The compute-bound uses time a few layers; batch 1 streams the weights of enough layers
     # to be read from memory, as in a decode step (SmolLM2-135M's 16: 113 MB in bf16, over three
     # times a 32 MB L3).
@@ -197,6 +184,8 @@ def measure(
             _run_layer(layers[0], xs, use, is_low)
         best = [[float("inf"), float("inf")] for _ in layers]
         for round_index in range(rounds):
+            if round_index > 0 and time.perf_counter() - start > budget_s:
+                break  # out of time: the rounds so far stand
             for layer, layer_best in zip(layers, best, strict=True):
                 order = (False, True) if round_index % 2 == 0 else (True, False)
                 for is_low in order:
@@ -210,48 +199,6 @@ def measure(
 def _run_layer(layer: list[Product], xs: list[torch.Tensor], use: Use, is_low: bool) -> None:
     for product, x in zip(layer, xs, strict=True):
         product(x, use, is_low)
-
-
-def _attention_probe(
-    num_heads: int, num_kv_heads: int, head_dim: int, *, generator: torch.Generator
-) -> list[Callable[[torch.dtype], object]]:
-    """Attention in a given dtype, the two calls ``engine.model`` makes: one causal prompt chunk
-    of ``ATTENTION_PROBE_TOKENS`` and a padded batch of decodes over contexts about as long.
-    Keys and values are made in each dtype beforehand (they live in the cache in it); queries
-    are cast, as the model's are."""
-    tokens, batch = ATTENTION_PROBE_TOKENS, DECODE_PROBE_ROWS
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator)
-
-    query, decode_query = (
-        randn(1, num_heads, tokens, head_dim),
-        randn(batch, num_heads, 1, head_dim),
-    )
-    kv = [randn(1, num_kv_heads, tokens, head_dim) for _ in range(2)]
-    decode_kv = [randn(batch, num_kv_heads, tokens, head_dim) for _ in range(2)]
-    lens = tokens // 2 + torch.arange(batch)[:, None]
-    decode_mask = (torch.arange(tokens) < lens)[:, None, None, :]
-    by_dtype: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-
-    def cached(dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        if dtype not in by_dtype:
-            by_dtype[dtype] = ([t.to(dtype) for t in kv], [t.to(dtype) for t in decode_kv])
-        return by_dtype[dtype]
-
-    def prefill(dtype: torch.dtype) -> object:
-        keys, values = cached(dtype)[0]
-        return F.scaled_dot_product_attention(
-            query.to(dtype), keys, values, is_causal=True, enable_gqa=True
-        )
-
-    def decode(dtype: torch.dtype) -> object:
-        keys, values = cached(dtype)[1]
-        return F.scaled_dot_product_attention(
-            decode_query.to(dtype), keys, values, attn_mask=decode_mask, enable_gqa=True
-        )
-
-    return [prefill, decode]
 
 
 def _timed(fn: Callable[[], object]) -> float:

@@ -132,17 +132,8 @@ def _measured_plan(model: LlamaModel, low_dtype: torch.dtype) -> PrecisionPlan:
     dtype = model.embed_tokens.weight.dtype
     model.attach_low_weights(low_dtype)
     products, in_features = model.probe_products()
-    config = model.config
-    timings = measure(
-        products,
-        in_features,
-        (config.num_heads, config.num_kv_heads, config.head_dim),
-        dtype,
-        low_dtype,
-    )
-    plan = dataclasses.replace(
-        choose_plan(dtype, low_dtype, timings), attention=host_kv_dtype(dtype, low_dtype)
-    )
+    timings = measure(products, in_features, dtype, low_dtype)
+    plan = choose_plan(dtype, low_dtype, timings, host_kv_dtype(dtype, low_dtype))
     ratios = ", ".join(
         f"{use} {timings.high_s[use] / timings.low_s[use]:.2f}x" for use in timings.high_s
     )

@@ -230,13 +230,12 @@ def test_bf16_products_stay_close(pair: tuple[torch.nn.Module, ModelRunner]) -> 
         block_size=BLOCK_SIZE,
         precision=BF16_EVERYWHERE,
     )
-    # Batch 1 reads the layers' bf16 copies: half their bytes in the reference path; the norms
-    # and the output projection (fp32 logits) as they are.
+    # Batch 1 reads every projection's bf16 copy, the output projection's included: half their
+    # bytes in the reference path; the norms as they are.
     model = runner.model
     as_is = sum(p.numel() * 4 for name, p in model.named_parameters() if "norm" in name)
-    as_is += model.lm_head.weight.numel() * 4
     assert runner.weights_bytes - as_is == (fp32_runner.weights_bytes - as_is) // 2
-    assert model.lm_head.low_weight is None and not model.lm_head.low_uses
+    assert model.lm_head.low_uses == {"single_row", "decode", "prefill"}
     low_weight = runner.model.layers[0].qkv_proj.low_weight
     assert low_weight is not None and low_weight.dtype == torch.bfloat16
     assert runner.kv_cache.dtype == torch.bfloat16

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.loader import probe_dtype, resolve_precision
-from engine.model import Linear
+from engine.model import EXACT_TOP_LOGITS, Linear
 from engine.precision import (
     MAX_DECODE_ROWS,
     PrecisionPlan,
@@ -30,28 +30,25 @@ def _timings(high: dict[str, float], low: dict[str, float]) -> ProbeTimings:
 
 def test_each_use_takes_the_dtype_that_ran_faster_by_a_margin() -> None:
     timings = _timings(
-        high={"single_row": 10.0, "decode": 10.0, "prefill": 10.0, "attention": 10.0},
-        # bf16 wins batch 1 and prefill clearly, ties batched decode (within MIN_GAIN), loses
-        # attention.
-        low={"single_row": 4.0, "decode": 9.5, "prefill": 2.5, "attention": 30.0},
+        high={"single_row": 10.0, "decode": 10.0, "prefill": 10.0},
+        # bf16 wins batch 1 and prefill clearly and ties batched decode (within MIN_GAIN).
+        low={"single_row": 4.0, "decode": 9.5, "prefill": 2.5},
     )
-    plan = choose_plan(F32, BF16, timings)
+    plan = choose_plan(F32, BF16, timings, F32)
     assert plan == PrecisionPlan(F32, single_row=BF16, decode=F32, prefill=BF16, attention=F32)
     assert plan.low_dtype == BF16
-    # Only attention pays in bf16: the KV cache is bf16 and no product needs a weight copy.
-    swapped = choose_plan(F32, BF16, _timings(timings.low_s, timings.high_s))
-    assert swapped.attention == BF16 and swapped.low_dtype is None
-    # The KV cache's dtype, which a model's workers must share, takes a wider margin.
-    assert (
-        choose_plan(F32, BF16, _timings({"attention": 13.0}, {"attention": 10.0})).attention == F32
-    )
+    # Attention, the KV cache's dtype, is the host's rule, not a timing.
+    assert choose_plan(F32, BF16, timings, BF16).attention == BF16
+    # Where fp32 wins everywhere no product needs a weight copy.
+    swapped = choose_plan(F32, BF16, _timings(timings.low_s, timings.high_s), F32)
+    assert swapped == PrecisionPlan.uniform(F32) and swapped.low_dtype is None
     # A use the probe had no time left for stays in the model's dtype.
-    cut_short = _timings({"attention": 10.0, "decode": 10.0}, {"attention": 30.0, "decode": 2.0})
-    assert choose_plan(F32, BF16, cut_short) == PrecisionPlan(
+    cut_short = _timings({"decode": 10.0}, {"decode": 2.0})
+    assert choose_plan(F32, BF16, cut_short, F32) == PrecisionPlan(
         F32, single_row=F32, decode=BF16, prefill=F32, attention=F32
     )
     slow = _timings(timings.high_s, dict.fromkeys(timings.high_s, 100.0))
-    assert choose_plan(F32, BF16, slow) == PrecisionPlan.uniform(F32)
+    assert choose_plan(F32, BF16, slow, F32) == PrecisionPlan.uniform(F32)
 
 
 def test_auto_times_bf16_on_every_cpu_and_named_dtypes_are_taken_as_they_are() -> None:
@@ -114,12 +111,11 @@ def test_a_measured_plan_is_carried_out_and_logged_once(caplog: pytest.LogCaptur
     plan = runner.plan
     assert runner.kv_cache.dtype == plan.attention
     low = {use for use in ("single_row", "decode", "prefill") if plan.of(use) == BF16}
-    for module in runner.model.layers.modules():
+    for module in runner.model.modules():
         if isinstance(module, Linear):
             assert module.low_uses == low
             assert (module.low_weight is None) == (not low)
-    # Logits come from the fp32 output projection whatever the plan.
-    assert runner.model.lm_head.low_weight is None and not runner.model.lm_head.low_uses
+    assert runner.model.lm_head.low_uses == low
 
 
 def test_the_reference_path_has_no_low_copies() -> None:
@@ -177,3 +173,34 @@ def test_a_plan_is_measured_once_per_host_and_read_back(
     third = runner()
     assert json.loads(saved.read_text())["single_row"] in ("float32", "bfloat16")
     assert third.plan.attention == host_kv_dtype(F32, BF16)
+
+
+@pytest.mark.parametrize("rows", [1, 16])
+def test_a_low_output_projection_keeps_the_top_logits_exact(rows: int) -> None:
+    """The output projection on its bf16 copy: the logits that decide a token (the greedy
+    choice, top-k/top-p candidates, returned logprobs) are the fp32 projection's; only the tail
+    keeps bf16's rounding."""
+    config = tiny_config(1024)
+    plan = PrecisionPlan(F32, single_row=BF16, decode=BF16, prefill=BF16, attention=F32)
+    runner = ModelRunner(
+        config, tiny_state_dict(config), num_blocks=8, block_size=4, precision=plan
+    )
+    model = runner.model
+    hidden = torch.randn(rows, config.hidden_size, generator=torch.Generator().manual_seed(rows))
+    exact = hidden.double() @ model.lm_head.weight.double().T
+    logits = model.compute_logits(hidden)
+    assert logits.dtype == F32 and logits.shape == exact.shape
+    # A step whose runs all end inside their prompt samples nothing.
+    assert model.compute_logits(hidden[:0]).shape == (0, config.vocab_size)
+    # The exact top half of them: rounding may swap the ones ranked near the cut.
+    top = exact.topk(EXACT_TOP_LOGITS // 2, dim=-1).indices
+    torch.testing.assert_close(
+        logits.gather(-1, top).double(), exact.gather(-1, top), atol=1e-5, rtol=0
+    )
+    assert torch.equal(logits.argmax(-1), exact.argmax(-1))
+    # The tail is the bf16 product's, off by bf16's rounding.
+    tail = torch.ones_like(exact, dtype=torch.bool).scatter_(
+        -1, exact.topk(2 * EXACT_TOP_LOGITS, dim=-1).indices, False
+    )
+    error = (logits.double() - exact).abs()[tail]
+    assert error.max() < 0.05 * exact.abs().max() and error.max() > 1e-5
