@@ -4,7 +4,9 @@ Both sides are measured in this process, alternating round by round and keeping 
 time, so that the ratios hold on a shared, noisy machine:
 - prefill: one prompt of 512, 2k, 4k and 8k tokens (time to first token; the longest is one short
   of the model's context length when that is 8k; ``--quick``: 512 and 2k only, the long ones in
-  fewer rounds), and the 4k and 8k figures per token against the 512 one;
+  fewer rounds), and the 4k and 8k figures per token against the 512 one; for ours also the
+  share of one profiled prefill spent in attention, and the cost per token against 512 outside
+  attention;
 - decode at batch 1 and 16: tokens per second after the prompt, greedy, EOS ignored;
 - memory read bandwidth: a pre-filled 1 GiB buffer summed, best of several passes taken just
   before and just after the batch-1 decode rounds that the roofline fraction compares it with.
@@ -116,21 +118,44 @@ def _interleaved_best(
     return best
 
 
+def _attention_share(loaded: LoadedEngine, prompt: list[list[int]]) -> float:
+    """The fraction of one profiled prefill of ``prompt`` (ours) spent in attention calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiled:
+        seconds = _timed(lambda: _ours_generate(loaded, prompt, 1))
+    attention_us: float = sum(
+        event.cpu_time_total
+        for event in profiled.key_averages()
+        if event.key == "aten::scaled_dot_product_attention"
+    )
+    return min(1.0, attention_us / 1e6 / seconds)
+
+
 def _measure(
-    sides: dict[str, Generate], prompts: _BenchPrompts, short: int, long: int, repeats: int
+    sides: dict[str, Generate],
+    prompts: _BenchPrompts,
+    short: int,
+    long: int,
+    repeats: int,
+    ours: LoadedEngine,
 ) -> dict[str, float]:
-    """Prefill and decode rates of every side, keyed ``{side}_prefill_tok_s`` and so on."""
+    """Prefill and decode rates of every side, keyed ``{side}_prefill_tok_s`` and so on, and
+    the share of our prefill spent in attention (``ours_prefill_attention_share[_{length}]``)."""
     figures: dict[str, float] = {}
     prefill_s = _interleaved_best(sides, prompts.prefill, 1, repeats)
     for name in sides:
         figures[f"{name}_prefill_tok_s"] = PREFILL_TOKENS / prefill_s[name]
+    figures["ours_prefill_attention_share"] = _attention_share(ours, prompts.prefill)
     for prompt in prompts.long_prefills:
         # Seconds each: two rounds, and no warm-up (the 512-token rounds made the kernels).
         num_tokens = len(prompt[0])
+        label = _label(num_tokens)
         long_s = _interleaved_best(sides, prompt, 1, repeats=2, warm_up=False)
         for name in sides:
-            figures[f"{name}_prefill_tok_s_{_label(num_tokens)}"] = num_tokens / long_s[name]
-        log(", ".join(f"{k} {v:.1f}" for k, v in figures.items() if "prefill" in k))
+            figures[f"{name}_prefill_tok_s_{label}"] = num_tokens / long_s[name]
+        figures[f"ours_prefill_attention_share_{label}"] = _attention_share(ours, prompt)
+        log(", ".join(f"{k} {v:.2f}" for k, v in figures.items() if "prefill" in k))
     bandwidths: list[float] = []
     for label, batch in (("b1", prompts.batch_1), ("b16", prompts.batch_16)):
         if label == "b1":  # the roofline compares batch-1 decode with bandwidth of the same spell
@@ -214,7 +239,7 @@ def run_engine_bench(
         "ours": functools.partial(_ours_generate, loaded),
         "hf": functools.partial(_hf_generate, _load_hf(spec.path)),
     }
-    result |= _measure(sides, prompts, short, long, repeats)
+    result |= _measure(sides, prompts, short, long, repeats, loaded)
     result["roofline_fraction_b1"] = (
         result["weights_bytes"] * result["ours_decode_tok_s_b1"] / result["mem_read_gbps"] / 1e9
     )
@@ -227,5 +252,12 @@ def run_engine_bench(
             result[f"{side}_prefill_cost_per_token_{label}_vs_512"] = (
                 result[f"{side}_prefill_tok_s"] / result[f"{side}_prefill_tok_s_{label}"]
             )
+        # The same for everything but attention, whose work per token grows with the position:
+        # near 1 says attention alone makes long prompts dearer.
+        result[f"ours_prefill_cost_per_token_{label}_vs_512_outside_attention"] = (
+            result[f"ours_prefill_cost_per_token_{label}_vs_512"]
+            * (1 - result[f"ours_prefill_attention_share_{label}"])
+            / (1 - result["ours_prefill_attention_share"])
+        )
     print_result(result, output)
     return 0

@@ -34,7 +34,8 @@ import torch
 
 from bench.report import log, print_result
 from engine.config import ModelConfig, load_config
-from engine.loader import resolve_precision
+from engine.loader import probe_dtype, resolve_precision
+from engine.precision import host_kv_dtype
 from engine.model_store import resolve_model
 from transfer.errors import TransferError
 from transfer.kv_layout import backend_for, layout_of
@@ -113,8 +114,10 @@ def _transfer_figures(sizes: list[int], rounds: int) -> dict[str, Any]:
     spec = resolve_model("default")
     assert spec.path is not None
     config = load_config(spec.path)
-    dtype, batched_dtype = resolve_precision("auto", torch.device("cpu"))
-    kv_dtype = batched_dtype or dtype
+    # The KV dtype the default model's CPU workers hold (``engine.precision.host_kv_dtype``).
+    cpu = torch.device("cpu")
+    dtype = resolve_precision("auto", cpu)
+    kv_dtype = host_kv_dtype(dtype, probe_dtype("auto", cpu) or dtype)
     num_blocks = max(sizes) // BLOCK_SIZE
     shape = _cache_shape(config, num_blocks)
     cache = torch.randn(shape, dtype=torch.float32).to(kv_dtype)

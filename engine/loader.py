@@ -37,11 +37,8 @@ class LoadedEngine:
 Precision = Literal["auto", "float32", "bfloat16", "float16"]
 
 
-def resolve_precision(
-    precision: Precision, device: torch.device
-) -> tuple[torch.dtype, torch.dtype | None]:
-    """(dtype, low_dtype) for a ``--precision`` choice, as far as it is known before the model
-    is loaded: the weights' dtype, and a lower one some products run in (None: none known).
+def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype:
+    """The weights' dtype for a ``--precision`` choice.
 
     ``auto``: bf16 (fp16 without bf16 support) on CUDA. On CPU fp32 weights, and what runs in
     bf16 is measured once the model is loaded (``probe_dtype``; ``engine.precision``): whether
@@ -49,10 +46,11 @@ def resolve_precision(
     ``float32`` is the reference path of the logit tests.
     """
     if precision != "auto":
-        return getattr(torch, precision), None
+        dtype: torch.dtype = getattr(torch, precision)
+        return dtype
     if device.type == "cuda":
-        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), None
-    return torch.float32, None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
 
 
 def probe_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
@@ -77,7 +75,7 @@ def load_engine(
     as the device cache, whichever is smaller; 0: none)."""
     spec = model if isinstance(model, ModelSpec) else resolve_model(model)
     torch_device = torch.device(device)
-    dtype, _ = resolve_precision(precision, torch_device)
+    dtype = resolve_precision(precision, torch_device)
     low_dtype = probe_dtype(precision, torch_device)
     tokenizer = Tokenizer.load(tokenizer_path(spec))
     if spec.kind == "null":

@@ -180,13 +180,25 @@ class Linear(nn.Module):
         """Route each use the plan puts in its low dtype to the low copy; drop the copy when
         none is."""
         uses: tuple[Use, ...] = ("single_row", "decode", "prefill")
-        self.low_uses = frozenset(use for use in uses if plan.of(use) != plan.dtype)
+        low_uses = frozenset(use for use in uses if plan.of(use) != plan.dtype)
+        if self.weight.is_meta and low_uses != set(uses):
+            raise ValueError("this projection's own weight was released; reload the model")
+        self.low_uses = low_uses
         if self.low_uses and self.low_weight is None:
             assert plan.low_dtype is not None
             self.attach_low_weight(plan.low_dtype)
         if not self.low_uses:
             self.low_weight = self.low_bias = None
             self.is_low_weight_packed = False
+
+    def release_weight(self) -> None:
+        """Free the model-dtype weight once every use runs on the low copy (it held 2/3 of the
+        memory of the pair). Its shape stays, on the meta device: a product on it fails."""
+        assert self.low_uses == {"single_row", "decode", "prefill"}
+        self.weight = nn.Parameter(
+            torch.empty(self.weight.shape, dtype=self.weight.dtype, device="meta"),
+            requires_grad=False,
+        )
 
     def probe(self, x: torch.Tensor, use: Use, is_low: bool) -> torch.Tensor:
         """The product ``use`` would run, on the low copy or not (``engine.precision``)."""
@@ -414,11 +426,15 @@ class LlamaModel(nn.Module):
         output projection's too, with its top logits made exact (``compute_logits``). On
         SmolLM2-135M and an AVX-512 BF16 CPU the fp32 output projection took ~4 ms of a 14 ms
         batch-1 step, reading 113 MB at 28 GB/s; its packed bf16 copy reads 57 MB in ~1 ms.
-        An output projection on its low copy keeps its own weight row-major: the exact top
+        A layer projection with every use on its low copy frees its own weight
+        (``Linear.release_weight``). The output projection keeps it, row-major: the exact top
         logits (and the embedding lookups, when the table is shared) gather its rows."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.apply_plan(plan)
+        for module in self.layers.modules():  # the output projection's weight is the table's
+            if isinstance(module, Linear) and len(module.low_uses) == 3:
+                module.release_weight()
         head = self.lm_head
         if head.low_uses and not head.weight.is_contiguous():
             head.weight.data = head.weight.data.contiguous()

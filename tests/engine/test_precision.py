@@ -54,10 +54,10 @@ def test_each_use_takes_the_dtype_that_ran_faster_by_a_margin() -> None:
 def test_auto_times_bf16_on_every_cpu_and_named_dtypes_are_taken_as_they_are() -> None:
     # Before, auto ran bf16 only where the CPU has AMX-BF16 (not on AVX-512 BF16 alone).
     cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == (F32, None) and probe_dtype("auto", cpu) == BF16
-    assert resolve_precision("float32", cpu) == (F32, None)
+    assert resolve_precision("auto", cpu) == F32 and probe_dtype("auto", cpu) == BF16
+    assert resolve_precision("float32", cpu) == F32
     assert probe_dtype("float32", cpu) is None
-    assert resolve_precision("bfloat16", cpu) == (BF16, None)
+    assert resolve_precision("bfloat16", cpu) == BF16
     assert probe_dtype("bfloat16", cpu) is None
 
 
@@ -204,3 +204,24 @@ def test_a_low_output_projection_keeps_the_top_logits_exact(rows: int) -> None:
     )
     error = (logits.double() - exact).abs()[tail]
     assert error.max() < 0.05 * exact.abs().max() and error.max() > 1e-5
+
+
+def test_a_projection_all_in_bf16_frees_its_fp32_weight() -> None:
+    config = tiny_config(256)
+    plan = PrecisionPlan(F32, single_row=BF16, decode=BF16, prefill=BF16, attention=F32)
+    runner = ModelRunner(
+        config, tiny_state_dict(config), num_blocks=8, block_size=4, precision=plan
+    )
+    layer_linears = [m for m in runner.model.layers.modules() if isinstance(m, Linear)]
+    assert layer_linears and all(m.weight.is_meta for m in layer_linears)
+    # The output projection keeps its weight: the exact top logits read it.
+    assert not runner.model.lm_head.weight.is_meta
+    # A plan that would need a freed weight again is refused, not run on nothing.
+    with pytest.raises(ValueError, match="released"):
+        layer_linears[0].apply_plan(PrecisionPlan.uniform(F32))
+    # Half the plan in bf16: both weights stay.
+    half = PrecisionPlan(F32, single_row=BF16, decode=F32, prefill=BF16, attention=F32)
+    runner = ModelRunner(
+        config, tiny_state_dict(config), num_blocks=8, block_size=4, precision=half
+    )
+    assert not any(m.weight.is_meta for m in runner.model.modules() if isinstance(m, Linear))
