@@ -221,8 +221,10 @@ def run_engine_bench(
     prompts = _BenchPrompts(
         _random_prompts(1, PREFILL_TOKENS, vocab_size, seed=1),
         [
-            _random_prompts(1, min(length, runner.max_model_len - 1), vocab_size, seed=length)
-            for length in long_lengths
+            _random_prompts(1, length, vocab_size, seed=length)
+            # A shorter context cuts the lengths to it, once each (one label per length).
+            for length in sorted({min(n, runner.max_model_len - 1) for n in long_lengths})
+            if length > PREFILL_TOKENS
         ],
         prompts_b16[:1],
         prompts_b16,
@@ -231,8 +233,7 @@ def run_engine_bench(
         "model": spec.model_id,
         "threads": threads,
         "quick": quick,
-        "precision": f"{str(runner.dtype).removeprefix('torch.')} weights; "
-        f"{runner.plan.describe()}",
+        "precision": runner.precision,
         "weights_bytes": runner.weights_bytes,
     }
     sides: dict[str, Generate] = {

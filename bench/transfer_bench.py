@@ -35,8 +35,8 @@ import torch
 from bench.report import log, print_result
 from engine.config import ModelConfig, load_config
 from engine.loader import probe_dtype, resolve_precision
-from engine.precision import host_kv_dtype
 from engine.model_store import resolve_model
+from engine.precision import host_kv_dtype
 from transfer.errors import TransferError
 from transfer.kv_layout import backend_for, layout_of
 from transfer.kv_pair import PrefixStore, connect_store, create_process_group

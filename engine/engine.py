@@ -155,6 +155,11 @@ class Runner(Protocol):
         """Blocks of the host pool swapped-out KV goes to (0: none, no swapping)."""
         ...
 
+    @property
+    def precision(self) -> str:
+        """The arithmetic it runs, in words (``engine.precision.PrecisionPlan.describe``)."""
+        ...
+
     def step(self, runs: list[ScheduledRun]) -> collections.abc.Sequence[int | None]:
         """Compute the runs' tokens into the cache; return one sampled token per run whose
         ``samples_next_token`` is true, in order: None where that run's logits were not finite

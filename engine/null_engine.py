@@ -77,6 +77,10 @@ class NullRunner:
     def num_host_blocks(self) -> int:
         return self.config.num_host_blocks
 
+    @property
+    def precision(self) -> str:
+        return "none (null engine: no arithmetic)"
+
     def swap_out(self, runs: list[BlockRun]) -> None:
         self._copy(runs)
 

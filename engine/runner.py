@@ -239,6 +239,10 @@ class ModelRunner:
         return self.config.max_position_embeddings
 
     @property
+    def precision(self) -> str:
+        return f"{str(self.dtype).removeprefix('torch.')} weights; {self.plan.describe()}"
+
+    @property
     def num_host_blocks(self) -> int:
         return self.host_kv_cache.shape[2]
 

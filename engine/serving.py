@@ -276,6 +276,7 @@ class WorkerService:
             max_num_seqs=loaded.engine.config.max_num_seqs,
             tokenizer_digest=self.tokenizer_digest,
             kv_layout=self.kv_layout,
+            precision=loaded.runner.precision,
         )
 
     def tokenizer_spec(self) -> bytes:

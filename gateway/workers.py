@@ -125,6 +125,7 @@ class WorkerStatus(msgspec.Struct, frozen=True):
     last_seen_s_ago: float | None
     source: WorkerSource = "config"
     drain_requested: bool = False  # stays asked while it is dead or not ready
+    precision: str | None = None  # the arithmetic it runs (``WorkerInfo.precision``)
 
 
 @dataclass(slots=True, eq=False, kw_only=True)
@@ -194,6 +195,7 @@ class WorkerHandle(WorkerAccount):
             last_seen_s_ago=None if self.last_seen is None else round(now - self.last_seen, 3),
             source=self.source,
             drain_requested=self.drain_requested,
+            precision=None if self.info is None else self.info.precision or None,
         )
 
 

@@ -97,6 +97,16 @@ async def test_info_carries_the_kv_layout_the_handshake_compares(
         head_dim=config.head_dim,
     )
     assert layouts["tiny-prefill"] == layouts["tiny-colocated"] == tiny
+    # The arithmetic each runs, in words (``--precision float32``: the reference path).
+    assert (
+        infos["tiny-prefill"].precision
+        == infos["tiny-colocated"].precision
+        == (
+            "float32 weights; batch-1 decode float32, batched decode float32, prefill float32, "
+            "attention float32"
+        )
+    )
+    assert infos["null-prefill"].precision.startswith("none")
     null = layouts["null-prefill"]
     assert null is not None
     # The null engine's cache: one layer of one 1-wide head (``engine.loader``).
