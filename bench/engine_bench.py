@@ -93,6 +93,16 @@ class _BenchPrompts:
     batch_16: list[list[int]]
 
 
+def _long_lengths(lengths: tuple[int, ...], max_model_len: int) -> list[int]:
+    """``lengths`` cut to what the context holds (one token kept free), one per label: a
+    shorter context would put two lengths on one label."""
+    by_label: dict[str, int] = {}
+    for length in sorted(min(n, max_model_len - 1) for n in lengths):
+        if length > PREFILL_TOKENS:
+            by_label[_label(length)] = length  # the longest of a label
+    return list(by_label.values())
+
+
 def _label(num_tokens: int) -> str:
     """2048 -> "2k"; 8191 (8k less the one token the context must keep free) -> "8k"."""
     return f"{round(num_tokens / 1024)}k"
@@ -223,8 +233,7 @@ def run_engine_bench(
         [
             _random_prompts(1, length, vocab_size, seed=length)
             # A shorter context cuts the lengths to it, once each (one label per length).
-            for length in sorted({min(n, runner.max_model_len - 1) for n in long_lengths})
-            if length > PREFILL_TOKENS
+            for length in _long_lengths(long_lengths, runner.max_model_len)
         ],
         prompts_b16[:1],
         prompts_b16,
@@ -255,10 +264,12 @@ def run_engine_bench(
             )
         # The same for everything but attention, whose work per token grows with the position:
         # near 1 says attention alone makes long prompts dearer.
-        result[f"ours_prefill_cost_per_token_{label}_vs_512_outside_attention"] = (
-            result[f"ours_prefill_cost_per_token_{label}_vs_512"]
-            * (1 - result[f"ours_prefill_attention_share_{label}"])
-            / (1 - result["ours_prefill_attention_share"])
-        )
+        outside_512 = 1 - result["ours_prefill_attention_share"]
+        if outside_512 > 0:  # (a profile can put all of a short prefill in attention)
+            result[f"ours_prefill_cost_per_token_{label}_vs_512_outside_attention"] = (
+                result[f"ours_prefill_cost_per_token_{label}_vs_512"]
+                * (1 - result[f"ours_prefill_attention_share_{label}"])
+                / outside_512
+            )
     print_result(result, output)
     return 0

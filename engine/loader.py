@@ -109,11 +109,10 @@ def load_engine(
     eos_token_ids = set(tokenizer.stop_token_ids) | set(config.eos_token_ids)
     engine = LLMEngine(runner, engine_config, eos_token_ids=eos_token_ids)
     logger.info(
-        "loaded %s: %d layers, %s weights (%s) on %s, %d KV blocks of %d tokens",
+        "loaded %s: %d layers, %s on %s, %d KV blocks of %d tokens",
         spec.model_id,
         config.num_layers,
-        str(dtype).removeprefix("torch."),
-        runner.plan.describe(),
+        runner.precision,
         torch_device,
         num_blocks,
         block_size,

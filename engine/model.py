@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.precision import PrecisionPlan, Product, Use, use_of_rows
+from engine.precision import USES, PrecisionPlan, Product, Use, use_of_rows
 
 __all__ = ["AttentionBatch", "LlamaModel", "SequenceSlice", "rope_inv_freq"]
 
@@ -179,22 +179,27 @@ class Linear(nn.Module):
     def apply_plan(self, plan: PrecisionPlan) -> None:
         """Route each use the plan puts in its low dtype to the low copy; drop the copy when
         none is."""
-        uses: tuple[Use, ...] = ("single_row", "decode", "prefill")
-        low_uses = frozenset(use for use in uses if plan.of(use) != plan.dtype)
-        if self.weight.is_meta and low_uses != set(uses):
+        low_uses = frozenset(use for use in USES if plan.of(use) != plan.dtype)
+        stale = self.low_weight is not None and self.low_weight.dtype != plan.low_dtype
+        if self.weight.is_meta and (low_uses != set(USES) or stale):
             raise ValueError("this projection's own weight was released; reload the model")
         self.low_uses = low_uses
-        if self.low_uses and self.low_weight is None:
+        if self.low_uses and (self.low_weight is None or stale):
             assert plan.low_dtype is not None
             self.attach_low_weight(plan.low_dtype)
         if not self.low_uses:
             self.low_weight = self.low_bias = None
             self.is_low_weight_packed = False
 
+    @property
+    def is_all_low(self) -> bool:
+        """Every use runs on the low copy."""
+        return self.low_uses == set(USES)
+
     def release_weight(self) -> None:
         """Free the model-dtype weight once every use runs on the low copy (it held 2/3 of the
         memory of the pair). Its shape stays, on the meta device: a product on it fails."""
-        assert self.low_uses == {"single_row", "decode", "prefill"}
+        assert self.is_all_low
         self.weight = nn.Parameter(
             torch.empty(self.weight.shape, dtype=self.weight.dtype, device="meta"),
             requires_grad=False,
@@ -388,10 +393,11 @@ class LlamaModel(nn.Module):
         """Logits [n, vocab_size] in fp32 for the given final hidden states [n, hidden_size].
 
         Where the plan runs the output projection in a low dtype, the ``EXACT_TOP_LOGITS``
-        largest of each row are computed again on the model's own weight: the greedy choice,
-        top-k/top-p candidates and returned logprobs are the reference arithmetic's (a bf16
-        product rounds logits of ~20 to steps of 0.125, which flipped near ties), and only the
-        tail, holding little of the probability, keeps the low product's rounding."""
+        largest of each row are computed again on the model's own weight: the greedy choice and
+        each row's 64 most likely tokens are the reference arithmetic's (a bf16 product rounds
+        logits of ~20 to steps of 0.125, which flipped near ties). The rest, and so the softmax
+        normaliser and candidates of a ``top_k`` above 64, keep the low product's rounding; near
+        rank 64 a rounded tail logit may outrank an exact one."""
         head = self.lm_head
         if hidden.shape[0] == 0 or use_of_rows(hidden.shape[0]) not in head.low_uses:
             logits: torch.Tensor = head.product(hidden)
@@ -399,9 +405,7 @@ class LlamaModel(nn.Module):
         logits = head.low_product(hidden).float()
         top = logits.topk(min(EXACT_TOP_LOGITS, logits.shape[-1]), dim=-1).indices  # [n, k]
         rows = head.weight.index_select(0, top.flatten()).view(*top.shape, -1)  # [n, k, hidden]
-        exact = torch.bmm(rows, hidden.unsqueeze(-1)).squeeze(-1)
-        if head.bias is not None:
-            exact = exact + head.bias[top]
+        exact = torch.bmm(rows, hidden.unsqueeze(-1)).squeeze(-1)  # (the head has no bias)
         return logits.scatter_(-1, top, exact.float())
 
     @torch.no_grad()
@@ -432,8 +436,10 @@ class LlamaModel(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.apply_plan(plan)
-        for module in self.layers.modules():  # the output projection's weight is the table's
-            if isinstance(module, Linear) and len(module.low_uses) == 3:
+        # Layers only: the output projection keeps its weight for the exact top logits (and,
+        # when tied, the embedding lookups).
+        for module in self.layers.modules():
+            if isinstance(module, Linear) and module.is_all_low:
                 module.release_weight()
         head = self.lm_head
         if head.low_uses and not head.weight.is_contiguous():

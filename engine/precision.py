@@ -15,9 +15,9 @@ model's dtype and in the low one, once per use:
 and ``choose_plan`` (pure) keeps the faster dtype for each (the model's where the low one is
 within noise of it or was not timed). Attention, and so the KV cache, is not timed: its dtype is
 the CPU kind's rule (``host_kv_dtype``). The probe, copies included, takes ~0.2-0.3 s on
-SmolLM2-135M on 2 quiet cores and is cut short on a busy machine (``PROBE_BUDGET_S``). The plan
-is the single place that decides: ``engine.model.Linear`` picks its kernel from it by row count
-(the output projection too), ``engine.runner.ModelRunner`` the KV cache's dtype.
+SmolLM2-135M on 2 quiet cores, and starts no new use after ``PROBE_BUDGET_S`` on a busy machine.
+The plan is the single place that decides: ``engine.model.Linear`` picks its kernel from it by
+row count (the output projection too), ``engine.runner.ModelRunner`` the KV cache's dtype.
 """
 
 from __future__ import annotations
@@ -25,30 +25,33 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 __all__ = [
     "MAX_DECODE_ROWS",
+    "USES",
     "PrecisionPlan",
     "ProbeTimings",
     "Product",
     "Use",
     "choose_plan",
+    "dtype_name",
     "host_kv_dtype",
     "measure",
     "use_of_rows",
 ]
 
 Use = Literal["single_row", "decode", "prefill"]
+USES: tuple[Use, ...] = get_args(Use)
 
 # Products of up to this many rows are batched decode; more is a prompt chunk or a mixed step.
 MAX_DECODE_ROWS = 64
 DECODE_PROBE_ROWS = 16
 PREFILL_PROBE_ROWS = 128
 SINGLE_ROW_PROBE_LAYERS = 16
-# Wall time after which no further use is timed: quiet, the probe takes ~0.1-0.2 s on
+# Wall time after which no further use is started: quiet, the probe takes ~0.2-0.3 s on
 # SmolLM2-135M and 2 cores; with every core busy each call can wait a scheduler quantum, and
 # the whole probe took 6.5 s.
 PROBE_BUDGET_S = 0.5
@@ -67,6 +70,11 @@ def host_kv_dtype(dtype: torch.dtype, low_dtype: torch.dtype) -> torch.dtype:
     attention measured ~2.5x fp32 with AMX, 0.35-0.45x on AVX-512 BF16 without it)."""
     capability: dict[str, object] = torch._C._cpu._get_cpu_capability()
     return low_dtype if capability.get("amx_bf16", False) else dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
 
 
 def use_of_rows(num_rows: int) -> Use:
@@ -104,9 +112,7 @@ class PrecisionPlan:
         return next(iter(lows), None)
 
     def describe(self) -> str:
-        def name(dtype: torch.dtype) -> str:
-            return str(dtype).removeprefix("torch.")
-
+        name = dtype_name
         return (
             f"batch-1 decode {name(self.single_row)}, batched decode {name(self.decode)}, "
             f"prefill {name(self.prefill)}, attention {name(self.attention)}"
@@ -160,7 +166,9 @@ def measure(
     one after the other layer by layer: on a shared machine a busy spell then spoils one
     layer's figure in one round, not a whole dtype's. A use not started within ``budget_s``
     (a machine so busy that every call waits for a core) is left out of the timings, and so
-    stays in the model's dtype; one started keeps the rounds it finished before then."""
+    stays in the model's dtype; a use started runs all its rounds, so that each layer's two
+    dtypes are timed in both orders (the budget bounds when the last use starts, not when the
+    probe ends)."""
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(0)
     high: dict[str, float] = {}
@@ -184,8 +192,6 @@ def measure(
             _run_layer(layers[0], xs, use, is_low)
         best = [[float("inf"), float("inf")] for _ in layers]
         for round_index in range(rounds):
-            if round_index > 0 and time.perf_counter() - start > budget_s:
-                break  # out of time: the rounds so far stand
             for layer, layer_best in zip(layers, best, strict=True):
                 order = (False, True) if round_index % 2 == 0 else (True, False)
                 for is_low in order:

@@ -36,7 +36,14 @@ from engine.model import (
     SequenceSlice,
     rope_inv_freq,
 )
-from engine.precision import PrecisionPlan, choose_plan, host_kv_dtype, measure
+from engine.precision import (
+    USES,
+    PrecisionPlan,
+    choose_plan,
+    dtype_name,
+    host_kv_dtype,
+    measure,
+)
 from engine.sampler import sample
 from engine.sequence import ScheduledRun
 from engine.single_decode import SingleDecoder
@@ -85,7 +92,7 @@ def measure_plan(
         except (OSError, ValueError, KeyError, AttributeError, TypeError):
             pass  # none yet, or unreadable: measure
         plan = _measured_plan(model, low_dtype)
-        fields = {use: str(getattr(plan, use)).removeprefix("torch.") for use in _PLAN_FIELDS}
+        fields = {use: dtype_name(getattr(plan, use)) for use in _PLAN_FIELDS}
         partial = path.with_suffix(f".{os.getpid()}.tmp")
         partial.write_text(json.dumps(fields))
         partial.replace(path)
@@ -137,13 +144,13 @@ def _measured_plan(model: LlamaModel, low_dtype: torch.dtype) -> PrecisionPlan:
     ratios = ", ".join(
         f"{use} {timings.high_s[use] / timings.low_s[use]:.2f}x" for use in timings.high_s
     )
-    untimed = {"single_row", "decode", "prefill"} - set(timings.high_s)
+    untimed = set(USES) - set(timings.high_s)
     if untimed:
         ratios += f"; out of time before {', '.join(sorted(untimed))}"
     logger.info(
         "precision by measurement (%s over %s: %s; probe %.2f s): %s",
-        str(low_dtype).removeprefix("torch."),
-        str(dtype).removeprefix("torch."),
+        dtype_name(low_dtype),
+        dtype_name(dtype),
         ratios,
         time.perf_counter() - start,
         plan.describe(),
@@ -240,7 +247,7 @@ class ModelRunner:
 
     @property
     def precision(self) -> str:
-        return f"{str(self.dtype).removeprefix('torch.')} weights; {self.plan.describe()}"
+        return f"{dtype_name(self.dtype)} weights; {self.plan.describe()}"
 
     @property
     def num_host_blocks(self) -> int:

@@ -405,8 +405,8 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     # The KV layout its data plane pairs with (the very struct ``KvHello`` carries), so a caller
     # can tell before any hand-off which workers could exchange KV; None: not said.
     kv_layout: KvLayoutInfo | None = None
-    # The arithmetic its engine runs (``engine.precision``: measured per host on CPU), in words;
-    # workers of a model whose answers must agree token for token run the same ("": not said).
+    # The arithmetic its engine runs (``engine.precision``: on CPU measured once per host), in
+    # words, for operators: shown by the admin API, not compared between workers ("": not said).
     precision: str = ""
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -175,17 +176,22 @@ def test_a_plan_is_measured_once_per_host_and_read_back(
     assert third.plan.attention == host_kv_dtype(F32, BF16)
 
 
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("rows", [1, 16])
-def test_a_low_output_projection_keeps_the_top_logits_exact(rows: int) -> None:
+def test_a_low_output_projection_keeps_the_top_logits_exact(rows: int, tied: bool) -> None:
     """The output projection on its bf16 copy: the logits that decide a token (the greedy
-    choice, top-k/top-p candidates, returned logprobs) are the fp32 projection's; only the tail
-    keeps bf16's rounding."""
-    config = tiny_config(1024)
+    choice, the likeliest top-k/top-p candidates) are the fp32 projection's; only the tail
+    keeps bf16's rounding. Tied, the projection is the embedding table; untied, its own."""
+    config = dataclasses.replace(tiny_config(1024), tie_word_embeddings=tied)
+    state_dict = tiny_state_dict(config)
+    if not tied:
+        state_dict["lm_head.weight"] = torch.randn(config.vocab_size, config.hidden_size) * 0.1
     plan = PrecisionPlan(F32, single_row=BF16, decode=BF16, prefill=BF16, attention=F32)
-    runner = ModelRunner(
-        config, tiny_state_dict(config), num_blocks=8, block_size=4, precision=plan
-    )
+    runner = ModelRunner(config, state_dict, num_blocks=8, block_size=4, precision=plan)
     model = runner.model
+    if not tied:
+        assert model.lm_head.weight is not model.embed_tokens.weight
+        torch.testing.assert_close(model.lm_head.weight, state_dict["lm_head.weight"])
     hidden = torch.randn(rows, config.hidden_size, generator=torch.Generator().manual_seed(rows))
     exact = hidden.double() @ model.lm_head.weight.double().T
     logits = model.compute_logits(hidden)
@@ -216,9 +222,13 @@ def test_a_projection_all_in_bf16_frees_its_fp32_weight() -> None:
     assert layer_linears and all(m.weight.is_meta for m in layer_linears)
     # The output projection keeps its weight: the exact top logits read it.
     assert not runner.model.lm_head.weight.is_meta
-    # A plan that would need a freed weight again is refused, not run on nothing.
+    # A plan that would need a freed weight again is refused, not run on nothing: the model's
+    # dtype for some use, or another low dtype (a copy the freed weight cannot make).
     with pytest.raises(ValueError, match="released"):
         layer_linears[0].apply_plan(PrecisionPlan.uniform(F32))
+    fp16 = PrecisionPlan(F32, torch.float16, torch.float16, torch.float16, attention=F32)
+    with pytest.raises(ValueError, match="released"):
+        layer_linears[0].apply_plan(fp16)
     # Half the plan in bf16: both weights stay.
     half = PrecisionPlan(F32, single_row=BF16, decode=F32, prefill=BF16, attention=F32)
     runner = ModelRunner(

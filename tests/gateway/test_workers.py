@@ -363,6 +363,16 @@ async def test_a_restarted_worker_loses_what_ran_there(
     await decode_worker.up()
     await workers.poll_once()
     assert state_of(handle) == "ready" and len(lost) == 2
+    # The arithmetic the admin API shows is the running instance's announcement ("": not said).
+    assert handle.status(0.0).precision is None
+    plan = "float32 weights; batch-1 decode bfloat16, batched decode bfloat16, ..."
+    await decode_worker.down()
+    await workers.poll_once()
+    decode_worker.info = msgspec.structs.replace(decode_worker.info, precision=plan)
+    decode_worker.restart("instance-4")
+    await decode_worker.up()
+    await workers.poll_once()
+    assert state_of(handle) == "ready" and handle.status(0.0).precision == plan
 
 
 async def test_a_draining_worker_takes_nothing_new_and_is_drained_when_empty(
