@@ -19,6 +19,7 @@ import msgspec
 import openai
 import pytest
 
+from engine.loader import NULL_DECODE_STEP_S_ENV
 from tests.deploy.processes import children
 from tests.gateway.conftest import start_test_stack
 from transfer.messages import WorkerLoad
@@ -36,9 +37,11 @@ def _wait_for(predicate: object, timeout_s: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def _fairgate_up(state_dir: Path, stderr_path: Path, *args: str) -> subprocess.Popen[str]:
+def _fairgate_up(
+    state_dir: Path, stderr_path: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     """``fairgate up`` (null engine, any free port) as a command; its logs go to ``stderr_path``
-    (a file: nobody has to drain it)."""
+    (a file: nobody has to drain it). ``env``: added to the environment its processes get."""
     command = [sys.executable, "-m", "deploy.cli", "up", "--engine", "null", "--port", "0"]
     with stderr_path.open("w") as stderr:
         return subprocess.Popen(
@@ -46,6 +49,7 @@ def _fairgate_up(state_dir: Path, stderr_path: Path, *args: str) -> subprocess.P
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,
+            env={**os.environ, **(env or {})},
         )
 
 
@@ -64,7 +68,10 @@ def test_fairgate_up_keeps_secrets_out_of_its_output_and_ctrl_c_stops_everything
     tmp_path: Path,
 ) -> None:
     state_dir = tmp_path / "state"  # fairgate creates it
-    with _fairgate_up(state_dir, tmp_path / "stderr.log") as process:
+    # The printed curl sets no max_tokens, and the null engine never ends a reply: it decodes the
+    # rest of its 8k context, 41 s at its usual 5 ms a step.
+    fast = {NULL_DECODE_STEP_S_ENV: "0.0002"}
+    with _fairgate_up(state_dir, tmp_path / "stderr.log", env=fast) as process:
         try:
             output = _welcome(process)
             credentials = json.loads((state_dir / "credentials.json").read_text())
