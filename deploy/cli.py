@@ -39,8 +39,9 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
         help="auto: on CPU, each kind of product (batch-1 decode, batched decode, prefill, "
-        "attention) in fp32 or bf16, whichever is faster when timed at load; bf16 on CUDA "
-        "(default: %(default)s)",
+        "the output projection's included) in fp32 or bf16, whichever was faster when timed "
+        "at load, once per host; attention and the KV cache in bf16 only with AMX-BF16; bf16 "
+        "on CUDA (default: %(default)s)",
     )
 
 

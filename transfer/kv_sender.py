@@ -292,6 +292,47 @@ class KvSender:
         raise TransferError(f"decode worker {job.target.worker_id} keeps closing the KV pair")
 
     def _open_pair(self, link: _Link) -> _Pair:
+        """Pair with the link's peer. When that fails, what is queued behind fails at once
+        (``_fail_queued``)."""
+        try:
+            return self._pair_with(link)
+        except TransferError as exc:
+            self._fail_queued(link, exc)
+            raise
+
+    def _fail_queued(self, link: _Link, cause: TransferError) -> None:
+        """Fail every item queued on ``link`` now, with ``cause``'s kind of error. Each would
+        otherwise wait out a pairing of its own, one after another: connecting to the store of
+        a decode worker that died retries for about 2.5 timeouts (75 s at 30 s), while the
+        request's KV stays held on this worker and its prefill call waits. Items queued later
+        try afresh: the peer may be back."""
+        error = type(cause)(f"{cause} (failed at once: a pairing just failed)")
+        failed, saw_stop = 0, False
+        while True:
+            try:
+                item = link.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                saw_stop = True
+            elif isinstance(item, Future):
+                if item.set_running_or_notify_cancel():
+                    item.set_exception(error)
+                    failed += 1
+            else:
+                job, on_done = item
+                on_done(TransferResult(job.request_id, error))
+                failed += 1
+        if saw_stop:
+            link.jobs.put(None)  # the stop request stands
+        if failed:
+            logger.warning(
+                "KV link to %s: %d queued hand-offs failed at once after a failed pairing",
+                link.worker_id,
+                failed,
+            )
+
+    def _pair_with(self, link: _Link) -> _Pair:
         timeout_s = self.config.timeout_s
         store = connect_store(link.host, link.port, timeout_s)
         pair_id = f"{self.sender_id}-{uuid.uuid4().hex[:12]}"

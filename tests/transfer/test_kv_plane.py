@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -203,6 +204,39 @@ def test_receiver_killed_mid_transfer_fails_the_sender_in_time_and_a_restart_pai
         assert restarted.expect("landed")[2] == block_digest(cache, list(range(20, 40)))
     finally:
         sender.kv.stop()
+
+
+def test_hand_offs_queued_behind_a_failed_pairing_fail_at_once() -> None:
+    """A decode worker that died: connecting to its store retries for about 2.5 timeouts. The
+    first pairing waits that out; what is queued behind it on the link fails at once, rather
+    than one more wait each while its KV stays held (three here: 3 x 2.5 s more before)."""
+    with socket.socket() as probe:  # a port nothing listens on any more
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cache = random_cache(SHAPE, torch.float32, seed=5)
+    timeout_s = 1.0
+    sender = KvSender(
+        cache, layout_of(cache, "m"), "test-sender", SenderConfig(timeout_s=timeout_s)
+    )
+    results: queue.SimpleQueue[TransferResult] = queue.SimpleQueue()
+    try:
+        target = KvTarget("gone", "127.0.0.1", port, list(range(4)))
+        started = time.monotonic()
+        paired = sender.connect(target)
+        for index in range(3):
+            job = TransferJob(f"queued-{index}", target, list(range(4, 8)), 16, 1, 2, 0)
+            sender.submit(job, results.put)
+        with pytest.raises(TransferError):
+            paired.result(timeout=60)
+        first_s = time.monotonic() - started
+        queued = [results.get(timeout=60) for _ in range(3)]
+        assert time.monotonic() - started < first_s + timeout_s
+        assert [r.request_id for r in queued] == ["queued-0", "queued-1", "queued-2"]
+        for result in queued:
+            assert isinstance(result.error, TransferError)
+            assert "failed at once" in str(result.error)
+    finally:
+        sender.stop()
 
 
 def test_sender_killed_mid_transfer_fails_the_landing_and_a_new_sender_pairs(
