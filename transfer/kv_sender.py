@@ -304,32 +304,38 @@ class KvSender:
         """Fail every item queued on ``link`` now, with ``cause``'s kind of error. Each would
         otherwise wait out a pairing of its own, one after another: connecting to the store of
         a decode worker that died retries for about 2.5 timeouts (75 s at 30 s), while the
-        request's KV stays held on this worker and its prefill call waits. Items queued later
-        try afresh: the peer may be back."""
-        error = type(cause)(f"{cause} (failed at once: a pairing just failed)")
-        failed, saw_stop = 0, False
+        request's KV stays held on this worker and its prefill call waits. What is queued after
+        this snapshot tries afresh: the peer may be back."""
+        items: list[_LinkItem] = []
         while True:
             try:
-                item = link.jobs.get_nowait()
+                items.append(link.jobs.get_nowait())
             except queue.Empty:
                 break
-            if item is None:
-                saw_stop = True
-            elif isinstance(item, Future):
-                if item.set_running_or_notify_cancel():
-                    item.set_exception(error)
-                    failed += 1
-            else:
-                job, on_done = item
-                on_done(TransferResult(job.request_id, error))
-                failed += 1
-        if saw_stop:
+        if None in items:
             link.jobs.put(None)  # the stop request stands
+        failed: list[str] = []
+        for item in items:
+            if item is None:
+                continue
+            error = type(cause)(f"{cause} (failed at once: a pairing just failed)")
+            error.__cause__ = cause
+            try:
+                if isinstance(item, Future):
+                    if item.set_running_or_notify_cancel():
+                        item.set_exception(error)
+                        failed.append("(a pairing)")
+                else:
+                    job, on_done = item
+                    failed.append(job.request_id)
+                    on_done(TransferResult(job.request_id, error))
+            except Exception:  # a callback's bug: the others still fail at once
+                logger.exception("failing a queued hand-off on the link to %s", link.worker_id)
         if failed:
             logger.warning(
-                "KV link to %s: %d queued hand-offs failed at once after a failed pairing",
+                "KV link to %s: failed at once after a failed pairing: %s",
                 link.worker_id,
-                failed,
+                ", ".join(failed),
             )
 
     def _pair_with(self, link: _Link) -> _Pair:

@@ -178,6 +178,7 @@ async def test_requests_on_a_decode_worker_that_dies_go_on_elsewhere_token_for_t
             )
         )
     assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+    assert [a.status_code for a in again] == [200] * 8, [a.text for a in again]
     assert [error for _, error in results] == [None] * 4
     texts = [a.json()["choices"][0]["message"]["content"] for a in answers]
     texts += [text for text, _ in results]
