@@ -36,7 +36,7 @@ from bench.report import log, print_result
 from engine.config import ModelConfig, load_config
 from engine.loader import probe_dtype, resolve_precision
 from engine.model_store import resolve_model
-from engine.precision import host_kv_dtype
+from engine.precision import dtype_name, host_kv_dtype
 from transfer.errors import TransferError
 from transfer.kv_layout import backend_for, layout_of
 from transfer.kv_pair import PrefixStore, connect_store, create_process_group
@@ -83,9 +83,9 @@ class _Sink:
 
 
 def _receiver_main(
-    conn: Connection, shape: tuple[int, ...], dtype_name: str, model_id: str, raw_bytes: int
+    conn: Connection, shape: tuple[int, ...], kv_dtype_name: str, model_id: str, raw_bytes: int
 ) -> None:
-    dtype = getattr(torch, dtype_name)
+    dtype = getattr(torch, kv_dtype_name)
     cache = torch.zeros(shape, dtype=dtype)
     receiver = KvReceiver(
         cache, layout_of(cache, model_id), _Sink(), ReceiverConfig(timeout_s=TIMEOUT_S)
@@ -122,14 +122,14 @@ def _transfer_figures(sizes: list[int], rounds: int) -> dict[str, Any]:
     shape = _cache_shape(config, num_blocks)
     cache = torch.randn(shape, dtype=torch.float32).to(kv_dtype)
     max_bytes = cache.numel() * cache.element_size()
-    dtype_name = str(kv_dtype).removeprefix("torch.")
-    log(f"bench transfer: KV {shape} {dtype_name}, sizes {sizes}, {rounds} rounds")
+    kv_dtype_name = dtype_name(kv_dtype)
+    log(f"bench transfer: KV {shape} {kv_dtype_name}, sizes {sizes}, {rounds} rounds")
 
     context = multiprocessing.get_context("spawn")
     ours_end, theirs_end = context.Pipe()
     process = context.Process(
         target=_receiver_main,
-        args=(theirs_end, shape, dtype_name, spec.model_id, max_bytes),
+        args=(theirs_end, shape, kv_dtype_name, spec.model_id, max_bytes),
         daemon=True,
     )
     process.start()
@@ -159,7 +159,7 @@ def _transfer_figures(sizes: list[int], rounds: int) -> dict[str, Any]:
             "num_kv_heads": shape[4],
             "head_dim": shape[5],
         },
-        "kv_dtype": dtype_name,
+        "kv_dtype": kv_dtype_name,
         "backend": backend_for(cache.device),
         "sizes": figures,
     }

@@ -112,10 +112,10 @@ class PrecisionPlan:
         return next(iter(lows), None)
 
     def describe(self) -> str:
-        name = dtype_name
         return (
-            f"batch-1 decode {name(self.single_row)}, batched decode {name(self.decode)}, "
-            f"prefill {name(self.prefill)}, attention {name(self.attention)}"
+            f"batch-1 decode {dtype_name(self.single_row)}, "
+            f"batched decode {dtype_name(self.decode)}, prefill {dtype_name(self.prefill)}, "
+            f"attention {dtype_name(self.attention)}"
         )
 
 
